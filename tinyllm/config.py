@@ -1,0 +1,307 @@
+"""Settings: built-in defaults < package config.ini < ./config.ini < .env < environment < configure().
+
+Settings are read at call time, never bound at import: :func:`get_config`
+returns a fresh :class:`Config` snapshot (files are re-read only when their
+modification time changes, so a call costs a few microseconds).
+
+``config.ini`` uses the section ``[OpenAI]`` (TinyTroupe's layout). Each key
+``KEY`` can be overridden by the environment variable ``TINYLLM_KEY`` (from the
+process environment or ``./.env``) and by ``configure(key=value)``.
+
+Secrets (API keys, endpoints) come only from the environment or ``.env``; they
+are kept in :attr:`Config.secrets` and masked in every ``repr``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+__all__ = ["Config", "configure", "get_config", "SECRET_NAMES", "KEYS"]
+
+ENV_PREFIX = "TINYLLM_"
+SECTION = "OpenAI"
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _parse_mapping(text: str) -> dict[str, str]:
+    """``{"gpt-4o": "dep"}`` as JSON, or ``gpt-4o=dep, gpt-4o-mini=dep2``."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"expected model=deployment, got {part.strip()!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _parse_paths(text: str) -> list[str]:
+    return [p for p in text.split(os.pathsep) if p.strip()]
+
+
+def _nonneg(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def _str(text: str) -> str:
+    return text.strip()
+
+
+# key -> (parser, built-in default). None as a default means "not set": a model
+# parameter that is not set is not sent, and the server's default applies.
+KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
+    "API_TYPE": (lambda s: s.strip().lower(), None),
+    "MODEL": (_str, "gpt-4o-mini"),
+    "MAX_TOKENS": (_positive_int, None),
+    "TEMPERATURE": (_nonneg(float), None),
+    "TOP_P": (_nonneg(float), None),
+    "FREQ_PENALTY": (float, None),
+    "PRESENCE_PENALTY": (float, None),
+    "REASONING_EFFORT": (_str, None),
+    "TIMEOUT": (_nonneg(float), 60.0),  # seconds per attempt
+    "MAX_ATTEMPTS": (_positive_int, 5),  # HTTP requests, including the first
+    "WAITING_TIME": (_nonneg(float), 1.0),  # seconds, first backoff wait
+    "EXPONENTIAL_BACKOFF_FACTOR": (_nonneg(float), 2.0),
+    "MAX_WAITING_TIME": (_nonneg(float), 60.0),  # seconds, cap on any one wait
+    "EMBEDDING_MODEL": (_str, "text-embedding-3-small"),
+    "CACHE_API_CALLS": (_parse_bool, False),
+    "CACHE_FILE_NAME": (_str, "tinyllm_cache.pickle"),
+    "BASE_URL": (_str, None),
+    "AZURE_API_VERSION": (_str, "2024-10-21"),
+    "AZURE_DEPLOYMENTS": (_parse_mapping, {}),
+    "MAX_CONCURRENT_REQUESTS": (_positive_int, 5),
+    "QUEUE_SIZE": (_nonneg(int), 100),
+    "QUEUE_TIMEOUT": (_nonneg(float), 300.0),  # seconds
+    "REQUESTS_PER_MINUTE": (_nonneg(int), 0),  # 0 = no limit
+    "TOKENS_PER_MINUTE": (_nonneg(int), 0),  # 0 = no limit
+    "LOCAL_MODEL_PATH": (_str, None),
+    "PROMPTS_DIRS": (_parse_paths, []),
+}
+
+# Secrets and endpoints read only from the environment or .env.
+SECRET_NAMES = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "AZURE_OPENAI_KEY",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_ENDPOINT",
+    "AZURE_OPENAI_VERSION",
+    "AZURE_OPENAI_DEPLOYMENT",
+    "AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT",
+)
+_MASKED = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")
+
+
+class Config:
+    """An immutable snapshot of the effective settings.
+
+    Access a setting as ``cfg.max_attempts`` or ``cfg["MAX_ATTEMPTS"]``;
+    :meth:`source` tells where a value came from (``"default"``, a file path,
+    ``"environment"``, ``".env"`` or ``"configure()"``). Secrets are in
+    :attr:`secrets` (``dict[str, str]``) and never shown by ``repr``.
+    """
+
+    __slots__ = ("_values", "_sources", "secrets")
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str], secrets: dict[str, str]):
+        self._values = values
+        self._sources = sources
+        self.secrets = secrets
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key.upper()]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name.upper()]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def source(self, key: str) -> str:
+        """Where the value of ``key`` came from."""
+        return self._sources[key.upper()]
+
+    def as_dict(self, *, mask_secrets: bool = True) -> dict[str, Any]:
+        """All settings and secrets as one dict; API keys masked unless asked otherwise."""
+        out = dict(self._values)
+        for name, value in self.secrets.items():
+            out[name] = mask(value) if (mask_secrets and name in _MASKED) else value
+        return out
+
+    def secret(self, *names: str) -> str | None:
+        """The first of ``names`` that is set in the environment or .env, else None."""
+        for name in names:
+            value = self.secrets.get(name)
+            if value:
+                return value
+        return None
+
+    def __repr__(self) -> str:
+        return f"Config({self.as_dict(mask_secrets=True)!r})"
+
+
+def mask(value: str | None) -> str:
+    """``sk-...abcd`` style mask: never more than the last 4 characters."""
+    if not value:
+        return ""
+    return "****" + value[-4:] if len(value) > 12 else "****"
+
+
+_lock = threading.Lock()
+_overrides: dict[str, Any] = {}
+_file_cache: dict[str, tuple[float, Any]] = {}
+
+
+def _read_cached(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """Read ``path`` with ``reader``, re-reading only when its mtime changes."""
+    key = str(path)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        _file_cache.pop(key, None)
+        return None
+    hit = _file_cache.get(key)
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    value = reader(path)
+    _file_cache[key] = (mtime, value)
+    return value
+
+
+def _read_ini(path: Path) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str.upper  # type: ignore[assignment,method-assign]
+    try:
+        parser.read(path, encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not parser.has_section(SECTION):
+        return {}
+    return dict(parser.items(SECTION))
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _layers() -> list[tuple[str, dict[str, str]]]:
+    """Raw (unparsed) settings per layer, lowest precedence first."""
+    layers = []
+    package_ini = Path(__file__).with_name("config.ini")
+    local_ini = Path.cwd() / "config.ini"
+    for path in (package_ini, local_ini):
+        raw = _read_cached(path, _read_ini)
+        if raw:
+            layers.append((str(path), raw))
+    dotenv = _read_cached(Path.cwd() / ".env", _read_dotenv) or {}
+    for name, env in ((".env", dotenv), ("environment", os.environ)):
+        raw = {k[len(ENV_PREFIX):]: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        if raw:
+            layers.append((name, raw))
+    return layers
+
+
+def _parse(key: str, raw: Any, source: str) -> Any:
+    parser, _ = KEYS[key]
+    if isinstance(raw, (bool, int, float)):
+        raw = str(raw)
+    if raw is None or not isinstance(raw, str):
+        return raw
+    if raw.strip() == "":
+        return KEYS[key][1]
+    try:
+        return parser(raw)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"bad value for {key} from {source}: {raw!r} ({exc})") from exc
+
+
+def get_config() -> Config:
+    """Return the effective settings now, as a :class:`Config` snapshot.
+
+    Raises:
+        ConfigError: a value in a file, the environment or .env does not parse
+            (the message names the key and where it came from).
+    """
+    values = {k: default for k, (_, default) in KEYS.items()}
+    sources = {k: "default" for k in KEYS}
+    for source, raw in _layers():
+        for key, text in raw.items():
+            key = key.upper()
+            if key in KEYS:
+                values[key] = _parse(key, text, source)
+                sources[key] = source
+    with _lock:
+        overrides = dict(_overrides)
+    for key, value in overrides.items():
+        values[key] = _parse(key, value, "configure()")
+        sources[key] = "configure()"
+    dotenv = _read_cached(Path.cwd() / ".env", _read_dotenv) or {}
+    secrets = {}
+    for name in SECRET_NAMES:
+        value = os.environ.get(name) or dotenv.get(name)
+        if value:
+            secrets[name] = value
+    return Config(values, sources, secrets)
+
+
+def configure(**overrides: Any) -> None:
+    """Override settings for this process, above every other source.
+
+    Keys are the config keys in lower case (``configure(max_attempts=3)``);
+    values may be typed (``3``) or strings (``"3"``). ``None`` removes an
+    override, so the lower layers apply again.
+
+    Raises:
+        ConfigError: an unknown key, or a value that does not parse.
+    """
+    for key, value in overrides.items():
+        upper = key.upper()
+        if upper not in KEYS:
+            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(k.lower() for k in KEYS)}")
+        if value is not None:
+            _parse(upper, value, "configure()")
+    with _lock:
+        for key, value in overrides.items():
+            if value is None:
+                _overrides.pop(key.upper(), None)
+            else:
+                _overrides[key.upper()] = value

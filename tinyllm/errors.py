@@ -1,0 +1,221 @@
+"""The tinyllm error tree.
+
+Every failure inside tinyllm surfaces as a subclass of :class:`TinyLLMError`,
+chained (``raise ... from exc``) to the library exception that caused it.
+Nothing in tinyllm returns ``None`` to mean "it failed".
+
+::
+
+    TinyLLMError
+    ├── ConfigError
+    ├── TemplateError
+    │   ├── TemplateNotFoundError        (also a LookupError)
+    │   ├── TemplateVariableError
+    │   └── TemplateSecurityError
+    ├── APIError                         (status_code, request_id, body)
+    │   ├── BadRequestError / AuthenticationError / PermissionDeniedError / NotFoundError
+    │   ├── ContextWindowExceededError
+    │   ├── RateLimitError
+    │   └── ServerError
+    ├── APIConnectionError
+    │   └── APITimeoutError
+    ├── ResponseError
+    ├── OutputParseError
+    └── QueueFullError
+
+Error messages never contain an API key: :class:`APIError` keeps only the
+status code, the request id and the (already redacted) response body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "TinyLLMError",
+    "ConfigError",
+    "TemplateError",
+    "TemplateNotFoundError",
+    "TemplateVariableError",
+    "TemplateSecurityError",
+    "APIError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ContextWindowExceededError",
+    "RateLimitError",
+    "ServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "ResponseError",
+    "OutputParseError",
+    "QueueFullError",
+]
+
+
+class TinyLLMError(Exception):
+    """Base class of every error tinyllm raises."""
+
+
+class ConfigError(TinyLLMError):
+    """A setting is missing or has a bad value; the message names the key and its source."""
+
+
+class TemplateError(TinyLLMError):
+    """A prompt template could not be found, parsed or rendered."""
+
+
+class TemplateNotFoundError(TemplateError, LookupError):
+    """No template of that name on the search path.
+
+    Attributes:
+        name (str): the template name asked for.
+        searched (list[str]): the directories searched, in order.
+    """
+
+    def __init__(self, name: str, searched: list[str]):
+        self.name = name
+        self.searched = [str(s) for s in searched]
+        where = ", ".join(self.searched) or "(no directories)"
+        super().__init__(
+            f"template {name!r} not found; searched: {where}. "
+            "Put the file in one of these directories, pass prompts_dir=, or set PROMPTS_DIRS."
+        )
+
+
+class TemplateVariableError(TemplateError):
+    """A variable the template uses was not given.
+
+    Attributes:
+        variable (str | None): the missing variable's name, when Jinja reports it.
+        template (str): the template file.
+    """
+
+    def __init__(self, message: str, *, variable: str | None = None, template: str = ""):
+        self.variable = variable
+        self.template = template
+        super().__init__(message)
+
+
+class TemplateSecurityError(TemplateError):
+    """The sandboxed Jinja environment refused an unsafe operation in a template."""
+
+
+class APIError(TinyLLMError):
+    """The API answered with an error status.
+
+    Attributes:
+        status_code (int | None): the HTTP status, when there was a response.
+        request_id (str | None): the server's ``x-request-id``, if it sent one.
+        body (object | None): the decoded error body the server sent.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        body: Any = None,
+    ):
+        self.status_code = status_code
+        self.request_id = request_id
+        self.body = body
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        extra = []
+        if self.status_code is not None:
+            extra.append(f"status {self.status_code}")
+        if self.request_id:
+            extra.append(f"request id {self.request_id}")
+        return f"{text} ({', '.join(extra)})" if extra else text
+
+
+class BadRequestError(APIError):
+    """HTTP 400 or 422, or any other 4xx not named below: the request itself is wrong."""
+
+
+class AuthenticationError(APIError):
+    """HTTP 401: the API key or token is missing or wrong."""
+
+
+class PermissionDeniedError(APIError):
+    """HTTP 403: the key is valid but may not use this resource."""
+
+
+class NotFoundError(APIError):
+    """HTTP 404: unknown model, deployment or route."""
+
+
+class ContextWindowExceededError(APIError):
+    """The prompt plus ``max_tokens`` cannot fit the model's context window.
+
+    Raised before anything is sent when tinyllm can count the tokens, or mapped
+    from the server's ``context_length_exceeded`` error.
+
+    Attributes:
+        prompt_tokens (int | None), max_tokens (int | None), context_window (int | None).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prompt_tokens: int | None = None,
+        max_tokens: int | None = None,
+        context_window: int | None = None,
+        **kwargs: Any,
+    ):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_window = context_window
+        super().__init__(message, **kwargs)
+
+
+class RateLimitError(APIError):
+    """HTTP 429 after the last attempt, or a server-directed wait longer than MAX_WAITING_TIME."""
+
+
+class ServerError(APIError):
+    """HTTP 5xx (and 408/409) after the last attempt."""
+
+
+class APIConnectionError(TinyLLMError):
+    """The request did not get a response: connection refused, dropped or reset."""
+
+
+class APITimeoutError(APIConnectionError):
+    """No response within TIMEOUT seconds."""
+
+
+class ResponseError(TinyLLMError):
+    """The server answered 2xx but the reply is malformed, empty or a refusal.
+
+    Attributes:
+        raw (object | None): what the server sent, for diagnosis.
+    """
+
+    def __init__(self, message: str, *, raw: Any = None):
+        self.raw = raw
+        super().__init__(message)
+
+
+class OutputParseError(TinyLLMError):
+    """The reply does not fit the requested ``output_type``.
+
+    Attributes:
+        raw (str): the reply's content as received.
+        output_type (object): the type asked for.
+    """
+
+    def __init__(self, message: str, *, raw: str = "", output_type: Any = None):
+        self.raw = raw
+        self.output_type = output_type
+        super().__init__(message)
+
+
+class QueueFullError(TinyLLMError):
+    """The request queue is full, or a request waited longer than QUEUE_TIMEOUT seconds; it was never sent."""
