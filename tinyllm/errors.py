@@ -109,6 +109,8 @@ class APIError(TinyLLMError):
         status_code (int | None): the HTTP status, when there was a response.
         request_id (str | None): the server's ``x-request-id``, if it sent one.
         body (object | None): the decoded error body the server sent.
+        response_headers (dict[str, str]): the response's headers (lower-case
+            names), for ``Retry-After`` and ``x-should-retry``.
     """
 
     def __init__(
@@ -118,7 +120,9 @@ class APIError(TinyLLMError):
         status_code: int | None = None,
         request_id: str | None = None,
         body: Any = None,
+        response_headers: dict[str, str] | None = None,
     ):
+        self.response_headers = response_headers or {}
         self.status_code = status_code
         self.request_id = request_id
         self.body = body

@@ -1,0 +1,91 @@
+"""tinyllm: template-driven LLM calls.
+
+>>> from tinyllm import LLMCall
+>>> summarize = LLMCall("summarize.system.md", temperature=0)
+>>> summarize.call(text="...")  # -> str, the reply's content
+
+Importing tinyllm loads neither the openai SDK, nor tiktoken's encodings, nor
+llama-cpp: each is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from .cache import force_api_cache
+from .call import LLMCall
+from .clients import CallInfo, Client, client, force_api_type, last_call_info, register_client
+from .config import configure, get_config
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    ContextWindowExceededError,
+    NotFoundError,
+    OutputParseError,
+    PermissionDeniedError,
+    QueueFullError,
+    RateLimitError,
+    ResponseError,
+    ServerError,
+    TemplateError,
+    TemplateNotFoundError,
+    TemplateSecurityError,
+    TemplateVariableError,
+    TinyLLMError,
+)
+from .tokens import count_tokens
+from .usage import reset_usage_stats, usage_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLMCall",
+    "Client",
+    "CallInfo",
+    "client",
+    "register_client",
+    "force_api_type",
+    "force_api_cache",
+    "last_call_info",
+    "configure",
+    "get_config",
+    "count_tokens",
+    "get_embedding",
+    "get_embeddings",
+    "usage_stats",
+    "reset_usage_stats",
+    "TinyLLMError",
+    "ConfigError",
+    "TemplateError",
+    "TemplateNotFoundError",
+    "TemplateVariableError",
+    "TemplateSecurityError",
+    "APIError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ContextWindowExceededError",
+    "RateLimitError",
+    "ServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "ResponseError",
+    "OutputParseError",
+    "QueueFullError",
+]
+
+
+def get_embedding(text: str, model: str | None = None) -> list[float]:
+    """Embed ``text`` with the current client (see :func:`client`); returns ``list[float]``.
+
+    Raises: the errors of :meth:`Client.get_embeddings`.
+    """
+    return client().get_embedding(text, model)
+
+
+def get_embeddings(texts: list[str], model: str | None = None) -> list[list[float]]:
+    """Embed many texts in one batched request with the current client, in input order."""
+    return client().get_embeddings(texts, model)

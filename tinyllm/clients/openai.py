@@ -1,0 +1,234 @@
+"""The OpenAI client: api.openai.com, or any OpenAI-compatible server at BASE_URL.
+
+The SDK is imported on first use, never at ``import tinyllm``. Its own retries
+are off (``max_retries=0``): tinyllm's retry loop is the only one. Every SDK
+failure is mapped to the tinyllm error tree in :func:`map_error`, the one place
+that does it, with API keys scrubbed from the message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import threading
+from typing import Any
+
+from ..config import Config
+from ..errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigError,
+    ContextWindowExceededError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseError,
+    ServerError,
+    TinyLLMError,
+)
+from .base import Client
+
+__all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
+
+_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,}|Bearer\s+\S+)")
+_STATUS_ERRORS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    422: BadRequestError,
+    429: RateLimitError,
+}
+
+
+def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """``text`` with every given secret and anything shaped like an API key replaced by ``****``."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "****")
+    return _KEYLIKE.sub("****", text)
+
+
+def _redact_body(body: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(body, str):
+        return redact(body, secrets)
+    if isinstance(body, dict):
+        return {k: _redact_body(v, secrets) for k, v in body.items()}
+    if isinstance(body, list):
+        return [_redact_body(v, secrets) for v in body]
+    return body
+
+
+def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: float | None = None, where: str = "") -> TinyLLMError:
+    """Translate an openai SDK (or httpx/JSON) exception into the tinyllm error tree.
+
+    Status codes: 400/422 and other 4xx -> BadRequestError (``context_length_exceeded``
+    -> ContextWindowExceededError), 401 -> AuthenticationError, 403 ->
+    PermissionDeniedError, 404 -> NotFoundError, 429 -> RateLimitError, 408/409
+    and 5xx -> ServerError. Timeouts -> APITimeoutError, other transport
+    failures -> APIConnectionError, an unparseable reply -> ResponseError.
+    """
+    import openai
+
+    if isinstance(exc, TinyLLMError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return APITimeoutError(f"no response from {where or 'the server'} within {timeout:g} s" if timeout else "request timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return APIConnectionError(redact(f"could not reach {where or 'the server'}: {type(cause).__name__}: {cause}", secrets))
+    if isinstance(exc, openai.APIStatusError):
+        code = exc.status_code
+        body = _redact_body(exc.body, secrets)
+        err = body.get("error", body) if isinstance(body, dict) else body
+        message = err.get("message") if isinstance(err, dict) else None
+        message = redact(str(message or exc.message or f"HTTP {code}"), secrets)
+        err_code = err.get("code") if isinstance(err, dict) else None
+        headers = {k.lower(): v for k, v in exc.response.headers.items()} if exc.response is not None else {}
+        kwargs = dict(status_code=code, request_id=exc.request_id, body=body, response_headers=headers)
+        if err_code == "context_length_exceeded":
+            return ContextWindowExceededError(message, **kwargs)
+        cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 or code in (408, 409) else BadRequestError)
+        return cls(message, **kwargs)
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, TypeError, AttributeError)):
+        return ResponseError(redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+    if isinstance(exc, openai.OpenAIError):
+        return APIError(redact(str(exc), secrets))
+    return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+
+
+def extract_message(response: Any) -> tuple[dict, dict]:
+    """``(message_dict, usage_dict)`` from a ChatCompletion (SDK object or plain dict).
+
+    Raises:
+        ResponseError: no choices, no message, or neither content nor tool calls.
+    """
+    if hasattr(response, "model_dump"):
+        response = response.model_dump()
+    if not isinstance(response, dict):
+        raise ResponseError(f"reply is not a JSON object: {str(response)[:200]!r}", raw=response)
+    choices = response.get("choices") or []
+    if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
+        raise ResponseError("reply has no choices", raw=response)
+    raw = choices[0]["message"]
+    message = {"role": raw.get("role") or "assistant", "content": raw.get("content")}
+    for key in ("refusal", "tool_calls", "function_call"):
+        if raw.get(key):
+            message[key] = raw[key]
+    if message["content"] is None and not any(k in message for k in ("refusal", "tool_calls", "function_call")):
+        raise ResponseError("reply message has no content", raw=response)
+    return message, dict(response.get("usage") or {})
+
+
+class OpenAIClient(Client):
+    """OpenAI's API, or any OpenAI-compatible server when ``BASE_URL`` / ``OPENAI_BASE_URL`` is set.
+
+    The key comes from ``OPENAI_API_KEY`` (environment or .env). A server at a
+    custom base URL may need no key; then a placeholder is sent.
+
+    Raises (on use): ConfigError when neither a key nor a base URL is set.
+    """
+
+    api_type = "openai"
+    preset_base_url: str | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sdk_lock = threading.Lock()
+        self._sdks: dict[tuple, Any] = {}
+        self._create_params: frozenset[str] | None = None
+
+    def base_url(self, cfg: Config) -> str | None:
+        return cfg.base_url or cfg.secret("OPENAI_BASE_URL") or self.preset_base_url
+
+    def _api_key(self, cfg: Config) -> str:
+        key = cfg.secret("OPENAI_API_KEY")
+        if key:
+            return key
+        if self.base_url(cfg):
+            return "no-key"  # local OpenAI-compatible servers take any key
+        raise ConfigError(
+            "api_type 'openai' needs OPENAI_API_KEY (environment or .env), or BASE_URL / OPENAI_BASE_URL "
+            "for an OpenAI-compatible server; or use api_type 'llamacpp' for the embedded model"
+        )
+
+    def endpoint(self, cfg: Config, model: str) -> dict:
+        return {"api_type": self.api_type, "base_url": self.where(cfg)}
+
+    def where(self, cfg: Config) -> str:
+        """The server's address, for error messages."""
+        return self.base_url(cfg) or "https://api.openai.com/v1"
+
+    def _error(self, exc: BaseException, cfg: Config) -> TinyLLMError:
+        secrets = tuple(v for v in cfg.secrets.values() if v)
+        return map_error(exc, secrets=secrets, timeout=cfg.timeout, where=self.where(cfg))
+
+    def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
+        import openai
+
+        cls = openai.AsyncOpenAI if is_async else openai.OpenAI
+        return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout)
+
+    def _sdk_key(self, cfg: Config) -> tuple:
+        return (self.base_url(cfg), self._api_key(cfg), cfg.timeout)
+
+    def sdk(self, cfg: Config, is_async: bool = False) -> Any:
+        """The SDK client for these settings (memoized; rebuilt when key, URL or timeout change)."""
+        key = (is_async, *self._sdk_key(cfg))
+        with self._sdk_lock:
+            found = self._sdks.get(key)
+            if found is None:
+                found = self._sdks[key] = self._make_sdk(cfg, is_async)
+            return found
+
+    def _split_params(self, params: dict, create: Any) -> dict:
+        """Known ``create()`` parameters pass as keywords; the rest go in ``extra_body``."""
+        if self._create_params is None:
+            self._create_params = frozenset(inspect.signature(create).parameters)
+        extra = {k: params.pop(k) for k in list(params) if k not in self._create_params}
+        if extra:
+            params["extra_body"] = {**params.get("extra_body", {}), **extra}
+        return params
+
+    def _request_args(self, messages: list[dict], params: dict, cfg: Config, sdk: Any) -> dict:
+        return self._split_params({**params, "messages": messages, "timeout": cfg.timeout}, sdk.chat.completions.create)
+
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+        sdk = self.sdk(cfg)
+        try:
+            response = sdk.chat.completions.create(**self._request_args(messages, params, cfg, sdk))
+            return extract_message(response)
+        except Exception as exc:
+            raise self._error(exc, cfg) from exc
+
+    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+        sdk = self.sdk(cfg, is_async=True)
+        try:
+            response = await sdk.chat.completions.create(**self._request_args(messages, params, cfg, sdk))
+            return extract_message(response)
+        except Exception as exc:
+            raise self._error(exc, cfg) from exc
+
+    def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
+        sdk = self.sdk(cfg)
+        try:
+            response = sdk.embeddings.create(input=texts, model=self.embedding_target(cfg, model), timeout=cfg.timeout)
+            data = sorted(response.data, key=lambda d: d.index)
+            return [list(d.embedding) for d in data], (response.usage.model_dump() if response.usage else {})
+        except Exception as exc:
+            raise self._error(exc, cfg) from exc
+
+    def embedding_target(self, cfg: Config, model: str) -> str:
+        """The ``model`` value sent for embeddings (Azure sends a deployment name)."""
+        return model
+
+
+class OllamaClient(OpenAIClient):
+    """The openai client preset to Ollama's OpenAI-compatible API at http://localhost:11434/v1 (BASE_URL overrides)."""
+
+    api_type = "ollama"
+    preset_base_url = "http://localhost:11434/v1"

@@ -1,0 +1,193 @@
+"""Token counting that works offline: bundled tiktoken encodings, per-message counts, context windows.
+
+The BPE ranks of ``cl100k_base`` and ``o200k_base`` ship in ``tinyllm/encodings/``
+(byte for byte as tiktoken downloads them; the sha256 is checked on load), so
+nothing is downloaded. Importing this module imports neither tiktoken nor any
+encoding: each encoding is loaded on first use, once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ContextWindowExceededError
+from .models import model_info
+
+if TYPE_CHECKING:
+    import tiktoken
+
+__all__ = ["get_encoding", "encoding_for_model", "count_tokens", "check_context_window", "DEFAULT_ENCODING"]
+
+#: Encoding for models :func:`tinyllm.models.model_info` does not know (current OpenAI models use it).
+DEFAULT_ENCODING = "o200k_base"
+ENCODINGS_DIR = Path(__file__).with_name("encodings")
+
+# sha256 of the bundled files; the same expected_hash tiktoken_ext/openai_public.py passes.
+_HASHES = {
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+
+# Cookbook rule ("How to count tokens with tiktoken", see count_tokens): tokens per message,
+# extra token when a message has a ``name``, and tokens priming the reply.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+
+_lock = threading.Lock()
+_loaded: dict[str, tiktoken.Encoding] = {}
+
+
+def _constructor_args(name: str) -> dict[str, Any]:
+    """Split pattern and special tokens, exactly as tiktoken_ext/openai_public.py (tiktoken 0.14) defines them."""
+    from tiktoken_ext.openai_public import ENDOFPROMPT, ENDOFTEXT, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+    if name == "cl100k_base":
+        special_tokens = {ENDOFTEXT: 100257, FIM_PREFIX: 100258, FIM_MIDDLE: 100259, FIM_SUFFIX: 100260, ENDOFPROMPT: 100276}
+        pat_str = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+        return {"pat_str": pat_str, "special_tokens": special_tokens}
+    special_tokens = {ENDOFTEXT: 199999, ENDOFPROMPT: 200018}
+    pat_str = "|".join(
+        [
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]
+    )
+    return {"pat_str": pat_str, "special_tokens": special_tokens}
+
+
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """Return the tiktoken encoding ``name`` (``"cl100k_base"`` or ``"o200k_base"``), built from the bundled file.
+
+    Loaded with tiktoken's own ``tiktoken.load.load_tiktoken_bpe(path, expected_hash=...)``
+    on first use, then memoized (thread-safe, once per process). Never uses the network.
+
+    Raises:
+        ValueError: an encoding that is not bundled.
+    """
+    enc = _loaded.get(name)
+    if enc is not None:
+        return enc
+    if name not in _HASHES:
+        raise ValueError(f"unknown encoding {name!r}; bundled: {', '.join(sorted(_HASHES))}")
+    with _lock:
+        enc = _loaded.get(name)
+        if enc is None:
+            import tiktoken
+            from tiktoken.load import load_tiktoken_bpe
+
+            path = ENCODINGS_DIR / f"{name}.tiktoken"
+            ranks = load_tiktoken_bpe(str(path), expected_hash=_HASHES[name])
+            enc = tiktoken.Encoding(name, mergeable_ranks=ranks, **_constructor_args(name))
+            _loaded[name] = enc
+    return enc
+
+
+def encoding_for_model(model: str) -> tiktoken.Encoding:
+    """Return the encoding ``model`` (str) uses, per :func:`tinyllm.models.model_info`.
+
+    Models it does not know (local models, new names) get ``o200k_base``
+    (:data:`DEFAULT_ENCODING`): counts are then an estimate, not exact.
+    """
+    info = model_info(model)
+    return get_encoding(info.encoding if info is not None else DEFAULT_ENCODING)
+
+
+def _content_text(content: Any) -> list[str]:
+    """Strings to count in a message's ``content``: a str, or the ``text`` of ``type: text`` parts."""
+    if isinstance(content, str):
+        return [content]
+    texts = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+        else:
+            raise TypeError(f"content parts must be dicts or str, not {type(part).__name__}")
+    return texts
+
+
+def count_tokens(messages_or_text: str | list[dict[str, Any]], model: str) -> int:
+    """Count the tokens (int) that ``messages_or_text`` costs as a prompt for ``model``.
+
+    A ``str`` counts its tokens (special-token text such as ``<|endoftext|>``
+    counts as ordinary text, as the API treats it). A list of chat messages
+    follows the OpenAI cookbook, "How to count tokens with tiktoken"
+    (https://github.com/openai/openai-cookbook/blob/main/examples/How_to_count_tokens_with_tiktoken.ipynb):
+    3 tokens per message, plus the tokens of each string value (``role``,
+    ``content``, ``name``, ...), plus 1 if the message has a ``name``, plus 3
+    for the reply priming ``<|start|>assistant<|message|>``. A ``content`` list
+    counts its text parts (images are not counted); other non-str values
+    (``tool_calls``, ...) count as their compact JSON; ``None`` values count 0.
+    Exact for the cookbook's models; an estimate for others and for tools.
+
+    Raises:
+        TypeError: ``messages_or_text`` is neither a str nor a list of dicts.
+    """
+    enc = encoding_for_model(model)
+    if isinstance(messages_or_text, str):
+        return len(enc.encode_ordinary(messages_or_text))
+    if not isinstance(messages_or_text, (list, tuple)):
+        kind = type(messages_or_text).__name__
+        raise TypeError(f"count_tokens() takes a str or a list of message dicts, not {kind}")
+    total = 0
+    for message in messages_or_text:
+        if not isinstance(message, dict):
+            raise TypeError(f"each message must be a dict, not {type(message).__name__}")
+        total += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if value is None:
+                continue
+            if key == "content" and isinstance(value, (list, tuple)):
+                texts = _content_text(value)
+            elif isinstance(value, str):
+                texts = [value]
+            else:
+                texts = [json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)]
+            total += sum(len(enc.encode_ordinary(t)) for t in texts)
+            if key == "name":
+                total += TOKENS_PER_NAME
+    return total + REPLY_PRIMING_TOKENS
+
+
+def check_context_window(
+    prompt_tokens: int, max_tokens: int | None, model: str, *, context_window: int | None = None
+) -> None:
+    """Refuse early a request whose prompt plus output cannot fit the model's context window.
+
+    ``prompt_tokens`` and ``max_tokens`` are token counts (``max_tokens`` None counts 0).
+    The window (tokens) is ``context_window`` if given, else ``model_info(model).context_window``;
+    a model tinyllm does not know, with no ``context_window``, is not checked.
+
+    Raises:
+        ContextWindowExceededError: ``prompt_tokens + max_tokens > window``; its
+            ``prompt_tokens``, ``max_tokens`` and ``context_window`` are set.
+    """
+    window = context_window
+    if window is None:
+        info = model_info(model)
+        if info is None:
+            return
+        window = info.context_window
+    needed = prompt_tokens + (max_tokens or 0)
+    if needed <= window:
+        return
+    asked = f"{prompt_tokens} prompt tokens" + (f" + max_tokens={max_tokens}" if max_tokens else "")
+    raise ContextWindowExceededError(
+        f"{asked} = {needed} tokens exceed the context window of {model!r} ({window} tokens) "
+        f"by {needed - window}. Shorten the input, lower max_tokens, "
+        "or pick a model with a larger context window.",
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        context_window=window,
+    )
