@@ -108,7 +108,7 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "AZURE_DEPLOYMENTS": (_parse_mapping, {}),
     "MAX_CONCURRENT_REQUESTS": (_positive_int, 5),
     "QUEUE_SIZE": (_nonneg(int), 100),
-    "QUEUE_TIMEOUT": (_nonneg(float), 300.0),  # seconds
+    "QUEUE_TIMEOUT": (_nonneg(float), 300.0),  # seconds a request may wait for a slot; 0 = no limit
     "REQUESTS_PER_MINUTE": (_nonneg(int), 0),  # 0 = no limit
     "TOKENS_PER_MINUTE": (_nonneg(int), 0),  # 0 = no limit
     "LOCAL_MODEL_PATH": (_str, None),

@@ -1,0 +1,106 @@
+"""Settings layers: defaults < package config.ini < ./config.ini < .env < environment < configure()."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tinyllm import ConfigError, configure, get_config
+
+
+def write_ini(path: Path, **values: object) -> None:
+    body = "\n".join(f"{k} = {v}" for k, v in values.items())
+    path.write_text(f"[OpenAI]\n{body}\n", encoding="utf-8")
+
+
+def test_defaults():
+    cfg = get_config()
+    assert cfg.max_attempts == 5 and cfg.source("MAX_ATTEMPTS") == "default"
+    assert cfg.timeout == 60.0 and cfg.max_waiting_time == 60.0
+    assert cfg.temperature is None  # unset: not sent
+    assert cfg.cache_api_calls is False
+
+
+def test_layers_in_order(tmp_path, monkeypatch):
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=7, TIMEOUT=11, TEMPERATURE=0.5, MODEL="from-ini")
+    cfg = get_config()
+    assert (cfg.max_attempts, cfg.timeout, cfg.model) == (7, 11.0, "from-ini")
+    assert cfg.source("MAX_ATTEMPTS") == str(tmp_path / "config.ini")
+
+    (tmp_path / ".env").write_text("TINYLLM_TIMEOUT=22\nTINYLLM_MODEL=from-dotenv\n")
+    cfg = get_config()
+    assert (cfg.timeout, cfg.model, cfg.max_attempts) == (22.0, "from-dotenv", 7)
+    assert cfg.source("TIMEOUT") == ".env"
+
+    monkeypatch.setenv("TINYLLM_MODEL", "from-env")
+    cfg = get_config()
+    assert cfg.model == "from-env" and cfg.source("MODEL") == "environment"
+    assert cfg.timeout == 22.0
+
+    configure(model="from-configure", max_attempts=2)
+    cfg = get_config()
+    assert (cfg.model, cfg.max_attempts) == ("from-configure", 2)
+    assert cfg.source("MODEL") == "configure()"
+    configure(model=None)
+    assert get_config().model == "from-env"
+
+
+def test_read_at_call_time_not_import(tmp_path):
+    assert get_config().max_attempts == 5
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=3)
+    assert get_config().max_attempts == 3
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=4)
+    future = time.time() + 5
+    os.utime(tmp_path / "config.ini", (future, future))
+    assert get_config().max_attempts == 4
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("MAX_ATTEMPTS", "abc"), ("MAX_ATTEMPTS", "0"), ("TIMEOUT", "-1"), ("CACHE_API_CALLS", "maybe"), ("AZURE_DEPLOYMENTS", "nokey")],
+)
+def test_bad_value_names_key_and_source(monkeypatch, key, value):
+    monkeypatch.setenv(f"TINYLLM_{key}", value)
+    with pytest.raises(ConfigError) as err:
+        get_config()
+    assert key in str(err.value) and "environment" in str(err.value)
+
+
+def test_bad_value_in_ini_names_file(tmp_path):
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS="abc")
+    with pytest.raises(ConfigError, match="MAX_ATTEMPTS.*config.ini"):
+        get_config()
+
+
+def test_configure_rejects_unknown_and_bad():
+    with pytest.raises(ConfigError, match="unknown setting"):
+        configure(max_atempts=3)
+    with pytest.raises(ConfigError, match="MAX_ATTEMPTS"):
+        configure(max_attempts="x")
+    assert get_config().max_attempts == 5  # nothing half-applied
+
+
+def test_typed_and_structured_values(tmp_path):
+    configure(cache_api_calls=True, temperature=0, azure_deployments="gpt-4o=dep-a, gpt-4o-mini=dep-b")
+    cfg = get_config()
+    assert cfg.cache_api_calls is True and cfg.temperature == 0.0
+    assert cfg.azure_deployments == {"gpt-4o": "dep-a", "gpt-4o-mini": "dep-b"}
+    configure(azure_deployments='{"m": "d"}', prompts_dirs=f"a{os.pathsep}b")
+    assert get_config().azure_deployments == {"m": "d"}
+    assert get_config().prompts_dirs == ["a", "b"]
+
+
+def test_secrets_from_env_and_dotenv_are_masked(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-dotenv-secret-123456789\n")
+    cfg = get_config()
+    assert cfg.secret("OPENAI_API_KEY") == "sk-dotenv-secret-123456789"
+    assert "sk-dotenv-secret" not in repr(cfg)
+    assert "sk-dotenv-secret" not in str(cfg.as_dict())
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-secret-abcdefghijk")
+    assert get_config().secret("OPENAI_API_KEY") == "sk-env-secret-abcdefghijk"  # environment beats .env
+    # secrets never come from config.ini
+    write_ini(tmp_path / "config.ini", OPENAI_API_KEY="sk-ini")
+    assert get_config().secret("OPENAI_API_KEY") == "sk-env-secret-abcdefghijk"

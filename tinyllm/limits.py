@@ -1,0 +1,249 @@
+"""Request queue (concurrency, capacity, timeout) and client-side rate limits.
+
+One :class:`RequestQueue` per client object. A request first takes a slot (at most
+MAX_CONCURRENT_REQUESTS in flight, at most QUEUE_SIZE waiting, first come first
+served), then waits for REQUESTS_PER_MINUTE and TOKENS_PER_MINUTE (0 = off), all
+within QUEUE_TIMEOUT seconds (0 = no bound). Settings come from the Config given
+to each acquire. Threads and asyncio share one FIFO line: a thread waits on a
+``threading.Event``, a coroutine on a Future of its loop; a freed slot is handed
+straight to the head of the line.
+
+Rate limits count in the ``limits`` package's memory storage (non-blocking
+test/hit; the sleeping is done here). Requests: moving windows of RPM per minute
+and ceil(RPM / 60) per second, as servers enforce per-minute limits over shorter
+periods. Tokens: a sliding window counter of TPM per minute (O(1) memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, AsyncIterator, Iterator
+
+from .errors import ConfigError, QueueFullError
+
+__all__ = ["RequestQueue"]
+
+class _Waiter:
+    """One request in line: a threading.Event (loop is None) or a Future of ``loop``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None):
+        self.loop = loop
+        self.event = threading.Event() if loop is None else None
+        self.future = loop.create_future() if loop is not None else None
+        self.granted = False  # set under the queue lock when a slot is handed over
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():  # it may have been cancelled or timed out meanwhile
+        future.set_result(None)
+
+
+class RequestQueue:
+    """A FIFO request queue with a concurrency limit, plus client-side rate limits.
+
+    ``name`` (str) is shown in error messages. Use ``with queue.slot(cfg, cost): ...``
+    in threads and ``async with queue.aslot(cfg, cost): ...`` in asyncio.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._limit = 1  # MAX_CONCURRENT_REQUESTS of the latest request
+        self._waiters: deque[_Waiter] = deque()
+        self._rate_lock = threading.Lock()
+        self._rates: Any = None  # (moving, sliding) limiters, created on first use
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a slot now (sending, or waiting for the rate limits)."""
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting in line for a slot now."""
+        return len(self._waiters)
+
+    @contextlib.contextmanager
+    def slot(self, cfg: Any, cost_tokens: int = 0) -> Iterator[None]:
+        """Block until this request may be sent; hold its slot for the ``with`` body.
+
+        Args:
+            cfg (tinyllm.config.Config): settings read now: ``max_concurrent_requests``,
+                ``queue_size``, ``queue_timeout`` (seconds, 0 = no bound),
+                ``requests_per_minute`` and ``tokens_per_minute`` (0 = off).
+            cost_tokens (int): tokens this request counts against
+                TOKENS_PER_MINUTE (prompt tokens + max_tokens).
+
+        Raises:
+            QueueFullError: QUEUE_SIZE requests are already waiting, or the wait
+                for a slot and the rate limits exceeds QUEUE_TIMEOUT seconds.
+                The request was not sent and never will be.
+            ConfigError: ``cost_tokens`` alone exceeds TOKENS_PER_MINUTE.
+        """
+        deadline, waiter = self._begin(cfg, cost_tokens, None)
+        if waiter is not None:
+            try:
+                got = waiter.event.wait(_remaining(deadline))
+            except BaseException:  # KeyboardInterrupt while waiting
+                if self._leave_line(waiter):
+                    self._release()
+                raise
+            if not got and not self._leave_line(waiter):  # granted in the race: keep it
+                raise self._timeout_error(cfg)
+        try:
+            while (wait := self._rate_wait(cfg, cost_tokens, deadline)) > 0:
+                time.sleep(wait)
+            yield
+        finally:
+            self._release()
+
+    @contextlib.asynccontextmanager
+    async def aslot(self, cfg: Any, cost_tokens: int = 0) -> AsyncIterator[None]:
+        """Await until this request may be sent; hold its slot for the ``async with`` body.
+
+        The asyncio twin of :meth:`slot` (same arguments, same errors); it never
+        blocks the event loop. Cancelling the task, while it waits or while it
+        holds the slot, gives the slot back.
+        """
+        deadline, waiter = self._begin(cfg, cost_tokens, asyncio.get_running_loop())
+        if waiter is not None:
+            try:
+                await asyncio.wait_for(waiter.future, _remaining(deadline))
+            except asyncio.TimeoutError:
+                if not self._leave_line(waiter):
+                    raise self._timeout_error(cfg) from None
+            except BaseException:  # CancelledError while waiting
+                if self._leave_line(waiter):
+                    self._release()
+                raise
+        try:
+            while (wait := self._rate_wait(cfg, cost_tokens, deadline)) > 0:
+                await asyncio.sleep(wait)
+            yield
+        finally:
+            self._release()
+
+    # -- the line -----------------------------------------------------------
+
+    def _begin(self, cfg: Any, cost: int, loop: Any) -> tuple[float | None, _Waiter | None]:
+        """Check the cost; take a free slot (waiter None) or join the end of the line."""
+        if cfg.tokens_per_minute and cost > cfg.tokens_per_minute:
+            raise ConfigError(
+                f"the request needs {cost} tokens (prompt + max_tokens) but TOKENS_PER_MINUTE is "
+                f"{cfg.tokens_per_minute}; raise TOKENS_PER_MINUTE, lower max_tokens or shorten the prompt"
+            )
+        deadline = time.monotonic() + cfg.queue_timeout if cfg.queue_timeout else None
+        with self._lock:
+            self._limit = cfg.max_concurrent_requests
+            self._dispatch()  # the limit may have grown
+            if not self._waiters and self._in_flight < self._limit:
+                self._in_flight += 1
+                return deadline, None
+            if len(self._waiters) >= cfg.queue_size:
+                raise QueueFullError(
+                    f"request queue {self.name!r} is full: {len(self._waiters)} requests "
+                    f"already waiting (QUEUE_SIZE={cfg.queue_size}), {self._in_flight} in flight "
+                    f"(MAX_CONCURRENT_REQUESTS={cfg.max_concurrent_requests}); the request was not sent"
+                )
+            waiter = _Waiter(loop)
+            self._waiters.append(waiter)
+            return deadline, waiter
+
+    def _dispatch(self) -> None:
+        """Hand free slots to the head of the line. Caller holds ``self._lock``."""
+        while self._waiters and self._in_flight < self._limit:
+            waiter = self._waiters.popleft()
+            if waiter.loop is None:
+                waiter.event.set()
+            else:
+                try:
+                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+                except RuntimeError:  # its loop is closed: nobody waits there any more
+                    continue
+            waiter.granted = True
+            self._in_flight += 1
+
+    def _leave_line(self, waiter: _Waiter) -> bool:
+        """Take ``waiter`` out of the line; True if a slot was handed to it meanwhile."""
+        with self._lock:
+            if waiter.granted:
+                return True
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            return False
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._dispatch()
+
+    def _timeout_error(self, cfg: Any) -> QueueFullError:
+        return QueueFullError(
+            f"request waited more than QUEUE_TIMEOUT={cfg.queue_timeout:g} s in queue {self.name!r} "
+            f"({self._in_flight} in flight, MAX_CONCURRENT_REQUESTS={cfg.max_concurrent_requests}; "
+            f"{len(self._waiters)} waiting); the request was not sent")
+
+    # -- rate limits --------------------------------------------------------
+
+    def _rate_wait(self, cfg: Any, cost: int, deadline: float | None) -> float:
+        """Use up this request's allowance and return 0, or return seconds to wait first.
+
+        Raises QueueFullError if that wait would pass the deadline (time.monotonic()).
+        """
+        rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
+        if not rpm and not (tpm and cost > 0):
+            return 0.0
+        from limits import RateLimitItemPerMinute as PerMinute, RateLimitItemPerSecond as PerSecond
+
+        with self._rate_lock:
+            if self._rates is None:  # imported and started (a timer thread) only when needed
+                from limits.storage import MemoryStorage
+                from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+                storage = MemoryStorage()
+                self._rates = (MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage))
+            moving, sliding = self._rates
+            checks = []
+            if rpm:
+                checks += [(moving, PerMinute(rpm), 1), (moving, PerSecond(math.ceil(rpm / 60)), 1)]
+            if tpm and cost > 0:
+                checks.append((sliding, PerMinute(tpm), cost))
+            wait = max(_time_to_room(limiter, item, n, limiter is sliding) for limiter, item, n in checks)
+            if wait <= 0:
+                for limiter, item, n in checks:
+                    limiter.hit(item, cost=n)
+                return 0.0
+        left = _remaining(deadline)
+        if left is not None and wait > left:
+            raise QueueFullError(
+                f"the rate limits (REQUESTS_PER_MINUTE={rpm}, TOKENS_PER_MINUTE={tpm}) need a "
+                f"wait of {wait:.1f} s, more than the {left:.1f} s left of QUEUE_TIMEOUT="
+                f"{cfg.queue_timeout:g} s in queue {self.name!r}; the request was not sent"
+            )
+        return wait
+
+
+def _time_to_room(limiter: Any, item: Any, cost: int, sliding: bool) -> float:
+    """Seconds until ``limiter`` has room for ``cost`` under ``item`` (0 if it has now)."""
+    if limiter.test(item, cost=cost):
+        return 0.0
+    if not sliding:
+        # moving window, one unit: room when the oldest entry in the window expires
+        return max(limiter.get_window_stats(item).reset_time - time.time(), 0.001)
+    # sliding window counter: weighted = prev * prev_ttl / E + cur must fall below room
+    expiry, room = item.get_expiry(), item.amount - cost + 1
+    prev, prev_ttl, cur, cur_ttl = limiter.storage.get_sliding_window(item.key_for(), expiry)
+    if cur < room:  # room comes as the previous window's weight decays
+        return (max(prev_ttl - (room - cur) * expiry / prev, 0.0) if prev else 0.0) + 0.001
+    # else after the current window rolls over (in cur_ttl - E s) and decays enough
+    return cur_ttl - expiry + expiry * (1 - room / cur) + 0.001
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
