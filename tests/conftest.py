@@ -1,0 +1,63 @@
+"""Shared pytest fixtures.
+
+- ``server``: a started :class:`fakeserver.FakeOpenAIServer` per test.
+- ``_isolate_env`` (autouse): no TINYLLM_/OPENAI_/AZURE_OPENAI* variables, the
+  test runs inside its own ``tmp_path`` (so no developer ./config.ini or ./.env
+  leaks in), and ``tinyllm.config`` overrides (``configure()``) are cleared
+  before and after each test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests import the fake server as `fakeserver` (this directory is on sys.path),
+# never as `tests.fakeserver`: two copies of the module would have distinct item classes.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from fakeserver import FakeOpenAIServer  # noqa: E402
+
+_ENV_PREFIXES = ("TINYLLM_", "OPENAI_", "AZURE_OPENAI")
+
+
+def _clear_config_overrides() -> None:
+    # Only a tinyllm.config that some test already imported can hold overrides;
+    # one never imported starts empty.  Looking in sys.modules (instead of
+    # importing) keeps these fixtures from importing the whole package, so a
+    # broken or half-written tinyllm fails only the tests that use it, loudly.
+    config = sys.modules.get("tinyllm.config")
+    if config is not None:
+        config._overrides.clear()
+    clients = sys.modules.get("tinyllm.clients")
+    if clients is not None:  # forced api_type and registered clients (each client owns a request queue)
+        clients._forced = None
+        clients._clients.clear()
+    cache = sys.modules.get("tinyllm.cache")
+    if cache is not None and hasattr(cache, "force_api_cache"):
+        cache.force_api_cache(None)
+    usage = sys.modules.get("tinyllm.usage")
+    if usage is not None:
+        usage.reset_usage_stats()
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    for name in list(os.environ):
+        if name.startswith(_ENV_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    _clear_config_overrides()
+    yield
+    _clear_config_overrides()
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as srv:
+        yield srv

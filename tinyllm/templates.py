@@ -1,0 +1,298 @@
+"""Prompt templates: search path, YAML front matter, sandboxed Jinja, messages.
+
+``NAME.system.EXT`` pairs with ``NAME.user.EXT`` beside it (optional, or named
+explicitly); names are looked up in ``prompts_dir=``, ``PROMPTS_DIRS``, ``./prompts``.
+Front matter (YAML between ``---`` lines; the user file's keys override the system
+file's) holds ``description``, ``output_type``, ``output_retries``, ``messages`` and
+model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
+with ``StrictUndefined``; prompts are cached per file (path, mtime_ns, size) and
+reloaded when a file changes; thread-safe.
+
+Multi-message prompts (design decision): ``messages:`` in the front matter is a list
+of single-key mappings (``- user: "..."``, ``- assistant: "..."``; roles system, user,
+assistant, developer), e.g. few-shot examples, each value a Jinja template rendered
+with the same variables. :meth:`Prompt.render` returns [system body] + those messages
+in order + [user body] (if any), each stripped of surrounding whitespace, none dropped.
+The structure comes from YAML, never from parsing rendered text, so a variable's
+value can never open a new message or change a role.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import jinja2
+import yaml
+from jinja2 import meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+from .config import get_config
+from .errors import TemplateError, TemplateNotFoundError, TemplateSecurityError, TemplateVariableError
+
+__all__ = ["Prompt", "load_prompt", "search_path", "list_prompts", "render_string", "ROLES", "OUTPUT_TYPES"]
+
+Dirs = Union[str, "os.PathLike[str]", Iterable[Union[str, "os.PathLike[str]"]], None]
+ROLES = ("system", "user", "assistant", "developer")
+OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
+_SETTINGS = ("description", "output_type", "output_retries", "messages")
+_UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
+_lock = threading.Lock()
+_prompts: dict[tuple, tuple[tuple, Prompt]] = {}
+
+
+def search_path(prompts_dir: Dirs = None) -> list[Path]:
+    """Directories searched for templates, in order, de-duplicated, absolute (existing or not).
+
+    ``prompts_dir`` (a path or a list of paths), then ``PROMPTS_DIRS``, then ``./prompts``.
+    Raises ConfigError if ``PROMPTS_DIRS`` does not parse.
+    """
+    given: list[Any] = [prompts_dir] if isinstance(prompts_dir, (str, os.PathLike)) else list(prompts_dir or [])
+    out: list[Path] = []
+    for d in [*given, *get_config().prompts_dirs, "prompts"]:
+        p = Path(os.path.abspath(os.path.expanduser(os.fspath(d))))
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
+    """(front matter, body); front-matter lines become blank lines so Jinja line numbers match the file."""
+    lines = text.split("\n")
+    if lines[0].rstrip() != "---":
+        return {}, text
+    end = next((i for i in range(1, len(lines)) if lines[i].rstrip() == "---"), None)
+    if end is None:
+        raise TemplateError(f"{path}: the front matter opened by '---' on line 1 is never closed; add a '---' line")
+    try:
+        data = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" on line {mark.line + 2}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc
+        raise TemplateError(f"{path}: invalid YAML front matter{where}: {problem}; fix the YAML") from exc
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise TemplateError(f"{path}: front matter must be a mapping of 'key: value' lines, not {type(data).__name__}")
+    return data, "\n" * (end + 1) + "\n".join(lines[end + 1:])
+
+
+def _read(path: Path) -> tuple[dict, str]:
+    """(front matter, body) of a template file. Raises TemplateError naming the file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise TemplateError(f"{path}: cannot read the template file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TemplateError(f"{path}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from exc
+    return _split_front_matter(text.replace("\r\n", "\n").replace("\r", "\n"), str(path))
+
+
+class _Loader(jinja2.FileSystemLoader):
+    """A FileSystemLoader that drops the front matter of included files."""
+
+    def get_source(self, environment, template):  # type: ignore[override]
+        source, filename, uptodate = super().get_source(environment, template)
+        fm_body = _split_front_matter(source, filename)[1]
+        return (fm_body if fm_body is source else fm_body.lstrip("\n")), filename, uptodate
+
+
+@functools.lru_cache(maxsize=64)
+def _environment(dirs: tuple[str, ...]) -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(loader=_Loader(list(dirs)), undefined=jinja2.StrictUndefined,
+                                         autoescape=False, keep_trailing_newline=False)
+
+
+def _compile(env: jinja2.Environment, source: str, name: str, where: str) -> tuple[jinja2.Template, frozenset]:
+    """(compiled template, undeclared variables). Raises TemplateError on a syntax error, with file and line."""
+    try:
+        ast = env.parse(source, name, where)
+        names = frozenset(meta.find_undeclared_variables(ast))
+        code = env.compile(ast, name, where)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateError(f"{where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from exc
+    return env.template_class.from_code(env, code, env.make_globals(None), None), names
+
+
+def _render(template: jinja2.Template, variables: dict, where: str, dirs: tuple[str, ...]) -> str:
+    """Render ``template``, mapping every Jinja failure into the tinyllm error tree."""
+    try:
+        return template.render(variables)
+    except SecurityError as exc:
+        raise TemplateSecurityError(f"{where}: the template sandbox refused an unsafe operation: {exc}") from exc
+    except jinja2.UndefinedError as exc:
+        m = _UNDEFINED.match(str(exc))
+        var = m.group(1) if m else None
+        hint = f"pass {var}=... or write {{{{ {var} | default(...) }}}} in the template" if var else "check the value"
+        raise TemplateVariableError(f"{where}: {exc}; {hint}", variable=var, template=where) from exc
+    except jinja2.TemplateNotFound as exc:
+        raise TemplateNotFoundError(exc.name or str(exc), list(dirs)) from exc
+    except jinja2.TemplateSyntaxError as exc:  # in an included file
+        raise TemplateError(f"{exc.filename or where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from exc
+    except TemplateError:
+        raise
+    except Exception as exc:
+        raise TemplateError(f"{where}: rendering failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _messages(value: Any, path: Path) -> list[tuple[str, str]]:
+    """Validate front-matter ``messages:`` into (role, template text) pairs."""
+    if not isinstance(value, list):
+        raise TemplateError(f"{path}: front matter 'messages' must be a list of '- role: text' entries")
+    out = []
+    for i, item in enumerate(value):
+        role, text = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)
+        if role not in ROLES or not isinstance(text, str):
+            raise TemplateError(f"{path}: messages[{i}] must be one '- role: text' mapping with a role among "
+                                f"{', '.join(ROLES)} and a string text; got {item!r}")
+        out.append((role, text))
+    return out
+
+
+class Prompt:
+    """A loaded prompt, from :func:`load_prompt` (which raises TemplateError for bad files).
+
+    Attributes: ``name`` (str, the system template name asked for), ``system_path`` (Path),
+    ``user_path`` (Path | None), ``front_matter`` (dict, merged), ``description`` (str | None),
+    ``output_type`` (str | list | None), ``output_retries`` (int | None), ``params`` (dict: the
+    front matter minus those and ``messages``), ``variables`` (set[str]; includes not followed).
+    """
+
+    def __init__(self, name: str, system_path: Path, user_path: Path | None, dirs: tuple[str, ...]):
+        self.name, self.system_path, self.user_path, self._dirs = name, system_path, user_path, dirs
+        env = _environment(dirs)
+        self.front_matter, self._parts, self.variables = {}, [], set()
+        origin: dict[str, Path] = {}  # front-matter key -> the file it came from, for error messages
+        for role, path in [("system", system_path), ("user", user_path)]:
+            if path is not None:
+                fm, body = _read(path)
+                template, names = _compile(env, body, path.name, str(path))
+                self.front_matter.update(fm)
+                origin.update(dict.fromkeys(fm, path))
+                self._parts.append((role, template, str(path)))
+                self.variables |= names
+        src = origin.get("messages", system_path)
+        for i, (role, text) in enumerate(_messages(self.front_matter.get("messages", []), src)):
+            template, names = _compile(env, text, f"{src.name}#messages[{i}]", f"{src} messages[{i}]")
+            self._parts.insert(1 + i, (role, template, str(src)))
+            self.variables |= names
+        fm = self.front_matter
+        self.description, self.output_type, self.output_retries = (fm.get(k) for k in _SETTINGS[:3])
+        self.params = {k: v for k, v in fm.items() if k not in _SETTINGS}
+        if self.description is not None and not isinstance(self.description, str):
+            raise TemplateError(f"{origin['description']}: front matter 'description' must be a string")
+        ot = self.output_type
+        if ot is not None and ot not in OUTPUT_TYPES and not (isinstance(ot, list) and ot and all(
+                isinstance(x, (str, int, float, bool)) for x in ot)):
+            raise TemplateError(f"{origin['output_type']}: front matter 'output_type' must be one of "
+                                f"{', '.join(OUTPUT_TYPES)} or a list of labels, not {ot!r}")
+        r = self.output_retries
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
+            raise TemplateError(f"{origin['output_retries']}: front matter 'output_retries' must be an integer >= 0, "
+                                f"not {r!r}")
+
+    def render(self, variables: dict[str, Any] | None = None) -> list[dict[str, str]]:
+        """Render to ``[{"role": ..., "content": ...}, ...]`` (see the module docstring for the order).
+
+        Raises:
+            TemplateVariableError: a variable is missing (``.variable`` and ``.template`` say which, where).
+            TemplateSecurityError: the sandbox refused an operation.
+            TemplateNotFoundError: an ``{% include %}`` names no file.
+            TemplateError: any other rendering failure.
+        """
+        variables = dict(variables or {})
+        return [{"role": role, "content": _render(t, variables, where, self._dirs).strip()}
+                for role, t, where in self._parts]
+
+    def __repr__(self) -> str:
+        return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"
+
+
+def _find(name: str, dirs: list[Path]) -> Path | None:
+    for p in [*(d / name for d in dirs), Path(os.path.expanduser(name))]:
+        if p.is_file():
+            return p.resolve()
+    return None
+
+
+def _sibling_user(path: Path) -> Path | None:
+    head, sep, ext = path.name.rpartition(".system.")
+    p = path.with_name(f"{head}.user.{ext}") if sep and head else None
+    return p if p is not None and p.is_file() else None
+
+
+def _signature(path: Path | None) -> tuple[int, int] | None:
+    try:
+        st = path.stat() if path is not None else None
+    except OSError as exc:
+        raise TemplateError(f"{path}: cannot read the template file: {exc.strerror or exc}") from exc
+    return (st.st_mtime_ns, st.st_size) if st else None
+
+
+def load_prompt(system_template_name: str, user_template_name: str | None = None, *,
+                prompts_dir: Dirs = None) -> Prompt:
+    """Find, parse and compile a prompt; the same object is returned until one of its files changes.
+
+    ``NAME.system.EXT`` pairs with ``NAME.user.EXT`` in its directory unless ``user_template_name``
+    is given (looked up on the search path, then next to the system file).
+
+    Raises:
+        TemplateNotFoundError: a name is in no searched directory and is no file path.
+        TemplateError: an unreadable or non-UTF-8 file, bad front matter, or a Jinja syntax error.
+    """
+    dirs = search_path(prompts_dir)
+    name = os.fspath(system_template_name)
+    system_path = _find(name, dirs)
+    if system_path is None:
+        raise TemplateNotFoundError(name, dirs)
+    if user_template_name is None:
+        user_path = _sibling_user(system_path)
+    else:
+        user_path = _find(os.fspath(user_template_name), [*dirs, system_path.parent])
+        if user_path is None:
+            raise TemplateNotFoundError(os.fspath(user_template_name), [*dirs, system_path.parent])
+    loader_dirs = [system_path.parent, *([user_path.parent] if user_path else []), *(d for d in dirs if d.is_dir())]
+    env_dirs = tuple(dict.fromkeys(str(d) for d in loader_dirs))
+    key = (name, system_path, user_path, env_dirs)
+    sig = (_signature(system_path), _signature(user_path))
+    with _lock:
+        hit = _prompts.get(key)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    prompt = Prompt(name, system_path, user_path, env_dirs)
+    with _lock:
+        if len(_prompts) >= 1024:
+            _prompts.clear()
+        _prompts[key] = (sig, prompt)
+    return prompt
+
+
+def list_prompts(prompts_dir: Dirs = None) -> list[Prompt]:
+    """Every ``*.system.*`` prompt on the search path (sorted per directory); the first file of a name wins.
+
+    Raises TemplateError when a listed prompt does not load (the message names the file).
+    """
+    out: dict[str, Prompt] = {}
+    for d in search_path(prompts_dir):
+        for p in sorted(d.glob("*.system.*")) if d.is_dir() else []:
+            if p.name not in out and not p.name.startswith(".") and not p.name.endswith("~") and p.is_file():
+                out[p.name] = load_prompt(p.name, prompts_dir=[d, *search_path(prompts_dir)])
+    return list(out.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_string(source: str, name: str, dirs: tuple[str, ...]) -> jinja2.Template:
+    return _compile(_environment(dirs), source, name, name)[0]
+
+
+def render_string(source: str, variables: dict[str, Any] | None = None, *, name: str = "<string>") -> str:
+    """Render a bare template string in the same sandbox (no front matter; includes use the search path).
+
+    Raises TemplateError (syntax), TemplateVariableError, TemplateSecurityError, TemplateNotFoundError.
+    """
+    dirs = tuple(str(d) for d in search_path() if d.is_dir())
+    return _render(_compile_string(source, name, dirs), dict(variables or {}), name, dirs)
