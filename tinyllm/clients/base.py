@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +143,10 @@ class Client:
     def default_embedding_model(self, cfg: Config) -> str:
         return cfg.embedding_model
 
+    def embedding_endpoint(self, cfg: Config, model: str) -> dict:
+        """The endpoint identity of embedding requests, for the cache key (default: :meth:`endpoint`)."""
+        return self.endpoint(cfg, model)
+
     # -- the shared core ---------------------------------------------------------
     def resolve_params(self, params: dict, cfg: Config) -> dict:
         """Config defaults < ``params``; drop None; adapt to the model family. Returns a new dict."""
@@ -152,6 +155,7 @@ class Client:
             out[name] = cfg[key]
         out.update(params)
         out = {k: v for k, v in out.items() if v is not None}
+        out.setdefault("model", self.default_model(cfg))  # model=None means the default, not "no model"
         return models.adapt_params(out["model"], out, reasoning_effort=cfg.reasoning_effort)
 
     def _prepare(self, messages: Any, params: dict) -> _Request:
@@ -177,7 +181,7 @@ class Client:
             return None
         usage.record(calls=1, cached_calls=1)
         _last_call.set(CallInfo(req.model, dict(hit.get("usage") or {}), True, time.perf_counter() - req.started, req.prompt_tokens))
-        return copy.deepcopy(hit["message"])
+        return hit["message"]  # the cache hands out copies
 
     def _finish(self, req: _Request, message: dict, reply_usage: dict) -> dict:
         if not isinstance(message, dict) or "role" not in message:
@@ -187,7 +191,7 @@ class Client:
         if req.cache is not None:
             req.cache.set(req.key, {"message": message, "usage": reply_usage})
         _last_call.set(CallInfo(req.model, dict(reply_usage), False, time.perf_counter() - req.started, req.prompt_tokens))
-        return copy.deepcopy(message) if req.cache is not None else message
+        return message
 
     def send_message(self, messages: list[dict], **params: Any) -> dict:
         """Send chat ``messages`` and return the reply's message dict.
@@ -250,7 +254,7 @@ class Client:
         cfg = get_config()
         model = model or self.default_embedding_model(cfg)
         cache = cache_mod.active_cache(cfg)
-        endpoint = self.endpoint(cfg, model)
+        endpoint = self.embedding_endpoint(cfg, model)
         keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
         out: list[list[float] | None] = [cache.get(k) if cache is not None else None for k in keys] or [None] * len(texts)
         missing = [i for i, v in enumerate(out) if v is None]
