@@ -1,0 +1,57 @@
+"""The public API: __all__ is exactly what the package exposes, and every public name is documented."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+import tinyllm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tinyllm.__file__)))
+
+DESIGN_NAMES = {
+    "LLMCall", "client", "register_client", "force_api_type", "force_api_cache", "configure", "get_config",
+    "count_tokens", "get_embedding", "usage_stats", "reset_usage_stats", "Client",
+    "TinyLLMError", "ConfigError", "TemplateError", "TemplateNotFoundError", "TemplateVariableError",
+    "TemplateSecurityError", "APIError", "BadRequestError", "AuthenticationError", "PermissionDeniedError",
+    "NotFoundError", "ContextWindowExceededError", "RateLimitError", "ServerError", "APIConnectionError",
+    "APITimeoutError", "ResponseError", "OutputParseError", "QueueFullError",
+}
+
+
+def test_all_matches_public_names():
+    public = {n for n, v in vars(tinyllm).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    public -= {"annotations"}  # from __future__
+    assert set(tinyllm.__all__) == public
+    assert len(tinyllm.__all__) == len(set(tinyllm.__all__))
+
+
+def test_design_contract_names_are_exported():
+    assert DESIGN_NAMES <= set(tinyllm.__all__)
+
+
+def test_every_public_name_has_a_docstring():
+    missing = [n for n in tinyllm.__all__ if not (getattr(tinyllm, n).__doc__ or "").strip()]
+    assert not missing
+
+
+def test_error_tree():
+    t = tinyllm
+    assert issubclass(t.TemplateNotFoundError, LookupError) and issubclass(t.TemplateNotFoundError, t.TemplateError)
+    for name in ("BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
+                 "ContextWindowExceededError", "RateLimitError", "ServerError"):
+        assert issubclass(getattr(t, name), t.APIError)
+    assert issubclass(t.APITimeoutError, t.APIConnectionError)
+    for name in t.__all__:
+        obj = getattr(t, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, t.TinyLLMError), name
+
+
+def test_import_is_light():
+    code = "import tinyllm, sys; print(','.join(m for m in ('openai', 'tiktoken', 'llama_cpp') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert out == ""
