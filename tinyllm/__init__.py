@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .cache import force_api_cache
 from .call import LLMCall
+from .chat import LLMChat
 from .clients import CallInfo, Client, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
 from .errors import (
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLMCall",
+    "LLMChat",
     "Client",
     "CallInfo",
     "client",

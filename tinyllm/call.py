@@ -14,12 +14,46 @@ from .errors import OutputParseError, ResponseError
 from .output import normalize_output_type, parse_output, response_format_for
 from .templates import Prompt, load_prompt
 
-__all__ = ["LLMCall"]
+__all__ = ["LLMCall", "plan_output", "content_of", "RETRY_PROMPT"]
 
-_RETRY_PROMPT = (
+RETRY_PROMPT = (
     "Your previous reply could not be used: {error}\n"
     "Answer again with only the requested output and nothing else."
 )
+
+
+def plan_output(prompt: Prompt | None, sender: Any, output_type: Any, output_retries: int | None,
+                model_params: dict) -> tuple[Any, dict, int]:
+    """(normalized output_type, request params, output retries) for a call of ``prompt`` through ``sender``.
+
+    ``output_type`` and ``output_retries`` given in code win over the front
+    matter's (``prompt`` None: no front matter); ``model_params`` win over the
+    front matter's parameters. A ``response_format`` fitting the output_type is
+    added unless one is given (a llama.cpp backend enforces JSON schemas by
+    grammar, so ``list`` gets one too).
+    """
+    front_type = prompt.output_type if prompt is not None else None
+    kind = normalize_output_type(output_type if output_type is not None else front_type)
+    params = {**(prompt.params if prompt is not None else {}), **model_params}
+    fmt = response_format_for(kind, json_grammar=getattr(sender, "api_type", None) == "llamacpp")
+    if fmt is not None and "response_format" not in params:
+        params["response_format"] = fmt
+    front_retries = prompt.output_retries if prompt is not None else None
+    retries = output_retries if output_retries is not None else (front_retries or 0)
+    return kind, params, int(retries)
+
+
+def content_of(message: dict) -> str:
+    """The text of a reply's message dict.
+
+    Raises:
+        ResponseError: a refusal (``.raw`` holds the message), or no text content (tool calls only).
+    """
+    if message.get("refusal") and not message.get("content"):
+        raise ResponseError(f"the model refused: {message['refusal']}", raw=message)
+    if message.get("content") is None:
+        raise ResponseError("the reply has no text content (tool calls only?)", raw=message)
+    return message["content"]
 
 
 class LLMCall:
@@ -45,6 +79,7 @@ class LLMCall:
     Raises:
         TemplateNotFoundError, TemplateError: at construction, when the
             templates cannot be found or parsed.
+        OutputParseError: at construction, for an output_type tinyllm does not know.
 
     After a call, :attr:`messages` holds the rendered messages and
     :attr:`model_output` the message dict the client returned.
@@ -70,6 +105,7 @@ class LLMCall:
         self.model_params = model_params
         self.messages: list[dict] | None = None
         self.model_output: dict | None = None
+        normalize_output_type(output_type)  # fail early on an unknown output_type
         self.prompt  # fail early on a missing or malformed template
 
     def __repr__(self) -> str:
@@ -80,27 +116,19 @@ class LLMCall:
         """The loaded :class:`~tinyllm.templates.Prompt` (reloaded when its files change)."""
         return load_prompt(self.system_template_name, self.user_template_name, prompts_dir=self.prompts_dir)
 
-    def _plan(self, variables: dict) -> tuple[list[dict], dict, Any, int]:
+    def _plan(self, variables: dict) -> tuple[Any, list[dict], dict, Any, int]:
         prompt = self.prompt
         messages = prompt.render(variables)
-        output_type = normalize_output_type(self.output_type if self.output_type is not None else prompt.output_type)
-        params = {**prompt.params, **self.model_params}
-        fmt = response_format_for(output_type)
-        if fmt is not None and "response_format" not in params:
-            params["response_format"] = fmt
-        retries = self.output_retries if self.output_retries is not None else int(prompt.front_matter.get("output_retries", 0))
-        return messages, params, output_type, retries
+        sender = get_client(self.api_type)
+        output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
+        return sender, messages, params, output_type, retries
 
     def render(self, **variables: Any) -> list[dict]:
         """The messages a call with ``variables`` would send, without sending anything."""
         return self.prompt.render(variables)
 
     def _content(self, message: dict) -> str:
-        if message.get("refusal") and not message.get("content"):
-            raise ResponseError(f"the model refused: {message['refusal']}", raw=message)
-        if message.get("content") is None:
-            raise ResponseError("the reply has no text content (tool calls only?)", raw=message)
-        return message["content"]
+        return content_of(message)
 
     def _after(self, messages: list[dict], message: dict, output_type: Any) -> tuple[Any, OutputParseError | None]:
         self.messages, self.model_output = messages, message
@@ -121,21 +149,19 @@ class LLMCall:
             ResponseError: a refusal or an empty reply; and every error of
             :meth:`tinyllm.Client.send_message`.
         """
-        messages, params, output_type, retries = self._plan(variables)
-        sender = get_client(self.api_type)
+        sender, messages, params, output_type, retries = self._plan(variables)
         conversation = list(messages)
         for _ in range(retries + 1):
             message = sender.send_message(conversation, **params)
             value, error = self._after(messages, message, output_type)
             if error is None:
                 return value
-            conversation = conversation + [message, {"role": "user", "content": _RETRY_PROMPT.format(error=error)}]
+            conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
         raise error  # type: ignore[misc]
 
     async def acall(self, **variables: Any) -> Any:
         """The asyncio twin of :meth:`call`; uses the client's ``asend_message`` when it has one."""
-        messages, params, output_type, retries = self._plan(variables)
-        sender = get_client(self.api_type)
+        sender, messages, params, output_type, retries = self._plan(variables)
         conversation = list(messages)
         for _ in range(retries + 1):
             if hasattr(sender, "asend_message"):
@@ -145,7 +171,7 @@ class LLMCall:
             value, error = self._after(messages, message, output_type)
             if error is None:
                 return value
-            conversation = conversation + [message, {"role": "user", "content": _RETRY_PROMPT.format(error=error)}]
+            conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
         raise error  # type: ignore[misc]
 
     def map(

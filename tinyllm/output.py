@@ -3,7 +3,24 @@
 ``output_type`` may be a Python type (``str``, ``bool``, ``int``, ``float``,
 ``dict``, ``list``, a pydantic ``BaseModel`` subclass), one of the names
 ``"str" "bool" "int" "float" "json" "dict" "list"`` (as front matter gives
-them), or a list of allowed string labels.
+them), or a list of allowed string labels (matched case-insensitively).
+
+What is requested from the server (:func:`response_format_for`):
+
+- ``dict`` / ``"json"``: ``{"type": "json_object"}`` (JSON mode);
+- a pydantic model: ``{"type": "json_schema", ...}`` built by the openai SDK's
+  structured-output helper (strict schema, ``name`` = the model's class name);
+- ``list``: nothing from an OpenAI-style server, because JSON mode forces a top-level
+  *object*; the reply's first JSON array is used, and an object holding exactly one
+  list (``{"items": [...]}``) is unwrapped. With a backend that enforces a JSON
+  schema by grammar (llama.cpp, ``json_grammar=True``) an array schema is requested;
+- ``str``, ``bool``, ``int``, ``float`` and labels: nothing; the text is parsed.
+
+Parsing (:func:`parse_output`) is tolerant: JSON may sit in a code fence or
+between sentences; numbers may be embedded in a sentence ("The answer is 42.");
+a bool is a yes/no/true/false word; a label may carry punctuation, quotes or
+other case. A reply that does not fit raises :class:`OutputParseError` whose
+``.raw`` holds the reply.
 """
 
 from __future__ import annotations
@@ -19,8 +36,12 @@ __all__ = ["normalize_output_type", "response_format_for", "parse_output", "extr
 _NAMES: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float, "json": dict, "dict": dict, "list": list}
 _TRUE = {"true", "yes", "y", "1"}
 _FALSE = {"false", "no", "n", "0"}
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.S)
+_YES_WORDS, _NO_WORDS = {"true", "yes"}, {"false", "no"}
+# 1,234,567.5 (thousands separators) | 3.14 / 3,14 (decimal comma) / 42. | .5 ; optional exponent;
+# a sign only when not glued to a word ("gpt-4" is 4)
+_NUMBER = re.compile(r"(?:(?<!\w)[-+])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d*|,\d+(?![\d,]))?|\.\d+)(?:[eE][-+]?\d+)?")
+_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\n?(.*?)```", re.S)
 
 
 def _is_model(t: Any) -> bool:
@@ -28,7 +49,14 @@ def _is_model(t: Any) -> bool:
 
 
 def normalize_output_type(output_type: Any) -> Any:
-    """Map names to types and validate. Returns a type, a tuple of labels, or None (plain str).
+    """Map names to types and validate.
+
+    Args:
+        output_type: a type, a type name, or a list of labels (see the module docstring).
+
+    Returns:
+        None (plain str), ``bool``/``int``/``float``/``dict``/``list``, a
+        pydantic model class, or a tuple of labels (str).
 
     Raises:
         OutputParseError: an output_type tinyllm does not know.
@@ -41,44 +69,84 @@ def normalize_output_type(output_type: Any) -> Any:
         found = _NAMES[output_type.lower()]
         return None if found is str else found
     if isinstance(output_type, (list, tuple)):
-        if not output_type or not all(isinstance(x, str) and x.strip() for x in output_type):
+        if any(isinstance(x, bool) for x in output_type):
+            raise OutputParseError(
+                f"labels {list(output_type)!r} contain a bool: YAML reads yes/no/on/off/true/false as booleans; "
+                "quote them in the front matter, e.g. output_type: ['yes', 'no']", output_type=output_type)
+        labels = tuple(str(x) if isinstance(x, (int, float)) else x for x in output_type)
+        if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
             raise OutputParseError("a label output_type must be a non-empty list of non-empty strings", output_type=output_type)
-        return tuple(output_type)
+        return labels
     if output_type in (bool, int, float, dict, list) or _is_model(output_type):
         return output_type
     raise OutputParseError(f"unsupported output_type {output_type!r}", output_type=output_type)
 
 
-def response_format_for(output_type: Any) -> dict | None:
+def response_format_for(output_type: Any, *, json_grammar: bool = False) -> dict | None:
     """The OpenAI ``response_format`` to request for a normalized output_type, or None.
 
-    ``dict`` -> ``{"type": "json_object"}``; a pydantic model -> ``json_schema``
-    built by the openai SDK's structured-output helper (strict schema).
+    Args:
+        output_type: a value returned by :func:`normalize_output_type`.
+        json_grammar: the backend enforces any JSON schema with a grammar
+            (llama.cpp); then ``list`` asks for an array schema too.
+
+    Returns:
+        ``{"type": "json_object"}`` for ``dict``; ``{"type": "json_schema",
+        "json_schema": {"name": <class name>, "schema": ..., "strict": True}}``
+        for a pydantic model; for ``list`` with ``json_grammar`` a
+        ``json_schema`` whose schema is ``{"type": "array"}``; else None.
     """
     if output_type is dict:
         return {"type": "json_object"}
+    if output_type is list and json_grammar:
+        return {"type": "json_schema", "json_schema": {"name": "list", "schema": {"type": "array"}}}
     if _is_model(output_type):
-        from openai.lib._parsing._completions import type_to_response_format_param
-
+        try:
+            from openai.lib._parsing._completions import type_to_response_format_param
+        except ImportError:  # the SDK moved its private helper: a plain (non-strict) schema still works
+            return {"type": "json_schema", "json_schema": {"name": output_type.__name__, "schema": output_type.model_json_schema()}}
         return dict(type_to_response_format_param(output_type))  # type: ignore[arg-type]
     return None
 
 
-def extract_json(text: str) -> Any:
+def _fits(value: Any, expect: type | None) -> bool:
+    if expect is None or isinstance(value, expect):
+        return True
+    # a list inside a one-key object: JSON mode forces an object, e.g. {"items": [...]}
+    return expect is list and isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list)
+
+
+def extract_json(text: str, expect: type | None = None) -> Any:
     """The first JSON value in ``text``: inside a ``` fence if there is one, tolerating text around it.
 
+    Args:
+        text: the reply.
+        expect: ``dict`` or ``list`` to prefer the first JSON object (or array,
+            or a one-key object holding an array) over values of other kinds;
+            the first value of any kind is returned when none fits.
+
+    Returns:
+        The decoded value (dict or list).
+
     Raises:
-        OutputParseError: no JSON value could be decoded.
+        OutputParseError: no JSON object or array could be decoded; ``.raw`` is ``text``.
     """
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     decoder = json.JSONDecoder()
+    first: list[Any] = []
     for candidate in candidates:
         for i, ch in enumerate(candidate):
             if ch in "{[":
                 try:
-                    return decoder.raw_decode(candidate, i)[0]
+                    value = decoder.raw_decode(candidate, i)[0]
                 except json.JSONDecodeError:
                     continue
+                if _fits(value, expect):
+                    return value
+                if not first:
+                    first.append(value)
+    if first:
+        return first[0]
     raise OutputParseError(f"no JSON found in the reply: {text[:200]!r}", raw=text)
 
 
@@ -88,17 +156,47 @@ def _label(text: str, labels: tuple[str, ...]) -> str:
         if clean == label.lower():
             return label
     found = [label for label in labels if re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", text.lower())]
+    # "very positive" also contains "positive": keep only labels that are not part of another one found
+    found = [a for a in found if not any(a != b and a.lower() in b.lower() for b in found)]
     if len(found) == 1:
         return found[0]
     raise OutputParseError(f"reply {text[:200]!r} is not exactly one of {list(labels)}", raw=text, output_type=list(labels))
 
 
+def _bool(text: str) -> bool:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    if words and words[0] in _TRUE | _FALSE:
+        return words[0] in _TRUE
+    yes, no = _YES_WORDS.intersection(words), _NO_WORDS.intersection(words)  # "The answer is yes."
+    if bool(yes) != bool(no):
+        return bool(yes)
+    raise OutputParseError(f"reply {text[:200]!r} is not yes/no or true/false", raw=text, output_type=bool)
+
+
+def _number(text: str, output_type: type) -> int | float:
+    match = _NUMBER.search(text)
+    if not match:
+        raise OutputParseError(f"no number in the reply {text[:200]!r}", raw=text, output_type=output_type)
+    found = match.group(0)
+    found = found.replace(",", "") if _THOUSANDS.match(found) else found.replace(",", ".")
+    number = float(found)
+    if output_type is int:
+        if not number.is_integer():
+            raise OutputParseError(f"reply {text[:200]!r} is not a whole number", raw=text, output_type=int)
+        return int(number)
+    return number
+
+
 def parse_output(content: str, output_type: Any) -> Any:
     """Coerce a reply's ``content`` to a normalized ``output_type``.
 
+    Args:
+        content: the reply's text.
+        output_type: a value returned by :func:`normalize_output_type`.
+
     Returns:
-        str (output_type None), bool, int, float, one of the labels, dict, list,
-        or a pydantic model instance.
+        str (output_type None), bool, int, float, one of the labels (as
+        spelled in the labels), dict, list, or a pydantic model instance.
 
     Raises:
         OutputParseError: the reply does not fit; ``.raw`` holds it.
@@ -110,21 +208,10 @@ def parse_output(content: str, output_type: Any) -> Any:
         if isinstance(output_type, tuple):
             return _label(text, output_type)
         if output_type is bool:
-            words = re.findall(r"[a-z0-9]+", text.lower())
-            if words and words[0] in _TRUE | _FALSE:
-                return words[0] in _TRUE
-            raise OutputParseError(f"reply {text[:200]!r} is not yes/no or true/false", raw=content, output_type=bool)
+            return _bool(text)
         if output_type in (int, float):
-            match = _NUMBER.search(text)
-            if not match:
-                raise OutputParseError(f"no number in the reply {text[:200]!r}", raw=content, output_type=output_type)
-            number = float(match.group(0).replace(",", "."))
-            if output_type is int:
-                if not number.is_integer():
-                    raise OutputParseError(f"reply {text[:200]!r} is not a whole number", raw=content, output_type=int)
-                return int(number)
-            return number
-        value = extract_json(text)
+            return _number(text, output_type)
+        value = extract_json(text, expect=list if output_type is list else dict)
         if output_type is dict and not isinstance(value, dict):
             raise OutputParseError(f"expected a JSON object, got {type(value).__name__}", raw=content, output_type=dict)
         if output_type is list:
@@ -137,6 +224,8 @@ def parse_output(content: str, output_type: Any) -> Any:
         return value
     except OutputParseError as exc:
         exc.raw = content
+        if exc.output_type is None:
+            exc.output_type = output_type
         raise
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
         raise OutputParseError(f"reply does not fit {getattr(output_type, '__name__', output_type)}: {exc}", raw=content, output_type=output_type) from exc

@@ -1,0 +1,237 @@
+"""LLMChat: a conversation with a model; each turn sends the whole history.
+
+>>> chat = LLMChat(system="You are a terse assistant.", temperature=0)
+>>> chat.say("Name a prime number.")          # -> str, the reply's content
+>>> chat.say("And the next one?")             # the model sees both turns
+>>> chat.history                              # [system, user, assistant, user, assistant]
+
+Or from prompt files, like :class:`~tinyllm.LLMCall`:
+
+>>> chat = LLMChat("translate.system.md")     # pairs with translate.user.md
+>>> chat.say(text="Good morning", target_language="French")
+>>> chat.say(text="Good night")               # variables given before are remembered
+
+The system message and the front matter's ``messages:`` (few-shot examples)
+are rendered once, by the first turn (or the first after :meth:`LLMChat.reset`,
+i.e. whenever :attr:`LLMChat.history` is empty); later turns render only the
+user template. A turn changes :attr:`LLMChat.history` only when it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .call import RETRY_PROMPT, content_of, plan_output
+from .clients import client as get_client
+from .config import get_config
+from .errors import OutputParseError
+from .output import normalize_output_type, parse_output
+from .templates import Prompt, load_prompt
+
+__all__ = ["LLMChat"]
+
+
+class LLMChat:
+    """A multi-turn conversation: the history grows by a user and an assistant message per turn.
+
+    Args:
+        system_template_name: a system template (``"NAME.system.md"``), found
+            on the template search path as for :class:`~tinyllm.LLMCall`; its
+            sibling ``NAME.user.md`` (or ``user_template_name``) renders each
+            user turn. None: no template (see ``system``).
+        user_template_name: the user template when it is not that sibling.
+        system: a plain system message (used as is, not rendered), instead of a
+            template. Neither given: the conversation has no system message.
+        output_type: how to coerce each reply, as for LLMCall (``str`` by
+            default; ``bool``, ``int``, ``float``, ``dict``/``"json"``,
+            ``list``, a list of labels, a pydantic model); default: the front
+            matter's ``output_type``.
+        prompts_dir: a directory (or list of them) searched first for templates.
+        api_type: the client to use; default: forced, configured or detected.
+        output_retries: how many times to repeat a turn whose reply does not
+            fit ``output_type``, feeding the parse error back (the failed
+            exchange is not kept in the history); default: front matter's, else 0.
+        **model_params: API parameters (``model``, ``temperature``,
+            ``max_tokens``, ...), above the front matter's and the config's.
+
+    Attributes:
+        history (list[dict]): the messages so far (``{"role", "content"}``
+            dicts; assistant messages as the client returned them). Assign a
+            saved list to resume a conversation.
+        variables (dict): template variables remembered from earlier turns.
+        model_output (dict | None): the last reply's message dict.
+
+    Raises:
+        TypeError: both ``system_template_name`` and ``system`` given.
+        TemplateNotFoundError, TemplateError: the templates cannot be found or parsed.
+        OutputParseError: an output_type tinyllm does not know.
+
+    Not thread-safe: one conversation is driven by one thread or task at a time.
+    """
+
+    def __init__(
+        self,
+        system_template_name: str | None = None,
+        user_template_name: str | None = None,
+        *,
+        system: str | None = None,
+        output_type: Any = None,
+        prompts_dir: Any = None,
+        api_type: str | None = None,
+        output_retries: int | None = None,
+        **model_params: Any,
+    ) -> None:
+        if system_template_name is not None and system is not None:
+            raise TypeError("give either system_template_name or system=, not both")
+        if system_template_name is None and user_template_name is not None:
+            raise TypeError("user_template_name needs a system_template_name")
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a str, not {type(system).__name__}")
+        self.system_template_name = system_template_name
+        self.user_template_name = user_template_name
+        self.system = system
+        self.output_type = output_type
+        self.prompts_dir = prompts_dir
+        self.api_type = api_type
+        self.output_retries = output_retries
+        self.model_params = model_params
+        self.history: list[dict] = []
+        self.variables: dict[str, Any] = {}
+        self.model_output: dict | None = None
+        normalize_output_type(output_type)  # fail early on an unknown output_type
+        self.prompt  # fail early on a missing or malformed template
+
+    def __repr__(self) -> str:
+        source = repr(self.system_template_name) if self.system_template_name else f"system={self.system!r:.40}"
+        return f"LLMChat({source}, turns={sum(m.get('role') == 'user' for m in self.history)}, api_type={self.api_type!r})"
+
+    @property
+    def prompt(self) -> Prompt | None:
+        """The loaded :class:`~tinyllm.templates.Prompt`, or None for a chat without templates."""
+        if self.system_template_name is None:
+            return None
+        return load_prompt(self.system_template_name, self.user_template_name, prompts_dir=self.prompts_dir)
+
+    # -- building a turn -----------------------------------------------------------
+    def _seed(self, prompt: Prompt | None, variables: dict) -> list[dict]:
+        """The messages that open the conversation: system and few-shot messages."""
+        if prompt is None:
+            return [{"role": "system", "content": self.system}] if self.system is not None else []
+        if prompt.user_path is None:
+            return prompt.render(variables)
+        # Render without the user template (a turn may give text instead of its
+        # variables): pair the system file with itself and drop the last message.
+        alone = load_prompt(str(prompt.system_path), str(prompt.system_path), prompts_dir=self.prompts_dir)
+        return alone.render(variables)[:-1]
+
+    def _user(self, prompt: Prompt | None, text: str | None, variables: dict) -> dict:
+        if text is not None:
+            if not isinstance(text, str):
+                raise TypeError(f"text must be a str or None, not {type(text).__name__}")
+            return {"role": "user", "content": text}
+        if prompt is None or prompt.user_path is None:
+            raise TypeError("say() needs the user's text: this chat has no user template to render")
+        user = load_prompt(str(prompt.user_path), prompts_dir=self.prompts_dir)  # the user file on its own
+        return {"role": "user", "content": user.render(variables)[0]["content"]}
+
+    def _plan(self, text: str | None, variables: dict) -> tuple[Any, list[dict], dict, dict, Any, int, dict]:
+        merged = {**self.variables, **variables}
+        prompt = self.prompt
+        opening = self._seed(prompt, merged) if not self.history else []
+        user = self._user(prompt, text, merged)
+        sender = get_client(self.api_type)
+        output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
+        return sender, opening, user, params, output_type, retries, merged
+
+    def _commit(self, opening: list[dict], user: dict, message: dict, merged: dict) -> None:
+        self.history = [*self.history, *opening, user, dict(message)]  # a new list: one assigned by the caller is not changed
+        self.variables = merged
+        self.model_output = message
+
+    # -- turns -----------------------------------------------------------------------
+    def say(self, text: str | None = None, /, **variables: Any) -> Any:
+        """One turn: add a user message, send the whole history, return the reply.
+
+        Args:
+            text: the user's message as is; None: render the user template with
+                ``variables`` (plus those remembered from earlier turns).
+            **variables: template variables; on the first turn they also render
+                the system template and the front matter's messages.
+
+        Returns:
+            str, or the reply coerced to ``output_type``.
+
+        Raises:
+            TypeError: no text and no user template.
+            TemplateVariableError, TemplateSecurityError: rendering failed.
+            ContextWindowExceededError: the history no longer fits the model's
+                context window (nothing was sent; start over with :meth:`reset`
+                or trim :attr:`history`).
+            OutputParseError: the reply does not fit ``output_type`` (after ``output_retries``).
+            ResponseError: a refusal or an empty reply; and every error of
+            :meth:`tinyllm.Client.send_message`.
+        """
+        sender, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        conversation = [*self.history, *opening, user]
+        for attempt in range(retries + 1):
+            message = sender.send_message(conversation, **params)
+            value, error = self._parse(message, output_type)
+            if error is None:
+                self._commit(opening, user, message, merged)
+                return value
+            if attempt < retries:
+                conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
+        raise error  # type: ignore[misc]
+
+    async def asay(self, text: str | None = None, /, **variables: Any) -> Any:
+        """The asyncio twin of :meth:`say`; uses the client's ``asend_message`` when it has one."""
+        sender, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        conversation = [*self.history, *opening, user]
+        for attempt in range(retries + 1):
+            if hasattr(sender, "asend_message"):
+                message = await sender.asend_message(conversation, **params)
+            else:
+                message = await asyncio.to_thread(sender.send_message, conversation, **params)
+            value, error = self._parse(message, output_type)
+            if error is None:
+                self._commit(opening, user, message, merged)
+                return value
+            if attempt < retries:
+                conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
+        raise error  # type: ignore[misc]
+
+    def _parse(self, message: dict, output_type: Any) -> tuple[Any, OutputParseError | None]:
+        self.model_output = message
+        try:
+            return parse_output(content_of(message), output_type), None
+        except OutputParseError as exc:
+            return None, exc
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def token_count(self, model: str | None = None) -> int:
+        """Prompt tokens of the whole :attr:`history`, counted by the client's own counter.
+
+        Args:
+            model: the model to count for; default: the one this chat's calls use.
+
+        Returns:
+            int; 0 for an empty history.
+        """
+        if not self.history:
+            return 0
+        sender = get_client(self.api_type)
+        if model is None:
+            params = {**(self.prompt.params if self.prompt is not None else {}), **self.model_params}
+            resolve = getattr(sender, "resolve_params", None)
+            model = resolve(params, get_config())["model"] if resolve else (params.get("model") or get_config().model)
+        count = getattr(sender, "count_tokens", None)
+        if count is None:
+            from .tokens import count_tokens as count
+        return int(count(self.history, model))
+
+    def reset(self) -> None:
+        """Start over: empty :attr:`history`, forget remembered variables and the last reply."""
+        self.history = []
+        self.variables = {}
+        self.model_output = None
