@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sys
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from . import usage
 from .clients import client as get_client
@@ -14,7 +14,7 @@ from .errors import OutputParseError, ResponseError
 from .output import normalize_output_type, parse_output, response_format_for
 from .templates import Prompt, load_prompt
 
-__all__ = ["LLMCall", "plan_output", "content_of", "RETRY_PROMPT"]
+__all__ = ["LLMCall", "plan_output", "content_of", "send_for_output", "asend_for_output", "RETRY_PROMPT"]
 
 RETRY_PROMPT = (
     "Your previous reply could not be used: {error}\n"
@@ -54,6 +54,67 @@ def content_of(message: dict) -> str:
     if message.get("content") is None:
         raise ResponseError("the reply has no text content (tool calls only?)", raw=message)
     return message["content"]
+
+
+def _output_turns(conversation: list[dict], output_type: Any, retries: int):
+    """The output-retry policy as a generator, shared by the sync and async front ends.
+
+    Yields each conversation to send and is sent the reply's message dict;
+    returns ``(value, message)`` once a reply fits ``output_type``. After a
+    reply that does not fit, the next conversation carries it and the parse
+    error as a user message; after ``retries`` such repeats the last
+    :class:`OutputParseError` is raised.
+    """
+    for attempt in range(retries + 1):
+        message = yield conversation
+        try:
+            return parse_output(content_of(message), output_type), message
+        except OutputParseError as exc:
+            if attempt == retries:
+                raise
+            conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=exc)}]
+    raise AssertionError("unreachable")
+
+
+def send_for_output(sender: Any, messages: list[dict], params: dict, output_type: Any, retries: int,
+                    on_reply: Callable[[dict], None] = lambda message: None) -> tuple[Any, dict]:
+    """Send ``messages`` through ``sender.send_message`` until a reply fits ``output_type``.
+
+    ``on_reply`` is called with every reply's message dict as it arrives.
+
+    Returns:
+        (the coerced value, the last reply's message dict).
+
+    Raises:
+        OutputParseError: after ``retries`` repeats; ResponseError for a
+        refusal or an empty reply; every error of ``send_message``.
+    """
+    turns = _output_turns(list(messages), output_type, retries)
+    conversation = next(turns)
+    while True:
+        message = sender.send_message(conversation, **params)
+        on_reply(message)
+        try:
+            conversation = turns.send(message)
+        except StopIteration as done:
+            return done.value
+
+
+async def asend_for_output(sender: Any, messages: list[dict], params: dict, output_type: Any, retries: int,
+                           on_reply: Callable[[dict], None] = lambda message: None) -> tuple[Any, dict]:
+    """The asyncio twin of :func:`send_for_output` (``asend_message``, or ``send_message`` in a thread)."""
+    turns = _output_turns(list(messages), output_type, retries)
+    conversation = next(turns)
+    while True:
+        if hasattr(sender, "asend_message"):
+            message = await sender.asend_message(conversation, **params)
+        else:
+            message = await asyncio.to_thread(sender.send_message, conversation, **params)
+        on_reply(message)
+        try:
+            conversation = turns.send(message)
+        except StopIteration as done:
+            return done.value
 
 
 class LLMCall:
@@ -127,15 +188,8 @@ class LLMCall:
         """The messages a call with ``variables`` would send, without sending anything."""
         return self.prompt.render(variables)
 
-    def _content(self, message: dict) -> str:
-        return content_of(message)
-
-    def _after(self, messages: list[dict], message: dict, output_type: Any) -> tuple[Any, OutputParseError | None]:
-        self.messages, self.model_output = messages, message
-        try:
-            return parse_output(self._content(message), output_type), None
-        except OutputParseError as exc:
-            return None, exc
+    def _on_reply(self, message: dict) -> None:
+        self.model_output = message
 
     def call(self, **variables: Any) -> Any:
         """Render the templates with ``variables``, send them, return the reply's content.
@@ -150,29 +204,14 @@ class LLMCall:
             :meth:`tinyllm.Client.send_message`.
         """
         sender, messages, params, output_type, retries = self._plan(variables)
-        conversation = list(messages)
-        for _ in range(retries + 1):
-            message = sender.send_message(conversation, **params)
-            value, error = self._after(messages, message, output_type)
-            if error is None:
-                return value
-            conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
-        raise error  # type: ignore[misc]
+        self.messages = messages
+        return send_for_output(sender, messages, params, output_type, retries, self._on_reply)[0]
 
     async def acall(self, **variables: Any) -> Any:
         """The asyncio twin of :meth:`call`; uses the client's ``asend_message`` when it has one."""
         sender, messages, params, output_type, retries = self._plan(variables)
-        conversation = list(messages)
-        for _ in range(retries + 1):
-            if hasattr(sender, "asend_message"):
-                message = await sender.asend_message(conversation, **params)
-            else:
-                message = await asyncio.to_thread(sender.send_message, conversation, **params)
-            value, error = self._after(messages, message, output_type)
-            if error is None:
-                return value
-            conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
-        raise error  # type: ignore[misc]
+        self.messages = messages
+        return (await asend_for_output(sender, messages, params, output_type, retries, self._on_reply))[0]
 
     def map(
         self,

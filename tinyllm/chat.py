@@ -19,14 +19,12 @@ user template. A turn changes :attr:`LLMChat.history` only when it succeeds.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from .call import RETRY_PROMPT, content_of, plan_output
+from .call import asend_for_output, plan_output, send_for_output
 from .clients import client as get_client
 from .config import get_config
-from .errors import OutputParseError
-from .output import normalize_output_type, parse_output
+from .output import normalize_output_type
 from .templates import Prompt, load_prompt
 
 __all__ = ["LLMChat"]
@@ -173,40 +171,19 @@ class LLMChat:
             :meth:`tinyllm.Client.send_message`.
         """
         sender, opening, user, params, output_type, retries, merged = self._plan(text, variables)
-        conversation = [*self.history, *opening, user]
-        for attempt in range(retries + 1):
-            message = sender.send_message(conversation, **params)
-            value, error = self._parse(message, output_type)
-            if error is None:
-                self._commit(opening, user, message, merged)
-                return value
-            if attempt < retries:
-                conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
-        raise error  # type: ignore[misc]
+        value, message = send_for_output(sender, [*self.history, *opening, user], params, output_type, retries, self._on_reply)
+        self._commit(opening, user, message, merged)
+        return value
 
     async def asay(self, text: str | None = None, /, **variables: Any) -> Any:
         """The asyncio twin of :meth:`say`; uses the client's ``asend_message`` when it has one."""
         sender, opening, user, params, output_type, retries, merged = self._plan(text, variables)
-        conversation = [*self.history, *opening, user]
-        for attempt in range(retries + 1):
-            if hasattr(sender, "asend_message"):
-                message = await sender.asend_message(conversation, **params)
-            else:
-                message = await asyncio.to_thread(sender.send_message, conversation, **params)
-            value, error = self._parse(message, output_type)
-            if error is None:
-                self._commit(opening, user, message, merged)
-                return value
-            if attempt < retries:
-                conversation = conversation + [message, {"role": "user", "content": RETRY_PROMPT.format(error=error)}]
-        raise error  # type: ignore[misc]
+        value, message = await asend_for_output(sender, [*self.history, *opening, user], params, output_type, retries, self._on_reply)
+        self._commit(opening, user, message, merged)
+        return value
 
-    def _parse(self, message: dict, output_type: Any) -> tuple[Any, OutputParseError | None]:
+    def _on_reply(self, message: dict) -> None:
         self.model_output = message
-        try:
-            return parse_output(content_of(message), output_type), None
-        except OutputParseError as exc:
-            return None, exc
 
     # -- bookkeeping -------------------------------------------------------------------
     def token_count(self, model: str | None = None) -> int:

@@ -46,6 +46,9 @@ class AzureClient(OpenAIClient):
     def endpoint(self, cfg: Config, model: str) -> dict:
         return {"api_type": "azure", "endpoint": self.where(cfg), "deployment": self.deployment(cfg, model)}
 
+    def embedding_endpoint(self, cfg: Config, model: str) -> dict:
+        return {"api_type": "azure", "endpoint": self.where(cfg), "deployment": self.embedding_target(cfg, model)}
+
     def where(self, cfg: Config) -> str:
         endpoint = self.base_url(cfg)
         if not endpoint:

@@ -8,6 +8,7 @@ that does it, with API keys scrubbed from the message.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import re
@@ -124,6 +125,20 @@ def extract_message(response: Any) -> tuple[dict, dict]:
     return message, dict(response.get("usage") or {})
 
 
+async def _close_at_loop_shutdown(sdk: Any) -> Any:
+    """An async generator that waits at its ``yield`` until its loop shuts down
+    async generators (``loop.shutdown_asyncgens()``, run by ``asyncio.run``), then
+    closes ``sdk``'s connections while that loop still runs."""
+    try:
+        yield
+    finally:
+        await sdk.close()
+
+
+async def _first_step(agen: Any) -> None:
+    await agen.__anext__()  # the loop's first-iteration hook registers it for shutdown
+
+
 class OpenAIClient(Client):
     """OpenAI's API, or any OpenAI-compatible server when ``BASE_URL`` / ``OPENAI_BASE_URL`` is set.
 
@@ -140,6 +155,7 @@ class OpenAIClient(Client):
         super().__init__()
         self._sdk_lock = threading.Lock()
         self._sdks: dict[tuple, Any] = {}
+        self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
         self._create_params: frozenset[str] | None = None
 
     def base_url(self, cfg: Config) -> str | None:
@@ -177,12 +193,26 @@ class OpenAIClient(Client):
         return (self.base_url(cfg), self._api_key(cfg), cfg.timeout)
 
     def sdk(self, cfg: Config, is_async: bool = False) -> Any:
-        """The SDK client for these settings (memoized; rebuilt when key, URL or timeout change)."""
-        key = (is_async, *self._sdk_key(cfg))
+        """The SDK client for these settings (memoized; rebuilt when key, URL or timeout change).
+
+        An async SDK client is kept per event loop: its connection pool belongs to
+        the loop that opened it, so a second ``asyncio.run`` must not reuse it. It
+        is closed on its own loop when that loop shuts down its async generators
+        (the end of ``asyncio.run``), and forgotten once the loop is closed.
+        """
+        loop = asyncio.get_running_loop() if is_async else None
+        key = (loop, *self._sdk_key(cfg))
         with self._sdk_lock:
             found = self._sdks.get(key)
             if found is None:
+                if loop is not None:  # forget the clients of loops that are gone
+                    for old in [k for k in self._sdks if k[0] is not None and k[0].is_closed()]:
+                        del self._sdks[old]
+                        self._closers.pop(old, None)
                 found = self._sdks[key] = self._make_sdk(cfg, is_async)
+                if loop is not None:
+                    self._closers[key] = closer = _close_at_loop_shutdown(found)
+                    loop.create_task(_first_step(closer))
             return found
 
     def _split_params(self, params: dict, create: Any) -> dict:
