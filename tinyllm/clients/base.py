@@ -259,7 +259,7 @@ class Client:
         out: list[list[float] | None] = [cache.get(k) if cache is not None else None for k in keys] or [None] * len(texts)
         missing = [i for i, v in enumerate(out) if v is None]
         if cache is not None:
-            usage.record(cached_calls=len(texts) - len(missing))
+            usage.record(calls=len(texts) - len(missing), cached_calls=len(texts) - len(missing))
         if missing:
             batch = [texts[i] for i in missing]
             cost = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
