@@ -289,12 +289,14 @@ class _Abort(Exception):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # socketserver's default backlog of 5 resets bursts of concurrent connections
     allow_reuse_address = True
     fake: FakeOpenAIServer  # set right after construction
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
     server: _HTTPServer
 
     def setup(self) -> None:

@@ -34,8 +34,6 @@ import threading
 import zlib
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
-from filelock import FileLock
-
 from .config import Config, get_config
 from .errors import ConfigError
 
@@ -233,6 +231,8 @@ class PickleCache(_IndexedCache):
         self.path = os.path.abspath(os.fspath(path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         os.close(os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600))
+        from filelock import FileLock  # imported on first use: it costs ~10 ms at import tinyllm
+
         self._flock = FileLock(self.path + ".lock", mode=0o600, thread_local=False)
         self._fd = -1
         self._ident: tuple[int, int] | None = None

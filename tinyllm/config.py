@@ -15,6 +15,7 @@ are kept in :attr:`Config.secrets` and masked in every ``repr``.
 from __future__ import annotations
 
 import configparser
+import copy
 import json
 import os
 import threading
@@ -138,12 +139,14 @@ class Config:
     :attr:`secrets` (``dict[str, str]``) and never shown by ``repr``.
     """
 
-    __slots__ = ("_values", "_sources", "secrets")
+    __slots__ = ("_values", "_sources", "secrets", "__dict__")
 
     def __init__(self, values: dict[str, Any], sources: dict[str, str], secrets: dict[str, str]):
         self._values = values
         self._sources = sources
         self.secrets = secrets
+        # each setting also as a plain attribute (read ~20 times per request): no __getattr__ call
+        self.__dict__.update({k.lower(): v for k, v in values.items() if not hasattr(Config, k.lower())})
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key.upper()]
@@ -254,13 +257,64 @@ def _parse(key: str, raw: Any, source: str) -> Any:
         raise ConfigError(f"bad value for {key} from {source}: {raw!r} ({exc})") from exc
 
 
+_PACKAGE_INI = str(Path(__file__).with_name("config.ini"))
+# (inputs, Config) of the last build; inputs = (cwd, file mtimes, environment, overrides)
+_snapshot: tuple[tuple, Config] | None = None
+_cwd_files: dict[str, tuple[str, str]] = {}  # cwd -> (its config.ini, its .env)
+
+
+def _mtime(path: str) -> int | None:
+    if not os.access(path, os.F_OK):  # the usual case, no such file: cheaper than a failing stat
+        return None
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _file_mtimes(cwd: str) -> tuple:
+    files = _cwd_files.get(cwd)
+    if files is None:
+        if len(_cwd_files) > 64:
+            _cwd_files.clear()
+        files = _cwd_files[cwd] = (os.path.join(cwd, "config.ini"), os.path.join(cwd, ".env"))
+    return (_mtime(_PACKAGE_INI), _mtime(files[0]), _mtime(files[1]))
+
+
 def get_config() -> Config:
     """Return the effective settings now, as a :class:`Config` snapshot.
+
+    The snapshot is rebuilt only when something it is built from changed: the
+    working directory, the mtime of a config file, the environment or the
+    configure() overrides (checking costs a few µs); otherwise the previous one
+    (immutable) is returned.
 
     Raises:
         ConfigError: a value in a file, the environment or .env does not parse
             (the message names the key and where it came from).
     """
+    global _snapshot
+    cwd = os.getcwd()
+    env = getattr(os.environ, "_data", os.environ)  # CPython's raw dict: compared in C
+    snap = _snapshot
+    if snap is not None:
+        (s_cwd, s_files, s_env, s_overrides), cfg = snap
+        if s_cwd == cwd and s_env == env and s_files == _file_mtimes(cwd):
+            with _lock:
+                if s_overrides == _overrides:
+                    return cfg
+    with _lock:
+        overrides = dict(_overrides)
+    inputs = (cwd, _file_mtimes(cwd), dict(env), overrides)  # taken before building: a change meanwhile rebuilds next time
+    cfg = _build_config()
+    try:
+        _snapshot = (copy.deepcopy(inputs), cfg)  # deep: an override list mutated later must not compare equal
+    except Exception:  # an override value that cannot be copied: just do not memoize
+        _snapshot = None
+    return cfg
+
+
+def _build_config() -> Config:
     values = {k: default for k, (_, default) in KEYS.items()}
     sources = {k: "default" for k in KEYS}
     for source, raw in _layers():

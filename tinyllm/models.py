@@ -19,6 +19,8 @@ instead of ``max_tokens``; no ``temperature``/``top_p``/penalties).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,11 @@ def model_info(model: str) -> ModelInfo | None:
     """
     if not isinstance(model, str):
         raise TypeError(f"model must be a str, not {type(model).__name__}")
+    return _scan(model)
+
+
+@functools.lru_cache(maxsize=1024)  # called a few times per request: scan MODELS once per name
+def _scan(model: str) -> ModelInfo | None:
     name = _normalize(model)
     best: str | None = None
     for prefix in MODELS:

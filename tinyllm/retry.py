@@ -186,9 +186,29 @@ def call(attempt: Callable[[], T], policy: RetryPolicy) -> T:
     failure that is not retried. Each retry is logged at INFO on the
     ``tinyllm`` logger and counted in ``usage_stats()["retries"]``.
     """
-    return _decorate(attempt, policy)()
+    try:
+        return attempt()  # the common case, without building the retry machinery
+    except TinyLLMError as exc:
+        failed = [exc]
+
+    def again() -> T:  # the backoff loop, with the first attempt's failure replayed into it
+        if failed:
+            raise failed.pop()
+        return attempt()
+
+    return _decorate(again, policy)()
 
 
 async def acall(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
     """The asyncio twin of :func:`call`: ``attempt`` is an async function; waits use asyncio.sleep."""
-    return await _decorate(attempt, policy)()
+    try:
+        return await attempt()
+    except TinyLLMError as exc:
+        failed = [exc]
+
+    async def again() -> T:
+        if failed:
+            raise failed.pop()
+        return await attempt()
+
+    return await _decorate(again, policy)()

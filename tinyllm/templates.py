@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Iterable, Union
 
 import jinja2
-import yaml
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
@@ -52,12 +51,11 @@ def search_path(prompts_dir: Dirs = None) -> list[Path]:
     Raises ConfigError if ``PROMPTS_DIRS`` does not parse.
     """
     given: list[Any] = [prompts_dir] if isinstance(prompts_dir, (str, os.PathLike)) else list(prompts_dir or [])
-    out: list[Path] = []
+    out: dict[str, str] = {}  # normcase(path) -> path, in order
     for d in [*given, *get_config().prompts_dirs, "prompts"]:
-        p = Path(os.path.abspath(os.path.expanduser(os.fspath(d))))
-        if p not in out:
-            out.append(p)
-    return out
+        p = os.path.abspath(os.path.expanduser(os.fspath(d)))
+        out.setdefault(os.path.normcase(p), p)
+    return [Path(p) for p in out.values()]
 
 
 def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
@@ -68,6 +66,8 @@ def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
     end = next((i for i in range(1, len(lines)) if lines[i].rstrip() == "---"), None)
     if end is None:
         raise TemplateError(f"{path}: the front matter opened by '---' on line 1 is never closed; add a '---' line")
+    import yaml  # imported on the first front matter, not at import tinyllm (~8 ms)
+
     try:
         data = yaml.safe_load("\n".join(lines[1:end]))
     except yaml.YAMLError as exc:
@@ -153,6 +153,13 @@ def _messages(value: Any, path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _static(text: str) -> str | None:
+    """What ``text`` renders to when it holds no Jinja syntax at all (no ``{``, the start of
+    every delimiter; no ``\\r``, which Jinja would turn into ``\\n``), stripped; else None.
+    Such a part (often the system prompt) is then not run through Jinja on every call."""
+    return text.strip() if "{" not in text and "\r" not in text else None
+
+
 class Prompt:
     """A loaded prompt, from :func:`load_prompt` (which raises TemplateError for bad files).
 
@@ -173,12 +180,12 @@ class Prompt:
                 template, names = _compile(env, body, path.name, str(path))
                 self.front_matter.update(fm)
                 origin.update(dict.fromkeys(fm, path))
-                self._parts.append((role, template, str(path)))
+                self._parts.append((role, template, str(path), _static(body)))
                 self.variables |= names
         src = origin.get("messages", system_path)
         for i, (role, text) in enumerate(_messages(self.front_matter.get("messages", []), src)):
             template, names = _compile(env, text, f"{src.name}#messages[{i}]", f"{src} messages[{i}]")
-            self._parts.insert(1 + i, (role, template, str(src)))
+            self._parts.insert(1 + i, (role, template, str(src), _static(text)))
             self.variables |= names
         fm = self.front_matter
         self.description, self.output_type, self.output_retries = (fm.get(k) for k in _SETTINGS[:3])
@@ -205,8 +212,8 @@ class Prompt:
             TemplateError: any other rendering failure.
         """
         variables = dict(variables or {})
-        return [{"role": role, "content": _render(t, variables, where, self._dirs).strip()}
-                for role, t, where in self._parts]
+        return [{"role": role, "content": static if static is not None else _render(t, variables, where, self._dirs).strip()}
+                for role, t, where, static in self._parts]
 
     def __repr__(self) -> str:
         return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"

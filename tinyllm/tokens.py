@@ -136,7 +136,7 @@ def count_tokens(messages_or_text: str | list[dict[str, Any]], model: str) -> in
     """
     enc = encoding_for_model(model)
     if isinstance(messages_or_text, str):
-        return len(enc.encode_ordinary(messages_or_text))
+        return _count(enc, messages_or_text)
     if not isinstance(messages_or_text, (list, tuple)):
         kind = type(messages_or_text).__name__
         raise TypeError(f"count_tokens() takes a str or a list of message dicts, not {kind}")
@@ -154,10 +154,32 @@ def count_tokens(messages_or_text: str | list[dict[str, Any]], model: str) -> in
                 texts = [value]
             else:
                 texts = [json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)]
-            total += sum(len(enc.encode_ordinary(t)) for t in texts)
+            total += sum(_count(enc, t) for t in texts)
             if key == "name":
                 total += TOKENS_PER_NAME
     return total + REPLY_PRIMING_TOKENS
+
+
+# Token counts of recent strings per encoding: every call counts its whole prompt, and
+# most of it (the role names, a system prompt, few-shot examples) repeats call after
+# call. Bounded by the characters kept (cleared when full); a lost race only recounts.
+_counts: dict[tuple[str, str], int] = {}
+_counts_chars = 0
+_COUNTS_MAX_CHARS = 4_000_000
+
+
+def _count(enc: tiktoken.Encoding, text: str) -> int:
+    global _counts_chars
+    key = (enc.name, text)
+    n = _counts.get(key)
+    if n is None:
+        n = len(enc.encode_ordinary(text))
+        if _counts_chars + len(text) > _COUNTS_MAX_CHARS:
+            _counts.clear()
+            _counts_chars = 0
+        _counts[key] = n
+        _counts_chars += len(text)
+    return n
 
 
 def check_context_window(

@@ -109,7 +109,10 @@ def extract_message(response: Any) -> tuple[dict, dict]:
         ResponseError: no choices, no message, or neither content nor tool calls.
     """
     if hasattr(response, "model_dump"):
-        response = response.model_dump()
+        found = _from_sdk_object(response)
+        if found is not None:
+            return found
+        response = response.model_dump()  # an unusual shape: the checks below say what is wrong
     if not isinstance(response, dict):
         raise ResponseError(f"reply is not a JSON object: {str(response)[:200]!r}", raw=response)
     choices = response.get("choices") or []
@@ -137,6 +140,32 @@ async def _close_at_loop_shutdown(sdk: Any) -> Any:
 
 async def _first_step(agen: Any) -> None:
     await agen.__anext__()  # the loop's first-iteration hook registers it for shutdown
+
+
+def _dump(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+def _from_sdk_object(response: Any) -> tuple[dict, dict] | None:
+    """:func:`extract_message` for an SDK ChatCompletion, reading only the fields it needs
+    (dumping the whole object costs more, on every call); None if the shape is unusual."""
+    choices = getattr(response, "choices", None)
+    raw = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
+    if raw is None or not hasattr(raw, "model_dump"):
+        return None
+    message = {"role": getattr(raw, "role", None) or "assistant", "content": getattr(raw, "content", None)}
+    for key in ("refusal", "tool_calls", "function_call"):
+        value = getattr(raw, key, None)
+        if value:
+            message[key] = _dump(value)
+    if message["content"] is None and len(message) == 2:
+        raise ResponseError("reply message has no content", raw=response.model_dump())
+    usage = getattr(response, "usage", None)
+    return message, (dict(_dump(usage)) if usage is not None else {})
 
 
 class OpenAIClient(Client):

@@ -1,0 +1,152 @@
+"""Benchmark: what tinyllm adds to one chat request, next to the raw openai SDK.
+
+Run from a checkout: ``python bench/overhead.py`` (``--rounds 500`` for a quicker run).
+Prints a Markdown table. Nothing here is asserted; numbers depend on the machine.
+
+The same chat request (a system and a user message, model gpt-4o-mini) goes,
+sequentially, to the loopback server of ``tests/fakeserver.py`` (no latency, a
+fixed two-word answer) through
+
+- ``openai`` raw: ``openai.OpenAI(base_url=..., api_key=..., max_retries=0).chat.completions.create``;
+- ``client().send_message``: tinyllm's pipeline (config, parameters, token count,
+  context-window check, queue slot, retry loop, usage), cache off;
+- ``LLMCall.call``: the above plus finding and rendering the prompt templates.
+
+Each round runs the three once, in a rotating order (so drift and noise hit all of
+them alike), for ``--rounds`` rounds after ``--warmup`` rounds. The table shows
+the median and the 10th/90th percentiles of one call in µs, and the median's
+overhead over the raw SDK in % and µs. ``--server process`` runs the server in a
+child process (default: in this process, as the tests do).
+
+A second table shows tinyllm's own CPU time per call with the network taken out:
+the SDK's ``create`` is replaced by a function that returns a ready ChatCompletion,
+and each path runs ``--stub-calls`` times in a tight loop (best of 5). It is much
+steadier than the first table on a busy machine, but lower: in the real run the
+code runs with caches cooled by the SDK and the socket calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+if importlib.util.find_spec("tinyllm") is None:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+from throughput import start_server, write_prompt  # noqa: E402  (the loopback server helpers)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2000, help="measured rounds (default 2000)")
+    parser.add_argument("--warmup", type=int, default=200, help="rounds before measuring (default 200)")
+    parser.add_argument("--server", choices=("inproc", "process"), default="inproc",
+                        help="run the fake server in this process (default) or in a child process")
+    parser.add_argument("--stub-calls", type=int, default=5000, help="calls per path in the no-network table (0: skip)")
+    args = parser.parse_args()
+
+    import openai
+
+    import tinyllm
+    from tinyllm import LLMCall, client, configure, force_api_cache
+
+    server = start_server(args.server, latency=0.0, reply="ok then")
+    workdir = tempfile.mkdtemp(prefix="tinyllm-bench-")
+    os.chdir(workdir)  # no stray config.ini / .env
+    write_prompt(os.path.join(workdir, "prompts"))
+    force_api_cache(False)
+    configure(api_type="openai", base_url=server.base_url)
+
+    call = LLMCall("bench.system.md")
+    messages = call.render(n=1)
+    model = tinyllm.get_config().model
+    raw = openai.OpenAI(base_url=server.base_url, api_key="no-key", max_retries=0)
+    sender = client()
+
+    def run_raw() -> str:
+        return raw.chat.completions.create(model=model, messages=messages).choices[0].message.content
+
+    def run_send() -> str:
+        return sender.send_message(messages)["content"]
+
+    def run_call() -> str:
+        return call.call(n=1)
+
+    variants = [("openai SDK, raw", run_raw), ("tinyllm client().send_message", run_send), ("tinyllm LLMCall.call", run_call)]
+    for _, fn in variants:
+        assert fn() == "ok then"
+    samples: dict[str, list[float]] = {name: [] for name, _ in variants}
+    clock = time.perf_counter_ns
+    gc.collect()
+    for r in range(args.warmup + args.rounds):
+        k = r % len(variants)
+        for name, fn in variants[k:] + variants[:k]:
+            t = clock()
+            fn()
+            elapsed = clock() - t
+            if r >= args.warmup:
+                samples[name].append(elapsed / 1000)
+    stub_rows = stub_costs(sender, call, messages, model, args.stub_calls) if args.stub_calls else []
+    server.stop()
+
+    base = statistics.median(samples[variants[0][0]])
+    print(f"### Overhead per call: {args.rounds} rounds (after {args.warmup} warm-up), server in {server.where}\n")
+    print(f"Python {platform.python_version()}, openai {openai.__version__}, tinyllm {tinyllm.__version__}, "
+          f"{os.cpu_count()} CPUs, {platform.system()}\n")
+    print("| path | median (µs) | p10 (µs) | p90 (µs) | overhead vs raw SDK |")
+    print("|---|---:|---:|---:|---:|")
+    for name, _ in variants:
+        values = samples[name]
+        med = statistics.median(values)
+        over = "—" if name == variants[0][0] else f"{(med / base - 1) * 100:+.1f}% ({med - base:+.0f} µs)"
+        print(f"| {name} | {med:.0f} | {percentile(values, 0.1):.0f} | {percentile(values, 0.9):.0f} | {over} |")
+    if stub_rows:
+        print(f"\n#### tinyllm's own time per call, network taken out (best of 5 × {args.stub_calls} calls)\n")
+        print("| path | µs per call |")
+        print("|---|---:|")
+        for name, us in stub_rows:
+            print(f"| {name} | {us:.1f} |")
+
+
+def stub_costs(sender, call, messages: list[dict], model: str, calls: int) -> list[tuple[str, float]]:
+    """Per-call µs of each path with the SDK's ``create`` returning a canned ChatCompletion."""
+    import functools
+    import timeit
+
+    from tinyllm import get_config
+
+    completions = sender.sdk(get_config()).chat.completions
+    real_create = completions.create
+    canned = real_create(model=model, messages=messages)
+
+    @functools.wraps(real_create)  # the same signature: tinyllm inspects it
+    def create(**kwargs):
+        return canned
+
+    completions.create = create
+    try:
+        paths = [("SDK `create` (stubbed)", lambda: completions.create(model=model, messages=messages)),
+                 ("tinyllm client().send_message", lambda: sender.send_message(messages)),
+                 ("tinyllm LLMCall.call", lambda: call.call(n=1))]
+        return [(name, min(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1e6) for name, fn in paths]
+    finally:
+        del completions.create  # back to the class's method
+
+
+if __name__ == "__main__":
+    main()
