@@ -570,3 +570,83 @@ def test_async_uses_the_cache(cached_api):
     assert send()["content"] == "echo: hello"
     assert chat_count(api) == 1
     assert tinyllm.usage_stats()["cached_calls"] == 2
+
+
+# -- regressions from review ----------------------------------------------------------------
+
+
+def test_unparseable_reply_is_not_cached_so_a_rerun_asks_again(api, tmp_path):
+    tinyllm.configure(cache_api_calls=True, cache_file_name=str(tmp_path / "c.pickle"))
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "label.system.md").write_text("---\noutput_type: [positive, negative]\n---\nLabel: {{ text }}")
+    call = tinyllm.LLMCall("label.system.md")
+    api.enqueue(Reply("I am not sure"))
+    with pytest.raises(tinyllm.OutputParseError):
+        call.call(text="x")
+    api.enqueue(Reply("Positive."))
+    assert call.call(text="x") == "positive"  # sent again, not the bad reply from the cache
+    assert chat_count(api) == 2
+    assert call.call(text="x") == "positive"  # the good one was cached
+    assert chat_count(api) == 2
+
+
+def test_cache_file_that_cannot_be_opened_is_a_config_error(api, tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    tinyllm.configure(cache_api_calls=True, cache_file_name=str(tmp_path / "afile" / "c.pickle"))
+    with pytest.raises(tinyllm.ConfigError, match="cache file"):
+        send()
+    assert chat_count(api) == 0
+
+
+def test_failed_cache_write_still_returns_the_paid_reply(api, tmp_path, monkeypatch, caplog):
+    from tinyllm.cache import PickleCache
+
+    tinyllm.configure(cache_api_calls=True, cache_file_name=str(tmp_path / "c.pickle"))
+
+    def disk_full(self, key, value):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PickleCache, "set", disk_full)
+    with caplog.at_level(logging.WARNING, logger="tinyllm"):
+        message = send()
+    assert message["content"].startswith("echo:")
+    assert chat_count(api) == 1
+    assert any("No space left" in r.getMessage() for r in caplog.records)
+
+
+def test_timeout_given_per_call_wins_over_config(api):
+    from fakeserver import Delay
+
+    tinyllm.configure(max_attempts=1, timeout=60)
+    api.enqueue(Delay(3))
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError, match="0.3 s"):
+        send(timeout=0.3)
+    assert time.monotonic() - started < 2.5
+
+
+def test_request_that_cannot_be_encoded_is_a_bad_request_and_never_sent(api):
+    with pytest.raises(BadRequestError, match="cannot send"):
+        send(temperature=object())
+    assert chat_count(api) == 0 and tinyllm.usage_stats()["retries"] == 0
+
+
+def test_model_must_be_a_string(api):
+    with pytest.raises(BadRequestError, match="model"):
+        send(model=123)
+    assert chat_count(api) == 0
+
+
+def test_endpoints_are_not_redacted_from_errors(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    tinyllm.configure(api_type="openai", max_attempts=1)
+    with pytest.raises(APIConnectionError) as err:
+        send()
+    assert "http://127.0.0.1:9/v1" in str(err.value)
+
+
+def test_embeddings_accept_any_iterable(api):
+    vectors = tinyllm.client().get_embeddings(t for t in ["a", "b"])
+    assert len(vectors) == 2 and vectors[0] != vectors[1]
+    with pytest.raises(BadRequestError):
+        tinyllm.client().get_embeddings(None)

@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable, Iterable
 
 from . import usage
+from .clients import Client
 from .clients import client as get_client
 from .config import get_config
 from .errors import OutputParseError, ResponseError
@@ -76,6 +77,23 @@ def _output_turns(conversation: list[dict], output_type: Any, retries: int):
     raise AssertionError("unreachable")
 
 
+def _fits(output_type: Any) -> Callable[[dict], bool]:
+    """Whether a reply is usable as ``output_type``: the cache keeps only such replies."""
+
+    def fits(message: dict) -> bool:
+        try:
+            parse_output(content_of(message), output_type)
+        except (OutputParseError, ResponseError):
+            return False
+        return True
+
+    return fits
+
+
+def _accept(sender: Any, output_type: Any) -> dict:
+    return {"accept": _fits(output_type)} if isinstance(sender, Client) else {}  # a plain registered client may not take it
+
+
 def send_for_output(sender: Any, messages: list[dict], params: dict, output_type: Any, retries: int,
                     on_reply: Callable[[dict], None] = lambda message: None) -> tuple[Any, dict]:
     """Send ``messages`` through ``sender.send_message`` until a reply fits ``output_type``.
@@ -91,8 +109,9 @@ def send_for_output(sender: Any, messages: list[dict], params: dict, output_type
     """
     turns = _output_turns(list(messages), output_type, retries)
     conversation = next(turns)
+    accept = _accept(sender, output_type)
     while True:
-        message = sender.send_message(conversation, **params)
+        message = sender.send_message(conversation, **accept, **params)
         on_reply(message)
         try:
             conversation = turns.send(message)
@@ -105,9 +124,10 @@ async def asend_for_output(sender: Any, messages: list[dict], params: dict, outp
     """The asyncio twin of :func:`send_for_output` (``asend_message``, or ``send_message`` in a thread)."""
     turns = _output_turns(list(messages), output_type, retries)
     conversation = next(turns)
+    accept = _accept(sender, output_type)
     while True:
         if hasattr(sender, "asend_message"):
-            message = await sender.asend_message(conversation, **params)
+            message = await sender.asend_message(conversation, **accept, **params)
         else:
             message = await asyncio.to_thread(sender.send_message, conversation, **params)
         on_reply(message)

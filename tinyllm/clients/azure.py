@@ -59,7 +59,7 @@ class AzureClient(OpenAIClient):
         return cfg.secret("AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY") or ""
 
     def _sdk_key(self, cfg: Config) -> tuple:
-        return (self.where(cfg), self._api_key(cfg), self.api_version(cfg), cfg.timeout)
+        return (self.where(cfg), self._api_key(cfg), self.api_version(cfg))
 
     def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
         import openai

@@ -22,12 +22,13 @@ import asyncio
 import contextvars
 import time
 from dataclasses import dataclass, field
-from typing import Any
+import logging
+from typing import Any, Callable
 
 from .. import cache as cache_mod
 from .. import models, retry, tokens, usage
 from ..config import Config, get_config
-from ..errors import BadRequestError, ResponseError
+from ..errors import BadRequestError, ConfigError, ResponseError
 from ..limits import RequestQueue
 
 __all__ = ["Client", "CallInfo", "last_call_info"]
@@ -40,6 +41,7 @@ CONFIG_PARAMS = {
     "frequency_penalty": "FREQ_PENALTY",
     "presence_penalty": "PRESENCE_PENALTY",
 }
+log = logging.getLogger("tinyllm")
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
 
 
@@ -77,6 +79,7 @@ class _Request:
     key: str | None
     cache: Any
     started: float
+    accept: Callable[[dict], bool] | None = None
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -156,9 +159,11 @@ class Client:
         out.update(params)
         out = {k: v for k, v in out.items() if v is not None}
         out.setdefault("model", self.default_model(cfg))  # model=None means the default, not "no model"
+        if not isinstance(out["model"], str) or not out["model"]:
+            raise BadRequestError(f"model must be a non-empty str, got {out['model']!r}")
         return models.adapt_params(out["model"], out, reasoning_effort=cfg.reasoning_effort)
 
-    def _prepare(self, messages: Any, params: dict) -> _Request:
+    def _prepare(self, messages: Any, params: dict, accept: Callable[[dict], bool] | None) -> _Request:
         started = time.perf_counter()
         cfg = get_config()
         messages = validate_messages(messages)
@@ -168,16 +173,16 @@ class Client:
         max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
         window = self.context_window(model)
         tokens.check_context_window(prompt_tokens, max_tokens, model, context_window=window)
-        cache = cache_mod.active_cache(cfg)
+        cache = _open_cache(cfg)
         key = cache_mod.cache_key(self.endpoint(cfg, model), model, messages, params) if cache is not None else None
         cost = prompt_tokens + (max_tokens or 0)
-        return _Request(cfg, messages, params, model, prompt_tokens, cost, key, cache, started)
+        return _Request(cfg, messages, params, model, prompt_tokens, cost, key, cache, started, accept)
 
     def _lookup(self, req: _Request) -> dict | None:
         if req.cache is None:
             return None
         hit = req.cache.get(req.key)
-        if hit is None:
+        if hit is None or (req.accept is not None and not req.accept(hit["message"])):
             return None
         usage.record(calls=1, cached_calls=1)
         _last_call.set(CallInfo(req.model, dict(hit.get("usage") or {}), True, time.perf_counter() - req.started, req.prompt_tokens))
@@ -188,18 +193,23 @@ class Client:
             raise ResponseError("the client returned no message dict", raw=message)
         counts = {k: int(reply_usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         usage.record(calls=1, **counts)
-        if req.cache is not None:
-            req.cache.set(req.key, {"message": message, "usage": reply_usage})
+        if req.cache is not None and (req.accept is None or req.accept(message)):
+            _store(req.cache, req.key, {"message": message, "usage": reply_usage})
         _last_call.set(CallInfo(req.model, dict(reply_usage), False, time.perf_counter() - req.started, req.prompt_tokens))
         return message
 
-    def send_message(self, messages: list[dict], **params: Any) -> dict:
+    def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
         """Send chat ``messages`` and return the reply's message dict.
 
         Args:
             messages: ``[{"role": "system"|"user"|"assistant"|..., "content": str}, ...]``.
-            **params: API parameters (``model``, ``temperature``, ``max_tokens``, ...);
-                they override the configured defaults; None means "not set".
+            accept: with the cache on, a reply for which ``accept(message)`` is
+                False is returned but not stored, and such a stored reply is not
+                served (LLMCall passes "fits output_type", so a reply that failed
+                to parse is asked for again on a rerun).
+            **params: API parameters (``model``, ``temperature``, ``max_tokens``,
+                ``timeout`` in seconds, ...); they override the configured
+                defaults; None means "not set".
 
         Returns:
             dict with at least ``role`` and ``content`` (``tool_calls`` and
@@ -212,7 +222,7 @@ class Client:
             RateLimitError, ServerError, APIConnectionError, APITimeoutError,
             ResponseError: after the retries the policy allows.
         """
-        req = self._prepare(messages, params)
+        req = self._prepare(messages, params, accept)
         hit = self._lookup(req)
         if hit is not None:
             return hit
@@ -221,9 +231,9 @@ class Client:
             message, reply_usage = retry.call(lambda: self._chat(req.messages, dict(req.params), req.cfg), policy)
         return self._finish(req, message, reply_usage)
 
-    async def asend_message(self, messages: list[dict], **params: Any) -> dict:
+    async def asend_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
         """The asyncio twin of :meth:`send_message`: same cache, queue, retries and errors."""
-        req = self._prepare(messages, params)
+        req = self._prepare(messages, params, accept)
         hit = self._lookup(req)
         if hit is not None:
             return hit
@@ -246,14 +256,19 @@ class Client:
         Raises:
             BadRequestError: ``texts`` is not a list of strings; the errors of send_message otherwise.
         """
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        if isinstance(texts, str):
+            raise BadRequestError("texts must be a list of strings; use get_embedding() for one text")
+        try:
+            texts = list(texts)  # a generator is read once, here
+        except TypeError:
+            raise BadRequestError(f"texts must be a list of strings, got {type(texts).__name__}") from None
+        if not all(isinstance(t, str) for t in texts):
             raise BadRequestError("texts must be a list of strings")
-        texts = list(texts)
         if not texts:
             return []
         cfg = get_config()
         model = model or self.default_embedding_model(cfg)
-        cache = cache_mod.active_cache(cfg)
+        cache = _open_cache(cfg)
         endpoint = self.embedding_endpoint(cfg, model)
         keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
         out: list[list[float] | None] = [cache.get(k) if cache is not None else None for k in keys] or [None] * len(texts)
@@ -271,9 +286,25 @@ class Client:
             for i, vector in zip(missing, vectors):
                 out[i] = vector
                 if cache is not None:
-                    cache.set(keys[i], vector)
+                    _store(cache, keys[i], vector)
         return out  # type: ignore[return-value]
 
     def get_embedding(self, text: str, model: str | None = None) -> list[float]:
         """Embed one ``text``; returns ``list[float]``. Errors as :meth:`get_embeddings`."""
         return self.get_embeddings([text], model)[0]
+
+
+def _open_cache(cfg: Config) -> Any:
+    """The active cache, with a file that cannot be opened reported as a ConfigError."""
+    try:
+        return cache_mod.active_cache(cfg)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the cache file: {exc}; fix CACHE_FILE_NAME or set CACHE_API_CALLS=false") from exc
+
+
+def _store(cache: Any, key: str, value: Any) -> None:
+    """Store a paid-for reply; a failed write (disk full, ...) is logged and the reply still returned."""
+    try:
+        cache.set(key, value)
+    except OSError as exc:
+        log.warning("could not write the reply to the cache (%s); it is returned but not cached", exc)

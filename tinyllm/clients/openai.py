@@ -15,6 +15,7 @@ import re
 import threading
 from typing import Any
 
+from ..config import _MASKED as API_KEY_NAMES
 from ..config import Config
 from ..errors import (
     APIConnectionError,
@@ -95,8 +96,10 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
             return ContextWindowExceededError(message, **kwargs)
         cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 or code in (408, 409) else BadRequestError)
         return cls(message, **kwargs)
-    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, TypeError, AttributeError)):
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError)):
         return ResponseError(redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+    if isinstance(exc, (TypeError, ValueError)):  # raised while building or encoding the request: nothing was sent
+        return BadRequestError(redact(f"cannot send this request: {type(exc).__name__}: {exc}", secrets))
     if isinstance(exc, openai.OpenAIError):
         return APIError(redact(str(exc), secrets))
     return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
@@ -208,9 +211,9 @@ class OpenAIClient(Client):
         """The server's address, for error messages."""
         return self.base_url(cfg) or "https://api.openai.com/v1"
 
-    def _error(self, exc: BaseException, cfg: Config) -> TinyLLMError:
-        secrets = tuple(v for v in cfg.secrets.values() if v)
-        return map_error(exc, secrets=secrets, timeout=cfg.timeout, where=self.where(cfg))
+    def _error(self, exc: BaseException, cfg: Config, timeout: float | None = None) -> TinyLLMError:
+        keys = tuple(filter(None, (cfg.secret(name) for name in API_KEY_NAMES)))  # endpoints stay readable
+        return map_error(exc, secrets=keys, timeout=timeout or cfg.timeout, where=self.where(cfg))
 
     def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
         import openai
@@ -219,10 +222,10 @@ class OpenAIClient(Client):
         return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout)
 
     def _sdk_key(self, cfg: Config) -> tuple:
-        return (self.base_url(cfg), self._api_key(cfg), cfg.timeout)
+        return (self.base_url(cfg), self._api_key(cfg))
 
     def sdk(self, cfg: Config, is_async: bool = False) -> Any:
-        """The SDK client for these settings (memoized; rebuilt when key, URL or timeout change).
+        """The SDK client for these settings (memoized per key and URL; the timeout goes with each request).
 
         An async SDK client is kept per event loop: its connection pool belongs to
         the loop that opened it, so a second ``asyncio.run`` must not reuse it. It
@@ -254,23 +257,23 @@ class OpenAIClient(Client):
         return params
 
     def _request_args(self, messages: list[dict], params: dict, cfg: Config, sdk: Any) -> dict:
-        return self._split_params({**params, "messages": messages, "timeout": cfg.timeout}, sdk.chat.completions.create)
+        return self._split_params({"timeout": cfg.timeout, **params, "messages": messages}, sdk.chat.completions.create)
 
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         sdk = self.sdk(cfg)
         try:
             response = sdk.chat.completions.create(**self._request_args(messages, params, cfg, sdk))
-            return extract_message(response)
         except Exception as exc:
-            raise self._error(exc, cfg) from exc
+            raise self._error(exc, cfg, params.get("timeout")) from exc
+        return extract_message(response)
 
     async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         sdk = self.sdk(cfg, is_async=True)
         try:
             response = await sdk.chat.completions.create(**self._request_args(messages, params, cfg, sdk))
-            return extract_message(response)
         except Exception as exc:
-            raise self._error(exc, cfg) from exc
+            raise self._error(exc, cfg, params.get("timeout")) from exc
+        return extract_message(response)
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
         sdk = self.sdk(cfg)
