@@ -92,6 +92,24 @@ def test_template_chat_renders_system_once_and_user_each_turn(wired, tmp_path):
     assert chat.variables == {"text": "Good night", "language": "French", "example": "Example"}
 
 
+def test_chat_sends_the_user_files_few_shot_messages_like_llmcall(wired, tmp_path):
+    d = tmp_path / "prompts"
+    write(d / "t.system.md", "You translate.")
+    write(d / "t.user.md", "---\nmessages:\n  - user: 'Hello'\n  - assistant: 'Bonjour'\n---\n{{ text }}")
+    LLMCall("t.system.md").call(text="Good night")
+    chat = LLMChat("t.system.md")
+    chat.say(text="Good night")
+    chat.say("And good morning")  # the few-shot messages open the conversation once
+    call, first, second = wired.chat_requests()
+    assert first.messages == call.messages == [
+        {"role": "system", "content": "You translate."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Bonjour"},
+        {"role": "user", "content": "Good night"},
+    ]
+    assert roles(second.messages) == ["system", "user", "assistant", "user", "assistant", "user"]
+
+
 def test_text_replaces_the_user_template(wired, tmp_path):
     write(tmp_path / "prompts" / "t.system.md", "You speak {{ language }}.")
     write(tmp_path / "prompts" / "t.user.md", "Text: {{ text }}")

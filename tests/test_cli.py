@@ -355,6 +355,20 @@ def test_map_row_numbers_errors_and_retry(fake_env, tmp_path):
     assert read_jsonl(tmp_path / "out.jsonl") == [{"id": i, "content": f"done Say t{i}"} for i in range(10)]
 
 
+def test_map_a_row_above_tokens_per_minute_fails_alone(fake_env, rows_prompt, tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLM_TOKENS_PER_MINUTE", "200")
+    rows = [{"id": 1, "text": "short"}, {"id": 2, "text": "long " * 300}, {"id": 3, "text": "short too"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = run("map", "row", "-i", "in.jsonl", "-o", "out.jsonl", "--no-progress")
+    assert result.exit_code == 1, result.output  # a row failed; not 2, a global error aborting the run
+    assert "1 of 3 rows failed (BadRequestError x1)" in result.stderr
+    lines = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["id"] for r in lines] == [1, 2, 3]
+    assert lines[0]["content"] == "done row 1: short" and lines[2]["content"] == "done row 3: short too"
+    assert lines[1]["error"]["type"] == "BadRequestError" and "TOKENS_PER_MINUTE is 200" in lines[1]["error"]["message"]
+    assert len(fake_env.chat_requests()) == 2  # the long row was never sent
+
+
 def test_map_resumes_after_a_torn_last_line(fake_env, tmp_path):
     """A run killed mid-write may leave half a line: the resumed run starts on a fresh line and redoes that row."""
     (tmp_path / "p.system.md").write_text("Say {{ text }}", encoding="utf-8")

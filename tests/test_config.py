@@ -60,7 +60,8 @@ def test_read_at_call_time_not_import(tmp_path):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("MAX_ATTEMPTS", "abc"), ("MAX_ATTEMPTS", "0"), ("TIMEOUT", "-1"), ("CACHE_API_CALLS", "maybe"), ("AZURE_DEPLOYMENTS", "nokey")],
+    [("MAX_ATTEMPTS", "abc"), ("MAX_ATTEMPTS", "0"), ("TIMEOUT", "-1"), ("TIMEOUT", "0"), ("CACHE_API_CALLS", "maybe"),
+     ("AZURE_DEPLOYMENTS", "nokey")],
 )
 def test_bad_value_names_key_and_source(monkeypatch, key, value):
     monkeypatch.setenv(f"TINYLLM_{key}", value)
@@ -81,6 +82,54 @@ def test_configure_rejects_unknown_and_bad():
     with pytest.raises(ConfigError, match="MAX_ATTEMPTS"):
         configure(max_attempts="x")
     assert get_config().max_attempts == 5  # nothing half-applied
+
+
+def test_timeout_must_be_positive():
+    with pytest.raises(ConfigError, match="TIMEOUT.*must be > 0"):
+        configure(timeout=0)
+    configure(timeout=0.5)
+    assert get_config().timeout == 0.5
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("max_attempts", [3]), ("cache_api_calls", []), ("temperature", {"a": 1}), ("model", b"gpt"),
+     ("max_attempts", Path("3")), ("prompts_dirs", [3]), ("prompts_dirs", {"a": "b"}), ("azure_deployments", {"m": 1})],
+)
+def test_configure_rejects_values_of_the_wrong_type(key, value):
+    with pytest.raises(ConfigError, match=key.upper()):
+        configure(**{key: value})
+    assert get_config().source(key) == "default"  # nothing applied
+
+
+def test_configure_accepts_paths_and_dicts(tmp_path):
+    configure(prompts_dirs=tmp_path / "p", local_model_path=tmp_path / "m.gguf", azure_deployments={"m": "d"})
+    cfg = get_config()
+    assert cfg.prompts_dirs == [str(tmp_path / "p")]
+    assert cfg.local_model_path == str(tmp_path / "m.gguf") and cfg.azure_deployments == {"m": "d"}
+    configure(prompts_dirs=("a", tmp_path / "b"))
+    assert get_config().prompts_dirs == ["a", str(tmp_path / "b")]
+
+
+def test_unreadable_dotenv_is_a_config_error(tmp_path):
+    (tmp_path / ".env").write_bytes(b"TINYLLM_MODEL=caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"cannot read .*\.env"):
+        get_config()
+    (tmp_path / ".env").write_text("TINYLLM_MODEL=cafe\n", encoding="utf-8")
+    future = time.time() + 5
+    os.utime(tmp_path / ".env", (future, future))
+    assert get_config().model == "cafe"
+
+
+def test_snapshot_is_reused_until_dotenv_changes(tmp_path):
+    (tmp_path / ".env").write_text("TINYLLM_MODEL=one\nOPENAI_API_KEY=sk-one\n", encoding="utf-8")
+    cfg = get_config()
+    assert get_config() is cfg and (cfg.model, cfg.secret("OPENAI_API_KEY")) == ("one", "sk-one")
+    (tmp_path / ".env").write_text("TINYLLM_MODEL=two\nOPENAI_API_KEY=sk-two\n", encoding="utf-8")
+    future = time.time() + 5
+    os.utime(tmp_path / ".env", (future, future))
+    cfg = get_config()  # settings and secrets come from the same reading of the file
+    assert (cfg.model, cfg.secret("OPENAI_API_KEY")) == ("two", "sk-two")
 
 
 def test_typed_and_structured_values(tmp_path):

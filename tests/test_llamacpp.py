@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tinyllm
-from tinyllm import ConfigError, ContextWindowExceededError, configure, usage_stats
+from tinyllm import BadRequestError, ConfigError, ContextWindowExceededError, configure, usage_stats
 from tinyllm.clients.llamacpp import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +79,45 @@ def test_prompt_larger_than_context_is_refused_before_generation(local):
         local.send_message(huge, max_tokens=16)
     assert err.value.context_window == 8192 and err.value.prompt_tokens > 8192
     assert usage_stats()["calls"] == 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": "hot"},  # a TypeError inside llama.cpp
+        {"stop": 5},  # a TypeError inside llama.cpp
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},  # no "schema"
+        {"response_format": {"type": "json_schema", "json_schema": "x"}},
+    ],
+)
+def test_bad_parameters_are_bad_request_errors(local, params):
+    with pytest.raises(BadRequestError):
+        local.send_message(HELLO, max_tokens=3, **params)
+    assert local.send_message(HELLO, max_tokens=3, temperature=0)["content"]  # the model still works
+
+
+def test_embedding_an_empty_string_is_a_bad_request_error(local):
+    with pytest.raises(BadRequestError, match="empty"):
+        local.get_embeddings(["a cat", ""])
+    assert len(local.get_embeddings(["a cat"])[0]) > 100
+
+
+def test_chat_template_is_compiled_once_per_model(local, monkeypatch):
+    from llama_cpp import llama_chat_format
+
+    from tinyllm.clients import llamacpp
+
+    built = []
+
+    class Counting(llama_chat_format.Jinja2ChatFormatter):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llama_chat_format, "Jinja2ChatFormatter", Counting)
+    monkeypatch.setattr(llamacpp, "_formatters", {})
+    counts = {local.count_tokens(HELLO, "any") for _ in range(5)}
+    assert len(counts) == 1 and len(built) == 1
 
 
 def test_missing_model_file_is_a_config_error(tmp_path):

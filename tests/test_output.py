@@ -216,6 +216,20 @@ def test_response_format_for():
     assert "Item" in schema["$defs"]
 
 
+def test_response_format_for_a_model_is_built_once_and_returned_as_a_copy(monkeypatch):
+    class Ticket(BaseModel):
+        title: str
+
+    built = []
+    real = Ticket.model_json_schema.__func__
+    monkeypatch.setattr(Ticket, "model_json_schema", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
+    first = response_format_for(Ticket)
+    first["json_schema"]["schema"]["properties"].clear()  # a caller changing its dict changes no later one
+    second = response_format_for(Ticket)
+    assert second["json_schema"]["schema"]["properties"] == {"title": {"title": "Title", "type": "string"}}
+    assert second == response_format_for(Ticket) and len(built) == 1
+
+
 # --- LLMCall over the loopback server -------------------------------------------------------------------
 
 

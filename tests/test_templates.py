@@ -304,6 +304,19 @@ def test_multi_message_order(tmp_path):
     ]
 
 
+def test_render_without_the_user_body(tmp_path):
+    d = tmp_path / "prompts"
+    write(d / "u.system.md", "System {{ a }}.")
+    write(d / "u.user.md", "---\nmessages:\n  - user: 'shot {{ a }}'\n  - assistant: ok\n---\nBody {{ b }}")
+    expected = [{"role": "system", "content": "System 1."}, {"role": "user", "content": "shot 1"},
+                {"role": "assistant", "content": "ok"}]
+    p = load_prompt("u.system.md")
+    assert p.render({"a": 1}, include_user=False) == expected  # b, used only by the user body, not needed
+    assert p.render({"a": 1, "b": 2}) == [*expected, {"role": "user", "content": "Body 2"}]
+    write(d / "solo.system.md", "---\nmessages:\n  - user: hi\n---\nSolo.")  # no user file: nothing dropped
+    assert load_prompt("solo.system.md").render(include_user=False) == load_prompt("solo.system.md").render()
+
+
 def test_missing_variable_in_front_matter_message(tmp_path):
     write(tmp_path / "prompts" / "fm.system.md", "---\nmessages:\n  - user: '{{ shot }}'\n---\nsys")
     with pytest.raises(TemplateVariableError) as info:
@@ -395,6 +408,19 @@ def test_list_prompts_first_occurrence_wins(tmp_path):
     assert all(isinstance(p, Prompt) for p in got)
     assert [(p.name, p.description) for p in got] == [("x.system.md", "from a"), ("y.system.txt", "y")]
     assert got[1].user_path == (b / "y.user.txt").resolve()
+
+
+def test_list_prompts_collects_broken_templates_when_asked(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "prompts"
+    write(a / "bad.system.md", "{% if %}")
+    write(b / "bad.system.md", "fine")  # hidden by the broken file of the same name, which comes first
+    write(b / "good.system.md", "ok")
+    with pytest.raises(TemplateError, match="Jinja syntax error"):
+        list_prompts(a)
+    errors: list = []
+    assert [p.name for p in list_prompts(a, errors=errors)] == ["good.system.md"]
+    assert [(path, type(exc)) for path, exc in errors] == [(a / "bad.system.md", TemplateError)]
+    assert "bad.system.md" in str(errors[0][1])
 
 
 def test_render_string_errors():

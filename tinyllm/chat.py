@@ -116,12 +116,9 @@ class LLMChat:
         """The messages that open the conversation: system and few-shot messages."""
         if prompt is None:
             return [{"role": "system", "content": self.system}] if self.system is not None else []
-        if prompt.user_path is None:
-            return prompt.render(variables)
-        # Render without the user template (a turn may give text instead of its
-        # variables): pair the system file with itself and drop the last message.
-        alone = load_prompt(str(prompt.system_path), str(prompt.system_path), prompts_dir=self.prompts_dir)
-        return alone.render(variables)[:-1]
+        # Without the user body (a turn may give text instead of its variables); the
+        # few-shot messages of either file's front matter are kept.
+        return prompt.render(variables, include_user=False)
 
     def _user(self, prompt: Prompt | None, text: str | None, variables: dict) -> dict:
         if text is not None:

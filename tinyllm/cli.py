@@ -271,19 +271,14 @@ def prompts(ctx: click.Context, prompts_dirs: tuple[str, ...], as_json: bool) ->
     """
     if ctx.invoked_subcommand is not None:
         return
-    from .templates import load_prompt, search_path
+    from .templates import list_prompts, search_path
 
     dirs = _search_dirs(ctx)
-    found: dict[str, Any] = {}  # system file name -> Prompt, or the TemplateError it raised
-    for d in search_path(dirs):
-        for p in sorted(d.glob("*.system.*")) if d.is_dir() else []:
-            if p.name in found or p.name.startswith(".") or p.name.endswith("~") or not p.is_file():
-                continue
-            try:
-                found[p.name] = load_prompt(p.name, prompts_dir=[d, *dirs])
-            except TemplateError as exc:
-                found[p.name] = exc
-    broken = [exc for exc in found.values() if isinstance(exc, TemplateError)]
+    errors: list[tuple[Path, TemplateError]] = []
+    loaded = list_prompts(dirs, errors=errors)
+    # system file name -> Prompt, or the TemplateError it raised (broken ones listed last)
+    found: dict[str, Any] = {**{p.name: p for p in loaded}, **{path.name: exc for path, exc in errors}}
+    broken = [exc for _, exc in errors]
     if as_json:
         click.echo(_dumps([
             {"name": _short_name(p), "system": str(p.system_path), "user": str(p.user_path) if p.user_path else None,

@@ -1,8 +1,9 @@
 """Settings: built-in defaults < package config.ini < ./config.ini < .env < environment < configure().
 
 Settings are read at call time, never bound at import: :func:`get_config`
-returns a fresh :class:`Config` snapshot (files are re-read only when their
-modification time changes, so a call costs a few microseconds).
+returns a :class:`Config` snapshot, rebuilt (each file read once) only when a
+file's modification time, the environment, the working directory or the
+configure() overrides changed, so a call costs a few microseconds.
 
 ``config.ini`` uses the section ``[OpenAI]`` (TinyTroupe's layout). Each key
 ``KEY`` can be overridden by the environment variable ``TINYLLM_KEY`` (from the
@@ -74,6 +75,13 @@ def _nonneg(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -96,7 +104,7 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "FREQ_PENALTY": (float, None),
     "PRESENCE_PENALTY": (float, None),
     "REASONING_EFFORT": (_str, None),
-    "TIMEOUT": (_nonneg(float), 60.0),  # seconds per attempt
+    "TIMEOUT": (_positive_float, 60.0),  # seconds per attempt
     "MAX_ATTEMPTS": (_positive_int, 5),  # HTTP requests, including the first
     "WAITING_TIME": (_nonneg(float), 1.0),  # seconds, first backoff wait
     "EXPONENTIAL_BACKOFF_FACTOR": (_nonneg(float), 2.0),
@@ -127,7 +135,7 @@ SECRET_NAMES = (
     "AZURE_OPENAI_DEPLOYMENT",
     "AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT",
 )
-_MASKED = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")
+API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")  # masked wherever shown
 
 
 class Config:
@@ -165,7 +173,7 @@ class Config:
         """All settings and secrets as one dict; API keys masked unless asked otherwise."""
         out = dict(self._values)
         for name, value in self.secrets.items():
-            out[name] = mask(value) if (mask_secrets and name in _MASKED) else value
+            out[name] = mask(value) if (mask_secrets and name in API_KEY_NAMES) else value
         return out
 
     def secret(self, *names: str) -> str | None:
@@ -189,23 +197,7 @@ def mask(value: str | None) -> str:
 
 _lock = threading.Lock()
 _overrides: dict[str, Any] = {}
-_file_cache: dict[str, tuple[float, Any]] = {}
-
-
-def _read_cached(path: Path, reader: Callable[[Path], Any]) -> Any:
-    """Read ``path`` with ``reader``, re-reading only when its mtime changes."""
-    key = str(path)
-    try:
-        mtime = path.stat().st_mtime_ns
-    except OSError:
-        _file_cache.pop(key, None)
-        return None
-    hit = _file_cache.get(key)
-    if hit is not None and hit[0] == mtime:
-        return hit[1]
-    value = reader(path)
-    _file_cache[key] = (mtime, value)
-    return value
+_PACKAGE_INI = str(Path(__file__).with_name("config.ini"))
 
 
 def _read_ini(path: Path) -> dict[str, str]:
@@ -221,21 +213,24 @@ def _read_ini(path: Path) -> dict[str, str]:
 
 
 def _read_dotenv(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
     from dotenv import dotenv_values
 
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        return {k: v for k, v in dotenv_values(path, encoding="utf-8").items() if v is not None}
+    except (OSError, UnicodeDecodeError) as exc:
+        hint = "; save it as UTF-8" if isinstance(exc, UnicodeDecodeError) else ""
+        raise ConfigError(f"cannot read {path}: {exc}{hint}") from exc
 
 
-def _layers() -> list[tuple[str, dict[str, str]]]:
+def _layers(cwd: Path, dotenv: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
     """Raw (unparsed) settings per layer, lowest precedence first."""
     layers = []
-    package_ini = Path(__file__).with_name("config.ini")
-    local_ini = Path.cwd() / "config.ini"
-    for path in (package_ini, local_ini):
-        raw = _read_cached(path, _read_ini)
+    for path in (Path(_PACKAGE_INI), cwd / "config.ini"):
+        raw = _read_ini(path)
         if raw:
             layers.append((str(path), raw))
-    dotenv = _read_cached(Path.cwd() / ".env", _read_dotenv) or {}
     for name, env in ((".env", dotenv), ("environment", os.environ)):
         raw = {k[len(ENV_PREFIX):]: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
         if raw:
@@ -243,21 +238,41 @@ def _layers() -> list[tuple[str, dict[str, str]]]:
     return layers
 
 
+def _bad(key: str, raw: Any, source: str, why: str) -> ConfigError:
+    return ConfigError(f"bad value for {key} from {source}: {raw!r} ({why})")
+
+
 def _parse(key: str, raw: Any, source: str) -> Any:
-    parser, _ = KEYS[key]
-    if isinstance(raw, (bool, int, float)):
+    """The typed value of ``key`` from ``raw``: a string (parsed), a bool/int/float (parsed as its
+    str()), a path for a string-valued key or PROMPTS_DIRS (also a list of paths), a str->str dict
+    for AZURE_DEPLOYMENTS. Raises ConfigError naming the key and ``source`` for anything else."""
+    parser, default = KEYS[key]
+    if key == "PROMPTS_DIRS" and isinstance(raw, (list, tuple, os.PathLike)):
+        items = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+        if not all(isinstance(p, (str, os.PathLike)) and isinstance(os.fspath(p), str) for p in items):
+            raise _bad(key, raw, source, "expected a path or a list of paths")
+        return [os.fspath(p) for p in items]
+    if key == "AZURE_DEPLOYMENTS" and isinstance(raw, dict):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+            raise _bad(key, raw, source, "expected a dict of model name -> deployment name strings")
+        return dict(raw)
+    if isinstance(raw, os.PathLike) and parser is _str and isinstance(os.fspath(raw), str):
+        raw = os.fspath(raw)
+    elif isinstance(raw, (bool, int, float)):
         raw = str(raw)
-    if raw is None or not isinstance(raw, str):
-        return raw
+    if not isinstance(raw, str):
+        expected = {"PROMPTS_DIRS": "a string, a path or a list of paths",
+                    "AZURE_DEPLOYMENTS": "a string or a dict of str -> str"}.get(
+                        key, "a string or a path" if parser is _str else "a string or a number")
+        raise _bad(key, raw, source, f"expected {expected}, not {type(raw).__name__}")
     if raw.strip() == "":
-        return KEYS[key][1]
+        return default
     try:
         return parser(raw)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"bad value for {key} from {source}: {raw!r} ({exc})") from exc
+        raise _bad(key, raw, source, str(exc)) from exc
 
 
-_PACKAGE_INI = str(Path(__file__).with_name("config.ini"))
 # (inputs, Config) of the last build; inputs = (cwd, file mtimes, environment, overrides)
 _snapshot: tuple[tuple, Config] | None = None
 _cwd_files: dict[str, tuple[str, str]] = {}  # cwd -> (its config.ini, its .env)
@@ -306,7 +321,7 @@ def get_config() -> Config:
     with _lock:
         overrides = dict(_overrides)
     inputs = (cwd, _file_mtimes(cwd), dict(env), overrides)  # taken before building: a change meanwhile rebuilds next time
-    cfg = _build_config()
+    cfg = _build_config(Path(cwd), overrides)
     try:
         _snapshot = (copy.deepcopy(inputs), cfg)  # deep: an override list mutated later must not compare equal
     except Exception:  # an override value that cannot be copied: just do not memoize
@@ -314,21 +329,19 @@ def get_config() -> Config:
     return cfg
 
 
-def _build_config() -> Config:
+def _build_config(cwd: Path, overrides: dict[str, Any]) -> Config:
     values = {k: default for k, (_, default) in KEYS.items()}
     sources = {k: "default" for k in KEYS}
-    for source, raw in _layers():
+    dotenv = _read_dotenv(cwd / ".env")
+    for source, raw in _layers(cwd, dotenv):
         for key, text in raw.items():
             key = key.upper()
             if key in KEYS:
                 values[key] = _parse(key, text, source)
                 sources[key] = source
-    with _lock:
-        overrides = dict(_overrides)
     for key, value in overrides.items():
         values[key] = _parse(key, value, "configure()")
         sources[key] = "configure()"
-    dotenv = _read_cached(Path.cwd() / ".env", _read_dotenv) or {}
     secrets = {}
     for name in SECRET_NAMES:
         value = os.environ.get(name) or dotenv.get(name)
@@ -341,11 +354,12 @@ def configure(**overrides: Any) -> None:
     """Override settings for this process, above every other source.
 
     Keys are the config keys in lower case (``configure(max_attempts=3)``);
-    values may be typed (``3``) or strings (``"3"``). ``None`` removes an
-    override, so the lower layers apply again.
+    values may be typed (``3``) or strings (``"3"``); a path setting may be a
+    ``Path`` (``prompts_dirs`` also a list of them), ``azure_deployments`` a
+    ``dict``. ``None`` removes an override, so the lower layers apply again.
 
     Raises:
-        ConfigError: an unknown key, or a value that does not parse.
+        ConfigError: an unknown key, or a value that does not parse or is of another type.
     """
     for key, value in overrides.items():
         upper = key.upper()

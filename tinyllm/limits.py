@@ -24,7 +24,7 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator, Iterator
 
-from .errors import ConfigError, QueueFullError
+from .errors import BadRequestError, QueueFullError
 
 __all__ = ["RequestQueue"]
 
@@ -84,7 +84,7 @@ class RequestQueue:
             QueueFullError: QUEUE_SIZE requests are already waiting, or the wait
                 for a slot and the rate limits exceeds QUEUE_TIMEOUT seconds.
                 The request was not sent and never will be.
-            ConfigError: ``cost_tokens`` alone exceeds TOKENS_PER_MINUTE.
+            BadRequestError: ``cost_tokens`` alone exceeds TOKENS_PER_MINUTE (nothing is sent).
         """
         deadline, waiter = self._begin(cfg, cost_tokens, None)
         if waiter is not None:
@@ -134,9 +134,9 @@ class RequestQueue:
     def _begin(self, cfg: Any, cost: int, loop: Any) -> tuple[float | None, _Waiter | None]:
         """Check the cost; take a free slot (waiter None) or join the end of the line."""
         if cfg.tokens_per_minute and cost > cfg.tokens_per_minute:
-            raise ConfigError(
+            raise BadRequestError(  # this request's fault, not the settings': the next one may fit
                 f"the request needs {cost} tokens (prompt + max_tokens) but TOKENS_PER_MINUTE is "
-                f"{cfg.tokens_per_minute}; raise TOKENS_PER_MINUTE, lower max_tokens or shorten the prompt"
+                f"{cfg.tokens_per_minute}; lower max_tokens, shorten the input or raise TOKENS_PER_MINUTE"
             )
         deadline = time.monotonic() + cfg.queue_timeout if cfg.queue_timeout else None
         with self._lock:

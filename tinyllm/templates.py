@@ -202,8 +202,11 @@ class Prompt:
             raise TemplateError(f"{origin['output_retries']}: front matter 'output_retries' must be an integer >= 0, "
                                 f"not {r!r}")
 
-    def render(self, variables: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    def render(self, variables: dict[str, Any] | None = None, *, include_user: bool = True) -> list[dict[str, str]]:
         """Render to ``[{"role": ..., "content": ...}, ...]`` (see the module docstring for the order).
+
+        ``include_user=False`` renders every part but the user body (system and ``messages:``),
+        so the user template's variables need not be given.
 
         Raises:
             TemplateVariableError: a variable is missing (``.variable`` and ``.template`` say which, where).
@@ -212,8 +215,9 @@ class Prompt:
             TemplateError: any other rendering failure.
         """
         variables = dict(variables or {})
+        parts = self._parts if include_user or self.user_path is None else self._parts[:-1]  # the user body is last
         return [{"role": role, "content": static if static is not None else _render(t, variables, where, self._dirs).strip()}
-                for role, t, where, static in self._parts]
+                for role, t, where, static in parts]
 
     def __repr__(self) -> str:
         return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"
@@ -278,17 +282,26 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
     return prompt
 
 
-def list_prompts(prompts_dir: Dirs = None) -> list[Prompt]:
+def list_prompts(prompts_dir: Dirs = None, *, errors: list[tuple[Path, TemplateError]] | None = None) -> list[Prompt]:
     """Every ``*.system.*`` prompt on the search path (sorted per directory); the first file of a name wins.
 
-    Raises TemplateError when a listed prompt does not load (the message names the file).
+    Raises TemplateError when a listed prompt does not load (the message names the file), unless
+    ``errors`` (a list) is given: then ``(system file, TemplateError)`` is appended to it for each
+    prompt that does not load, and the others are returned.
     """
-    out: dict[str, Prompt] = {}
-    for d in search_path(prompts_dir):
+    out: dict[str, Prompt | None] = {}  # file name -> Prompt; None: broken (it still hides later files of that name)
+    dirs = search_path(prompts_dir)
+    for d in dirs:
         for p in sorted(d.glob("*.system.*")) if d.is_dir() else []:
             if p.name not in out and not p.name.startswith(".") and not p.name.endswith("~") and p.is_file():
-                out[p.name] = load_prompt(p.name, prompts_dir=[d, *search_path(prompts_dir)])
-    return list(out.values())
+                try:
+                    out[p.name] = load_prompt(p.name, prompts_dir=[d, *dirs])
+                except TemplateError as exc:
+                    if errors is None:
+                        raise
+                    errors.append((p, exc))
+                    out[p.name] = None
+    return [p for p in out.values() if p is not None]
 
 
 @functools.lru_cache(maxsize=256)

@@ -10,6 +10,7 @@ thread-safe). Token counts use the model's own tokenizer and chat template.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -32,6 +33,7 @@ DEFAULT_PARAMS = {"max_tokens": 512, "repeat_penalty": 1.1}
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _models: dict[tuple[str, bool], Any] = {}
 _locks: dict[tuple[str, bool], threading.Lock] = {}
+_formatters: dict[int, Any] = {}  # id(model) -> its prompt formatter (compiling the chat template costs ~1 ms)
 _load_lock = threading.Lock()
 
 
@@ -70,6 +72,7 @@ def _close_all() -> None:
         for llm in _models.values():
             llm.close()
         _models.clear()
+        _formatters.clear()
 
 
 def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
@@ -125,14 +128,10 @@ class LlamaCppClient(Client):
 
     def count_tokens(self, messages: list[dict], model: str) -> int:
         """Tokens of the prompt exactly as the model sees it: its chat template, its tokenizer."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         llm, lock = self.model(_cfg())
-        template = llm.metadata.get("tokenizer.chat_template")
-        if template:
-            eos = llm.detokenize([llm.token_eos()]).decode("utf-8", "replace")
-            bos = llm.detokenize([llm.token_bos()]).decode("utf-8", "replace")
-            text = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages).prompt
+        formatter = _formatter(llm)
+        if formatter is not None:
+            text = formatter(messages=messages).prompt
         else:
             text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         with lock:
@@ -149,24 +148,54 @@ class LlamaCppClient(Client):
         kwargs = {k: v for k, v in params.items() if k in self._accepts}
         fmt = kwargs.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # OpenAI's form -> llama.cpp's JSON grammar
-            kwargs["response_format"] = {"type": "json_object", "schema": fmt["json_schema"]["schema"]}
-        try:
-            with lock:
-                response = llm.create_chat_completion(messages=messages, **kwargs)
-        except ValueError as exc:
-            if "context" in str(exc).lower():
-                raise ContextWindowExceededError(f"the local model's context window is too small: {exc}") from exc
-            raise BadRequestError(f"llama.cpp refused the request: {exc}") from exc
-        except RuntimeError as exc:
-            raise ResponseError(f"llama.cpp failed: {exc}") from exc
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise BadRequestError("response_format of type 'json_schema' needs a 'json_schema': {'schema': {...}} object")
+            kwargs["response_format"] = {"type": "json_object", "schema": schema}
+        with _mapped_errors(), lock:
+            response = llm.create_chat_completion(messages=messages, **kwargs)
         message, usage = extract_message(response)
         return message, usage
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
+        if not all(texts):  # llama.cpp fails on zero tokens and corrupts its batch memory (a crash at exit)
+            raise BadRequestError("cannot embed an empty string")
         llm, lock = self.model(cfg, embedding=True)
-        with lock:
+        with _mapped_errors(), lock:
             vectors, count = llm.embed(texts, return_count=True)
         return [list(map(float, v)) for v in vectors], {"prompt_tokens": count, "total_tokens": count}
+
+
+@contextlib.contextmanager
+def _mapped_errors():
+    """llama.cpp's exceptions as tinyllm errors: bad arguments (ValueError, TypeError, KeyError) are the request's fault."""
+    try:
+        yield
+    except ValueError as exc:
+        if "context" in str(exc).lower():
+            raise ContextWindowExceededError(f"the local model's context window is too small: {exc}") from exc
+        raise BadRequestError(f"llama.cpp refused the request: {exc}") from exc
+    except (TypeError, KeyError) as exc:
+        raise BadRequestError(f"llama.cpp refused the request: {type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:
+        raise ResponseError(f"llama.cpp failed: {exc}") from exc
+
+
+def _formatter(llm: Any) -> Any:
+    """The model's chat-template formatter (None without a template), built once per loaded model."""
+    key = id(llm)
+    if key not in _formatters:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        formatter = None
+        if template:
+            eos = llm.detokenize([llm.token_eos()]).decode("utf-8", "replace")
+            bos = llm.detokenize([llm.token_bos()]).decode("utf-8", "replace")
+            formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        _formatters[key] = formatter
+    return _formatters[key]
 
 
 def _cfg() -> Config:

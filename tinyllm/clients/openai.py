@@ -15,8 +15,7 @@ import re
 import threading
 from typing import Any
 
-from ..config import _MASKED as API_KEY_NAMES
-from ..config import Config
+from ..config import API_KEY_NAMES, Config
 from ..errors import (
     APIConnectionError,
     APIError,
