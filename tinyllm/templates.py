@@ -50,12 +50,17 @@ def search_path(prompts_dir: Dirs = None) -> list[Path]:
     ``prompts_dir`` (a path or a list of paths), then ``PROMPTS_DIRS``, then ``./prompts``.
     Raises ConfigError if ``PROMPTS_DIRS`` does not parse.
     """
+    return [Path(p) for p in _search_dirs(prompts_dir)]
+
+
+def _search_dirs(prompts_dir: Dirs) -> list[str]:
+    # Plain strings and os.path on the per-call path: pathlib costs several times more.
     given: list[Any] = [prompts_dir] if isinstance(prompts_dir, (str, os.PathLike)) else list(prompts_dir or [])
     out: dict[str, str] = {}  # normcase(path) -> path, in order
     for d in [*given, *get_config().prompts_dirs, "prompts"]:
         p = os.path.abspath(os.path.expanduser(os.fspath(d)))
         out.setdefault(os.path.normcase(p), p)
-    return [Path(p) for p in out.values()]
+    return list(out.values())
 
 
 def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
@@ -223,22 +228,23 @@ class Prompt:
         return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"
 
 
-def _find(name: str, dirs: list[Path]) -> Path | None:
-    for p in [*(d / name for d in dirs), Path(os.path.expanduser(name))]:
-        if p.is_file():
-            return p.resolve()
+def _find(name: str, dirs: list[str]) -> str | None:
+    for p in [*(os.path.join(d, name) for d in dirs), os.path.expanduser(name)]:
+        if os.path.isfile(p):
+            return os.path.abspath(p)
     return None
 
 
-def _sibling_user(path: Path) -> Path | None:
-    head, sep, ext = path.name.rpartition(".system.")
-    p = path.with_name(f"{head}.user.{ext}") if sep and head else None
-    return p if p is not None and p.is_file() else None
+def _sibling_user(path: str) -> str | None:
+    folder, base = os.path.split(path)
+    head, sep, ext = base.rpartition(".system.")
+    p = os.path.join(folder, f"{head}.user.{ext}") if sep and head else None
+    return p if p is not None and os.path.isfile(p) else None
 
 
-def _signature(path: Path | None) -> tuple[int, int] | None:
+def _signature(path: str | None) -> tuple[int, int] | None:
     try:
-        st = path.stat() if path is not None else None
+        st = os.stat(path) if path is not None else None
     except OSError as exc:
         raise TemplateError(f"{path}: cannot read the template file: {exc.strerror or exc}") from exc
     return (st.st_mtime_ns, st.st_size) if st else None
@@ -255,7 +261,7 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
         TemplateNotFoundError: a name is in no searched directory and is no file path.
         TemplateError: an unreadable or non-UTF-8 file, bad front matter, or a Jinja syntax error.
     """
-    dirs = search_path(prompts_dir)
+    dirs = _search_dirs(prompts_dir)
     name = os.fspath(system_template_name)
     system_path = _find(name, dirs)
     if system_path is None:
@@ -263,18 +269,19 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
     if user_template_name is None:
         user_path = _sibling_user(system_path)
     else:
-        user_path = _find(os.fspath(user_template_name), [*dirs, system_path.parent])
+        user_dirs = [*dirs, os.path.dirname(system_path)]
+        user_path = _find(os.fspath(user_template_name), user_dirs)
         if user_path is None:
-            raise TemplateNotFoundError(os.fspath(user_template_name), [*dirs, system_path.parent])
-    loader_dirs = [system_path.parent, *([user_path.parent] if user_path else []), *(d for d in dirs if d.is_dir())]
-    env_dirs = tuple(dict.fromkeys(str(d) for d in loader_dirs))
+            raise TemplateNotFoundError(os.fspath(user_template_name), user_dirs)
+    loader_dirs = [os.path.dirname(system_path), *([os.path.dirname(user_path)] if user_path else []), *filter(os.path.isdir, dirs)]
+    env_dirs = tuple(dict.fromkeys(loader_dirs))
     key = (name, system_path, user_path, env_dirs)
     sig = (_signature(system_path), _signature(user_path))
     with _lock:
         hit = _prompts.get(key)
     if hit is not None and hit[0] == sig:
         return hit[1]
-    prompt = Prompt(name, system_path, user_path, env_dirs)
+    prompt = Prompt(name, Path(system_path), Path(user_path) if user_path else None, env_dirs)
     with _lock:
         if len(_prompts) >= 1024:
             _prompts.clear()
