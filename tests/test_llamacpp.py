@@ -154,3 +154,18 @@ def test_main_job_summarizes_a_real_file():
     summary = result.stdout.strip()
     assert len(summary.split()) >= 5
     assert "SmolLM2" in result.stderr  # the footer names the model that answered
+
+
+@pytest.mark.parametrize(
+    "args,check",
+    [
+        (["translate.py", "Good morning.", "--to", "French"], lambda out: out.strip() != ""),
+        (["classify.py", "I love it.", "It broke."],
+         lambda out: [line.split("\t")[0] in ("positive", "negative", "neutral") for line in out.splitlines()] == [True, True]),
+        (["extract_facts.py", str(ROOT / "examples" / "data" / "gettysburg.txt")], lambda out: isinstance(__import__("json").loads(out)["facts"], list)),
+    ],
+)
+def test_examples_run_offline_on_the_embedded_model(args, check):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / args[0]), *args[1:]], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert check(result.stdout), result.stdout
