@@ -169,3 +169,21 @@ def test_examples_run_offline_on_the_embedded_model(args, check):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / args[0]), *args[1:]], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert check(result.stdout), result.stdout
+
+
+def test_a_cache_hit_does_not_load_the_model(tmp_path):
+    """A repeat answered from the cache in a new process never imports or loads llama.cpp."""
+    code = (
+        "import sys, tinyllm\n"
+        f"tinyllm.force_api_cache(True, {str(tmp_path / 'c.pickle')!r})\n"
+        "tinyllm.configure(api_type='llamacpp')\n"
+        "m = tinyllm.client().send_message([{'role': 'user', 'content': 'Say hi.'}], max_tokens=4, temperature=0)\n"
+        "print(tinyllm.last_call_info().cached, 'llama_cpp' in sys.modules, m['content'])\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.split(" ", 2)[:2] == ["False", "True"]
+    assert second.stdout.split(" ", 2)[:2] == ["True", "False"]
+    assert first.stdout.split(" ", 2)[2] == second.stdout.split(" ", 2)[2]

@@ -5,9 +5,9 @@
 1. resolve parameters: config (``MODEL``, ``MAX_TOKENS``, ``TEMPERATURE``, ...) <
    the ``params`` given; unset ones (None) are dropped, never sent;
 2. adapt them to the model family (``models.adapt_params``);
-3. count prompt tokens and refuse early when prompt + ``max_tokens`` cannot fit
-   the context window (:class:`ContextWindowExceededError`, nothing sent);
-4. cache lookup (key: sha256 of the endpoint identity, model, messages, params);
+3. cache lookup (key: sha256 of the endpoint identity, model, messages, params);
+4. on a miss, count prompt tokens and refuse early when prompt + ``max_tokens``
+   cannot fit the context window (:class:`ContextWindowExceededError`, nothing sent);
 5. take a request-queue slot and pass the rate limits;
 6. the retry loop (``retry.call``) around one raw API request (``_chat``);
 7. record usage, store the reply in the cache, return the message dict.
@@ -169,14 +169,18 @@ class Client:
         messages = validate_messages(messages)
         params = self.resolve_params(params, cfg)
         model = params["model"]
-        prompt_tokens = self.count_tokens(messages, model)
-        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
-        window = self.context_window(model)
-        tokens.check_context_window(prompt_tokens, max_tokens, model, context_window=window)
         cache = _open_cache(cfg)
         key = cache_mod.cache_key(self.endpoint(cfg, model), model, messages, params) if cache is not None else None
-        cost = prompt_tokens + (max_tokens or 0)
-        return _Request(cfg, messages, params, model, prompt_tokens, cost, key, cache, started, accept)
+        return _Request(cfg, messages, params, model, 0, 0, key, cache, started, accept)
+
+    def _measure(self, req: _Request) -> None:
+        """Count the prompt (after the cache missed: counting may load a local model) and refuse it
+        early when prompt + max_tokens cannot fit the context window."""
+        req.prompt_tokens = self.count_tokens(req.messages, req.model)
+        max_tokens = req.params.get("max_tokens", req.params.get("max_completion_tokens"))
+        window = self.context_window(req.model)
+        tokens.check_context_window(req.prompt_tokens, max_tokens, req.model, context_window=window)
+        req.cost = req.prompt_tokens + (max_tokens or 0)
 
     def _lookup(self, req: _Request) -> dict | None:
         if req.cache is None:
@@ -185,7 +189,8 @@ class Client:
         if hit is None or (req.accept is not None and not req.accept(hit["message"])):
             return None
         usage.record(calls=1, cached_calls=1)
-        _last_call.set(CallInfo(req.model, dict(hit.get("usage") or {}), True, time.perf_counter() - req.started, req.prompt_tokens))
+        hit_usage = dict(hit.get("usage") or {})
+        _last_call.set(CallInfo(req.model, hit_usage, True, time.perf_counter() - req.started, int(hit_usage.get("prompt_tokens") or 0)))
         return hit["message"]  # the cache hands out copies
 
     def _finish(self, req: _Request, message: dict, reply_usage: dict) -> dict:
@@ -226,6 +231,7 @@ class Client:
         hit = self._lookup(req)
         if hit is not None:
             return hit
+        self._measure(req)
         policy = retry.RetryPolicy.from_config(req.cfg)
         with self.queue.slot(req.cfg, req.cost):
             message, reply_usage = retry.call(lambda: self._chat(req.messages, dict(req.params), req.cfg), policy)
@@ -237,6 +243,7 @@ class Client:
         hit = self._lookup(req)
         if hit is not None:
             return hit
+        self._measure(req)
         policy = retry.RetryPolicy.from_config(req.cfg)
 
         async def attempt() -> tuple[dict, dict]:
