@@ -498,3 +498,29 @@ def test_call_smoke_with_the_embedded_model(tmp_path):
     data = json.loads(out.stdout)
     assert isinstance(data["content"], str) and data["content"].strip()
     assert 0 < data["usage"]["completion_tokens"] <= 8 and data["model"].startswith("SmolLM2")
+
+
+@pytest.mark.local
+def test_interrupting_map_on_the_embedded_model_waits_for_calls_in_flight(tmp_path):
+    """SIGINT while llama.cpp generates: exit 130 with finished rows kept, never a crash."""
+    from tinyllm.clients.llamacpp import default_model_path
+
+    if default_model_path() is None:
+        pytest.skip("the local extra is not installed")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "text": f"Tell a long story number {i}."}) + "\n" for i in range(20)))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TINYLLM_API_TYPE": "llamacpp"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyllm", "--prompts-dir", str(ROOT / "prompts"), "map", "summarize",
+         "-i", str(rows), "-o", str(out), "-c", "2", "--var", "max_words=300"],
+        stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == list(range(len(lines))) and all("content" in line for line in lines)

@@ -154,7 +154,7 @@ def _parse_vars(ctx: click.Context, param: click.Parameter, values: tuple[str, .
         elif value == "@-":
             if stdin_used:
                 raise click.BadParameter("only one --var may read standard input (@-)", ctx, param)
-            stdin_used = True
+            stdin_used = ctx.meta["tinyllm.var_reads_stdin"] = True
             value = _chomp(_read_text("-", "standard input"))
         elif value.startswith("@"):
             value = _chomp(_read_text(value[1:], f"the file for --var {key}"))
@@ -523,6 +523,8 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     from . import usage
     from .config import configure, get_config
 
+    if input_path == "-" and ctx.meta.get("tinyllm.var_reads_stdin"):
+        raise CLIError("--input - and --var KEY=@- both read standard input; give one of them a file")
     fmt = input_format or ("csv" if input_path.lower().endswith(".csv") else "jsonl")
     out_path = Path(output_path)
     if input_path != "-" and out_path.exists() and os.path.samefile(input_path, out_path):
@@ -592,6 +594,13 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
             out.flush()
     except KeyboardInterrupt:
         stop.set()
+        for _ in threads:
+            tasks.put(None)
+        busy = [t for t in threads if t.is_alive()]
+        if busy:  # exiting under a running call (an embedded model mid-generation) can crash the interpreter
+            click.echo(f"interrupted: waiting for {len(busy)} call(s) in flight to end...", err=True)
+            for t in busy:
+                t.join()
         bar.close()
         out.close()
         click.echo(f"interrupted: {len(rows) - len(pending) + written} of {len(rows)} rows are in {output_path}; "
