@@ -153,3 +153,12 @@ def test_secrets_from_env_and_dotenv_are_masked(tmp_path, monkeypatch):
     # secrets never come from config.ini
     write_ini(tmp_path / "config.ini", OPENAI_API_KEY="sk-ini")
     assert get_config().secret("OPENAI_API_KEY") == "sk-env-secret-abcdefghijk"
+
+
+def test_credentials_in_urls_are_masked(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://bob:hunter2@127.0.0.1:9/v1?key=qsecret")
+    configure(base_url="https://al:pw2@host.example/v1")
+    shown = repr(get_config()) + str(get_config().as_dict())
+    assert "hunter2" not in shown and "qsecret" not in shown and "pw2" not in shown
+    assert "127.0.0.1:9/v1" in shown and "host.example/v1" in shown
+    assert get_config().secret("OPENAI_BASE_URL").startswith("http://bob:hunter2@")  # the value itself is intact

@@ -650,3 +650,12 @@ def test_embeddings_accept_any_iterable(api):
     assert len(vectors) == 2 and vectors[0] != vectors[1]
     with pytest.raises(BadRequestError):
         tinyllm.client().get_embeddings(None)
+
+
+def test_credentials_in_the_base_url_stay_out_of_errors(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://bob:hunter2@127.0.0.1:9/v1?key=qsecret")
+    tinyllm.configure(api_type="openai", max_attempts=1)
+    with pytest.raises(APIConnectionError) as err:
+        send()
+    assert "hunter2" not in str(err.value) and "qsecret" not in str(err.value)
+    assert "127.0.0.1:9/v1" in str(err.value)

@@ -174,6 +174,10 @@ class Config:
         out = dict(self._values)
         for name, value in self.secrets.items():
             out[name] = mask(value) if (mask_secrets and name in API_KEY_NAMES) else value
+        if mask_secrets:
+            for name in _URL_NAMES:
+                if isinstance(out.get(name), str):
+                    out[name] = redact_url(out[name])
         return out
 
     def secret(self, *names: str) -> str | None:
@@ -186,6 +190,25 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({self.as_dict(mask_secrets=True)!r})"
+
+
+_URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with a user:password part and query values replaced by ``***`` (keys can hide there)."""
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"***@{host}" if (parts.username or parts.password) else parts.netloc
+        if (parts.username or parts.password) and parts.port:
+            netloc += f":{parts.port}"
+        query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "****"
 
 
 def mask(value: str | None) -> str:

@@ -15,7 +15,7 @@ import re
 import threading
 from typing import Any
 
-from ..config import API_KEY_NAMES, Config
+from ..config import API_KEY_NAMES, Config, redact_url
 from ..errors import (
     APIConnectionError,
     APIError,
@@ -212,7 +212,7 @@ class OpenAIClient(Client):
 
     def _error(self, exc: BaseException, cfg: Config, timeout: float | None = None) -> TinyLLMError:
         keys = tuple(filter(None, (cfg.secret(name) for name in API_KEY_NAMES)))  # endpoints stay readable
-        return map_error(exc, secrets=keys, timeout=timeout or cfg.timeout, where=self.where(cfg))
+        return map_error(exc, secrets=keys, timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg)))
 
     def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
         import openai
