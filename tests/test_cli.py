@@ -524,3 +524,18 @@ def test_interrupting_map_on_the_embedded_model_waits_for_calls_in_flight(tmp_pa
     assert proc.returncode == 130, err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == list(range(len(lines))) and all("content" in line for line in lines)
+
+
+def test_cache_stats_never_changes_the_file(tmp_path):
+    import pickle
+
+    tt = tmp_path / "tinytroupe.pickle"
+    tt.write_bytes(pickle.dumps({"k": {"role": "assistant", "content": "hi"}}))
+    before = tt.read_bytes()
+    result = CliRunner().invoke(cli, ["cache", "stats", "--file", str(tt)])
+    assert result.exit_code == 2 and "not a tinyllm cache file" in result.output
+    assert tt.read_bytes() == before
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert CliRunner().invoke(cli, ["cache", "stats", "--file", str(empty)]).exit_code == 2
+    assert empty.read_bytes() == b""

@@ -674,11 +674,15 @@ def _size(n: int) -> str:
 @_cache_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def cache_stats(file: str | None, as_json: bool) -> None:
-    """Show the cache file's entries and size (and this process's hits and misses)."""
-    from .cache import PickleCache
+    """Show the cache file's entries and size (reads the file, never changes it)."""
+    from .cache import MAGIC, PickleCache
 
     path = _cache_path(file)
     if path.exists():
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:  # opening it as a cache would convert or initialise it
+                raise CLIError(f"{str(path)!r} is not a tinyllm cache file (a TinyTroupe cache is converted "
+                               "the first time a call uses it)")
         c = PickleCache(path)
         try:
             info = c.stats()
@@ -692,7 +696,6 @@ def cache_stats(file: str | None, as_json: bool) -> None:
     click.echo(f"file:    {info['path']}{'' if path.exists() else ' (does not exist yet)'}")
     click.echo(f"entries: {info['entries']}")
     click.echo(f"size:    {_size(info['size_bytes'])}")
-    click.echo(f"hits:    {info['hits']}   misses: {info['misses']}   (counted per process)")
 
 
 @cache.command("clear")
