@@ -539,3 +539,23 @@ def test_cache_stats_never_changes_the_file(tmp_path):
     empty.write_bytes(b"")
     assert CliRunner().invoke(cli, ["cache", "stats", "--file", str(empty)]).exit_code == 2
     assert empty.read_bytes() == b""
+
+
+def test_cache_stats_counts_hits_of_every_process(server, tmp_path):
+    """Hits and misses of separate processes add up in `tinyllm cache stats`."""
+    cache_file = tmp_path / "c.pickle"
+    code = (
+        "import tinyllm\n"
+        f"tinyllm.configure(api_type='openai', base_url={server.base_url!r}, cache_api_calls=True, cache_file_name={str(cache_file)!r})\n"
+        "tinyllm.client().send_message([{'role': 'user', 'content': 'hi'}])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(3):  # a miss, then two hits, each in its own process
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, timeout=120)
+    assert len(server.chat_requests()) == 1
+    result = CliRunner().invoke(cli, ["cache", "stats", "--file", str(cache_file), "--json"])
+    info = json.loads(result.output)
+    assert (info["entries"], info["hits"], info["misses"]) == (1, 2, 1)
+    CliRunner().invoke(cli, ["cache", "clear", "--file", str(cache_file)])
+    info = json.loads(CliRunner().invoke(cli, ["cache", "stats", "--file", str(cache_file), "--json"]).output)
+    assert (info["entries"], info["hits"], info["misses"]) == (0, 0, 0)

@@ -19,6 +19,7 @@ Written and tested for POSIX file semantics (pread, O_APPEND, replacing open fil
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
 import gc
@@ -236,6 +237,7 @@ class PickleCache(_IndexedCache):
         self._flock = FileLock(self.path + ".lock", mode=0o600, thread_local=False)
         self._fd = -1
         self._ident: tuple[int, int] | None = None
+        self._flushed = (0, 0)  # (hits, misses) already added to PATH.counts
         self._offset = 0  # bytes of the file read into the index; always a record boundary
         with self._lock:
             with self._file_lock():
@@ -355,10 +357,51 @@ class PickleCache(_IndexedCache):
             return 0
 
     def clear(self) -> None:
-        """Remove every entry: the file is atomically replaced by one holding just the header."""
+        """Remove every entry: the file is atomically replaced by one holding just the header.
+
+        The hit and miss counts of every process are reset too."""
         with self._lock, self._file_lock():
             self._write_new_file({})
             self._open_locked()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + ".counts")
+            self.hits = self.misses = 0
+            self._flushed = (0, 0)
+
+    def _saved_counts(self) -> tuple[int, int]:
+        try:
+            with open(self.path + ".counts", encoding="utf-8") as f:
+                data = json.load(f)
+            return int(data["hits"]), int(data["misses"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, 0
+
+    def flush_counts(self) -> None:
+        """Add this process's hits and misses since the last flush to the file's totals (``PATH.counts``).
+
+        Called at interpreter exit for the shared caches, so ``tinyllm cache stats`` can show
+        the hits and misses of every process that used the file. Raises OSError on a failed write.
+        """
+        with self._lock:
+            new = (self.hits - self._flushed[0], self.misses - self._flushed[1])
+            if new == (0, 0):
+                return
+            with self._file_lock():
+                saved = self._saved_counts()
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".counts-")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"hits": saved[0] + new[0], "misses": saved[1] + new[1]}, f)
+                os.replace(tmp, self.path + ".counts")
+            self._flushed = (self.hits, self.misses)
+
+    def stats(self) -> dict[str, Any]:
+        """As :meth:`Cache.stats`, with ``hits`` and ``misses`` summed over every process (see :meth:`flush_counts`)."""
+        info = super().stats()
+        saved = self._saved_counts()
+        with self._lock:
+            info["hits"] = saved[0] + self.hits - self._flushed[0]
+            info["misses"] = saved[1] + self.misses - self._flushed[1]
+        return info
 
     def import_dict_pickle(self, other_path: str | os.PathLike[str]) -> int:
         """Merge a TinyTroupe cache file (one pickled ``dict[str, value]``) into this cache; return the entry count.
@@ -385,6 +428,15 @@ class PickleCache(_IndexedCache):
 _forced: tuple[bool, str | None] | None = None
 _shared: dict[str, PickleCache] = {}
 _shared_lock = threading.Lock()
+
+
+@atexit.register
+def _flush_shared_counts() -> None:
+    for cache in list(_shared.values()):
+        try:
+            cache.flush_counts()
+        except OSError as exc:  # at exit there is nobody left to raise to
+            log.warning("could not save the cache hit counts of %s: %s", cache.path, exc)
 
 
 def force_api_cache(enabled: bool | None, file_name: str | None = None) -> None:

@@ -674,7 +674,7 @@ def _size(n: int) -> str:
 @_cache_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def cache_stats(file: str | None, as_json: bool) -> None:
-    """Show the cache file's entries and size (reads the file, never changes it)."""
+    """Show the cache file's entries, size, and the hits and misses of every process that used it."""
     from .cache import MAGIC, PickleCache
 
     path = _cache_path(file)
@@ -696,6 +696,7 @@ def cache_stats(file: str | None, as_json: bool) -> None:
     click.echo(f"file:    {info['path']}{'' if path.exists() else ' (does not exist yet)'}")
     click.echo(f"entries: {info['entries']}")
     click.echo(f"size:    {_size(info['size_bytes'])}")
+    click.echo(f"hits:    {info['hits']}   misses: {info['misses']}   (all processes, counted when each exits)")
 
 
 @cache.command("clear")
