@@ -345,10 +345,8 @@ def get_config() -> Config:
         overrides = dict(_overrides)
     inputs = (cwd, _file_mtimes(cwd), dict(env), overrides)  # taken before building: a change meanwhile rebuilds next time
     cfg = _build_config(Path(cwd), overrides)
-    try:
-        _snapshot = (copy.deepcopy(inputs), cfg)  # deep: an override list mutated later must not compare equal
-    except Exception:  # an override value that cannot be copied: just do not memoize
-        _snapshot = None
+    # deep: an override list mutated later must not compare equal (configure() admits only plain values)
+    _snapshot = (copy.deepcopy(inputs), cfg)
     return cfg
 
 
