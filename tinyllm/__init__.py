@@ -89,5 +89,9 @@ def get_embedding(text: str, model: str | None = None) -> list[float]:
 
 
 def get_embeddings(texts: list[str], model: str | None = None) -> list[list[float]]:
-    """Embed many texts in one batched request with the current client, in input order."""
+    """Embed many texts in one batched request with the current client.
+
+    Returns ``list[list[float]]`` in input order (cached texts are not sent again).
+    Raises: the errors of :meth:`Client.get_embeddings` (BadRequestError for non-str input).
+    """
     return client().get_embeddings(texts, model)

@@ -50,7 +50,14 @@ _lock = threading.Lock()
 
 
 def register_client(api_type: str, client: Client) -> None:
-    """Make ``client`` (any object with ``send_message``) answer for ``api_type``, replacing a built-in of that name."""
+    """Make ``client`` answer for ``api_type`` (str, case-insensitive), replacing a built-in of that name.
+
+    ``client`` is any object with ``send_message(messages: list[dict], **params) -> dict``
+    (subclass :class:`tinyllm.Client` to get the cache, queue and retry pipeline).
+
+    Raises:
+        ConfigError: an empty ``api_type``, or a ``client`` without ``send_message``.
+    """
     if not api_type or not isinstance(api_type, str):
         raise ConfigError("api_type must be a non-empty string")
     if not callable(getattr(client, "send_message", None)):

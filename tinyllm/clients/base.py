@@ -64,7 +64,10 @@ _last_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("ti
 
 
 def last_call_info() -> CallInfo | None:
-    """The :class:`CallInfo` of the last send_message in this thread or asyncio task, or None."""
+    """The :class:`CallInfo` of the last send_message in this thread or asyncio task.
+
+    Returns None before the first call in this thread or task (a lookup, not a failure).
+    """
     return _last_call.get()
 
 
