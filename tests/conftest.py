@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,20 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 def server():
     with FakeOpenAIServer() as srv:
         yield srv
+
+
+@pytest.fixture
+def no_server_errors(request):
+    """A misused script item or a fake-server bug fails the test that caused it."""
+    srv = request.getfixturevalue("server") if "server" in request.fixturenames else None
+    yield
+    if srv is not None:
+        assert srv.errors == []
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """Make time.sleep instant; the list records every wait asked for (seconds)."""
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", lambda seconds: waits.append(seconds))
+    return waits

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,7 @@ KEY = "sk-test-key-for-headers-0001"
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture(autouse=True)
-def _server_had_no_internal_errors(request):
-    """A misused script item or a fake-server bug fails the test that caused it."""
-    srv = request.getfixturevalue("server") if "server" in request.fixturenames else None
-    yield
-    if srv is not None:
-        assert srv.errors == []
-
-
-@pytest.fixture
-def sleeps(monkeypatch):
-    waits: list[float] = []
-    monkeypatch.setattr(time, "sleep", lambda seconds: waits.append(seconds))
-    return waits
+pytestmark = pytest.mark.usefixtures("no_server_errors")
 
 
 @pytest.fixture

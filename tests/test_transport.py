@@ -43,21 +43,7 @@ SECRET = "sk-test-secret-XYZ123456789"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"}]
 
 
-@pytest.fixture(autouse=True)
-def _server_had_no_internal_errors(request):
-    """A misused script item or a fake-server bug fails the test that caused it."""
-    srv = request.getfixturevalue("server") if "server" in request.fixturenames else None
-    yield
-    if srv is not None:
-        assert srv.errors == []
-
-
-@pytest.fixture
-def sleeps(monkeypatch):
-    """Make time.sleep instant; the list records every wait asked for (seconds)."""
-    waits: list[float] = []
-    monkeypatch.setattr(time, "sleep", lambda seconds: waits.append(seconds))
-    return waits
+pytestmark = pytest.mark.usefixtures("no_server_errors")
 
 
 @pytest.fixture

@@ -153,17 +153,11 @@ class Config:
         self._values = values
         self._sources = sources
         self.secrets = secrets
-        # each setting also as a plain attribute (read ~20 times per request): no __getattr__ call
+        # each setting as a plain lower-case attribute (read ~20 times per request)
         self.__dict__.update({k.lower(): v for k, v in values.items() if not hasattr(Config, k.lower())})
 
     def __getitem__(self, key: str) -> Any:
         return self._values[key.upper()]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name.upper()]
-        except KeyError:
-            raise AttributeError(name) from None
 
     def source(self, key: str) -> str:
         """Where the value of ``key`` came from."""
@@ -298,7 +292,6 @@ def _parse(key: str, raw: Any, source: str) -> Any:
 
 # (inputs, Config) of the last build; inputs = (cwd, file mtimes, environment, overrides)
 _snapshot: tuple[tuple, Config] | None = None
-_cwd_files: dict[str, tuple[str, str]] = {}  # cwd -> (its config.ini, its .env)
 
 
 def _mtime(path: str) -> int | None:
@@ -311,12 +304,7 @@ def _mtime(path: str) -> int | None:
 
 
 def _file_mtimes(cwd: str) -> tuple:
-    files = _cwd_files.get(cwd)
-    if files is None:
-        if len(_cwd_files) > 64:
-            _cwd_files.clear()
-        files = _cwd_files[cwd] = (os.path.join(cwd, "config.ini"), os.path.join(cwd, ".env"))
-    return (_mtime(_PACKAGE_INI), _mtime(files[0]), _mtime(files[1]))
+    return (_mtime(_PACKAGE_INI), _mtime(os.path.join(cwd, "config.ini")), _mtime(os.path.join(cwd, ".env")))
 
 
 def get_config() -> Config:
