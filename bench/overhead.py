@@ -9,7 +9,9 @@ fixed two-word answer) through
 
 - ``openai`` raw: ``openai.OpenAI(base_url=..., api_key=..., max_retries=0).chat.completions.create``;
 - ``client().send_message``: tinyllm's pipeline (config, parameters, token count,
-  context-window check, queue slot, retry loop, usage), cache off;
+  context-window check, queue slot, retry loop, usage), cache off. It sends the
+  request through the same SDK client's ``post("/chat/completions", ...)``, which
+  skips ``create``'s parameter transform and the pydantic reply model;
 - ``LLMCall.call``: the above plus finding and rendering the prompt templates.
 
 Each round runs the three once, in a rotating order (so drift and noise hit all of
@@ -19,7 +21,7 @@ overhead over the raw SDK in % and µs. ``--server process`` runs the server in 
 child process (default: in this process, as the tests do).
 
 A second table shows tinyllm's own CPU time per call with the network taken out:
-the SDK's ``create`` is replaced by a function that returns a ready ChatCompletion,
+the SDK client's ``post`` is replaced by a function that returns a ready reply,
 and each path runs ``--stub-calls`` times in a tight loop (best of 5). It is much
 steadier than the first table on a busy machine, but lower: in the real run the
 code runs with caches cooled by the SDK and the socket calls.
@@ -124,28 +126,20 @@ def main() -> None:
 
 
 def stub_costs(sender, call, messages: list[dict], model: str, calls: int) -> list[tuple[str, float]]:
-    """Per-call µs of each path with the SDK's ``create`` returning a canned ChatCompletion."""
-    import functools
+    """Per-call µs of each path with the SDK client's ``post`` returning a canned reply."""
     import timeit
 
     from tinyllm import get_config
 
-    completions = sender.sdk(get_config()).chat.completions
-    real_create = completions.create
-    canned = real_create(model=model, messages=messages)
-
-    @functools.wraps(real_create)  # the same signature: tinyllm inspects it
-    def create(**kwargs):
-        return canned
-
-    completions.create = create
+    sdk = sender.sdk(get_config())
+    canned = sdk.post("/chat/completions", cast_to=object, body={"model": model, "messages": messages})
+    sdk.post = lambda path, **kwargs: canned
     try:
-        paths = [("SDK `create` (stubbed)", lambda: completions.create(model=model, messages=messages)),
-                 ("tinyllm client().send_message", lambda: sender.send_message(messages)),
+        paths = [("tinyllm client().send_message", lambda: sender.send_message(messages)),
                  ("tinyllm LLMCall.call", lambda: call.call(n=1))]
         return [(name, min(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1e6) for name, fn in paths]
     finally:
-        del completions.create  # back to the class's method
+        del sdk.post  # back to the class's method
 
 
 if __name__ == "__main__":

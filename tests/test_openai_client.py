@@ -134,6 +134,38 @@ def test_extra_body_and_unknown_params_are_merged(api):
     assert "extra_body" not in body
 
 
+def test_extra_body_wins_over_a_param_of_the_same_name(api):
+    tinyllm.client().send_message(MESSAGES, temperature=0.1, extra_body={"temperature": 0.9})
+    assert api.chat_requests()[0].json["temperature"] == 0.9
+
+
+def test_extra_headers_and_extra_query_are_sent_but_not_in_the_body(api):
+    tinyllm.client().send_message(MESSAGES, extra_headers={"X-Trace": "t-1"}, extra_query={"tag": "a b"})
+    (request,) = api.chat_requests()
+    assert request.headers["x-trace"] == "t-1"
+    assert request.query == {"tag": "a b"}
+    assert set(request.json) == {"model", "messages"}
+
+
+def test_json_reply_without_a_json_content_type_is_read(api):
+    from fakeserver import Status
+
+    body = '{"choices": [{"index": 0, "message": {"role": "assistant", "content": "plain"}}], "usage": {"total_tokens": 3}}'
+    api.enqueue(Status(200, body=body, headers={"Content-Type": "text/plain"}))
+    assert tinyllm.client().send_message(MESSAGES)["content"] == "plain"
+    assert tinyllm.last_call_info().usage == {"total_tokens": 3}
+
+
+@pytest.mark.parametrize("body", ["<html>gateway</html>", "[1, 2]", '{"choices": "none"}', '{"choices": [{"message": 3}]}'])
+def test_reply_that_is_not_a_chat_completion_is_a_response_error(api, sleeps, body):
+    from fakeserver import Status
+
+    api.enqueue(*[Status(200, body=body, headers={"Content-Type": "text/plain"})] * 2)
+    with pytest.raises(tinyllm.ResponseError):
+        tinyllm.client().send_message(MESSAGES)
+    assert len(api.chat_requests()) == 2  # an unusable reply is asked for once more, then given up
+
+
 def test_reply_keeps_tool_calls_and_refusal(api):
     from fakeserver import Message
 

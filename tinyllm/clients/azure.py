@@ -77,6 +77,6 @@ class AzureClient(OpenAIClient):
             auth = {"azure_ad_token_provider": get_bearer_token_provider(DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default")}
         return cls(azure_endpoint=self.where(cfg), api_version=self.api_version(cfg), max_retries=0, timeout=cfg.timeout, **auth)
 
-    def _request_args(self, messages: list[dict], params: dict, cfg: Config, sdk: Any) -> dict:
+    def _request_args(self, messages: list[dict], params: dict, cfg: Config) -> dict:
         params = {**params, "model": self.deployment(cfg, params["model"])}
-        return super()._request_args(messages, params, cfg, sdk)
+        return super()._request_args(messages, params, cfg)

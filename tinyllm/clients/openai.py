@@ -9,7 +9,6 @@ that does it, with API keys scrubbed from the message.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import re
 import threading
@@ -36,6 +35,7 @@ from .base import Client
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
 
 _KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,}|Bearer\s+\S+)")
+_OPTION_PARAMS = frozenset({"timeout", "extra_headers", "extra_query", "extra_body"})  # not sent in the body
 _STATUS_ERRORS: dict[int, type[APIError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -105,29 +105,34 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
 
 
 def extract_message(response: Any) -> tuple[dict, dict]:
-    """``(message_dict, usage_dict)`` from a ChatCompletion (SDK object or plain dict).
+    """``(message_dict, usage_dict)`` from a chat completion: its parsed JSON, or its text.
+
+    ``response`` is what the SDK's ``post(..., cast_to=object)`` returns: the decoded
+    JSON body, or the body's text when the server did not label it JSON.
 
     Raises:
-        ResponseError: no choices, no message, or neither content nor tool calls.
+        ResponseError: not a JSON object, no choices, no message, or neither
+            content nor tool calls.
     """
-    if hasattr(response, "model_dump"):
-        found = _from_sdk_object(response)
-        if found is not None:
-            return found
-        response = response.model_dump()  # an unusual shape: the checks below say what is wrong
+    if isinstance(response, str):  # served without a JSON Content-Type
+        try:
+            response = json.loads(response)
+        except ValueError:
+            raise ResponseError(f"reply is not JSON: {response[:200]!r}", raw=response) from None
     if not isinstance(response, dict):
         raise ResponseError(f"reply is not a JSON object: {str(response)[:200]!r}", raw=response)
     choices = response.get("choices") or []
-    if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
         raise ResponseError("reply has no choices", raw=response)
     raw = choices[0]["message"]
     message = {"role": raw.get("role") or "assistant", "content": raw.get("content")}
     for key in ("refusal", "tool_calls", "function_call"):
         if raw.get(key):
             message[key] = raw[key]
-    if message["content"] is None and not any(k in message for k in ("refusal", "tool_calls", "function_call")):
+    if message["content"] is None and len(message) == 2:
         raise ResponseError("reply message has no content", raw=response)
-    return message, dict(response.get("usage") or {})
+    usage = response.get("usage")
+    return message, (dict(usage) if isinstance(usage, dict) else {})
 
 
 async def _close_at_loop_shutdown(sdk: Any) -> Any:
@@ -142,32 +147,6 @@ async def _close_at_loop_shutdown(sdk: Any) -> Any:
 
 async def _first_step(agen: Any) -> None:
     await agen.__anext__()  # the loop's first-iteration hook registers it for shutdown
-
-
-def _dump(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump()
-    if isinstance(value, list):
-        return [_dump(v) for v in value]
-    return value
-
-
-def _from_sdk_object(response: Any) -> tuple[dict, dict] | None:
-    """:func:`extract_message` for an SDK ChatCompletion, reading only the fields it needs
-    (dumping the whole object costs more, on every call); None if the shape is unusual."""
-    choices = getattr(response, "choices", None)
-    raw = getattr(choices[0], "message", None) if isinstance(choices, list) and choices else None
-    if raw is None or not hasattr(raw, "model_dump"):
-        return None
-    message = {"role": getattr(raw, "role", None) or "assistant", "content": getattr(raw, "content", None)}
-    for key in ("refusal", "tool_calls", "function_call"):
-        value = getattr(raw, key, None)
-        if value:
-            message[key] = _dump(value)
-    if message["content"] is None and len(message) == 2:
-        raise ResponseError("reply message has no content", raw=response.model_dump())
-    usage = getattr(response, "usage", None)
-    return message, (dict(_dump(usage)) if usage is not None else {})
 
 
 class OpenAIClient(Client):
@@ -187,7 +166,6 @@ class OpenAIClient(Client):
         self._sdk_lock = threading.Lock()
         self._sdks: dict[tuple, Any] = {}
         self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
-        self._create_params: frozenset[str] | None = None
 
     def base_url(self, cfg: Config) -> str | None:
         return cfg.base_url or cfg.secret("OPENAI_BASE_URL") or self.preset_base_url
@@ -246,22 +224,32 @@ class OpenAIClient(Client):
                     loop.create_task(_first_step(closer))
             return found
 
-    def _split_params(self, params: dict, create: Any) -> dict:
-        """Known ``create()`` parameters pass as keywords; the rest go in ``extra_body``."""
-        if self._create_params is None:
-            self._create_params = frozenset(inspect.signature(create).parameters)
-        extra = {k: params.pop(k) for k in list(params) if k not in self._create_params}
-        if extra:
-            params["extra_body"] = {**params.get("extra_body", {}), **extra}
-        return params
+    def _request_args(self, messages: list[dict], params: dict, cfg: Config) -> dict:
+        """Keyword arguments of the SDK's ``post("/chat/completions", ...)``.
 
-    def _request_args(self, messages: list[dict], params: dict, cfg: Config, sdk: Any) -> dict:
-        return self._split_params({"timeout": cfg.timeout, **params, "messages": messages}, sdk.chat.completions.create)
+        The parameters go into the JSON body as they are, ``extra_body`` merged in
+        last; ``timeout`` (seconds), ``extra_headers`` and ``extra_query`` become
+        request options. The SDK's ``chat.completions.create`` would first walk the
+        body against its TypedDicts (``maybe_transform``) and build pydantic models
+        from the reply: for the plain JSON values tinyllm sends and reads, both
+        change nothing and cost about a third of the SDK's CPU time per request
+        (``bench/overhead.py``). ``post`` is the SDK's public way to send a body
+        as-is; its retries (off), headers, auth and Azure deployment routing apply.
+        """
+        body = {k: v for k, v in params.items() if k not in _OPTION_PARAMS}
+        body["messages"] = messages
+        body.update(params.get("extra_body") or {})
+        options: dict[str, Any] = {"timeout": params.get("timeout") or cfg.timeout}
+        if params.get("extra_headers"):
+            options["headers"] = params["extra_headers"]
+        if params.get("extra_query"):
+            options["params"] = params["extra_query"]
+        return {"cast_to": object, "body": body, "options": options}
 
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         sdk = self.sdk(cfg)
         try:
-            response = sdk.chat.completions.create(**self._request_args(messages, params, cfg, sdk))
+            response = sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
         except Exception as exc:
             raise self._error(exc, cfg, params.get("timeout")) from exc
         return extract_message(response)
@@ -269,7 +257,7 @@ class OpenAIClient(Client):
     async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         sdk = self.sdk(cfg, is_async=True)
         try:
-            response = await sdk.chat.completions.create(**self._request_args(messages, params, cfg, sdk))
+            response = await sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
         except Exception as exc:
             raise self._error(exc, cfg, params.get("timeout")) from exc
         return extract_message(response)
