@@ -25,6 +25,7 @@ def test_defaults():
 
 
 def test_layers_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLM_FILE_CHECK_INTERVAL", "0")  # files looked at on every call
     write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=7, TIMEOUT=11, TEMPERATURE=0.5, MODEL="from-ini")
     cfg = get_config()
     assert (cfg.max_attempts, cfg.timeout, cfg.model) == (7, 11.0, "from-ini")
@@ -49,6 +50,7 @@ def test_layers_in_order(tmp_path, monkeypatch):
 
 
 def test_read_at_call_time_not_import(tmp_path):
+    configure(file_check_interval=0)
     assert get_config().max_attempts == 5
     write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=3)
     assert get_config().max_attempts == 3
@@ -122,6 +124,7 @@ def test_unreadable_dotenv_is_a_config_error(tmp_path):
 
 
 def test_snapshot_is_reused_until_dotenv_changes(tmp_path):
+    configure(file_check_interval=0)
     (tmp_path / ".env").write_text("TINYLLM_MODEL=one\nOPENAI_API_KEY=sk-one\n", encoding="utf-8")
     cfg = get_config()
     assert get_config() is cfg and (cfg.model, cfg.secret("OPENAI_API_KEY")) == ("one", "sk-one")
@@ -130,6 +133,38 @@ def test_snapshot_is_reused_until_dotenv_changes(tmp_path):
     os.utime(tmp_path / ".env", (future, future))
     cfg = get_config()  # settings and secrets come from the same reading of the file
     assert (cfg.model, cfg.secret("OPENAI_API_KEY")) == ("two", "sk-two")
+
+
+def test_config_files_are_looked_at_most_every_file_check_interval(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLM_FILE_CHECK_INTERVAL", "30")
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=3)
+    cfg = get_config()
+    assert cfg.max_attempts == 3 and cfg.file_check_interval == 30.0
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=4)
+    future = time.time() + 5
+    os.utime(tmp_path / "config.ini", (future, future))
+    assert get_config() is cfg  # the file is not looked at again within 30 s
+    monkeypatch.setenv("TINYLLM_TIMEOUT", "9")  # the environment is compared on every call...
+    cfg = get_config()
+    assert (cfg.timeout, cfg.max_attempts) == (9.0, 4)  # ...and a rebuild reads the files again
+    configure(max_attempts=2)  # so are configure() overrides
+    assert get_config().max_attempts == 2
+
+
+def test_config_file_change_is_seen_once_the_interval_has_passed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLLM_FILE_CHECK_INTERVAL", "0.5")
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=3)
+    assert get_config().max_attempts == 3
+    write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=4)
+    future = time.time() + 5
+    os.utime(tmp_path / "config.ini", (future, future))
+    time.sleep(0.6)
+    assert get_config().max_attempts == 4
+
+
+def test_file_check_interval_must_not_be_negative():
+    with pytest.raises(ConfigError, match="FILE_CHECK_INTERVAL"):
+        configure(file_check_interval=-1)
 
 
 def test_typed_and_structured_values(tmp_path):

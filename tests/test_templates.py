@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def bump(path: Path, text: str) -> None:
 
 
 def test_search_order_prompts_dir_then_config_then_cwd(tmp_path):
+    configure(file_check_interval=0)  # a removed file is noticed at once
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "prompts"
     for d in (a, b, c):
         write(d / "greet.system.md", f"from {d.name}")
@@ -357,6 +359,7 @@ def test_reused_when_unchanged(tmp_path):
 
 
 def test_reloaded_when_file_changes(tmp_path):
+    configure(file_check_interval=0)  # files looked at on every load
     sys_f = write(tmp_path / "prompts" / "c.system.md", "---\nmodel: a\n---\nold {{ x }}")
     p1 = load_prompt("c.system.md")
     assert p1.render({"x": 1})[0]["content"] == "old 1" and p1.params == {"model": "a"}
@@ -371,6 +374,44 @@ def test_reloaded_when_file_changes(tmp_path):
     bump(user_f, "---\nmodel: c\n---\nuser changed")
     p4 = load_prompt("c.system.md")
     assert p4.params == {"model": "c"} and p4.render({"y": 0})[1]["content"] == "user changed"
+
+
+def test_files_are_looked_at_most_every_file_check_interval(tmp_path):
+    configure(file_check_interval=30)
+    f = write(tmp_path / "prompts" / "d.system.md", "one")
+    p1 = load_prompt("d.system.md")
+    bump(f, "two")
+    write(tmp_path / "prompts" / "d.user.md", "a new sibling")
+    assert load_prompt("d.system.md") is p1  # not looked at again within 30 s
+    assert load_prompt("d.system.md", prompts_dir=tmp_path / "prompts").render({})[0]["content"] == "two"  # other arguments: looked up
+    configure(file_check_interval=0)
+    p2 = load_prompt("d.system.md")
+    assert [m["content"] for m in p2.render({})] == ["two", "a new sibling"]
+    configure(file_check_interval=30)
+    f.unlink()
+    assert load_prompt("d.system.md") is p2  # a removed file too is noticed only after the interval
+    configure(file_check_interval=0)
+    with pytest.raises(TemplateNotFoundError):
+        load_prompt("d.system.md")
+
+
+def test_template_change_is_seen_once_the_interval_has_passed(tmp_path):
+    configure(file_check_interval=0.5)
+    f = write(tmp_path / "prompts" / "e.system.md", "one")
+    assert load_prompt("e.system.md").render({})[0]["content"] == "one"
+    bump(f, "two")
+    time.sleep(0.6)
+    assert load_prompt("e.system.md").render({})[0]["content"] == "two"
+
+
+def test_working_directory_change_is_seen_at_once(tmp_path, monkeypatch):
+    configure(file_check_interval=30)
+    for name in ("x", "y"):
+        write(tmp_path / name / "prompts" / "w.system.md", f"from {name}")
+    monkeypatch.chdir(tmp_path / "x")
+    assert load_prompt("w.system.md").render({})[0]["content"] == "from x"
+    monkeypatch.chdir(tmp_path / "y")
+    assert load_prompt("w.system.md").render({})[0]["content"] == "from y"
 
 
 def test_concurrent_loads_and_renders(tmp_path):

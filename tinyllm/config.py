@@ -20,6 +20,7 @@ import copy
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,6 +123,8 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     "TOKENS_PER_MINUTE": (_nonneg(int), 0),  # 0 = no limit
     "LOCAL_MODEL_PATH": (_str, None),
     "PROMPTS_DIRS": (_parse_paths, []),
+    # seconds between checks of config.ini, .env and template files for changes; 0 = on every use
+    "FILE_CHECK_INTERVAL": (_nonneg(float), 1.0),
 }
 
 # Secrets and endpoints read only from the environment or .env.
@@ -292,6 +295,7 @@ def _parse(key: str, raw: Any, source: str) -> Any:
 
 # (inputs, Config) of the last build; inputs = (cwd, file mtimes, environment, overrides)
 _snapshot: tuple[tuple, Config] | None = None
+_files_checked_at = float("-inf")  # time.monotonic() when the snapshot's files last matched the disk
 
 
 def _mtime(path: str) -> int | None:
@@ -311,30 +315,38 @@ def get_config() -> Config:
     """Return the effective settings now, as a :class:`Config` snapshot.
 
     The snapshot is rebuilt only when something it is built from changed: the
-    working directory, the mtime of a config file, the environment or the
-    configure() overrides (checking costs a few µs); otherwise the previous one
-    (immutable) is returned.
+    working directory, the environment, the configure() overrides (compared on
+    every call, in about 1 µs), or the mtime of a config file (./config.ini,
+    ./.env, the package's config.ini), which is looked at when the last look is
+    more than ``FILE_CHECK_INTERVAL`` seconds old (default 1; 0: every call).
+    Otherwise the previous snapshot (immutable) is returned.
 
     Raises:
         ConfigError: a value in a file, the environment or .env does not parse
             (the message names the key and where it came from).
     """
-    global _snapshot
+    global _snapshot, _files_checked_at
     cwd = os.getcwd()
     env = getattr(os.environ, "_data", os.environ)  # CPython's raw dict: compared in C
     snap = _snapshot
+    now = time.monotonic()
     if snap is not None:
         (s_cwd, s_files, s_env, s_overrides), cfg = snap
-        if s_cwd == cwd and s_env == env and s_files == _file_mtimes(cwd):
-            with _lock:
-                if s_overrides == _overrides:
-                    return cfg
+        if s_cwd == cwd and s_env == env:
+            recent = now - _files_checked_at < cfg.file_check_interval
+            if recent or s_files == _file_mtimes(cwd):
+                with _lock:
+                    if s_overrides == _overrides:
+                        if not recent:
+                            _files_checked_at = now
+                        return cfg
     with _lock:
         overrides = dict(_overrides)
     inputs = (cwd, _file_mtimes(cwd), dict(env), overrides)  # taken before building: a change meanwhile rebuilds next time
     cfg = _build_config(Path(cwd), overrides)
     # deep: an override list mutated later must not compare equal (configure() admits only plain values)
     _snapshot = (copy.deepcopy(inputs), cfg)
+    _files_checked_at = now
     return cfg
 
 

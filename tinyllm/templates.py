@@ -6,7 +6,8 @@ Front matter (YAML between ``---`` lines; the user file's keys override the syst
 file's) holds ``description``, ``output_type``, ``output_retries``, ``messages`` and
 model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
 with ``StrictUndefined``; prompts are cached per file (path, mtime_ns, size) and
-reloaded when a file changes; thread-safe.
+reloaded when a file changes, which is looked for at most every
+``FILE_CHECK_INTERVAL`` seconds per prompt (default 1; 0: on every load); thread-safe.
 
 Multi-message prompts (design decision): ``messages:`` in the front matter is a list
 of single-key mappings (``- user: "..."``, ``- assistant: "..."``; roles system, user,
@@ -23,6 +24,7 @@ import functools
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -41,7 +43,9 @@ OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
 _SETTINGS = ("description", "output_type", "output_retries", "messages")
 _UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
 _lock = threading.Lock()
-_prompts: dict[tuple, tuple[tuple, Prompt]] = {}
+_prompts: dict[tuple, tuple[tuple, Prompt]] = {}  # (name, paths, dirs) -> (file signatures, prompt)
+# (names, prompts_dir, PROMPTS_DIRS, cwd) -> (time.monotonic() of the last look at the disk, prompt)
+_loaded: dict[tuple, tuple[float, Prompt]] = {}
 
 
 def search_path(prompts_dir: Dirs = None) -> list[Path]:
@@ -53,11 +57,15 @@ def search_path(prompts_dir: Dirs = None) -> list[Path]:
     return [Path(p) for p in _search_dirs(prompts_dir)]
 
 
-def _search_dirs(prompts_dir: Dirs) -> list[str]:
-    # Plain strings and os.path on the per-call path: pathlib costs several times more.
-    given: list[Any] = [prompts_dir] if isinstance(prompts_dir, (str, os.PathLike)) else list(prompts_dir or [])
+def _given_dirs(prompts_dir: Dirs) -> tuple[Any, ...]:
+    return (prompts_dir,) if isinstance(prompts_dir, (str, os.PathLike)) else tuple(prompts_dir or ())
+
+
+def _search_dirs(prompts_dir: Dirs, configured: Iterable[Any] | None = None) -> list[str]:
+    # Plain strings and os.path on the load path: pathlib costs several times more.
     out: dict[str, str] = {}  # normcase(path) -> path, in order
-    for d in [*given, *get_config().prompts_dirs, "prompts"]:
+    configured = get_config().prompts_dirs if configured is None else configured
+    for d in [*_given_dirs(prompts_dir), *configured, "prompts"]:
         p = os.path.abspath(os.path.expanduser(os.fspath(d)))
         out.setdefault(os.path.normcase(p), p)
     return list(out.values())
@@ -257,12 +265,32 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
     ``NAME.system.EXT`` pairs with ``NAME.user.EXT`` in its directory unless ``user_template_name``
     is given (looked up on the search path, then next to the system file).
 
+    The files are looked for and stat-checked again only when the last look at them, for the
+    same arguments, search path and working directory, is ``FILE_CHECK_INTERVAL`` seconds old
+    (default 1; 0: on every load), so an edited, added or removed template is seen within that
+    time. Each look costs about 8 system calls, which under many threads also hand off the GIL.
+
     Raises:
         TemplateNotFoundError: a name is in no searched directory and is no file path.
         TemplateError: an unreadable or non-UTF-8 file, bad front matter, or a Jinja syntax error.
     """
-    dirs = _search_dirs(prompts_dir)
-    name = os.fspath(system_template_name)
+    given = _given_dirs(prompts_dir)
+    cfg = get_config()
+    key = (system_template_name, user_template_name, given, tuple(cfg.prompts_dirs), os.getcwd())
+    now = time.monotonic()
+    found = _loaded.get(key)
+    if found is not None and now - found[0] < cfg.file_check_interval:
+        return found[1]
+    prompt = _load(os.fspath(system_template_name), user_template_name, _search_dirs(given, cfg.prompts_dirs))
+    with _lock:
+        if len(_loaded) >= 1024:
+            _loaded.clear()
+        _loaded[key] = (now, prompt)
+    return prompt
+
+
+def _load(name: str, user_template_name: str | None, dirs: list[str]) -> Prompt:
+    """:func:`load_prompt` after its memo: find the files, and parse them unless unchanged."""
     system_path = _find(name, dirs)
     if system_path is None:
         raise TemplateNotFoundError(name, dirs)
