@@ -162,9 +162,10 @@ def test_config_file_change_is_seen_once_the_interval_has_passed(tmp_path, monke
     assert get_config().max_attempts == 4
 
 
-def test_file_check_interval_must_not_be_negative():
+@pytest.mark.parametrize("value", [-1, "nan"])
+def test_file_check_interval_must_be_a_number_not_below_zero(value):
     with pytest.raises(ConfigError, match="FILE_CHECK_INTERVAL"):
-        configure(file_check_interval=-1)
+        configure(file_check_interval=value)
 
 
 def test_typed_and_structured_values(tmp_path):

@@ -166,6 +166,31 @@ def test_reply_that_is_not_a_chat_completion_is_a_response_error(api, sleeps, bo
     assert len(api.chat_requests()) == 2  # an unusable reply is asked for once more, then given up
 
 
+def test_a_generator_param_is_sent_as_a_list(api):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    tinyllm.client().send_message(MESSAGES, tools=(t for t in [tool]), stop=iter(["\n"]))
+    body = api.chat_requests()[0].json
+    assert body["tools"] == [tool] and body["stop"] == ["\n"]
+
+
+def test_a_pydantic_class_as_response_format_is_a_bad_request_never_sent(api):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Answer(pydantic.BaseModel):
+        text: str
+
+    with pytest.raises(BadRequestError, match="output_type"):
+        tinyllm.client().send_message(MESSAGES, response_format=Answer)
+    assert api.chat_requests() == []
+
+
+@pytest.mark.parametrize("timeout", [0, -1])
+def test_per_call_timeout_must_be_positive(api, timeout):
+    with pytest.raises(BadRequestError, match="timeout"):
+        tinyllm.client().send_message(MESSAGES, timeout=timeout)
+    assert api.chat_requests() == []
+
+
 def test_reply_keeps_tool_calls_and_refusal(api):
     from fakeserver import Message
 
@@ -287,6 +312,12 @@ def test_azure_request_goes_to_the_deployment(azure):
     assert request.headers["api-key"] == "azure-secret-key-0002"
     assert request.messages == MESSAGES
     assert request.json["temperature"] == 0
+
+
+def test_azure_extra_body_cannot_move_the_request_to_another_deployment(azure):
+    tinyllm.client().send_message(MESSAGES, extra_body={"model": "other", "top_k": 2})
+    (request,) = azure.chat_requests()
+    assert request.deployment == "my-deploy" and request.json["top_k"] == 2
 
 
 def test_azure_api_version_from_environment_and_default(azure, monkeypatch):

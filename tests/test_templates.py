@@ -414,6 +414,22 @@ def test_working_directory_change_is_seen_at_once(tmp_path, monkeypatch):
     assert load_prompt("w.system.md").render({})[0]["content"] == "from y"
 
 
+def test_unhashable_path_objects_are_accepted(tmp_path):
+    class Where:  # an os.PathLike that is not hashable (it defines __eq__ only)
+        def __init__(self, path):
+            self.path = str(path)
+
+        def __fspath__(self):
+            return self.path
+
+        def __eq__(self, other):
+            return isinstance(other, Where) and other.path == self.path
+
+    write(tmp_path / "elsewhere" / "u.system.md", "found")
+    prompt = load_prompt(Where("u.system.md"), prompts_dir=[Where(tmp_path / "elsewhere")])
+    assert prompt.render({})[0]["content"] == "found"
+
+
 def test_concurrent_loads_and_renders(tmp_path):
     write(tmp_path / "prompts" / "t.system.md", "sys {{ i }}")
     write(tmp_path / "prompts" / "t.user.md", "user {{ i }}")

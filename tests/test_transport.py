@@ -497,6 +497,17 @@ def test_key_shaped_strings_are_redacted_from_errors(api, sleeps, monkeypatch):
     assert "is not valid here" in str(info.value)
 
 
+def test_key_in_an_unusable_reply_is_redacted(api, sleeps, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    text = f"proxy error: Authorization: Bearer {SECRET}"
+    api.enqueue(*[Status(200, body=text, headers={"Content-Type": "text/plain"})] * 2)
+    with pytest.raises(tinyllm.ResponseError) as info:
+        send()
+    assert "proxy error" in str(info.value)
+    for shown in (str(info.value), repr(info.value), repr(info.value.raw)):
+        assert SECRET not in shown
+
+
 def test_api_key_not_in_connection_error(api, sleeps, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     tinyllm.configure(max_attempts=1)

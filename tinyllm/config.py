@@ -69,7 +69,7 @@ def _parse_paths(text: str) -> list[str]:
 def _nonneg(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value < 0:
+        if not value >= 0:  # also refuses nan
             raise ValueError(f"must be >= 0, got {value}")
         return value
 

@@ -276,12 +276,14 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
     """
     given = _given_dirs(prompts_dir)
     cfg = get_config()
-    key = (system_template_name, user_template_name, given, tuple(cfg.prompts_dirs), os.getcwd())
+    name = os.fspath(system_template_name)
+    user_name = None if user_template_name is None else os.fspath(user_template_name)
+    key = (name, user_name, tuple(map(os.fspath, given)), tuple(cfg.prompts_dirs), os.getcwd())
     now = time.monotonic()
     found = _loaded.get(key)
     if found is not None and now - found[0] < cfg.file_check_interval:
         return found[1]
-    prompt = _load(os.fspath(system_template_name), user_template_name, _search_dirs(given, cfg.prompts_dirs))
+    prompt = _load(name, user_name, _search_dirs(given, cfg.prompts_dirs))
     with _lock:
         if len(_loaded) >= 1024:
             _loaded.clear()

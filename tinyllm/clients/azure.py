@@ -78,5 +78,6 @@ class AzureClient(OpenAIClient):
         return cls(azure_endpoint=self.where(cfg), api_version=self.api_version(cfg), max_retries=0, timeout=cfg.timeout, **auth)
 
     def _request_args(self, messages: list[dict], params: dict, cfg: Config) -> dict:
-        params = {**params, "model": self.deployment(cfg, params["model"])}
-        return super()._request_args(messages, params, cfg)
+        args = super()._request_args(messages, params, cfg)
+        args["body"]["model"] = self.deployment(cfg, params["model"])  # the SDK routes by it; extra_body cannot change it
+        return args

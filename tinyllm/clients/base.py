@@ -23,6 +23,7 @@ import contextvars
 import time
 from dataclasses import dataclass, field
 import logging
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from .. import cache as cache_mod
@@ -155,12 +156,13 @@ class Client:
 
     # -- the shared core ---------------------------------------------------------
     def resolve_params(self, params: dict, cfg: Config) -> dict:
-        """Config defaults < ``params``; drop None; adapt to the model family. Returns a new dict."""
+        """Config defaults < ``params``; drop None; iterators to lists; adapt to the model family. Returns a new dict."""
         out: dict[str, Any] = {"model": self.default_model(cfg)}
         for name, key in CONFIG_PARAMS.items():
             out[name] = cfg[key]
         out.update(params)
-        out = {k: v for k, v in out.items() if v is not None}
+        # a generator (e.g. tools=(t for t in ...)) is read once, here: the cache key and the request see a list
+        out = {k: list(v) if isinstance(v, Iterator) else v for k, v in out.items() if v is not None}
         out.setdefault("model", self.default_model(cfg))  # model=None means the default, not "no model"
         if not isinstance(out["model"], str) or not out["model"]:
             raise BadRequestError(f"model must be a non-empty str, got {out['model']!r}")

@@ -188,9 +188,11 @@ class OpenAIClient(Client):
         """The server's address, for error messages."""
         return self.base_url(cfg) or "https://api.openai.com/v1"
 
+    def _keys(self, cfg: Config) -> tuple[str, ...]:
+        return tuple(filter(None, (cfg.secret(name) for name in API_KEY_NAMES)))  # endpoints stay readable
+
     def _error(self, exc: BaseException, cfg: Config, timeout: float | None = None) -> TinyLLMError:
-        keys = tuple(filter(None, (cfg.secret(name) for name in API_KEY_NAMES)))  # endpoints stay readable
-        return map_error(exc, secrets=keys, timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg)))
+        return map_error(exc, secrets=self._keys(cfg), timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg)))
 
     def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
         import openai
@@ -236,10 +238,16 @@ class OpenAIClient(Client):
         (``bench/overhead.py``). ``post`` is the SDK's public way to send a body
         as-is; its retries (off), headers, auth and Azure deployment routing apply.
         """
+        if isinstance(params.get("response_format"), type):  # what create() would refuse too
+            raise BadRequestError("response_format must be a dict such as {\"type\": \"json_object\"}; "
+                                  "for a pydantic model use LLMCall(..., output_type=Model)")
         body = {k: v for k, v in params.items() if k not in _OPTION_PARAMS}
         body["messages"] = messages
         body.update(params.get("extra_body") or {})
-        options: dict[str, Any] = {"timeout": params.get("timeout") or cfg.timeout}
+        timeout = params.get("timeout")
+        if timeout is not None and not timeout > 0:
+            raise BadRequestError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        options: dict[str, Any] = {"timeout": cfg.timeout if timeout is None else timeout}
         if params.get("extra_headers"):
             options["headers"] = params["extra_headers"]
         if params.get("extra_query"):
@@ -252,7 +260,7 @@ class OpenAIClient(Client):
             response = sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
         except Exception as exc:
             raise self._error(exc, cfg, params.get("timeout")) from exc
-        return extract_message(response)
+        return self._read(response, cfg)
 
     async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         sdk = self.sdk(cfg, is_async=True)
@@ -260,7 +268,15 @@ class OpenAIClient(Client):
             response = await sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
         except Exception as exc:
             raise self._error(exc, cfg, params.get("timeout")) from exc
-        return extract_message(response)
+        return self._read(response, cfg)
+
+    def _read(self, response: Any, cfg: Config) -> tuple[dict, dict]:
+        """:func:`extract_message`, with API keys scrubbed from a ResponseError's message and ``raw``."""
+        try:
+            return extract_message(response)
+        except ResponseError as exc:
+            keys = self._keys(cfg)
+            raise ResponseError(redact(str(exc), keys), raw=_redact_body(exc.raw, keys)) from None
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
         sdk = self.sdk(cfg)
