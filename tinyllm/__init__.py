@@ -15,27 +15,8 @@ from .call import LLMCall
 from .chat import LLMChat
 from .clients import CallInfo, Client, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
-from .errors import (
-    APIConnectionError,
-    APIError,
-    APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
-    ConfigError,
-    ContextWindowExceededError,
-    NotFoundError,
-    OutputParseError,
-    PermissionDeniedError,
-    QueueFullError,
-    RateLimitError,
-    ResponseError,
-    ServerError,
-    TemplateError,
-    TemplateNotFoundError,
-    TemplateSecurityError,
-    TemplateVariableError,
-    TinyLLMError,
-)
+from .errors import *  # noqa: F403  (the error tree, errors.__all__)
+from .errors import __all__ as _error_names
 from .tokens import count_tokens
 from .usage import reset_usage_stats, usage_stats
 
@@ -58,25 +39,7 @@ __all__ = [
     "get_embeddings",
     "usage_stats",
     "reset_usage_stats",
-    "TinyLLMError",
-    "ConfigError",
-    "TemplateError",
-    "TemplateNotFoundError",
-    "TemplateVariableError",
-    "TemplateSecurityError",
-    "APIError",
-    "BadRequestError",
-    "AuthenticationError",
-    "PermissionDeniedError",
-    "NotFoundError",
-    "ContextWindowExceededError",
-    "RateLimitError",
-    "ServerError",
-    "APIConnectionError",
-    "APITimeoutError",
-    "ResponseError",
-    "OutputParseError",
-    "QueueFullError",
+    *_error_names,
 ]
 
 

@@ -291,18 +291,18 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
     return prompt
 
 
-def _load(name: str, user_template_name: str | None, dirs: list[str]) -> Prompt:
+def _load(name: str, user_name: str | None, dirs: list[str]) -> Prompt:
     """:func:`load_prompt` after its memo: find the files, and parse them unless unchanged."""
     system_path = _find(name, dirs)
     if system_path is None:
         raise TemplateNotFoundError(name, dirs)
-    if user_template_name is None:
+    if user_name is None:
         user_path = _sibling_user(system_path)
     else:
         user_dirs = [*dirs, os.path.dirname(system_path)]
-        user_path = _find(os.fspath(user_template_name), user_dirs)
+        user_path = _find(user_name, user_dirs)
         if user_path is None:
-            raise TemplateNotFoundError(os.fspath(user_template_name), user_dirs)
+            raise TemplateNotFoundError(user_name, user_dirs)
     loader_dirs = [os.path.dirname(system_path), *([os.path.dirname(user_path)] if user_path else []), *filter(os.path.isdir, dirs)]
     env_dirs = tuple(dict.fromkeys(loader_dirs))
     key = (name, system_path, user_path, env_dirs)

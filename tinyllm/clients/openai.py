@@ -234,7 +234,7 @@ class OpenAIClient(Client):
         request options. The SDK's ``chat.completions.create`` would first walk the
         body against its TypedDicts (``maybe_transform``) and build pydantic models
         from the reply: for the plain JSON values tinyllm sends and reads, both
-        change nothing and cost about a third of the SDK's CPU time per request
+        change nothing and cost about half of the SDK's CPU time per request
         (``bench/overhead.py``). ``post`` is the SDK's public way to send a body
         as-is; its retries (off), headers, auth and Azure deployment routing apply.
         """
