@@ -75,6 +75,31 @@ def _close_all() -> None:
         _formatters.clear()
 
 
+@contextlib.contextmanager
+def _without_extra_buffer_types(llama_cpp: Any):
+    """Load models with llama.cpp's extra buffer types off (``use_extra_bufts = False``).
+
+    With them on, a llama-cpp-python built on a CPU that reports AMX (Sapphire Rapids
+    and later) repacks the weights for AMX and dies of SIGSEGV in
+    ``ggml_backend_amx_mul_mat`` at the first token on virtual machines that do not
+    grant AMX state (seen here). ``Llama()`` takes no argument for it, so its
+    defaults function is wrapped while the model loads (callers hold ``_load_lock``).
+    """
+    module = llama_cpp.llama.llama_cpp
+    original = module.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
+
+
 def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
     key = (str(path.resolve()), embedding)
     with _load_lock:
@@ -85,7 +110,8 @@ def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
                 raise ConfigError("api_type 'llamacpp' needs llama-cpp-python: pip install 'tinyllm[local]'") from exc
             extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
             try:
-                _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=os.cpu_count() or 1, verbose=False, **extra)
+                with _without_extra_buffer_types(llama_cpp):
+                    _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=os.cpu_count() or 1, verbose=False, **extra)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ConfigError(f"could not load the GGUF model {str(path)!r}: {exc}") from exc
             _locks[key] = threading.Lock()
