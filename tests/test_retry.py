@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 
 import pytest
@@ -134,7 +135,8 @@ def test_long_server_wait_is_not_retried(monkeypatch):
     policy = retry.RetryPolicy(max_attempts=5, max_waiting_time=10)
     err = RateLimitError("slow down", status_code=429, response_headers={"retry-after": "120"})
     result, n, sleeps = run_script([err], policy, monkeypatch)
-    assert result is err and n == 1 and sleeps == []
+    assert type(result) is RateLimitError and result.status_code == 429 and n == 1 and sleeps == []
+    assert str(err) == "slow down (status 429)"  # the caught error is left as it was
     assert "120.0 s" in str(result) and "MAX_WAITING_TIME" in str(result)
 
 
@@ -147,3 +149,53 @@ def test_retries_logged_and_counted(monkeypatch, caplog):
         run_script([ServerError("boom", status_code=502)], policy, monkeypatch)
     assert usage_stats()["retries"] == 1
     assert any("attempt 1 of 3" in r.getMessage() and "retrying in" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "exc,attempt,response_errors,expected",
+    [
+        (ServerError("s", status_code=503), 0, 0, 1.0),  # backoff: waiting_time * factor**0 (rand = 1)
+        (ServerError("s", status_code=503), 2, 0, 4.0),
+        (ServerError("s", status_code=503), 4, 0, None),  # the 5th attempt was the last
+        (BadRequestError("b", status_code=400), 0, 0, None),
+        (RateLimitError("r", status_code=429, response_headers={"retry-after": "3"}), 0, 0, 3.0),
+        (RateLimitError("r", status_code=429, response_headers={"retry-after": "99"}), 0, 0, None),
+        (ResponseError("r"), 0, 1, 1.0),
+        (ResponseError("r"), 1, 2, None),
+        (APITimeoutError("t"), 3, 0, 8.0),
+    ],
+)
+def test_next_wait_table(exc, attempt, response_errors, expected):
+    policy = retry.RetryPolicy(max_attempts=5, waiting_time=1, backoff_factor=2, max_waiting_time=10)
+    wait, why = retry.next_wait(exc, attempt, response_errors, policy, rand=lambda: 1.0)
+    assert wait == expected
+    assert why  # every decision has a reason for the log
+
+
+def test_attempt_numbers_and_give_up_logged(monkeypatch, caplog):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    seen = []
+
+    def attempt(n):
+        seen.append(n)
+        raise ServerError("down", status_code=503)
+
+    loop = retry.Retrying(retry.RetryPolicy(max_attempts=3, waiting_time=0.01))
+    with caplog.at_level("DEBUG", logger="tinyllm"), pytest.raises(ServerError):
+        loop.call(attempt)
+    assert seen == [0, 1, 2]
+    assert any("giving up" in r.getMessage() and "MAX_ATTEMPTS=3" in r.getMessage() for r in caplog.records)
+
+
+def test_async_loop_passes_attempt_numbers():
+    seen = []
+
+    async def attempt(n):
+        seen.append(n)
+        if n < 2:
+            raise APIConnectionError("reset")
+        return "ok"
+
+    loop = retry.Retrying(retry.RetryPolicy(max_attempts=5, waiting_time=0.001))
+    assert asyncio.run(loop.acall(attempt)) == "ok"
+    assert seen == [0, 1, 2]

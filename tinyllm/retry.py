@@ -1,8 +1,11 @@
-"""Retry policy: which failures are retried and how long to wait, as small pure functions.
+"""Retry policy: which failures are retried, how long to wait, and the one loop that does it.
 
-The loop itself is the ``backoff`` package's (:func:`backoff.on_exception`), fed
-with a wait generator that asks :func:`wait_for` for every wait. The SDK's own
-retries are switched off (``max_retries=0``) so attempts never stack.
+The decisions are small pure functions (:func:`should_retry`, :func:`server_wait`,
+:func:`backoff_wait`, :func:`next_wait`), tested with tables of cases; the loop
+(:class:`Retrying`, built once per client) reads top to bottom, as openai-python's
+``_base_client`` does. The SDK's own retries are switched off (``max_retries=0``)
+so attempts never stack; the loop passes each attempt its number, which the
+OpenAI-family clients send as the SDK's ``x-stainless-retry-count`` header.
 
 Rules (the status rules follow openai-python's ``_should_retry``):
 
@@ -13,15 +16,17 @@ Rules (the status rules follow openai-python's ``_should_retry``):
 * wait: ``retry-after-ms``, else ``Retry-After`` (seconds or an HTTP date), when
   present and at most ``MAX_WAITING_TIME``; a longer server-directed wait is not
   retried. Otherwise ``WAITING_TIME * EXPONENTIAL_BACKOFF_FACTOR**n`` capped at
-  ``MAX_WAITING_TIME``, with full jitter (a uniform draw in ``[0, that]``, as in
-  the AWS Architecture Blog's "Exponential Backoff And Jitter").
+  ``MAX_WAITING_TIME``, with full jitter (``backoff.full_jitter``: a uniform draw
+  in ``[0, that]``, as in the AWS Architecture Blog's "Exponential Backoff And Jitter").
+
+Every decision is logged on the ``tinyllm`` logger: a retry at INFO, a give-up at DEBUG.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
@@ -31,12 +36,13 @@ import backoff
 from . import usage
 from .errors import APIConnectionError, APIError, ResponseError, TinyLLMError
 
-__all__ = ["RetryPolicy", "should_retry", "server_wait", "backoff_wait", "wait_for", "call", "acall"]
+__all__ = ["RetryPolicy", "Retrying", "should_retry", "server_wait", "backoff_wait", "wait_for", "next_wait", "call", "acall"]
 
 log = logging.getLogger("tinyllm")
 T = TypeVar("T")
 
 RETRY_STATUS = frozenset({408, 409, 429})
+RESPONSE_ERROR_RETRIES = 1  # an unusable reply is asked for again once: a second one is the server's habit
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "RetryPolicy":
-        """Build the policy from a :class:`tinyllm.config.Config`."""
+        """Build the policy from settings (a :class:`tinyllm.config.Config`)."""
         return cls(cfg.max_attempts, cfg.waiting_time, cfg.exponential_backoff_factor, cfg.max_waiting_time)
 
 
@@ -111,13 +117,16 @@ def should_retry(exc: BaseException) -> bool:
     return isinstance(exc, (APIConnectionError, ResponseError))
 
 
-def backoff_wait(retry_number: int, policy: RetryPolicy, rand: Callable[[], float] = random.random) -> float:
-    """Full-jitter exponential wait in seconds before retry ``retry_number`` (0 for the first retry)."""
+def backoff_wait(retry_number: int, policy: RetryPolicy, rand: Callable[[], float] | None = None) -> float:
+    """Full-jitter exponential wait in seconds before retry ``retry_number`` (0 for the first retry).
+
+    ``rand`` (a draw in [0, 1)) replaces ``backoff.full_jitter``'s draw, for tests.
+    """
     ceiling = min(policy.max_waiting_time, policy.waiting_time * policy.backoff_factor**retry_number)
-    return ceiling * rand()
+    return backoff.full_jitter(ceiling) if rand is None else ceiling * rand()
 
 
-def wait_for(exc: BaseException, retry_number: int, policy: RetryPolicy, rand: Callable[[], float] = random.random) -> float:
+def wait_for(exc: BaseException, retry_number: int, policy: RetryPolicy, rand: Callable[[], float] | None = None) -> float:
     """Seconds to wait before the next attempt: the server's wait if it gave one, else backoff."""
     asked = server_wait(getattr(exc, "response_headers", None))
     if asked is not None:
@@ -125,90 +134,107 @@ def wait_for(exc: BaseException, retry_number: int, policy: RetryPolicy, rand: C
     return backoff_wait(retry_number, policy, rand)
 
 
-def _give_up(policy: RetryPolicy, state: dict[str, int]) -> Callable[[BaseException], bool]:
-    def give_up(exc: BaseException) -> bool:
-        if not should_retry(exc):
-            return True
-        if isinstance(exc, ResponseError):
-            state["response_errors"] += 1
-            return state["response_errors"] > 1
-        asked = server_wait(getattr(exc, "response_headers", None))
-        if asked is not None and asked > policy.max_waiting_time:
-            exc.args = (
-                f"{exc.args[0] if exc.args else exc}; the server asked to wait {asked:.1f} s, "
-                f"more than MAX_WAITING_TIME={policy.max_waiting_time:g} s, so it was not retried",
-            )
-            return True
-        return False
+def next_wait(exc: BaseException, attempt: int, response_errors: int, policy: RetryPolicy,
+              rand: Callable[[], float] | None = None) -> tuple[float | None, str]:
+    """Decide what follows the failure ``exc`` of attempt number ``attempt`` (0 for the first).
 
-    return give_up
+    ``response_errors`` counts the :class:`ResponseError` failures so far, this one included.
 
-
-def _waits(policy: RetryPolicy):  # a backoff wait generator that is sent each exception
-    exc = yield
-    n = 0
-    while True:
-        exc = yield wait_for(exc, n, policy)
-        n += 1
+    Returns:
+        ``(seconds to wait, why)`` to retry, or ``(None, why)`` to give up; ``why`` is
+        a short reason for the log (and, for a server-directed wait that is too long,
+        for the error message).
+    """
+    if not should_retry(exc):
+        return None, "not retryable"
+    if isinstance(exc, ResponseError) and response_errors > RESPONSE_ERROR_RETRIES:
+        return None, f"{response_errors} unusable replies in a row"
+    if attempt + 1 >= policy.max_attempts:
+        return None, f"MAX_ATTEMPTS={policy.max_attempts} reached"
+    asked = server_wait(getattr(exc, "response_headers", None))
+    if asked is not None and asked > policy.max_waiting_time:
+        return None, (f"the server asked to wait {asked:.1f} s, more than "
+                      f"MAX_WAITING_TIME={policy.max_waiting_time:g} s, so it was not retried")
+    wait = asked if asked is not None else backoff_wait(attempt, policy, rand)
+    return wait, ("as the server asked" if asked is not None else "backoff")
 
 
-def _on_backoff(policy: RetryPolicy) -> Callable[[dict], None]:
-    def on_backoff(details: dict) -> None:
+def _explained(exc: TinyLLMError, why: str) -> TinyLLMError:
+    """``exc`` itself, or for a server wait that was too long a copy whose message says so.
+
+    The copy (same class, fields and ``__cause__``) leaves the caught exception untouched.
+    """
+    if not why.startswith("the server asked"):
+        return exc
+    import copy
+
+    explained = copy.copy(exc)
+    explained.args = (f"{exc.args[0] if exc.args else exc}; {why}", *exc.args[1:])
+    return explained
+
+
+class Retrying:
+    """The retry loop, built once per client from its :class:`RetryPolicy`.
+
+    ``call(attempt)`` runs ``attempt(n)`` (n = 0, 1, ...: the attempt number, for the
+    ``x-stainless-retry-count`` header) until it returns, the failure is not
+    retryable, or ``policy.max_attempts`` attempts have been made; ``acall`` is the
+    asyncio twin (waits with ``asyncio.sleep``). Each retry is logged at INFO and
+    counted in ``usage_stats()["retries"]``; each give-up is logged at DEBUG.
+
+    Raises: the typed error of the last failure (for a server-directed wait longer
+    than MAX_WAITING_TIME, a copy whose message says so).
+    """
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        return f"Retrying({self.policy!r})"
+
+    def _after(self, exc: TinyLLMError, attempt: int, response_errors: int) -> float:
+        """Seconds to wait before the next attempt; raises ``exc`` (explained) to give up."""
+        wait, why = next_wait(exc, attempt, response_errors, self.policy)
+        if wait is None:
+            log.debug("attempt %d of %d failed (%s: %s); giving up: %s", attempt + 1,
+                      self.policy.max_attempts, type(exc).__name__, exc, why)
+            final = _explained(exc, why)
+            if final is exc:
+                raise exc
+            raise final from exc.__cause__
         usage.record(retries=1)
-        log.info(
-            "attempt %d of %d failed (%s); retrying in %.2f s",
-            details["tries"],
-            policy.max_attempts,
-            details.get("exception"),
-            details["wait"],
-        )
+        log.info("attempt %d of %d failed (%s); retrying in %.2f s (%s)", attempt + 1,
+                 self.policy.max_attempts, exc, wait, why)
+        return wait
 
-    return on_backoff
+    def call(self, attempt: Callable[[int], T]) -> T:
+        """Run ``attempt(n)`` under the policy (see the class docstring); returns its result."""
+        response_errors = 0
+        for n in range(self.policy.max_attempts):
+            try:
+                return attempt(n)
+            except TinyLLMError as exc:
+                response_errors += isinstance(exc, ResponseError)
+                time.sleep(self._after(exc, n, response_errors))
+        raise AssertionError("unreachable: the last attempt raises")
 
-
-def _decorate(fn: Callable, policy: RetryPolicy) -> Callable:
-    return backoff.on_exception(
-        lambda: _waits(policy),
-        TinyLLMError,
-        max_tries=policy.max_attempts,
-        giveup=_give_up(policy, {"response_errors": 0}),
-        jitter=None,
-        on_backoff=_on_backoff(policy),
-        logger=None,
-    )(fn)
+    async def acall(self, attempt: Callable[[int], Awaitable[T]]) -> T:
+        """The asyncio twin of :meth:`call`: ``attempt`` is an async function."""
+        response_errors = 0
+        for n in range(self.policy.max_attempts):
+            try:
+                return await attempt(n)
+            except TinyLLMError as exc:
+                response_errors += isinstance(exc, ResponseError)
+                await asyncio.sleep(self._after(exc, n, response_errors))
+        raise AssertionError("unreachable: the last attempt raises")
 
 
 def call(attempt: Callable[[], T], policy: RetryPolicy) -> T:
-    """Run ``attempt()`` (one HTTP request that raises tinyllm errors) under ``policy``.
-
-    Returns what the first successful attempt returns. Raises the typed error of
-    the last failure after ``policy.max_attempts`` attempts, or at once for a
-    failure that is not retried. Each retry is logged at INFO on the
-    ``tinyllm`` logger and counted in ``usage_stats()["retries"]``.
-    """
-    try:
-        return attempt()  # the common case, without building the retry machinery
-    except TinyLLMError as exc:
-        failed = [exc]
-
-    def again() -> T:  # the backoff loop, with the first attempt's failure replayed into it
-        if failed:
-            raise failed.pop()
-        return attempt()
-
-    return _decorate(again, policy)()
+    """Run ``attempt()`` under ``policy`` (a one-off :class:`Retrying`); returns its result."""
+    return Retrying(policy).call(lambda n: attempt())
 
 
 async def acall(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
-    """The asyncio twin of :func:`call`: ``attempt`` is an async function; waits use asyncio.sleep."""
-    try:
-        return await attempt()
-    except TinyLLMError as exc:
-        failed = [exc]
-
-    async def again() -> T:
-        if failed:
-            raise failed.pop()
-        return await attempt()
-
-    return await _decorate(again, policy)()
+    """The asyncio twin of :func:`call`."""
+    return await Retrying(policy).acall(lambda n: attempt())
