@@ -198,3 +198,35 @@ def test_credentials_in_urls_are_masked(monkeypatch):
     assert "hunter2" not in shown and "qsecret" not in shown and "pw2" not in shown
     assert "127.0.0.1:9/v1" in shown and "host.example/v1" in shown
     assert get_config().secret("OPENAI_BASE_URL").startswith("http://bob:hunter2@")  # the value itself is intact
+
+
+def test_config_is_a_frozen_typed_dataclass():
+    import dataclasses
+
+    cfg = get_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.max_attempts = 3  # type: ignore[misc]
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
+    assert types["timeout"] == "float" and types["max_tokens"] == "int | None"
+
+
+def test_frequency_penalty_and_its_old_name(tmp_path):
+    write_ini(tmp_path / "config.ini", FREQ_PENALTY=0.25)  # TinyTroupe's config.ini spells it so
+    cfg = get_config()
+    assert cfg.frequency_penalty == 0.25 and cfg["FREQ_PENALTY"] == 0.25
+    assert cfg.source("FREQUENCY_PENALTY") == str(tmp_path / "config.ini")
+    configure(frequency_penalty=0.5)
+    assert get_config().frequency_penalty == 0.5
+    configure(freq_penalty=0.75)
+    assert get_config().frequency_penalty == 0.75
+
+
+def test_replace_gives_a_client_its_own_settings():
+    base = get_config()
+    mine = base.replace({"timeout": 3, "MAX_ATTEMPTS": "2"})
+    assert (mine.timeout, mine.max_attempts, mine.source("timeout")) == (3.0, 2, "client")
+    assert (base.timeout, base.max_attempts) == (60.0, 5)  # the defaults are untouched
+    with pytest.raises(ConfigError, match="TIMEOUT.*client"):
+        base.replace({"timeout": -1})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        base.replace({"timeot": 1})

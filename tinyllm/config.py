@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import configparser
 import copy
+import dataclasses
 import json
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,81 +96,81 @@ def _str(text: str) -> str:
     return text.strip()
 
 
-# key -> (parser, built-in default). None as a default means "not set": a model
-# parameter that is not set is not sent, and the server's default applies.
-KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
-    "API_TYPE": (lambda s: s.strip().lower(), None),
-    "MODEL": (_str, "gpt-4o-mini"),
-    "MAX_TOKENS": (_positive_int, None),
-    "TEMPERATURE": (_nonneg(float), None),
-    "TOP_P": (_nonneg(float), None),
-    "FREQ_PENALTY": (float, None),
-    "PRESENCE_PENALTY": (float, None),
-    "REASONING_EFFORT": (_str, None),
-    "TIMEOUT": (_positive_float, 60.0),  # seconds per attempt
-    "MAX_ATTEMPTS": (_positive_int, 5),  # HTTP requests, including the first
-    "WAITING_TIME": (_nonneg(float), 1.0),  # seconds, first backoff wait
-    "EXPONENTIAL_BACKOFF_FACTOR": (_nonneg(float), 2.0),
-    "MAX_WAITING_TIME": (_nonneg(float), 60.0),  # seconds, cap on any one wait
-    "EMBEDDING_MODEL": (_str, "text-embedding-3-small"),
-    "CACHE_API_CALLS": (_parse_bool, False),
-    "CACHE_FILE_NAME": (_str, "tinyllm_cache.pickle"),
-    "BASE_URL": (_str, None),
-    "AZURE_API_VERSION": (_str, "2024-10-21"),
-    "AZURE_DEPLOYMENTS": (_parse_mapping, {}),
-    "MAX_CONCURRENT_REQUESTS": (_positive_int, 5),
-    "QUEUE_SIZE": (_nonneg(int), 100),
-    "QUEUE_TIMEOUT": (_nonneg(float), 300.0),  # seconds a request may wait for a slot; 0 = no limit
-    "REQUESTS_PER_MINUTE": (_nonneg(int), 0),  # 0 = no limit
-    "TOKENS_PER_MINUTE": (_nonneg(int), 0),  # 0 = no limit
-    "LOCAL_MODEL_PATH": (_str, None),
-    "PROMPTS_DIRS": (_parse_paths, []),
-    # seconds between checks of config.ini, .env and template files for changes; 0 = on every use
-    "FILE_CHECK_INTERVAL": (_nonneg(float), 1.0),
-}
-
-# Secrets and endpoints read only from the environment or .env.
-SECRET_NAMES = (
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "AZURE_OPENAI_KEY",
-    "AZURE_OPENAI_API_KEY",
-    "AZURE_OPENAI_ENDPOINT",
-    "AZURE_OPENAI_VERSION",
-    "AZURE_OPENAI_DEPLOYMENT",
-    "AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT",
-)
-API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")  # masked wherever shown
+def _setting(default: Any, parse: Callable[[str], Any], doc: str = "") -> Any:
+    """A :class:`Config` field: its built-in default, the parser of its text form, what it means."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"parse": parse, "doc": doc})
+    return field(default=default, metadata={"parse": parse, "doc": doc})
 
 
+@dataclass(frozen=True)
 class Config:
-    """An immutable snapshot of the effective settings.
+    """The effective settings: typed, immutable (a frozen dataclass).
 
-    Access a setting as ``cfg.max_attempts`` or ``cfg["MAX_ATTEMPTS"]``;
-    :meth:`source` tells where a value came from (``"default"``, a file path,
-    ``"environment"``, ``".env"`` or ``"configure()"``). Secrets are in
+    Read a setting as ``cfg.max_attempts`` or ``cfg["MAX_ATTEMPTS"]``; :meth:`source`
+    tells where a value came from (``"default"``, a file path, ``".env"``,
+    ``"environment"``, ``"configure()"`` or ``"client"``). Secrets are in
     :attr:`secrets` (``dict[str, str]``) and never shown by ``repr``.
+    :meth:`replace` derives the settings of a client built with its own values.
+    A setting that is None is not set: a model parameter left unset is not sent,
+    and the server's default applies.
     """
 
-    __slots__ = ("_values", "_sources", "secrets", "__dict__")
-
-    def __init__(self, values: dict[str, Any], sources: dict[str, str], secrets: dict[str, str]):
-        self._values = values
-        self._sources = sources
-        self.secrets = secrets
-        # each setting as a plain lower-case attribute (read ~20 times per request)
-        self.__dict__.update({k.lower(): v for k, v in values.items() if not hasattr(Config, k.lower())})
+    api_type: str | None = _setting(None, lambda s: s.strip().lower() or None, "client: openai, ollama, azure, llamacpp or a registered one")
+    model: str = _setting("gpt-4o-mini", _str, "model asked for")
+    max_tokens: int | None = _setting(None, _positive_int, "tokens the reply may have")
+    temperature: float | None = _setting(None, _nonneg(float))
+    top_p: float | None = _setting(None, _nonneg(float))
+    frequency_penalty: float | None = _setting(None, float, "also read as FREQ_PENALTY (TinyTroupe's name)")
+    presence_penalty: float | None = _setting(None, float)
+    reasoning_effort: str | None = _setting(None, _str, "for reasoning models: low, medium, high")
+    timeout: float = _setting(60.0, _positive_float, "seconds per HTTP attempt, the whole attempt")
+    max_attempts: int = _setting(5, _positive_int, "HTTP requests, the first included")
+    waiting_time: float = _setting(1.0, _nonneg(float), "seconds, first backoff wait")
+    exponential_backoff_factor: float = _setting(2.0, _nonneg(float))
+    max_waiting_time: float = _setting(60.0, _nonneg(float), "seconds, cap on any one wait")
+    embedding_model: str = _setting("text-embedding-3-small", _str)
+    cache_api_calls: bool = _setting(False, _parse_bool)
+    cache_file_name: str = _setting("tinyllm_cache.pickle", _str)
+    base_url: str | None = _setting(None, _str)
+    azure_api_version: str = _setting("2024-10-21", _str)
+    azure_deployments: dict = _setting({}, _parse_mapping, "model name -> Azure deployment name")
+    max_concurrent_requests: int = _setting(5, _positive_int)
+    queue_size: int = _setting(100, _nonneg(int), "requests that may wait for a slot")
+    queue_timeout: float = _setting(300.0, _nonneg(float), "seconds a request may wait for a slot; 0 = no limit")
+    requests_per_minute: int = _setting(0, _nonneg(int), "0 = no limit")
+    tokens_per_minute: int = _setting(0, _nonneg(int), "0 = no limit")
+    local_model_path: str | None = _setting(None, _str)
+    prompts_dirs: list = _setting([], _parse_paths)
+    file_check_interval: float = _setting(1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use")
+    secrets: dict = field(default_factory=dict, repr=False, compare=False)
+    sources: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, key: str) -> Any:
-        return self._values[key.upper()]
+        return getattr(self, _setting_name(key))
 
     def source(self, key: str) -> str:
-        """Where the value of ``key`` came from."""
-        return self._sources[key.upper()]
+        """Where the value of ``key`` (a config key, any case; aliases too) came from."""
+        return self.sources.get(_setting_name(key).upper(), "default")
+
+    def replace(self, overrides: dict[str, Any], source: str = "client") -> "Config":
+        """These settings with ``overrides`` (lower- or upper-case keys, typed or text values) on top.
+
+        Raises:
+            ConfigError: an unknown key, or a value that does not parse (named with ``source``).
+        """
+        if not overrides:
+            return self
+        values = {}
+        for key, value in overrides.items():
+            name = _setting_name(key)
+            values[name] = _parse(name.upper(), value, source)
+        sources = {**self.sources, **{name.upper(): source for name in values}}
+        return dataclasses.replace(self, **values, sources=sources)
 
     def as_dict(self, *, mask_secrets: bool = True) -> dict[str, Any]:
         """All settings and secrets as one dict; API keys masked unless asked otherwise."""
-        out = dict(self._values)
+        out = {name.upper(): getattr(self, name) for name in _FIELDS}
         for name, value in self.secrets.items():
             out[name] = mask(value) if (mask_secrets and name in API_KEY_NAMES) else value
         if mask_secrets:
@@ -187,6 +189,38 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({self.as_dict(mask_secrets=True)!r})"
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if "parse" in f.metadata)
+#: config key -> (parser of its text form, built-in default); the one table is :class:`Config`'s fields.
+KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
+    f.name.upper(): (f.metadata["parse"], f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+    for f in dataclasses.fields(Config) if "parse" in f.metadata
+}
+#: older key names still read, -> the key they mean
+ALIASES = {"FREQ_PENALTY": "FREQUENCY_PENALTY"}
+
+
+def _setting_name(key: str) -> str:
+    """The :class:`Config` field of a config key in any case (aliases resolved); ConfigError if unknown."""
+    upper = key.upper()
+    upper = ALIASES.get(upper, upper)
+    if upper not in KEYS:
+        raise ConfigError(f"unknown setting {key!r}; known: {', '.join(k.lower() for k in KEYS)}")
+    return upper.lower()
+
+# Secrets and endpoints read only from the environment or .env.
+SECRET_NAMES = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "AZURE_OPENAI_KEY",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_ENDPOINT",
+    "AZURE_OPENAI_VERSION",
+    "AZURE_OPENAI_DEPLOYMENT",
+    "AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT",
+)
+API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")  # masked wherever shown
 
 
 _URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT")
@@ -351,24 +385,22 @@ def get_config() -> Config:
 
 
 def _build_config(cwd: Path, overrides: dict[str, Any]) -> Config:
-    values = {k: default for k, (_, default) in KEYS.items()}
-    sources = {k: "default" for k in KEYS}
+    values: dict[str, Any] = {}
     dotenv = _read_dotenv(cwd / ".env")
     for source, raw in _layers(cwd, dotenv):
         for key, text in raw.items():
-            key = key.upper()
+            key = ALIASES.get(key.upper(), key.upper())
             if key in KEYS:
-                values[key] = _parse(key, text, source)
-                sources[key] = source
+                values[key] = (_parse(key, text, source), source)
     for key, value in overrides.items():
-        values[key] = _parse(key, value, "configure()")
-        sources[key] = "configure()"
+        values[key] = (_parse(key, value, "configure()"), "configure()")
     secrets = {}
     for name in SECRET_NAMES:
         value = os.environ.get(name) or dotenv.get(name)
         if value:
             secrets[name] = value
-    return Config(values, sources, secrets)
+    return Config(**{k.lower(): v for k, (v, _) in values.items()}, secrets=secrets,
+                  sources={k: source for k, (_, source) in values.items()})
 
 
 def configure(**overrides: Any) -> None:
@@ -382,15 +414,13 @@ def configure(**overrides: Any) -> None:
     Raises:
         ConfigError: an unknown key, or a value that does not parse or is of another type.
     """
+    names = {key: _setting_name(key).upper() for key in overrides}  # ConfigError for an unknown key
     for key, value in overrides.items():
-        upper = key.upper()
-        if upper not in KEYS:
-            raise ConfigError(f"unknown setting {key!r}; known: {', '.join(k.lower() for k in KEYS)}")
         if value is not None:
-            _parse(upper, value, "configure()")
+            _parse(names[key], value, "configure()")
     with _lock:
         for key, value in overrides.items():
             if value is None:
-                _overrides.pop(key.upper(), None)
+                _overrides.pop(names[key], None)
             else:
-                _overrides[key.upper()] = value
+                _overrides[names[key]] = value

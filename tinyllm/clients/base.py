@@ -39,7 +39,7 @@ CONFIG_PARAMS = {
     "max_tokens": "MAX_TOKENS",
     "temperature": "TEMPERATURE",
     "top_p": "TOP_P",
-    "frequency_penalty": "FREQ_PENALTY",
+    "frequency_penalty": "FREQUENCY_PENALTY",
     "presence_penalty": "PRESENCE_PENALTY",
 }
 log = logging.getLogger("tinyllm")
