@@ -37,8 +37,7 @@ def _clear_config_overrides() -> None:
         config._overrides.clear()
     clients = sys.modules.get("tinyllm.clients")
     if clients is not None:  # forced api_type and registered clients (each client owns a request queue)
-        clients._forced = None
-        clients._clients.clear()
+        clients.default_registry.reset()
     cache = sys.modules.get("tinyllm.cache")
     if cache is not None and hasattr(cache, "force_api_cache"):
         cache.force_api_cache(None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .cache import force_api_cache
 from .call import LLMCall
 from .chat import LLMChat
-from .clients import CallInfo, Client, client, force_api_type, last_call_info, register_client
+from .clients import CallInfo, Capabilities, Client, PlainClient, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
@@ -26,6 +26,12 @@ __all__ = [
     "LLMCall",
     "LLMChat",
     "Client",
+    "Capabilities",
+    "PlainClient",
+    "OpenAIClient",
+    "OllamaClient",
+    "AzureClient",
+    "LlamaCppClient",
     "CallInfo",
     "client",
     "register_client",
@@ -41,6 +47,22 @@ __all__ = [
     "reset_usage_stats",
     *_error_names,
 ]
+
+
+_LAZY = {  # client classes, imported on first use so `import tinyllm` stays light
+    "OpenAIClient": "tinyllm.clients.openai",
+    "OllamaClient": "tinyllm.clients.openai",
+    "AzureClient": "tinyllm.clients.azure",
+    "LlamaCppClient": "tinyllm.clients.llamacpp",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tinyllm' has no attribute {name!r}")
 
 
 def get_embedding(text: str, model: str | None = None) -> list[float]:

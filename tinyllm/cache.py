@@ -449,10 +449,10 @@ def force_api_cache(enabled: bool | None, file_name: str | None = None) -> None:
     _forced = None if enabled is None else (bool(enabled), file_name)
 
 
-def active_cache(cfg: Config | None = None) -> Cache | None:
+def active_cache(cfg: Config | None = None, *, forced: bool = True) -> Cache | None:
     """The cache calls should use now, or ``None`` when caching is off.
 
-    Uses :func:`force_api_cache` if set, else ``cfg.cache_api_calls`` and
+    Uses :func:`force_api_cache` if set (and ``forced``), else ``cfg.cache_api_calls`` and
     ``cfg.cache_file_name`` (``cfg`` defaults to :func:`get_config`). One
     :class:`PickleCache` per absolute path is created and shared by all threads.
 
@@ -460,8 +460,8 @@ def active_cache(cfg: Config | None = None) -> Cache | None:
         ConfigError, OSError: as :class:`PickleCache` when the file is first opened.
     """
     cfg = cfg if cfg is not None else get_config()
-    forced = _forced
-    enabled, name = (forced[0], forced[1] or cfg.cache_file_name) if forced else (cfg.cache_api_calls, cfg.cache_file_name)
+    force = _forced if forced else None
+    enabled, name = (force[0], force[1] or cfg.cache_file_name) if force else (cfg.cache_api_calls, cfg.cache_file_name)
     if not enabled:
         return None
     path = os.path.realpath(os.path.expanduser(name))

@@ -8,10 +8,10 @@ import sys
 from typing import Any, Callable, Iterable
 
 from . import usage
-from .clients import Client
+from .clients import Client, as_client
 from .clients import client as get_client
 from .config import get_config
-from .errors import OutputParseError, ResponseError
+from .errors import ConfigError, OutputParseError, ResponseError
 from .output import normalize_output_type, parse_output, response_format_for
 from .templates import Prompt, load_prompt
 
@@ -30,13 +30,14 @@ def plan_output(prompt: Prompt | None, sender: Any, output_type: Any, output_ret
     ``output_type`` and ``output_retries`` given in code win over the front
     matter's (``prompt`` None: no front matter); ``model_params`` win over the
     front matter's parameters. A ``response_format`` fitting the output_type is
-    added unless one is given (a llama.cpp backend enforces JSON schemas by
-    grammar, so ``list`` gets one too).
+    added unless one is given, as ``sender.capabilities`` allows (a client that
+    enforces JSON schemas by grammar, such as llama.cpp, gets one for ``list`` too).
     """
     front_type = prompt.output_type if prompt is not None else None
     kind = normalize_output_type(output_type if output_type is not None else front_type)
     params = {**(prompt.params if prompt is not None else {}), **model_params}
-    fmt = response_format_for(kind, json_grammar=getattr(sender, "api_type", None) == "llamacpp")
+    caps = sender.capabilities
+    fmt = response_format_for(kind, json_schema=caps.json_schema, json_grammar=caps.json_grammar)
     if fmt is not None and "response_format" not in params:
         params["response_format"] = fmt
     front_retries = prompt.output_retries if prompt is not None else None
@@ -90,11 +91,7 @@ def _fits(output_type: Any) -> Callable[[dict], bool]:
     return fits
 
 
-def _accept(sender: Any, output_type: Any) -> dict:
-    return {"accept": _fits(output_type)} if isinstance(sender, Client) else {}  # a plain registered client may not take it
-
-
-def send_for_output(sender: Any, messages: list[dict], params: dict, output_type: Any, retries: int,
+def send_for_output(sender: Client, messages: list[dict], params: dict, output_type: Any, retries: int,
                     on_reply: Callable[[dict], None] = lambda message: None) -> tuple[Any, dict]:
     """Send ``messages`` through ``sender.send_message`` until a reply fits ``output_type``.
 
@@ -109,9 +106,9 @@ def send_for_output(sender: Any, messages: list[dict], params: dict, output_type
     """
     turns = _output_turns(list(messages), output_type, retries)
     conversation = next(turns)
-    accept = _accept(sender, output_type)
+    accept = _fits(output_type)
     while True:
-        message = sender.send_message(conversation, **accept, **params)
+        message = sender.send_message(conversation, accept=accept, **params)
         on_reply(message)
         try:
             conversation = turns.send(message)
@@ -119,17 +116,14 @@ def send_for_output(sender: Any, messages: list[dict], params: dict, output_type
             return done.value
 
 
-async def asend_for_output(sender: Any, messages: list[dict], params: dict, output_type: Any, retries: int,
+async def asend_for_output(sender: Client, messages: list[dict], params: dict, output_type: Any, retries: int,
                            on_reply: Callable[[dict], None] = lambda message: None) -> tuple[Any, dict]:
-    """The asyncio twin of :func:`send_for_output` (``asend_message``, or ``send_message`` in a thread)."""
+    """The asyncio twin of :func:`send_for_output`, through ``sender.asend_message``."""
     turns = _output_turns(list(messages), output_type, retries)
     conversation = next(turns)
-    accept = _accept(sender, output_type)
+    accept = _fits(output_type)
     while True:
-        if hasattr(sender, "asend_message"):
-            message = await sender.asend_message(conversation, **accept, **params)
-        else:
-            message = await asyncio.to_thread(sender.send_message, conversation, **params)
+        message = await sender.asend_message(conversation, accept=accept, **params)
         on_reply(message)
         try:
             conversation = turns.send(message)
@@ -149,8 +143,11 @@ class LLMCall:
             ``int``, ``float``, ``dict``/``"json"``, ``list``, a list of labels,
             or a pydantic model). Overrides the front matter's ``output_type``.
         prompts_dir: a directory (or list of them) searched first.
-        api_type: the client to use (``openai``, ``ollama``, ``azure``,
+        api_type: the registered client to use (``openai``, ``ollama``, ``azure``,
             ``llamacpp`` or a registered one); default: configured or detected.
+        client: a client object to use instead (``OpenAIClient(base_url=...,
+            api_key=...)``, any :class:`~tinyllm.Client`, or an object with
+            ``send_message``); it carries its own settings. Not with ``api_type``.
         output_retries: how many times to repeat a call whose reply does not
             fit ``output_type``, feeding the parse error back (default: front
             matter's ``output_retries``, else 0).
@@ -174,9 +171,13 @@ class LLMCall:
         output_type: Any = None,
         prompts_dir: Any = None,
         api_type: str | None = None,
+        client: Any = None,
         output_retries: int | None = None,
         **model_params: Any,
     ) -> None:
+        if client is not None and api_type is not None:
+            raise ConfigError("give either api_type= or client=, not both")
+        self.client = as_client(client) if client is not None else None
         self.system_template_name = system_template_name
         self.user_template_name = user_template_name
         self.prompts_dir = prompts_dir
@@ -200,7 +201,7 @@ class LLMCall:
     def _plan(self, variables: dict) -> tuple[Any, list[dict], dict, Any, int]:
         prompt = self.prompt
         messages = prompt.render(variables)
-        sender = get_client(self.api_type)
+        sender = self.client or get_client(self.api_type)
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
         return sender, messages, params, output_type, retries
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from .call import asend_for_output, plan_output, send_for_output
+from .clients import Client, as_client
 from .clients import client as get_client
-from .config import get_config
+from .errors import ConfigError
 from .output import normalize_output_type
 from .templates import Prompt, load_prompt
 
@@ -46,7 +47,8 @@ class LLMChat:
             ``list``, a list of labels, a pydantic model); default: the front
             matter's ``output_type``.
         prompts_dir: a directory (or list of them) searched first for templates.
-        api_type: the client to use; default: forced, configured or detected.
+        api_type: the registered client to use; default: forced, configured or detected.
+        client: a client object to use instead (see :class:`~tinyllm.LLMCall`).
         output_retries: how many times to repeat a turn whose reply does not
             fit ``output_type``, feeding the parse error back (the failed
             exchange is not kept in the history); default: front matter's, else 0.
@@ -77,9 +79,12 @@ class LLMChat:
         output_type: Any = None,
         prompts_dir: Any = None,
         api_type: str | None = None,
+        client: Any = None,
         output_retries: int | None = None,
         **model_params: Any,
     ) -> None:
+        if client is not None and api_type is not None:
+            raise ConfigError("give either api_type= or client=, not both")
         if system_template_name is not None and system is not None:
             raise TypeError("give either system_template_name or system=, not both")
         if system_template_name is None and user_template_name is not None:
@@ -92,6 +97,7 @@ class LLMChat:
         self.output_type = output_type
         self.prompts_dir = prompts_dir
         self.api_type = api_type
+        self.client = as_client(client) if client is not None else None
         self.output_retries = output_retries
         self.model_params = model_params
         self.history: list[dict] = []
@@ -135,7 +141,7 @@ class LLMChat:
         prompt = self.prompt
         opening = self._seed(prompt, merged) if not self.history else []
         user = self._user(prompt, text, merged)
-        sender = get_client(self.api_type)
+        sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
         return sender, opening, user, params, output_type, retries, merged
 
@@ -194,15 +200,15 @@ class LLMChat:
         """
         if not self.history:
             return 0
-        sender = get_client(self.api_type)
+        sender = self._sender()
+        cfg = sender.settings()
         if model is None:
             params = {**(self.prompt.params if self.prompt is not None else {}), **self.model_params}
-            resolve = getattr(sender, "resolve_params", None)
-            model = resolve(params, get_config())["model"] if resolve else (params.get("model") or get_config().model)
-        count = getattr(sender, "count_tokens", None)
-        if count is None:
-            from .tokens import count_tokens as count
-        return int(count(self.history, model))
+            model = sender.resolve_params(params, cfg)["model"]
+        return int(sender.count_tokens(self.history, model, cfg))
+
+    def _sender(self) -> Client:
+        return self.client or get_client(self.api_type)
 
     def reset(self) -> None:
         """Start over: empty :attr:`history`, forget remembered variables and the last reply."""

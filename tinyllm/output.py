@@ -84,11 +84,13 @@ def normalize_output_type(output_type: Any) -> Any:
     raise OutputParseError(f"unsupported output_type {output_type!r}", output_type=output_type)
 
 
-def response_format_for(output_type: Any, *, json_grammar: bool = False) -> dict | None:
+def response_format_for(output_type: Any, *, json_schema: bool = True, json_grammar: bool = False) -> dict | None:
     """The OpenAI ``response_format`` to request for a normalized output_type, or None.
 
     Args:
         output_type: a value returned by :func:`normalize_output_type`.
+        json_schema: the backend takes ``json_schema`` response formats; when not,
+            a pydantic model asks for ``json_object`` (the reply is validated after).
         json_grammar: the backend enforces any JSON schema with a grammar
             (llama.cpp); then ``list`` asks for an array schema too.
 
@@ -98,7 +100,7 @@ def response_format_for(output_type: Any, *, json_grammar: bool = False) -> dict
         for a pydantic model; for ``list`` with ``json_grammar`` a
         ``json_schema`` whose schema is ``{"type": "array"}``; else None.
     """
-    if output_type is dict:
+    if output_type is dict or (_is_model(output_type) and not json_schema):
         return {"type": "json_object"}
     if output_type is list and json_grammar:
         return {"type": "json_schema", "json_schema": {"name": "list", "schema": {"type": "array"}}}

@@ -10,13 +10,14 @@ names every way to fix it).
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from ..config import Config, get_config
 from ..errors import ConfigError
-from .base import CallInfo, Client, last_call_info
+from .base import CallInfo, Capabilities, Client, PlainClient, as_client, last_call_info
 
-__all__ = ["Client", "CallInfo", "client", "register_client", "force_api_type", "detect_api_type", "last_call_info"]
+__all__ = ["Client", "Capabilities", "PlainClient", "CallInfo", "Registry", "default_registry", "client", "register_client",
+           "force_api_type", "detect_api_type", "last_call_info", "as_client"]
 
 
 def _openai() -> Client:
@@ -44,26 +45,82 @@ def _llamacpp() -> Client:
 
 
 _factories: dict[str, Callable[[], Client]] = {"openai": _openai, "ollama": _ollama, "azure": _azure, "llamacpp": _llamacpp}
-_clients: dict[str, Client] = {}
-_forced: str | None = None
-_lock = threading.Lock()
 
 
-def register_client(api_type: str, client: Client) -> None:
+class Registry:
+    """Which client object answers for each api_type: the defaults for code that passes no client.
+
+    Built-in clients (``openai``, ``ollama``, ``azure``, ``llamacpp``) are built on
+    first use with no settings of their own (so they follow the configuration);
+    :meth:`register` replaces or adds one; :meth:`force` sends every call to one.
+    The package keeps one, :data:`default_registry`, behind :func:`client`,
+    :func:`register_client` and :func:`force_api_type`.
+    """
+
+    def __init__(self) -> None:
+        self._clients: dict[str, Client] = {}
+        self._forced: str | None = None
+        self._lock = threading.Lock()
+
+    def register(self, api_type: str, target: Any) -> Client:
+        """See :func:`register_client`; returns the :class:`Client` now registered."""
+        if not api_type or not isinstance(api_type, str):
+            raise ConfigError("api_type must be a non-empty string")
+        found = as_client(target, api_type.lower())
+        with self._lock:
+            self._clients[api_type.lower()] = found
+        return found
+
+    def force(self, api_type: str | None) -> None:
+        """See :func:`force_api_type`."""
+        if api_type is not None:
+            self._check_known(api_type.lower())
+        self._forced = api_type.lower() if api_type else None
+
+    def reset(self) -> None:
+        """Forget registered and built clients and any forced api_type."""
+        with self._lock:
+            self._clients.clear()
+            self._forced = None
+
+    def _check_known(self, api_type: str) -> None:
+        if api_type not in _factories and api_type not in self._clients:
+            known = sorted(set(_factories) | set(self._clients))
+            raise ConfigError(f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own)")
+
+    def client(self, api_type: str | None = None) -> Client:
+        """See :func:`client`."""
+        forced = self._forced
+        cfg = get_config() if forced is None and api_type is None else None
+        chosen = forced or (api_type.lower() if api_type else None) or (cfg.api_type if cfg else None)
+        if chosen is None:
+            chosen = detect_api_type(cfg)  # type: ignore[arg-type]
+        found = self._clients.get(chosen)
+        if found is not None:
+            return found
+        self._check_known(chosen)
+        with self._lock:
+            if chosen not in self._clients:
+                self._clients[chosen] = _factories[chosen]()
+            return self._clients[chosen]
+
+
+#: the registry behind :func:`client`, :func:`register_client` and :func:`force_api_type`
+default_registry = Registry()
+
+
+def register_client(api_type: str, client: Any) -> None:
     """Make ``client`` answer for ``api_type`` (str, case-insensitive), replacing a built-in of that name.
 
-    ``client`` is any object with ``send_message(messages: list[dict], **params) -> dict``
-    (subclass :class:`tinyllm.Client` to get the cache, queue and retry pipeline).
+    ``client`` is a :class:`tinyllm.Client` (for example ``OpenAIClient(base_url=...,
+    api_key=...)``, or a subclass of your own, which gets the cache, queue and
+    retry pipeline), or any object with ``send_message(messages: list[dict],
+    **params) -> dict``, which is wrapped in a :class:`PlainClient`.
 
     Raises:
         ConfigError: an empty ``api_type``, or a ``client`` without ``send_message``.
     """
-    if not api_type or not isinstance(api_type, str):
-        raise ConfigError("api_type must be a non-empty string")
-    if not callable(getattr(client, "send_message", None)):
-        raise ConfigError(f"a client for {api_type!r} must have a send_message(messages, **params) method")
-    with _lock:
-        _clients[api_type.lower()] = client
+    default_registry.register(api_type, client)
 
 
 def force_api_type(api_type: str | None) -> None:
@@ -72,16 +129,7 @@ def force_api_type(api_type: str | None) -> None:
     Raises:
         ConfigError: ``api_type`` is not registered.
     """
-    global _forced
-    if api_type is not None:
-        _check_known(api_type.lower())
-    _forced = api_type.lower() if api_type else None
-
-
-def _check_known(api_type: str) -> None:
-    if api_type not in _factories and api_type not in _clients:
-        known = sorted(set(_factories) | set(_clients))
-        raise ConfigError(f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own)")
+    default_registry.force(api_type)
 
 
 def detect_api_type(cfg: Config) -> str:
@@ -111,15 +159,4 @@ def client(api_type: str | None = None) -> Client:
     Raises:
         ConfigError: unknown api_type, or nothing configured (see :func:`detect_api_type`).
     """
-    cfg = get_config() if _forced is None and api_type is None else None
-    chosen = _forced or (api_type.lower() if api_type else None) or (cfg.api_type if cfg else None)
-    if chosen is None:
-        chosen = detect_api_type(cfg)  # type: ignore[arg-type]
-    found = _clients.get(chosen)
-    if found is not None:
-        return found
-    _check_known(chosen)
-    with _lock:
-        if chosen not in _clients:
-            _clients[chosen] = _factories[chosen]()
-        return _clients[chosen]
+    return default_registry.client(api_type)

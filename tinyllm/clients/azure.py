@@ -22,16 +22,34 @@ class AzureClient(OpenAIClient):
     else ``AZURE_OPENAI_DEPLOYMENT``, else the model name itself; embeddings use
     ``AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT`` or the map.
 
-    Raises (on use): ConfigError when the endpoint is unset, or when there is
-    no key and azure-identity is not installed.
+    Args:
+        endpoint: ``https://NAME.openai.azure.com`` (default: ``AZURE_OPENAI_ENDPOINT``).
+        api_key: the key (default: ``AZURE_OPENAI_KEY`` / ``AZURE_OPENAI_API_KEY``).
+        api_version: default ``AZURE_API_VERSION``.
+        deployments: ``{model name: deployment name}`` (default ``AZURE_DEPLOYMENTS``).
+        cache, **settings: as for :class:`~tinyllm.Client`.
+
+    Raises:
+        ConfigError: an unknown setting or a bad value; on use, when the endpoint
+            is unset, or when there is no key and azure-identity is not installed.
     """
 
     api_type = "azure"
+    api_key_secret = "AZURE_OPENAI_KEY"
+
+    def __init__(self, *, endpoint: str | None = None, api_key: str | None = None, api_version: str | None = None,
+                 deployments: dict[str, str] | None = None, cache: Any = None, **settings: Any) -> None:
+        super().__init__(api_key=api_key, cache=cache, azure_api_version=api_version, azure_deployments=deployments, **settings)
+        if endpoint is not None:
+            if not isinstance(endpoint, str) or not endpoint:
+                raise ConfigError("endpoint must be a non-empty str such as https://NAME.openai.azure.com")
+            self._secrets["AZURE_OPENAI_ENDPOINT"] = endpoint
 
     def base_url(self, cfg: Config) -> str | None:
         return cfg.secret("AZURE_OPENAI_ENDPOINT")
 
     def api_version(self, cfg: Config) -> str:
+        """``AZURE_API_VERSION`` as given; else ``AZURE_OPENAI_VERSION`` from the environment; else the default."""
         if cfg.source("AZURE_API_VERSION") == "default" and cfg.secret("AZURE_OPENAI_VERSION"):
             return cfg.secret("AZURE_OPENAI_VERSION")  # type: ignore[return-value]
         return cfg.azure_api_version

@@ -9,8 +9,14 @@
 4. on a miss, count prompt tokens and refuse early when prompt + ``max_tokens``
    cannot fit the context window (:class:`ContextWindowExceededError`, nothing sent);
 5. take a request-queue slot and pass the rate limits;
-6. the retry loop (``retry.call``) around one raw API request (``_chat``);
+6. the client's retry loop (``retry.Retrying``) around one raw API request (``_chat``);
 7. record usage, store the reply in the cache, return the message dict.
+
+A client is an object with its own settings: ``OpenAIClient(base_url=..., api_key=...,
+timeout=..., max_attempts=..., cache=..., max_concurrent_requests=...)``. A setting
+not given comes from the layered configuration (:func:`tinyllm.get_config`) at
+call time. Each client owns its request queue, its retry loop and its cache
+choice, and declares what it can do in :attr:`Client.capabilities`.
 
 Subclasses implement the raw request (``_chat`` / ``_achat`` / ``_embed``) and
 the endpoint identity; nothing else.
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 import logging
@@ -28,11 +36,11 @@ from typing import Any, Callable
 
 from .. import cache as cache_mod
 from .. import models, retry, tokens, usage
-from ..config import Config, get_config
+from ..config import Config, get_config, redact_url
 from ..errors import BadRequestError, ConfigError, ResponseError
 from ..limits import RequestQueue
 
-__all__ = ["Client", "CallInfo", "last_call_info"]
+__all__ = ["Client", "Capabilities", "CallInfo", "last_call_info", "PlainClient"]
 
 # config key -> API parameter name; a parameter left unset is not sent.
 CONFIG_PARAMS = {
@@ -44,6 +52,26 @@ CONFIG_PARAMS = {
 }
 log = logging.getLogger("tinyllm")
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a client can do; the call layer asks this declaration instead of testing types.
+
+    Attributes:
+        json_schema: takes ``response_format={"type": "json_schema", ...}`` (OpenAI's structured output).
+        json_grammar: enforces a JSON schema by a grammar while generating (llama.cpp), so
+            every JSON-shaped output type (``list`` too) gets a schema.
+        tools: takes ``tools`` / ``tool_choice``.
+        streaming: can stream a reply (``stream=True``).
+        embeddings: has an embeddings endpoint.
+    """
+
+    json_schema: bool = True
+    json_grammar: bool = False
+    tools: bool = True
+    streaming: bool = False
+    embeddings: bool = True
 
 
 @dataclass
@@ -106,19 +134,90 @@ def validate_messages(messages: Any) -> list[dict]:
 class Client:
     """Base of every client: the shared send_message / get_embedding pipeline.
 
-    Subclasses set ``api_type`` and implement :meth:`endpoint`, :meth:`_chat`
-    (one request, returning ``(message_dict, usage_dict)`` and raising tinyllm
-    errors) and :meth:`_embed`; they may override :meth:`_achat`,
-    :meth:`count_tokens` and :meth:`context_window`.
+    Args:
+        api_key: the API key (str) for subclasses that take one (:attr:`api_key_secret`
+            names the environment variable it replaces); kept out of every repr,
+            log and error, never sent in a request body.
+        cache: None: as the settings say (``CACHE_API_CALLS``, ``CACHE_FILE_NAME``,
+            or :func:`tinyllm.force_api_cache`); False: no cache; True: the
+            settings' cache file; a path: a :class:`~tinyllm.cache.PickleCache`
+            there; or any cache object (``get``/``set``, e.g. ``MemoryCache()``).
+        **settings: any setting by its lower-case config key (``model``,
+            ``timeout`` in seconds, ``max_attempts``, ``base_url``,
+            ``max_concurrent_requests``, ``requests_per_minute``, ...); None
+            means "not given": the layered configuration's value applies.
+
+    Raises:
+        ConfigError: an unknown setting or a value that does not parse; an
+            ``api_key`` for a client that takes none, or not a non-empty str.
+
+    Subclasses set ``api_type`` and :attr:`capabilities` and implement
+    :meth:`endpoint`, :meth:`_chat` (one request, returning
+    ``(message_dict, usage_dict)`` and raising tinyllm errors) and
+    :meth:`_embed`; they may override :meth:`_achat`, :meth:`count_tokens` and
+    :meth:`context_window`.
     """
 
     api_type = "base"
+    capabilities = Capabilities()
+    #: the secret (environment variable name) an ``api_key=`` argument stands for; None: takes no key
+    api_key_secret: str | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, *, api_key: str | None = None, cache: Any = None, **settings: Any) -> None:
+        settings = {k: v for k, v in settings.items() if v is not None}
+        Config().replace(settings)  # ConfigError now for an unknown name or a bad value
+        if api_key is not None and (not self.api_key_secret or not isinstance(api_key, str) or not api_key):
+            raise ConfigError(f"{type(self).__name__} takes no api_key" if not self.api_key_secret
+                              else "api_key must be a non-empty str")
+        self._settings = settings
+        self._secrets = {self.api_key_secret: api_key} if api_key else {}
+        self._cache = cache
+        self._memo: tuple[Config, Config] | None = None  # (configuration snapshot, these settings over it)
+        self._retrying: retry.Retrying | None = None
         self.queue = RequestQueue(self.api_type)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} api_type={self.api_type!r}>"
+        shown = {k: redact_url(v) if isinstance(v, str) and "://" in v else v for k, v in self._settings.items()}
+        return f"<{type(self).__name__} api_type={self.api_type!r} settings={shown!r}>"
+
+    def settings(self) -> Config:
+        """This client's settings now: the layered configuration with the client's own on top.
+
+        Recomputed only when the configuration snapshot changes (a few µs otherwise).
+        """
+        base = get_config()
+        memo = self._memo
+        if memo is not None and memo[0] is base:
+            return memo[1]
+        merged = base.replace(self._settings)
+        if self._secrets:
+            merged = dataclasses.replace(merged, secrets={**merged.secrets, **self._secrets})
+        self._memo = (base, merged)
+        return merged
+
+    def retrying(self, cfg: Config) -> retry.Retrying:
+        """The retry loop for these settings (built once, again only when the policy changes)."""
+        policy = retry.RetryPolicy.from_config(cfg)
+        loop = self._retrying
+        if loop is None or loop.policy != policy:
+            loop = self._retrying = retry.Retrying(policy)
+        return loop
+
+    def cache(self, cfg: Config) -> Any:
+        """The cache this client uses with settings ``cfg``, or None (see the ``cache`` argument).
+
+        Raises:
+            ConfigError: the cache file cannot be opened.
+        """
+        chosen = self._cache
+        if chosen is None:
+            return _open_cache(cfg)
+        if chosen is False:
+            return None
+        if chosen is True or isinstance(chosen, (str, os.PathLike)):
+            name = cfg.cache_file_name if chosen is True else os.fspath(chosen)
+            return _open_cache(dataclasses.replace(cfg, cache_api_calls=True, cache_file_name=name), forced=False)
+        return chosen
 
     # -- what subclasses provide -------------------------------------------------
     def endpoint(self, cfg: Config, model: str) -> dict:
@@ -129,11 +228,15 @@ class Client:
         """The model used when neither params nor config name one."""
         return cfg.model
 
-    def count_tokens(self, messages: list[dict], model: str) -> int:
-        """Prompt tokens of ``messages`` for ``model`` (tiktoken and the OpenAI cookbook rule)."""
+    def count_tokens(self, messages: list[dict], model: str, cfg: Config | None = None) -> int:
+        """Prompt tokens of ``messages`` for ``model`` (tiktoken and the OpenAI cookbook rule).
+
+        ``cfg``: the request's settings (default: :meth:`settings`), for clients whose
+        tokenizer depends on them.
+        """
         return tokens.count_tokens(messages, model)
 
-    def context_window(self, model: str) -> int | None:
+    def context_window(self, model: str, cfg: Config | None = None) -> int | None:
         """The model's context window in tokens, or None when unknown."""
         info = models.model_info(model)
         return info.context_window if info else None
@@ -170,20 +273,20 @@ class Client:
 
     def _prepare(self, messages: Any, params: dict, accept: Callable[[dict], bool] | None) -> _Request:
         started = time.perf_counter()
-        cfg = get_config()
+        cfg = self.settings()
         messages = validate_messages(messages)
         params = self.resolve_params(params, cfg)
         model = params["model"]
-        cache = _open_cache(cfg)
+        cache = self.cache(cfg)
         key = cache_mod.cache_key(self.endpoint(cfg, model), model, messages, params) if cache is not None else None
         return _Request(cfg, messages, params, model, 0, 0, key, cache, started, accept)
 
     def _measure(self, req: _Request) -> None:
         """Count the prompt (after the cache missed: counting may load a local model) and refuse it
         early when prompt + max_tokens cannot fit the context window."""
-        req.prompt_tokens = self.count_tokens(req.messages, req.model)
+        req.prompt_tokens = self.count_tokens(req.messages, req.model, req.cfg)
         max_tokens = req.params.get("max_tokens", req.params.get("max_completion_tokens"))
-        window = self.context_window(req.model)
+        window = self.context_window(req.model, req.cfg)
         tokens.check_context_window(req.prompt_tokens, max_tokens, req.model, context_window=window)
         req.cost = req.prompt_tokens + (max_tokens or 0)
 
@@ -237,9 +340,8 @@ class Client:
         if hit is not None:
             return hit
         self._measure(req)
-        policy = retry.RetryPolicy.from_config(req.cfg)
         with self.queue.slot(req.cfg, req.cost):
-            message, reply_usage = retry.call(lambda: self._chat(req.messages, dict(req.params), req.cfg), policy)
+            message, reply_usage = self.retrying(req.cfg).call(lambda n: self._chat(req.messages, self._attempt_params(req, n), req.cfg))
         return self._finish(req, message, reply_usage)
 
     async def asend_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
@@ -249,14 +351,21 @@ class Client:
         if hit is not None:
             return hit
         self._measure(req)
-        policy = retry.RetryPolicy.from_config(req.cfg)
 
-        async def attempt() -> tuple[dict, dict]:
-            return await self._achat(req.messages, dict(req.params), req.cfg)
+        async def attempt(n: int) -> tuple[dict, dict]:
+            return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
 
         async with self.queue.aslot(req.cfg, req.cost):
-            message, reply_usage = await retry.acall(attempt, policy)
+            message, reply_usage = await self.retrying(req.cfg).acall(attempt)
         return self._finish(req, message, reply_usage)
+
+    def _attempt_params(self, req: _Request, attempt: int) -> dict:
+        """The parameters of attempt number ``attempt`` (0 first): a copy, with the retry
+        count the SDK would send (``x-stainless-retry-count``) from the second attempt on."""
+        params = dict(req.params)
+        if attempt:
+            params["extra_headers"] = {**(params.get("extra_headers") or {}), "x-stainless-retry-count": str(attempt)}
+        return params
 
     # -- embeddings ----------------------------------------------------------------
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
@@ -278,9 +387,9 @@ class Client:
             raise BadRequestError("texts must be a list of strings")
         if not texts:
             return []
-        cfg = get_config()
+        cfg = self.settings()
         model = model or self.default_embedding_model(cfg)
-        cache = _open_cache(cfg)
+        cache = self.cache(cfg)
         endpoint = self.embedding_endpoint(cfg, model)
         keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
         out: list[list[float] | None] = [cache.get(k) if cache is not None else None for k in keys] or [None] * len(texts)
@@ -291,7 +400,7 @@ class Client:
             batch = [texts[i] for i in missing]
             cost = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
             with self.queue.slot(cfg, cost):
-                vectors, reply_usage = retry.call(lambda: self._embed(batch, model, cfg), retry.RetryPolicy.from_config(cfg))
+                vectors, reply_usage = self.retrying(cfg).call(lambda n: self._embed(batch, model, cfg))
             if len(vectors) != len(batch):
                 raise ResponseError(f"asked for {len(batch)} embeddings, got {len(vectors)}", raw=None)
             usage.record(calls=1, prompt_tokens=int(reply_usage.get("prompt_tokens") or 0), total_tokens=int(reply_usage.get("total_tokens") or 0))
@@ -306,10 +415,11 @@ class Client:
         return self.get_embeddings([text], model)[0]
 
 
-def _open_cache(cfg: Config) -> Any:
-    """The active cache, with a file that cannot be opened reported as a ConfigError."""
+def _open_cache(cfg: Config, forced: bool = True) -> Any:
+    """The active cache for ``cfg`` (``forced``: :func:`force_api_cache` applies), with a
+    file that cannot be opened reported as a ConfigError."""
     try:
-        return cache_mod.active_cache(cfg)
+        return cache_mod.active_cache(cfg, forced=forced)
     except OSError as exc:
         raise ConfigError(f"cannot open the cache file: {exc}; fix CACHE_FILE_NAME or set CACHE_API_CALLS=false") from exc
 
@@ -320,3 +430,67 @@ def _store(cache: Any, key: str, value: Any) -> None:
         cache.set(key, value)
     except OSError as exc:
         log.warning("could not write the reply to the cache (%s); it is returned but not cached", exc)
+
+
+class PlainClient(Client):
+    """A :class:`Client` around any object with ``send_message(messages, **params) -> dict``.
+
+    :func:`tinyllm.register_client` and ``LLMCall(client=...)`` wrap such objects
+    in it, so the call layer talks to one interface. Calls go straight to the
+    object (its own caching, queueing and retrying, if any, apply; ``accept`` is
+    not passed on); ``asend_message`` runs ``send_message`` in a thread unless the
+    object has its own; embeddings and token counting go to the object's methods
+    when it has them. ``capabilities`` is the object's own declaration if it has
+    one, else the defaults of :class:`Capabilities`.
+    """
+
+    def __init__(self, target: Any, api_type: str = "plain") -> None:
+        super().__init__()
+        self.target = target
+        self.api_type = api_type
+        self.capabilities = getattr(target, "capabilities", None) or Capabilities()
+
+    def __repr__(self) -> str:
+        return f"<PlainClient api_type={self.api_type!r} target={type(self.target).__name__}>"
+
+    def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
+        """``target.send_message(messages, **params)``; ResponseError unless it returns a message dict."""
+        return _checked(self.target.send_message(messages, **params))
+
+    async def asend_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
+        """``target.asend_message`` if it has one, else ``send_message`` in a worker thread."""
+        own = getattr(self.target, "asend_message", None)
+        if own is not None:
+            return _checked(await own(messages, **params))
+        return _checked(await asyncio.to_thread(self.target.send_message, messages, **params))
+
+    def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
+        """``target.get_embeddings``; ConfigError when the object has none."""
+        own = getattr(self.target, "get_embeddings", None)
+        if own is None:
+            raise ConfigError(f"the client registered as {self.api_type!r} has no get_embeddings()")
+        return own(texts, model)
+
+    def count_tokens(self, messages: list[dict], model: str, cfg: Config | None = None) -> int:
+        """``target.count_tokens`` if it has one, else tiktoken's count for ``model``."""
+        own = getattr(self.target, "count_tokens", None)
+        return int(own(messages, model)) if own is not None else tokens.count_tokens(messages, model)
+
+
+def _checked(message: Any) -> dict:
+    if not isinstance(message, dict) or "role" not in message:
+        raise ResponseError(f"the client returned {type(message).__name__}, not a message dict", raw=message)
+    return message
+
+
+def as_client(target: Any, api_type: str = "plain") -> Client:
+    """``target`` itself if it is a :class:`Client`, else a :class:`PlainClient` around it.
+
+    Raises:
+        ConfigError: ``target`` has no ``send_message`` method.
+    """
+    if isinstance(target, Client):
+        return target
+    if not callable(getattr(target, "send_message", None)):
+        raise ConfigError(f"a client must have a send_message(messages, **params) method; {type(target).__name__} has none")
+    return PlainClient(target, api_type)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import BadRequestError, ConfigError, ContextWindowExceededError, ResponseError
-from .base import Client
+from .base import Capabilities, Client
 from .openai import extract_message
 
 __all__ = ["LlamaCppClient", "default_model_path", "local_available"]
@@ -129,9 +129,10 @@ class LlamaCppClient(Client):
     """
 
     api_type = "llamacpp"
+    capabilities = Capabilities(json_schema=True, json_grammar=True, tools=False, streaming=False, embeddings=True)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, model_path: str | os.PathLike | None = None, cache: Any = None, **settings: Any) -> None:
+        super().__init__(cache=cache, local_model_path=model_path, **settings)
         self._accepts: frozenset[str] | None = None
 
     def model(self, cfg: Config, embedding: bool = False) -> tuple[Any, threading.Lock]:
@@ -152,9 +153,9 @@ class LlamaCppClient(Client):
         out = super().resolve_params({**params, "model": self.default_model(cfg)}, cfg)
         return {**DEFAULT_PARAMS, **out}
 
-    def count_tokens(self, messages: list[dict], model: str) -> int:
+    def count_tokens(self, messages: list[dict], model: str, cfg: Config | None = None) -> int:
         """Tokens of the prompt exactly as the model sees it: its chat template, its tokenizer."""
-        llm, lock = self.model(_cfg())
+        llm, lock = self.model(cfg or self.settings())
         formatter = _formatter(llm)
         if formatter is not None:
             text = formatter(messages=messages).prompt
@@ -163,8 +164,9 @@ class LlamaCppClient(Client):
         with lock:
             return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
-    def context_window(self, model: str) -> int | None:
-        llm, _ = self.model(_cfg())
+    def context_window(self, model: str, cfg: Config | None = None) -> int | None:
+        """The loaded model's context window (llama.cpp's ``n_ctx``), in tokens."""
+        llm, _ = self.model(cfg or self.settings())
         return llm.n_ctx()
 
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
@@ -223,8 +225,3 @@ def _formatter(llm: Any) -> Any:
         _formatters[key] = formatter
     return _formatters[key]
 
-
-def _cfg() -> Config:
-    from ..config import get_config
-
-    return get_config()

@@ -30,7 +30,7 @@ from ..errors import (
     ServerError,
     TinyLLMError,
 )
-from .base import Client
+from .base import Capabilities, Client
 
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
 
@@ -152,17 +152,25 @@ async def _first_step(agen: Any) -> None:
 class OpenAIClient(Client):
     """OpenAI's API, or any OpenAI-compatible server when ``BASE_URL`` / ``OPENAI_BASE_URL`` is set.
 
-    The key comes from ``OPENAI_API_KEY`` (environment or .env). A server at a
-    custom base URL may need no key; then a placeholder is sent.
+    Args:
+        base_url: the server's URL (default: ``BASE_URL``, ``OPENAI_BASE_URL``, then OpenAI's).
+        api_key: the key (default: ``OPENAI_API_KEY`` from the environment or .env).
+            A server at a custom base URL may need no key; then a placeholder is sent.
+        cache, **settings: as for :class:`~tinyllm.Client` (``model``, ``timeout``,
+            ``max_attempts``, ``max_concurrent_requests``, ...).
 
-    Raises (on use): ConfigError when neither a key nor a base URL is set.
+    Raises:
+        ConfigError: an unknown setting or a bad value; on use, when neither a key
+            nor a base URL is set.
     """
 
     api_type = "openai"
+    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=False, embeddings=True)
+    api_key_secret = "OPENAI_API_KEY"
     preset_base_url: str | None = None
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, base_url: str | None = None, api_key: str | None = None, cache: Any = None, **settings: Any) -> None:
+        super().__init__(api_key=api_key, cache=cache, base_url=base_url, **settings)
         self._sdk_lock = threading.Lock()
         self._sdks: dict[tuple, Any] = {}
         self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
