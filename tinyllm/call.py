@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import threading
 import sys
 from typing import Any, Callable, Iterable
 
@@ -13,9 +13,10 @@ from .clients import client as get_client
 from .config import get_config
 from .errors import ConfigError, OutputParseError, ResponseError
 from .output import normalize_output_type, parse_output, response_format_for
+from .response import Response
 from .templates import Prompt, load_prompt
 
-__all__ = ["LLMCall", "plan_output", "content_of", "send_for_output", "asend_for_output", "RETRY_PROMPT"]
+__all__ = ["LLMCall", "plan_output", "content_of", "respond_with", "arespond_with", "RETRY_PROMPT"]
 
 RETRY_PROMPT = (
     "Your previous reply could not be used: {error}\n"
@@ -91,44 +92,60 @@ def _fits(output_type: Any) -> Callable[[dict], bool]:
     return fits
 
 
-def send_for_output(sender: Client, messages: list[dict], params: dict, output_type: Any, retries: int,
-                    on_reply: Callable[[dict], None] = lambda message: None) -> tuple[Any, dict]:
-    """Send ``messages`` through ``sender.send_message`` until a reply fits ``output_type``.
+def respond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
+                 on_reply: Callable[[dict], None] = lambda message: None) -> Response:
+    """Send ``response.messages`` through ``sender.request`` until a reply fits ``output_type``.
 
-    ``on_reply`` is called with every reply's message dict as it arrives.
+    Every reply is folded into ``response`` (usage summed, retries counted) and
+    passed to ``on_reply`` (its message dict) as it arrives.
 
     Returns:
-        (the coerced value, the last reply's message dict).
+        ``response``, complete: ``value`` coerced, ``message`` the reply that fit.
 
     Raises:
         OutputParseError: after ``retries`` repeats; ResponseError for a
-        refusal or an empty reply; every error of ``send_message``.
+        refusal or an empty reply; every error of ``Client.request``.
     """
-    turns = _output_turns(list(messages), output_type, retries)
+    turns = _output_turns(list(response.messages), output_type, retries)
     conversation = next(turns)
     accept = _fits(output_type)
     while True:
-        message = sender.send_message(conversation, accept=accept, **params)
-        on_reply(message)
+        reply = sender.request(conversation, accept=accept, **params)
+        response.add_reply(reply)
+        on_reply(reply.message)
         try:
-            conversation = turns.send(message)
+            conversation = turns.send(reply.message)
         except StopIteration as done:
-            return done.value
+            return response.finish(done.value[0])
 
 
-async def asend_for_output(sender: Client, messages: list[dict], params: dict, output_type: Any, retries: int,
-                           on_reply: Callable[[dict], None] = lambda message: None) -> tuple[Any, dict]:
-    """The asyncio twin of :func:`send_for_output`, through ``sender.asend_message``."""
-    turns = _output_turns(list(messages), output_type, retries)
+async def arespond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
+                        on_reply: Callable[[dict], None] = lambda message: None) -> Response:
+    """The asyncio twin of :func:`respond_with`, through ``sender.arequest``."""
+    turns = _output_turns(list(response.messages), output_type, retries)
     conversation = next(turns)
     accept = _fits(output_type)
     while True:
-        message = await sender.asend_message(conversation, accept=accept, **params)
-        on_reply(message)
+        reply = await sender.arequest(conversation, accept=accept, **params)
+        response.add_reply(reply)
+        on_reply(reply.message)
         try:
-            conversation = turns.send(message)
+            conversation = turns.send(reply.message)
         except StopIteration as done:
-            return done.value
+            return response.finish(done.value[0])
+
+
+class _LastCall(threading.local):
+    """``(messages, model_output)`` of the last call completed in this thread, set as one pair
+    (so a thread never sees one call's messages with another's reply)."""
+
+    pair: tuple[list[dict] | None, dict | None] = (None, None)
+
+    def get(self) -> tuple[list[dict] | None, dict | None]:
+        return self.pair
+
+    def set(self, messages: list[dict] | None, message: dict | None) -> None:
+        self.pair = (messages, message)
 
 
 class LLMCall:
@@ -159,8 +176,13 @@ class LLMCall:
             templates cannot be found or parsed.
         OutputParseError: at construction, for an output_type tinyllm does not know.
 
-    After a call, :attr:`messages` holds the rendered messages and
-    :attr:`model_output` the message dict the client returned.
+    :meth:`call` returns the typed value; :meth:`respond` returns the whole
+    :class:`~tinyllm.Response` (usage, model, latency, retries, ...). After a
+    call, :attr:`messages` and :attr:`model_output` hold the rendered messages and
+    the latest reply's message dict (also of a call that then failed to parse) of
+    the last call *in this thread*
+    (kept for TinyTroupe code; never mixed across the threads of
+    :meth:`map`): prefer the Response.
     """
 
     def __init__(
@@ -185,8 +207,7 @@ class LLMCall:
         self.output_type = output_type
         self.output_retries = output_retries
         self.model_params = model_params
-        self.messages: list[dict] | None = None
-        self.model_output: dict | None = None
+        self._last = _LastCall()
         normalize_output_type(output_type)  # fail early on an unknown output_type
         self.prompt  # fail early on a missing or malformed template
 
@@ -198,19 +219,27 @@ class LLMCall:
         """The loaded :class:`~tinyllm.templates.Prompt` (reloaded when its files change)."""
         return load_prompt(self.system_template_name, self.user_template_name, prompts_dir=self.prompts_dir)
 
-    def _plan(self, variables: dict) -> tuple[Any, list[dict], dict, Any, int]:
+    @property
+    def messages(self) -> list[dict] | None:
+        """The rendered messages of the last call completed in this thread (None before one)."""
+        return self._last.get()[0]
+
+    @property
+    def model_output(self) -> dict | None:
+        """The reply's message dict of the last call completed in this thread (None before one)."""
+        return self._last.get()[1]
+
+    def _plan(self, variables: dict) -> tuple[Any, Response, dict, Any, int]:
         prompt = self.prompt
         messages = prompt.render(variables)
         sender = self.client or get_client(self.api_type)
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
-        return sender, messages, params, output_type, retries
+        response = Response(messages, template=self.system_template_name, variables=dict(variables))
+        return sender, response, params, output_type, retries
 
     def render(self, **variables: Any) -> list[dict]:
         """The messages a call with ``variables`` would send, without sending anything."""
         return self.prompt.render(variables)
-
-    def _on_reply(self, message: dict) -> None:
-        self.model_output = message
 
     def call(self, **variables: Any) -> Any:
         """Render the templates with ``variables``, send them, return the reply's content.
@@ -224,15 +253,31 @@ class LLMCall:
             ResponseError: a refusal or an empty reply; and every error of
             :meth:`tinyllm.Client.send_message`.
         """
-        sender, messages, params, output_type, retries = self._plan(variables)
-        self.messages = messages
-        return send_for_output(sender, messages, params, output_type, retries, self._on_reply)[0]
+        return self.respond(**variables).value
 
     async def acall(self, **variables: Any) -> Any:
-        """The asyncio twin of :meth:`call`; uses the client's ``asend_message`` when it has one."""
-        sender, messages, params, output_type, retries = self._plan(variables)
-        self.messages = messages
-        return (await asend_for_output(sender, messages, params, output_type, retries, self._on_reply))[0]
+        """The asyncio twin of :meth:`call`, through the client's ``arequest``."""
+        return (await self.arespond(**variables)).value
+
+    def respond(self, **variables: Any) -> Response:
+        """Like :meth:`call`, but return the complete :class:`~tinyllm.Response`.
+
+        Returns:
+            Response: ``value`` (typed), ``text``, ``message``, ``messages``,
+            ``usage`` (summed over retries and output retries), ``model``,
+            ``finish_reason``, ``cached``, ``latency`` (seconds), ``retries``,
+            ``output_retries``.
+
+        Raises:
+            The errors of :meth:`call`.
+        """
+        sender, response, params, output_type, retries = self._plan(variables)
+        return respond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m))
+
+    async def arespond(self, **variables: Any) -> Response:
+        """The asyncio twin of :meth:`respond`."""
+        sender, response, params, output_type, retries = self._plan(variables)
+        return await arespond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m))
 
     def map(
         self,

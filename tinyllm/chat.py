@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .call import asend_for_output, plan_output, send_for_output
+from .call import arespond_with, plan_output, respond_with
 from .clients import Client, as_client
 from .clients import client as get_client
 from .errors import ConfigError
 from .output import normalize_output_type
+from .response import Response
 from .templates import Prompt, load_prompt
 
 __all__ = ["LLMChat"]
@@ -136,14 +137,15 @@ class LLMChat:
         user = load_prompt(str(prompt.user_path), prompts_dir=self.prompts_dir)  # the user file on its own
         return {"role": "user", "content": user.render(variables)[0]["content"]}
 
-    def _plan(self, text: str | None, variables: dict) -> tuple[Any, list[dict], dict, dict, Any, int, dict]:
+    def _plan(self, text: str | None, variables: dict) -> tuple[Any, Response, list[dict], dict, dict, Any, int, dict]:
         merged = {**self.variables, **variables}
         prompt = self.prompt
         opening = self._seed(prompt, merged) if not self.history else []
         user = self._user(prompt, text, merged)
         sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
-        return sender, opening, user, params, output_type, retries, merged
+        response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged)
+        return sender, response, opening, user, params, output_type, retries, merged
 
     def _commit(self, opening: list[dict], user: dict, message: dict, merged: dict) -> None:
         self.history = [*self.history, *opening, user, dict(message)]  # a new list: one assigned by the caller is not changed
@@ -173,17 +175,26 @@ class LLMChat:
             ResponseError: a refusal or an empty reply; and every error of
             :meth:`tinyllm.Client.send_message`.
         """
-        sender, opening, user, params, output_type, retries, merged = self._plan(text, variables)
-        value, message = send_for_output(sender, [*self.history, *opening, user], params, output_type, retries, self._on_reply)
-        self._commit(opening, user, message, merged)
-        return value
+        return self.respond(text, **variables).value
 
     async def asay(self, text: str | None = None, /, **variables: Any) -> Any:
-        """The asyncio twin of :meth:`say`; uses the client's ``asend_message`` when it has one."""
-        sender, opening, user, params, output_type, retries, merged = self._plan(text, variables)
-        value, message = await asend_for_output(sender, [*self.history, *opening, user], params, output_type, retries, self._on_reply)
-        self._commit(opening, user, message, merged)
-        return value
+        """The asyncio twin of :meth:`say`, through the client's ``arequest``."""
+        return (await self.arespond(text, **variables)).value
+
+    def respond(self, text: str | None = None, /, **variables: Any) -> Response:
+        """Like :meth:`say`, but return the turn's complete :class:`~tinyllm.Response`
+        (its ``messages`` are the whole conversation sent). Errors as :meth:`say`."""
+        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        respond_with(sender, response, params, output_type, retries, self._on_reply)
+        self._commit(opening, user, response.message, merged)
+        return response
+
+    async def arespond(self, text: str | None = None, /, **variables: Any) -> Response:
+        """The asyncio twin of :meth:`respond`."""
+        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        await arespond_with(sender, response, params, output_type, retries, self._on_reply)
+        self._commit(opening, user, response.message, merged)
+        return response
 
     def _on_reply(self, message: dict) -> None:
         self.model_output = message

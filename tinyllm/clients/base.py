@@ -40,7 +40,7 @@ from ..config import Config, get_config, redact_url
 from ..errors import BadRequestError, ConfigError, ResponseError
 from ..limits import RequestQueue
 
-__all__ = ["Client", "Capabilities", "CallInfo", "last_call_info", "PlainClient"]
+__all__ = ["Client", "Capabilities", "Reply", "CallInfo", "last_call_info", "PlainClient"]
 
 # config key -> API parameter name; a parameter left unset is not sent.
 CONFIG_PARAMS = {
@@ -112,6 +112,34 @@ class _Request:
     cache: Any
     started: float
     accept: Callable[[dict], bool] | None = None
+    retries: int = 0
+
+
+@dataclass
+class Reply:
+    """What one trip through a client's pipeline produced (one reply, from the API or the cache).
+
+    Attributes:
+        message: the reply's message dict (``role``, ``content``; ``tool_calls``, ``refusal`` when sent).
+        usage: the API's ``usage`` dict (``prompt_tokens``, ``completion_tokens``, ``total_tokens``).
+        model: the model that answered (the server's ``model`` field), else the one asked for.
+        finish_reason: ``stop``, ``length``, ``tool_calls``, ... or None when not reported.
+        cached: answered from the cache.
+        latency: seconds from the call to the reply, queue and retries included.
+        retries: extra HTTP attempts this reply took.
+        prompt_tokens: the prompt's tokens as counted locally (0 for a cache hit not counted).
+        api_type: the client's api_type.
+    """
+
+    message: dict
+    usage: dict
+    model: str
+    finish_reason: str | None = None
+    cached: bool = False
+    latency: float = 0.0
+    retries: int = 0
+    prompt_tokens: int = 0
+    api_type: str = ""
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -153,7 +181,8 @@ class Client:
 
     Subclasses set ``api_type`` and :attr:`capabilities` and implement
     :meth:`endpoint`, :meth:`_chat` (one request, returning
-    ``(message_dict, usage_dict)`` and raising tinyllm errors) and
+    ``(message_dict, usage_dict)`` or ``(message_dict, usage_dict, info)`` with
+    ``info = {"model": ..., "finish_reason": ...}``, and raising tinyllm errors) and
     :meth:`_embed`; they may override :meth:`_achat`, :meth:`count_tokens` and
     :meth:`context_window`.
     """
@@ -290,7 +319,7 @@ class Client:
         tokens.check_context_window(req.prompt_tokens, max_tokens, req.model, context_window=window)
         req.cost = req.prompt_tokens + (max_tokens or 0)
 
-    def _lookup(self, req: _Request) -> dict | None:
+    def _lookup(self, req: _Request) -> Reply | None:
         if req.cache is None:
             return None
         hit = req.cache.get(req.key)
@@ -298,21 +327,28 @@ class Client:
             return None
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
-        _last_call.set(CallInfo(req.model, hit_usage, True, time.perf_counter() - req.started, int(hit_usage.get("prompt_tokens") or 0)))
-        return hit["message"]  # the cache hands out copies
+        return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason")},
+                           cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0))  # the cache hands out copies
 
-    def _finish(self, req: _Request, message: dict, reply_usage: dict) -> dict:
+    def _finish(self, req: _Request, result: tuple) -> Reply:
+        message, reply_usage = result[0], result[1]
+        info = result[2] if len(result) > 2 else {}
         if not isinstance(message, dict) or "role" not in message:
             raise ResponseError("the client returned no message dict", raw=message)
         counts = {k: int(reply_usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         usage.record(calls=1, **counts)
         if req.cache is not None and (req.accept is None or req.accept(message)):
-            _store(req.cache, req.key, {"message": message, "usage": reply_usage})
-        _last_call.set(CallInfo(req.model, dict(reply_usage), False, time.perf_counter() - req.started, req.prompt_tokens))
-        return message
+            _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
+        return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens)
+
+    def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int) -> Reply:
+        latency = time.perf_counter() - req.started
+        _last_call.set(CallInfo(req.model, reply_usage, cached, latency, prompt_tokens))
+        return Reply(message=message, usage=reply_usage, model=info.get("model") or req.model, finish_reason=info.get("finish_reason"),
+                     cached=cached, latency=latency, retries=req.retries, prompt_tokens=prompt_tokens, api_type=self.api_type)
 
     def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
-        """Send chat ``messages`` and return the reply's message dict.
+        """Send chat ``messages`` and return the reply's message dict (``request(...).message``).
 
         Args:
             messages: ``[{"role": "system"|"user"|"assistant"|..., "content": str}, ...]``.
@@ -335,33 +371,45 @@ class Client:
             RateLimitError, ServerError, APIConnectionError, APITimeoutError,
             ResponseError: after the retries the policy allows.
         """
+        return self.request(messages, accept=accept, **params).message
+
+    async def asend_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
+        """The asyncio twin of :meth:`send_message`: same cache, queue, retries and errors."""
+        return (await self.arequest(messages, accept=accept, **params)).message
+
+    def request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
+        """Send chat ``messages`` through the pipeline and return the whole :class:`Reply`.
+
+        Arguments and errors as :meth:`send_message`.
+        """
         req = self._prepare(messages, params, accept)
         hit = self._lookup(req)
         if hit is not None:
             return hit
         self._measure(req)
         with self.queue.slot(req.cfg, req.cost):
-            message, reply_usage = self.retrying(req.cfg).call(lambda n: self._chat(req.messages, self._attempt_params(req, n), req.cfg))
-        return self._finish(req, message, reply_usage)
+            result = self.retrying(req.cfg).call(lambda n: self._chat(req.messages, self._attempt_params(req, n), req.cfg))
+        return self._finish(req, result)
 
-    async def asend_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
-        """The asyncio twin of :meth:`send_message`: same cache, queue, retries and errors."""
+    async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
+        """The asyncio twin of :meth:`request`."""
         req = self._prepare(messages, params, accept)
         hit = self._lookup(req)
         if hit is not None:
             return hit
         self._measure(req)
 
-        async def attempt(n: int) -> tuple[dict, dict]:
+        async def attempt(n: int) -> tuple:
             return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
 
         async with self.queue.aslot(req.cfg, req.cost):
-            message, reply_usage = await self.retrying(req.cfg).acall(attempt)
-        return self._finish(req, message, reply_usage)
+            result = await self.retrying(req.cfg).acall(attempt)
+        return self._finish(req, result)
 
     def _attempt_params(self, req: _Request, attempt: int) -> dict:
         """The parameters of attempt number ``attempt`` (0 first): a copy, with the retry
         count the SDK would send (``x-stainless-retry-count``) from the second attempt on."""
+        req.retries = attempt
         params = dict(req.params)
         if attempt:
             params["extra_headers"] = {**(params.get("extra_headers") or {}), "x-stainless-retry-count": str(attempt)}
@@ -453,16 +501,24 @@ class PlainClient(Client):
     def __repr__(self) -> str:
         return f"<PlainClient api_type={self.api_type!r} target={type(self.target).__name__}>"
 
-    def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
-        """``target.send_message(messages, **params)``; ResponseError unless it returns a message dict."""
-        return _checked(self.target.send_message(messages, **params))
+    def request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
+        """``target.send_message(messages, **params)`` as a :class:`Reply`; ResponseError unless it returns a message dict."""
+        started = time.perf_counter()
+        return self._wrap(self.target.send_message(messages, **params), params, started)
 
-    async def asend_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
+    async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
         """``target.asend_message`` if it has one, else ``send_message`` in a worker thread."""
+        started = time.perf_counter()
         own = getattr(self.target, "asend_message", None)
         if own is not None:
-            return _checked(await own(messages, **params))
-        return _checked(await asyncio.to_thread(self.target.send_message, messages, **params))
+            return self._wrap(await own(messages, **params), params, started)
+        return self._wrap(await asyncio.to_thread(self.target.send_message, messages, **params), params, started)
+
+    def _wrap(self, message: Any, params: dict, started: float) -> Reply:
+        if not isinstance(message, dict) or "role" not in message:
+            raise ResponseError(f"the client returned {type(message).__name__}, not a message dict", raw=message)
+        return Reply(message=message, usage={}, model=str(params.get("model") or ""), latency=time.perf_counter() - started,
+                     api_type=self.api_type)
 
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
         """``target.get_embeddings``; ConfigError when the object has none."""
@@ -475,12 +531,6 @@ class PlainClient(Client):
         """``target.count_tokens`` if it has one, else tiktoken's count for ``model``."""
         own = getattr(self.target, "count_tokens", None)
         return int(own(messages, model)) if own is not None else tokens.count_tokens(messages, model)
-
-
-def _checked(message: Any) -> dict:
-    if not isinstance(message, dict) or "role" not in message:
-        raise ResponseError(f"the client returned {type(message).__name__}, not a message dict", raw=message)
-    return message
 
 
 def as_client(target: Any, api_type: str = "plain") -> Client:
