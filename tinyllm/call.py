@@ -135,6 +135,21 @@ async def arespond_with(sender: Client, response: Response, params: dict, output
             return response.finish(done.value[0])
 
 
+def _streaming(response: Response, stream: Any, output_type: Any, on_reply: Callable[[dict], None] = lambda m: None,
+               on_done: Callable[[Response], None] = lambda r: None) -> Response:
+    """``response`` set to read ``stream``. When it ends: ``on_reply(message)``, the value is
+    parsed (OutputParseError if it does not fit), ``on_done(response)``, then it is complete."""
+
+    def done(r: Response) -> None:
+        on_reply(r.message)  # type: ignore[arg-type]
+        value = parse_output(content_of(r.message), output_type)  # type: ignore[arg-type]
+        on_done(r)
+        r.finish(value)
+
+    response._stream, response._on_done = stream, done
+    return response
+
+
 class _LastCall(threading.local):
     """``(messages, model_output)`` of the last call completed in this thread, set as one pair
     (so a thread never sees one call's messages with another's reply)."""
@@ -278,6 +293,32 @@ class LLMCall:
         """The asyncio twin of :meth:`respond`."""
         sender, response, params, output_type, retries = self._plan(variables)
         return await arespond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m))
+
+    def stream(self, **variables: Any) -> Response:
+        """Render and send as a streamed request; iterate the Response for text deltas (``str``).
+
+        Nothing is sent until the iteration starts. The Response is complete when
+        the iteration ends (``value`` parsed then; :attr:`~tinyllm.Response.partial`
+        gives the JSON parsed so far meanwhile). Output retries do not apply: a reply
+        that does not fit ``output_type`` raises OutputParseError at the end. A
+        client that cannot stream answers in one piece (one delta).
+
+        Raises (while iterating): the errors of :meth:`call`; an error after the
+        first delta carries ``.partial``, the text received so far.
+        """
+        sender, response, params, output_type, _ = self._plan(variables)
+        if not sender.capabilities.streaming:
+            return respond_with(sender, response, params, output_type, 0, lambda m: self._last.set(response.messages, m))
+        return _streaming(response, sender.stream_request(response.messages, accept=_fits(output_type), **params),
+                          output_type, lambda m: self._last.set(response.messages, m))
+
+    async def astream(self, **variables: Any) -> Response:
+        """The asyncio twin of :meth:`stream`: ``async for delta in await call.astream(...)``."""
+        sender, response, params, output_type, _ = self._plan(variables)
+        if not sender.capabilities.streaming:
+            return await arespond_with(sender, response, params, output_type, 0, lambda m: self._last.set(response.messages, m))
+        return _streaming(response, sender.astream_request(response.messages, accept=_fits(output_type), **params),
+                          output_type, lambda m: self._last.set(response.messages, m))
 
     def map(
         self,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .call import arespond_with, plan_output, respond_with
+from .call import _fits, _streaming, arespond_with, plan_output, respond_with
 from .clients import Client, as_client
 from .clients import client as get_client
 from .errors import ConfigError
@@ -195,6 +195,30 @@ class LLMChat:
         await arespond_with(sender, response, params, output_type, retries, self._on_reply)
         self._commit(opening, user, response.message, merged)
         return response
+
+    def stream(self, text: str | None = None, /, **variables: Any) -> Response:
+        """One turn, streamed: iterate the Response for text deltas (see :meth:`LLMCall.stream`).
+
+        The turn is appended to :attr:`history` only when the stream is complete
+        (an interrupted or failed turn leaves the history as it was).
+        """
+        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        if not sender.capabilities.streaming:
+            respond_with(sender, response, params, output_type, 0, self._on_reply)
+            self._commit(opening, user, response.message, merged)
+            return response
+        stream = sender.stream_request(response.messages, accept=_fits(output_type), **params)
+        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r.message, merged))
+
+    async def astream(self, text: str | None = None, /, **variables: Any) -> Response:
+        """The asyncio twin of :meth:`stream`."""
+        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        if not sender.capabilities.streaming:
+            await arespond_with(sender, response, params, output_type, 0, self._on_reply)
+            self._commit(opening, user, response.message, merged)
+            return response
+        stream = sender.astream_request(response.messages, accept=_fits(output_type), **params)
+        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r.message, merged))
 
     def _on_reply(self, message: dict) -> None:
         self.model_output = message

@@ -3,13 +3,17 @@
 A call may take several replies (output retries: a reply that did not fit the
 output type is asked for again), each of which may take several HTTP attempts
 (retries). The Response sums usage over all of them and keeps the last reply.
+
+``LLMCall.stream`` / ``astream`` return a Response that yields the reply's text
+deltas (``str``) as it is iterated (``for`` / ``async for``) and is complete once
+the iteration ends; :attr:`Response.partial` is the JSON value parsed so far.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Callable, Iterator
 
 __all__ = ["Response"]
 
@@ -56,19 +60,104 @@ class Response:
     api_type: str | None = None
     template: str | None = None
     variables: dict = field(default_factory=dict)
+    usage_counted_locally: bool = False
     _started: float = field(default_factory=time.perf_counter, repr=False)
     _replies: int = field(default=0, repr=False)
+    _stream: Any = field(default=None, repr=False)
+    _on_done: Callable[["Response"], None] | None = field(default=None, repr=False)
+    _parts: list = field(default_factory=list, repr=False)
 
     @property
     def text(self) -> str:
-        """The last reply's text content (``""`` when it had none, e.g. tool calls only)."""
-        content = (self.message or {}).get("content")
+        """The reply's text content (``""`` when it had none, e.g. tool calls only); while
+        streaming, the text received so far."""
+        if self.message is None:
+            return "".join(self._parts)
+        content = self.message.get("content")
         return content if isinstance(content, str) else ""
+
+    @property
+    def done(self) -> bool:
+        """Whether the record is complete (always, except for a stream not yet read to its end)."""
+        return self.latency is not None
+
+    @property
+    def partial(self) -> Any:
+        """The JSON value parsed from the text so far (pydantic-core's partial JSON parsing):
+        a growing ``dict`` / ``list`` while a JSON reply streams, the final value's JSON
+        once done; None while nothing parses yet."""
+        from .streaming import partial_json
+
+        return partial_json(self.text)
+
+    # -- streaming -------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        """Text deltas as they arrive (a complete Response yields its whole text once).
+
+        Raises, at the end: OutputParseError when the reply does not fit the output
+        type; during: the client's typed errors, with ``.partial`` the text so far.
+        """
+        if self._stream is None:
+            if self.text:
+                yield self.text
+            return
+        for delta in self._stream:
+            self._delta(delta)
+            yield delta
+        self._complete()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """The asyncio twin of ``__iter__`` (for ``LLMCall.astream``)."""
+        if self._stream is None:
+            if self.text:
+                yield self.text
+            return
+        async for delta in self._stream:
+            self._delta(delta)
+            yield delta
+        self._complete()
+
+    def _delta(self, delta: str) -> None:
+        if self.time_to_first_token is None:
+            self.time_to_first_token = time.perf_counter() - self._started
+        self._parts.append(delta)
+
+    def _complete(self) -> None:
+        reply, self._stream = self._stream.reply, None
+        self.add_reply(reply)
+        self.usage_counted_locally = bool(reply.usage.get("counted_locally"))
+        self.cached = reply.cached
+        if self._on_done is not None:
+            self._on_done(self)
+
+    def __enter__(self) -> "Response":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Response":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def close(self) -> None:
+        """Stop a stream early: the HTTP response is closed and the queue slot freed at once.
+        Nothing is cached; the Response stays incomplete (``done`` is False)."""
+        if self._stream is not None:
+            self._stream.close()
+
+    async def aclose(self) -> None:
+        """The asyncio twin of :meth:`close`."""
+        if self._stream is not None:
+            await self._stream.aclose()
 
     def add_reply(self, reply: Any) -> None:
         """Fold one :class:`tinyllm.clients.base.Reply` into this record (usage summed, last one kept)."""
         for name in _USAGE_FIELDS:
-            self.usage[name] = self.usage.get(name, 0) + int(reply.usage.get(name) or 0)
+            value = reply.usage.get(name)
+            self.usage[name] = self.usage.get(name, 0) + (value if isinstance(value, int) else 0)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)
         self.output_retries = self._replies
         self._replies += 1
@@ -94,5 +183,6 @@ class Response:
             "usage": dict(self.usage), "model": self.model, "finish_reason": self.finish_reason,
             "cached": self.cached, "latency": self.latency, "time_to_first_token": self.time_to_first_token,
             "retries": self.retries, "output_retries": self.output_retries, "api_type": self.api_type,
+            "usage_counted_locally": self.usage_counted_locally,
             "template": self.template, "variables": self.variables,
         }

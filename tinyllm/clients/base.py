@@ -25,22 +25,24 @@ the endpoint identity; nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Callable
 
 from .. import cache as cache_mod
 from .. import models, retry, tokens, usage
 from ..config import Config, get_config, redact_url
-from ..errors import BadRequestError, ConfigError, ResponseError
+from ..errors import BadRequestError, ConfigError, ResponseError, TinyLLMError
 from ..limits import RequestQueue
+from ..streaming import Accumulator
 
-__all__ = ["Client", "Capabilities", "Reply", "CallInfo", "last_call_info", "PlainClient"]
+__all__ = ["Client", "Capabilities", "Reply", "ReplyStream", "AsyncReplyStream", "CallInfo", "last_call_info", "PlainClient"]
 
 # config key -> API parameter name; a parameter left unset is not sent.
 CONFIG_PARAMS = {
@@ -415,6 +417,45 @@ class Client:
             params["extra_headers"] = {**(params.get("extra_headers") or {}), "x-stainless-retry-count": str(attempt)}
         return params
 
+    # -- streaming -----------------------------------------------------------------
+    def _chat_stream(self, messages: list[dict], params: dict, cfg: Config) -> Iterator[dict]:
+        """One streamed request: an iterator of chunk dicts (see :mod:`tinyllm.streaming`) that
+        raises tinyllm errors and releases its connection when closed. Clients whose
+        ``capabilities.streaming`` is True implement it."""
+        raise BadRequestError(f"the {self.api_type!r} client cannot stream")
+
+    def _achat_stream(self, messages: list[dict], params: dict, cfg: Config) -> AsyncIterator[dict]:
+        """The asyncio twin of :meth:`_chat_stream`; by default the sync stream, read in a worker thread."""
+        return _in_thread(lambda: self._chat_stream(messages, params, cfg))
+
+    def stream_request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> "ReplyStream":
+        """Send chat ``messages`` as a streamed request: iterate the result for text deltas (str);
+        its ``reply`` is the complete :class:`Reply` once the iteration ends.
+
+        The cache is looked up first (a hit streams the stored text at once, ``cached``);
+        the request-queue slot is held until the stream ends or is closed; retries apply
+        until the first chunk arrives. A failure after that raises the usual typed error
+        with ``.partial`` set to the text received so far. Only a complete stream is
+        stored in the cache. Errors before sending as :meth:`send_message`.
+        """
+        req = self._prepare(messages, _without_stream(params), accept)
+        return ReplyStream(self, req, self._lookup(req))
+
+    def astream_request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> "AsyncReplyStream":
+        """The asyncio twin of :meth:`stream_request` (``async for delta in ...``)."""
+        req = self._prepare(messages, _without_stream(params), accept)
+        return AsyncReplyStream(self, req, self._lookup(req))
+
+    def _finish_stream(self, req: _Request, acc: Accumulator) -> Reply:
+        """The Reply of a complete stream; usage counted locally (and marked) when the server sent none."""
+        message = acc.message()
+        reply_usage = acc.usage
+        if reply_usage is None:
+            completion = tokens.count_tokens(acc.text, req.model) if acc.text else 0
+            reply_usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
+                           "total_tokens": req.prompt_tokens + completion, "counted_locally": True}
+        return self._finish(req, (message, reply_usage, {"model": acc.model, "finish_reason": acc.finish_reason}))
+
     # -- embeddings ----------------------------------------------------------------
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
         """Embed ``texts`` (batched, one request for all cache misses), in input order.
@@ -544,3 +585,158 @@ def as_client(target: Any, api_type: str = "plain") -> Client:
     if not callable(getattr(target, "send_message", None)):
         raise ConfigError(f"a client must have a send_message(messages, **params) method; {type(target).__name__} has none")
     return PlainClient(target, api_type)
+
+
+class ReplyStream:
+    """A streamed reply: iterate for its text deltas (``str``); :attr:`reply` once it has ended.
+
+    Closing it early (``close()``, ``break`` out of a ``with`` block, an exception
+    in the loop) closes the HTTP response and releases the request-queue slot at once.
+    """
+
+    def __init__(self, client: Client, req: _Request, hit: Reply | None) -> None:
+        self.client, self.req, self.reply = client, req, hit
+        self._iter: Iterator[str] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    def __enter__(self) -> "ReplyStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop: close the connection and give the queue slot back (no-op once ended)."""
+        if self._iter is not None:
+            self._iter.close()  # type: ignore[attr-defined]
+
+    def _run(self) -> Iterator[str]:
+        if self.reply is not None:  # a cache hit: the stored text at once
+            if self.reply.message.get("content"):
+                yield self.reply.message["content"]
+            return
+        client, req = self.client, self.req
+        client._measure(req)
+        acc = Accumulator()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(client.queue.slot(req.cfg, req.cost))
+
+            def open_(n: int) -> tuple[Iterator[dict], dict]:
+                chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                try:
+                    return chunks, next(iter(chunks))
+                except StopIteration:
+                    raise ResponseError("the stream ended before any chunk arrived") from None
+                except BaseException:
+                    _close(chunks)
+                    raise
+
+            chunks, first = client.retrying(req.cfg).call(open_)
+            stack.callback(_close, chunks)
+            try:
+                delta = acc.add(first)
+                if delta:
+                    yield delta
+                for chunk in chunks:
+                    delta = acc.add(chunk)
+                    if delta:
+                        yield delta
+            except TinyLLMError as exc:
+                exc.partial = acc.text  # type: ignore[attr-defined]
+                raise
+        self.reply = client._finish_stream(req, acc)
+
+
+class AsyncReplyStream:
+    """The asyncio twin of :class:`ReplyStream`: ``async for delta in stream``; ``await stream.aclose()``."""
+
+    def __init__(self, client: Client, req: _Request, hit: Reply | None) -> None:
+        self.client, self.req, self.reply = client, req, hit
+        self._iter: AsyncIterator[str] | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    async def __aenter__(self) -> "AsyncReplyStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop: close the connection and give the queue slot back."""
+        if self._iter is not None:
+            await self._iter.aclose()  # type: ignore[attr-defined]
+
+    async def _run(self) -> AsyncIterator[str]:
+        if self.reply is not None:
+            if self.reply.message.get("content"):
+                yield self.reply.message["content"]
+            return
+        client, req = self.client, self.req
+        client._measure(req)
+        acc = Accumulator()
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(client.queue.aslot(req.cfg, req.cost))
+
+            async def open_(n: int) -> tuple[AsyncIterator[dict], dict]:
+                chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                try:
+                    return chunks, await chunks.__anext__()
+                except StopAsyncIteration:
+                    raise ResponseError("the stream ended before any chunk arrived") from None
+                except BaseException:
+                    await _aclose(chunks)
+                    raise
+
+            chunks, first = await client.retrying(req.cfg).acall(open_)
+            stack.push_async_callback(_aclose, chunks)
+            try:
+                delta = acc.add(first)
+                if delta:
+                    yield delta
+                async for chunk in chunks:
+                    delta = acc.add(chunk)
+                    if delta:
+                        yield delta
+            except TinyLLMError as exc:
+                exc.partial = acc.text  # type: ignore[attr-defined]
+                raise
+        self.reply = client._finish_stream(req, acc)
+
+
+def _without_stream(params: dict) -> dict:
+    """``params`` less ``stream`` (a streamed and a plain request share one cache key)."""
+    return {k: v for k, v in params.items() if k != "stream"}
+
+
+def _close(chunks: Any) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
+async def _aclose(chunks: Any) -> None:
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
+
+
+async def _in_thread(open_stream: Callable[[], Iterator[dict]]) -> AsyncIterator[dict]:
+    """Read a sync chunk iterator in a worker thread, one chunk per hop; closing this closes it there."""
+    chunks = await asyncio.to_thread(open_stream)
+    done = object()
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, chunks, done)
+            if chunk is done:
+                return
+            yield chunk  # type: ignore[misc]
+    finally:
+        await asyncio.to_thread(_close, chunks)

@@ -17,7 +17,7 @@ import inspect
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..config import Config
 from ..errors import BadRequestError, ConfigError, ContextWindowExceededError, ResponseError
@@ -129,7 +129,7 @@ class LlamaCppClient(Client):
     """
 
     api_type = "llamacpp"
-    capabilities = Capabilities(json_schema=True, json_grammar=True, tools=False, streaming=False, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=True, tools=False, streaming=True, embeddings=True)
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, cache: Any = None, **settings: Any) -> None:
         super().__init__(cache=cache, local_model_path=model_path, **settings)
@@ -169,8 +169,8 @@ class LlamaCppClient(Client):
         llm, _ = self.model(cfg or self.settings())
         return llm.n_ctx()
 
-    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
-        llm, lock = self.model(cfg)
+    def _kwargs(self, llm: Any, params: dict) -> dict:
+        """The arguments of ``create_chat_completion`` from OpenAI-style ``params`` (others dropped)."""
         if self._accepts is None:
             self._accepts = frozenset(inspect.signature(llm.create_chat_completion).parameters) - {"stream", "messages"}
         kwargs = {k: v for k, v in params.items() if k in self._accepts}
@@ -181,10 +181,33 @@ class LlamaCppClient(Client):
             if not isinstance(schema, dict):
                 raise BadRequestError("response_format of type 'json_schema' needs a 'json_schema': {'schema': {...}} object")
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
+        return kwargs
+
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict, dict]:
+        llm, lock = self.model(cfg)
+        kwargs = self._kwargs(llm, params)
         with _mapped_errors(), lock:
             response = llm.create_chat_completion(messages=messages, **kwargs)
         message, usage = extract_message(response)
-        return message, usage
+        choice = response["choices"][0] if isinstance(response, dict) and response.get("choices") else {}
+        return message, usage, {"finish_reason": choice.get("finish_reason") if isinstance(choice, dict) else None}
+
+    def _chat_stream(self, messages: list[dict], params: dict, cfg: Config) -> Iterator[dict]:
+        """llama.cpp's own streaming, in process; the model's lock is held until the stream ends or is closed."""
+        llm, lock = self.model(cfg)
+        kwargs = self._kwargs(llm, params)
+        with lock:
+            with _mapped_errors():
+                chunks = llm.create_chat_completion(messages=messages, stream=True, **kwargs)
+            try:
+                while True:
+                    with _mapped_errors():
+                        chunk = next(chunks, None)
+                    if chunk is None:
+                        return
+                    yield chunk
+            finally:
+                chunks.close()
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
         if not all(texts):  # llama.cpp fails on zero tokens and corrupts its batch memory (a crash at exit)
