@@ -352,33 +352,98 @@ def render(ctx: click.Context, name: str, variables: dict, model: str | None, as
 @click.argument("name")
 @_var_option
 @_model_options
+@click.option("--stream/--no-stream", default=None,
+              help="Print the reply as it is written (default: when stdout is a terminal and not --json).")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"content", "model", "usage", "cached", "latency"} as JSON.')
+              help="Print the complete call record (content, model, usage, cached, latency, ...) as JSON at the end.")
 @_prompts_dir_option
 @click.pass_context
 def call(ctx: click.Context, name: str, variables: dict, model: str | None, api_type: str | None,
-         temperature: float | None, max_tokens: int | None, cache: bool | None, as_json: bool,
+         temperature: float | None, max_tokens: int | None, cache: bool | None, stream: bool | None, as_json: bool,
          prompts_dirs: tuple[str, ...]) -> None:
     """Render NAME with the variables, send it, print the reply's content.
 
     A reply coerced to another output type than str (the front matter's
-    output_type) is printed as JSON.
+    output_type) is printed as JSON. Streamed text is printed as it arrives;
+    a coerced value is printed again at the end only with --json.
     """
-    from . import last_call_info
-
     llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache)
-    value = llm.call(**variables)
-    if not as_json:
-        click.echo(_show(value))
-        return
-    info = last_call_info()
-    click.echo(_dumps({
-        "content": _plain(value),
-        "model": info.model if info else model,
-        "usage": info.usage if info else {},
-        "cached": info.cached if info else False,
-        "latency": round(info.latency, 4) if info else None,
-    }))
+    if stream is None:
+        stream = not as_json and sys.stdout.isatty()
+    if stream:
+        response = llm.stream(**variables)
+        for delta in response:
+            click.echo(delta, nl=False)
+            sys.stdout.flush()
+        if not as_json:
+            click.echo("")
+    else:
+        response = llm.respond(**variables)
+        if not as_json:
+            click.echo(_show(response.value))
+    if as_json:
+        record = response.as_dict()
+        record["content"] = _plain(response.value)
+        record["latency"] = round(response.latency, 4) if response.latency is not None else None
+        click.echo(_dumps(record))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@_var_option
+@_model_options
+@click.option("--system", help="A plain system message instead of a template.")
+@_prompts_dir_option
+@click.pass_context
+def chat(ctx: click.Context, name: str | None, variables: dict, model: str | None, api_type: str | None,
+         temperature: float | None, max_tokens: int | None, cache: bool | None, system: str | None,
+         prompts_dirs: tuple[str, ...]) -> None:
+    """An interactive conversation, each answer streamed as it is written.
+
+    NAME (optional) is a template whose system part opens the conversation
+    (rendered with the --var values). Type a message and press Enter; `exit`
+    or Ctrl-D ends the conversation; Ctrl-C stops the current answer (the
+    turn is dropped) without leaving.
+    """
+    from . import client, force_api_cache
+    from .chat import LLMChat
+
+    if name is not None and system is not None:
+        raise CLIError("give a template NAME or --system, not both")
+    params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
+    template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
+    conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type, **params)
+    if template is not None:
+        # the system part only: each line typed is the user's message
+        conversation.history = conversation.prompt.render(variables, include_user=False)
+    if cache is not None:
+        force_api_cache(cache)
+    client(api_type)  # ConfigError (exit 2) now
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            click.echo("")
+            return
+        except KeyboardInterrupt:
+            click.echo("")
+            continue
+        if line.strip() in ("exit", "quit"):
+            return
+        if not line.strip():
+            continue
+        response = conversation.stream(line)
+        try:
+            for delta in response:
+                click.echo(delta, nl=False)
+                sys.stdout.flush()
+            click.echo("")
+        except KeyboardInterrupt:
+            response.close()
+            click.echo("\n[stopped]", err=True)
+        except TinyLLMError as exc:
+            response.close()
+            click.echo(f"\nerror: {_describe(exc)}", err=True)
 
 
 # -- map ----------------------------------------------------------------------------
