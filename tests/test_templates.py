@@ -560,7 +560,7 @@ def test_yaml_aliases_refused_anchors_alone_accepted(tmp_path):
 
 
 def test_yaml_nested_too_deeply_is_template_error(tmp_path):
-    write(tmp_path / "prompts" / "deep.system.md", "---\nstop: " + "[" * 3000 + "]" * 3000 + "\n---\nbody")
+    write(tmp_path / "prompts" / "deep.system.md", "---\nstop: " + "[" * 500 + "]" * 500 + "\n---\nbody")
     with pytest.raises(TemplateError, match=r"deep\.system\.md.*nested too deeply"):
         load_prompt("deep.system.md")
 
