@@ -54,7 +54,8 @@ _SETTINGS = ("description", "output_type", "output_retries", "messages")
 # not equal is taken for a typo): the chat-completion parameters of the OpenAI API
 # (https://platform.openai.com/docs/api-reference/chat/create; openai-python's
 # CompletionCreateParams), the SDK's request options, and widely used parameters of
-# OpenAI-compatible servers (vLLM, llama.cpp server, OpenRouter) that sit close to an OpenAI name.
+# OpenAI-compatible servers (vLLM, llama.cpp server, OpenRouter), some of which sit close to an
+# OpenAI name (top_k ~ top_p, models ~ model, min_tokens ~ max_tokens) and must not be taken for typos.
 _OPENAI_PARAMS = frozenset("""
     audio frequency_penalty function_call functions logit_bias logprobs max_completion_tokens max_tokens
     messages metadata modalities model moderation n parallel_tool_calls prediction presence_penalty
@@ -108,7 +109,7 @@ def _yaml_loader() -> type:
       ``output_type: [yes, no]`` gives the labels ``"yes"`` and ``"no"``.
     - Aliases (``*name``) are refused with a ``yaml.composer.ComposerError`` (a YAMLError,
       with the line): each alias of a list of aliases multiplies what the data expands to
-      (the "billion laughs" document: 364 bytes, ~10^9 strings once walked), and front matter,
+      (the "billion laughs" document: a few hundred bytes, 9^9 strings once walked), and front matter,
       a few keys, never needs them. Anchors alone (``&name``) are harmless and accepted.
     """
     import yaml
@@ -142,8 +143,8 @@ def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
 
     try:
         data = yaml.load("\n".join(lines[1:end]), Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
-    except RecursionError:
-        raise TemplateError(f"{path}: the YAML front matter is nested too deeply; flatten it") from None
+    except RecursionError as exc:
+        raise TemplateError(f"{path}: the YAML front matter is nested too deeply; flatten it") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" on line {mark.line + 2}" if mark is not None else ""
