@@ -533,3 +533,168 @@ def test_shipped_prompt_details():
 
     assert isinstance(json.loads(msgs[2]["content"])["facts"], list)
     assert {p.name for p in list_prompts(SHIPPED)} >= {f"{n}.system.md" for n in SHIPPED_NAMES}
+
+
+# --- reported faults: YAML, nesting, includes, short names, parameter names ----------------------
+
+BILLION_LAUGHS = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+)
+
+
+def test_yaml_alias_bomb_is_refused_at_load(tmp_path):
+    assert len(BILLION_LAUGHS) < 400  # 9**9 strings once expanded (json.dumps of the params, the cache key)
+    write(tmp_path / "prompts" / "lol.system.md", f"---\n{BILLION_LAUGHS}\n---\nbody")
+    with pytest.raises(TemplateError) as info:
+        load_prompt("lol.system.md")
+    assert "lol.system.md" in str(info.value) and "alias *a" in str(info.value) and "line 3" in str(info.value)
+
+
+def test_yaml_aliases_refused_anchors_alone_accepted(tmp_path):
+    write(tmp_path / "prompts" / "one.system.md", "---\nstop: &s ['##']\nuser: *s\n---\nbody")
+    with pytest.raises(TemplateError, match=r"one\.system\.md.*alias \*s.*not allowed"):
+        load_prompt("one.system.md")
+    write(tmp_path / "prompts" / "anchor.system.md", "---\nstop: &s ['##']\n---\nbody")
+    assert load_prompt("anchor.system.md").params == {"stop": ["##"]}
+
+
+def test_yaml_nested_too_deeply_is_template_error(tmp_path):
+    write(tmp_path / "prompts" / "deep.system.md", "---\nstop: " + "[" * 500 + "]" * 500 + "\n---\nbody")
+    with pytest.raises(TemplateError, match=r"deep\.system\.md.*nested too deeply"):
+        load_prompt("deep.system.md")
+
+
+def test_yes_no_and_on_off_stay_strings_only_true_false_are_booleans(tmp_path):
+    write(tmp_path / "prompts" / "yn.system.md",
+          "---\noutput_type: [yes, no, Yes, NO, on, off, y, n]\ntemperature: 0\ntop_p: 0.5\nstream: true\n"
+          "store: False\nlogprobs: TRUE\nseed: null\nstop: [yes]\nmetadata: {on: off}\n---\nbody")
+    p = load_prompt("yn.system.md")
+    assert p.output_type == ["yes", "no", "Yes", "NO", "on", "off", "y", "n"]
+    assert p.params == {"temperature": 0, "top_p": 0.5, "stream": True, "store": False, "logprobs": True,
+                        "seed": None, "stop": ["yes"], "metadata": {"on": "off"}}
+    assert type(p.params["temperature"]) is int and type(p.params["stream"]) is bool
+
+
+def test_deeply_nested_blocks_are_template_errors_at_load(tmp_path):
+    from tinyllm import LLMCall
+
+    d = tmp_path / "prompts"
+    write(d / "ifs.system.md", "{% if x %}" * 3000 + "y" + "{% endif %}" * 3000)
+    write(d / "fors.system.md", "{% for a in x %}" * 25 + "y" + "{% endfor %}" * 25)  # Python: 20 nested loops
+    write(d / "parens.system.md", "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}")
+    for name in ("ifs.system.md", "fors.system.md", "parens.system.md"):
+        with pytest.raises(TemplateError, match=rf"{name}: the template nests too deeply"):
+            load_prompt(name)
+    with pytest.raises(TemplateError, match="nests too deeply"):
+        LLMCall("ifs.system.md")
+
+
+def test_deep_nesting_and_recursion_at_render_are_template_errors(tmp_path):
+    d = tmp_path / "prompts"
+    deep = write(d / "deep.md", "{% if x %}" * 3000 + "y" + "{% endif %}" * 3000)
+    write(d / "fors.md", "{% for a in x %}" * 25 + "y" + "{% endfor %}" * 25)
+    write(d / "inc.system.md", "{% include 'deep.md' %}")
+    write(d / "incfor.system.md", "start\n{% include 'fors.md' %}")
+    write(d / "self.system.md", "{% include 'self.system.md' %}")
+    write(d / "macro.system.md", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
+    for name in ("inc.system.md", "incfor.system.md", "self.system.md", "macro.system.md"):
+        with pytest.raises(TemplateError, match=rf"{name}.*: the template nests too deeply"):
+            load_prompt(name).render({"x": [1]})
+    with pytest.raises(TemplateError, match=r"fors\.md \(included from .*incfor\.system\.md\)"):
+        load_prompt("incfor.system.md").render({"x": [1]})
+    assert deep.exists()
+
+
+def test_missing_variable_in_included_file_names_that_file_and_line(tmp_path):
+    d = tmp_path / "prompts"
+    part = write(d / "partials" / "rules.md", "---\ndescription: a partial\n---\nRules:\n- about {{ topic }}\n")
+    main = write(d / "inc.system.md", "Intro.\n{% include 'partials/rules.md' %}")
+    with pytest.raises(TemplateVariableError) as info:
+        load_prompt("inc.system.md").render({})
+    e = info.value
+    assert e.variable == "topic" and e.template == str(part)
+    assert str(e).startswith(f"{part}, line 5 (included from {main}): 'topic' is undefined")
+    user = write(d / "top.system.md", "Line one.\n\nHello {{ name }}")  # the file's own line, front matter or not
+    with pytest.raises(TemplateVariableError, match=rf"^{user}, line 3: 'name' is undefined"):
+        load_prompt("top.system.md").render({})
+
+
+def test_security_error_in_included_file_names_it(tmp_path):
+    d = tmp_path / "prompts"
+    write(d / "evil.md", "{{ ''.__class__.__mro__ }}")
+    write(d / "s.system.md", "{% include 'evil.md' %}")
+    with pytest.raises(TemplateSecurityError, match=r"evil\.md, line 1 \(included from .*s\.system\.md\)"):
+        load_prompt("s.system.md").render({})
+
+
+def test_short_names_in_the_library(tmp_path):
+    from tinyllm import LLMCall
+
+    p = load_prompt("summarize", prompts_dir=SHIPPED)
+    assert p.system_path == (SHIPPED / "summarize.system.md").resolve()
+    assert p.user_path == (SHIPPED / "summarize.user.md").resolve()
+    assert LLMCall("classify", prompts_dir=SHIPPED).prompt.output_type == ["positive", "negative", "neutral"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a / "x.system.txt", "x txt")
+    write(a / "x.system.txt~", "backup")
+    write(b / "x.system.md", "x md")  # NAME.system.md anywhere on the path comes first
+    write(a / "y.system.txt~", "backup only")
+    write(a / "y.system.txt", "y txt")
+    write(a / "y.user.txt", "y user")
+    write(a / "plain", "a file named plain")
+    assert load_prompt("x", prompts_dir=[a, b]).render() == [{"role": "system", "content": "x md"}]
+    assert load_prompt("y", prompts_dir=[a, b]).render() == [{"role": "system", "content": "y txt"},
+                                                             {"role": "user", "content": "y user"}]
+    assert load_prompt("plain", prompts_dir=[a]).render()[0]["content"] == "a file named plain"
+    assert load_prompt(str(a / "y")).system_path == a / "y.system.txt"  # a path without .system.
+    with pytest.raises(TemplateNotFoundError) as info:
+        load_prompt("nosuch", prompts_dir=a)
+    assert info.value.name == "nosuch.system.md" and str(a) in info.value.searched
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("temprature", "temperature"), ("max_token", "max_tokens"), ("top-p", "top_p"),
+    ("freq_penalty", "frequency_penalty"), ("respone_format", "response_format"), ("output_types", "output_type"),
+    ("extra_bdy", "extra_body"),
+])
+def test_misspelled_parameter_is_refused_with_the_right_name(tmp_path, key, suggestion):
+    write(tmp_path / "prompts" / "t.system.md", "sys")
+    user = write(tmp_path / "prompts" / "t.user.md", f"---\n{key}: 0\n---\nuser")
+    with pytest.raises(TemplateError) as info:
+        load_prompt("t.system.md")
+    assert str(info.value).startswith(f"{user}: front matter key {key!r}")
+    assert f"did you mean {suggestion!r}?" in str(info.value) and "extra_body" in str(info.value)
+
+
+def test_known_server_and_custom_parameters_are_kept(tmp_path):
+    write(tmp_path / "prompts" / "k.system.md",
+          "---\ntop_k: 40\nmin_p: 0.1\nmin_tokens: 2\nmodels: [a, b]\nnum_ctx: 4096\ncache_prompt: true\n"
+          "extra_body: {temprature_like_custom: 1, top_k: 5}\n---\nsys")
+    assert load_prompt("k.system.md").params == {
+        "top_k": 40, "min_p": 0.1, "min_tokens": 2, "models": ["a", "b"], "num_ctx": 4096, "cache_prompt": True,
+        "extra_body": {"temprature_like_custom": 1, "top_k": 5}}
+
+
+@pytest.mark.parametrize("value", ["[1, 2]", "text", "{1: x}"])
+def test_extra_body_must_be_a_mapping(tmp_path, value):
+    write(tmp_path / "prompts" / "e.system.md", f"---\nextra_body: {value}\n---\nsys")
+    with pytest.raises(TemplateError, match=r"e\.system\.md: front matter 'extra_body' must be a mapping"):
+        load_prompt("e.system.md")
+
+
+def test_non_string_front_matter_key_is_refused(tmp_path):
+    write(tmp_path / "prompts" / "n.system.md", "---\n1: x\n---\nsys")
+    with pytest.raises(TemplateError, match=r"n\.system\.md: front matter key 1 must be a string"):
+        load_prompt("n.system.md")
+
+
+def test_extra_body_from_front_matter_reaches_the_server(tmp_path, server):
+    from tinyllm import LLMCall
+
+    configure(api_type="openai", base_url=server.base_url, max_attempts=1)
+    write(tmp_path / "prompts" / "x.system.md", "---\ntemperature: 0\nextra_body:\n  top_k: 5\n  my_flag: yes\n---\nsys")
+    LLMCall("x", model="some-local-model").call()
+    body = server.chat_requests()[0].json
+    assert body["top_k"] == 5 and body["my_flag"] == "yes" and body["temperature"] == 0
+    assert "extra_body" not in body

@@ -89,17 +89,15 @@ def test_get_encoding_memoized():
 
 
 def test_get_encoding_loads_once_across_threads(monkeypatch):
-    import tiktoken.load
-
     monkeypatch.setattr(tokens, "_loaded", {})
-    real = tiktoken.load.load_tiktoken_bpe
+    real = tokens._read_ranks
     calls = []
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tiktoken.load, "load_tiktoken_bpe", counting)
+    monkeypatch.setattr(tokens, "_read_ranks", counting)
     barrier = threading.Barrier(8)
     results = []
 
@@ -126,6 +124,46 @@ def test_hash_mismatch_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(tokens, "_loaded", {})
     with pytest.raises(ValueError, match="[Hh]ash"):
         get_encoding("cl100k_base")
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_ranks_are_what_tiktoken_loader_reads(monkeypatch, name):
+    from tiktoken.load import load_tiktoken_bpe
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken: "" = read the file, cache nothing
+    path = str(tokens.ENCODINGS_DIR / f"{name}.tiktoken")
+    assert tokens._read_ranks(name) == load_tiktoken_bpe(path, expected_hash=tokens._HASHES[name])
+
+
+_COUNT_BOTH = """
+    import tinyllm.tokens as t
+    assert t.count_tokens("hello world", "gpt-4o") == 2 and t.count_tokens("hello world", "gpt-4") == 2
+    print("ok")
+"""
+
+
+def test_counts_with_an_unwritable_tiktoken_cache_dir(tmp_path):
+    # Tests run as root, where a chmod 0o555 directory is still writable: a cache directory
+    # under a regular file makes every attempt to create or write it fail with OSError.
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a regular file")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TIKTOKEN_CACHE_DIR=str(blocker / "cache"))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_COUNT_BOTH)], env=env, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok"]
+
+
+def test_counting_writes_no_file(tmp_path):
+    # Without TIKTOKEN_CACHE_DIR tiktoken's loader caches in $TMPDIR/data-gym-cache.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_COUNT_BOTH)], env=env, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert list(tmp.rglob("*")) == []
 
 
 def test_no_network_used(tmp_path):

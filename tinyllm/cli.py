@@ -12,7 +12,6 @@ bad ``--var``, bad configuration); 130 interrupted. A failure prints one line,
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import os
@@ -186,22 +185,11 @@ def _model_options(f: Callable) -> Callable:
 
 def _resolve(name: str, dirs: list[str]) -> tuple[str, Any]:
     """(template name to give LLMCall, Prompt). ``NAME`` without ``.system.`` means ``NAME.system.md``
-    (or ``NAME.system.<ext>``), else the file ``NAME`` itself. Raises TemplateNotFoundError."""
-    from .templates import load_prompt, search_path
+    (or ``NAME.system.<ext>``), else the file ``NAME`` itself: ``load_prompt`` resolves short names
+    (the same rule as the library). Raises TemplateNotFoundError."""
+    from .templates import load_prompt
 
-    candidates = [name]
-    if ".system." not in os.path.basename(name):
-        others = [os.path.basename(p) for d in search_path(dirs)
-                  for p in sorted(glob.glob(os.path.join(glob.escape(str(d)), glob.escape(name) + ".system.*")))]
-        candidates = list(dict.fromkeys([f"{name}.system.md", *others, name]))
-    first: TemplateNotFoundError | None = None
-    for candidate in candidates:
-        try:
-            return candidate, load_prompt(candidate, prompts_dir=dirs)
-        except TemplateNotFoundError as exc:
-            first = first or exc
-    assert first is not None
-    raise first
+    return name, load_prompt(name, prompts_dir=dirs)
 
 
 def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None, temperature: float | None,

@@ -1,7 +1,8 @@
 """Prompt templates: search path, YAML front matter, sandboxed Jinja, messages.
 
 ``NAME.system.EXT`` pairs with ``NAME.user.EXT`` beside it (optional, or named
-explicitly); names are looked up in ``prompts_dir=``, ``PROMPTS_DIRS``, ``./prompts``.
+explicitly); names are looked up in ``prompts_dir=``, ``PROMPTS_DIRS``, ``./prompts``;
+a short name ``NAME`` means ``NAME.system.md`` (or ``NAME.system.<ext>``).
 Front matter (YAML between ``---`` lines; the user file's keys override the system
 file's) holds ``description``, ``output_type``, ``output_retries``, ``messages`` and
 model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
@@ -16,11 +17,19 @@ with the same variables. :meth:`Prompt.render` returns [system body] + those mes
 in order + [user body] (if any), each stripped of surrounding whitespace, none dropped.
 The structure comes from YAML, never from parsing rendered text, so a variable's
 value can never open a new message or change a role.
+
+Front matter is read by :func:`_yaml_loader` (yaml.SafeLoader, YAML 1.2 booleans: only
+``true``/``false``, so ``yes``/``no``/``on``/``off`` stay strings; aliases refused, so a
+few hundred bytes cannot expand into gigabytes). A key that is not a setting is a model
+parameter; one that is no known parameter but close to one (``temprature``) is refused
+as a typo; server-specific parameters can always go under ``extra_body:``.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import glob
 import os
 import re
 import threading
@@ -41,6 +50,26 @@ Dirs = Union[str, "os.PathLike[str]", Iterable[Union[str, "os.PathLike[str]"]], 
 ROLES = ("system", "user", "assistant", "developer")
 OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
 _SETTINGS = ("description", "output_type", "output_retries", "messages")
+# Request parameters a front-matter key is checked against (a key close to one of these but
+# not equal is taken for a typo): the chat-completion parameters of the OpenAI API
+# (https://platform.openai.com/docs/api-reference/chat/create; openai-python's
+# CompletionCreateParams), the SDK's request options, and widely used parameters of
+# OpenAI-compatible servers (vLLM, llama.cpp server, OpenRouter), some of which sit close to an
+# OpenAI name (top_k ~ top_p, models ~ model, min_tokens ~ max_tokens) and must not be taken for typos.
+_OPENAI_PARAMS = frozenset("""
+    audio frequency_penalty function_call functions logit_bias logprobs max_completion_tokens max_tokens
+    messages metadata modalities model moderation n parallel_tool_calls prediction presence_penalty
+    prompt_cache_key prompt_cache_options prompt_cache_retention reasoning_effort response_format
+    safety_identifier seed service_tier stop store stream stream_options temperature tool_choice tools
+    top_logprobs top_p user verbosity web_search_options
+    timeout extra_body extra_headers extra_query
+""".split())
+_SERVER_PARAMS = frozenset("""
+    top_k top_a min_p min_tokens models typical_p repetition_penalty repeat_penalty repeat_last_n
+    length_penalty best_of ignore_eos stop_token_ids n_predict n_probs mirostat mirostat_tau mirostat_eta
+""".split())
+_KNOWN_KEYS = frozenset({*_SETTINGS, *_OPENAI_PARAMS, *_SERVER_PARAMS})
+_YAML_BOOL = "tag:yaml.org,2002:bool"
 _UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
 _lock = threading.Lock()
 _prompts: dict[tuple, tuple[tuple, Prompt]] = {}  # (name, paths, dirs) -> (file signatures, prompt)
@@ -71,6 +100,37 @@ def _search_dirs(prompts_dir: Dirs, configured: Iterable[Any] | None = None) -> 
     return list(out.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _yaml_loader() -> type:
+    """The front matter's YAML loader class: ``yaml.SafeLoader`` with two changes.
+
+    - Booleans as in YAML 1.2: only ``true``/``false`` (any of ``true``, ``True``, ``TRUE``);
+      ``yes``, ``no``, ``on``, ``off``, ``y``, ``n`` stay the strings the author wrote, so
+      ``output_type: [yes, no]`` gives the labels ``"yes"`` and ``"no"``.
+    - Aliases (``*name``) are refused with a ``yaml.composer.ComposerError`` (a YAMLError,
+      with the line): each alias of a list of aliases multiplies what the data expands to
+      (the "billion laughs" document: a few hundred bytes, 9^9 strings once walked), and front matter,
+      a few keys, never needs them. Anchors alone (``&name``) are harmless and accepted.
+    """
+    import yaml
+    from yaml.composer import ComposerError
+
+    class FrontMatterLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ComposerError(None, None, f"the alias *{event.anchor} is not allowed in front matter "
+                                    "(aliases can expand exponentially); write the value out", event.start_mark)
+            return super().compose_node(parent, index)
+
+    FrontMatterLoader.yaml_implicit_resolvers = {  # a copy, without the YAML 1.1 boolean resolver
+        first: [(tag, rx) for tag, rx in resolvers if tag != _YAML_BOOL]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    FrontMatterLoader.add_implicit_resolver(_YAML_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                            list("tTfF"))
+    return FrontMatterLoader
+
+
 def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
     """(front matter, body); front-matter lines become blank lines so Jinja line numbers match the file."""
     lines = text.split("\n")
@@ -82,7 +142,9 @@ def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
     import yaml  # imported on the first front matter, not at import tinyllm (~8 ms)
 
     try:
-        data = yaml.safe_load("\n".join(lines[1:end]))
+        data = yaml.load("\n".join(lines[1:end]), Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
+    except RecursionError as exc:
+        raise TemplateError(f"{path}: the YAML front matter is nested too deeply; flatten it") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" on line {mark.line + 2}" if mark is not None else ""
@@ -106,12 +168,18 @@ def _read(path: Path) -> tuple[dict, str]:
 
 
 class _Loader(jinja2.FileSystemLoader):
-    """A FileSystemLoader that drops the front matter of included files."""
+    """A FileSystemLoader that drops the front matter of included files.
+
+    The front matter becomes a Jinja comment spanning as many lines, so the included
+    text starts where it did and errors report the file's own line numbers."""
 
     def get_source(self, environment, template):  # type: ignore[override]
         source, filename, uptodate = super().get_source(environment, template)
         fm_body = _split_front_matter(source, filename)[1]
-        return (fm_body if fm_body is source else fm_body.lstrip("\n")), filename, uptodate
+        if fm_body is not source:
+            body = fm_body.lstrip("\n")
+            fm_body = "{#" + "\n" * (len(fm_body) - len(body)) + "#}" + body
+        return fm_body, filename, uptodate
 
 
 @functools.lru_cache(maxsize=64)
@@ -128,28 +196,64 @@ def _compile(env: jinja2.Environment, source: str, name: str, where: str) -> tup
         code = env.compile(ast, name, where)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"{where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from exc
+    except (RecursionError, SyntaxError) as exc:  # Python's own limits on nesting, hit by Jinja or by compile()
+        raise TemplateError(f"{where}: {_too_deep(exc)}") from exc
     return env.template_class.from_code(env, code, env.make_globals(None), None), names
 
 
+def _too_deep(exc: RecursionError | SyntaxError) -> str:
+    """The message for a template that nests deeper than Python allows."""
+    if isinstance(exc, RecursionError):
+        return ("the template nests too deeply (Python's recursion limit: thousands of nested blocks or "
+                "parentheses, or an include or macro that calls itself); flatten it")
+    return (f"the template nests too deeply for Python ({exc.msg}: Jinja compiles each block to a nested "
+            "Python block; Python allows 20 nested loops and 100 levels of indentation); flatten it")
+
+
+def _location(exc: BaseException, where: str) -> tuple[str, str]:
+    """(template file, "FILE, line N" text) of the innermost template frame in ``exc``'s traceback.
+
+    Jinja rewrites a render error's traceback so that each template frame carries the template's
+    file name and line (its globals hold ``__jinja_exception__``); the innermost one is where the
+    error happened, possibly in an included file. ``where`` when there is no such frame."""
+    file, line, tb = where, None, exc.__traceback__
+    while tb is not None:
+        if "__jinja_exception__" in tb.tb_frame.f_globals:
+            file, line = tb.tb_frame.f_code.co_filename, tb.tb_lineno
+        tb = tb.tb_next
+    text = file if line is None else f"{file}, line {line}"
+    return file, text if file == where else f"{text} (included from {where})"
+
+
 def _render(template: jinja2.Template, variables: dict, where: str, dirs: tuple[str, ...]) -> str:
-    """Render ``template``, mapping every Jinja failure into the tinyllm error tree."""
+    """Render ``template``, mapping every Jinja failure into the tinyllm error tree.
+
+    Messages start with the file (and line) where the failure happened: an included file when
+    it happened there ("FILE, line N (included from WHERE)")."""
     try:
         return template.render(variables)
     except SecurityError as exc:
-        raise TemplateSecurityError(f"{where}: the template sandbox refused an unsafe operation: {exc}") from exc
+        at = _location(exc, where)[1]
+        raise TemplateSecurityError(f"{at}: the template sandbox refused an unsafe operation: {exc}") from exc
     except jinja2.UndefinedError as exc:
+        file, at = _location(exc, where)
         m = _UNDEFINED.match(str(exc))
         var = m.group(1) if m else None
         hint = f"pass {var}=... or write {{{{ {var} | default(...) }}}} in the template" if var else "check the value"
-        raise TemplateVariableError(f"{where}: {exc}; {hint}", variable=var, template=where) from exc
+        raise TemplateVariableError(f"{at}: {exc}; {hint}", variable=var, template=file) from exc
     except jinja2.TemplateNotFound as exc:
         raise TemplateNotFoundError(exc.name or str(exc), list(dirs)) from exc
     except jinja2.TemplateSyntaxError as exc:  # in an included file
         raise TemplateError(f"{exc.filename or where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from exc
     except TemplateError:
         raise
+    except SyntaxError as exc:  # an included file nests too deeply (compile() names the file)
+        at = exc.filename if exc.filename and exc.filename != where else where
+        raise TemplateError(f"{at}{'' if at == where else f' (included from {where})'}: {_too_deep(exc)}") from exc
+    except RecursionError as exc:  # an included file nests too deeply, or an include or macro calls itself
+        raise TemplateError(f"{_location(exc, where)[1]}: {_too_deep(exc)}") from exc
     except Exception as exc:
-        raise TemplateError(f"{where}: rendering failed: {type(exc).__name__}: {exc}") from exc
+        raise TemplateError(f"{_location(exc, where)[1]}: rendering failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _messages(value: Any, path: Path) -> list[tuple[str, str]]:
@@ -171,6 +275,29 @@ def _static(text: str) -> str | None:
     every delimiter; no ``\\r``, which Jinja would turn into ``\\n``), stripped; else None.
     Such a part (often the system prompt) is then not run through Jinja on every call."""
     return text.strip() if "{" not in text and "\r" not in text else None
+
+
+def _check_params(params: dict[str, Any], origin: dict[str, Path]) -> None:
+    """Refuse a misspelled parameter name and an ``extra_body`` that is not a mapping.
+
+    A key that is neither a known parameter (:data:`_KNOWN_KEYS`) nor close to one is a
+    server-specific parameter and is sent as given; one close to a known name (difflib ratio
+    >= 0.8: ``temprature``, ``max_token``, ``top-p``) is taken for a typo, since an
+    OpenAI-compatible server silently ignores a parameter it does not know.
+    Raises TemplateError naming the file and suggesting the known name."""
+    for key in params:
+        if not isinstance(key, str):
+            raise TemplateError(f"{origin[key]}: front matter key {key!r} must be a string")
+        if key in _KNOWN_KEYS:
+            continue
+        close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1, cutoff=0.8)
+        if close:
+            raise TemplateError(f"{origin[key]}: front matter key {key!r} is not a parameter tinyllm knows; "
+                                f"did you mean {close[0]!r}? (A server-specific parameter goes under 'extra_body:'.)")
+    extra = params.get("extra_body")
+    if extra is not None and not (isinstance(extra, dict) and all(isinstance(k, str) for k in extra)):
+        raise TemplateError(f"{origin['extra_body']}: front matter 'extra_body' must be a mapping of "
+                            f"parameter names to values, not {extra!r}")
 
 
 class Prompt:
@@ -203,6 +330,7 @@ class Prompt:
         fm = self.front_matter
         self.description, self.output_type, self.output_retries = (fm.get(k) for k in _SETTINGS[:3])
         self.params = {k: v for k, v in fm.items() if k not in _SETTINGS}
+        _check_params(self.params, origin)
         if self.description is not None and not isinstance(self.description, str):
             raise TemplateError(f"{origin['description']}: front matter 'description' must be a string")
         ot = self.output_type
@@ -243,6 +371,37 @@ def _find(name: str, dirs: list[str]) -> str | None:
     return None
 
 
+def _find_system(name: str, dirs: list[str]) -> str:
+    """The absolute path of the system template file ``name`` (str) names, on the search path ``dirs``
+    (absolute directories, in order); shared by :func:`load_prompt` and the ``tinyllm`` command.
+
+    A name whose file name part has no ``.system.`` is a short name: ``NAME`` means
+    ``NAME.system.md`` (in any directory of ``dirs``, in order, then as a path), else
+    ``NAME.system.<ext>`` (the first, in sorted order, of the first directory that has one;
+    no editor backups ``~``), else the file ``NAME`` itself. Any other name is a file name
+    looked up in ``dirs``, then taken as a path (``~`` expanded).
+
+    Raises:
+        TemplateNotFoundError: nothing matches; for a short name its ``name`` is ``NAME.system.md``.
+    """
+    if ".system." in os.path.basename(name):
+        found = _find(name, dirs)
+        if found is None:
+            raise TemplateNotFoundError(name, dirs)
+        return found
+    found = _find(f"{name}.system.md", dirs)
+    for d in (*dirs, None) if found is None else ():
+        pattern = glob.escape(os.path.join(d, name) if d is not None else os.path.expanduser(name)) + ".system.*"
+        matches = [p for p in sorted(glob.glob(pattern)) if not p.endswith("~") and os.path.isfile(p)]
+        if matches:
+            found = os.path.abspath(matches[0])
+            break
+    found = found or _find(name, dirs)
+    if found is None:
+        raise TemplateNotFoundError(f"{name}.system.md", dirs)
+    return found
+
+
 def _sibling_user(path: str) -> str | None:
     folder, base = os.path.split(path)
     head, sep, ext = base.rpartition(".system.")
@@ -262,8 +421,11 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
                 prompts_dir: Dirs = None) -> Prompt:
     """Find, parse and compile a prompt; the same object is returned until one of its files changes.
 
-    ``NAME.system.EXT`` pairs with ``NAME.user.EXT`` in its directory unless ``user_template_name``
-    is given (looked up on the search path, then next to the system file).
+    ``system_template_name`` is a file name (``summarize.system.md``), a path, or a short name
+    (``summarize``: ``summarize.system.md``, else ``summarize.system.<ext>``, else the file
+    ``summarize``), as the ``tinyllm`` command takes it. ``NAME.system.EXT`` pairs with
+    ``NAME.user.EXT`` in its directory unless ``user_template_name`` is given (looked up on the
+    search path, then next to the system file).
 
     The files are looked for and stat-checked again only when the last look at them, for the
     same arguments, search path and working directory, is ``FILE_CHECK_INTERVAL`` seconds old
@@ -272,7 +434,9 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
 
     Raises:
         TemplateNotFoundError: a name is in no searched directory and is no file path.
-        TemplateError: an unreadable or non-UTF-8 file, bad front matter, or a Jinja syntax error.
+        TemplateError: an unreadable or non-UTF-8 file, bad front matter (invalid YAML, a YAML
+            alias, a misspelled parameter name), a Jinja syntax error, or a template nested
+            deeper than Python allows.
     """
     given = _given_dirs(prompts_dir)
     cfg = get_config()
@@ -293,9 +457,7 @@ def load_prompt(system_template_name: str, user_template_name: str | None = None
 
 def _load(name: str, user_name: str | None, dirs: list[str]) -> Prompt:
     """:func:`load_prompt` after its memo: find the files, and parse them unless unchanged."""
-    system_path = _find(name, dirs)
-    if system_path is None:
-        raise TemplateNotFoundError(name, dirs)
+    system_path = _find_system(name, dirs)
     if user_name is None:
         user_path = _sibling_user(system_path)
     else:

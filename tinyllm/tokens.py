@@ -2,12 +2,17 @@
 
 The BPE ranks of ``cl100k_base`` and ``o200k_base`` ship in ``tinyllm/encodings/``
 (byte for byte as tiktoken downloads them; the sha256 is checked on load), so
-nothing is downloaded. Importing this module imports neither tiktoken nor any
-encoding: each encoding is loaded on first use, once per process.
+nothing is downloaded. They are read straight from the package, never through
+tiktoken's loader, which copies every file it reads into its cache directory
+(``TIKTOKEN_CACHE_DIR``, else ``$TMPDIR/data-gym-cache``) and fails when that is
+read-only: counting tokens writes nothing anywhere. Importing this module imports
+neither tiktoken nor any encoding: each encoding is loaded on first use, once per process.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -64,14 +69,27 @@ def _constructor_args(name: str) -> dict[str, Any]:
     return {"pat_str": pat_str, "special_tokens": special_tokens}
 
 
+def _read_ranks(name: str) -> dict[bytes, int]:
+    """The BPE ranks (token bytes -> rank) of the bundled ``NAME.tiktoken``, read without writing anything.
+
+    The file's format, as ``tiktoken.load.load_tiktoken_bpe`` parses it: one ``<base64 token> <rank>``
+    per line. Raises ValueError when the file's sha256 is not the expected one (a damaged install)."""
+    path = ENCODINGS_DIR / f"{name}.tiktoken"
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != _HASHES[name]:
+        raise ValueError(f"{path}: hash mismatch, the bundled encoding file is damaged; reinstall tinyllm")
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+
+
 def get_encoding(name: str) -> tiktoken.Encoding:
     """Return the tiktoken encoding ``name`` (``"cl100k_base"`` or ``"o200k_base"``), built from the bundled file.
 
-    Loaded with tiktoken's own ``tiktoken.load.load_tiktoken_bpe(path, expected_hash=...)``
-    on first use, then memoized (thread-safe, once per process). Never uses the network.
+    The ranks are read from the package (:func:`_read_ranks`, sha256 checked) on first use,
+    then the encoding is memoized (thread-safe, once per process). Never uses the network,
+    never writes a file (works on a read-only filesystem and cache directory).
 
     Raises:
-        ValueError: an encoding that is not bundled.
+        ValueError: an encoding that is not bundled, or a damaged bundled file.
     """
     enc = _loaded.get(name)
     if enc is not None:
@@ -82,11 +100,8 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         enc = _loaded.get(name)
         if enc is None:
             import tiktoken
-            from tiktoken.load import load_tiktoken_bpe
 
-            path = ENCODINGS_DIR / f"{name}.tiktoken"
-            ranks = load_tiktoken_bpe(str(path), expected_hash=_HASHES[name])
-            enc = tiktoken.Encoding(name, mergeable_ranks=ranks, **_constructor_args(name))
+            enc = tiktoken.Encoding(name, mergeable_ranks=_read_ranks(name), **_constructor_args(name))
             _loaded[name] = enc
     return enc
 
