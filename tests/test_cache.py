@@ -141,10 +141,12 @@ def test_rejects_non_plain_values_and_keys(cache):
     class Thing:
         pass
 
-    with pytest.raises(TypeError):
+    with pytest.raises(CacheValueError, match="plain data.*got Thing"):
         cache.set("k", {"obj": Thing()})
-    with pytest.raises(TypeError):
+    with pytest.raises(CacheValueError, match="keys must be str"):
         cache.set(1, "v")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # CacheValueError is a TypeError, as these errors were before
+        cache.set("k", [1, Thing()])
     assert len(cache) == 0
 
 
