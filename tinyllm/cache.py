@@ -18,19 +18,25 @@ only where it was written: bytes inside a value that look like a frame never
 pass for one. A reader that meets an invalid frame (a flipped bit, a zeroed
 page) resyncs: it looks for the next marker that starts a valid frame and reads
 on from there, so only the records that overlap the damage are lost. It logs
-one WARNING per damaged stretch and process; the damaged bytes stay in the file
-(``clear()`` removes them). An invalid frame is skipped only after a re-read
-under the file lock, so a record another process is still writing is never
-taken for damage. Bytes after the last valid frame that hold no valid frame (a
-write cut short by a crash, or garbage) are skipped by readers and cut off by
-the next writer before it appends; nothing before the last valid frame is ever
-cut.
+the damage once per process (one WARNING naming the stretches skipped); the
+damaged bytes stay in the file (``clear()`` removes them). An invalid frame is
+skipped only after a re-read under the file lock, so a record another process
+is still writing is never taken for damage. Bytes after the last valid frame
+that hold no valid frame (a write cut short by a crash, or garbage) are skipped
+by readers and cut off by the next writer before it appends; nothing before the
+last valid frame is ever cut.
 
 Version 1 files (``TINYLLM-CACHE 1``: frames of ``>I length >I crc32(payload)
 payload``, no marker) are read as they are, resyncing past damage on the pickle
 opcode that starts every payload, and are rewritten in version 2 (atomically,
 keeping every readable record) by the first write. Older tinyllm versions refuse
 a version 2 file with ConfigError.
+
+Values are plain data. Shared subtrees are copied once and stay shared, so a
+value like ``x = [x, x]`` repeated 40 times is stored and returned in linear
+time; a value that contains itself, or is nested deeper than :data:`MAX_DEPTH`
+containers, raises :class:`CacheValueError` at ``set`` (pickle would run out of
+stack). ``get`` unpickles the stored record: iterative, so no depth fails there.
 
 Writes are not fsynced: a killed process loses at most the record it was
 writing; a power loss may lose the last few (the crc detects the damage).
