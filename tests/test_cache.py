@@ -522,6 +522,31 @@ def test_damage_then_torn_tail_keeps_the_records_between(tmp_path):
     assert len(PickleCache(path)) == 999
 
 
+def test_damage_seen_without_the_lock_is_checked_again_under_it(tmp_path, caplog):
+    # a record whose bytes are not all visible yet (a write in progress, NFS) looks like damage:
+    # the reader confirms under the file lock, by which time the writer is done, and skips nothing
+    path = tmp_path / "c.pickle"
+    reader = PickleCache(path)
+    reader.set("first", 1)
+    end = path.stat().st_size
+    a = frame(end, pickle.dumps(("a", "x" * 500), protocol=5))
+    b = frame(end + len(a), pickle.dumps(("b", 2), protocol=5))
+    with open(path, "ab") as f:
+        f.write(a[:100] + b"\x00" * 300 + a[400:] + b)  # a's middle still zeros, b complete after it
+    lock = reader._file_lock
+
+    def lock_after_the_write_lands():
+        with open(path, "r+b") as f:
+            f.seek(end + 100)
+            f.write(a[100:400])
+        return lock()
+
+    reader._file_lock = lock_after_the_write_lands
+    caplog.set_level("WARNING", logger="tinyllm.cache")
+    assert reader.get("b") == 2 and reader.get("a") == "x" * 500
+    assert warnings_of(caplog) == []
+
+
 def test_frame_bytes_inside_a_value_are_never_taken_for_records(tmp_path):
     inner = tmp_path / "inner.pickle"
     PickleCache(inner).update({f"inner{i}": i for i in range(5)})  # valid frames, at their own offsets

@@ -168,6 +168,7 @@ def _plain(value: Any, limit: int | None = MAX_DEPTH) -> Any:
     if type(value) in _SCALARS:
         return value
     memo: dict[int, Any] = {id(value): _BUSY}
+    alive = []
     kind = _kind(value)
     stack = [(value, kind, _children(value, kind), [])]
     while True:
@@ -182,6 +183,7 @@ def _plain(value: Any, limit: int | None = MAX_DEPTH) -> Any:
                     raise CacheValueError(f"cache value is nested deeper than {limit} containers; it cannot be stored")
                 child_kind = _kind(child)
                 memo[id(child)] = _BUSY
+                alive.append(child)  # a subclass may hand out temporaries: keep them, so no id is reused
                 stack.append((child, child_kind, _children(child, child_kind), []))
                 break
             if copy is _BUSY:
