@@ -27,29 +27,44 @@ from tinyllm.cache import (
     force_api_cache,
 )
 from tinyllm.config import configure, get_config
-from tinyllm.errors import ConfigError
+from tinyllm.errors import CacheValueError, ConfigError, TinyLLMError
 
 REPO = Path(cache_module.__file__).parent.parent  # the directory holding the tinyllm package, for children
-HEAD = struct.Struct(">II")
+HEAD = struct.Struct(">4sII")  # the version 2 frame header, written out here independently of the module
+MARK = b"\xfeTR\xff"
 
 
 def message(i: int, size: int = 200) -> dict:
     return {"role": "assistant", "content": f"reply {i} " + "x" * size, "refusal": None, "tool_calls": [i, [i]]}
 
 
-def raw_records(path: Path) -> tuple[list[tuple[str, object]], int]:
-    """Parse the file independently of the module: (complete records in order, bytes left after them)."""
+def frame(offset: int, payload: bytes) -> bytes:
+    """A version 2 frame: marker, length, crc32 of (offset, length, payload), payload."""
+    crc = zlib.crc32(struct.pack(">QI", offset, len(payload)) + payload)
+    return HEAD.pack(MARK, len(payload), crc) + payload
+
+
+def frame_offsets(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of each valid frame from the header on, stopping at the first invalid one."""
     data = path.read_bytes()
     assert data.startswith(MAGIC)
     pos, out = len(MAGIC), []
     while pos + HEAD.size <= len(data):
-        length, crc = HEAD.unpack_from(data, pos)
+        mark, length, crc = HEAD.unpack_from(data, pos)
         payload = data[pos + HEAD.size: pos + HEAD.size + length]
-        if length == 0 or len(payload) < length or zlib.crc32(payload) != crc:
+        if mark != MARK or length == 0 or len(payload) < length or frame(pos, payload) != data[pos:pos + HEAD.size + length]:
             break
-        out.append(pickle.loads(payload))
+        out.append((pos, pos + HEAD.size + length))
         pos += HEAD.size + length
-    return out, len(data) - pos
+    return out
+
+
+def raw_records(path: Path) -> tuple[list[tuple[str, object]], int]:
+    """Parse the file independently of the module: (complete records in order, bytes left after them)."""
+    data = path.read_bytes()
+    frames = frame_offsets(path)
+    out = [pickle.loads(data[start + HEAD.size:end]) for start, end in frames]
+    return out, len(data) - (frames[-1][1] if frames else len(MAGIC))
 
 
 def child_env() -> dict:
@@ -126,11 +141,67 @@ def test_rejects_non_plain_values_and_keys(cache):
     class Thing:
         pass
 
-    with pytest.raises(TypeError):
+    with pytest.raises(CacheValueError, match="plain data.*got Thing"):
         cache.set("k", {"obj": Thing()})
-    with pytest.raises(TypeError):
+    with pytest.raises(CacheValueError, match="keys must be str"):
         cache.set(1, "v")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # CacheValueError is a TypeError, as these errors were before
+        cache.set("k", [1, Thing()])
     assert len(cache) == 0
+
+
+@pytest.mark.timeout(60)  # before the fix, set() walked all 2**40 paths and never returned
+def test_shared_subtrees_are_stored_and_returned_with_their_sharing(cache):
+    x: list = []
+    for _ in range(40):
+        x = [x, x]
+    cache.set("k", {"tree": x})
+    copies = [cache.get("k")["tree"]]
+    if isinstance(cache, PickleCache):
+        copies.append(PickleCache(cache.path).get("k")["tree"])
+    for got in copies:
+        assert got is not x
+        for _ in range(40):
+            assert type(got) is list and len(got) == 2 and got[0] is got[1]
+            got = got[0]
+        assert got == []
+
+
+def test_deep_nesting_is_refused_with_a_clear_error(cache):
+    ok: list = []
+    for _ in range(cache_module.MAX_DEPTH - 1):
+        ok = [ok]
+    cache.set("ok", ok)  # MAX_DEPTH containers, counting the outer one
+    got = cache.get("ok")
+    for _ in range(cache_module.MAX_DEPTH - 1):
+        got = got[0]
+    assert got == []
+    for depth in (cache_module.MAX_DEPTH + 1, 100_000):
+        deep: list = []
+        for _ in range(depth - 1):
+            deep = [deep]
+        with pytest.raises(CacheValueError, match=f"deeper than {cache_module.MAX_DEPTH}") as info:
+            cache.set("deep", {"x": deep})
+        assert isinstance(info.value, TinyLLMError) and isinstance(info.value, TypeError)
+    cyclic: list = []
+    cyclic.append({"again": cyclic})
+    with pytest.raises(CacheValueError, match="contains itself"):
+        cache.set("cyclic", cyclic)
+    assert "deep" not in cache and "cyclic" not in cache and len(cache) == 1
+
+
+def test_deep_value_written_by_someone_else_is_returned_without_recursion(tmp_path):
+    # what the restricted unpickler admits, built opcode by opcode: ("deep", [[[...]]]) 20,000 lists deep
+    n = 20_000
+    payload = b"\x80\x05\x8c\x04deep" + b"]" * n + b"a" * (n - 1) + b"\x86."
+    path = tmp_path / "c.pickle"
+    PickleCache(path).close()
+    with open(path, "ab") as f:
+        f.write(frame(len(MAGIC), payload))
+    got = PickleCache(path).get("deep")
+    for _ in range(n - 1):
+        got = got[0]
+    assert got == []
 
 
 def test_clear(cache):
@@ -318,7 +389,7 @@ def test_sigkill_mid_write_loses_at_most_the_record_being_written(tmp_path):
         # what is left after the complete records is less than one record: only the one being written was lost
         if leftover:
             data = path.read_bytes()[-leftover:]
-            assert leftover < HEAD.size or leftover < HEAD.size + HEAD.unpack_from(data)[0]
+            assert leftover < HEAD.size or leftover < HEAD.size + HEAD.unpack_from(data)[1]
         c = PickleCache(path)
         n = len(c)
         assert n > start  # the child did write
@@ -369,6 +440,154 @@ def test_garbage_after_last_record_is_skipped_then_cut_off(tmp_path, garbage):
     assert leftover == 0 and records == [(f"k{i}", i) for i in range(6)]
 
 
+# --- damage in the middle of the file ---------------------------------------------------------
+
+
+def thousand(path: Path) -> dict:
+    """Write 1,000 records (one append) and return them as a dict."""
+    entries = {f"k{i:04d}": message(i, 50) for i in range(1000)}
+    c = PickleCache(path)
+    c.update(entries)
+    c.close()
+    return entries
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "tinyllm.cache" and r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("where", ["marker", "length-high-bit", "length-low-bit", "crc", "key", "payload-end"])
+def test_one_flipped_bit_loses_only_that_record(tmp_path, caplog, where):
+    path = tmp_path / "c.pickle"
+    entries = thousand(path)
+    start, end = frame_offsets(path)[500]
+    data = bytearray(path.read_bytes())
+    at, bit = {
+        "marker": (start + 1, 0x01),
+        "length-high-bit": (start + 4, 0x80),  # the length now runs far past the end of the file
+        "length-low-bit": (start + 7, 0x01),
+        "crc": (start + 9, 0x10),
+        "key": (data.index(b"k0500", start), 0x02),
+        "payload-end": (end - 2, 0x04),
+    }[where]
+    data[at] ^= bit
+    path.write_bytes(bytes(data))
+    caplog.set_level("WARNING", logger="tinyllm.cache")
+
+    reader = PickleCache(path)
+    assert len(reader) == 999 and "k0500" not in reader
+    assert all(reader.get(k) == v for k, v in entries.items() if k != "k0500")
+    assert len(warnings_of(caplog)) == 1 and "damaged" in warnings_of(caplog)[0]
+
+    PickleCache(path).set("new", 1)  # a write keeps every record, and the damaged bytes, before it
+    assert path.read_bytes().startswith(bytes(data))
+    again = PickleCache(path)
+    assert len(again) == 1000 and again.get("new") == 1 and again.get("k0999") == entries["k0999"]
+    assert reader.get("new") == 1 and len(reader) == 1000  # the first instance reads on after the damage
+    assert len(warnings_of(caplog)) == 1  # logged once per process, however many instances read it
+
+
+def test_zeroed_page_loses_only_the_records_it_overlaps(tmp_path, caplog):
+    path = tmp_path / "c.pickle"
+    entries = thousand(path)
+    frames = frame_offsets(path)
+    page = (path.stat().st_size // 2) // 4096 * 4096
+    with open(path, "r+b") as f:
+        f.seek(page)
+        f.write(b"\x00" * 4096)
+    hit = {f"k{i:04d}" for i, (start, end) in enumerate(frames) if start < page + 4096 and end > page}
+    assert 20 < len(hit) < 30  # 4096 bytes / ~175 per record, plus the two cut at the edges
+    caplog.set_level("WARNING", logger="tinyllm.cache")
+    c = PickleCache(path)
+    assert set(entries) - set(k for k in entries if k in c) == hit
+    assert len(c) == 1000 - len(hit) and c.get("k0999") == entries["k0999"]
+    assert len(warnings_of(caplog)) == 1
+    c.set("new", 1)
+    assert len(PickleCache(path)) == 1001 - len(hit)
+
+
+def test_damage_then_torn_tail_keeps_the_records_between(tmp_path):
+    path = tmp_path / "c.pickle"
+    entries = thousand(path)
+    frames = frame_offsets(path)
+    data = bytearray(path.read_bytes())
+    data[frames[100][0] + 20] ^= 0x40  # damage record 100
+    data = data[:frames[999][0] + 30]  # and tear the last record
+    path.write_bytes(bytes(data))
+    c = PickleCache(path)
+    assert len(c) == 998 and "k0100" not in c and "k0999" not in c and c.get("k0998") == entries["k0998"]
+    c.set("new", 1)  # cuts the torn tail, and only it, then appends
+    assert path.read_bytes().startswith(bytes(data[:frames[999][0]]))
+    assert path.stat().st_size == frames[999][0] + len(frame(0, pickle.dumps(("new", 1), protocol=5)))
+    assert len(PickleCache(path)) == 999
+
+
+def test_damage_seen_without_the_lock_is_checked_again_under_it(tmp_path, caplog):
+    # a record whose bytes are not all visible yet (a write in progress, NFS) looks like damage:
+    # the reader confirms under the file lock, by which time the writer is done, and skips nothing
+    path = tmp_path / "c.pickle"
+    reader = PickleCache(path)
+    reader.set("first", 1)
+    end = path.stat().st_size
+    a = frame(end, pickle.dumps(("a", "x" * 500), protocol=5))
+    b = frame(end + len(a), pickle.dumps(("b", 2), protocol=5))
+    with open(path, "ab") as f:
+        f.write(a[:100] + b"\x00" * 300 + a[400:] + b)  # a's middle still zeros, b complete after it
+    lock = reader._file_lock
+
+    def lock_after_the_write_lands():
+        with open(path, "r+b") as f:
+            f.seek(end + 100)
+            f.write(a[100:400])
+        return lock()
+
+    reader._file_lock = lock_after_the_write_lands
+    caplog.set_level("WARNING", logger="tinyllm.cache")
+    assert reader.get("b") == 2 and reader.get("a") == "x" * 500
+    assert warnings_of(caplog) == []
+
+
+def test_frame_bytes_inside_a_value_are_never_taken_for_records(tmp_path):
+    inner = tmp_path / "inner.pickle"
+    PickleCache(inner).update({f"inner{i}": i for i in range(5)})  # valid frames, at their own offsets
+    path = tmp_path / "c.pickle"
+    c = PickleCache(path)
+    c.set("before", 1)
+    c.set("blob", inner.read_bytes())  # a value that holds a whole cache file
+    c.set("after", 2)
+    c.close()
+    start, _ = frame_offsets(path)[1]
+    with open(path, "r+b") as f:  # damage the blob's header: the reader resyncs through the blob's bytes
+        f.seek(start + 5)
+        f.write(b"\xff")
+    again = PickleCache(path)
+    assert sorted(k for k in ["before", "blob", "after"] + [f"inner{i}" for i in range(5)] if k in again) == ["after", "before"]
+
+
+def test_version_1_file_is_read_then_converted_by_the_first_write(tmp_path, caplog):
+    path = tmp_path / "c.pickle"
+    v1 = struct.Struct(">II")
+    records = []
+    for i in range(50):
+        payload = pickle.dumps((f"k{i}", message(i)), protocol=5)
+        records.append(v1.pack(len(payload), zlib.crc32(payload)) + payload)
+    records[20] = records[20][:30] + b"\x00" + records[20][31:]  # one damaged record
+    torn = records[-1][:40]
+    path.write_bytes(cache_module.MAGIC_V1 + b"".join(records[:-1]) + torn)
+    content = path.read_bytes()
+    caplog.set_level("WARNING", logger="tinyllm.cache")
+    c = PickleCache(path)
+    assert len(c) == 48 and "k20" not in c and c.get("k48") == message(48)
+    assert path.read_bytes() == content  # reading does not change it
+    assert len(warnings_of(caplog)) == 1
+    c.set("new", 1)
+    assert path.read_bytes().startswith(MAGIC)
+    records_now, leftover = raw_records(path)
+    assert leftover == 0 and len(records_now) == 49
+    assert dict(records_now) == {**{f"k{i}": message(i) for i in range(49) if i != 20}, "new": 1}
+    assert len(PickleCache(path)) == 49
+
+
 def test_torn_header_is_repaired(tmp_path):
     path = tmp_path / "c.pickle"
     path.write_bytes(MAGIC[:5])
@@ -380,9 +599,8 @@ def test_torn_header_is_repaired(tmp_path):
 # --- tampered files ---------------------------------------------------------------------------
 
 
-def evil_record(marker: Path) -> bytes:
-    payload = pickle.dumps(("evil", Evil(marker)))
-    return HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+def evil_record(marker: Path, offset: int = 0) -> bytes:
+    return frame(offset, pickle.dumps(("evil", Evil(marker))))
 
 
 def test_evil_pickle_would_run_with_plain_pickle(tmp_path):
@@ -397,7 +615,7 @@ def test_tampered_record_raises_config_error_and_runs_nothing(tmp_path):
     c = PickleCache(path)
     c.set("good", 1)
     with open(path, "ab") as f:
-        f.write(evil_record(marker))
+        f.write(evil_record(marker, path.stat().st_size))
     content = path.read_bytes()
     with pytest.raises(ConfigError, match="CACHE_API_CALLS=false") as info:
         PickleCache(path)
@@ -470,6 +688,38 @@ def test_import_dict_pickle_merges(tmp_path):
 
 
 # --- process-wide active cache ----------------------------------------------------------------
+
+SWITCHER = """
+import gc, os, resource, sys
+from tinyllm.cache import MAX_SHARED_CACHES, PickleCache, active_cache, force_api_cache
+folder = sys.argv[1]
+gc.disable()  # open files must be released without waiting for a garbage collection
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+before = len(os.listdir("/proc/self/fd"))
+for i in range(300):
+    force_api_cache(True, os.path.join(folder, f"c{i}.pickle"))
+    c = active_cache()
+    c.set("k", i)
+    assert c.get("k") == i and len(c) == 1
+print(len(os.listdir("/proc/self/fd")) - before, MAX_SHARED_CACHES)
+force_api_cache(True, os.path.join(folder, "c0.pickle"))  # an early one again: loaded anew
+c = active_cache()
+assert c.get("k") == 0 and c.get("missing") is None
+print(PickleCache(os.path.join(folder, "c5.pickle")).stats()["hits"])  # saved when it was dropped
+"""
+
+
+def test_switching_through_many_cache_files_keeps_few_files_open(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SWITCHER, str(tmp_path)], env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split("\n")
+    opened, limit = map(int, lines[0].split())
+    assert opened <= limit
+    assert int(lines[1]) == 1
+
+
 
 
 def test_active_cache_follows_config_and_force(tmp_path):

@@ -1,30 +1,63 @@
 """Reply caches: the :class:`Cache` protocol, a persistent :class:`PickleCache`, a :class:`MemoryCache`, :func:`cache_key`.
 
-File format of :class:`PickleCache` (append-only, one record per ``set``)::
+File format of :class:`PickleCache` (version 2; append-only, one frame per ``set``)::
 
-    b"TINYLLM-CACHE 1\\n"                       magic header
-    >I length  >I crc32(payload)  payload       repeated; payload = pickle of (key, value)
+    b"TINYLLM-CACHE 2\\n"                                  magic header, 16 bytes
+    b"\\xfeTR\\xff"  >I length  >I crc  payload            a frame, repeated
+        payload = pickle of (key, value), ``length`` bytes
+        crc     = crc32 of (>Q offset of the frame in the file, >I length, payload)
 
-A write appends one record under ``filelock.FileLock(path + ".lock")``; the
-whole cache is never re-pickled. A record cut short by a crash (or garbage after
-the last good record) is skipped on load and cut off by the next writer before
-it appends. Records are read with a restricted unpickler that admits only plain
-data, so a tampered file cannot run code: it raises :class:`ConfigError`.
+A write appends frames under ``filelock.FileLock(path + ".lock")``; the whole
+cache is never re-pickled. Records are read with a restricted unpickler that
+admits only plain data, so a tampered file cannot run code: it raises
+:class:`ConfigError`.
+
+Damage. A frame is valid when its marker is there, its length fits in the file
+and its crc matches. The crc covers the frame's own offset, so a frame is valid
+only where it was written: bytes inside a value that look like a frame never
+pass for one. A reader that meets an invalid frame (a flipped bit, a zeroed
+page) resyncs: it looks for the next marker that starts a valid frame and reads
+on from there, so only the records that overlap the damage are lost. It logs
+the damage once per process (one WARNING naming the stretches skipped); the
+damaged bytes stay in the file (``clear()`` removes them). An invalid frame is
+skipped only after a re-read under the file lock, so a record another process
+is still writing is never taken for damage. Bytes after the last valid frame
+that hold no valid frame (a write cut short by a crash, or garbage) are skipped
+by readers and cut off by the next writer before it appends; nothing before the
+last valid frame is ever cut.
+
+Version 1 files (``TINYLLM-CACHE 1``: frames of ``>I length >I crc32(payload)
+payload``, no marker) are read as they are, resyncing past damage on the pickle
+opcode that starts every payload, and are rewritten in version 2 (atomically,
+keeping every readable record) by the first write. Older tinyllm versions refuse
+a version 2 file with ConfigError.
+
+Values are plain data. Shared subtrees are copied once and stay shared, so a
+value like ``x = [x, x]`` repeated 40 times is stored and returned in linear
+time; a value that contains itself, or is nested deeper than :data:`MAX_DEPTH`
+containers, raises :class:`CacheValueError` at ``set`` (pickle would run out of
+stack). ``get`` unpickles the stored record: iterative, so no depth fails there.
+
 Writes are not fsynced: a killed process loses at most the record it was
-writing; a power loss may lose the last few (the CRC detects the damage).
+writing; a power loss may lose the last few (the crc detects the damage).
 Hits are served from memory without touching the file, so another process's
 ``clear()`` is seen at this instance's next miss, write or ``len()``.
-Written and tested for POSIX file semantics (pread, O_APPEND, replacing open files).
+Each instance keeps one file descriptor open (it pins the file, so a replaced
+file is always noticed); :func:`active_cache` keeps at most
+:data:`MAX_SHARED_CACHES` instances. Written and tested for POSIX file
+semantics (pread, O_APPEND, replacing open files).
 """
 
 from __future__ import annotations
 
 import atexit
 import builtins
+import collections
 import contextlib
 import gc
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -33,20 +66,32 @@ import struct
 import tempfile
 import threading
 import zlib
-from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 from .config import Config, get_config
-from .errors import ConfigError
+from .errors import CacheValueError, ConfigError
 
-__all__ = ["Cache", "PickleCache", "MemoryCache", "cache_key", "force_api_cache", "active_cache", "DROPPED_PARAMS"]
+__all__ = ["Cache", "PickleCache", "MemoryCache", "cache_key", "force_api_cache", "active_cache", "DROPPED_PARAMS",
+           "MAX_DEPTH", "MAX_SHARED_CACHES"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"TINYLLM-CACHE 1\n"
-_HEAD = struct.Struct(">II")  # payload length in bytes, crc32 of the payload
+MAGIC = b"TINYLLM-CACHE 2\n"
+MAGIC_V1 = b"TINYLLM-CACHE 1\n"
+MARK = b"\xfeTR\xff"  # 0xfe and 0xff never occur in UTF-8, so never inside a pickled str
+_HEAD = struct.Struct(">4sII")  # marker, payload length in bytes, crc
+_BIND = struct.Struct(">QI")  # what the crc covers before the payload: the frame's offset and the length
+_HEAD_V1 = struct.Struct(">II")  # version 1: payload length, crc32 of the payload
 #: Keys removed from ``params`` (and ``endpoint``) before hashing: they do not change the reply.
 DROPPED_PARAMS = frozenset({"timeout", "api_key", "extra_headers"})
+#: Deepest nesting of containers a value may have (``[[1]]`` has 2); deeper ones raise CacheValueError at ``set``.
+MAX_DEPTH = 200  # pickle needs ~2 frames of the 1,000-frame recursion limit per level
+#: How many :class:`PickleCache` instances (each with one open file) :func:`active_cache` keeps.
+MAX_SHARED_CACHES = 8
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes, complex})
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+_BUSY = object()  # memo mark of a container whose copy is being built
+_reported: set[tuple[Any, ...]] = set()  # damage already logged in this process: (dev, inode, offset, length)
 
 
 @runtime_checkable
@@ -81,20 +126,76 @@ def cache_key(endpoint: dict, model: str, messages: list[dict], params: dict) ->
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _plain(value: Any) -> Any:
-    """A deep copy of plain data (dict/list/tuple/set/frozenset of str/int/float/bool/None/bytes/complex).
+def _kind(value: Any) -> type:
+    """The container type ``value`` is copied as (a subclass becomes its base). Raises CacheValueError."""
+    kind = type(value)
+    if kind in _CONTAINERS:
+        return kind
+    for base in _CONTAINERS:
+        if isinstance(value, base):
+            return base
+    raise CacheValueError("cache values must be plain data (dict, list, tuple, set, frozenset of str, int, float, "
+                          f"bool, None, bytes, complex), got {kind.__name__}")
+
+
+def _children(value: Any, kind: type) -> Iterator[Any]:
+    return itertools.chain.from_iterable(value.items()) if kind is dict else iter(value)
+
+
+def _build(kind: type, items: list) -> Any:
+    if kind is list:
+        return items
+    if kind is dict:
+        pairs = iter(items)
+        return dict(zip(pairs, pairs))
+    return kind(items)
+
+
+def _plain(value: Any, limit: int | None = MAX_DEPTH) -> Any:
+    """A deep copy of plain data; a container met twice (a shared subtree) is copied once and stays shared.
+
+    Iterative, so any depth is copied without recursion; time and memory are linear
+    in the number of distinct containers and items, not in the tree expansion.
+
+    Args:
+        value: dict/list/tuple/set/frozenset (or subclasses, copied as the base type)
+            of str/int/float/bool/None/bytes/complex.
+        limit: the deepest nesting of containers allowed, or ``None`` for no limit.
 
     Raises:
-        TypeError: anything else (it could not be loaded back safely).
+        CacheValueError: a value is not plain data, contains itself, or is nested deeper than ``limit``.
     """
     if type(value) in _SCALARS:
         return value
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        base = next(t for t in (list, tuple, set, frozenset) if isinstance(value, t))
-        return base(_plain(v) for v in value)
-    raise TypeError(f"cache values must be plain data (dict, list, str, int, float, bool, None), got {type(value).__name__}")
+    memo: dict[int, Any] = {id(value): _BUSY}
+    alive = []
+    kind = _kind(value)
+    stack = [(value, kind, _children(value, kind), [])]
+    while True:
+        node, kind, children, items = stack[-1]
+        for child in children:
+            if type(child) in _SCALARS:
+                items.append(child)
+                continue
+            copy = memo.get(id(child))
+            if copy is None:
+                if limit is not None and len(stack) >= limit:
+                    raise CacheValueError(f"cache value is nested deeper than {limit} containers; it cannot be stored")
+                child_kind = _kind(child)
+                memo[id(child)] = _BUSY
+                alive.append(child)  # a subclass may hand out temporaries: keep them, so no id is reused
+                stack.append((child, child_kind, _children(child, child_kind), []))
+                break
+            if copy is _BUSY:
+                raise CacheValueError("cache value contains itself (a cycle); only acyclic plain data can be stored")
+            items.append(copy)
+        else:
+            stack.pop()
+            copy = _build(kind, items)
+            if not stack:
+                return copy
+            memo[id(node)] = copy
+            stack[-1][3].append(copy)
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -120,18 +221,76 @@ def _damaged(path: str, why: str) -> ConfigError:
     )
 
 
-def _record(key: str, value: Any) -> bytes:
-    payload = pickle.dumps((key, value), protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEAD.pack(len(payload), zlib.crc32(payload)) + payload
+def _payload(key: str, value: Any) -> bytes:
+    """The pickle of ``(key, value)``; raises CacheValueError when pickle runs out of stack."""
+    try:
+        return pickle.dumps((key, value), protocol=pickle.HIGHEST_PROTOCOL)
+    except RecursionError as exc:
+        raise CacheValueError(f"cache value is nested too deeply to be pickled here ({exc})") from None
+
+
+def _frame(offset: int, payload: bytes) -> bytes:
+    """One version 2 frame for ``payload``, valid only at file offset ``offset``."""
+    crc = zlib.crc32(payload, zlib.crc32(_BIND.pack(offset, len(payload))))
+    return _HEAD.pack(MARK, len(payload), crc) + payload
+
+
+def _frames(data: bytes, base: int, version: int = 2) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(start, payload start, end)`` of each valid frame in ``data`` (read from file offset ``base``), in order.
+
+    After an invalid frame, resync: try each later candidate (a marker; in version 1,
+    the pickle PROTO opcode that starts a payload) until one starts a valid frame.
+    A frame is valid when its length is > 0 and fits in ``data``, the payload starts
+    with PROTO and ends with STOP, and the crc matches. Bytes between the frames
+    yielded are damage; bytes after the last one, a torn or damaged tail.
+    """
+    view, n = memoryview(data), len(data)
+    size = _HEAD.size if version == 2 else _HEAD_V1.size
+
+    def end_of(pos: int) -> int:  # end of the valid frame at pos, or -1
+        if pos + size >= n:
+            return -1
+        if version == 2:
+            mark, length, crc = _HEAD.unpack_from(data, pos)
+            if mark != MARK:
+                return -1
+            seed = zlib.crc32(_BIND.pack(base + pos, length))
+        else:
+            (length, crc), seed = _HEAD_V1.unpack_from(data, pos), 0
+        end = pos + size + length
+        if length < 2 or end > n or data[pos + size] != 0x80 or data[end - 1] != 0x2E:  # PROTO ... STOP
+            return -1
+        return end if zlib.crc32(view[pos + size:end], seed) == crc else -1
+
+    pos = 0
+    while pos < n:
+        end = end_of(pos)
+        while end < 0:  # resync on the next candidate that starts a valid frame
+            if version == 2:
+                pos = data.find(MARK, pos + 1)
+            else:
+                pos = data.find(b"\x80", pos + 1 + size) - size
+            if pos < 0:
+                return
+            end = end_of(pos)
+        yield pos, pos + size, end
+        pos = end
 
 
 class _IndexedCache:
-    """Shared logic: a dict index guarded by an RLock, hit/miss counters, copies in and out."""
+    """Shared logic: a dict index guarded by an RLock, hit/miss counters, copies in and out.
+
+    The index maps each key to the pickle of ``(key, value)``: the payload of its record.
+    Every payload in it is plain data (made by :meth:`update` from a :func:`_plain` copy,
+    or admitted by the restricted unpickler when read from the file), so ``get`` loads it
+    with the C unpickler: a fresh copy in about a microsecond, linear in the value's size
+    even when subtrees are shared, and without recursion at any depth.
+    """
 
     path: str | None = None
 
     def __init__(self) -> None:
-        self._index: dict[str, Any] = {}
+        self._index: dict[str, bytes] = {}
         self._lock = threading.RLock()
         self.hits = 0
         self.misses = 0
@@ -139,7 +298,7 @@ class _IndexedCache:
     def _refresh(self) -> None:  # pick up entries written elsewhere; nothing to do in memory
         pass
 
-    def _store(self, items: list[tuple[str, Any]]) -> None:
+    def _store(self, items: list[tuple[str, bytes]]) -> None:
         with self._lock:
             self._index.update(items)
 
@@ -149,23 +308,30 @@ class _IndexedCache:
     def get(self, key: str, default: Any = None) -> Any:
         """Return a fresh copy of the value stored under ``key``, else ``default``; counts a hit or a miss.
 
+        A value with shared subtrees comes back with the same sharing, in time linear in its distinct parts.
+
         Raises:
             ConfigError: (PickleCache) new records in the file are tampered with.
         """
         with self._lock:
-            if key not in self._index:
+            payload = self._index.get(key)
+            if payload is None:
                 self._refresh()
-            if key in self._index:
-                self.hits += 1
-                return _plain(self._index[key])
-            self.misses += 1
-            return default
+                payload = self._index.get(key)
+            if payload is None:
+                self.misses += 1
+                return default
+            self.hits += 1
+        return pickle.loads(payload)[1]  # plain data only (see the class docstring)
 
     def set(self, key: str, value: Any) -> None:
         """Store a copy of ``value`` (plain data) under ``key`` (str), replacing any previous value.
 
+        Shared subtrees are stored once and stay shared (``x = [x, x]`` forty times is 41 lists, not 2**40).
+
         Raises:
-            TypeError: ``key`` is not a str, or ``value`` is not plain data.
+            CacheValueError (a TypeError): ``key`` is not a str; ``value`` is not plain data,
+                contains itself, or is nested deeper than :data:`MAX_DEPTH` containers.
             OSError: (PickleCache) the file cannot be written.
         """
         self.update({key: value})
@@ -175,11 +341,11 @@ class _IndexedCache:
         pairs = list(items.items() if isinstance(items, Mapping) else items)
         for key, _ in pairs:
             if type(key) is not str:
-                raise TypeError(f"cache keys must be str, got {type(key).__name__}")
-        pairs = [(k, _plain(v)) for k, v in pairs]
-        if pairs:
-            self._store(pairs)
-        return len(pairs)
+                raise CacheValueError(f"cache keys must be str, got {type(key).__name__}")
+        payloads = [(k, _payload(k, _plain(v))) for k, v in pairs]
+        if payloads:
+            self._store(payloads)
+        return len(payloads)
 
     def clear(self) -> None:
         """Remove every entry."""
@@ -219,8 +385,11 @@ class PickleCache(_IndexedCache):
     ``PickleCache(path)`` creates the file (mode 0o600, and its ``path + ".lock"``)
     if needed and loads every record into memory, so a hit costs microseconds.
     A file in TinyTroupe's format (one pickled dict) is converted in place,
-    atomically, keeping its entries. On a miss, records other processes appended
-    since are read first (one ``os.stat`` when there are none).
+    atomically, keeping its entries; a version 1 file is read as it is and
+    converted by the first write. On a miss, records other processes appended
+    since are read first (one ``os.stat`` when there are none). Damaged records
+    are skipped and logged (see the module docstring). The instance keeps one
+    file descriptor open until :meth:`close` or garbage collection.
 
     Raises:
         ConfigError: the file is tampered with, or is neither a tinyllm cache nor a dict pickle.
@@ -237,12 +406,13 @@ class PickleCache(_IndexedCache):
         self._flock = FileLock(self.path + ".lock", mode=0o600, thread_local=False)
         self._fd = -1
         self._ident: tuple[int, int] | None = None
+        self._version = 2  # format of the open file: 1 until the first write converts it
         self._flushed = (0, 0)  # (hits, misses) already added to PATH.counts
-        self._offset = 0  # bytes of the file read into the index; always a record boundary
+        self._offset = 0  # bytes of the file read into the index; always the end of a valid frame (or the header)
         with self._lock:
             with self._file_lock():
                 self._open_locked()
-            self._read_new(truncate=False)
+            self._read_new(locked=False, truncate=False)
 
     def _file_lock(self) -> Any:
         """Hold the inter-process lock (re-entrant); while another process has it, retry every 2 ms."""
@@ -253,19 +423,20 @@ class PickleCache(_IndexedCache):
         self.close()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         head = os.pread(fd, len(MAGIC), 0)
-        if head != MAGIC:
-            if MAGIC.startswith(head):  # new, or a crash while writing the header
+        version = 1 if head == MAGIC_V1 else 2
+        if head not in (MAGIC, MAGIC_V1):
+            if MAGIC.startswith(head) or MAGIC_V1.startswith(head):  # new, or a crash while writing the header
                 os.ftruncate(fd, 0)
                 os.write(fd, MAGIC)
             else:
                 os.close(fd)
                 with open(self.path, "rb") as f:
                     entries = self._load_dict_pickle(f.read(), self.path)
-                self._write_new_file(entries)
+                self._write_new_file([_payload(k, v) for k, v in entries.items()])
                 log.info("converted %s (%d entries) to the tinyllm cache format", self.path, len(entries))
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         st = os.fstat(fd)
-        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        self._fd, self._ident, self._version = fd, (st.st_dev, st.st_ino), version
         self._index, self._offset = {}, len(MAGIC)
 
     @staticmethod
@@ -275,15 +446,18 @@ class PickleCache(_IndexedCache):
             raise _damaged(path, "it is neither a tinyllm cache nor a pickled dict with str keys")
         return obj
 
-    def _write_new_file(self, entries: dict[str, Any]) -> None:
-        """Atomically replace the file with a new-format one holding ``entries`` (temp file, fsync, os.replace)."""
+    def _write_new_file(self, payloads: Iterable[bytes]) -> None:
+        """Atomically replace the file with a version 2 one holding ``payloads`` (temp file, fsync, os.replace)."""
         folder = os.path.dirname(self.path)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:  # mkstemp creates it with mode 0o600
                 f.write(MAGIC)
-                for key, value in entries.items():
-                    f.write(_record(key, value))
+                offset = len(MAGIC)
+                for payload in payloads:
+                    frame = _frame(offset, payload)
+                    f.write(frame)
+                    offset += len(frame)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -292,35 +466,59 @@ class PickleCache(_IndexedCache):
                 os.unlink(tmp)
             raise
 
-    def _read_new(self, truncate: bool) -> None:
-        """Load records appended after ``self._offset``; if ``truncate`` (file lock held), cut off a torn tail."""
+    def _read_new(self, locked: bool, truncate: bool) -> None:
+        """Load the records appended after ``self._offset``. Caller holds ``self._lock``.
+
+        ``locked``: the caller holds the file lock. Without it, damage (an invalid frame
+        followed by a valid one) is re-read under the lock before it is skipped, since it
+        may be a record another process is still writing. ``truncate`` (file lock held):
+        cut off a tail that holds no valid frame.
+        """
         size = os.fstat(self._fd).st_size
         if size <= self._offset:
             return
-        data = memoryview(os.pread(self._fd, size - self._offset, self._offset))
-        pos, n = 0, len(data)
-        pause_gc = n > 1_000_000 and gc.isenabled()  # a bulk load: cyclic GC passes would cost a third of it
+        base = self._offset
+        data = os.pread(self._fd, size - base, base)
+        view, done, skipped, confirm = memoryview(data), 0, [], False
+        pause_gc = len(data) > 1_000_000 and gc.isenabled()  # a bulk load: cyclic GC passes would cost a third of it
         if pause_gc:
             gc.disable()
         try:
-            while pos + _HEAD.size <= n:
-                length, crc = _HEAD.unpack_from(data, pos)
-                end = pos + _HEAD.size + length
-                payload = data[pos + _HEAD.size:end]
-                if length == 0 or end > n or zlib.crc32(payload) != crc:
-                    break  # torn or garbage tail (or a record still being written by another process)
-                record = _safe_loads(payload, self.path)
+            for start, body, end in _frames(data, base, self._version):
+                if start != done:  # damage before this frame
+                    if not locked:
+                        confirm = True
+                        break
+                    skipped.append((base + done, start - done))
+                record = _safe_loads(view[body:end], self.path)
                 if type(record) is not tuple or len(record) != 2 or type(record[0]) is not str:
                     raise _damaged(self.path, "a record is not a (key, value) pair")
-                self._index[record[0]] = record[1]
-                pos = end
+                self._index[record[0]] = bytes(view[body:end])
+                done = end
         finally:
-            self._offset += pos
+            self._offset = base + done
             if pause_gc:
                 gc.enable()
-        if pos < n and truncate:
-            log.warning("%s: dropping %d bytes after the last complete record (torn write)", self.path, n - pos)
+        if confirm:
+            with self._file_lock():
+                self._read_new(locked=True, truncate=False)
+            return
+        if skipped:
+            self._report(skipped)
+        if done < len(data) and truncate:
+            log.warning("%s: dropping %d bytes after the last complete record (torn write)", self.path, len(data) - done)
             os.ftruncate(self._fd, self._offset)
+
+    def _report(self, skipped: list[tuple[int, int]]) -> None:
+        """Log damaged stretches ``[(offset, length), ...]`` once per process."""
+        new = [s for s in skipped if (*(self._ident or ()), *s) not in _reported]
+        if not new:
+            return
+        _reported.update((*(self._ident or ()), *s) for s in new)
+        where = ", ".join(f"{n} bytes at offset {o}" for o, n in new[:5]) + (", ..." if len(new) > 5 else "")
+        log.warning("%s is damaged: skipped %d bytes in %d place(s) (%s); the records there are lost, the others "
+                    "are read. clear() or deleting the file removes the damage.",
+                    self.path, sum(n for _, n in new), len(new), where)
 
     def _sync(self, writing: bool) -> None:
         """Bring the index up to date with the file. Caller holds ``self._lock`` (and the file lock if writing)."""
@@ -335,19 +533,27 @@ class PickleCache(_IndexedCache):
                 self._open_locked()
         elif st.st_size == self._offset:
             return
-        self._read_new(truncate=writing)
+        self._read_new(locked=writing, truncate=writing)
 
     def _refresh(self) -> None:
         self._sync(writing=False)
 
-    def _store(self, items: list[tuple[str, Any]]) -> None:
-        blob = b"".join(_record(k, v) for k, v in items)
+    def _store(self, items: list[tuple[str, bytes]]) -> None:
         with self._lock, self._file_lock():
             self._sync(writing=True)
-            view = memoryview(blob)
-            while view:  # O_APPEND: lands at the end, which _sync just made a record boundary
+            if self._version == 1:  # convert before the first append: every frame of a file has one format
+                self._write_new_file(self._index.values())
+                log.info("converted %s (%d entries) from cache format 1 to 2", self.path, len(self._index))
+                self._open_locked()
+                self._read_new(locked=True, truncate=True)
+            frames, offset = [], self._offset  # frames are bound to their offsets: O_APPEND lands them at the
+            for _, payload in items:  # end of the file, which _sync just made self._offset
+                frames.append(_frame(offset, payload))
+                offset += len(frames[-1])
+            view = memoryview(b"".join(frames))
+            while view:
                 view = view[os.write(self._fd, view):]
-            self._offset += len(blob)
+            self._offset = offset
             self._index.update(items)
 
     def _size(self) -> int:
@@ -361,7 +567,7 @@ class PickleCache(_IndexedCache):
 
         The hit and miss counts of every process are reset too."""
         with self._lock, self._file_lock():
-            self._write_new_file({})
+            self._write_new_file([])
             self._open_locked()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path + ".counts")
@@ -426,17 +632,21 @@ class PickleCache(_IndexedCache):
 
 
 _forced: tuple[bool, str | None] | None = None
-_shared: dict[str, PickleCache] = {}
+_shared: collections.OrderedDict[str, PickleCache] = collections.OrderedDict()  # most recently used last
 _shared_lock = threading.Lock()
 
 
 @atexit.register
 def _flush_shared_counts() -> None:
     for cache in list(_shared.values()):
-        try:
-            cache.flush_counts()
-        except OSError as exc:  # at exit there is nobody left to raise to
-            log.warning("could not save the cache hit counts of %s: %s", cache.path, exc)
+        _flush_counts(cache)
+
+
+def _flush_counts(cache: PickleCache) -> None:
+    try:
+        cache.flush_counts()
+    except OSError as exc:  # at exit, or while switching caches, there is nobody to raise to
+        log.warning("could not save the cache hit counts of %s: %s", cache.path, exc)
 
 
 def force_api_cache(enabled: bool | None, file_name: str | None = None) -> None:
@@ -454,7 +664,11 @@ def active_cache(cfg: Config | None = None, *, forced: bool = True) -> Cache | N
 
     Uses :func:`force_api_cache` if set (and ``forced``), else ``cfg.cache_api_calls`` and
     ``cfg.cache_file_name`` (``cfg`` defaults to :func:`get_config`). One
-    :class:`PickleCache` per absolute path is created and shared by all threads.
+    :class:`PickleCache` per absolute path is created and shared by all threads;
+    the :data:`MAX_SHARED_CACHES` most recently used are kept, so switching
+    through many file names holds at most that many files open. A cache dropped
+    from that set has its hit counts saved; it closes its file once the last
+    call using it is done, and is loaded again if its name comes back.
 
     Raises:
         ConfigError, OSError: as :class:`PickleCache` when the file is first opened.
@@ -465,7 +679,15 @@ def active_cache(cfg: Config | None = None, *, forced: bool = True) -> Cache | N
     if not enabled:
         return None
     path = os.path.realpath(os.path.expanduser(name))
+    dropped = []
     with _shared_lock:
-        if path not in _shared:
-            _shared[path] = PickleCache(path)
-        return _shared[path]
+        cache = _shared.get(path)
+        if cache is None:
+            cache = _shared[path] = PickleCache(path)
+            while len(_shared) > MAX_SHARED_CACHES:
+                dropped.append(_shared.popitem(last=False)[1])
+        else:
+            _shared.move_to_end(path)
+    for old in dropped:  # outside the lock: saving the counts takes the old file's lock
+        _flush_counts(old)
+    return cache

@@ -728,12 +728,12 @@ def _size(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def cache_stats(file: str | None, as_json: bool) -> None:
     """Show the cache file's entries, size, and the hits and misses of every process that used it."""
-    from .cache import MAGIC, PickleCache
+    from .cache import MAGIC, MAGIC_V1, PickleCache
 
     path = _cache_path(file)
     if path.exists():
         with open(path, "rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:  # opening it as a cache would convert or initialise it
+            if f.read(len(MAGIC)) not in (MAGIC, MAGIC_V1):  # opening it as a cache would convert or initialise it
                 raise CLIError(f"{str(path)!r} is not a tinyllm cache file (a TinyTroupe cache is converted "
                                "the first time a call uses it)")
         c = PickleCache(path)

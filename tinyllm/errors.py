@@ -8,6 +8,7 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
 
     TinyLLMError
     ├── ConfigError
+    ├── CacheValueError                  (also a TypeError)
     ├── TemplateError
     │   ├── TemplateNotFoundError        (also a LookupError)
     │   ├── TemplateVariableError
@@ -34,6 +35,7 @@ from typing import Any
 __all__ = [
     "TinyLLMError",
     "ConfigError",
+    "CacheValueError",
     "TemplateError",
     "TemplateNotFoundError",
     "TemplateVariableError",
@@ -60,6 +62,12 @@ class TinyLLMError(Exception):
 
 class ConfigError(TinyLLMError):
     """A setting is missing or has a bad value; the message names the key and its source."""
+
+
+class CacheValueError(TinyLLMError, TypeError):
+    """A key or value the cache cannot store: a key that is not a str, a value that is not plain
+    data (dict, list, tuple, set, frozenset of str, int, float, bool, None, bytes, complex),
+    contains itself, or is nested deeper than ``tinyllm.cache.MAX_DEPTH`` containers."""
 
 
 class TemplateError(TinyLLMError):
