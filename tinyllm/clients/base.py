@@ -38,7 +38,7 @@ from typing import Any, Callable
 from .. import cache as cache_mod
 from .. import models, retry, tokens, usage
 from ..config import Config, get_config, redact_url
-from ..errors import BadRequestError, ConfigError, ResponseError, TinyLLMError
+from ..errors import BadRequestError, CacheValueError, ConfigError, ResponseError, TinyLLMError
 from ..limits import RequestQueue
 from ..streaming import Accumulator
 
@@ -514,10 +514,11 @@ def _open_cache(cfg: Config, forced: bool = True) -> Any:
 
 
 def _store(cache: Any, key: str, value: Any) -> None:
-    """Store a paid-for reply; a failed write (disk full, ...) is logged and the reply still returned."""
+    """Store a paid-for reply; a failed write (disk full, a value the cache refuses, ...) is
+    logged and the reply still returned."""
     try:
         cache.set(key, value)
-    except OSError as exc:
+    except (OSError, CacheValueError) as exc:
         log.warning("could not write the reply to the cache (%s); it is returned but not cached", exc)
 
 
