@@ -18,8 +18,9 @@ itself) shares the limits:
   ``RedisStorage`` under ``P:rates:``, with the in-process queue's windows (moving
   windows of RPM per minute and ceil(RPM/60) per second, a sliding window counter of
   TPM per minute). Each limit is consumed with the storage's atomic hit (one Lua
-  script); when a later limit of the same request loses a race, the earlier hits
-  stay spent and the request looks again: a race can cost capacity, never exceed it.
+  script); when a later limit of the same request is full, the earlier hits stay
+  spent and the request waits, testing every limit before it hits again: a race
+  can cost capacity, never exceed it.
   Rate limits are checked once per HTTP attempt, while holding its slot.
 
 ``QUEUE_TIMEOUT`` bounds the wait for a slot and the rates of each attempt;
@@ -266,7 +267,12 @@ class RedisLimiter:
                        (moving, PerMinute(rpm, namespace=namespace), 1)]
         if tpm and cost > 0:
             checks.append((sliding, PerMinute(tpm, namespace=namespace), cost))
-        while True:
+        try:  # optimistic: while there is room, one atomic hit per limit and nothing else
+            if all(limiter.hit(item, cost=n) for limiter, item, n in checks):
+                return
+        except redis_errors() as exc:
+            raise failure(self.url, exc, "checking the rate limits") from exc
+        while True:  # near a limit: look first, so that lost races waste little
             try:
                 wait = max(_time_to_room(limiter, item, n, limiter is sliding) for limiter, item, n in checks)
                 if wait <= 0:
