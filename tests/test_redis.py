@@ -160,8 +160,15 @@ class Workers:
         return out
 
 
-def _client(server, **settings) -> OpenAIClient:
-    return OpenAIClient(base_url=server.base_url, api_key=KEY, **settings)
+def _client(server, api_key: str = KEY, **settings) -> OpenAIClient:
+    """A client of ``server``, warmed up (its SDK client built, Redis connected), so its first call is quick."""
+    client = OpenAIClient(base_url=server.base_url, api_key=api_key, **settings)
+    cfg = client.settings()
+    client.sdk(cfg)
+    if cfg.redis_url:
+        with contextlib.suppress(ConfigError):
+            client.queue._cluster(cfg)
+    return client
 
 
 def _msg(text: str) -> list[dict]:
@@ -255,7 +262,8 @@ def test_requests_per_minute_held_exactly_across_processes(zygote, server, redis
 
 
 def test_a_killed_process_slot_comes_back_after_its_lease(zygote, server, redis_url):
-    settings = {"max_concurrent_requests": 1, "redis_slot_lease": 1.5, "timeout": 1.0, "max_attempts": 1}
+    settings = {"max_concurrent_requests": 1, "redis_slot_lease": 2.0, "timeout": 1.5, "max_attempts": 1}
+    impatient = _client(server, redis_url=redis_url, queue_timeout=0.1, **settings)  # warm: it tries well within the lease
     server.enqueue(Hang(30))
     worker = Workers(zygote, 1, server, redis_url, calls=[["hang"]], settings=settings)
     deadline = time.monotonic() + 10
@@ -264,7 +272,6 @@ def test_a_killed_process_slot_comes_back_after_its_lease(zygote, server, redis_
         time.sleep(0.01)
     os.kill(worker.pids[0], signal.SIGKILL)  # no chance to give the slot back
     assert worker.files[0].readline() == b""  # it is gone
-    impatient = _client(server, redis_url=redis_url, queue_timeout=0.1, **settings)
     with pytest.raises(QueueFullError, match="cluster-wide"):  # the dead process's lease still counts...
         impatient.send_message(_msg("too soon"))
     client = _client(server, redis_url=redis_url, **settings)
@@ -302,8 +309,8 @@ def test_async_calls_share_the_cluster_limit(server, redis_url):
 def test_limits_are_per_api_key_and_keys_are_hashed(server, redis_url, raw):
     server.latency = 0.2
     a = _client(server, redis_url=redis_url, max_concurrent_requests=1, requests_per_minute=100)
-    b = OpenAIClient(base_url=server.base_url, api_key="sk-other-key-999999999", redis_url=redis_url,
-                     max_concurrent_requests=1, requests_per_minute=100)
+    b = _client(server, api_key="sk-other-key-999999999", redis_url=redis_url, max_concurrent_requests=1,
+                requests_per_minute=100)
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda c: c.send_message(_msg("x")), [a, b]))
     assert server.max_in_flight == 2  # two keys: two budgets
@@ -350,6 +357,21 @@ def test_redis_killed_mid_batch(server, tmp_path, caplog):
     assert "failed while reading from the cache" in caplog.text
     assert "could not write the reply to the cache" in caplog.text
     assert "s3cretpw" not in caplog.text and "s3cretpw" not in str(info.value)
+
+
+def test_redis_url_without_the_redis_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
+    configure(redis_url="redis://127.0.0.1:1/0", cache_api_calls=True)
+    with pytest.raises(ConfigError, match=r"pip install 'tinyllm\[redis\]'"):
+        active_cache(get_config())
+
+
+def test_embeddings_use_one_redis_lookup_for_the_whole_batch(server, redis_url):
+    client = _client(server, redis_url=redis_url, cache_api_calls=True)
+    first = client.get_embeddings(["a", "b", "c"])
+    assert client.get_embeddings(["c", "a", "b"]) == [first[2], first[0], first[1]]
+    assert len(server.embedding_requests()) == 1
+    assert active_cache(client.settings()).stats()["hits"] == 3
 
 
 def test_without_redis_url_nothing_imports_redis(tmp_path):

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -107,6 +108,7 @@ class RedisLimiter:
         self._waiting = 0
         self._rates: Any = None  # (moving, sliding) limiters over limits' RedisStorage, on first use
         self._pools: tuple[concurrent.futures.ThreadPoolExecutor, concurrent.futures.ThreadPoolExecutor] | None = None
+        self._pools_pid = 0
 
     def __repr__(self) -> str:
         return f"<RedisLimiter {redact_url(self.url)} prefix={self.prefix!r} queue={self.name!r}>"
@@ -168,7 +170,8 @@ class RedisLimiter:
 
     def _executors(self) -> tuple[concurrent.futures.ThreadPoolExecutor, concurrent.futures.ThreadPoolExecutor]:
         with self._lock:
-            if self._pools is None:  # separate pools: a release never queues behind blocked waiters
+            if self._pools is None or self._pools_pid != os.getpid():  # (a forked child has none of their threads)
+                self._pools_pid = os.getpid()  # separate pools: a release never queues behind blocked waiters
                 self._pools = (concurrent.futures.ThreadPoolExecutor(256, thread_name_prefix="tinyllm-redis-wait"),
                                concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tinyllm-redis-release"))
             return self._pools

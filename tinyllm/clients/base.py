@@ -410,7 +410,8 @@ class Client:
         cache = self.cache(cfg)
         endpoint = self.embedding_endpoint(cfg, model)
         keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
-        out: list[list[float] | None] = [cache.get(k) if cache is not None else None for k in keys] or [None] * len(texts)
+        get_many = getattr(cache, "get_many", None)  # RedisCache: one round trip for all
+        out: list[list[float] | None] = (get_many(keys) if get_many is not None else [cache.get(k) for k in keys]) if cache is not None else [None] * len(texts)
         missing = [i for i, v in enumerate(out) if v is None]
         if cache is not None:
             usage.record(calls=len(texts) - len(missing), cached_calls=len(texts) - len(missing))
