@@ -71,7 +71,7 @@ from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 from .config import Config, get_config
 from .errors import CacheValueError, ConfigError
 
-__all__ = ["Cache", "PickleCache", "MemoryCache", "cache_key", "force_api_cache", "active_cache", "DROPPED_PARAMS",
+__all__ = ["Cache", "PickleCache", "MemoryCache", "cache_key", "force_api_cache", "active_cache", "cache_backend", "DROPPED_PARAMS",
            "MAX_DEPTH", "MAX_SHARED_CACHES"]
 
 log = logging.getLogger(__name__)
@@ -659,6 +659,17 @@ def force_api_cache(enabled: bool | None, file_name: str | None = None) -> None:
     _forced = None if enabled is None else (bool(enabled), file_name)
 
 
+_memory = MemoryCache()  # CACHE_BACKEND=memory: one per process
+
+
+def cache_backend(cfg: Config) -> str:
+    """The cache backend ``cfg`` selects: ``"redis"``, ``"pickle"`` or ``"memory"``
+    (``CACHE_BACKEND``; ``auto`` is ``redis`` when ``REDIS_URL`` is set, else ``pickle``)."""
+    if cfg.cache_backend != "auto":
+        return cfg.cache_backend
+    return "redis" if cfg.redis_url else "pickle"
+
+
 def active_cache(cfg: Config | None = None, *, forced: bool = True) -> Cache | None:
     """The cache calls should use now, or ``None`` when caching is off.
 
@@ -669,15 +680,26 @@ def active_cache(cfg: Config | None = None, *, forced: bool = True) -> Cache | N
     through many file names holds at most that many files open. A cache dropped
     from that set has its hit counts saved; it closes its file once the last
     call using it is done, and is loaded again if its name comes back.
+    :func:`cache_backend` may choose a :class:`~tinyllm.redis_cache.RedisCache`
+    (one per URL, prefix and TTL) or this process's :class:`MemoryCache` instead.
 
     Raises:
-        ConfigError, OSError: as :class:`PickleCache` when the file is first opened.
+        ConfigError, OSError: as :class:`PickleCache` when the file is first opened;
+            ConfigError when Redis cannot be reached at its first use.
     """
     cfg = cfg if cfg is not None else get_config()
     force = _forced if forced else None
     enabled, name = (force[0], force[1] or cfg.cache_file_name) if force else (cfg.cache_api_calls, cfg.cache_file_name)
     if not enabled:
         return None
+    # -- CACHE_BACKEND / REDIS_URL (a forced file name means that file) --
+    backend = "pickle" if force and force[1] else cache_backend(cfg)
+    if backend == "redis":
+        from .redis_cache import shared_redis_cache
+
+        return shared_redis_cache(cfg)
+    if backend == "memory":
+        return _memory
     path = os.path.realpath(os.path.expanduser(name))
     dropped = []
     with _shared_lock:

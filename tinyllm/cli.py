@@ -701,7 +701,7 @@ def tokens(file: str, model: str | None) -> None:
 
 @cli.group()
 def cache() -> None:
-    """Inspect or clear the API reply cache (CACHE_FILE_NAME)."""
+    """Inspect or clear the API reply cache (CACHE_FILE_NAME, or Redis with REDIS_URL)."""
 
 
 def _cache_file_option(f: Callable) -> Callable:
@@ -713,6 +713,26 @@ def _cache_path(file: str | None) -> Path:
     from .config import get_config
 
     return Path(os.path.abspath(os.path.expanduser(file or get_config().cache_file_name)))
+
+
+def _redis_cache(file: str | None) -> Any:
+    """The Redis cache the settings select (CACHE_BACKEND, REDIS_URL) unless --file names a file, else None.
+
+    Raises CLIError when Redis fails."""
+    from .cache import cache_backend
+    from .config import get_config
+
+    cfg = get_config()
+    if file is not None or cache_backend(cfg) != "redis":
+        return None
+    from .redis_cache import shared_redis_cache
+
+    try:
+        cache = shared_redis_cache(cfg)
+        cache.len()  # fails now, not half-way through the output
+    except OSError as exc:
+        raise CLIError(str(exc)) from exc
+    return cache
 
 
 def _size(n: int) -> str:
@@ -727,9 +747,20 @@ def _size(n: int) -> str:
 @_cache_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 def cache_stats(file: str | None, as_json: bool) -> None:
-    """Show the cache file's entries, size, and the hits and misses of every process that used it."""
+    """Show the cache's entries, size, and the hits and misses of every process that used it."""
     from .cache import MAGIC, MAGIC_V1, PickleCache
 
+    shared = _redis_cache(file)
+    if shared is not None:
+        info = shared.stats()
+        if as_json:
+            click.echo(_dumps(info))
+            return
+        click.echo(f"redis:   {info['path']}")
+        click.echo(f"entries: {info['entries']}")
+        click.echo(f"size:    {_size(info['size_bytes'])} (JSON values)")
+        click.echo(f"hits:    {info['hits']}   misses: {info['misses']}   (all processes and machines)")
+        return
     path = _cache_path(file)
     if path.exists():
         with open(path, "rb") as f:
@@ -755,9 +786,15 @@ def cache_stats(file: str | None, as_json: bool) -> None:
 @cache.command("clear")
 @_cache_file_option
 def cache_clear(file: str | None) -> None:
-    """Remove every entry from the cache file."""
+    """Remove every entry from the cache (the file, or with REDIS_URL this cache's Redis keys)."""
     from .cache import PickleCache
 
+    shared = _redis_cache(file)
+    if shared is not None:
+        n = shared.len()
+        shared.clear()
+        click.echo(f"cleared {n} entries from {shared.path}")
+        return
     path = _cache_path(file)
     if not path.exists():
         click.echo(f"no cache file at {path}; nothing to clear")

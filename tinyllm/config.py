@@ -96,6 +96,16 @@ def _str(text: str) -> str:
     return text.strip()
 
 
+def _choice(*names: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in names:
+            raise ValueError(f"expected one of {', '.join(names)}")
+        return value
+
+    return parse
+
+
 def _setting(default: Any, parse: Callable[[str], Any], doc: str = "") -> Any:
     """A :class:`Config` field: its built-in default, the parser of its text form, what it means."""
     if isinstance(default, (list, dict)):
@@ -143,6 +153,13 @@ class Config:
     local_model_path: str | None = _setting(None, _str)
     prompts_dirs: list = _setting([], _parse_paths)
     file_check_interval: float = _setting(1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use")
+    # -- shared state through Redis (tinyllm/redis_cache.py, tinyllm/redis_limits.py) --
+    redis_url: str | None = _setting(None, _str, "redis://[:password@]host:6379/0: share the cache and the limits across processes and machines")
+    cache_backend: str = _setting("auto", _choice("auto", "pickle", "redis", "memory"), "auto: redis when REDIS_URL is set, else pickle")
+    limits_backend: str = _setting("auto", _choice("auto", "local", "redis"), "auto: redis when REDIS_URL is set, else local (this client object)")
+    redis_prefix: str = _setting("tinyllm", _str, "prefix of every Redis key tinyllm writes")
+    redis_cache_ttl: float = _setting(0.0, _nonneg(float), "seconds a Redis cache entry lives; 0 = no expiry")
+    redis_slot_lease: float = _setting(600.0, _positive_float, "seconds a cluster-wide request slot is held at most when its holder dies; above TIMEOUT")
     secrets: dict = field(default_factory=dict, repr=False, compare=False)
     sources: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -223,7 +240,7 @@ SECRET_NAMES = (
 API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")  # masked wherever shown
 
 
-_URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT")
+_URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "REDIS_URL")
 
 
 def redact_url(url: str) -> str:

@@ -12,6 +12,10 @@ Rate limits count in the ``limits`` package's memory storage (non-blocking
 test/hit; the sleeping is done here). Requests: moving windows of RPM per minute
 and ceil(RPM / 60) per second, as servers enforce per-minute limits over shorter
 periods. Tokens: a sliding window counter of TPM per minute (O(1) memory).
+
+With ``REDIS_URL`` set (``LIMITS_BACKEND``) the limits are cluster-wide instead:
+:meth:`RequestQueue.lease` around each HTTP attempt (tinyllm/redis_limits.py),
+and :meth:`RequestQueue.slot` does nothing.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
-from .errors import BadRequestError, QueueFullError
+from .errors import BadRequestError, ConfigError, QueueFullError
 
 __all__ = ["RequestQueue"]
 
@@ -86,6 +90,9 @@ class RequestQueue:
                 The request was not sent and never will be.
             BadRequestError: ``cost_tokens`` alone exceeds TOKENS_PER_MINUTE (nothing is sent).
         """
+        if self._cluster(cfg) is not None:  # cluster-wide limits: lease() around each HTTP attempt does it all
+            yield
+            return
         deadline, waiter = self._begin(cfg, cost_tokens, None)
         if waiter is not None:
             try:
@@ -111,6 +118,9 @@ class RequestQueue:
         blocks the event loop. Cancelling the task, while it waits or while it
         holds the slot, gives the slot back.
         """
+        if self._cluster(cfg) is not None:  # cluster-wide limits: alease() around each HTTP attempt does it all
+            yield
+            return
         deadline, waiter = self._begin(cfg, cost_tokens, asyncio.get_running_loop())
         if waiter is not None:
             try:
@@ -227,6 +237,47 @@ class RequestQueue:
                 f"{cfg.queue_timeout:g} s in queue {self.name!r}; the request was not sent"
             )
         return wait
+
+    # -- cluster-wide limits through Redis (REDIS_URL; tinyllm/redis_limits.py) --
+
+    _cluster_limiter: Any = None  # a RedisLimiter, made on first use
+
+    def _cluster(self, cfg: Any) -> Any:
+        """The :class:`~tinyllm.redis_limits.RedisLimiter` when ``cfg`` shares the limits through
+        Redis (``LIMITS_BACKEND=redis``, or ``auto`` with ``REDIS_URL`` set), else None.
+
+        Raises:
+            ConfigError: LIMITS_BACKEND=redis without REDIS_URL; Redis cannot be reached (first use).
+        """
+        if cfg.limits_backend == "local" or not (cfg.redis_url or cfg.limits_backend == "redis"):
+            return None
+        if not cfg.redis_url:
+            raise ConfigError("LIMITS_BACKEND=redis needs REDIS_URL (redis://host:6379/0)")
+        limiter = self._cluster_limiter
+        if limiter is None or (limiter.url, limiter.prefix) != (cfg.redis_url, cfg.redis_prefix):
+            from .redis_limits import RedisLimiter
+
+            limiter = self._cluster_limiter = RedisLimiter(cfg.redis_url, cfg.redis_prefix, self.name)
+        return limiter
+
+    def lease(self, cfg: Any, cost_tokens: int = 0, scope: Callable[[], str] = str) -> Any:
+        """A context manager around ONE HTTP attempt: with cluster-wide limits, it holds a slot and
+        passes the rate limits for that attempt only (see :meth:`RedisLimiter.lease`); else it does nothing
+        (:meth:`slot` around the whole retry loop does the work).
+
+        ``scope()`` (str) names who shares the limits (:func:`tinyllm.redis_limits.scope_id`); it is
+        called only with cluster-wide limits. Errors: as :meth:`RedisLimiter.lease`.
+        """
+        limiter = self._cluster(cfg)
+        return _NO_LEASE if limiter is None else limiter.lease(cfg, cost_tokens, scope())
+
+    def alease(self, cfg: Any, cost_tokens: int = 0, scope: Callable[[], str] = str) -> Any:
+        """The asyncio twin of :meth:`lease`: use with ``async with``."""
+        limiter = self._cluster(cfg)
+        return _NO_LEASE if limiter is None else limiter.alease(cfg, cost_tokens, scope())
+
+
+_NO_LEASE = contextlib.nullcontext()  # reusable, and an async context manager too
 
 
 def _time_to_room(limiter: Any, item: Any, cost: int, sliding: bool) -> float:

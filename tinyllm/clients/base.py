@@ -10,6 +10,7 @@
    cannot fit the context window (:class:`ContextWindowExceededError`, nothing sent);
 5. take a request-queue slot and pass the rate limits;
 6. the client's retry loop (``retry.Retrying``) around one raw API request (``_chat``);
+   with cluster-wide limits (REDIS_URL) step 5 is done per attempt instead (``queue.lease``);
 7. record usage, store the reply in the cache, return the message dict.
 
 A client is an object with its own settings: ``OpenAIClient(base_url=..., api_key=...,
@@ -247,7 +248,8 @@ class Client:
             return None
         if chosen is True or isinstance(chosen, (str, os.PathLike)):
             name = cfg.cache_file_name if chosen is True else os.fspath(chosen)
-            return _open_cache(dataclasses.replace(cfg, cache_api_calls=True, cache_file_name=name), forced=False)
+            backend = cfg.cache_backend if chosen is True else "pickle"  # a path is a pickle file
+            return _open_cache(dataclasses.replace(cfg, cache_api_calls=True, cache_file_name=name, cache_backend=backend), forced=False)
         return chosen
 
     # -- what subclasses provide -------------------------------------------------
@@ -283,6 +285,13 @@ class Client:
 
     def default_embedding_model(self, cfg: Config) -> str:
         return cfg.embedding_model
+
+    def limit_scope(self, cfg: Config, endpoint: dict) -> str:
+        """Who shares cluster-wide limits (REDIS_URL): a hash of ``endpoint`` and of the API key, never the key."""
+        from ..redis_limits import scope_id
+
+        api_key = getattr(self, "_api_key", None)
+        return scope_id(endpoint, api_key(cfg) if api_key is not None else None)
 
     def embedding_endpoint(self, cfg: Config, model: str) -> dict:
         """The endpoint identity of embedding requests, for the cache key (default: :meth:`endpoint`)."""
@@ -389,8 +398,14 @@ class Client:
         if hit is not None:
             return hit
         self._measure(req)
+        scope = lambda: self.limit_scope(req.cfg, self.endpoint(req.cfg, req.model))  # noqa: E731
+
+        def attempt(n: int) -> tuple:
+            with self.queue.lease(req.cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                return self._chat(req.messages, self._attempt_params(req, n), req.cfg)
+
         with self.queue.slot(req.cfg, req.cost):
-            result = self.retrying(req.cfg).call(lambda n: self._chat(req.messages, self._attempt_params(req, n), req.cfg))
+            result = self.retrying(req.cfg).call(attempt)
         return self._finish(req, result)
 
     async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
@@ -401,8 +416,11 @@ class Client:
             return hit
         self._measure(req)
 
+        scope = lambda: self.limit_scope(req.cfg, self.endpoint(req.cfg, req.model))  # noqa: E731
+
         async def attempt(n: int) -> tuple:
-            return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
+            async with self.queue.alease(req.cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
 
         async with self.queue.aslot(req.cfg, req.cost):
             result = await self.retrying(req.cfg).acall(attempt)
@@ -481,15 +499,22 @@ class Client:
         cache = self.cache(cfg)
         endpoint = self.embedding_endpoint(cfg, model)
         keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
-        out: list[list[float] | None] = [cache.get(k) if cache is not None else None for k in keys] or [None] * len(texts)
+        get_many = getattr(cache, "get_many", None)  # RedisCache: one round trip for all
+        out: list[list[float] | None] = (get_many(keys) if get_many is not None else [cache.get(k) for k in keys]) if cache is not None else [None] * len(texts)
         missing = [i for i, v in enumerate(out) if v is None]
         if cache is not None:
             usage.record(calls=len(texts) - len(missing), cached_calls=len(texts) - len(missing))
         if missing:
             batch = [texts[i] for i in missing]
             cost = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
+            scope = lambda: self.limit_scope(cfg, endpoint)  # noqa: E731
+
+            def attempt(n: int) -> tuple[list[list[float]], dict]:
+                with self.queue.lease(cfg, cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                    return self._embed(batch, model, cfg)
+
             with self.queue.slot(cfg, cost):
-                vectors, reply_usage = self.retrying(cfg).call(lambda n: self._embed(batch, model, cfg))
+                vectors, reply_usage = self.retrying(cfg).call(attempt)
             if len(vectors) != len(batch):
                 raise ResponseError(f"asked for {len(batch)} embeddings, got {len(vectors)}", raw=None)
             usage.record(calls=1, prompt_tokens=int(reply_usage.get("prompt_tokens") or 0), total_tokens=int(reply_usage.get("total_tokens") or 0))
