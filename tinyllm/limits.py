@@ -12,6 +12,10 @@ Rate limits count in the ``limits`` package's memory storage (non-blocking
 test/hit; the sleeping is done here). Requests: moving windows of RPM per minute
 and ceil(RPM / 60) per second, as servers enforce per-minute limits over shorter
 periods. Tokens: a sliding window counter of TPM per minute (O(1) memory).
+
+After ``os.fork()`` the child starts with an empty queue of its own (no slots
+held, nobody waiting, fresh locks and rate windows): the parent's requests are
+not the child's. The limits therefore apply per process.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator, Iterator
 
+from ._fork import reset_in_child
 from .errors import BadRequestError, QueueFullError
 
 __all__ = ["RequestQueue"]
@@ -52,9 +57,15 @@ class RequestQueue:
 
     def __init__(self, name: str = "") -> None:
         self.name = name
+        self._limit = 1  # MAX_CONCURRENT_REQUESTS of the latest request
+        self._fresh_state()
+        reset_in_child(self._fresh_state)
+
+    def _fresh_state(self) -> None:
+        """An empty line, no slot held, new locks and rate windows (at start, and in a forked child,
+        where the parent's slots, waiters, possibly held locks and the limiter's timer thread are not its own)."""
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._limit = 1  # MAX_CONCURRENT_REQUESTS of the latest request
         self._waiters: deque[_Waiter] = deque()
         self._rate_lock = threading.Lock()
         self._rates: Any = None  # (moving, sliding) limiters, created on first use

@@ -30,6 +30,7 @@ from ..errors import (
     ServerError,
     TinyLLMError,
 )
+from .._fork import reset_in_child
 from .base import Client
 
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
@@ -163,6 +164,16 @@ class OpenAIClient(Client):
 
     def __init__(self) -> None:
         super().__init__()
+        self._inherited: list[Any] = []
+        self._fresh_sdks()
+        reset_in_child(self._fresh_sdks)
+
+    def _fresh_sdks(self) -> None:
+        """No SDK clients yet (at start, and in a forked child: the parent's clients own sockets the
+        parent keeps using; sharing one would cross replies). The inherited ones are kept referenced,
+        never used or closed, so the child cannot disturb the parent's connections."""
+        if getattr(self, "_sdks", None):
+            self._inherited.append((self._sdks, self._closers))
         self._sdk_lock = threading.Lock()
         self._sdks: dict[tuple, Any] = {}
         self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
