@@ -32,6 +32,7 @@ from ..errors import (
 )
 from .._fork import reset_in_child
 from .base import Client
+from .transport import http_client, scrub_credentials
 
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
 
@@ -103,6 +104,20 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
     if isinstance(exc, openai.OpenAIError):
         return APIError(redact(str(exc), secrets))
     return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+
+
+def _scrub_chain(exc: BaseException | None) -> None:
+    """Blank the credential headers of every sent request held by ``exc`` and the exceptions chained to it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        try:
+            request = getattr(exc, "request", None)
+        except RuntimeError:  # httpx: "The .request property has not been set."
+            request = None
+        if request is not None and hasattr(request, "headers"):
+            scrub_credentials(request)
+        exc = exc.__cause__ or exc.__context__
 
 
 def extract_message(response: Any) -> tuple[dict, dict]:
@@ -203,13 +218,20 @@ class OpenAIClient(Client):
         return tuple(filter(None, (cfg.secret(name) for name in API_KEY_NAMES)))  # endpoints stay readable
 
     def _error(self, exc: BaseException, cfg: Config, timeout: float | None = None) -> TinyLLMError:
+        """The tinyllm error for an SDK failure; the SDK exception (to be chained) is scrubbed too.
+
+        The transport already took the keys out of error replies (see ``transport``);
+        here the sent requests the exception chain keeps lose their credential headers.
+        """
+        _scrub_chain(exc)
         return map_error(exc, secrets=self._keys(cfg), timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg)))
 
     def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
         import openai
 
         cls = openai.AsyncOpenAI if is_async else openai.OpenAI
-        return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout)
+        return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout,
+                   http_client=http_client(is_async))
 
     def _sdk_key(self, cfg: Config) -> tuple:
         return (self.base_url(cfg), self._api_key(cfg))
