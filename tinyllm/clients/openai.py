@@ -91,7 +91,7 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
         message = err.get("message") if isinstance(err, dict) else None
         message = redact(str(message or exc.message or f"HTTP {code}"), secrets)
         err_code = err.get("code") if isinstance(err, dict) else None
-        headers = {k.lower(): v for k, v in exc.response.headers.items()} if exc.response is not None else {}
+        headers = {k.lower(): redact(v, secrets) for k, v in exc.response.headers.items()} if exc.response is not None else {}
         kwargs = dict(status_code=code, request_id=exc.request_id, body=body, response_headers=headers)
         if err_code == "context_length_exceeded":
             return ContextWindowExceededError(message, **kwargs)
