@@ -31,7 +31,15 @@ the enqueued items apply only to matching requests: a request then takes the
 first pending item whose filter matches it (items without a filter match every
 request).
 
-Waiting (``Hang``, ``Delay``, ``latency``) uses a ``threading.Event`` that
+Chat replies echo: with no script item and no ``reply_with``, the content is
+``"echo: " + <the last user message>``, so a reply that reached the wrong
+caller is visible.
+
+Slow and hostile answers: ``Drip`` sends an answer one byte at a time (the body,
+or the headers too); ``EchoKey`` quotes the request's API key back in the error
+body and in headers.
+
+Waiting (``Hang``, ``Delay``, ``Drip``, ``latency``) uses a ``threading.Event`` that
 ``stop()`` sets, never ``time.sleep``, so tests may monkeypatch ``time.sleep``
 and ``stop()`` returns promptly while a handler hangs.
 
@@ -78,6 +86,8 @@ __all__ = [
     "Reply",
     "Message",
     "Shuffled",
+    "Drip",
+    "EchoKey",
     "fake_embedding",
     "DEFAULT_MODELS",
 ]
@@ -171,7 +181,34 @@ class Shuffled:
     seed: int = 1234
 
 
-_ITEM_TYPES = (Status, Drop, Hang, Delay, Malformed, EmptyChoices, Reply, Message, Shuffled)
+@dataclass
+class Drip:
+    """Answer normally (or as the item ``then`` says), but slowly: one byte every ``interval`` seconds.
+
+    ``headers=False``: the status line and headers go out at once, then the body drips.
+    ``headers=True``: the status line and headers drip too. A connection never goes
+    quiet for longer than ``interval``, so only a bound on the whole attempt stops it.
+    The dripping ends when the client hangs up or the server stops.
+    """
+
+    interval: float = 0.1
+    then: Any = None
+    headers: bool = False
+
+
+@dataclass
+class EchoKey:
+    """Answer ``code`` with an error that echoes the credential the request carried.
+
+    The key (from ``Authorization: Bearer ...`` or Azure's ``api-key``) is quoted in
+    the error message and sent back in the ``x-echoed-key`` and ``www-authenticate``
+    headers, as careless proxies and servers do.
+    """
+
+    code: int = 401
+
+
+_ITEM_TYPES = (Status, Drop, Hang, Delay, Malformed, EmptyChoices, Reply, Message, Shuffled, Drip, EchoKey)
 
 # --------------------------------------------------------------------------- #
 # Records
@@ -585,8 +622,9 @@ class FakeOpenAIServer:
         try:
             item = self._next_item(split.path) if route is not None else None
             record.item = item
+            drip = item if isinstance(item, Drip) else None
             try:
-                code, payload, headers = self._answer(route, record, item)
+                code, payload, headers = self._answer(route, record, drip.then if drip else item)
             except _Abort:
                 h.close_connection = True
                 return
@@ -607,15 +645,44 @@ class FakeOpenAIServer:
             # never sees itself counted (tests may assert in_flight == 0 right after).
             done()
             try:
-                h._send(code, data, headers)
+                if drip is not None:
+                    self._drip(h, code, data, headers, drip)
+                else:
+                    h._send(code, data, headers)
             except OSError:  # the client went away (e.g. it timed out)
                 h.close_connection = True
         finally:
             done()
 
+    def _drip(self, h: _Handler, code: int, body: bytes, headers: dict[str, str], drip: Drip) -> None:
+        """Write the whole answer by hand, one byte per ``drip.interval`` (the body only, or everything)."""
+        lines = [f"HTTP/1.1 {code} {h.responses.get(code, ('',))[0]}".rstrip()]
+        if not any(k.lower() == "content-type" for k in headers):
+            lines.append("Content-Type: application/json")
+        lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-length"]
+        lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        head = "\r\n".join(lines).encode("latin-1")
+        h.close_connection = True
+        if drip.headers:
+            body = head + body
+        else:
+            h.wfile.write(head)
+            h.wfile.flush()
+        for i in range(len(body)):
+            if self._stop_event.wait(drip.interval):
+                return
+            h.wfile.write(body[i:i + 1])
+            h.wfile.flush()
+
     def _answer(self, route: str | None, rec: Recorded, item: Any) -> tuple[int, Any, dict[str, str]]:
         if route is None:
             return 404, _error_body(404, f"Invalid URL ({rec.method} {rec.path})", err_code="unknown_url"), {}
+        if isinstance(item, EchoKey):
+            auth = rec.headers.get("authorization", "")
+            key = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else rec.headers.get("api-key", "")
+            body = _error_body(item.code, f"Incorrect API key provided: {key}. You can find your API key at "
+                                          "https://platform.openai.com/account/api-keys.")
+            return item.code, body, {"x-echoed-key": key, "WWW-Authenticate": f'Bearer realm="fake", key="{key}"'}
         if isinstance(item, Delay):
             self._wait(item.seconds)
             item = item.then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 
@@ -497,3 +498,27 @@ def test_a_rate_wait_longer_than_the_queue_timeout_fails_promptly(mode):
     assert time.monotonic() - start < 2.0
     assert ran == [1]
     assert queue.in_flight == 0 and queue.waiting == 0
+
+
+# -- fork -------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_starts_with_an_empty_queue():
+    cfg = settings(max_concurrent_requests=1, queue_timeout=2, requests_per_minute=600)
+    queue = RequestQueue("t")
+    with queue.slot(cfg):  # held by this process (and, in the child, by nobody)
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if it gets the slot at once
+            code = 1
+            try:
+                with queue.slot(cfg):
+                    code = 0 if (queue.in_flight, queue.waiting) == (1, 0) else 2
+            except BaseException:
+                code = 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert queue.in_flight == 1
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert queue.in_flight == 0

@@ -166,6 +166,74 @@ def test_reply_that_is_not_a_chat_completion_is_a_response_error(api, sleeps, bo
     assert len(api.chat_requests()) == 2  # an unusable reply is asked for once more, then given up
 
 
+ODD_REPLIES = [
+    ({"content": 42}, "content is int"),
+    ({"content": ["a", "list"]}, "content is list"),
+    ({"content": "ok", "role": 7}, "role is int"),
+    ({"content": None, "tool_calls": "f()"}, "tool_calls is str"),
+    ({"content": None, "tool_calls": ["f()"]}, "tool_calls is list"),
+    ({"content": "no", "refusal": {"why": 1}}, "refusal is dict"),
+]
+
+
+@pytest.mark.parametrize("message, says", ODD_REPLIES)
+def test_a_message_of_the_wrong_shape_is_a_response_error(api, sleeps, message, says):
+    from fakeserver import Message
+
+    api.enqueue(Message(message), Message(message))
+    with pytest.raises(tinyllm.ResponseError, match=says):
+        tinyllm.client().send_message(MESSAGES)
+    assert len(api.chat_requests()) == 2  # asked for once more, like any unusable reply
+
+
+@pytest.mark.parametrize("usage, says", [
+    ({"prompt_tokens": "abc"}, "usage.prompt_tokens"),
+    ({"completion_tokens": -3}, "usage.completion_tokens"),
+    ({"total_tokens": 2.5}, "usage.total_tokens"),
+    ({"total_tokens": True}, "usage.total_tokens"),
+    ("lots", "usage is str"),
+])
+def test_usage_of_the_wrong_shape_is_a_response_error(api, sleeps, usage, says):
+    api.enqueue(Reply("fine", usage=usage), Reply("fine", usage=usage))
+    with pytest.raises(tinyllm.ResponseError, match=says):
+        tinyllm.client().send_message(MESSAGES)
+
+
+def test_whole_number_usage_sent_as_floats_is_read_as_int(api):
+    api.enqueue(Reply("fine", usage={"prompt_tokens": 3.0, "completion_tokens": 1, "total_tokens": 4.0}))
+    assert tinyllm.client().send_message(MESSAGES)["content"] == "fine"
+    assert tinyllm.last_call_info().usage == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    assert tinyllm.usage_stats()["total_tokens"] == 4
+
+
+def test_odd_reply_to_a_typed_llmcall_is_a_response_error(api, sleeps, prompts):
+    from fakeserver import Message
+
+    api.enqueue(Message({"content": 42}), Message({"content": 42}))
+    with pytest.raises(tinyllm.ResponseError, match="content is int"):
+        tinyllm.LLMCall("plain.system.md", prompts_dir=prompts, output_type=bool).call(language="en", question="?")
+
+
+def test_a_reply_body_nested_too_deeply_is_a_response_error(api, sleeps):
+    body = "[" * 3000 + "]" * 3000
+    for content_type in ("application/json", "text/plain"):
+        api.enqueue(*[Status(200, body=body, headers={"Content-Type": content_type})] * 2)
+        with pytest.raises(tinyllm.ResponseError):
+            tinyllm.client().send_message(MESSAGES)
+
+
+def test_odd_replies_from_the_command_are_one_error_line(api, prompts):
+    from click.testing import CliRunner
+
+    from tinyllm.cli import cli
+
+    api.enqueue(*[Reply("fine", usage={"prompt_tokens": "abc"})] * 2)
+    result = CliRunner().invoke(cli, ["call", "plain", "--prompts-dir", str(prompts), "--var", "language=en",
+                                      "--var", "question=?"], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ResponseError") and "Traceback" not in result.stderr
+
+
 def test_a_generator_param_is_sent_as_a_list(api):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     tinyllm.client().send_message(MESSAGES, tools=(t for t in [tool]), stop=iter(["\n"]))

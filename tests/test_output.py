@@ -200,6 +200,36 @@ def test_extract_json_errors(text):
     assert info.value.raw == text
 
 
+@pytest.mark.parametrize("text", ["[" * 3000, "[" * 3000 + "]" * 3000, '{"a": ' * 3000 + "1" + "}" * 3000])
+def test_extract_json_too_deep_is_an_output_parse_error(text):
+    with pytest.raises(OutputParseError, match="nested too deeply") as info:
+        extract_json(text)
+    assert info.value.raw == text
+    with pytest.raises(OutputParseError):
+        parse_output(text, list)
+
+
+@pytest.mark.timeout(60)  # a hang guard: the search used to be quadratic (hours on these)
+@pytest.mark.parametrize("text", [
+    '{"a" ' * 400_000,  # 2.4 MB: an object start everywhere, each broken
+    "[1, " * 500_000,  # 2 MB: unbalanced and deep
+    "[" + "[1]," * 500_000,  # 2 MB: an unclosed list of lists
+])
+def test_extract_json_on_megabytes_of_broken_json_is_bounded(text):
+    try:
+        value = extract_json(text, expect=dict)
+    except OutputParseError as exc:
+        assert exc.raw == text
+    else:
+        assert value == [1]  # the first value, as no object fits
+
+
+def test_extract_json_still_finds_a_value_after_much_prose():
+    text = "See [1] and [the docs](http://x). " * 2000 + '```json\n{"ok": true}\n```'
+    assert extract_json(text, expect=dict) == {"ok": True}
+    assert extract_json("[note] " * 5000 + '{"ok": true}', expect=dict) == {"ok": True}
+
+
 # --- response_format_for ------------------------------------------------------------------------------
 
 def test_response_format_for():

@@ -18,11 +18,12 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import openai
 import pytest
-from fakeserver import Drop, EmptyChoices, Hang, Malformed, Reply, Status
+from fakeserver import Drip, Drop, EchoKey, EmptyChoices, Hang, Malformed, Reply, Status
 
 import tinyllm
 from tinyllm import (
@@ -656,3 +657,149 @@ def test_credentials_in_the_base_url_stay_out_of_errors(monkeypatch):
         send()
     assert "hunter2" not in str(err.value) and "qsecret" not in str(err.value)
     assert "127.0.0.1:9/v1" in str(err.value)
+
+
+# --------------------------------------------------------------------------- keys echoed by the server
+
+
+def _everything_shown(exc: BaseException) -> str:
+    """What a traceback, a log record and the reprs of the whole exception chain show."""
+    shown = ["".join(traceback.format_exception(exc))]
+    cause = exc
+    while cause is not None:
+        shown += [repr(cause), str(cause), repr(getattr(cause, "body", None)),
+                  repr(getattr(cause, "response_headers", None))]
+        for name in ("response", "request"):
+            obj = getattr(cause, name, None)
+            if obj is not None:
+                shown += [repr(obj), repr(obj.headers), str(dict(obj.headers))]
+                if name == "response":
+                    shown.append(obj.text)
+        cause = cause.__cause__ or cause.__context__
+    return "\n".join(shown)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_key_the_server_echoes_is_nowhere_in_the_exception_chain(api, mode, monkeypatch, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    api.enqueue(EchoKey(401))
+    with pytest.raises(AuthenticationError) as info:
+        if mode == "sync":
+            send()
+        else:
+            asyncio.run(tinyllm.client().asend_message(MESSAGES))
+    exc = info.value
+    assert api.chat_requests()[0].headers["authorization"] == f"Bearer {SECRET}"
+    assert isinstance(exc.__cause__, openai.AuthenticationError)  # still chained to the SDK's exception
+    assert "x-echoed-key" in exc.response_headers  # the header is kept, its value scrubbed
+    shown = _everything_shown(exc)
+    assert "Incorrect API key provided" in shown and "AuthenticationError" in shown
+    assert SECRET not in shown and "XYZ123456789" not in shown
+    caplog.set_level(logging.DEBUG)
+    try:
+        raise exc
+    except AuthenticationError:
+        logging.getLogger("an.app").exception("the call failed")
+    assert "Traceback" in caplog.text and "Incorrect API key provided" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_azure_key_the_server_echoes_is_nowhere_in_the_exception_chain(server, monkeypatch):
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", server.azure_endpoint)
+    monkeypatch.setenv("AZURE_OPENAI_KEY", SECRET)
+    tinyllm.configure(api_type="azure", max_attempts=1)
+    server.enqueue(EchoKey(403))
+    with pytest.raises(tinyllm.PermissionDeniedError) as info:
+        send()
+    assert server.chat_requests()[0].headers["api-key"] == SECRET
+    assert SECRET not in _everything_shown(info.value)
+
+
+def test_a_key_in_a_timed_out_request_is_nowhere_in_the_exception_chain(api, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    tinyllm.configure(timeout=0.2, max_attempts=1)
+    api.enqueue(Hang(5))
+    with pytest.raises(APITimeoutError) as info:
+        send()
+    assert SECRET not in _everything_shown(info.value)
+
+
+def test_debug_output_of_the_command_shows_no_echoed_key(api, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from tinyllm.cli import cli
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "hi.system.md").write_text("Say hi to {{ name }}.\n", encoding="utf-8")
+    api.enqueue(EchoKey(401))
+    result = CliRunner().invoke(cli, ["--debug", "call", "hi", "--var", "name=Ada"], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "Incorrect API key provided" in result.stderr
+    assert SECRET not in result.output and SECRET not in result.stderr
+
+
+@pytest.mark.parametrize("where", ["param", "extra_body"])
+def test_api_key_as_a_call_parameter_is_refused_and_never_sent(api, where):
+    params = {"api_key": SECRET} if where == "param" else {"extra_body": {"api_key": SECRET}}
+    with pytest.raises(BadRequestError) as info:
+        send(**params)
+    assert "client setting" in str(info.value) and "OPENAI_API_KEY" in str(info.value)
+    assert SECRET not in _everything_shown(info.value)
+    assert chat_count(api) == 0
+
+
+def test_api_key_given_to_llmcall_is_refused_before_sending(api, tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "hi.system.md").write_text("Say hi.\n", encoding="utf-8")
+    call = tinyllm.LLMCall("hi.system.md", api_key=SECRET)
+    with pytest.raises(BadRequestError, match="client setting"):
+        call.call()
+    assert chat_count(api) == 0
+
+
+# --------------------------------------------------------------------------- streaming (not yet)
+
+
+@pytest.mark.parametrize("params", [{"stream": True}, {"extra_body": {"stream": True}}])
+def test_stream_true_is_refused_before_sending(api, params):
+    with pytest.raises(BadRequestError, match="stream"):
+        send(**params)
+    with pytest.raises(BadRequestError, match="stream"):
+        asyncio.run(tinyllm.client().asend_message(MESSAGES, **params))
+    assert chat_count(api) == 0
+    assert send(stream=False)["content"] == "echo: hello"  # False is harmless
+
+
+# --------------------------------------------------------------------------- TIMEOUT bounds the whole attempt
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("headers", [False, True], ids=["body-drip", "header-drip"])
+def test_timeout_bounds_the_whole_attempt_against_a_drip(api, mode, headers):
+    # one byte every 100 ms: no single read ever waits TIMEOUT, yet the whole reply would take ~30 s
+    tinyllm.configure(timeout=1, max_attempts=1)
+    api.enqueue(Drip(0.1, headers=headers))
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError) as info:
+        if mode == "sync":
+            send()
+        else:
+            asyncio.run(tinyllm.client().asend_message(MESSAGES))
+    assert time.monotonic() - started < 5  # a behaviour bound (about 1 s), not a benchmark
+    assert isinstance(info.value.__cause__, openai.APITimeoutError)
+    assert chat_count(api) == 1
+
+
+def test_each_attempt_gets_its_own_timeout(api, sleeps):
+    tinyllm.configure(timeout=0.5, max_attempts=3)
+    api.enqueue(Drip(0.05), Drip(0.05, headers=True), Reply("third time"))
+    assert send()["content"] == "third time"
+    assert chat_count(api) == 3
+    assert tinyllm.usage_stats()["retries"] == 2
+
+
+def test_a_slow_reply_within_timeout_is_read_whole(api):
+    tinyllm.configure(timeout=10, max_attempts=1)
+    api.enqueue(Drip(0.001, then=Reply("slow but in time")))
+    assert send()["content"] == "slow but in time"

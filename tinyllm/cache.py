@@ -68,6 +68,7 @@ import threading
 import zlib
 from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
+from ._fork import reset_in_child
 from .config import Config, get_config
 from .errors import CacheValueError, ConfigError
 
@@ -401,9 +402,8 @@ class PickleCache(_IndexedCache):
         self.path = os.path.abspath(os.fspath(path))
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         os.close(os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600))
-        from filelock import FileLock  # imported on first use: it costs ~10 ms at import tinyllm
-
-        self._flock = FileLock(self.path + ".lock", mode=0o600, thread_local=False)
+        self._new_locks()
+        reset_in_child(self._new_locks)
         self._fd = -1
         self._ident: tuple[int, int] | None = None
         self._version = 2  # format of the open file: 1 until the first write converts it
@@ -413,6 +413,15 @@ class PickleCache(_IndexedCache):
             with self._file_lock():
                 self._open_locked()
             self._read_new(locked=False, truncate=False)
+
+    def _new_locks(self) -> None:
+        """The thread lock and the inter-process file lock of this process: at start, and in a forked
+        child (filelock refuses a lock inherited across fork; a parent thread may hold the thread lock)."""
+        from filelock import FileLock  # imported on first use: it costs ~10 ms at import tinyllm
+
+        self._lock = threading.RLock()
+        self._flock = FileLock(self.path + ".lock", mode=0o600, thread_local=False)
+        self._flushed = (self.hits, self.misses)  # the parent's counts are the parent's to save
 
     def _file_lock(self) -> Any:
         """Hold the inter-process lock (re-entrant); while another process has it, retry every 2 ms."""

@@ -25,7 +25,11 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     └── QueueFullError
 
 Error messages never contain an API key: :class:`APIError` keeps only the
-status code, the request id and the (already redacted) response body.
+status code, the request id, the response headers and the response body, all
+redacted. The SDK exception chained as ``__cause__`` is clean too: the
+transport scrubs keys a server echoes from error replies before the SDK sees
+them, and the failed request it keeps has its credential headers blanked
+(``tinyllm.clients.transport``).
 """
 
 from __future__ import annotations

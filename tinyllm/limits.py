@@ -16,6 +16,10 @@ periods. Tokens: a sliding window counter of TPM per minute (O(1) memory).
 With ``REDIS_URL`` set (``LIMITS_BACKEND``) the limits are cluster-wide instead:
 :meth:`RequestQueue.lease` around each HTTP attempt (tinyllm/redis_limits.py),
 and :meth:`RequestQueue.slot` does nothing.
+
+After ``os.fork()`` the child starts with an empty queue of its own (no slots
+held, nobody waiting, fresh locks and rate windows): the parent's requests are
+not the child's. The in-process limits therefore apply per process.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Iterator
 
+from ._fork import reset_in_child
 from .errors import BadRequestError, ConfigError, QueueFullError
 
 __all__ = ["RequestQueue"]
@@ -56,9 +61,15 @@ class RequestQueue:
 
     def __init__(self, name: str = "") -> None:
         self.name = name
+        self._limit = 1  # MAX_CONCURRENT_REQUESTS of the latest request
+        self._fresh_state()
+        reset_in_child(self._fresh_state)
+
+    def _fresh_state(self) -> None:
+        """An empty line, no slot held, new locks and rate windows (at start, and in a forked child,
+        where the parent's slots, waiters, possibly held locks and the limiter's timer thread are not its own)."""
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._limit = 1  # MAX_CONCURRENT_REQUESTS of the latest request
         self._waiters: deque[_Waiter] = deque()
         self._rate_lock = threading.Lock()
         self._rates: Any = None  # (moving, sliding) limiters, created on first use

@@ -126,6 +126,39 @@ def _fits(value: Any, expect: type | None) -> bool:
     return expect is list and isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list)
 
 
+#: where a JSON object or array can begin: "{" before a key or "}", "[" before a value or "]"
+_JSON_START = re.compile(r'\{\s*["}]|\[\s*(?:[\[\]{"\-\d]|true|false|null)')
+_WINDOW = 4096  # characters decoded first; a longer value is decoded again in place
+
+
+def _decode_at(decoder: json.JSONDecoder, text: str, i: int) -> tuple[Any, int, int]:
+    """``(value, end, cost)`` of the JSON value starting at ``text[i]``.
+
+    The value is decoded from a window of the text first, so that a failure costs
+    O(window), not O(i) (a JSONDecodeError counts the lines before its position).
+
+    Raises:
+        json.JSONDecodeError: no valid value starts there; its ``cost`` attribute
+            is the work done, in about one decoded character per unit.
+        RecursionError: nested deeper than the interpreter's recursion limit.
+    """
+    window = text[i:i + _WINDOW]
+    try:
+        value, end = decoder.raw_decode(window)
+        return value, i + end, 500 + end
+    except json.JSONDecodeError as exc:
+        # a failure inside the window stands whatever follows, unless the window's end caused it
+        if len(window) < _WINDOW or (exc.pos < len(window) and not exc.msg.startswith("Unterminated string")):
+            exc.cost = 500 + 2 * exc.pos  # type: ignore[attr-defined]
+            raise
+    try:
+        value, end = decoder.raw_decode(text, i)
+    except json.JSONDecodeError as exc:
+        exc.cost = 500 + 2 * _WINDOW + exc.pos - i + exc.pos // 8  # type: ignore[attr-defined]
+        raise
+    return value, end, 500 + 2 * _WINDOW + end - i
+
+
 def extract_json(text: str, expect: type | None = None) -> Any:
     """The first JSON value in ``text``: inside a ``` fence if there is one, tolerating text around it.
 
@@ -139,25 +172,43 @@ def extract_json(text: str, expect: type | None = None) -> Any:
         The decoded value (dict or list).
 
     Raises:
-        OutputParseError: no JSON object or array could be decoded; ``.raw`` is ``text``.
+        OutputParseError: no JSON object or array could be decoded, it is nested
+            too deeply (about 1,000 levels), or the search gave up; ``.raw`` is ``text``.
+
+    Cost: bounded, linear in ``len(text)``. A decode is tried only where an object
+    or array can begin, a failure costs at most a few thousand characters' work
+    (see :func:`_decode_at`), and the work of all attempts together is capped at
+    about 16 characters' worth per character of ``text``: megabytes of unbalanced
+    brackets fail within a fraction of a second. A reply so broken that the cap is
+    reached before a value is found raises OutputParseError ("the search gave up").
     """
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     decoder = json.JSONDecoder()
+    budget = 16 * len(text) + 1_000_000  # work units: about one decoded character each; an attempt costs 500 more
     first: list[Any] = []
+    too_deep = False
     for candidate in candidates:
-        for i, ch in enumerate(candidate):
-            if ch in "{[":
-                try:
-                    value = decoder.raw_decode(candidate, i)[0]
-                except json.JSONDecodeError:
-                    continue
-                if _fits(value, expect):
-                    return value
-                if not first:
-                    first.append(value)
+        pos = 0
+        while budget > 0 and (start := _JSON_START.search(candidate, pos)) is not None:
+            i = start.start()
+            pos = i + 1  # next, a value nested in this one, or after it
+            try:
+                value, _, cost = _decode_at(decoder, candidate, i)
+            except json.JSONDecodeError as exc:
+                budget -= exc.cost  # type: ignore[attr-defined]
+                continue
+            except RecursionError:
+                too_deep = True
+                break
+            budget -= cost
+            if _fits(value, expect):
+                return value
+            if not first:
+                first.append(value)
     if first:
         return first[0]
-    raise OutputParseError(f"no JSON found in the reply: {text[:200]!r}", raw=text)
+    why = " (nested too deeply)" if too_deep else " (the search gave up: too large or too broken)" if budget <= 0 else ""
+    raise OutputParseError(f"no JSON found in the reply{why}: {text[:200]!r}", raw=text)
 
 
 def _label(text: str, labels: tuple[str, ...]) -> str:

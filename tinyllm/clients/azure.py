@@ -7,6 +7,7 @@ from typing import Any
 from ..config import Config
 from ..errors import ConfigError
 from .openai import OpenAIClient
+from .transport import http_client
 
 __all__ = ["AzureClient"]
 
@@ -93,7 +94,8 @@ class AzureClient(OpenAIClient):
                     "or Entra ID: pip install azure-identity and sign in (az login)"
                 ) from exc
             auth = {"azure_ad_token_provider": get_bearer_token_provider(DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default")}
-        return cls(azure_endpoint=self.where(cfg), api_version=self.api_version(cfg), max_retries=0, timeout=cfg.timeout, **auth)
+        return cls(azure_endpoint=self.where(cfg), api_version=self.api_version(cfg), max_retries=0, timeout=cfg.timeout,
+                   http_client=http_client(is_async), **auth)
 
     def _request_args(self, messages: list[dict], params: dict, cfg: Config) -> dict:
         args = super()._request_args(messages, params, cfg)

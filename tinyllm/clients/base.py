@@ -162,6 +162,25 @@ def validate_messages(messages: Any) -> list[dict]:
     return list(messages)
 
 
+def _refuse_unsendable(params: dict) -> None:
+    """Refuse, before anything is sent or cached, parameters tinyllm cannot honour as request parameters.
+
+    Raises:
+        BadRequestError: ``api_key`` (a client setting: it would travel in the JSON
+            body and show in reprs), or ``stream=True`` (no streaming yet; the reply
+            would not be read as sent), given directly or in ``extra_body``.
+    """
+    extra = params.get("extra_body")
+    for source in (params, extra if isinstance(extra, dict) else {}):
+        if source.get("api_key") is not None:
+            raise BadRequestError(
+                "api_key is a client setting, not a request parameter, and was not sent: set OPENAI_API_KEY "
+                "(or AZURE_OPENAI_KEY) in the environment or .env")
+        if source.get("stream"):
+            raise BadRequestError("stream=True is not supported yet: tinyllm reads whole replies; "
+                                  "leave stream unset (nothing was sent)")
+
+
 class Client:
     """Base of every client: the shared send_message / get_embedding pipeline.
 
@@ -299,13 +318,19 @@ class Client:
 
     # -- the shared core ---------------------------------------------------------
     def resolve_params(self, params: dict, cfg: Config) -> dict:
-        """Config defaults < ``params``; drop None; iterators to lists; adapt to the model family. Returns a new dict."""
+        """Config defaults < ``params``; drop None; iterators to lists; adapt to the model family. Returns a new dict.
+
+        Raises:
+            BadRequestError: ``model`` is not a non-empty str; ``api_key`` or
+                ``stream=True`` given as a parameter (see :func:`_refuse_unsendable`).
+        """
         out: dict[str, Any] = {"model": self.default_model(cfg)}
         for name, key in CONFIG_PARAMS.items():
             out[name] = cfg[key]
         out.update(params)
         # a generator (e.g. tools=(t for t in ...)) is read once, here: the cache key and the request see a list
         out = {k: list(v) if isinstance(v, Iterator) else v for k, v in out.items() if v is not None}
+        _refuse_unsendable(out)
         out.setdefault("model", self.default_model(cfg))  # model=None means the default, not "no model"
         if not isinstance(out["model"], str) or not out["model"]:
             raise BadRequestError(f"model must be a non-empty str, got {out['model']!r}")
@@ -376,7 +401,8 @@ class Client:
             ``refusal`` kept when the server sends them).
 
         Raises:
-            BadRequestError: malformed messages, or a 4xx the server sent.
+            BadRequestError: malformed messages; ``api_key`` or ``stream=True`` given as a parameter
+                (nothing is sent); or a 4xx the server sent.
             ContextWindowExceededError: the prompt cannot fit (nothing was sent).
             QueueFullError: no request slot within QUEUE_TIMEOUT.
             RateLimitError, ServerError, APIConnectionError, APITimeoutError,

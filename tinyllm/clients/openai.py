@@ -30,7 +30,9 @@ from ..errors import (
     ServerError,
     TinyLLMError,
 )
+from .._fork import reset_in_child
 from .base import Capabilities, Client
+from .transport import http_client, scrub_credentials
 
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
 
@@ -89,13 +91,13 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
         message = err.get("message") if isinstance(err, dict) else None
         message = redact(str(message or exc.message or f"HTTP {code}"), secrets)
         err_code = err.get("code") if isinstance(err, dict) else None
-        headers = {k.lower(): v for k, v in exc.response.headers.items()} if exc.response is not None else {}
+        headers = {k.lower(): redact(v, secrets) for k, v in exc.response.headers.items()} if exc.response is not None else {}
         kwargs = dict(status_code=code, request_id=exc.request_id, body=body, response_headers=headers)
         if err_code == "context_length_exceeded":
             return ContextWindowExceededError(message, **kwargs)
         cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 or code in (408, 409) else BadRequestError)
         return cls(message, **kwargs)
-    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError)):
+    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, RecursionError)):  # RecursionError: JSON nested too deeply
         return ResponseError(redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
     if isinstance(exc, (TypeError, ValueError)):  # raised while building or encoding the request: nothing was sent
         return BadRequestError(redact(f"cannot send this request: {type(exc).__name__}: {exc}", secrets))
@@ -104,20 +106,48 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
     return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
 
 
+def _scrub_chain(exc: BaseException | None) -> None:
+    """Blank the credential headers of every sent request held by ``exc`` and the exceptions chained to it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        try:
+            request = getattr(exc, "request", None)
+        except RuntimeError:  # httpx: "The .request property has not been set."
+            request = None
+        if request is not None and hasattr(request, "headers"):
+            scrub_credentials(request)
+        exc = exc.__cause__ or exc.__context__
+
+
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _malformed(what: str, response: Any) -> ResponseError:
+    return ResponseError(f"malformed reply: {what}", raw=response)
+
+
 def extract_message(response: Any) -> tuple[dict, dict]:
     """``(message_dict, usage_dict)`` from a chat completion: its parsed JSON, or its text.
 
     ``response`` is what the SDK's ``post(..., cast_to=object)`` returns: the decoded
-    JSON body, or the body's text when the server did not label it JSON.
+    JSON body, or the body's text when the server did not label it JSON (the
+    llamacpp client passes llama.cpp's dict).
+
+    The shape is checked once, here, with plain type checks: ``choices[0].message``
+    is an object whose ``content`` is a string or null, ``role`` and ``refusal``
+    strings when present, ``tool_calls`` a list of objects, ``function_call`` an
+    object; ``usage``, when present, an object whose ``prompt_tokens``,
+    ``completion_tokens`` and ``total_tokens`` are whole numbers >= 0 (returned as int).
 
     Raises:
-        ResponseError: not a JSON object, no choices, no message, or neither
-            content nor tool calls.
+        ResponseError: not a JSON object, no choices, no message, neither content
+            nor tool calls, or a field of the wrong type.
     """
     if isinstance(response, str):  # served without a JSON Content-Type
         try:
             response = json.loads(response)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ResponseError(f"reply is not JSON: {response[:200]!r}", raw=response) from None
     if not isinstance(response, dict):
         raise ResponseError(f"reply is not a JSON object: {str(response)[:200]!r}", raw=response)
@@ -125,14 +155,35 @@ def extract_message(response: Any) -> tuple[dict, dict]:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
         raise ResponseError("reply has no choices", raw=response)
     raw = choices[0]["message"]
-    message = {"role": raw.get("role") or "assistant", "content": raw.get("content")}
-    for key in ("refusal", "tool_calls", "function_call"):
-        if raw.get(key):
-            message[key] = raw[key]
+    role, content = raw.get("role") or "assistant", raw.get("content")
+    if not isinstance(role, str):
+        raise _malformed(f"message role is {type(role).__name__}, not a string", response)
+    if content is not None and not isinstance(content, str):
+        raise _malformed(f"message content is {type(content).__name__}, not a string or null", response)
+    message = {"role": role, "content": content}
+    for key, kind in (("refusal", str), ("tool_calls", list), ("function_call", dict)):
+        value = raw.get(key)
+        if value:
+            if not isinstance(value, kind) or (kind is list and not all(isinstance(v, dict) for v in value)):
+                raise _malformed(f"message {key} is {type(value).__name__}, not {kind.__name__}", response)
+            message[key] = value
     if message["content"] is None and len(message) == 2:
         raise ResponseError("reply message has no content", raw=response)
     usage = response.get("usage")
-    return message, (dict(usage) if isinstance(usage, dict) else {})
+    if usage is None:
+        return message, {}
+    if not isinstance(usage, dict):
+        raise _malformed(f"usage is {type(usage).__name__}, not an object", response)
+    usage = dict(usage)
+    for key in _USAGE_COUNTS:
+        count = usage.get(key)
+        if count is None:
+            continue
+        if type(count) is float and count.is_integer():
+            count = usage[key] = int(count)
+        if type(count) is not int or count < 0:
+            raise _malformed(f"usage.{key} is {count!r:.40}, not a whole number >= 0", response)
+    return message, usage
 
 
 async def _close_at_loop_shutdown(sdk: Any) -> Any:
@@ -171,6 +222,16 @@ class OpenAIClient(Client):
 
     def __init__(self, *, base_url: str | None = None, api_key: str | None = None, cache: Any = None, **settings: Any) -> None:
         super().__init__(api_key=api_key, cache=cache, base_url=base_url, **settings)
+        self._inherited: list[Any] = []
+        self._fresh_sdks()
+        reset_in_child(self._fresh_sdks)
+
+    def _fresh_sdks(self) -> None:
+        """No SDK clients yet (at start, and in a forked child: the parent's clients own sockets the
+        parent keeps using; sharing one would cross replies). The inherited ones are kept referenced,
+        never used or closed, so the child cannot disturb the parent's connections."""
+        if getattr(self, "_sdks", None):
+            self._inherited.append((self._sdks, self._closers))
         self._sdk_lock = threading.Lock()
         self._sdks: dict[tuple, Any] = {}
         self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
@@ -200,13 +261,20 @@ class OpenAIClient(Client):
         return tuple(filter(None, (cfg.secret(name) for name in API_KEY_NAMES)))  # endpoints stay readable
 
     def _error(self, exc: BaseException, cfg: Config, timeout: float | None = None) -> TinyLLMError:
+        """The tinyllm error for an SDK failure; the SDK exception (to be chained) is scrubbed too.
+
+        The transport already took the keys out of error replies (see ``transport``);
+        here the sent requests the exception chain keeps lose their credential headers.
+        """
+        _scrub_chain(exc)
         return map_error(exc, secrets=self._keys(cfg), timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg)))
 
     def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
         import openai
 
         cls = openai.AsyncOpenAI if is_async else openai.OpenAI
-        return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout)
+        return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout,
+                   http_client=http_client(is_async))
 
     def _sdk_key(self, cfg: Config) -> tuple:
         return (self.base_url(cfg), self._api_key(cfg))
