@@ -3,7 +3,7 @@
 ``NAME.system.EXT`` pairs with ``NAME.user.EXT`` beside it (optional, or named
 explicitly); names are looked up in ``prompts_dir=``, ``PROMPTS_DIRS``, ``./prompts``.
 Front matter (YAML between ``---`` lines; the user file's keys override the system
-file's) holds ``description``, ``output_type``, ``output_retries``, ``messages`` and
+file's) holds ``description``, ``output_type``, ``output_schema``, ``output_retries``, ``messages`` and
 model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
 with ``StrictUndefined``; prompts are cached per file (path, mtime_ns, size) and
 reloaded when a file changes, which is looked for at most every
@@ -40,7 +40,7 @@ __all__ = ["Prompt", "load_prompt", "search_path", "list_prompts", "render_strin
 Dirs = Union[str, "os.PathLike[str]", Iterable[Union[str, "os.PathLike[str]"]], None]
 ROLES = ("system", "user", "assistant", "developer")
 OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
-_SETTINGS = ("description", "output_type", "output_retries", "messages")
+_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema")
 _UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
 _lock = threading.Lock()
 _prompts: dict[tuple, tuple[tuple, Prompt]] = {}  # (name, paths, dirs) -> (file signatures, prompt)
@@ -178,8 +178,9 @@ class Prompt:
 
     Attributes: ``name`` (str, the system template name asked for), ``system_path`` (Path),
     ``user_path`` (Path | None), ``front_matter`` (dict, merged), ``description`` (str | None),
-    ``output_type`` (str | list | None), ``output_retries`` (int | None), ``params`` (dict: the
-    front matter minus those and ``messages``), ``variables`` (set[str]; includes not followed).
+    ``output_type`` (str | list | None), ``output_retries`` (int | None), ``output_schema`` (dict | None,
+    a JSON schema), ``params`` (dict: the front matter minus those and ``messages``), ``variables``
+    (set[str]; includes not followed).
     """
 
     def __init__(self, name: str, system_path: Path, user_path: Path | None, dirs: tuple[str, ...]):
@@ -210,6 +211,10 @@ class Prompt:
                 isinstance(x, (str, int, float, bool)) for x in ot)):
             raise TemplateError(f"{origin['output_type']}: front matter 'output_type' must be one of "
                                 f"{', '.join(OUTPUT_TYPES)} or a list of labels, not {ot!r}")
+        self.output_schema = fm.get("output_schema")
+        if self.output_schema is not None and not isinstance(self.output_schema, dict):
+            raise TemplateError(f"{origin['output_schema']}: front matter 'output_schema' must be a JSON schema "
+                                f"(a mapping such as {{type: object, properties: ...}}), not {self.output_schema!r}")
         r = self.output_retries
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
             raise TemplateError(f"{origin['output_retries']}: front matter 'output_retries' must be an integer >= 0, "
