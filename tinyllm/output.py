@@ -32,8 +32,8 @@ What is requested from the server (:func:`response_format_for`):
 Parsing (:func:`parse_output`) is tolerant: JSON may sit in a code fence or
 between sentences; numbers may be embedded in a sentence ("The answer is 42.");
 a bool is a yes/no/true/false/positive/negative word (as TinyTroupe reads
-it); a label may carry punctuation, quotes or other case. A reply that does not fit raises :class:`OutputParseError` whose
-``.raw`` holds the reply.
+it); a label may carry punctuation, quotes or other case. A reply that does
+not fit raises :class:`OutputParseError` whose ``.raw`` holds the reply.
 """
 
 from __future__ import annotations
@@ -419,8 +419,9 @@ def parse_output(content: str, output_type: Any) -> Any:
         if isinstance(output_type, JsonSchema):
             return output_type.validate(_json_value(text, output_type.schema))
         if _is_container(output_type):
-            value = extract_json(text, expect=dict if typing.get_origin(output_type) is dict else list)
-            return _adapter(output_type).validate_python(_unwrapped(value) if typing.get_origin(output_type) is not dict else value)
+            is_dict = typing.get_origin(output_type) is dict
+            value = extract_json(text, expect=dict if is_dict else list)
+            return _adapter(output_type).validate_python(value if is_dict else _unwrapped(value))
         value = extract_json(text, expect=list if output_type is list else dict)
         if output_type is dict and not isinstance(value, dict):
             raise OutputParseError(f"expected a JSON object, got {type(value).__name__}", raw=content, output_type=dict)
