@@ -416,3 +416,41 @@ def test_tool_calls_only_reply_is_a_response_error_from_llmcall(wired):
     wired.enqueue(Message({"content": None, "tool_calls": TOOL_CALLS}))
     with pytest.raises(ResponseError, match="no text content"):
         LLMCall("q.system.md").call(question="?")
+
+
+# --- the simple types as TinyTroupe's LLMChat coerces them (its unit tests, string inputs) --------------
+# tests/unit/test_llm_chat.py of microsoft/TinyTroupe: _coerce_to_bool/_integer/_float/_enumerable.
+
+COLORS = ("red", "blue", "green")
+TINYTROUPE = [
+    ("True", bool, True), ("true", bool, True), ("TRUE", bool, True), ("Yes", bool, True), ("yes", bool, True),
+    ("Positive", bool, True), ("positive", bool, True),
+    ("False", bool, False), ("false", bool, False), ("FALSE", bool, False), ("No", bool, False), ("no", bool, False),
+    ("Negative", bool, False), ("negative", bool, False),
+    ("Yes, that is correct", bool, True), ("No, that is wrong", bool, False),
+    ("The sentiment is positive.", bool, True),
+    ("42", int, 42), ("-17", int, -17), ("0", int, 0), ("  123  ", int, 123), ("The answer is 42", int, 42),
+    ("3.14", float, 3.14), ("42", float, 42.0), ("-17.5", float, -17.5), ("0.0", float, 0.0), ("  2.5  ", float, 2.5),
+    ("The value is 3.14", float, 3.14),
+    ("red", COLORS, "red"), ("RED", COLORS, "red"), ("Blue", COLORS, "blue"), ("I choose green", COLORS, "green"),
+]
+TINYTROUPE_ERRORS = [
+    ("maybe", bool), ("123", bool), ("", bool),
+    ("not a number", int), ("3.14", int), ("", int),
+    ("not a number", float), ("", float),
+    ("yellow", COLORS), ("", COLORS),
+    ("not json", dict), ("42", dict), ("not json", list), ('{"key": "value"}', list),
+]
+
+
+@pytest.mark.parametrize("reply, output_type, expected", TINYTROUPE)
+def test_simple_types_coerce_as_tinytroupe_does(reply, output_type, expected):
+    value = parse_output(reply, normalize_output_type(output_type))
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("reply, output_type", TINYTROUPE_ERRORS)
+def test_simple_types_refuse_what_tinytroupe_refuses(reply, output_type):
+    with pytest.raises(OutputParseError) as info:
+        parse_output(reply, normalize_output_type(output_type))
+    assert info.value.raw == reply

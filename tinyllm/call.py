@@ -12,7 +12,7 @@ from .clients import Client, as_client
 from .clients import client as get_client
 from .config import get_config
 from .errors import ConfigError, OutputParseError, ResponseError
-from .output import normalize_output_type, parse_output, response_format_for
+from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
 from .templates import Prompt, load_prompt
 
@@ -29,18 +29,38 @@ def plan_output(prompt: Prompt | None, sender: Any, output_type: Any, output_ret
     """(normalized output_type, request params, output retries) for a call of ``prompt`` through ``sender``.
 
     ``output_type`` and ``output_retries`` given in code win over the front
-    matter's (``prompt`` None: no front matter); ``model_params`` win over the
-    front matter's parameters. A ``response_format`` fitting the output_type is
+    matter's (``output_schema:``, then ``output_type:``; ``prompt`` None: no front
+    matter); ``model_params`` win over the front matter's parameters. A type given
+    as ``response_format`` (``response_format=Model``, the openai SDK's habit) is
+    taken as the output_type. A ``response_format`` fitting the output_type is
     added unless one is given, as ``sender.capabilities`` allows (a client that
-    enforces JSON schemas by grammar, such as llama.cpp, gets one for ``list`` too).
+    enforces JSON schemas by grammar, such as llama.cpp, gets one for ``list``
+    too); a client that takes GBNF grammars gets a ``grammar`` for labels, numbers
+    and booleans unless ``grammar`` or ``response_format`` is given.
+
+    Raises:
+        OutputParseError: an unknown output_type, or ``response_format=`` and
+            ``output_type=`` naming different types.
     """
-    front_type = prompt.output_type if prompt is not None else None
-    kind = normalize_output_type(output_type if output_type is not None else front_type)
     params = {**(prompt.params if prompt is not None else {}), **model_params}
+    as_format = params.get("response_format")
+    if as_format is not None and not isinstance(as_format, (dict, str)):  # a type, e.g. a pydantic model
+        if output_type is not None and output_type != as_format:
+            raise OutputParseError(f"response_format={as_format!r} and output_type={output_type!r} disagree; give one of them",
+                                   output_type=output_type)
+        output_type = as_format
+        del params["response_format"]
+    front_type = None
+    if prompt is not None:
+        front_type = prompt.output_schema or prompt.output_type
+    kind = normalize_output_type(output_type if output_type is not None else front_type)
     caps = sender.capabilities
     fmt = response_format_for(kind, json_schema=caps.json_schema, json_grammar=caps.json_grammar)
     if fmt is not None and "response_format" not in params:
         params["response_format"] = fmt
+    grammar = grammar_for(kind) if getattr(caps, "grammar", False) else None
+    if grammar is not None and "grammar" not in params and "response_format" not in params:
+        params["grammar"] = grammar
     front_retries = prompt.output_retries if prompt is not None else None
     retries = output_retries if output_retries is not None else (front_retries or 0)
     return kind, params, int(retries)

@@ -3,7 +3,14 @@
 ``output_type`` may be a Python type (``str``, ``bool``, ``int``, ``float``,
 ``dict``, ``list``, a pydantic ``BaseModel`` subclass), one of the names
 ``"str" "bool" "int" "float" "json" "dict" "list"`` (as front matter gives
-them), or a list of allowed string labels (matched case-insensitively).
+them), a list of allowed string labels (matched case-insensitively), a
+``Literal[...]`` or an ``Enum`` class (a closed set of labels: an Enum's values
+when they are all strings, else its names; the member is returned), a
+container type pydantic validates (``list[str]``, ``dict[str, int]``,
+``list[Model]``, ``tuple[int, int]``, ``set[str]``: through a ``TypeAdapter``),
+or a JSON schema (a dict, or front matter's ``output_schema:``; checked with
+the ``jsonschema`` package). pydantic and jsonschema are imported only when
+such a type is used, never at ``import tinyllm``.
 
 What is requested from the server (:func:`response_format_for`):
 
@@ -14,31 +21,46 @@ What is requested from the server (:func:`response_format_for`):
   *object*; the reply's first JSON array is used, and an object holding exactly one
   list (``{"items": [...]}``) is unwrapped. With a backend that enforces a JSON
   schema by grammar (llama.cpp, ``json_grammar=True``) an array schema is requested;
+- a container type or a JSON schema: ``json_schema`` with its schema when the
+  backend enforces it by grammar, or when it is an object and the backend takes
+  ``json_schema`` (not strict); ``json_object`` for an object otherwise;
 - ``str``, ``bool``, ``int``, ``float`` and labels: nothing; the text is parsed.
+  A backend that takes a GBNF grammar (llama.cpp) gets one from
+  :func:`grammar_for` instead: exactly one of the labels, an integer, a decimal
+  number, or yes/no/true/false.
 
 Parsing (:func:`parse_output`) is tolerant: JSON may sit in a code fence or
 between sentences; numbers may be embedded in a sentence ("The answer is 42.");
-a bool is a yes/no/true/false word; a label may carry punctuation, quotes or
-other case. A reply that does not fit raises :class:`OutputParseError` whose
-``.raw`` holds the reply.
+a bool is a yes/no/true/false/positive/negative word (as TinyTroupe reads
+it); a label may carry punctuation, quotes or other case. A reply that does
+not fit raises :class:`OutputParseError` whose ``.raw`` holds the reply.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 import functools
 import json
 import re
-from typing import Any
+import typing
+from typing import Any, Literal
 
 from .errors import OutputParseError
 
-__all__ = ["normalize_output_type", "response_format_for", "parse_output", "extract_json"]
+__all__ = ["normalize_output_type", "response_format_for", "grammar_for", "parse_output", "extract_json", "JsonSchema"]
 
 _NAMES: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float, "json": dict, "dict": dict, "list": list}
-_TRUE = {"true", "yes", "y", "1"}
-_FALSE = {"false", "no", "n", "0"}
-_YES_WORDS, _NO_WORDS = {"true", "yes"}, {"false", "no"}
+_TRUE = {"true", "yes", "y", "1", "positive"}
+_FALSE = {"false", "no", "n", "0", "negative"}
+_YES_WORDS, _NO_WORDS = {"true", "yes", "positive"}, {"false", "no", "negative"}
+_CONTAINERS = (list, dict, tuple, set, frozenset)  # generic aliases of these go through a pydantic TypeAdapter
+# GBNF (llama.cpp's grammar format) for the scalar types; bounded lengths keep a small model from looping on digits
+_GBNF = {
+    bool: 'root ::= [Yy] "es" | [Nn] "o" | [Tt] "rue" | [Ff] "alse"',
+    int: 'root ::= "-"? [0-9]{1,18}',
+    float: 'root ::= "-"? [0-9]{1,15} ("." [0-9]{1,15})?',
+}
 # 1,234,567.5 (thousands separators) | 3.14 / 3,14 (decimal comma) / 42. | .5 ; optional exponent;
 # a sign only when not glued to a word ("gpt-4" is 4)
 _NUMBER = re.compile(r"(?:(?<!\w)[-+])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d*|,\d+(?![\d,]))?|\.\d+)(?:[eE][-+]?\d+)?")
@@ -50,21 +72,128 @@ def _is_model(t: Any) -> bool:
     return isinstance(t, type) and hasattr(t, "model_validate") and hasattr(t, "model_json_schema")
 
 
+def _is_enum(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, enum.Enum)
+
+
+def _is_container(t: Any) -> bool:
+    return typing.get_origin(t) in _CONTAINERS
+
+
+class JsonSchema:
+    """An output_type given as a JSON schema: a dict in code, or front matter's ``output_schema:``.
+
+    The reply must be JSON that is valid against ``schema`` (checked with the
+    ``jsonschema`` package, imported here and only here).
+
+    Attributes:
+        schema (dict): the JSON schema.
+        name (str): its ``title``, or ``"output"``, reduced to the characters an
+            OpenAI ``json_schema`` name allows (``[A-Za-z0-9_-]``, at most 64).
+
+    Raises:
+        OutputParseError: ``schema`` is not a valid JSON schema.
+    """
+
+    def __init__(self, schema: dict) -> None:
+        from jsonschema import SchemaError, validators
+
+        cls = validators.validator_for(schema)
+        try:
+            cls.check_schema(schema)
+        except SchemaError as exc:
+            raise OutputParseError(f"the output schema is not a valid JSON schema: {exc.message}", output_type=schema) from exc
+        self.schema = schema
+        self.name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(schema.get("title") or "output"))[:64]
+        self._validator = cls(schema)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JsonSchema) and other.schema == self.schema
+
+    __hash__ = None  # type: ignore[assignment]  # a dict inside: not hashable
+
+    def __repr__(self) -> str:
+        return f"JsonSchema({self.schema!r})"
+
+    def validate(self, value: Any) -> Any:
+        """``value`` itself when it is valid against the schema.
+
+        Raises:
+            OutputParseError: it is not; the message names the first problem and where (a JSON path).
+        """
+        from jsonschema.exceptions import best_match
+
+        error = best_match(self._validator.iter_errors(value))
+        if error is not None:
+            raise OutputParseError(f"reply does not fit the output schema: {error.message} (at {error.json_path})", output_type=self.schema)
+        return value
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(t: Any) -> Any:
+    """A pydantic ``TypeAdapter`` for a container type, with its JSON schema checked once; built once per type."""
+    from pydantic import PydanticUserError, TypeAdapter  # only for such types: not at import tinyllm
+
+    try:
+        adapter = TypeAdapter(t)
+        adapter.json_schema()
+    except (PydanticUserError, TypeError, ValueError) as exc:
+        raise OutputParseError(f"unsupported output_type {t!r}: pydantic cannot validate it or describe it as JSON ({exc})",
+                               output_type=t) from exc
+    return adapter
+
+
+def _choices(kind: Any) -> tuple[tuple[str, ...], tuple[Any, ...]] | None:
+    """(labels as the model writes them, the value each label stands for) of a closed set of answers, else None.
+
+    A label tuple stands for itself; an Enum's labels are its values when all are
+    strings, else its names, and stand for its members; a ``Literal``'s labels are
+    its values as text, standing for the values.
+    """
+    if isinstance(kind, tuple):
+        return kind, kind
+    if _is_enum(kind):
+        members = tuple(kind)
+        by_value = all(isinstance(m.value, str) for m in members)
+        return tuple(m.value if by_value else m.name for m in members), members
+    if typing.get_origin(kind) is Literal:
+        values = typing.get_args(kind)
+        return tuple(str(v) for v in values), values
+    return None
+
+
+def _schema_of(kind: Any) -> tuple[str, dict] | None:
+    """(name, JSON schema) of a JsonSchema or a container type, else None."""
+    if isinstance(kind, JsonSchema):
+        return kind.name, kind.schema
+    if _is_container(kind):
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", repr(kind)).strip("_")[:64], _adapter(kind).json_schema()
+    return None
+
+
 def normalize_output_type(output_type: Any) -> Any:
     """Map names to types and validate.
 
     Args:
-        output_type: a type, a type name, or a list of labels (see the module docstring).
+        output_type: a type, a type name, a list of labels, a ``Literal``, an
+            Enum class, a container type, or a JSON schema dict (see the module docstring).
 
     Returns:
         None (plain str), ``bool``/``int``/``float``/``dict``/``list``, a
-        pydantic model class, or a tuple of labels (str).
+        pydantic model class, a tuple of labels (str; also for a ``Literal`` of
+        strings), an Enum class, a ``Literal`` of other values, a container type
+        (e.g. ``list[str]``), or a :class:`JsonSchema`.
 
     Raises:
-        OutputParseError: an output_type tinyllm does not know.
+        OutputParseError: an output_type tinyllm does not know, an empty Enum or
+            Literal, a container type pydantic cannot validate, or an invalid JSON schema.
     """
     if output_type is None or output_type is str:
         return None
+    if isinstance(output_type, JsonSchema):
+        return output_type
+    if isinstance(output_type, dict):
+        return JsonSchema(output_type)
     if isinstance(output_type, str):
         if output_type.lower() not in _NAMES:
             raise OutputParseError(f"unknown output_type {output_type!r}; use one of {sorted(_NAMES)} or a list of labels", output_type=output_type)
@@ -80,6 +209,18 @@ def normalize_output_type(output_type: Any) -> Any:
             raise OutputParseError("a label output_type must be a non-empty list of non-empty strings", output_type=output_type)
         return labels
     if output_type in (bool, int, float, dict, list) or _is_model(output_type):
+        return output_type
+    if _is_enum(output_type):
+        if not len(output_type):
+            raise OutputParseError(f"the Enum {output_type.__name__} has no members to choose from", output_type=output_type)
+        return output_type
+    if typing.get_origin(output_type) is Literal:
+        values = typing.get_args(output_type)
+        if all(isinstance(v, str) for v in values):
+            return normalize_output_type(list(values))
+        return output_type
+    if _is_container(output_type):
+        _adapter(output_type)  # fails now when pydantic cannot validate it
         return output_type
     raise OutputParseError(f"unsupported output_type {output_type!r}", output_type=output_type)
 
@@ -98,7 +239,10 @@ def response_format_for(output_type: Any, *, json_schema: bool = True, json_gram
         ``{"type": "json_object"}`` for ``dict``; ``{"type": "json_schema",
         "json_schema": {"name": <class name>, "schema": ..., "strict": True}}``
         for a pydantic model; for ``list`` with ``json_grammar`` a
-        ``json_schema`` whose schema is ``{"type": "array"}``; else None.
+        ``json_schema`` whose schema is ``{"type": "array"}``; for a container
+        type or a :class:`JsonSchema` a ``json_schema`` (not strict) with its
+        schema when ``json_grammar``, or when it describes an object and
+        ``json_schema``; ``json_object`` for an object otherwise; else None.
     """
     if output_type is dict or (_is_model(output_type) and not json_schema):
         return {"type": "json_object"}
@@ -106,7 +250,38 @@ def response_format_for(output_type: Any, *, json_schema: bool = True, json_gram
         return {"type": "json_schema", "json_schema": {"name": "list", "schema": {"type": "array"}}}
     if _is_model(output_type):
         return copy.deepcopy(_model_response_format(output_type))  # a copy: callers may change theirs
+    named = _schema_of(output_type)
+    if named is not None:
+        name, schema = named
+        is_object = schema.get("type") == "object"
+        if json_grammar or (json_schema and is_object):
+            return {"type": "json_schema", "json_schema": {"name": name, "schema": copy.deepcopy(schema)}}
+        if is_object:
+            return {"type": "json_object"}
     return None
+
+
+def grammar_for(output_type: Any) -> str | None:
+    """A GBNF grammar (llama.cpp's format) that lets a model write only a fitting reply, or None.
+
+    Args:
+        output_type: a value returned by :func:`normalize_output_type`.
+
+    Returns:
+        For labels (a tuple, a ``Literal`` or an Enum): exactly one of the labels,
+        as spelled; for ``int``: an optional minus and 1 to 18 digits; for
+        ``float``: that with an optional fraction; for ``bool``: yes, no, true or
+        false (first letter in either case). None for other types (JSON-shaped
+        types are constrained by their ``response_format`` schema instead).
+    """
+    for simple in (bool, int, float):
+        if output_type is simple:
+            return _GBNF[simple]
+    choices = _choices(output_type)
+    if choices is None:
+        return None
+    # a GBNF string literal escapes like a JSON string; non-ASCII text stays as UTF-8
+    return "root ::= " + " | ".join(json.dumps(label, ensure_ascii=False) for label in dict.fromkeys(choices[0]))
 
 
 @functools.lru_cache(maxsize=256)
@@ -248,6 +423,22 @@ def _number(text: str, output_type: type) -> int | float:
     return number
 
 
+def _unwrapped(value: Any) -> Any:
+    """The list inside a one-key object (``{"items": [...]}``: json_object mode forces an object), else ``value``."""
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        return next(iter(value.values()))
+    return value
+
+
+def _json_value(text: str, schema: dict) -> Any:
+    """The reply as JSON: all of it when it parses (any JSON value), else the first object or array in it."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        kind = schema.get("type")
+        return extract_json(text, expect=dict if kind == "object" else list if kind == "array" else None)
+
+
 def parse_output(content: str, output_type: Any) -> Any:
     """Coerce a reply's ``content`` to a normalized ``output_type``.
 
@@ -257,7 +448,9 @@ def parse_output(content: str, output_type: Any) -> Any:
 
     Returns:
         str (output_type None), bool, int, float, one of the labels (as
-        spelled in the labels), dict, list, or a pydantic model instance.
+        spelled in the labels), an Enum member, a ``Literal``'s value, dict,
+        list, a pydantic model instance, the value a container type's
+        ``TypeAdapter`` validates, or the JSON value a :class:`JsonSchema` accepts.
 
     Raises:
         OutputParseError: the reply does not fit; ``.raw`` holds it.
@@ -266,18 +459,25 @@ def parse_output(content: str, output_type: Any) -> Any:
         return content
     text = content.strip()
     try:
-        if isinstance(output_type, tuple):
-            return _label(text, output_type)
+        choices = _choices(output_type)
+        if choices is not None:
+            labels, values = choices
+            return values[labels.index(_label(text, labels))]
         if output_type is bool:
             return _bool(text)
         if output_type in (int, float):
             return _number(text, output_type)
+        if isinstance(output_type, JsonSchema):
+            return output_type.validate(_json_value(text, output_type.schema))
+        if _is_container(output_type):
+            is_dict = typing.get_origin(output_type) is dict
+            value = extract_json(text, expect=dict if is_dict else list)
+            return _adapter(output_type).validate_python(value if is_dict else _unwrapped(value))
         value = extract_json(text, expect=list if output_type is list else dict)
         if output_type is dict and not isinstance(value, dict):
             raise OutputParseError(f"expected a JSON object, got {type(value).__name__}", raw=content, output_type=dict)
         if output_type is list:
-            if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
-                value = next(iter(value.values()))  # {"items": [...]}: json_object mode forces an object
+            value = _unwrapped(value)
             if not isinstance(value, list):
                 raise OutputParseError(f"expected a JSON array, got {type(value).__name__}", raw=content, output_type=list)
         if _is_model(output_type):

@@ -65,6 +65,8 @@ class Capabilities:
         json_schema: takes ``response_format={"type": "json_schema", ...}`` (OpenAI's structured output).
         json_grammar: enforces a JSON schema by a grammar while generating (llama.cpp), so
             every JSON-shaped output type (``list`` too) gets a schema.
+        grammar: takes a GBNF grammar as a string parameter ``grammar`` (llama.cpp), so
+            labels, integers, floats and booleans are constrained while generating too.
         tools: takes ``tools`` / ``tool_choice``.
         streaming: can stream a reply (``stream=True``).
         embeddings: has an embeddings endpoint.
@@ -72,6 +74,7 @@ class Capabilities:
 
     json_schema: bool = True
     json_grammar: bool = False
+    grammar: bool = False
     tools: bool = True
     streaming: bool = False
     embeddings: bool = True

@@ -34,6 +34,7 @@ _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _models: dict[tuple[str, bool], Any] = {}
 _locks: dict[tuple[str, bool], threading.Lock] = {}
 _formatters: dict[int, Any] = {}  # id(model) -> its prompt formatter (compiling the chat template costs ~1 ms)
+_grammars: dict[str, Any] = {}  # GBNF text -> its checked LlamaGrammar
 _load_lock = threading.Lock()
 
 
@@ -124,12 +125,14 @@ class LlamaCppClient(Client):
     The ``model`` parameter is ignored: the answer always comes from the
     loaded file, whose name is reported as the model. Parameters
     llama-cpp-python's ``create_chat_completion`` does not take are dropped.
+    ``grammar`` is a GBNF grammar as text (as llama.cpp's servers take it);
+    ``response_format`` of type ``json_schema`` becomes llama.cpp's JSON grammar.
 
     Raises (on use): ConfigError when llama-cpp-python or the model file is missing.
     """
 
     api_type = "llamacpp"
-    capabilities = Capabilities(json_schema=True, json_grammar=True, tools=False, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=False, streaming=True, embeddings=True)
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, cache: Any = None, **settings: Any) -> None:
         super().__init__(cache=cache, local_model_path=model_path, **settings)
@@ -187,6 +190,8 @@ class LlamaCppClient(Client):
         llm, lock = self.model(cfg)
         kwargs = self._kwargs(llm, params)
         with _mapped_errors(), lock:
+            if isinstance(kwargs.get("grammar"), str):
+                kwargs["grammar"] = _grammar(kwargs["grammar"], llm)
             response = llm.create_chat_completion(messages=messages, **kwargs)
         message, usage = extract_message(response)
         choice = response["choices"][0] if isinstance(response, dict) and response.get("choices") else {}
@@ -231,6 +236,30 @@ def _mapped_errors():
         raise BadRequestError(f"llama.cpp refused the request: {type(exc).__name__}: {exc}") from exc
     except RuntimeError as exc:
         raise ResponseError(f"llama.cpp failed: {exc}") from exc
+
+
+def _grammar(gbnf: str, llm: Any) -> Any:
+    """``llama_cpp.LlamaGrammar`` for GBNF text, checked once per text (callers hold the model's lock).
+
+    llama-cpp-python parses a grammar only while sampling, and a grammar llama.cpp
+    cannot parse then crashes the process (a NULL sampler); so it is parsed here
+    first, with the model's vocabulary, and refused.
+
+    Raises:
+        BadRequestError: llama.cpp cannot parse the grammar.
+    """
+    found = _grammars.get(gbnf)
+    if found is None:
+        import llama_cpp
+
+        sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llm.model), gbnf.encode("utf-8"), b"root")
+        if not sampler:
+            raise BadRequestError(f"llama.cpp cannot parse the grammar {gbnf[:200]!r}; it must be GBNF with a 'root' rule")
+        llama_cpp.llama_sampler_free(sampler)
+        if len(_grammars) >= 256:
+            _grammars.clear()
+        found = _grammars[gbnf] = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
+    return found
 
 
 def _formatter(llm: Any) -> Any:

@@ -32,6 +32,7 @@ from ..errors import (
 )
 from .._fork import reset_in_child
 from .base import Capabilities, Client
+from .fallback import FormatFallback
 from .transport import http_client, scrub_credentials
 
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
@@ -235,6 +236,7 @@ class OpenAIClient(Client):
         self._sdk_lock = threading.Lock()
         self._sdks: dict[tuple, Any] = {}
         self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
+        self._formats = FormatFallback()  # which response_format each endpoint takes: see _chat()
 
     def base_url(self, cfg: Config) -> str | None:
         return cfg.base_url or cfg.secret("OPENAI_BASE_URL") or self.preset_base_url
@@ -330,7 +332,24 @@ class OpenAIClient(Client):
             options["params"] = params["extra_query"]
         return {"cast_to": object, "body": body, "options": options}
 
+    # -- structured-output fallback (tinyllm/clients/fallback.py) ----------------------
+    def _format_endpoint(self, cfg: Config, params: dict) -> str:
+        """The key under which the response_format this server takes is remembered: address and model."""
+        return f"{redact_url(self.where(cfg))} (model {params.get('model')})"
+
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+        """One attempt; a json_schema request the server refuses (4xx/5xx) is sent again at once as
+        json_object with the schema, then without response_format (never through the retry loop)."""
+        return self._formats.send(self._format_endpoint(cfg, params), messages, params,
+                                  lambda m, p: self._chat_once(m, p, cfg))
+
+    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+        """The asyncio twin of :meth:`_chat`."""
+        return await self._formats.asend(self._format_endpoint(cfg, params), messages, params,
+                                         lambda m, p: self._achat_once(m, p, cfg))
+    # -- end of the structured-output fallback --------------------------------------------
+
+    def _chat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         sdk = self.sdk(cfg)
         try:
             response = sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
@@ -338,7 +357,7 @@ class OpenAIClient(Client):
             raise self._error(exc, cfg, params.get("timeout")) from exc
         return self._read(response, cfg)
 
-    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    async def _achat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         sdk = self.sdk(cfg, is_async=True)
         try:
             response = await sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
