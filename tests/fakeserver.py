@@ -86,6 +86,7 @@ __all__ = [
     "Reply",
     "Message",
     "Shuffled",
+    "Stream",
     "Drip",
     "EchoKey",
     "fake_embedding",
@@ -175,6 +176,32 @@ class Message:
 
 
 @dataclass
+class Stream:
+    """How to answer a ``stream: true`` request (server-sent events, one chunk per piece).
+
+    ``then``: the reply to stream (a ``Reply`` or ``Message`` item; None: the normal answer).
+    ``pieces``: how many pieces the content is cut into (default: one per word).
+    ``delay``: seconds between chunks. ``drop_after``: close the connection after that many
+    chunks, without ``[DONE]``. ``usage``: send the usage chunk when the request asks for it
+    (``stream_options.include_usage``); False: never (as llama.cpp's server).
+    A ``stream: true`` request without a Stream item is streamed with the defaults.
+    """
+
+    then: Any = None
+    pieces: int | None = None
+    delay: float = 0.0
+    drop_after: int | None = None
+    usage: bool = True
+
+
+@dataclass
+class _SSE:
+    events: list
+    delay: float
+    drop_after: int | None
+
+
+@dataclass
 class Shuffled:
     """Embeddings only: return the vectors in a shuffled order (``index`` fields stay correct)."""
 
@@ -208,7 +235,7 @@ class EchoKey:
     code: int = 401
 
 
-_ITEM_TYPES = (Status, Drop, Hang, Delay, Malformed, EmptyChoices, Reply, Message, Shuffled, Drip, EchoKey)
+_ITEM_TYPES = (Status, Drop, Hang, Delay, Malformed, EmptyChoices, Reply, Message, Shuffled, Drip, EchoKey, Stream)
 
 # --------------------------------------------------------------------------- #
 # Records
@@ -315,6 +342,39 @@ def _error_body(code: int, message: str | None = None, type_: str | None = None,
     }
 
 
+def _sse_events(answer: dict, how: "Stream", include_usage: bool) -> list[dict]:
+    """The chunks that stream ``answer`` (a chat completion): role, content pieces, tool-call pieces,
+    the finish_reason, and the usage chunk when asked for."""
+    base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"], "model": answer["model"]}
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    choice = answer["choices"][0] if answer["choices"] else {"message": {}, "finish_reason": "stop"}
+    message = choice["message"]
+    events = [chunk({"role": "assistant", "content": ""})]
+    content = message.get("content") or ""
+    if content:
+        words = content.split(" ")
+        n = max(1, min(how.pieces or len(words), len(content)))
+        if how.pieces:
+            size = -(-len(content) // n)
+            parts = [content[i:i + size] for i in range(0, len(content), size)]
+        else:
+            parts = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+        events += [chunk({"content": part}) for part in parts if part]
+    for index, call in enumerate(message.get("tool_calls") or []):
+        args = call.get("function", {}).get("arguments", "")
+        half = len(args) // 2
+        events.append(chunk({"tool_calls": [{"index": index, "id": call.get("id"), "type": "function",
+                                             "function": {"name": call.get("function", {}).get("name"), "arguments": args[:half]}}]}))
+        events.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]}))
+    events.append(chunk({}, choice.get("finish_reason") or "stop"))
+    if include_usage:
+        events.append({**base, "choices": [], "usage": answer["usage"]})
+    return events
+
+
 class _Abort(Exception):
     """Close the connection without answering."""
 
@@ -402,6 +462,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class FakeOpenAIServer:
     """Loopback OpenAI/Azure OpenAI server with scripted faults.  See module docstring."""
+
+    #: streams whose client hung up before the last event (counted when a write fails)
+    streams_cut = 0
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._host = host
@@ -634,7 +697,9 @@ class FakeOpenAIServer:
                 code, payload, headers = 500, _error_body(500, f"fakeserver internal error:\n{tb}"), {}
             self._wait(self.latency)
             headers = {"x-request-id": request_id, **headers}
-            if isinstance(payload, (dict, list)):
+            if isinstance(payload, _SSE):
+                data = b""
+            elif isinstance(payload, (dict, list)):
                 data = json.dumps(payload).encode()
             elif isinstance(payload, str):
                 data = payload.encode()
@@ -645,7 +710,9 @@ class FakeOpenAIServer:
             # never sees itself counted (tests may assert in_flight == 0 right after).
             done()
             try:
-                if drip is not None:
+                if isinstance(payload, _SSE):
+                    self._send_events(h, headers, payload)
+                elif drip is not None:
                     self._drip(h, code, data, headers, drip)
                 else:
                     h._send(code, data, headers)
@@ -653,6 +720,32 @@ class FakeOpenAIServer:
                 h.close_connection = True
         finally:
             done()
+
+    def _send_events(self, h: _Handler, headers: dict[str, str], sse: _SSE) -> None:
+        """Server-sent events, one ``data:`` line per chunk, then ``data: [DONE]``; no Content-Length,
+        the connection closes at the end (or early, after ``drop_after`` chunks)."""
+        h.close_connection = True
+        h.send_response(200)
+        for name, value in headers.items():
+            h.send_header(name, str(value))
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.flush()
+        try:
+            for i, event in enumerate(sse.events):
+                if sse.drop_after is not None and i >= sse.drop_after:
+                    return
+                if i and sse.delay and self._stop_event.wait(sse.delay):
+                    return
+                h.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                h.wfile.flush()
+            if sse.drop_after is None:
+                h.wfile.write(b"data: [DONE]\n\n")
+                h.wfile.flush()
+        except OSError:  # the client closed the stream early
+            with self._lock:
+                self.streams_cut += 1
+            raise
 
     def _drip(self, h: _Handler, code: int, body: bytes, headers: dict[str, str], drip: Drip) -> None:
         """Write the whole answer by hand, one byte per ``drip.interval`` (the body only, or everything)."""
@@ -718,8 +811,12 @@ class FakeOpenAIServer:
         messages = req.get("messages")
         if not isinstance(messages, list) or not messages:
             return 400, _error_body(400, "'messages' is a required property and must be a non-empty array."), {}
+        streaming = None
         if req.get("stream"):
-            return 400, _error_body(400, "fakeserver does not support stream=true."), {}
+            streaming = item if isinstance(item, Stream) else Stream()
+            item = streaming.then if isinstance(item, Stream) else item
+        elif isinstance(item, Stream):
+            raise ValueError("Stream() applies to stream=true requests only")
         model = req.get("model") or rec.deployment or "unknown"
         prompt_tokens = sum(len(_text_of(m.get("content"))) for m in messages if isinstance(m, dict)) // 4 + 1
         usage = None
@@ -769,6 +866,10 @@ class FakeOpenAIServer:
             "usage": usage,
             "system_fingerprint": "fp_fakeserver",
         }
+        if streaming is not None:
+            include = bool((req.get("stream_options") or {}).get("include_usage")) and streaming.usage
+            return 200, _SSE(_sse_events(answer, streaming, include), streaming.delay, streaming.drop_after), \
+                {"Content-Type": "text/event-stream"}
         return 200, answer, {}
 
     def _embeddings(self, rec: Recorded, item: Any) -> tuple[int, Any, dict[str, str]]:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 from .. import cache as cache_mod
 from .. import models, retry, tokens, usage
 from ..config import Config, get_config, redact_url
-from ..errors import BadRequestError, CacheValueError, ConfigError, ResponseError, TinyLLMError
+from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, ResponseError, TinyLLMError
 from ..limits import RequestQueue
 from ..streaming import Accumulator
 
@@ -700,6 +700,7 @@ class ReplyStream:
                     delta = acc.add(chunk)
                     if delta:
                         yield delta
+                _check_finished(acc)
             except TinyLLMError as exc:
                 exc.partial = acc.text  # type: ignore[attr-defined]
                 raise
@@ -760,10 +761,18 @@ class AsyncReplyStream:
                     delta = acc.add(chunk)
                     if delta:
                         yield delta
+                _check_finished(acc)
             except TinyLLMError as exc:
                 exc.partial = acc.text  # type: ignore[attr-defined]
                 raise
         self.reply = client._finish_stream(req, acc)
+
+
+def _check_finished(acc: Accumulator) -> None:
+    """A stream that ends without a finish_reason was cut off (the connection closed early):
+    an APIConnectionError, never a silently shortened reply."""
+    if acc.finish_reason is None:
+        raise APIConnectionError("the stream ended before the server finished the reply (no finish_reason)")
 
 
 def _without_stream(params: dict) -> dict:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import threading
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
 from ..config import API_KEY_NAMES, Config, redact_url
 from ..errors import (
@@ -217,7 +217,7 @@ class OpenAIClient(Client):
     """
 
     api_type = "openai"
-    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=False, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=True, embeddings=True)
     api_key_secret = "OPENAI_API_KEY"
     preset_base_url: str | None = None
 
@@ -364,6 +364,57 @@ class OpenAIClient(Client):
         except Exception as exc:
             raise self._error(exc, cfg, params.get("timeout")) from exc
         return self._read(response, cfg)
+
+    # -- streaming: the SDK's server-sent events ----------------------------------------
+    def _stream_args(self, messages: list[dict], params: dict, cfg: Config) -> dict:
+        """``_request_args`` for a streamed request: ``stream: true`` and, unless given,
+        ``stream_options: {"include_usage": true}`` so the server sends the usage at the end."""
+        import openai
+
+        args = self._request_args(messages, params, cfg)
+        args["body"]["stream"] = True
+        args["body"].setdefault("stream_options", {"include_usage": True})
+        return {**args, "stream": True, "stream_cls": openai.Stream[object]}
+
+    def _chat_stream(self, messages: list[dict], params: dict, cfg: Config) -> Iterator[dict]:
+        """One streamed request: the chunk dicts of the server's events; closing it closes the response."""
+        sdk = self.sdk(cfg)
+        try:
+            stream = sdk.post("/chat/completions", **self._stream_args(messages, params, cfg))
+        except Exception as exc:
+            raise self._error(exc, cfg, params.get("timeout")) from exc
+        return self._chunks(stream, cfg, params)
+
+    def _chunks(self, stream: Any, cfg: Config, params: dict) -> Iterator[dict]:
+        try:
+            for chunk in stream:
+                yield chunk
+        except Exception as exc:
+            raise self._error(exc, cfg, params.get("timeout")) from exc
+        finally:
+            stream.close()
+
+    def _achat_stream(self, messages: list[dict], params: dict, cfg: Config) -> AsyncIterator[dict]:
+        """The asyncio twin of :meth:`_chat_stream` (the SDK's ``AsyncStream``)."""
+        return self._achunks(messages, params, cfg)
+
+    async def _achunks(self, messages: list[dict], params: dict, cfg: Config) -> AsyncIterator[dict]:
+        import openai
+
+        sdk = self.sdk(cfg, is_async=True)
+        args = self._stream_args(messages, params, cfg)
+        args["stream_cls"] = openai.AsyncStream[object]
+        try:
+            stream = await sdk.post("/chat/completions", **args)
+        except Exception as exc:
+            raise self._error(exc, cfg, params.get("timeout")) from exc
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as exc:
+            raise self._error(exc, cfg, params.get("timeout")) from exc
+        finally:
+            await stream.close()
 
     def _read(self, response: Any, cfg: Config) -> tuple[dict, dict]:
         """:func:`extract_message`, with API keys scrubbed from a ResponseError's message and ``raw``."""
