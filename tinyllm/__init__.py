@@ -15,6 +15,7 @@ from .call import LLMCall
 from .chat import LLMChat
 from .clients import CallInfo, Client, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
+from .runner import Runner
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
 from .tokens import count_tokens
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LLMCall",
     "LLMChat",
+    "Runner",
     "Client",
     "CallInfo",
     "client",
