@@ -208,7 +208,7 @@ def test_to_jsonl_a_fatal_error_stops_the_run_keeping_finished_rows(tmp_path: Pa
 def test_duplicate_and_nan_ids_are_refused_before_anything_runs(tmp_path: Path):
     ran = []
     runner = Runner(ran.append)
-    with pytest.raises(BatchError, match=r"rows 1 and 3 have the same id 'b'"):
+    with pytest.raises(BatchError, match=r"rows 1 and 3 \(counted from 0\) have the same id 'b'"):
         runner.to_jsonl(lambda: iter([("a", 1), ("b", 2), ("c", 3), ("b", 4)]), tmp_path / "o.jsonl", line=line_of)
     with pytest.raises(BatchError, match="NaN"):
         runner.to_jsonl(lambda: iter([(float("nan"), 1)]), tmp_path / "o.jsonl", line=line_of)

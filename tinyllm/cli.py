@@ -432,13 +432,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
 def _jsonl_rows(lines: Iterator[str], shown: str, id_field: str) -> Iterator[tuple[Any, dict]]:
     n = 0
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+            rec = _STRICT_JSON.decode(line)
         except ValueError as exc:
             raise CLIError(f"{shown}: line {lineno} is not valid JSON: {exc}") from exc
         if not isinstance(rec, dict):

@@ -381,12 +381,14 @@ class Runner:
         """
         summary = BatchSummary()
         with JsonlOutput(path) as out:
-            for row_id, _ in rows():
-                out.expect(row_id)
+            twice = out.expect(row_id for row_id, _ in rows())
+            if twice is not None:
+                row_id = next(r for i, (r, _) in enumerate(rows()) if i == twice[1])
+                raise BatchError(f"rows {twice[0]} and {twice[1]} (counted from 0) have the same id {row_id!r}; "
+                                 "ids must be unique")
             summary.total = out.expected
             summary.done_before = out.load()
-            todo = ((row_id, item) for row_id, item in rows() if not out.is_done(row_id))
-            run = self.results(todo, total=summary.total, initial=summary.done_before)
+            run = self.results(_pick(rows(), out.pending()), total=summary.total, initial=summary.done_before)
             try:
                 for outcome in run:
                     if fatal and isinstance(outcome.error, fatal):
@@ -408,9 +410,24 @@ class Runner:
         return summary
 
 
+def _pick(rows: Iterable[tuple[Any, Any]], positions: Iterator[int]) -> Iterator[tuple[Any, Any]]:
+    """The rows at ``positions`` (increasing), streamed."""
+    want = next(positions, None)
+    for i, row in enumerate(rows):
+        if want is None:
+            return
+        if i == want:
+            yield row
+            want = next(positions, None)
+
+
 # --------------------------------------------------------------------------- #
 # The output file
 # --------------------------------------------------------------------------- #
+
+
+_JSON = json.JSONDecoder()
+_KEY_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
 
 
 def row_key(row_id: Any) -> str:
@@ -419,14 +436,18 @@ def row_key(row_id: Any) -> str:
     Raises:
         BatchError: the id is NaN or infinite (not JSON).
     """
+    if type(row_id) is str:  # the common cases, without the encoder
+        return "s" + row_id
+    if type(row_id) is int:
+        return "i" + str(row_id)
     try:
-        return json.dumps(row_id, sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
+        return "j" + _KEY_JSON.encode(row_id)
     except ValueError as exc:
         raise BatchError(f"the row id {row_id!r} is not a JSON value (NaN and infinity are not)") from exc
 
 
 def _digest(row_id: Any) -> bytes:
-    return hashlib.blake2b(row_key(row_id).encode("utf-8"), digest_size=16).digest()
+    return hashlib.blake2b(row_key(row_id).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class JsonlOutput:
@@ -434,9 +455,11 @@ class JsonlOutput:
 
     Entering takes an exclusive lock (the file ``.NAME.lock`` next to it, left
     in place; released by the OS if the process dies) and opens a temporary
-    on-disk SQLite index; nothing else is touched until :meth:`load`.
-    Use: :meth:`expect` each input row's id in order, :meth:`load` the existing
-    file, :meth:`is_done` / :meth:`append` while running, :meth:`finish` at the end.
+    on-disk SQLite database for the bookkeeping (memory stays flat in the
+    number of rows); nothing else is touched until :meth:`load`.
+    Use: :meth:`expect` the input's ids, :meth:`load` the existing file,
+    :meth:`pending` to know what to run, :meth:`append` while running,
+    :meth:`finish` at the end.
 
     Raises:
         BatchError: on entering, when another run holds the lock.
@@ -449,7 +472,7 @@ class JsonlOutput:
         self._db: Any = None  # sqlite3.Connection
         self._fd = -1
         self._end = 0
-        self._any_done = False
+        self._appended: list[tuple[bytes, int, int, bool]] = []
 
     def __enter__(self) -> JsonlOutput:
         from filelock import FileLock, Timeout
@@ -464,10 +487,14 @@ class JsonlOutput:
         import sqlite3
 
         try:
-            db = self._db = sqlite3.connect("")  # a private temporary database on disk, deleted on close
-            db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-                             "CREATE TABLE inp (i INTEGER PRIMARY KEY, k BLOB NOT NULL UNIQUE);"
-                             "CREATE TABLE done (k BLOB PRIMARY KEY, off INTEGER, n INTEGER, ok INTEGER) WITHOUT ROWID;")
+            # inp: the input's row keys by position; lines: every line of the file, in file order;
+            # done: the line that counts for each key (built from lines)
+            self._db = sqlite3.connect("")  # a private temporary database on disk, deleted on close
+            self._db.executescript(
+                "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                "CREATE TABLE inp (i INTEGER PRIMARY KEY, k BLOB NOT NULL);"
+                "CREATE TABLE lines (k BLOB NOT NULL, off INTEGER, n INTEGER, ok INTEGER);"
+                "CREATE TABLE done (k BLOB PRIMARY KEY, off INTEGER, n INTEGER, ok INTEGER) WITHOUT ROWID;")
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -485,31 +512,36 @@ class JsonlOutput:
             self._lock = None
 
     @property
-    def _integrity_error(self) -> type[Exception]:
-        import sqlite3
-
-        return sqlite3.IntegrityError
-
-    @property
     def db(self) -> Any:
         assert self._db is not None, "JsonlOutput used outside its with block"
         return self._db
 
-    def expect(self, row_id: Any) -> None:
-        """Record the next input row's id. Raises BatchError when an earlier row has the same id."""
-        k = _digest(row_id)
-        try:
-            self.db.execute("INSERT INTO inp (i, k) VALUES (?, ?)", (self.expected, k))
-        except self._integrity_error:
-            (prior,), = self.db.execute("SELECT i FROM inp WHERE k = ?", (k,))
-            raise BatchError(f"rows {prior} and {self.expected} have the same id {row_id!r}; ids must be unique") from None
-        self.expected += 1
+    def expect(self, row_ids: Iterable[Any]) -> tuple[int, int] | None:
+        """Record the input's row ids, in input order (exceptions of ``row_ids`` pass through).
 
-    def _note(self, k: bytes, off: int, n: int, ok: bool) -> None:
-        # a content line wins over error lines; among error lines, the last one
-        self.db.execute("INSERT INTO done (k, off, n, ok) VALUES (?, ?, ?, ?) ON CONFLICT (k) DO UPDATE "
-                        "SET off = excluded.off, n = excluded.n, ok = excluded.ok WHERE done.ok = 0",
-                        (k, off, n, int(ok)))
+        Returns:
+            None, or the 0-based positions ``(first, second)`` of the first two rows with the same id.
+
+        Raises:
+            BatchError: an id is NaN or infinite.
+        """
+        start = self.expected
+        self.db.executemany("INSERT INTO inp (k) VALUES (?)", ((_digest(r),) for r in row_ids))
+        (self.expected,), = self.db.execute("SELECT count(*) FROM inp")
+        self.db.execute("CREATE INDEX IF NOT EXISTS inp_k ON inp (k)")
+        if not self.db.execute("SELECT 1 FROM inp GROUP BY k HAVING count(*) > 1 LIMIT 1").fetchone():
+            return None
+        twice = self.db.execute("SELECT a.i - 1, b.i - 1 FROM inp b JOIN inp a ON a.k = b.k AND a.i < b.i "
+                                "WHERE b.i > ? ORDER BY b.i LIMIT 1", (start,)).fetchone()
+        return None if twice is None else (twice[0], twice[1])
+
+    def _index(self) -> None:
+        # per key: its first content line, else its last error line
+        self._flush_appended()
+        self.db.execute("DELETE FROM done")
+        self.db.execute("INSERT INTO done SELECT k, off, n, ok FROM lines WHERE true ORDER BY ok, rowid "
+                        "ON CONFLICT (k) DO UPDATE SET off = excluded.off, n = excluded.n, ok = excluded.ok "
+                        "WHERE done.ok = 0")
 
     def load(self) -> int:
         """Index the lines of the existing file (if any) and open it for appending.
@@ -520,25 +552,29 @@ class JsonlOutput:
         Raises:
             BatchError: the file cannot be read or is not UTF-8 text.
         """
-        off = 0
+        def records(f: Any) -> Iterator[tuple[bytes, int, int, int]]:
+            off = 0
+            for raw in f:
+                try:
+                    rec = _JSON.decode(raw.decode("utf-8"))
+                except ValueError as exc:  # a torn line (a killed run's last); or not UTF-8 at all
+                    if isinstance(exc, UnicodeDecodeError) and raw.endswith(b"\n"):
+                        raise BatchError(f"the output file {str(self.path)!r} is not UTF-8 text (near byte "
+                                         f"{off + exc.start}); is it really an earlier output?") from exc
+                    rec = None
+                if isinstance(rec, dict) and "id" in rec:
+                    with suppress(BatchError):
+                        yield _digest(rec["id"]), off, len(raw), int("content" in rec and "error" not in rec)
+                off += len(raw)
+
         try:
             with open(self.path, "rb") as f:
-                for raw in f:
-                    try:
-                        rec = json.loads(raw)
-                    except ValueError as exc:  # a torn line (a killed run's last); or not UTF-8 at all
-                        if isinstance(exc, UnicodeDecodeError) and raw.endswith(b"\n"):
-                            raise BatchError(f"the output file {str(self.path)!r} is not UTF-8 text (near byte "
-                                             f"{off + exc.start}); is it really an earlier output?") from exc
-                        rec = None
-                    if isinstance(rec, dict) and "id" in rec:
-                        with suppress(BatchError):
-                            self._note(_digest(rec["id"]), off, len(raw), "content" in rec and "error" not in rec)
-                    off += len(raw)
+                self.db.executemany("INSERT INTO lines VALUES (?, ?, ?, ?)", records(f))
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise BatchError(f"cannot read the output file {str(self.path)!r}: {exc.strerror or exc}") from exc
+        self._index()
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as exc:
@@ -550,14 +586,15 @@ class JsonlOutput:
                 if f.read(1) != b"\n":
                     self._write(b"\n")
         (done,), = self.db.execute("SELECT count(*) FROM inp JOIN done USING (k) WHERE ok")
-        self._any_done = bool(done)
         return done
 
-    def is_done(self, row_id: Any) -> bool:
-        """Whether the row has a content line already."""
-        if not self._any_done:
-            return False
-        return self.db.execute("SELECT 1 FROM done WHERE k = ? AND ok", (_digest(row_id),)).fetchone() is not None
+    def pending(self) -> Iterator[int]:
+        """The 0-based positions of the expected rows without a content line, in increasing order."""
+        if not self.db.execute("SELECT 1 FROM done WHERE ok LIMIT 1").fetchone():
+            return iter(range(self.expected))
+        cursor = self.db.execute("SELECT i - 1 FROM inp WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM done WHERE done.k = inp.k AND done.ok) ORDER BY i")
+        return (i for (i,) in cursor)
 
     def _write(self, data: bytes) -> int:
         off = self._end
@@ -568,14 +605,21 @@ class JsonlOutput:
         return off
 
     def append(self, row_id: Any, line: str, ok: bool) -> None:
-        """Append the row's line and hand it to the OS (it survives the process being killed)."""
+        """Append the row's line and hand it to the OS at once (it survives the process being killed)."""
         data = line.encode("utf-8") + b"\n"
-        self._note(_digest(row_id), self._write(data), len(data), ok)
+        self._appended.append((_digest(row_id), self._write(data), len(data), ok))
+        if len(self._appended) >= 1000:  # the index is needed only at the end: fill it in batches
+            self._flush_appended()
+
+    def _flush_appended(self) -> None:
+        self.db.executemany("INSERT INTO lines VALUES (?, ?, ?, ?)", self._appended)
+        self._appended.clear()
 
     def finish(self) -> int:
         """Rewrite the file atomically in input order: each expected row's line (content, else its
         last error), nothing else. Returns the number of ids dropped (lines of ids not in the input)."""
-        (dropped,), = self.db.execute("SELECT count(*) FROM done WHERE k NOT IN (SELECT k FROM inp)")
+        self._index()
+        (dropped,), = self.db.execute("SELECT count(*) FROM done WHERE NOT EXISTS (SELECT 1 FROM inp WHERE inp.k = done.k)")
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(self.path, "rb") as src, open(tmp, "wb") as dst:
