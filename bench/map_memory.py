@@ -17,8 +17,10 @@ rows a second, instead of the network. Three runs per size:
   sends the other half;
 - ``nothing to do``: the output is complete; the run reads it and rewrites it.
 
-Peak RSS is the child's own maximum resident set size (``os.wait4``'s rusage),
-``ru_maxrss``; wall time includes the interpreter's start-up. ``--root DIR`` runs the
+Peak RSS is the child's own high-water mark (``VmHWM`` in ``/proc/self/status``, written
+by a small wrapper at exit; Linux only). Not ``ru_maxrss`` from ``getrusage(RUSAGE_CHILDREN)``
+or ``wait4``: a child started with vfork + exec (as ``subprocess`` does) inherits its
+parent's high-water mark there. Wall time includes the interpreter's start-up. ``--root DIR`` runs the
 tinyllm found in another checkout (e.g. an older commit, for comparison).
 """
 
@@ -47,21 +49,34 @@ def write_input(path: Path, n: int) -> int:
     return path.stat().st_size
 
 
+# Runs `python -m tinyllm` and, at exit, writes its peak RSS (VmHWM of /proc/self/status, KiB) to a file.
+# Not ru_maxrss: a child started with vfork + exec inherits its parent's high-water mark there.
+_WRAPPER = """
+import atexit, os, runpy, sys
+def report():
+    with open('/proc/self/status') as f:
+        kib = next(line.split()[1] for line in f if line.startswith('VmHWM:'))
+    with open(os.environ['BENCH_PEAK_FILE'], 'w') as f:
+        f.write(kib)
+atexit.register(report)
+sys.argv = ['tinyllm', *sys.argv[1:]]
+runpy.run_module('tinyllm', run_name='__main__', alter_sys=True)
+"""
+
+
 def run_map(root: Path, cwd: Path, base_url: str, concurrency: int) -> tuple[int, float, int, str]:
     """(exit code, wall seconds, peak RSS in bytes, stderr's last line) of one `tinyllm map` run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
     env.update(PYTHONPATH=str(root), TINYLLM_BASE_URL=base_url, TINYLLM_API_TYPE="openai",
-               TINYLLM_CACHE_FILE_NAME=str(cwd / "cache.pickle"))
-    cmd = [sys.executable, "-m", "tinyllm", "--prompts-dir", str(cwd / "prompts"), "map", "same",
+               TINYLLM_CACHE_FILE_NAME=str(cwd / "cache.pickle"), BENCH_PEAK_FILE=str(cwd / "peak.txt"))
+    cmd = [sys.executable, "-c", _WRAPPER, "--prompts-dir", str(cwd / "prompts"), "map", "same",
            "-i", "in.jsonl", "-o", "out.jsonl", "-c", str(concurrency), "--cache", "--no-progress"]
     started = time.monotonic()
     with open(cwd / "stderr.txt", "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err).returncode
     wall = time.monotonic() - started
     last = (cwd / "stderr.txt").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    return proc.returncode, wall, usage.ru_maxrss * 1024, last[0]  # ru_maxrss: KiB on Linux
+    return code, wall, int((cwd / "peak.txt").read_text()) * 1024, last[0]
 
 
 def main() -> None:
@@ -88,10 +103,10 @@ def main() -> None:
                 (cwd / "prompts" / "same.user.md").write_text("Say OK.\n", encoding="utf-8")
                 size = write_input(cwd / "in.jsonl", n)
                 for label in ("fresh", "resume half", "nothing to do"):
-                    if label == "resume half":
-                        with open(cwd / "out.jsonl", "rb") as f:
-                            half = b"".join(line for _, line in zip(range(n // 2), f))
-                        (cwd / "out.jsonl").write_bytes(half)
+                    if label == "resume half":  # keep the first half of the lines (streamed)
+                        with open(cwd / "out.jsonl", "rb") as f, open(cwd / "half.jsonl", "wb") as half:
+                            half.writelines(line for _, line in zip(range(n // 2), f))
+                        os.replace(cwd / "half.jsonl", cwd / "out.jsonl")
                     code, wall, rss, last = run_map(args.root, cwd, server.base_url, args.concurrency)
                     if code != 0:
                         print(f"| {n:,} | | {label} | exit {code}: {last} | | |", flush=True)
