@@ -248,3 +248,9 @@ def test_each_row_is_on_disk_before_it_is_counted(tmp_path: Path):
     Spy(lambda x: x, max_workers=2).to_jsonl(lambda: ((i, i) for i in range(20)), out, line=line_of)
     assert sizes == list(range(1, 21))
     assert os.path.exists(tmp_path / ".o.jsonl.lock") and not list(tmp_path.glob(".o.jsonl.*.tmp"))
+
+
+@pytest.mark.parametrize("bad", [{"max_workers": 0}, {"window": -1}, {"chunk_size": 1.5}, {"max_workers": True}])
+def test_bad_settings_are_config_errors(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        Runner(abs, **bad)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import BatchError
+from .errors import BatchError, ConfigError
 
 __all__ = ["Runner", "Outcome", "BatchSummary", "JsonlOutput", "row_key", "finite"]
 
@@ -130,8 +130,8 @@ def _in_notebook() -> bool:
 class _Progress:
     """Counts finished items and shows them on ``file`` (stderr by default).
 
-    ``mode``: "bar" (tqdm), "lines" (a plain line at every 1% and at least every
-    30 s while items finish, and a last one at the end) or "off".
+    ``mode``: "bar" (tqdm), "lines" (a plain line at every 1% of ``total`` and at
+    least every 30 s while items finish, and a last one at the end) or "off".
     """
 
     def __init__(self, mode: str, total: int | None, initial: int, desc: str, unit: str,
@@ -139,7 +139,7 @@ class _Progress:
         self.mode, self.total, self.n, self.desc, self.unit = mode, total, initial, desc, unit
         self.counters, self.file, self.failed = counters, file, 0
         self.started = self._last = time.monotonic()
-        self._step = max(1, (total or 0) // 100)
+        self._step = max(1, total // 100) if total is not None else sys.maxsize  # no total: by time only
         self._next = (initial // self._step + 1) * self._step
         self._bar = None
         self._printed = initial
@@ -215,7 +215,7 @@ class Runner:
         counters: returns extra ``{name: number}`` to show next to the progress.
 
     Raises:
-        ValueError: ``max_workers``, ``window`` or ``chunk_size`` below 1.
+        ConfigError: ``max_workers``, ``window`` or ``chunk_size`` not an int >= 1.
 
     After a run, :attr:`abandoned` is the number of calls that were still
     running when Ctrl-C stopped it (0 otherwise).
@@ -226,8 +226,8 @@ class Runner:
                  progress: bool = False, desc: str = "", unit: str = "row",
                  counters: Callable[[], dict] | None = None) -> None:
         for name, value in (("max_workers", max_workers), ("window", window), ("chunk_size", chunk_size)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"Runner: {name} must be an int >= 1, got {value!r}")
         if max_workers is None:
             from .config import get_config
 
@@ -539,7 +539,7 @@ class JsonlOutput:
         # per key: its first content line, else its last error line
         self._flush_appended()
         self.db.execute("DELETE FROM done")
-        self.db.execute("INSERT INTO done SELECT k, off, n, ok FROM lines WHERE true ORDER BY ok, rowid "
+        self.db.execute("INSERT INTO done SELECT k, off, n, ok FROM lines WHERE true ORDER BY k, ok, rowid "
                         "ON CONFLICT (k) DO UPDATE SET off = excluded.off, n = excluded.n, ok = excluded.ok "
                         "WHERE done.ok = 0")
 
@@ -619,13 +619,15 @@ class JsonlOutput:
         """Rewrite the file atomically in input order: each expected row's line (content, else its
         last error), nothing else. Returns the number of ids dropped (lines of ids not in the input)."""
         self._index()
-        (dropped,), = self.db.execute("SELECT count(*) FROM done WHERE NOT EXISTS (SELECT 1 FROM inp WHERE inp.k = done.k)")
+        (ids,), = self.db.execute("SELECT count(*) FROM done")
+        written = 0
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(self.path, "rb") as src, open(tmp, "wb") as dst:
                 fd = src.fileno()
                 for off, n in self.db.execute("SELECT d.off, d.n FROM inp CROSS JOIN done d ON d.k = inp.k "
                                               "ORDER BY inp.i"):
+                    written += 1
                     data = os.pread(fd, n, off)
                     dst.write(data if data.endswith(b"\n") else data + b"\n")
                 dst.flush()
@@ -637,7 +639,7 @@ class JsonlOutput:
             with suppress(OSError):
                 os.unlink(tmp)
             raise
-        return dropped
+        return ids - written
 
 
 def finite(value: Any) -> Any:
