@@ -135,8 +135,9 @@ def test_first_ctrl_c_keeps_finished_items_cancels_unstarted_and_does_not_wait()
                     signal.raise_signal(signal.SIGINT)  # as Ctrl-C: only sets a flag, nothing is raised here
                     wait_until(lambda: len(started) >= 8)  # let a few more finish meanwhile
         assert not hold.is_set()  # it returned while item 0 still runs
-        assert runner.abandoned == 1 and 0 not in got
-        assert len(got) == len(set(got)) and set(got) == set(started) - {0}  # every finished item was handed out
+        assert 0 not in got and len(got) == len(set(got)) and set(got) <= set(started)
+        assert len(got) >= 5 and runner.abandoned >= 1
+        assert len(got) + runner.abandoned == len(started)  # each started item: handed out or abandoned
         assert len(started) < 100  # the rest never started
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
