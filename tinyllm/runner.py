@@ -171,7 +171,7 @@ class _Progress:
         self._next = (self.n // self._step + 1) * self._step
         extra = ", ".join(f"{k}={v}" for k, v in self._extra().items() if v)
         total = f"/{self.total}" if self.total is not None else ""
-        print(f"{self.desc}: {self.n}{total} {self.unit}s done{f' ({extra})' if extra else ''}, "
+        print(f"{self.desc + ': ' if self.desc else ''}{self.n}{total} {self.unit}s done{f' ({extra})' if extra else ''}, "
               f"{now - self.started:.1f} s", file=self.file, flush=True)
 
     def close(self) -> None:
