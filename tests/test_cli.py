@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -424,7 +426,7 @@ def test_map_500_rows_with_failures_interrupted_and_resumed(server, rows_prompt,
     def sent() -> int:
         return len(server.chat_requests())
 
-    # 1: five failures, then Ctrl-C: a prefix of the rows, in input order, is kept
+    # 1: five failures, then Ctrl-C: every finished row is kept (in the order rows finished)
     server.latency = 0.02
     server.enqueue(*[Status(400)] * 5)
     p = subprocess.Popen(cmd, cwd=tmp_path, env=sub_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -434,7 +436,8 @@ def test_map_500_rows_with_failures_interrupted_and_resumed(server, rows_prompt,
     assert p.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     lines = read_jsonl(out)
-    assert [r["id"] for r in lines] == ids[:len(lines)] and 100 <= len(lines) < n
+    got = [r["id"] for r in lines]
+    assert len(got) == len(set(got)) and set(got) <= set(ids) and 100 <= len(lines) < n
     assert sum("error" in r for r in lines) == 5 and all(expected(r) for r in lines if "error" not in r)
     done = {r["id"] for r in lines if "content" in r}
 
@@ -474,7 +477,228 @@ def test_map_500_rows_with_failures_interrupted_and_resumed(server, rows_prompt,
     lines = read_jsonl(out)
     assert [r["id"] for r in lines] == ids and all(expected(r) for r in lines)
     assert len(out.read_text().splitlines()) == n
-    assert not list(tmp_path.glob(".out.jsonl.*"))  # no temp file left behind
+    assert not list(tmp_path.glob(".out.jsonl.*.tmp"))  # no temp file left behind (the lock file stays)
+
+
+class HoldRows:
+    """The server's reply function: answers "done <user message>", but holds the rows named in ``held``
+    (by id) until ``release()``; ``answered`` lists the ids answered so far."""
+
+    def __init__(self, *held: str) -> None:
+        self.held, self.gate, self.answered = set(held), threading.Event(), []
+
+    def __call__(self, req: dict) -> str:
+        text = req["messages"][-1]["content"]
+        row_id = text.split(":")[0].removeprefix("row ")
+        if row_id in self.held:
+            self.gate.wait(60)
+        self.answered.append(row_id)
+        return "done " + text
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+class MapProcess:
+    """`tinyllm map` in a subprocess; its stderr lines are collected as they come."""
+
+    def __init__(self, server, cwd: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(tinyllm_cmd("map", *args), cwd=cwd, env=sub_env(server),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def reported(self) -> int:
+        """The last count of finished rows its progress lines gave ("row: 7/20 rows done ...")."""
+        counts = [int(m.group(1)) for line in list(self.lines) if (m := re.match(r"row: (\d+)/\d+ rows done", line))]
+        return counts[-1] if counts else 0
+
+    def wait_reported(self, n: int, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while self.reported() < n:
+            assert self.proc.poll() is None, "".join(self.lines)
+            assert time.monotonic() < deadline, f"no progress line reached {n} rows: {''.join(self.lines)}"
+            time.sleep(0.02)
+        return self.reported()
+
+    def stderr(self) -> str:
+        self.reader.join(30)
+        return "".join(self.lines)
+
+
+def _rows_file(path: Path, n: int) -> list[str]:
+    ids = [f"r{i:03d}" for i in range(n)]
+    path.write_text("".join(json.dumps({"id": k, "text": f"t{i}"}) + "\n" for i, k in enumerate(ids)), encoding="utf-8")
+    return ids
+
+
+def _use_server_here(server, monkeypatch) -> None:
+    for k, v in sub_env(server).items():
+        if k.startswith("TINYLLM_"):
+            monkeypatch.setenv(k, v)
+
+
+def test_map_killed_keeps_every_reported_row_and_the_rerun_sends_only_the_rest(server, rows_prompt, tmp_path,
+                                                                                 monkeypatch):
+    """The first row is held by the server; the rows after it finish. SIGKILL: every row the progress
+    reported finished is in the file (none waits behind the held row); the rerun sends only the others."""
+    ids = _rows_file(tmp_path / "in.jsonl", 40)
+    out = tmp_path / "out.jsonl"
+    hold = HoldRows("r000")
+    server.reply_with(hold)
+    server.latency = 0.01
+    run1 = MapProcess(server, tmp_path, "row", "-i", "in.jsonl", "-o", "out.jsonl", "-c", "4")
+    try:
+        reported = run1.wait_reported(20)
+        run1.proc.kill()
+        run1.proc.wait(30)
+        answered = len(hold.answered)
+    finally:
+        hold.release()
+    lines = read_jsonl(out)
+    got = [r["id"] for r in lines]
+    assert len(got) >= reported and len(got) == len(set(got)) and "r000" not in got
+    assert len(got) >= answered - 8  # at most a window (2 x 4) of answers was still on its way to the file
+    assert all(r["content"] == f"done row {r['id']}: t{int(r['id'][1:])}" for r in lines)
+
+    server.latency = 0
+    _use_server_here(server, monkeypatch)
+    before = len(server.chat_requests())
+    result = run("map", "row", "-i", "in.jsonl", "-o", "out.jsonl", "-c", "4", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"{len(ids) - len(got)} done now, {len(got)} done before" in result.stderr
+    assert len(server.chat_requests()) - before == len(ids) - len(got)
+    assert [r["id"] for r in read_jsonl(out)] == ids  # in input order once complete
+
+
+def test_map_first_ctrl_c_exits_at_once_keeping_finished_rows(server, rows_prompt, tmp_path, monkeypatch):
+    """SIGINT while a row is held by the server: the run ends without waiting for it, keeps every finished
+    row, and sends nothing more (rows not started are cancelled); a rerun sends exactly the missing rows."""
+    ids = _rows_file(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out.jsonl"
+    hold = HoldRows("r003")
+    server.reply_with(hold)
+    server.latency = 0.02
+    run1 = MapProcess(server, tmp_path, "row", "-i", "in.jsonl", "-o", "out.jsonl", "-c", "4")
+    try:
+        reported = run1.wait_reported(20)
+        run1.proc.send_signal(signal.SIGINT)
+        run1.proc.wait(30)  # the held row is still held: the run did not wait for it
+        assert not hold.gate.is_set() and "r003" not in hold.answered
+    finally:
+        hold.release()
+    err = run1.stderr()
+    assert run1.proc.returncode == 130, err
+    assert "Traceback" not in err
+    lines = read_jsonl(out)
+    got = [r["id"] for r in lines]
+    assert len(got) >= reported and len(got) == len(set(got)) and "r003" not in got
+    m = re.search(r"interrupted: (\d+) of 200 rows done \(0 failed\) and kept in out.jsonl; (\d+) call\(s\) in flight", err)
+    assert m and int(m.group(1)) == len(got), err
+    assert 1 <= int(m.group(2)) <= 4
+    assert len(got) <= len(server.chat_requests()) <= len(got) + int(m.group(2))  # nothing sent after Ctrl-C
+
+    server.latency = 0
+    _use_server_here(server, monkeypatch)
+    before = len(server.chat_requests())
+    result = run("map", "row", "-i", "in.jsonl", "-o", "out.jsonl", "-c", "4", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert len(server.chat_requests()) - before == len(ids) - len(got)
+    assert [r["id"] for r in read_jsonl(out)] == ids
+
+
+def test_map_second_run_on_the_same_output_is_refused(server, rows_prompt, tmp_path, monkeypatch):
+    _rows_file(tmp_path / "in.jsonl", 10)
+    out = tmp_path / "out.jsonl"
+    hold = HoldRows("r000")
+    server.reply_with(hold)
+    run1 = MapProcess(server, tmp_path, "row", "-i", "in.jsonl", "-o", "out.jsonl", "-c", "2")
+    try:
+        deadline = time.monotonic() + 60
+        while len(hold.answered) < 9:  # everything but the held row: the first run sits waiting for it
+            assert run1.proc.poll() is None and time.monotonic() < deadline, run1.stderr()
+            time.sleep(0.02)
+        run1.wait_reported(9)  # ... with its lines written
+        _use_server_here(server, monkeypatch)
+        before, content = len(server.chat_requests()), out.read_bytes()
+        line = one_error_line(run("map", "row", "-i", "in.jsonl", "-o", "out.jsonl"), 2)
+        assert "another run is writing 'out.jsonl'" in line
+        assert len(server.chat_requests()) == before and out.read_bytes() == content
+        run1.proc.kill()  # a killed run leaves no stale lock
+        run1.proc.wait(30)
+    finally:
+        hold.release()
+    result = run("map", "row", "-i", "in.jsonl", "-o", "out.jsonl", "--no-progress")
+    assert result.exit_code == 0 and "1 done now, 9 done before" in result.stderr, result.output
+
+
+def test_map_progress_without_a_terminal_is_plain_lines(fake_env, rows_prompt, tmp_path):
+    _rows_file(tmp_path / "in.jsonl", 5)
+    result = run("map", "row", "-i", "in.jsonl", "-o", "out.jsonl", "-c", "1")
+    assert result.exit_code == 0, result.output
+    progress = [line for line in result.stderr.splitlines() if line.startswith("row: ")]
+    assert [line.split(" rows done")[0] for line in progress] == [f"row: {i}/5" for i in range(1, 6)]
+    assert "\r" not in result.stderr
+
+
+@pytest.mark.parametrize("text, where", [
+    ('id,text\na1,"I love this phone\na2,fine\na3,ok\n', "line 2 (read on to line 4): bad CSV: unexpected end of data"),
+    ('id,text\na1,"stray\na2,fine\na3,"ok"\n', "line 2 (read on to line 4): bad CSV"),
+    ('id,text\na1,"quoted" then more\n', "line 2: bad CSV"),
+    ('id,text\na1,x\na2,x,extra\n', "line 3: 3 field(s), but the header has 2"),
+    ('id,text\na1,x\n\na2\n', "line 4: 1 field(s), but the header has 2"),
+    ('id,text,id\na1,x,y\n', "line 1: the header names 'id' more than once"),
+])
+def test_map_refuses_malformed_csv_before_sending(fake_env, rows_prompt, tmp_path, text, where):
+    (tmp_path / "in.csv").write_text(text, encoding="utf-8")
+    line = one_error_line(run("map", "row", "-i", "in.csv", "-o", "out.jsonl"), 2)
+    assert f"in.csv: {where}" in line
+    assert fake_env.chat_requests() == [] and not (tmp_path / "out.jsonl").exists()
+
+
+def test_map_csv_with_a_quoted_multiline_field_and_crlf(fake_env, rows_prompt, tmp_path):
+    (tmp_path / "in.csv").write_bytes(b'\xef\xbb\xbfid,text\r\na1,"two\r\nlines"\r\n\r\na2,"say ""hi"""\r\n')
+    result = run("map", "row", "-i", "in.csv", "-o", "out.jsonl", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(tmp_path / "out.jsonl") == [{"id": "a1", "content": "done row a1: two\r\nlines"},
+                                                   {"id": "a2", "content": 'done row a2: say "hi"'}]
+
+
+def test_map_refuses_nan_ids_and_writes_strict_json(fake_env, tmp_path):
+    (tmp_path / "p.system.md").write_text("---\noutput_type: json\n---\nSay {{ text }}", encoding="utf-8")
+    for bad, what in (('{"id": NaN, "text": "x"}', "NaN"), ('{"id": 1, "text": -Infinity}', "-Infinity"),
+                      ('{"id": 1e999, "text": "x"}', "1e999")):
+        (tmp_path / "in.jsonl").write_text('{"id": 0, "text": "x"}\n' + bad + "\n", encoding="utf-8")
+        line = one_error_line(run("map", "p", "--prompts-dir", str(tmp_path), "-i", "in.jsonl", "-o", "out.jsonl"), 2)
+        assert "line 2 is not valid JSON" in line and what in line
+    assert fake_env.chat_requests() == []
+    # a reply value that is NaN or infinite is written as a string: every line is strict JSON
+    fake_env.reply_with('{"a": NaN, "b": [Infinity]}')
+    (tmp_path / "in.jsonl").write_text('{"id": 0.5, "text": "x"}\n', encoding="utf-8")
+    result = run("map", "p", "--prompts-dir", str(tmp_path), "-i", "in.jsonl", "-o", "out.jsonl", "--no-progress")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out.jsonl").read_text(encoding="utf-8")
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the output")) == \
+        {"id": 0.5, "content": {"a": "nan", "b": ["inf"]}}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_bad_temperature_is_a_usage_error(fake_env, rows_prompt, tmp_path, value):
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "x"}\n', encoding="utf-8")
+    for args in (["call", "row", "--var", "id=1", "--var", "text=x"], ["map", "row", "-i", "in.jsonl", "-o", "out.jsonl"]):
+        line = one_error_line(run(*args, "--temperature", value), 2)
+        assert "--temperature" in line
+    assert fake_env.chat_requests() == []
+
+
+def test_map_reads_standard_input_and_resumes_from_it(fake_env, rows_prompt, tmp_path):
+    rows = "".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(5))
+    fake_env.enqueue(Status(400))
+    assert run("map", "row", "-i", "-", "-o", "out.jsonl", "-c", "1", input=rows).exit_code == 1
+    result = run("map", "row", "-i", "-", "-o", "out.jsonl", input=rows)
+    assert result.exit_code == 0 and "1 done now, 4 done before" in result.stderr, result.output
+    assert [r["content"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"done row {i}: t{i}" for i in range(5)]
 
 
 # --------------------------------------------------------------------------- #
@@ -501,8 +725,8 @@ def test_call_smoke_with_the_embedded_model(tmp_path):
 
 
 @pytest.mark.local
-def test_interrupting_map_on_the_embedded_model_waits_for_calls_in_flight(tmp_path):
-    """SIGINT while llama.cpp generates: exit 130 with finished rows kept, never a crash."""
+def test_interrupting_map_on_the_embedded_model_exits_without_a_crash(tmp_path):
+    """SIGINT while llama.cpp generates: exit 130 at once with finished rows kept, never a crash."""
     from tinyllm.clients.llamacpp import default_model_path
 
     if default_model_path() is None:
@@ -523,7 +747,8 @@ def test_interrupting_map_on_the_embedded_model_waits_for_calls_in_flight(tmp_pa
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [line["id"] for line in lines] == list(range(len(lines))) and all("content" in line for line in lines)
+    got = [line["id"] for line in lines]
+    assert lines and len(got) == len(set(got)) and set(got) <= set(range(20)) and all("content" in line for line in lines)
 
 
 def test_cache_stats_never_changes_the_file(tmp_path):

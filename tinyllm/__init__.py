@@ -16,6 +16,7 @@ from .chat import LLMChat
 from .clients import CallInfo, Capabilities, Client, PlainClient, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
 from .response import Response
+from .runner import Runner
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
 from .tokens import count_tokens
@@ -27,6 +28,7 @@ __all__ = [
     "LLMCall",
     "LLMChat",
     "Response",
+    "Runner",
     "Client",
     "Capabilities",
     "PlainClient",

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import sys
 from typing import Any, Callable, Iterable
 
 from . import usage
 from .clients import Client, as_client
 from .clients import client as get_client
-from .config import get_config
 from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
@@ -340,6 +338,9 @@ class LLMCall:
         return _streaming(response, sender.astream_request(response.messages, accept=_fits(output_type), **params),
                           output_type, lambda m: self._last.set(response.messages, m))
 
+    def _call_with(self, variables: dict) -> Any:
+        return self.call(**variables)
+
     def map(
         self,
         inputs: Iterable[dict],
@@ -347,16 +348,22 @@ class LLMCall:
         max_workers: int | None = None,
         progress: bool = True,
         return_exceptions: bool = False,
+        executor: concurrent.futures.Executor | None = None,
     ) -> list[Any]:
-        """Run :meth:`call` once per dict of variables in ``inputs``, concurrently.
+        """Run :meth:`call` once per dict of variables in ``inputs``, concurrently (a :class:`tinyllm.Runner`).
 
         Args:
-            inputs: an iterable of variable dicts.
+            inputs: an iterable of variable dicts, read lazily: at most
+                ``2 * max_workers`` calls are pending at a time.
             max_workers: threads to use (default ``MAX_CONCURRENT_REQUESTS``);
                 the client's request queue still bounds requests in flight.
-            progress: show a tqdm progress bar (done/total, rate, cache hits) on stderr.
+            progress: show progress on stderr (done/total, rate, cache hits): a
+                tqdm bar on a terminal or in a notebook, plain lines otherwise.
             return_exceptions: put a failed call's exception in its place
                 instead of raising the first failure.
+            executor: any :class:`concurrent.futures.Executor` to run the calls
+                on (e.g. Dask's ``client.get_executor()``; the LLMCall is then
+                pickled); default: a thread pool of ``max_workers`` threads.
 
         Returns:
             list of results in input order.
@@ -364,33 +371,13 @@ class LLMCall:
         Raises:
             The first failure's error when ``return_exceptions`` is False
             (calls already running finish; the rest are cancelled).
+            KeyboardInterrupt on Ctrl-C: calls not yet started are cancelled,
+            running ones are not waited for.
         """
-        items = list(inputs)
-        results: list[Any] = [None] * len(items)
-        workers = max_workers or get_config().max_concurrent_requests
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        from .runner import Runner
 
-            bar = tqdm(total=len(items), desc=self.system_template_name, unit="call", file=sys.stderr, disable=None)
         cached_before = usage.usage_stats()["cached_calls"]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(workers, len(items) or 1))) as pool:
-            futures = {pool.submit(self.call, **item): i for i, item in enumerate(items)}
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    i = futures[future]
-                    exc = future.exception()
-                    if exc is not None and not return_exceptions:
-                        raise exc
-                    results[i] = exc if exc is not None else future.result()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(cached=usage.usage_stats()["cached_calls"] - cached_before, refresh=False)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-            finally:
-                if bar is not None:
-                    bar.close()
-        return results
+        runner = Runner(self._call_with, executor=executor, max_workers=max_workers, progress=progress,
+                        desc=self.system_template_name, unit="call",
+                        counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})
+        return runner.map(inputs, return_exceptions=return_exceptions)

@@ -11,18 +11,18 @@ bad ``--var``, bad configuration); 130 interrupted. A failure prints one line,
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import json
+import math
 import os
-import queue
-import stat
+import shutil
 import sys
-import threading
+import tempfile
 import traceback
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -169,12 +169,22 @@ def _var_option(f: Callable) -> Callable:
     )(f)
 
 
+class _FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (a usage error, exit 2)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 def _model_options(f: Callable) -> Callable:
     for option in reversed([
         click.option("--model", "-m", help="Model name (default: the front matter's, else the MODEL setting)."),
         click.option("--api-type", help="Backend: openai, ollama, azure, llamacpp or a registered one "
                                         "(default: API_TYPE, else auto-detected)."),
-        click.option("--temperature", type=click.FloatRange(min=0), help="Sampling temperature."),
+        click.option("--temperature", type=_FiniteFloat(min=0), help="Sampling temperature."),
         click.option("--max-tokens", type=click.IntRange(min=1), help="Maximum tokens in the reply."),
         click.option("--cache/--no-cache", default=None,
                      help="Cache API replies on disk (default: the CACHE_API_CALLS setting)."),
@@ -437,109 +447,132 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
 # -- map ----------------------------------------------------------------------------
 
 
-def _row_key(row_id: Any) -> str:
-    return json.dumps(row_id, sort_keys=True, ensure_ascii=False, default=str)
-
-
-def _read_rows(path: str, fmt: str, id_field: str) -> list[tuple[Any, dict]]:
-    """(id, variables) per input row, in input order. Raises CLIError (exit 2) for a bad file."""
-    text = _read_text(path, "the input")
-    rows: list[tuple[Any, dict]] = []
-    if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            for i, rec in enumerate(reader):
-                if None in rec:
-                    raise CLIError(f"{path}: row {i} (line {reader.line_num}) has more fields than the header")
-                variables = {k: v for k, v in rec.items() if v is not None}
-                rid = variables.get(id_field)
-                rows.append((rid if rid not in (None, "") else i, variables))
-        except csv.Error as exc:
-            raise CLIError(f"{path}: line {reader.line_num}: bad CSV: {exc}") from exc
-    else:
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                raise CLIError(f"{path}: line {lineno} is not valid JSON: {exc}") from exc
-            if not isinstance(rec, dict):
-                raise CLIError(f"{path}: line {lineno} is not a JSON object (one object of variables per line)")
-            rid = rec.get(id_field)
-            rows.append((rid if rid not in (None, "") else len(rows), rec))
-    seen: dict[str, int] = {}
-    for i, (rid, _) in enumerate(rows):
-        prior = seen.setdefault(_row_key(rid), i)
-        if prior != i:
-            raise CLIError(f"{path}: rows {prior} and {i} have the same id {rid!r}; ids must be unique "
-                           f"(--id-field {id_field!r}, else the row number)")
-    return rows
-
-
-def _load_done(path: Path) -> tuple[dict[str, str], set[str]]:
-    """(row key -> its line, for rows with a ``content``; keys of every row with a line) of an existing output file."""
+@contextmanager
+def _readable_twice(path: str) -> Iterator[str]:
+    """A path to the input that can be read more than once: standard input (``-``) is first copied to a temporary file."""
+    if path != "-":
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(prefix="tinyllm-map-", suffix=".input")
     try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        return {}, set()
-    except UnicodeDecodeError as exc:
-        raise CLIError(f"the output file {str(path)!r} is not UTF-8 text (byte {exc.start}); "
-                       "is it really an earlier output of tinyllm map?") from exc
-    except OSError as exc:
-        raise CLIError(f"cannot read the output file {str(path)!r}: {exc.strerror or exc}") from exc
-    done: dict[str, str] = {}
-    seen: set[str] = set()
-    for line in text.split("\n"):  # not splitlines(): a JSON string may hold U+2028
-        line = line.strip()
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f)
+        yield tmp
+    finally:
+        with suppress(OSError):
+            os.unlink(tmp)
+
+
+def _lines(f: Any, shown: str) -> Iterator[str]:
+    """The lines of a binary file as text (each with its ending), decoded one by one so a bad byte names its line."""
+    for lineno, raw in enumerate(f, 1):
+        if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
         try:
-            rec = json.loads(line) if line else None
-        except ValueError:  # e.g. a line torn when a run was killed
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CLIError(f"{shown}: line {lineno} is not UTF-8 text (byte {exc.start} of the line)") from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def _jsonl_rows(lines: Iterator[str], shown: str, id_field: str) -> Iterator[tuple[Any, dict]]:
+    n = 0
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-        if isinstance(rec, dict) and "id" in rec:
-            seen.add(_row_key(rec["id"]))
-            if "content" in rec and "error" not in rec:
-                done[_row_key(rec["id"])] = line
-    return done, seen
+        try:
+            rec = _STRICT_JSON.decode(line)
+        except ValueError as exc:
+            raise CLIError(f"{shown}: line {lineno} is not valid JSON: {exc}") from exc
+        if not isinstance(rec, dict):
+            raise CLIError(f"{shown}: line {lineno} is not a JSON object (one object of variables per line)")
+        rid = rec.get(id_field)
+        yield (rid if rid not in (None, "") else n), rec
+        n += 1
+
+
+def _csv_rows(lines: Iterator[str], shown: str, id_field: str) -> Iterator[tuple[Any, dict]]:
+    reader = csv.reader(lines, strict=True)  # strict: a stray quote is an error, not a field that runs on
+    header: list[str] | None = None
+    n = 0
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            where = f"line {start}" + (f" (read on to line {reader.line_num})" if reader.line_num > start else "")
+            hint = "; a quote that is never closed takes the lines after it into one field" \
+                if reader.line_num > start else ""
+            raise CLIError(f"{shown}: {where}: bad CSV: {exc}{hint}") from exc
+        if not fields:  # a blank line
+            continue
+        if header is None:
+            twice = sorted({name for name in fields if fields.count(name) > 1})
+            if twice:
+                raise CLIError(f"{shown}: line {start}: the header names {', '.join(map(repr, twice))} more than once")
+            header = fields
+            continue
+        if len(fields) != len(header):
+            raise CLIError(f"{shown}: line {start}: {len(fields)} field(s), but the header has {len(header)}")
+        rec = dict(zip(header, fields))
+        rid = rec.get(id_field)
+        yield (rid if rid not in (None, "") else n), rec
+        n += 1
+
+
+def _rows(path: str, shown: str, fmt: str, id_field: str) -> Iterator[tuple[Any, dict]]:
+    """(id, variables) per input row, in input order, streamed. A row without an id gets its 0-based row number.
+
+    Raises CLIError (exit 2) for a bad file, naming the line.
+    """
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CLIError(f"cannot read the input {shown!r}: {exc.strerror or exc}") from exc
+    with f:
+        yield from (_csv_rows if fmt == "csv" else _jsonl_rows)(_lines(f, shown), shown, id_field)
 
 
 def _result_line(row_id: Any, value: Any, exc: BaseException | None) -> str:
-    if exc is None:
-        return _dumps({"id": row_id, "content": _plain(value)})
-    return _dumps({"id": row_id, "error": {"type": type(exc).__name__, "message": str(exc)}})
+    """The row's output line: strict JSON (a NaN or infinite float in a content value is written as a string)."""
+    from .runner import finite
 
-
-def _open_append(path: Path) -> Any:
-    """The output file opened for appending, on a fresh line (a run killed mid-write may leave half a line)."""
-    f = open(path, "a+b")
+    rec = ({"id": row_id, "content": _plain(value)} if exc is None
+           else {"id": row_id, "error": {"type": type(exc).__name__, "message": str(exc)}})
     try:
-        end = f.seek(0, os.SEEK_END)
-        if end:
-            f.seek(end - 1)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-                f.flush()
-    except BaseException:
-        f.close()
-        raise
-    return f
+        return _dumps(rec, allow_nan=False)
+    except ValueError:
+        return _dumps(finite(rec), allow_nan=False)
 
 
-def _replace_atomically(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        with suppress(OSError):
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _exit_now(code: int) -> None:
+    """Exit without waiting for the calls still running, and without the interpreter's teardown (which
+    waits for the worker threads, and can crash under an embedded model mid-generation)."""
+    from .cache import active_cache
+
+    with suppress(Exception):
+        active = active_cache()
+        if active is not None and hasattr(active, "flush_counts"):
+            active.flush_counts()  # the hit counts of `tinyllm cache stats`
+    with suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 @cli.command("map")
@@ -547,7 +580,7 @@ def _replace_atomically(path: Path, lines: list[str]) -> None:
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True),
               help="Rows of variables: a .jsonl file (one JSON object per line) or a .csv file with a header; - for stdin.")
 @click.option("--output", "-o", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="JSONL results, one line per input row in input order. An existing file is resumed.")
+              help="JSONL results, one line per input row. An existing file is resumed.")
 @click.option("--concurrency", "-c", type=click.IntRange(min=1),
               help="Requests in flight at once (default: MAX_CONCURRENT_REQUESTS).")
 @click.option("--id-field", default="id", show_default=True,
@@ -555,7 +588,7 @@ def _replace_atomically(path: Path, lines: list[str]) -> None:
 @click.option("--input-format", type=click.Choice(["jsonl", "csv"]),
               help="Default: from the input's extension (.csv, else jsonl).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
-              help="A progress bar on stderr (only when stderr is a terminal).")
+              help="Progress on stderr: a bar on a terminal, else a plain line at every 1% (and every 30 s).")
 @_var_option
 @_model_options
 @_prompts_dir_option
@@ -566,15 +599,20 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     """Run NAME once per row of --input; write {"id", "content"} or {"id", "error"} lines to --output.
 
     Columns (CSV) or keys (JSONL) are the variables, over the --var values.
-    Lines are written in input order as soon as a row and all rows before it
-    are done, so an interrupted run keeps its finished work; run the same
-    command again to resume: rows whose id already has a content line are
-    skipped, rows that ended in error are retried. At the end the output file
-    is rewritten (atomically) with exactly one line per input row. Exit status
-    1 if any row ended in error.
+    The whole input is checked first (a malformed row stops the run before
+    anything is sent). Each row's line is appended as soon as the row
+    finishes, so an interrupted or killed run keeps all its finished work; run
+    the same command again to resume: rows whose id already has a content
+    line are skipped, rows that ended in error are retried. When every row has
+    a line, the file is rewritten (atomically) with one line per input row in
+    input order. One run at a time per output file. Exit status 1 if any row
+    ended in error; 130 if interrupted (the first Ctrl-C stops at once,
+    keeping every finished row).
     """
     from . import usage
     from .config import configure, get_config
+    from .errors import BatchError
+    from .runner import Runner
 
     if input_path == "-" and ctx.meta.get("tinyllm.var_reads_stdin"):
         raise CLIError("--input - and --var KEY=@- both read standard input; give one of them a file")
@@ -584,103 +622,41 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
         raise CLIError("--output must not be the --input file")
     if not out_path.parent.is_dir():
         raise CLIError(f"the output directory {str(out_path.parent)!r} does not exist")
-    rows = _read_rows(input_path, fmt, id_field)
     if concurrency is not None:
         configure(max_concurrent_requests=concurrency, queue_size=max(concurrency, get_config().queue_size))
-    concurrency = concurrency or get_config().max_concurrent_requests
     llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache)
-
-    done, seen = _load_done(out_path)
-    keys = [_row_key(rid) for rid, _ in rows]
-    lines: list[str | None] = [done.get(k) for k in keys]
-    pending = [i for i, line in enumerate(lines) if line is None]
-    unknown = len(seen - set(keys))
-    failed: dict[int, str] = {}  # row -> error type
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(rows), initial=len(rows) - len(pending), desc=_short_name(llm.prompt), unit="row",
-               file=sys.stderr, disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
-    tasks: queue.Queue = queue.Queue()
-    results: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def worker() -> None:
-        while not stop.is_set():
-            i = tasks.get()
-            if i is None or stop.is_set():
-                return
-            try:
-                results.put((i, llm.call(**{**variables, **rows[i][1]}), None))
-            except Exception as exc:  # reported on the row's line
-                results.put((i, None, exc))
-
-    threads = [threading.Thread(target=worker, name=f"tinyllm-map-{n}", daemon=True)
-               for n in range(min(concurrency, len(pending)))]
-    window = max(64, 8 * concurrency)  # rows started ahead of the first unwritten one: bounds the reorder buffer
-    ready: dict[int, str] = {}
-    submitted = written = 0
     cached_before = usage.usage_stats()["cached_calls"]
-    out = _open_append(out_path)
-    try:
-        for t in threads:
-            t.start()
-        while written < len(pending):
-            while submitted < len(pending) and submitted < written + window:
-                tasks.put(pending[submitted])
-                submitted += 1
-            try:
-                i, value, exc = results.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            if isinstance(exc, ConfigError):  # the same for every row: stop
-                raise exc
-            if exc is not None:
-                failed[i] = type(exc).__name__
-            lines[i] = ready[i] = _result_line(rows[i][0], value, exc)
-            bar.update(1)
-            if failed:
-                bar.set_postfix(errors=len(failed), refresh=False)
-            while written < len(pending) and pending[written] in ready:
-                out.write(ready.pop(pending[written]).encode("utf-8") + b"\n")
-                written += 1
-            out.flush()
-    except KeyboardInterrupt:
-        stop.set()
-        for _ in threads:
-            tasks.put(None)
-        busy = [t for t in threads if t.is_alive()]
-        if busy:  # exiting under a running call (an embedded model mid-generation) can crash the interpreter
-            click.echo(f"interrupted: waiting for {len(busy)} call(s) in flight to end...", err=True)
-            for t in busy:
-                t.join()
-        bar.close()
-        out.close()
-        click.echo(f"interrupted: {len(rows) - len(pending) + written} of {len(rows)} rows are in {output_path}; "
-                   "run the same command again to resume", err=True)
+
+    def one_row(row: dict) -> Any:
+        return llm.call(**{**variables, **row})
+
+    runner = Runner(one_row, max_workers=concurrency or get_config().max_concurrent_requests, progress=progress,
+                    desc=_short_name(llm.prompt), unit="row",
+                    counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})
+    with _readable_twice(input_path) as source:
+        try:
+            s = runner.to_jsonl(lambda: _rows(source, input_path, fmt, id_field), out_path, line=_result_line,
+                                fatal=(ConfigError,))
+        except BatchError as exc:
+            raise CLIError(str(exc)) from exc
+        except OSError as exc:
+            raise CLIError(f"cannot write {output_path!r}: {exc.strerror or exc}", EXIT_FAILED) from exc
+    if s.interrupted:
+        dropped = f"; {s.abandoned} call(s) in flight dropped" if s.abandoned else ""
+        click.echo(f"interrupted: {s.done_before + s.done_now} of {s.total} rows done ({s.failed} failed) and kept "
+                   f"in {output_path}{dropped}; run the same command again to resume", err=True)
+        if s.abandoned:
+            _exit_now(EXIT_INTERRUPTED)
         ctx.exit(EXIT_INTERRUPTED)
-    finally:
-        stop.set()
-        for _ in threads:
-            tasks.put(None)
-        bar.close()
-        out.close()
-    try:
-        _replace_atomically(out_path, [line for line in lines if line is not None])
-    except OSError as exc:
-        raise CLIError(f"cannot write {output_path!r}: {exc.strerror or exc}", EXIT_FAILED) from exc
     from_cache = usage.usage_stats()["cached_calls"] - cached_before
     note = f" ({from_cache} from the cache)" if from_cache else ""
-    click.echo(f"{len(rows)} rows: {len(pending) - len(failed)} done now{note}, {len(rows) - len(pending)} "
-               f"done before, {len(failed)} failed -> {output_path}", err=True)
-    if unknown:
-        click.echo(f"note: dropped the lines of {unknown} id(s) of {output_path} that are not in the input", err=True)
-    if failed:
-        kinds: dict[str, int] = {}
-        for kind in failed.values():
-            kinds[kind] = kinds.get(kind, 0) + 1
-        summary = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
-        _error(f"{len(failed)} of {len(rows)} rows failed ({summary}); run the same command again to retry them")
+    click.echo(f"{s.total} rows: {s.done_now} done now{note}, {s.done_before} done before, {s.failed} failed "
+               f"-> {output_path}", err=True)
+    if s.dropped:
+        click.echo(f"note: dropped the lines of {s.dropped} id(s) of {output_path} that are not in the input", err=True)
+    if s.failed:
+        summary = ", ".join(f"{k} x{v}" for k, v in sorted(s.failed_kinds.items()))
+        _error(f"{s.failed} of {s.total} rows failed ({summary}); run the same command again to retry them")
         ctx.exit(EXIT_FAILED)
 
 

@@ -22,7 +22,8 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     │   └── APITimeoutError
     ├── ResponseError
     ├── OutputParseError
-    └── QueueFullError
+    ├── QueueFullError
+    └── BatchError                       (a batch's output file or row ids cannot be used)
 
 Error messages never contain an API key: :class:`APIError` keeps only the
 status code, the request id, the response headers and the response body, all
@@ -57,6 +58,7 @@ __all__ = [
     "ResponseError",
     "OutputParseError",
     "QueueFullError",
+    "BatchError",
 ]
 
 
@@ -235,3 +237,7 @@ class OutputParseError(TinyLLMError):
 
 class QueueFullError(TinyLLMError):
     """The request queue is full, or a request waited longer than QUEUE_TIMEOUT seconds; it was never sent."""
+
+
+class BatchError(TinyLLMError):
+    """A batch cannot run: another run holds its output file, the file is unreadable, or two rows share an id."""
