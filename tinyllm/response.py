@@ -40,6 +40,10 @@ class Response:
         api_type: the client that answered (``openai``, ``llamacpp``, ...).
         template: the system template's name, or None (a chat without templates).
         variables: the template variables of the call (``dict``).
+        cost: USD summed over the replies (:mod:`tinyllm.pricing`; a cached reply costs 0.0),
+            or None when a reply's price is unknown (a local model) or no reply came.
+        prompt: the loaded :class:`~tinyllm.templates.Prompt` the messages were rendered
+            from (its files' paths and hash go to the call log), or None.
     """
 
     messages: list[dict]
@@ -56,6 +60,8 @@ class Response:
     api_type: str | None = None
     template: str | None = None
     variables: dict = field(default_factory=dict)
+    cost: float | None = None
+    prompt: Any = field(default=None, repr=False)
     _started: float = field(default_factory=time.perf_counter, repr=False)
     _replies: int = field(default=0, repr=False)
 
@@ -69,6 +75,8 @@ class Response:
         """Fold one :class:`tinyllm.clients.base.Reply` into this record (usage summed, last one kept)."""
         for name in _USAGE_FIELDS:
             self.usage[name] = self.usage.get(name, 0) + int(reply.usage.get(name) or 0)
+        cost = getattr(reply, "cost", None)
+        self.cost = cost if self._replies == 0 else (None if self.cost is None or cost is None else self.cost + cost)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)
         self.output_retries = self._replies
         self._replies += 1
@@ -94,5 +102,5 @@ class Response:
             "usage": dict(self.usage), "model": self.model, "finish_reason": self.finish_reason,
             "cached": self.cached, "latency": self.latency, "time_to_first_token": self.time_to_first_token,
             "retries": self.retries, "output_retries": self.output_retries, "api_type": self.api_type,
-            "template": self.template, "variables": self.variables,
+            "template": self.template, "variables": self.variables, "cost": self.cost,
         }

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from .. import cache as cache_mod
 from .. import models, retry, tokens, usage
+from .. import budget, otel, pricing  # cost, budgets, spans (tinyllm/budget.py, otel.py, pricing.py)
 from ..config import Config, get_config, redact_url
 from ..errors import BadRequestError, ConfigError, ResponseError
 from ..limits import RequestQueue
@@ -129,6 +130,7 @@ class Reply:
         retries: extra HTTP attempts this reply took.
         prompt_tokens: the prompt's tokens as counted locally (0 for a cache hit not counted).
         api_type: the client's api_type.
+        cost: USD (:mod:`tinyllm.pricing`; 0.0 from the cache), None when the price is unknown.
     """
 
     message: dict
@@ -140,6 +142,7 @@ class Reply:
     retries: int = 0
     prompt_tokens: int = 0
     api_type: str = ""
+    cost: float | None = None
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -327,8 +330,9 @@ class Client:
             return None
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
+        cost = pricing.reply_cost(self, req.cfg, hit_usage, hit.get("model"), req.model, cached=True)  # cost
         return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason")},
-                           cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0))  # the cache hands out copies
+                           cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0), cost=cost)  # the cache hands out copies
 
     def _finish(self, req: _Request, result: tuple) -> Reply:
         message, reply_usage = result[0], result[1]
@@ -337,15 +341,18 @@ class Client:
             raise ResponseError("the client returned no message dict", raw=message)
         counts = {k: int(reply_usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         usage.record(calls=1, **counts)
+        cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, counted, spent
         if req.cache is not None and (req.accept is None or req.accept(message)):
             _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
-        return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens)
+        return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
 
-    def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int) -> Reply:
+    def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
+               cost: float | None = None) -> Reply:
         latency = time.perf_counter() - req.started
         _last_call.set(CallInfo(req.model, reply_usage, cached, latency, prompt_tokens))
         return Reply(message=message, usage=reply_usage, model=info.get("model") or req.model, finish_reason=info.get("finish_reason"),
-                     cached=cached, latency=latency, retries=req.retries, prompt_tokens=prompt_tokens, api_type=self.api_type)
+                     cached=cached, latency=latency, retries=req.retries, prompt_tokens=prompt_tokens, api_type=self.api_type,
+                     cost=cost)
 
     def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
         """Send chat ``messages`` and return the reply's message dict (``request(...).message``).
@@ -387,9 +394,11 @@ class Client:
         if hit is not None:
             return hit
         self._measure(req)
-        with self.queue.slot(req.cfg, req.cost):
-            result = self.retrying(req.cfg).call(lambda n: self._chat(req.messages, self._attempt_params(req, n), req.cfg))
-        return self._finish(req, result)
+        with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
+            with self.queue.slot(req.cfg, req.cost):
+                result = self.retrying(req.cfg).call(
+                    lambda n: otel.attempt(req.model, n, self._chat, req.messages, self._attempt_params(req, n), req.cfg))
+            return self._finish(req, result)
 
     async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
         """The asyncio twin of :meth:`request`."""
@@ -400,11 +409,13 @@ class Client:
         self._measure(req)
 
         async def attempt(n: int) -> tuple:
-            return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
+            with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt
+                return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
 
-        async with self.queue.aslot(req.cfg, req.cost):
-            result = await self.retrying(req.cfg).acall(attempt)
-        return self._finish(req, result)
+        with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
+            async with self.queue.aslot(req.cfg, req.cost):
+                result = await self.retrying(req.cfg).acall(attempt)
+            return self._finish(req, result)
 
     def _attempt_params(self, req: _Request, attempt: int) -> dict:
         """The parameters of attempt number ``attempt`` (0 first): a copy, with the retry
