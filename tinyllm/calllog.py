@@ -143,20 +143,26 @@ class CallLog:
 
     Args:
         path: the SQLite file (created, with its directory, when missing; mode 0600).
-        queue_size: rows that may wait; a row that finds the queue full is dropped.
+        queue_size: rows that may wait (default :data:`QUEUE_SIZE`); a row that finds the queue full is dropped.
 
     :meth:`record` is what the calling thread pays (a put on a queue); everything
     else happens on the writer thread. Use :func:`call_log` to get the one object of a path.
     """
 
-    def __init__(self, path: str, queue_size: int = QUEUE_SIZE) -> None:
+    def __init__(self, path: str, queue_size: int | None = None) -> None:
+        # Imported here, in the calling thread, never first on the writer thread: a fork() while
+        # that thread imports would leave the module's import lock held forever in the child.
+        import sqlite3  # noqa: F401
+        import urllib.parse  # noqa: F401
+
         self.path = path
-        self.queue_size = queue_size
+        self.queue_size = QUEUE_SIZE if queue_size is None else queue_size
         self._reset()
 
     def _reset(self) -> None:
         self._queue: queue.Queue = queue.Queue(self.queue_size)
         self._lock = threading.Lock()
+        self._db_lock = threading.Lock()  # held while a connection is open; fork() waits for it
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()
         self.written = 0
@@ -208,7 +214,6 @@ class CallLog:
 
     # -- the writer thread ------------------------------------------------------------
     def _run(self) -> None:
-        conn = None
         q = self._queue
         try:
             while True:
@@ -234,7 +239,7 @@ class CallLog:
                         except Exception as exc:  # noqa: BLE001 - one odd call must not stop the log
                             self._warn("row", f"a call could not be turned into a log row: {type(exc).__name__}: {exc}")
                     if rows:
-                        conn = self._write(conn, rows)
+                        self._write(rows)
                 finally:
                     for _ in items:
                         q.task_done()
@@ -242,34 +247,32 @@ class CallLog:
             with self._lock:
                 if self._thread is threading.current_thread():  # also after an unexpected error: restartable
                     self._thread = None
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
 
-    def _write(self, conn: Any, rows: list[tuple]) -> Any:
-        """Write ``rows`` in one transaction; returns the connection to reuse (None after a failure)."""
+    def _write(self, rows: list[tuple]) -> None:
+        """Write ``rows`` in one transaction, on a connection opened for it (none stays open between
+        batches: a fork() then never copies an open SQLite connection into the child)."""
         import sqlite3
 
-        try:
-            if conn is None:
-                conn = _open_for_writing(self.path)
-            conn.execute("BEGIN IMMEDIATE")
+        with self._db_lock:
+            conn = None
             try:
-                conn.executemany(_INSERT, rows)
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-            self.written += len(rows)
-            return conn
-        except (sqlite3.Error, OSError) as exc:
-            self.dropped += len(rows)
-            self._warn("write", f"cannot write the call log {self.path}: {exc}")
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
-            return None
+                conn = _open_for_writing(self.path)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(_INSERT, rows)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+                self.written += len(rows)
+            except (sqlite3.Error, OSError) as exc:
+                self.dropped += len(rows)
+                self._warn("write", f"cannot write the call log {self.path}: {exc}")
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
 
 
 def _open_for_writing(path: str) -> Any:
@@ -482,15 +485,30 @@ def flush_all(timeout: float = 10.0) -> bool:
     return ok
 
 
+_held_at_fork: list[CallLog] = []
+
+
+def _before_fork() -> None:
+    for entry in list(_logs.values()):  # no write under way at the fork (bounded: a stuck write is not waited for)
+        if entry._db_lock.acquire(timeout=5.0):
+            _held_at_fork.append(entry)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_at_fork:
+        _held_at_fork.pop()._db_lock.release()
+
+
 def _after_fork_in_child() -> None:
     global _logs_lock
+    _held_at_fork.clear()
     _logs_lock = threading.Lock()
     for entry in _logs.values():
         entry._reset()  # the parent's queued rows are the parent's to write; the child gets its own thread
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 atexit.register(flush_all, 5.0)
 
 

@@ -901,16 +901,17 @@ def logs(ctx: click.Context, limit: int, template: str | None, model: str | None
     if not found:
         click.echo(f"no calls match in {path}", err=True)
         return
+    statuses = [rec["error"]["type"] if rec["error"] else ("cached" if rec["cached"] else "ok") for rec in found]
+    sw = min(24, max(len("STATUS"), *map(len, statuses)))
     click.echo(f"{'ID':<22}  {'TIME':<19}  {'TEMPLATE':<16}  {'MODEL':<22}  {'TOKENS':>11}  {'COST':>10}  "
-               f"{'LATENCY':>7}  {'STATUS':<8}  RESPONSE")
-    for rec in found:
-        status = rec["error"]["type"] if rec["error"] else ("cached" if rec["cached"] else "ok")
-        tokens = f"{rec['prompt_tokens'] or 0}+{rec['completion_tokens'] or 0}" if rec["usage"] else "-"
+               f"{'LATENCY':>7}  {'STATUS':<{sw}}  RESPONSE")
+    for rec, status in zip(found, statuses):
+        tokens = f"{rec['prompt_tokens'] or 0}+{rec['completion_tokens'] or 0}" if rec["prompt_tokens"] else "-"
         latency = f"{rec['latency']:.2f}s" if rec["latency"] is not None else "-"
         tname = _one_line(rec["template"] and rec["template"].replace(".system.md", ""), 16)
         shown = rec["error"]["message"] if rec["error"] else rec["response"]
         click.echo(f"{rec['id']:<22}  {_when(rec['ts'])}  {tname or '-':<16}  {_one_line(rec['model'], 22):<22}  "
-                   f"{tokens:>11}  {_usd(rec['cost']):>10}  {latency:>7}  {_one_line(status, 8):<8}  {_one_line(shown, 60)}")
+                   f"{tokens:>11}  {_usd(rec['cost']):>10}  {latency:>7}  {_one_line(status, sw):<{sw}}  {_one_line(shown, 60)}")
 
 
 @logs.command("show")
