@@ -10,6 +10,10 @@ in flight, plus this estimate is more than the budget, the call is refused with
 estimate is held while the call runs and replaced by the real cost when it is
 answered (a failed call costs nothing).
 
+The process's ``MAX_COST`` counts the cost in :func:`tinyllm.usage_stats`
+(:func:`tinyllm.reset_usage_stats` starts it over); a :class:`Budget` counts the
+replies of the calls made while it is active.
+
 A model without a price cannot be held to a budget: its calls go through, with
 one WARNING per model.
 """
@@ -113,15 +117,34 @@ class Budget:
         self.refused = 0
 
 
-_process = Budget()
+class _ProcessBudget(Budget):
+    """The process's budget: its limit is each call's ``MAX_COST``; what it has spent is the cost in
+    :func:`tinyllm.usage_stats` (so :func:`tinyllm.reset_usage_stats` starts it over)."""
+
+    @property  # type: ignore[override]
+    def spent(self) -> float:
+        return usage.total_cost()
+
+    @spent.setter
+    def spent(self, value: float) -> None:
+        pass  # the usage counters hold it
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0.0
+        self.refused = 0
+
+
+_process = _ProcessBudget()
 _active: contextvars.ContextVar[tuple[Budget, ...]] = contextvars.ContextVar("tinyllm_budgets", default=())
 _warned: set[str] = set()
-if hasattr(os, "register_at_fork"):  # a child process has its own MAX_COST
+if hasattr(os, "register_at_fork"):  # no call of the parent is in flight in a child
     os.register_at_fork(after_in_child=_process._after_fork)
 
 
 def process_budget() -> Budget:
-    """The process-wide budget: its ``spent`` counts every priced reply of this process; its limit is ``MAX_COST``."""
+    """The process-wide budget: its ``spent`` is :func:`tinyllm.usage_stats`'s ``cost`` (every priced reply since
+    start or :func:`tinyllm.reset_usage_stats`); its limit is ``MAX_COST``."""
     return _process
 
 
@@ -174,9 +197,8 @@ def hold(client: Any, req: Any) -> Iterator[None]:
 def charge(client: Any, cfg: Any, reply_usage: dict, model: str | None, asked: str | None) -> float | None:
     """Price a reply from the API, add it to :func:`tinyllm.usage_stats` and to the budgets in force; returns USD or None."""
     cost = pricing.reply_cost(client, cfg, reply_usage, model, asked)
-    usage.record_cost(cost)
+    usage.record_cost(cost)  # the process budget's spending
     if cost:
-        _process.spend(cost)
         for b in _active.get():
             b.spend(cost)
     return cost

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["usage_stats", "reset_usage_stats", "record", "record_cost"]
+__all__ = ["usage_stats", "reset_usage_stats", "record", "record_cost", "total_cost"]
 
 _FIELDS = ("calls", "cached_calls", "retries", "prompt_tokens", "completion_tokens", "total_tokens")
 _lock = threading.Lock()
@@ -28,6 +28,12 @@ def record_cost(cost: float | None) -> None:
         else:
             _cost["cost"] += cost
             _cost["priced_calls"] += 1
+
+
+def total_cost() -> float:
+    """USD of the priced replies since start or the last :func:`reset_usage_stats` (the process's ``MAX_COST`` counts it)."""
+    with _lock:
+        return _cost["cost"]
 
 
 def usage_stats() -> dict[str, Any]:
