@@ -81,9 +81,10 @@ class Budget:
         with self._lock:
             if limit is not None and self.spent + self.in_flight + estimate > limit + 1e-12:
                 self.refused += 1
+                usd = pricing.usd
                 raise BudgetExceededError(
-                    f"the budget of ${limit:.4f} could be exceeded: spent ${self.spent:.4f}, in flight up to "
-                    f"${self.in_flight:.4f}, and this call to {model} could cost up to ${estimate:.4f}; "
+                    f"the budget of {usd(limit)} could be exceeded: spent {usd(self.spent)}, in flight up to "
+                    f"{usd(self.in_flight)}, and this call to {model} could cost up to {usd(estimate)}; "
                     "nothing was sent",
                     limit=limit, spent=self.spent, in_flight=self.in_flight, estimate=estimate, model=model)
             self.in_flight += estimate

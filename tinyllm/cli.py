@@ -264,10 +264,10 @@ def _show(value: Any) -> str:
 
 
 def _usd(cost: float | None) -> str:
-    """USD as text: ``$0.0123``, small amounts with more digits, ``unknown`` for None."""
-    if cost is None:
-        return "unknown"
-    return f"${cost:.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
+    """USD as text (``$0.0123``, ``$0.000016``; ``unknown`` for None)."""
+    from .pricing import usd
+
+    return usd(cost)
 
 
 def _cost_text(spent: float, unpriced: int) -> str:
@@ -702,8 +702,8 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     if unknown:
         click.echo(f"note: dropped the lines of {unknown} id(s) of {output_path} that are not in the input", err=True)
     if over_budget is not None:
-        _error(f"stopped at the budget of ${over_budget.limit:.4f} (spent ${run_budget.spent:.4f}; the next call "
-               f"could cost up to ${over_budget.estimate:.4f}); run the same command again to go on")
+        _error(f"stopped at the budget of {_usd(over_budget.limit)} (spent {_usd(run_budget.spent)}; the next call "
+               f"could cost up to {_usd(over_budget.estimate)}); run the same command again to go on")
         ctx.exit(EXIT_FAILED)
     if failed:
         kinds: dict[str, int] = {}

@@ -23,11 +23,18 @@ import functools
 import logging
 from typing import Any
 
-__all__ = ["reply_cost", "estimate_cost", "model_prices"]
+__all__ = ["reply_cost", "estimate_cost", "model_prices", "usd"]
 
 log = logging.getLogger("tinyllm")
 #: api_type -> genai-prices provider id; other clients are local or unknown: no price
 PROVIDERS = {"openai": "openai", "azure": "azure"}
+
+
+def usd(cost: float | None) -> str:
+    """USD as text: ``$1.2345``, amounts under a cent with six decimals (``$0.000016``), ``unknown`` for None."""
+    if cost is None:
+        return "unknown"
+    return f"${cost:.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
 
 
 def _tokens(usage: dict) -> tuple[int, int, int, int] | None:
