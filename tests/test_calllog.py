@@ -320,6 +320,7 @@ def test_logs_show_prints_one_call_whole(filled):
     assert "--- reply ---\n42" in text and "batch:     batch-one" in text and "cost:      $" in text
     whole = json.loads(run("logs", "show", newest_ok["id"], "--db", db, "--json").stdout)
     assert whole == newest_ok
+    assert json.loads(run("logs", "--db", db, "show", newest_ok["id"], "--json").stdout) == newest_ok
     failed = run("logs", "show", "last", "--db", db).stdout
     assert "error:     BadRequestError: " in failed
     missing = run("logs", "show", "ffff", "--db", db)

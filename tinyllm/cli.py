@@ -918,14 +918,15 @@ def logs(ctx: click.Context, limit: int, template: str | None, model: str | None
 @click.argument("call_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole record as one JSON object.")
 @_db_option
-def logs_show(call_id: str, as_json: bool, db: str | None) -> None:
+@click.pass_context
+def logs_show(ctx: click.Context, call_id: str, as_json: bool, db: str | None) -> None:
     """Print one call whole: what was sent, what came back, usage, cost, timing, error.
 
     ID is a call id from `tinyllm logs`, or its start, or `last`.
     """
     from . import calllog
 
-    conn, path = _open_log(db)
+    conn, path = _open_log(db or ctx.parent.params.get("db"))
     try:
         rec = calllog.get(conn, call_id)
     except LookupError as exc:
@@ -980,12 +981,13 @@ def logs_show(call_id: str, as_json: bool, db: str | None) -> None:
 @click.option("--batch", "batch_id", metavar="ID", help="Only the calls of one map run.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"by_model", "by_template", "by_day", "total"} as JSON.')
 @_db_option
-def logs_stats(since: float | None, template: str | None, model: str | None, batch_id: str | None, as_json: bool,
-               db: str | None) -> None:
+@click.pass_context
+def logs_stats(ctx: click.Context, since: float | None, template: str | None, model: str | None,
+               batch_id: str | None, as_json: bool, db: str | None) -> None:
     """Sum calls, tokens, cost (USD) and errors by model, by template and by day."""
     from . import calllog
 
-    conn, _ = _open_log(db)
+    conn, _ = _open_log(db or ctx.parent.params.get("db"))
     try:
         sums = calllog.stats(conn, since=since, template=template, model=model, batch_id=batch_id)
     finally:
