@@ -25,6 +25,13 @@ the SDK client's ``post`` is replaced by a function that returns a ready reply,
 and each path runs ``--stub-calls`` times in a tight loop (best of 5). It is much
 steadier than the first table on a busy machine, but lower: in the real run the
 code runs with caches cooled by the SDK and the socket calls.
+
+The second table has a row with the call log on (``LOG_CALLS=true``, a fresh SQLite
+file): the calling thread only queues each finished call, a background thread writes
+the rows. A third table gives the calling thread's own CPU time per call
+(``time.thread_time``) with the log off and on, and their difference: what logging
+costs the caller (target: under 50 µs). The writer thread's work is not in it (it runs
+on the other core, or between the caller's steps), but it is in the wall-clock row.
 """
 
 from __future__ import annotations
@@ -104,6 +111,7 @@ def main() -> None:
             if r >= args.warmup:
                 samples[name].append(elapsed / 1000)
     stub_rows = stub_costs(sender, call, messages, model, args.stub_calls) if args.stub_calls else []
+    log_rows = log_costs(sender, call, workdir, args.stub_calls) if args.stub_calls else []
     server.stop()
 
     base = statistics.median(samples[variants[0][0]])
@@ -123,6 +131,12 @@ def main() -> None:
         print("|---|---:|")
         for name, us in stub_rows:
             print(f"| {name} | {us:.1f} |")
+    if log_rows:
+        print(f"\n#### The call log: the calling thread's CPU time per call (best of 5 × {args.stub_calls} calls)\n")
+        print("| path | µs per call |")
+        print("|---|---:|")
+        for name, us in log_rows:
+            print(f"| {name} | {us:.1f} |")
 
 
 def stub_costs(sender, call, messages: list[dict], model: str, calls: int) -> list[tuple[str, float]]:
@@ -137,9 +151,61 @@ def stub_costs(sender, call, messages: list[dict], model: str, calls: int) -> li
     try:
         paths = [("tinyllm client().send_message", lambda: sender.send_message(messages)),
                  ("tinyllm LLMCall.call", lambda: call.call(n=1))]
-        return [(name, min(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1e6) for name, fn in paths]
+        out = [(name, min(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1e6) for name, fn in paths]
+        with call_log_on():
+            out.append(("tinyllm LLMCall.call, call log on (wall clock, writer thread included)",
+                        min(timeit.repeat(lambda: call.call(n=1), number=calls, repeat=5)) / calls * 1e6))
+        return out
     finally:
         del sdk.post  # back to the class's method
+
+
+class call_log_on:
+    """LOG_CALLS on, to a fresh file, while the block runs; every row written at its end."""
+
+    def __enter__(self) -> None:
+        from tinyllm import configure
+
+        self.dir = tempfile.mkdtemp(prefix="tinyllm-bench-log-")
+        configure(log_calls=True, log_db=os.path.join(self.dir, "calls.db"))
+
+    def __exit__(self, *exc: object) -> None:
+        from tinyllm import calllog, configure
+
+        calllog.flush_all(120)
+        configure(log_calls=None, log_db=None)
+
+
+def log_costs(sender, call, workdir: str, calls: int) -> list[tuple[str, float]]:
+    """The calling thread's CPU µs per ``LLMCall.call`` (network stubbed) with the call log off and on."""
+    from tinyllm import calllog, get_config
+
+    sdk = sender.sdk(get_config())
+    canned = sdk.post("/chat/completions", cast_to=object, body={"model": get_config().model,
+                                                                  "messages": call.render(n=1)})
+    sdk.post = lambda path, **kwargs: canned
+
+    def cpu_per_call(flush: bool) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.thread_time()
+            for _ in range(calls):
+                call.call(n=1)
+            best = min(best, time.thread_time() - start)
+            if flush:
+                calllog.flush_all(120)  # the next round starts with an empty queue
+        return best / calls * 1e6
+
+    try:
+        off = cpu_per_call(False)
+        with call_log_on():
+            on = cpu_per_call(True)
+            written = sum(log.written for log in calllog._logs.values())
+            dropped = sum(log.dropped for log in calllog._logs.values())
+        return [("LLMCall.call, log off", off), ("LLMCall.call, log on", on),
+                (f"logging, per call (rows written {written}, dropped {dropped})", on - off)]
+    finally:
+        del sdk.post
 
 
 if __name__ == "__main__":

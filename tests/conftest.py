@@ -3,7 +3,7 @@
 - ``server``: a started :class:`fakeserver.FakeOpenAIServer` per test.
 - ``_isolate_env`` (autouse): no TINYLLM_/OPENAI_/AZURE_OPENAI* variables, the
   test runs inside its own ``tmp_path`` (so no developer ./config.ini or ./.env
-  leaks in), and ``tinyllm.config`` overrides (``configure()``) are cleared
+  leaks in), XDG_DATA_HOME is under ``tmp_path`` (the call log's default place), and ``tinyllm.config`` overrides (``configure()``) are cleared
   before and after each test.
 """
 
@@ -52,6 +52,7 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         if name.startswith(_ENV_PREFIXES):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))  # the call log of `tinyllm call`/`map` goes here
     _clear_config_overrides()
     yield
     _clear_config_overrides()

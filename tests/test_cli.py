@@ -215,7 +215,7 @@ def test_call_json_shape(fake_env, prompts):
     result = run("call", "greet", "--prompts-dir", str(prompts), "--var", "name=Ada", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {"content", "model", "usage", "cached", "latency", "finish_reason", "messages", "retries"} <= set(data)  # the whole record
+    assert {"content", "model", "usage", "cached", "latency", "finish_reason", "messages", "retries", "cost"} <= set(data)  # the whole record
     assert data["content"] == "done Greet Ada." and data["model"] == "gpt-4o-mini" and data["cached"] is False
     assert data["usage"]["total_tokens"] > 0 and data["latency"] >= 0
 

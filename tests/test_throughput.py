@@ -500,14 +500,21 @@ def test_usage_stats_sum_exactly_under_concurrency(setup):
     assert len(answered) == 150 and len(setup.chat_requests()) == 150 + retried
     prompt = sum(_server_prompt_tokens(r.messages) for r in answered)
     completion = sum(_server_completion_tokens(text) for text in results)
-    assert usage_stats() == {
+    stats = usage_stats()
+    cost = stats.pop("cost")
+    assert stats == {
         "calls": 150,
         "cached_calls": 0,
         "retries": retried,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "unpriced_calls": 0,
     }
+    from genai_prices import Usage, calc_price  # gpt-4o-mini's price is linear: the sum of the parts
+
+    expected = calc_price(Usage(input_tokens=prompt, output_tokens=completion), "gpt-4o-mini", provider_id="openai")
+    assert cost == pytest.approx(float(expected.total_price))
     reset_usage_stats()
     assert set(usage_stats().values()) == {0}
 

@@ -7,6 +7,7 @@ import threading
 from typing import Any, Callable, Iterable
 
 from . import usage
+from .calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
 from .clients import Client, as_client
 from .clients import client as get_client
 from .errors import ConfigError, OutputParseError, ResponseError
@@ -110,6 +111,7 @@ def _fits(output_type: Any) -> Callable[[dict], bool]:
     return fits
 
 
+@observed  # calllog: a span per call and a log row, failed calls too
 def respond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
                  on_reply: Callable[[dict], None] = lambda message: None) -> Response:
     """Send ``response.messages`` through ``sender.request`` until a reply fits ``output_type``.
@@ -137,6 +139,7 @@ def respond_with(sender: Client, response: Response, params: dict, output_type: 
             return response.finish(done.value[0])
 
 
+@aobserved  # calllog: a span per call and a log row, failed calls too
 async def arespond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
                         on_reply: Callable[[dict], None] = lambda message: None) -> Response:
     """The asyncio twin of :func:`respond_with`, through ``sender.arequest``."""
@@ -267,7 +270,7 @@ class LLMCall:
         messages = prompt.render(variables)
         sender = self.client or get_client(self.api_type)
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
-        response = Response(messages, template=self.system_template_name, variables=dict(variables))
+        response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
         return sender, response, params, output_type, retries
 
     def render(self, **variables: Any) -> list[dict]:

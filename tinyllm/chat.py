@@ -144,7 +144,8 @@ class LLMChat:
         user = self._user(prompt, text, merged)
         sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
-        response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged)
+        response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged,
+                            prompt=prompt)
         return sender, response, opening, user, params, output_type, retries, merged
 
     def _commit(self, opening: list[dict], user: dict, message: dict, merged: dict) -> None:

@@ -1,7 +1,9 @@
 """The ``tinyllm`` command: list, render and call prompt templates; map a prompt over a file.
 
 Subcommands: ``prompts`` (and ``prompts show``), ``render``, ``call``, ``map``,
-``tokens``, ``cache stats|clear``, ``config``. ``python -m tinyllm`` is the same.
+``tokens``, ``cache stats|clear``, ``config``, ``logs`` (and ``logs show|stats``).
+``call`` and ``map`` write every call to the call log unless ``--no-log`` or
+``LOG_CALLS=false`` (:mod:`tinyllm.calllog`). ``python -m tinyllm`` is the same.
 
 Exit codes: 0 success; 1 an API or output error (for ``map``: any row that
 ended in error); 2 bad usage (unknown template, missing variable, bad file,
@@ -63,7 +65,12 @@ class _TinyLLM(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                calllog = sys.modules.get("tinyllm.calllog")
+                if calllog is not None:  # the rows of this command are in the log when it returns
+                    calllog.flush_all(10.0)
         except TinyLLMError as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
@@ -193,6 +200,26 @@ def _model_options(f: Callable) -> Callable:
     return f
 
 
+def _set_no_log(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta["tinyllm.no_log"] = True
+
+
+def _log_option(f: Callable) -> Callable:
+    return click.option("--no-log", is_flag=True, expose_value=False, callback=_set_no_log,
+                        help="Do not write these calls to the call log (default: logged, unless LOG_CALLS=false).")(f)
+
+
+def _turn_on_log(ctx: click.Context) -> None:
+    """The command logs its calls: LOG_CALLS on, unless --no-log or the setting was given (e.g. LOG_CALLS=false)."""
+    from .config import configure, get_config
+
+    if ctx.meta.get("tinyllm.no_log"):
+        configure(log_calls=False)
+    elif get_config().source("LOG_CALLS") == "default":
+        configure(log_calls=True)
+
+
 def _resolve(name: str, dirs: list[str]) -> tuple[str, Any]:
     """(template name to give LLMCall, Prompt). ``NAME`` without ``.system.`` means ``NAME.system.md``
     (or ``NAME.system.<ext>``), else the file ``NAME`` itself: ``load_prompt`` resolves short names
@@ -214,6 +241,7 @@ def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None,
     llm = LLMCall(template, prompts_dir=_search_dirs(ctx), api_type=api_type, **params)
     if cache is not None:
         force_api_cache(cache)
+    _turn_on_log(ctx)
     client(api_type)  # ConfigError (exit 2) now: unknown api_type, or no backend configured
     return llm
 
@@ -231,6 +259,20 @@ def _dumps(value: Any, **kw: Any) -> str:
 def _show(value: Any) -> str:
     """A call's result as text: a str as is, anything else (coerced output types) as JSON."""
     return value if isinstance(value, str) else _dumps(_plain(value))
+
+
+def _usd(cost: float | None) -> str:
+    """USD as text (``$0.0123``, ``$0.000016``; ``unknown`` for None)."""
+    from .pricing import usd
+
+    return usd(cost)
+
+
+def _cost_text(spent: float, unpriced: int) -> str:
+    """A run's cost: the priced replies' sum, and how many replies had no known price."""
+    if unpriced and not spent:
+        return f"unknown ({unpriced} call(s) to a model without a price)"
+    return _usd(spent) + (f" + {unpriced} call(s) without a price" if unpriced else "")
 
 
 def _short_name(prompt: Any) -> str:
@@ -353,7 +395,8 @@ def render(ctx: click.Context, name: str, variables: dict, model: str | None, as
 @click.option("--stream/--no-stream", default=None,
               help="Print the reply as it is written (default: when stdout is a terminal and not --json).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the complete call record (content, model, usage, cached, latency, ...) as JSON at the end.")
+              help="Print the complete call record (content, model, usage, cost in USD or null, cached, latency, ...) as JSON at the end.")
+@_log_option
 @_prompts_dir_option
 @click.pass_context
 def call(ctx: click.Context, name: str, variables: dict, model: str | None, api_type: str | None,
@@ -589,13 +632,17 @@ def _exit_now(code: int) -> None:
               help="Default: from the input's extension (.csv, else jsonl).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress on stderr: a bar on a terminal, else a plain line at every 1% (and every 30 s).")
+@click.option("--max-cost", type=click.FloatRange(min=0), metavar="USD",
+              help="Stop sending once the next call could take this run past USD; rerun to resume.")
+@_log_option
 @_var_option
 @_model_options
 @_prompts_dir_option
 @click.pass_context
 def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concurrency: int | None, id_field: str,
-         input_format: str | None, progress: bool, variables: dict, model: str | None, api_type: str | None,
-         temperature: float | None, max_tokens: int | None, cache: bool | None, prompts_dirs: tuple[str, ...]) -> None:
+         input_format: str | None, progress: bool, max_cost: float | None, variables: dict, model: str | None,
+         api_type: str | None, temperature: float | None, max_tokens: int | None, cache: bool | None,
+         prompts_dirs: tuple[str, ...]) -> None:
     """Run NAME once per row of --input; write {"id", "content"} or {"id", "error"} lines to --output.
 
     Columns (CSV) or keys (JSONL) are the variables, over the --var values.
@@ -608,10 +655,19 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     input order. One run at a time per output file. Exit status 1 if any row
     ended in error; 130 if interrupted (the first Ctrl-C stops at once,
     keeping every finished row).
+
+    With --max-cost, a call that could take the run's cost past it is not sent
+    (its worst case: prompt tokens plus max_tokens at the model's prices): the
+    run stops sending, finishes the calls in flight, writes what is done, and
+    exits with status 1; run it again to go on. The last line on stderr sums
+    the run's cost in USD.
     """
-    from . import usage
+    import contextvars
+
+    from . import calllog, usage
+    from .budget import Budget
     from .config import configure, get_config
-    from .errors import BatchError
+    from .errors import BatchError, BudgetExceededError
     from .runner import Runner
 
     if input_path == "-" and ctx.meta.get("tinyllm.var_reads_stdin"):
@@ -625,10 +681,14 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     if concurrency is not None:
         configure(max_concurrent_requests=concurrency, queue_size=max(concurrency, get_config().queue_size))
     llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache)
-    cached_before = usage.usage_stats()["cached_calls"]
+    stats_before = usage.usage_stats()
+    cached_before = stats_before["cached_calls"]
+    run_budget = Budget(max_cost)  # also sums the run's cost without a limit
+    with calllog.batch(), run_budget.activate():  # every row runs in a copy of this context: budget and batch id
+        context = contextvars.copy_context()
 
     def one_row(row: dict) -> Any:
-        return llm.call(**{**variables, **row})
+        return context.copy().run(llm.call, **{**variables, **row})
 
     runner = Runner(one_row, max_workers=concurrency or get_config().max_concurrent_requests, progress=progress,
                     desc=_short_name(llm.prompt), unit="row",
@@ -636,7 +696,7 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     with _readable_twice(input_path) as source:
         try:
             s = runner.to_jsonl(lambda: _rows(source, input_path, fmt, id_field), out_path, line=_result_line,
-                                fatal=(ConfigError,))
+                                fatal=(ConfigError,), stop_on=(BudgetExceededError,))
         except BatchError as exc:
             raise CLIError(str(exc)) from exc
         except OSError as exc:
@@ -648,12 +708,20 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
         if s.abandoned:
             _exit_now(EXIT_INTERRUPTED)
         ctx.exit(EXIT_INTERRUPTED)
-    from_cache = usage.usage_stats()["cached_calls"] - cached_before
+    stats_after = usage.usage_stats()
+    from_cache = stats_after["cached_calls"] - cached_before
     note = f" ({from_cache} from the cache)" if from_cache else ""
-    click.echo(f"{s.total} rows: {s.done_now} done now{note}, {s.done_before} done before, {s.failed} failed "
-               f"-> {output_path}", err=True)
+    unpriced = stats_after["unpriced_calls"] - stats_before["unpriced_calls"]
+    over_budget = s.stopped_by
+    left = f", {s.total - s.done_before - s.done_now - s.failed} not sent (budget)" if over_budget is not None else ""
+    click.echo(f"{s.total} rows: {s.done_now} done now{note}, {s.done_before} done before, {s.failed} failed{left} "
+               f"-> {output_path}; cost {_cost_text(run_budget.spent, unpriced)}", err=True)
     if s.dropped:
         click.echo(f"note: dropped the lines of {s.dropped} id(s) of {output_path} that are not in the input", err=True)
+    if over_budget is not None:
+        _error(f"stopped at the budget of {_usd(over_budget.limit)} (spent {_usd(run_budget.spent)}; the next call "
+               f"could cost up to {_usd(over_budget.estimate)}); run the same command again to go on")
+        ctx.exit(EXIT_FAILED)
     if s.failed:
         summary = ", ".join(f"{k} x{v}" for k, v in sorted(s.failed_kinds.items()))
         _error(f"{s.failed} of {s.total} rows failed ({summary}); run the same command again to retry them")
@@ -782,6 +850,217 @@ def cache_clear(file: str | None) -> None:
     finally:
         c.close()
     click.echo(f"cleared {n} entries from {path}")
+
+
+# -- logs -----------------------------------------------------------------------------
+
+
+def _db_option(f: Callable) -> Callable:
+    return click.option("--db", "db", type=click.Path(dir_okay=False),
+                        help="The call log file (default: the LOG_DB setting, else calls.db in the user's data directory).")(f)
+
+
+def _open_log(db: str | None) -> tuple[Any, str]:
+    """(read connection, path) of the call log; CLIError when there is none or it cannot be read."""
+    import sqlite3
+
+    from . import calllog
+    from .config import get_config
+
+    path = os.path.abspath(os.path.expanduser(db)) if db else calllog.log_path(get_config())
+    try:
+        return calllog.connect(path), path
+    except FileNotFoundError:
+        raise CLIError(f"no call log at {path} yet: calls are logged by `tinyllm call` and `tinyllm map`, "
+                       "and by the library with LOG_CALLS=true", EXIT_FAILED) from None
+    except sqlite3.Error as exc:
+        raise CLIError(f"cannot read the call log {path}: {exc}", EXIT_FAILED) from exc
+
+
+def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``30m``, ``2h``, ``7d``, ``1w`` (ago), or an ISO date or time (local) -> Unix time."""
+    import re
+    import time
+    from datetime import datetime
+
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value)
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    try:
+        return datetime.fromisoformat(value.strip()).timestamp()
+    except ValueError:
+        raise click.BadParameter(f"expected a duration such as 30m, 2h, 7d, or a date such as 2026-11-30, got {value!r}",
+                                 ctx, param) from None
+
+
+def _since_option(f: Callable) -> Callable:
+    return click.option("--since", callback=_parse_since, metavar="WHEN",
+                        help="Only calls since WHEN: 30m, 2h, 7d, 1w ago, or a date/time such as 2026-11-30.")(f)
+
+
+def _when(ts: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _one_line(text: Any, width: int) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@cli.group(invoke_without_command=True)
+@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="How many calls.")
+@click.option("--template", "-t", help="Only calls of this template (NAME or NAME.system.md).")
+@click.option("--model", "-m", help="Only calls that asked for or got this model (* and ? glob).")
+@_since_option
+@click.option("--errors", is_flag=True, help="Only failed calls.")
+@click.option("--batch", "batch_id", metavar="ID", help="Only the calls of one map run (its batch id, or its start).")
+@click.option("-q", "text", metavar="QUERY", help="Full-text search (SQLite FTS5 syntax) in templates, variables, "
+                                                  "messages, replies and errors.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per call and line.")
+@_db_option
+@click.pass_context
+def logs(ctx: click.Context, limit: int, template: str | None, model: str | None, since: float | None, errors: bool,
+         batch_id: str | None, text: str | None, as_json: bool, db: str | None) -> None:
+    """List recent calls from the call log, newest first.
+
+    `tinyllm logs show ID` prints one call whole; `tinyllm logs stats` sums calls,
+    tokens, cost and errors by model, template and day. `tinyllm call` and `tinyllm map`
+    log every call unless --no-log or LOG_CALLS=false; the library logs with LOG_CALLS=true.
+    """
+    import sqlite3
+
+    from . import calllog
+
+    if ctx.invoked_subcommand is not None:
+        return
+    conn, path = _open_log(db)
+    try:
+        found = calllog.query(conn, limit=limit, template=template, model=model, since=since, errors=errors,
+                              batch_id=batch_id, text=text)
+    except sqlite3.OperationalError as exc:
+        raise CLIError(f"bad search query {text!r}: {exc}" if text else f"cannot read the call log {path}: {exc}") from exc
+    finally:
+        conn.close()
+    if as_json:
+        for rec in found:
+            click.echo(_dumps(rec))
+        return
+    if not found:
+        click.echo(f"no calls match in {path}", err=True)
+        return
+    statuses = [rec["error"]["type"] if rec["error"] else ("cached" if rec["cached"] else "ok") for rec in found]
+    sw = min(24, max(len("STATUS"), *map(len, statuses)))
+    click.echo(f"{'ID':<22}  {'TIME':<19}  {'TEMPLATE':<16}  {'MODEL':<22}  {'TOKENS':>11}  {'COST':>10}  "
+               f"{'LATENCY':>7}  {'STATUS':<{sw}}  RESPONSE")
+    for rec, status in zip(found, statuses):
+        tokens = f"{rec['prompt_tokens'] or 0}+{rec['completion_tokens'] or 0}" if rec["prompt_tokens"] else "-"
+        latency = f"{rec['latency']:.2f}s" if rec["latency"] is not None else "-"
+        tname = _one_line(rec["template"] and rec["template"].replace(".system.md", ""), 16)
+        shown = rec["error"]["message"] if rec["error"] else rec["response"]
+        click.echo(f"{rec['id']:<22}  {_when(rec['ts'])}  {tname or '-':<16}  {_one_line(rec['model'], 22):<22}  "
+                   f"{tokens:>11}  {_usd(rec['cost']):>10}  {latency:>7}  {_one_line(status, sw):<{sw}}  {_one_line(shown, 60)}")
+
+
+@logs.command("show")
+@click.argument("call_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole record as one JSON object.")
+@_db_option
+@click.pass_context
+def logs_show(ctx: click.Context, call_id: str, as_json: bool, db: str | None) -> None:
+    """Print one call whole: what was sent, what came back, usage, cost, timing, error.
+
+    ID is a call id from `tinyllm logs`, or its start, or `last`.
+    """
+    from . import calllog
+
+    conn, path = _open_log(db or ctx.parent.params.get("db"))
+    try:
+        rec = calllog.get(conn, call_id)
+    except LookupError as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        conn.close()
+    if rec is None:
+        raise CLIError(f"no call with id {call_id!r} in {path}", EXIT_FAILED)
+    if as_json:
+        click.echo(_dumps(rec, indent=2))
+        return
+    usage_ = rec["usage"] or {}
+    endpoint = rec["endpoint"] or {}
+    where = endpoint.get("base_url") or endpoint.get("endpoint") or endpoint.get("model_file") or ""
+    fields = [
+        ("id", rec["id"]), ("time", _when(rec["ts"])),
+        ("template", " ".join(filter(None, [rec["template"] or "(none)", rec["template_path"] and f"({rec['template_path']})",
+                                            rec["template_hash"] and f"sha256 {rec['template_hash']}"]))),
+        ("model", f"{rec['model']}" + (f" (asked {rec['model_requested']})" if rec["model_requested"] not in (None, rec["model"]) else "")),
+        ("backend", f"{rec['api_type']} {where}".strip()),
+        ("params", _dumps(rec["params"])), ("variables", _dumps(rec["variables"])),
+        ("usage", f"{usage_.get('prompt_tokens', 0)} prompt + {usage_.get('completion_tokens', 0)} completion = "
+                  f"{usage_.get('total_tokens', 0)} tokens" if usage_ else "-"),
+        ("cost", _usd(rec["cost"])),
+        ("latency", (f"{rec['latency']:.3f} s" if rec["latency"] is not None else "-")
+         + (f", first token after {rec['ttft']:.3f} s" if rec["ttft"] is not None else "")),
+        ("cached", "yes" if rec["cached"] else "no"), ("retries", f"{rec['retries']} (output retries: {rec['output_retries']})"),
+        ("finish", rec["finish_reason"] or "-"), ("batch", rec["batch_id"] or "-"),
+    ]
+    if rec["error"]:
+        fields.append(("error", f"{rec['error']['type']}: {rec['error']['message']}"))
+    for key, value in fields:
+        click.echo(f"{key + ':':<11}{value}")
+    for m in rec["messages"] or []:
+        click.echo(f"\n--- {m.get('role')} ---")
+        click.echo(m.get("content") if isinstance(m.get("content"), str) else _dumps(m.get("content")))
+    reply = rec["reply"]
+    if reply is not None:
+        click.echo("\n--- reply ---")
+        if reply.get("content") is not None:
+            click.echo(reply["content"])
+        if reply.get("tool_calls"):
+            click.echo("tool calls: " + _dumps(reply["tool_calls"], indent=2))
+        if reply.get("refusal"):
+            click.echo(f"refusal: {reply['refusal']}")
+
+
+@logs.command("stats")
+@_since_option
+@click.option("--template", "-t", help="Only calls of this template.")
+@click.option("--model", "-m", help="Only calls of this model (* and ? glob).")
+@click.option("--batch", "batch_id", metavar="ID", help="Only the calls of one map run.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"by_model", "by_template", "by_day", "total"} as JSON.')
+@_db_option
+@click.pass_context
+def logs_stats(ctx: click.Context, since: float | None, template: str | None, model: str | None,
+               batch_id: str | None, as_json: bool, db: str | None) -> None:
+    """Sum calls, tokens, cost (USD) and errors by model, by template and by day."""
+    from . import calllog
+
+    conn, _ = _open_log(db or ctx.parent.params.get("db"))
+    try:
+        sums = calllog.stats(conn, since=since, template=template, model=model, batch_id=batch_id)
+    finally:
+        conn.close()
+    if as_json:
+        click.echo(_dumps(sums, indent=2))
+        return
+    header = ("CALLS", "PROMPT TOK", "COMPL TOK", "COST", "UNPRICED", "ERRORS", "CACHED")
+    for group, label in (("by_model", "model"), ("by_template", "template"), ("by_day", "day")):
+        rows = [(str(r[label]), str(r["calls"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
+                 _usd(r["cost"]) if r["cost"] is not None or not r["unpriced"] else "unknown",
+                 str(r["unpriced"] or 0), str(r["errors"] or 0), str(r["cached"] or 0)) for r in sums[group]]
+        width = max([len(label)] + [len(r[0]) for r in rows])
+        click.echo(f"{label.upper():<{width}}  " + "  ".join(f"{h:>10}" for h in header))
+        for r in rows:
+            click.echo(f"{r[0]:<{width}}  " + "  ".join(f"{v:>10}" for v in r[1:]))
+        click.echo()
+    t = sums["total"][0]
+    click.echo(f"total: {t['calls']} calls, {t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens, "
+               f"cost {_usd(t['cost']) if t['cost'] is not None or not t['unpriced'] else 'unknown'}"
+               + (f" (+ {t['unpriced']} call(s) without a price)" if t["unpriced"] and t["cost"] is not None else "")
+               + f", {t['errors'] or 0} errors")
 
 
 @cli.command("config")

@@ -64,6 +64,33 @@ def _parse_mapping(text: str) -> dict[str, str]:
     return out
 
 
+_PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+
+
+def _check_prices(value: Any) -> dict[str, dict[str, float]]:
+    """``{model: {input_per_mtok, output_per_mtok[, cached_input_per_mtok]}}`` with numbers >= 0 (USD)."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object {model: {input_per_mtok, output_per_mtok}}")
+    out: dict[str, dict[str, float]] = {}
+    for model, price in value.items():
+        if not isinstance(price, dict) or not {"input_per_mtok", "output_per_mtok"} <= price.keys():
+            raise ValueError(f"the price of {model!r} needs input_per_mtok and output_per_mtok")
+        unknown = set(price) - set(_PRICE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(unknown)} in the price of {model!r}; known: {', '.join(_PRICE_KEYS)}")
+        numbers = {}
+        for key, number in price.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
+                raise ValueError(f"{model!r} {key} must be a number >= 0, got {number!r}")
+            numbers[key] = float(number)
+        out[str(model)] = numbers
+    return out
+
+
+def _parse_prices(text: str) -> dict[str, dict[str, float]]:
+    return _check_prices(json.loads(text))
+
+
 def _parse_paths(text: str) -> list[str]:
     return [p for p in text.split(os.pathsep) if p.strip()]
 
@@ -160,6 +187,10 @@ class Config:
     redis_prefix: str = _setting("tinyllm", _str, "prefix of every Redis key tinyllm writes")
     redis_cache_ttl: float = _setting(0.0, _nonneg(float), "seconds a Redis cache entry lives; 0 = no expiry")
     redis_slot_lease: float = _setting(600.0, _positive_float, "seconds a cluster-wide request slot is held at most when its holder dies; above TIMEOUT")
+    log_calls: bool = _setting(False, _parse_bool, "write one row per call to the call log (LOG_DB); the tinyllm command turns it on unless --no-log")
+    log_db: str | None = _setting(None, _str, "the call log's SQLite file; default: calls.db in the user's data directory")
+    max_cost: float | None = _setting(None, _nonneg(float), "USD this process may spend; a call that could exceed it is refused before sending")
+    prices: dict = _setting({}, _parse_prices, 'USD per million tokens over the genai-prices table: {"model": {"input_per_mtok": 1, "output_per_mtok": 2}}')
     secrets: dict = field(default_factory=dict, repr=False, compare=False)
     sources: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -323,6 +354,11 @@ def _parse(key: str, raw: Any, source: str) -> Any:
         if not all(isinstance(p, (str, os.PathLike)) and isinstance(os.fspath(p), str) for p in items):
             raise _bad(key, raw, source, "expected a path or a list of paths")
         return [os.fspath(p) for p in items]
+    if key == "PRICES" and isinstance(raw, dict):
+        try:
+            return _check_prices(raw)
+        except ValueError as exc:
+            raise _bad(key, raw, source, str(exc)) from exc
     if key == "AZURE_DEPLOYMENTS" and isinstance(raw, dict):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
             raise _bad(key, raw, source, "expected a dict of model name -> deployment name strings")
@@ -333,7 +369,8 @@ def _parse(key: str, raw: Any, source: str) -> Any:
         raw = str(raw)
     if not isinstance(raw, str):
         expected = {"PROMPTS_DIRS": "a string, a path or a list of paths",
-                    "AZURE_DEPLOYMENTS": "a string or a dict of str -> str"}.get(
+                    "AZURE_DEPLOYMENTS": "a string or a dict of str -> str",
+                    "PRICES": "a JSON string or a dict"}.get(
                         key, "a string or a path" if parser is _str else "a string or a number")
         raise _bad(key, raw, source, f"expected {expected}, not {type(raw).__name__}")
     if raw.strip() == "":
@@ -425,8 +462,8 @@ def configure(**overrides: Any) -> None:
 
     Keys are the config keys in lower case (``configure(max_attempts=3)``);
     values may be typed (``3``) or strings (``"3"``); a path setting may be a
-    ``Path`` (``prompts_dirs`` also a list of them), ``azure_deployments`` a
-    ``dict``. ``None`` removes an override, so the lower layers apply again.
+    ``Path`` (``prompts_dirs`` also a list of them), ``azure_deployments`` and
+    ``prices`` a ``dict``. ``None`` removes an override, so the lower layers apply again.
 
     Raises:
         ConfigError: an unknown key, or a value that does not parse or is of another type.

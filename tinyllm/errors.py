@@ -23,7 +23,8 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     ├── ResponseError
     ├── OutputParseError
     ├── QueueFullError
-    └── BatchError                       (a batch's output file or row ids cannot be used)
+    ├── BatchError                       (a batch's output file or row ids cannot be used)
+    └── BudgetExceededError
 
 Error messages never contain an API key: :class:`APIError` keeps only the
 status code, the request id, the response headers and the response body, all
@@ -59,6 +60,7 @@ __all__ = [
     "OutputParseError",
     "QueueFullError",
     "BatchError",
+    "BudgetExceededError",
 ]
 
 
@@ -241,3 +243,24 @@ class QueueFullError(TinyLLMError):
 
 class BatchError(TinyLLMError):
     """A batch cannot run: another run holds its output file, the file is unreadable, or two rows share an id."""
+
+
+class BudgetExceededError(TinyLLMError):
+    """The call could cost more than what is left of the budget (``MAX_COST``, or a
+    ``map`` run's ``--max-cost``); it was refused before anything was sent.
+
+    The call's worst-case cost is its prompt tokens plus its ``max_tokens`` (else
+    the rest of the model's context window) at the model's prices; calls in flight
+    count at their worst case until they are answered.
+
+    Attributes:
+        limit (float): the budget, USD.
+        spent (float): USD spent so far under it.
+        in_flight (float): worst-case USD of the calls under way.
+        estimate (float): the refused call's worst-case USD.
+        model (str): the model it would have asked.
+    """
+
+    def __init__(self, message: str, *, limit: float, spent: float, in_flight: float, estimate: float, model: str):
+        self.limit, self.spent, self.in_flight, self.estimate, self.model = limit, spent, in_flight, estimate, model
+        super().__init__(message)

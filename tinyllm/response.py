@@ -44,6 +44,10 @@ class Response:
         api_type: the client that answered (``openai``, ``llamacpp``, ...).
         template: the system template's name, or None (a chat without templates).
         variables: the template variables of the call (``dict``).
+        cost: USD summed over the replies (:mod:`tinyllm.pricing`; a cached reply costs 0.0),
+            or None when a reply's price is unknown (a local model) or no reply came.
+        prompt: the loaded :class:`~tinyllm.templates.Prompt` the messages were rendered
+            from (its files' paths and hash go to the call log), or None.
     """
 
     messages: list[dict]
@@ -61,6 +65,8 @@ class Response:
     template: str | None = None
     variables: dict = field(default_factory=dict)
     usage_counted_locally: bool = False
+    cost: float | None = None
+    prompt: Any = field(default=None, repr=False)
     _started: float = field(default_factory=time.perf_counter, repr=False)
     _replies: int = field(default=0, repr=False)
     _stream: Any = field(default=None, repr=False)
@@ -158,6 +164,8 @@ class Response:
         for name in _USAGE_FIELDS:
             value = reply.usage.get(name)
             self.usage[name] = self.usage.get(name, 0) + (value if isinstance(value, int) else 0)
+        cost = getattr(reply, "cost", None)
+        self.cost = cost if self._replies == 0 else (None if self.cost is None or cost is None else self.cost + cost)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)
         self.output_retries = self._replies
         self._replies += 1
@@ -184,5 +192,5 @@ class Response:
             "cached": self.cached, "latency": self.latency, "time_to_first_token": self.time_to_first_token,
             "retries": self.retries, "output_retries": self.output_retries, "api_type": self.api_type,
             "usage_counted_locally": self.usage_counted_locally,
-            "template": self.template, "variables": self.variables,
+            "template": self.template, "variables": self.variables, "cost": self.cost,
         }

@@ -63,7 +63,9 @@ class BatchSummary:
     (``failed_kinds``: error type name -> count); ``dropped`` lines of ids not in
     the input were left out of the final file; ``interrupted``: stopped by Ctrl-C
     (the file then holds the finished rows in the order they finished);
-    ``abandoned``: calls still running when it stopped (their rows are not in the file).
+    ``abandoned``: calls still running when it stopped (their rows are not in the file);
+    ``stopped_by``: the ``stop_on`` error that stopped the sending (its row and the rows
+    never sent have no line, so a rerun sends them), else None.
     """
 
     total: int = 0
@@ -74,6 +76,7 @@ class BatchSummary:
     dropped: int = 0
     interrupted: bool = False
     abandoned: int = 0
+    stopped_by: BaseException | None = None
 
     @property
     def in_file(self) -> int:
@@ -236,6 +239,12 @@ class Runner:
         self.window = window or max(2, 2 * self.max_workers)
         self.chunk_size, self.progress, self.desc, self.unit, self.counters = chunk_size, progress, desc, unit, counters
         self.abandoned = 0
+        self._halt = threading.Event()
+
+    def halt(self) -> None:
+        """Stop sending: no more items are started; those running finish and are yielded
+        by :meth:`results`, which then ends (e.g. when a budget is reached)."""
+        self._halt.set()
 
     # -- the engine -------------------------------------------------------------------
 
@@ -257,6 +266,7 @@ class Runner:
         (their number: :attr:`abandoned`).
         """
         self.abandoned = 0
+        self._halt.clear()
         owned = self.executor is None
         pool = self.executor or concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="tinyllm-run")
         finished: queue.Queue = queue.Queue()
@@ -269,7 +279,7 @@ class Runner:
         try:
             with _first_sigint_sets(stop):
                 while True:
-                    while not exhausted and not stop.is_set() and len(pending) < self.window:
+                    while not exhausted and not stop.is_set() and not self._halt.is_set() and len(pending) < self.window:
                         chunk = [pair for _, pair in zip(range(self.chunk_size), source)]
                         if not chunk:
                             exhausted = True
@@ -352,7 +362,8 @@ class Runner:
 
     def to_jsonl(self, rows: Callable[[], Iterable[tuple[Any, Any]]], path: str | os.PathLike[str], *,
                  line: Callable[[Any, Any, BaseException | None], str],
-                 fatal: tuple[type[BaseException], ...] = ()) -> BatchSummary:
+                 fatal: tuple[type[BaseException], ...] = (),
+                 stop_on: tuple[type[BaseException], ...] = ()) -> BatchSummary:
         """Run ``fn`` on each row and keep one JSON line per row in the file ``path``.
 
         Args:
@@ -366,6 +377,10 @@ class Runner:
                 the newline; a line with ``"content"`` and no ``"error"`` marks the row done.
             fatal: error types that stop the whole run (raised after the rows
                 already finished are written), e.g. a configuration error.
+            stop_on: error types that stop the sending but not the run (e.g.
+                BudgetExceededError): the calls in flight finish and are written,
+                the row that raised it gets no line (a rerun sends it), and
+                ``summary.stopped_by`` holds the first such error.
 
         Every finished row's line is appended and handed to the OS at once; the
         progress counts a row only after that. When all rows have a line, the
@@ -393,6 +408,10 @@ class Runner:
                 for outcome in run:
                     if fatal and isinstance(outcome.error, fatal):
                         raise outcome.error
+                    if stop_on and isinstance(outcome.error, stop_on):
+                        summary.stopped_by = summary.stopped_by or outcome.error
+                        self.halt()
+                        continue
                     ok = outcome.error is None
                     out.append(outcome.tag, line(outcome.tag, outcome.value, outcome.error), ok)
                     if ok:
@@ -406,7 +425,8 @@ class Runner:
                 return summary
             finally:
                 run.close()
-            summary.dropped = out.finish()
+            if summary.stopped_by is None:
+                summary.dropped = out.finish()
         return summary
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-__all__ = ["usage_stats", "reset_usage_stats", "record"]
+__all__ = ["usage_stats", "reset_usage_stats", "record", "record_cost", "total_cost"]
 
 _FIELDS = ("calls", "cached_calls", "retries", "prompt_tokens", "completion_tokens", "total_tokens")
 _lock = threading.Lock()
 _stats = dict.fromkeys(_FIELDS, 0)
+_cost = {"cost": 0.0, "priced_calls": 0, "unpriced_calls": 0}
 
 
 def record(**counts: int) -> None:
@@ -18,18 +20,40 @@ def record(**counts: int) -> None:
             _stats[name] += value
 
 
-def usage_stats() -> dict[str, int]:
+def record_cost(cost: float | None) -> None:
+    """Add one answered request's cost in USD (None: its price is unknown)."""
+    with _lock:
+        if cost is None:
+            _cost["unpriced_calls"] += 1
+        else:
+            _cost["cost"] += cost
+            _cost["priced_calls"] += 1
+
+
+def total_cost() -> float:
+    """USD of the priced replies since start or the last :func:`reset_usage_stats` (the process's ``MAX_COST`` counts it)."""
+    with _lock:
+        return _cost["cost"]
+
+
+def usage_stats() -> dict[str, Any]:
     """Totals since start or the last :func:`reset_usage_stats`.
 
     Returns:
-        dict[str, int] with ``calls`` (requests answered, from the API or the
-        cache), ``cached_calls`` (answered from the cache), ``retries`` (extra
-        HTTP attempts), and ``prompt_tokens``, ``completion_tokens``,
-        ``total_tokens`` as the API's ``usage`` reported them, summed over
-        every attempt that returned usage.
+        dict with ``calls`` (requests answered, from the API or the cache),
+        ``cached_calls`` (answered from the cache), ``retries`` (extra HTTP
+        attempts), and ``prompt_tokens``, ``completion_tokens``, ``total_tokens``
+        as the API's ``usage`` reported them, summed over every attempt that
+        returned usage (ints); ``cost``: USD (float) summed over the API replies
+        whose price is known (see :mod:`tinyllm.pricing`; cache hits cost
+        nothing), None when replies came but none had a known price;
+        ``unpriced_calls``: API replies whose price is unknown (a local model).
     """
     with _lock:
-        return dict(_stats)
+        out: dict[str, Any] = dict(_stats)
+        out["cost"] = None if (_cost["unpriced_calls"] and not _cost["priced_calls"]) else _cost["cost"]
+        out["unpriced_calls"] = _cost["unpriced_calls"]
+        return out
 
 
 def reset_usage_stats() -> None:
@@ -37,3 +61,4 @@ def reset_usage_stats() -> None:
     with _lock:
         for name in _FIELDS:
             _stats[name] = 0
+        _cost.update(cost=0.0, priced_calls=0, unpriced_calls=0)

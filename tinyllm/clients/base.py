@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from .. import cache as cache_mod
 from .. import models, retry, tokens, usage
+from .. import budget, otel, pricing  # cost, budgets, spans (tinyllm/budget.py, otel.py, pricing.py)
 from ..config import Config, get_config, redact_url
 from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, ResponseError, TinyLLMError
 from ..limits import RequestQueue
@@ -135,6 +136,7 @@ class Reply:
         retries: extra HTTP attempts this reply took.
         prompt_tokens: the prompt's tokens as counted locally (0 for a cache hit not counted).
         api_type: the client's api_type.
+        cost: USD (:mod:`tinyllm.pricing`; 0.0 from the cache), None when the price is unknown.
     """
 
     message: dict
@@ -146,6 +148,7 @@ class Reply:
     retries: int = 0
     prompt_tokens: int = 0
     api_type: str = ""
+    cost: float | None = None
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -366,8 +369,9 @@ class Client:
             return None
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
+        cost = pricing.reply_cost(self, req.cfg, hit_usage, hit.get("model"), req.model, cached=True)  # cost
         return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason")},
-                           cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0))  # the cache hands out copies
+                           cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0), cost=cost)  # the cache hands out copies
 
     def _finish(self, req: _Request, result: tuple) -> Reply:
         message, reply_usage = result[0], result[1]
@@ -376,15 +380,18 @@ class Client:
             raise ResponseError("the client returned no message dict", raw=message)
         counts = {k: int(reply_usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         usage.record(calls=1, **counts)
+        cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, counted, spent
         if req.cache is not None and (req.accept is None or req.accept(message)):
             _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
-        return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens)
+        return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
 
-    def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int) -> Reply:
+    def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
+               cost: float | None = None) -> Reply:
         latency = time.perf_counter() - req.started
         _last_call.set(CallInfo(req.model, reply_usage, cached, latency, prompt_tokens))
         return Reply(message=message, usage=reply_usage, model=info.get("model") or req.model, finish_reason=info.get("finish_reason"),
-                     cached=cached, latency=latency, retries=req.retries, prompt_tokens=prompt_tokens, api_type=self.api_type)
+                     cached=cached, latency=latency, retries=req.retries, prompt_tokens=prompt_tokens, api_type=self.api_type,
+                     cost=cost)
 
     def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
         """Send chat ``messages`` and return the reply's message dict (``request(...).message``).
@@ -427,15 +434,16 @@ class Client:
         if hit is not None:
             return hit
         self._measure(req)
-        scope = lambda: self.limit_scope(req.cfg, self.endpoint(req.cfg, req.model))  # noqa: E731
+        scope = self._scope(req)
 
         def attempt(n: int) -> tuple:
             with self.queue.lease(req.cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
-                return self._chat(req.messages, self._attempt_params(req, n), req.cfg)
+                return otel.attempt(req.model, n, self._chat, req.messages, self._attempt_params(req, n), req.cfg)
 
-        with self.queue.slot(req.cfg, req.cost):
-            result = self.retrying(req.cfg).call(attempt)
-        return self._finish(req, result)
+        with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
+            with self.queue.slot(req.cfg, req.cost):
+                result = self.retrying(req.cfg).call(attempt)
+            return self._finish(req, result)
 
     async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
         """The asyncio twin of :meth:`request`."""
@@ -445,15 +453,21 @@ class Client:
             return hit
         self._measure(req)
 
-        scope = lambda: self.limit_scope(req.cfg, self.endpoint(req.cfg, req.model))  # noqa: E731
+        scope = self._scope(req)
 
         async def attempt(n: int) -> tuple:
             async with self.queue.alease(req.cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
-                return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
+                with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt
+                    return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
 
-        async with self.queue.aslot(req.cfg, req.cost):
-            result = await self.retrying(req.cfg).acall(attempt)
-        return self._finish(req, result)
+        with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
+            async with self.queue.aslot(req.cfg, req.cost):
+                result = await self.retrying(req.cfg).acall(attempt)
+            return self._finish(req, result)
+
+    def _scope(self, req: _Request) -> Callable[[], str]:
+        """Who shares the cluster-wide limits of ``req``, computed only when Redis limits are on."""
+        return lambda: self.limit_scope(req.cfg, self.endpoint(req.cfg, req.model))
 
     def _attempt_params(self, req: _Request, attempt: int) -> dict:
         """The parameters of attempt number ``attempt`` (0 first): a copy, with the retry
@@ -678,20 +692,26 @@ class ReplyStream:
         client._measure(req)
         acc = Accumulator()
         with contextlib.ExitStack() as stack:
+            stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
             stack.enter_context(client.queue.slot(req.cfg, req.cost))
 
-            def open_(n: int) -> tuple[Iterator[dict], dict]:
-                chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+            def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
+                attempt = contextlib.ExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
                 try:
-                    return chunks, next(iter(chunks))
+                    attempt.enter_context(client.queue.lease(req.cfg, req.cost, client._scope(req)))
+                    with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
+                        chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                        attempt.callback(_close, chunks)
+                        return attempt, chunks, next(iter(chunks))
                 except StopIteration:
+                    attempt.close()
                     raise ResponseError("the stream ended before any chunk arrived") from None
                 except BaseException:
-                    _close(chunks)
+                    attempt.close()
                     raise
 
-            chunks, first = client.retrying(req.cfg).call(open_)
-            stack.callback(_close, chunks)
+            attempt, chunks, first = client.retrying(req.cfg).call(open_)
+            stack.enter_context(attempt)
             try:
                 delta = acc.add(first)
                 if delta:
@@ -739,20 +759,26 @@ class AsyncReplyStream:
         client._measure(req)
         acc = Accumulator()
         async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
             await stack.enter_async_context(client.queue.aslot(req.cfg, req.cost))
 
-            async def open_(n: int) -> tuple[AsyncIterator[dict], dict]:
-                chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+            async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
+                attempt = contextlib.AsyncExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
                 try:
-                    return chunks, await chunks.__anext__()
+                    await attempt.enter_async_context(client.queue.alease(req.cfg, req.cost, client._scope(req)))
+                    with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
+                        chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                        attempt.push_async_callback(_aclose, chunks)
+                        return attempt, chunks, await chunks.__anext__()
                 except StopAsyncIteration:
+                    await attempt.aclose()
                     raise ResponseError("the stream ended before any chunk arrived") from None
                 except BaseException:
-                    await _aclose(chunks)
+                    await attempt.aclose()
                     raise
 
-            chunks, first = await client.retrying(req.cfg).acall(open_)
-            stack.push_async_callback(_aclose, chunks)
+            attempt, chunks, first = await client.retrying(req.cfg).acall(open_)
+            await stack.enter_async_context(attempt)
             try:
                 delta = acc.add(first)
                 if delta:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from ..config import Config
 from ..errors import BadRequestError, ConfigError, ContextWindowExceededError, ResponseError
 from .base import Capabilities, Client
-from .openai import extract_message
+from .replies import extract_reply
 
 __all__ = ["LlamaCppClient", "default_model_path", "local_available"]
 
@@ -193,9 +193,8 @@ class LlamaCppClient(Client):
             if isinstance(kwargs.get("grammar"), str):
                 kwargs["grammar"] = _grammar(kwargs["grammar"], llm)
             response = llm.create_chat_completion(messages=messages, **kwargs)
-        message, usage = extract_message(response)
-        choice = response["choices"][0] if isinstance(response, dict) and response.get("choices") else {}
-        return message, usage, {"finish_reason": choice.get("finish_reason") if isinstance(choice, dict) else None}
+        message, usage, info = extract_reply(response)
+        return message, usage, {"finish_reason": info["finish_reason"]}  # its "model" is the file path: the file name is reported
 
     def _chat_stream(self, messages: list[dict], params: dict, cfg: Config) -> Iterator[dict]:
         """llama.cpp's own streaming, in process; the model's lock is held until the stream ends or is closed."""

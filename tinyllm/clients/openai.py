@@ -32,6 +32,7 @@ from ..errors import (
 )
 from .._fork import reset_in_child
 from .base import Capabilities, Client
+from .replies import extract_message, extract_reply
 from .fallback import FormatFallback
 from .transport import http_client, scrub_credentials
 
@@ -121,70 +122,6 @@ def _scrub_chain(exc: BaseException | None) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
-def _malformed(what: str, response: Any) -> ResponseError:
-    return ResponseError(f"malformed reply: {what}", raw=response)
-
-
-def extract_message(response: Any) -> tuple[dict, dict]:
-    """``(message_dict, usage_dict)`` from a chat completion: its parsed JSON, or its text.
-
-    ``response`` is what the SDK's ``post(..., cast_to=object)`` returns: the decoded
-    JSON body, or the body's text when the server did not label it JSON (the
-    llamacpp client passes llama.cpp's dict).
-
-    The shape is checked once, here, with plain type checks: ``choices[0].message``
-    is an object whose ``content`` is a string or null, ``role`` and ``refusal``
-    strings when present, ``tool_calls`` a list of objects, ``function_call`` an
-    object; ``usage``, when present, an object whose ``prompt_tokens``,
-    ``completion_tokens`` and ``total_tokens`` are whole numbers >= 0 (returned as int).
-
-    Raises:
-        ResponseError: not a JSON object, no choices, no message, neither content
-            nor tool calls, or a field of the wrong type.
-    """
-    if isinstance(response, str):  # served without a JSON Content-Type
-        try:
-            response = json.loads(response)
-        except (ValueError, RecursionError):
-            raise ResponseError(f"reply is not JSON: {response[:200]!r}", raw=response) from None
-    if not isinstance(response, dict):
-        raise ResponseError(f"reply is not a JSON object: {str(response)[:200]!r}", raw=response)
-    choices = response.get("choices") or []
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
-        raise ResponseError("reply has no choices", raw=response)
-    raw = choices[0]["message"]
-    role, content = raw.get("role") or "assistant", raw.get("content")
-    if not isinstance(role, str):
-        raise _malformed(f"message role is {type(role).__name__}, not a string", response)
-    if content is not None and not isinstance(content, str):
-        raise _malformed(f"message content is {type(content).__name__}, not a string or null", response)
-    message = {"role": role, "content": content}
-    for key, kind in (("refusal", str), ("tool_calls", list), ("function_call", dict)):
-        value = raw.get(key)
-        if value:
-            if not isinstance(value, kind) or (kind is list and not all(isinstance(v, dict) for v in value)):
-                raise _malformed(f"message {key} is {type(value).__name__}, not {kind.__name__}", response)
-            message[key] = value
-    if message["content"] is None and len(message) == 2:
-        raise ResponseError("reply message has no content", raw=response)
-    usage = response.get("usage")
-    if usage is None:
-        return message, {}
-    if not isinstance(usage, dict):
-        raise _malformed(f"usage is {type(usage).__name__}, not an object", response)
-    usage = dict(usage)
-    for key in _USAGE_COUNTS:
-        count = usage.get(key)
-        if count is None:
-            continue
-        if type(count) is float and count.is_integer():
-            count = usage[key] = int(count)
-        if type(count) is not int or count < 0:
-            raise _malformed(f"usage.{key} is {count!r:.40}, not a whole number >= 0", response)
-    return message, usage
 
 
 async def _close_at_loop_shutdown(sdk: Any) -> Any:
@@ -416,10 +353,10 @@ class OpenAIClient(Client):
         finally:
             await stream.close()
 
-    def _read(self, response: Any, cfg: Config) -> tuple[dict, dict]:
-        """:func:`extract_message`, with API keys scrubbed from a ResponseError's message and ``raw``."""
+    def _read(self, response: Any, cfg: Config) -> tuple[dict, dict, dict]:
+        """:func:`~tinyllm.clients.replies.extract_reply`, with API keys scrubbed from a ResponseError's message and ``raw``."""
         try:
-            return extract_message(response)
+            return extract_reply(response)
         except ResponseError as exc:
             keys = self._keys(cfg)
             raise ResponseError(redact(str(exc), keys), raw=_redact_body(exc.raw, keys)) from None

@@ -1,0 +1,159 @@
+"""Cost in USD of a reply, from pydantic's ``genai-prices`` table (or the ``PRICES`` setting).
+
+The table is looked up by the client's provider (``openai``: the base URL's
+provider when genai-prices knows the URL, else OpenAI's own prices, so a proxy
+in front of OpenAI is priced as OpenAI; ``azure``: Azure's) and the model's name
+(the model that answered, else the one asked for). It has cached-input prices
+(``prompt_tokens_details.cached_tokens``) and, where a model has one, a reasoning
+price (``completion_tokens_details.reasoning_tokens``).
+
+A model the table does not have, the embedded model (``llamacpp``), ``ollama``
+and any other client cost None (unknown), never 0, unless ``PRICES`` names the
+model: ``{"model": {"input_per_mtok": 0.5, "output_per_mtok": 1.5,
+"cached_input_per_mtok": 0.25}}`` (USD per million tokens; cached input defaults
+to the input price), which wins over the table. A reply from the cache costs 0.0
+(nothing was paid) when the model is priced, else None.
+
+genai-prices is imported on the first priced call (about 0.4 s), never by ``import tinyllm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+__all__ = ["reply_cost", "estimate_cost", "model_prices", "usd"]
+
+log = logging.getLogger("tinyllm")
+#: api_type -> genai-prices provider id; other clients are local or unknown: no price
+PROVIDERS = {"openai": "openai", "azure": "azure"}
+
+
+def usd(cost: float | None) -> str:
+    """USD as text: ``$1.2345``, amounts under a cent with six decimals (``$0.000016``), ``unknown`` for None."""
+    if cost is None:
+        return "unknown"
+    return f"${cost:.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
+
+
+def _tokens(usage: dict) -> tuple[int, int, int, int] | None:
+    """(input, cached input, output, reasoning) tokens of an API ``usage`` dict; None when it reports none."""
+    if not usage or (usage.get("prompt_tokens") is None and usage.get("completion_tokens") is None):
+        return None
+    details_in = usage.get("prompt_tokens_details") or {}
+    details_out = usage.get("completion_tokens_details") or {}
+    cached = details_in.get("cached_tokens") if isinstance(details_in, dict) else None
+    reasoning = details_out.get("reasoning_tokens") if isinstance(details_out, dict) else None
+    return (int(usage.get("prompt_tokens") or 0), int(cached or 0), int(usage.get("completion_tokens") or 0), int(reasoning or 0))
+
+
+@functools.lru_cache(maxsize=256)
+def _table_entry(provider_id: str, base_url: str | None, model: str) -> Any:
+    """(genai-prices Provider, ModelInfo) for ``model``, or None when the table has no price for it."""
+    try:
+        from genai_prices import data_snapshot
+    except ImportError:  # Python 3.10 (genai-prices needs 3.11) or not installed
+        return None
+    snap = data_snapshot.get_snapshot()
+    provider = None
+    if base_url:
+        try:
+            provider = snap.find_provider(None, None, base_url)
+        except LookupError:
+            provider = None  # a proxy, a local server: priced by its api_type's provider
+    try:
+        if provider is not None:
+            return snap.find_provider_model(model, provider, None, None)
+        return snap.find_provider_model(model, None, provider_id, None)
+    except LookupError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _table_cost(key: tuple[str, str | None, str], tokens: tuple[int, int, int, int]) -> float:
+    """USD of ``tokens`` for the table entry of ``key`` (``(provider_id, base_url, model)``, found)."""
+    from genai_prices import Usage
+
+    n_in, n_cached, n_out, n_reasoning = tokens
+    usage = Usage(input_tokens=n_in, cache_read_tokens=min(n_cached, n_in), output_tokens=n_out,
+                  output_reasoning_tokens=min(n_reasoning, n_out))
+    provider, model = _table_entry(*key)
+    return float(model.calc_price(usage, provider).total_price)
+
+
+def _override_cost(price: dict, tokens: tuple[int, int, int, int]) -> float:
+    n_in, n_cached, n_out, _ = tokens
+    cached = min(n_cached, n_in)
+    per_cached = price.get("cached_input_per_mtok", price["input_per_mtok"])
+    return ((n_in - cached) * price["input_per_mtok"] + cached * per_cached + n_out * price["output_per_mtok"]) / 1e6
+
+
+def _base_url(client: Any, cfg: Any) -> str | None:
+    where = getattr(client, "where", None)
+    try:
+        return where(cfg) if where is not None else cfg.base_url
+    except Exception:  # noqa: BLE001 - an unconfigured endpoint: price by the provider id alone
+        return None
+
+
+def _price_source(client: Any, cfg: Any, models: tuple[str | None, ...]) -> Any:
+    """The override dict, or the table key ``(provider_id, base_url, model)``, pricing the first of
+    ``models`` that has a price; None if none."""
+    prices = cfg.prices
+    for model in models:
+        if model and model in prices:
+            return prices[model]
+    provider_id = PROVIDERS.get(getattr(client, "api_type", ""))
+    if provider_id is None:
+        return None
+    base_url = _base_url(client, cfg) if provider_id == "openai" else None
+    for model in models:
+        if model:
+            if _table_entry(provider_id, base_url, model) is not None:
+                return (provider_id, base_url, model)
+    return None
+
+
+def reply_cost(client: Any, cfg: Any, usage: dict, model: str | None, asked: str | None = None, *,
+               cached: bool = False) -> float | None:
+    """USD of one reply.
+
+    Args:
+        client: the client that answered (its ``api_type`` picks the provider).
+        cfg: the request's settings (``PRICES``; the base URL).
+        usage: the API's ``usage`` dict (``prompt_tokens``, ``completion_tokens``, and the
+            ``prompt_tokens_details`` / ``completion_tokens_details`` when sent).
+        model: the model that answered; ``asked``: the one asked for, tried second.
+        cached: the reply came from the cache (costs 0.0 when the model is priced).
+
+    Returns:
+        float USD, or None when the price or the usage is unknown. Never raises.
+    """
+    try:
+        source = _price_source(client, cfg, (model, asked))
+        if source is None:
+            return None
+        if cached:
+            return 0.0
+        tokens = _tokens(usage)
+        if tokens is None:
+            return None
+        return _override_cost(source, tokens) if isinstance(source, dict) else _table_cost(source, tokens)
+    except Exception as exc:  # noqa: BLE001 - a price is never worth failing a call for
+        log.debug("no price for %s: %s", model, exc)
+        return None
+
+
+def estimate_cost(client: Any, cfg: Any, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """USD of ``prompt_tokens`` input (none of it cached) and ``completion_tokens`` output for ``model``; None when unpriced."""
+    return reply_cost(client, cfg, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}, model)
+
+
+def model_prices(client: Any, cfg: Any, model: str) -> dict[str, float] | None:
+    """``{"input_per_mtok", "output_per_mtok"}`` USD for ``model``, as :func:`reply_cost` prices it; None when unpriced."""
+    per_in = estimate_cost(client, cfg, model, 1_000_000, 0)
+    per_out = estimate_cost(client, cfg, model, 0, 1_000_000)
+    if per_in is None or per_out is None:
+        return None
+    return {"input_per_mtok": per_in, "output_per_mtok": per_out}
