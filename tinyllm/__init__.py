@@ -19,6 +19,7 @@ from .response import Response
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
 from .tokens import count_tokens
+from .tools import Tool, ToolCall, ToolRound, tool
 from .usage import reset_usage_stats, usage_stats
 
 __version__ = "0.1.0"
@@ -27,6 +28,10 @@ __all__ = [
     "LLMCall",
     "LLMChat",
     "Response",
+    "Tool",
+    "ToolCall",
+    "ToolRound",
+    "tool",
     "Client",
     "Capabilities",
     "PlainClient",

@@ -22,7 +22,9 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     │   └── APITimeoutError
     ├── ResponseError
     ├── OutputParseError
-    └── QueueFullError
+    ├── QueueFullError
+    ├── ToolError                        (a tool call failed, with raise_tool_errors)
+    └── ToolRoundsExceededError          (.messages: the conversation so far)
 
 Error messages never contain an API key: :class:`APIError` keeps only the
 status code, the request id, the response headers and the response body, all
@@ -57,6 +59,8 @@ __all__ = [
     "ResponseError",
     "OutputParseError",
     "QueueFullError",
+    "ToolError",
+    "ToolRoundsExceededError",
 ]
 
 
@@ -235,3 +239,34 @@ class OutputParseError(TinyLLMError):
 
 class QueueFullError(TinyLLMError):
     """The request queue is full, or a request waited longer than QUEUE_TIMEOUT seconds; it was never sent."""
+
+
+class ToolError(TinyLLMError):
+    """A tool call failed while ``raise_tool_errors`` is set (otherwise the error text goes back to
+    the model as the tool's result): an unknown tool name, arguments that do not fit the tool's
+    schema, or the tool raised (chained as ``__cause__``).
+
+    Attributes:
+        call (tinyllm.tools.ToolCall | None): the failed call's record (name, arguments, error, duration).
+    """
+
+    def __init__(self, message: str, *, call: Any = None):
+        self.call = call
+        super().__init__(message)
+
+
+class ToolRoundsExceededError(TinyLLMError):
+    """The model still asked for tools after ``max_tool_rounds`` tool rounds.
+
+    Attributes:
+        messages (list[dict]): the conversation so far: the messages sent, every tool round's
+            assistant and ``tool`` messages, and the last reply (which asked for more tools).
+        rounds (int): the tool rounds that ran.
+        response (tinyllm.Response | None): the call's record so far (usage, ``tool_rounds``).
+    """
+
+    def __init__(self, message: str, *, messages: list | None = None, rounds: int = 0, response: Any = None):
+        self.messages = list(messages or [])
+        self.rounds = rounds
+        self.response = response
+        super().__init__(message)
