@@ -20,6 +20,7 @@ from .runner import Runner
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
 from .tokens import count_tokens
+from .tools import Tool, ToolCall, ToolRound, tool
 from .usage import reset_usage_stats, usage_stats
 
 __version__ = "0.1.0"
@@ -29,6 +30,10 @@ __all__ = [
     "LLMChat",
     "Response",
     "Runner",
+    "Tool",
+    "ToolCall",
+    "ToolRound",
+    "tool",
     "Client",
     "Capabilities",
     "PlainClient",

@@ -14,6 +14,7 @@ from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
 from .templates import Prompt, load_prompt
+from .tools import Tool, ToolCall, Toolbox, as_tool, plan_tools
 
 __all__ = ["LLMCall", "plan_output", "content_of", "respond_with", "arespond_with", "RETRY_PROMPT"]
 
@@ -81,14 +82,14 @@ def content_of(message: dict) -> str:
 def _output_turns(conversation: list[dict], output_type: Any, retries: int):
     """The output-retry policy as a generator, shared by the sync and async front ends.
 
-    Yields each conversation to send and is sent the reply's message dict;
-    returns ``(value, message)`` once a reply fits ``output_type``. After a
-    reply that does not fit, the next conversation carries it and the parse
-    error as a user message; after ``retries`` such repeats the last
-    :class:`OutputParseError` is raised.
+    Yields each conversation to send and is sent ``(the conversation sent, the reply's
+    message dict)`` (the conversation sent may have grown by tool rounds); returns
+    ``(value, message)`` once a reply fits ``output_type``. After a reply that does
+    not fit, the next conversation carries it and the parse error as a user message;
+    after ``retries`` such repeats the last :class:`OutputParseError` is raised.
     """
     for attempt in range(retries + 1):
-        message = yield conversation
+        conversation, message = yield conversation
         try:
             return parse_output(content_of(message), output_type), message
         except OutputParseError as exc:
@@ -98,10 +99,12 @@ def _output_turns(conversation: list[dict], output_type: Any, retries: int):
     raise AssertionError("unreachable")
 
 
-def _fits(output_type: Any) -> Callable[[dict], bool]:
-    """Whether a reply is usable as ``output_type``: the cache keeps only such replies."""
+def _fits(output_type: Any, tools: Toolbox | None = None) -> Callable[[dict], bool]:
+    """Whether a reply is usable as ``output_type`` (or, with tools, asks for tools): the cache keeps only such replies."""
 
     def fits(message: dict) -> bool:
+        if tools and Toolbox.asks(message):
+            return True
         try:
             parse_output(content_of(message), output_type)
         except (OutputParseError, ResponseError):
@@ -111,49 +114,149 @@ def _fits(output_type: Any) -> Callable[[dict], bool]:
     return fits
 
 
+# -- tool rounds (tinyllm/tools.py): a reply that asks for tools is one more turn of the conversation,
+# before and apart from the output turns: the tools run, their results go back, the next reply is asked for.
+def _tool_round(tools: Toolbox, response: Response, conversation: list[dict], message: dict,
+                params: dict) -> tuple[list[dict], dict]:
+    """Run the tools ``message`` asks for; (the next conversation, the next params). Raises
+    ToolRoundsExceededError past ``max_tool_rounds``, ToolError with ``raise_tool_errors``."""
+    tools.check(len(response.tool_rounds), conversation, message, response)
+    record = tools.run_round(len(response.tool_rounds), message)
+    response.tool_rounds.append(record)
+    return conversation + record.messages, tools.next_params(params)
+
+
+async def _atool_round(tools: Toolbox, response: Response, conversation: list[dict], message: dict,
+                       params: dict) -> tuple[list[dict], dict]:
+    """The asyncio twin of :func:`_tool_round` (the calls run as tasks)."""
+    tools.check(len(response.tool_rounds), conversation, message, response)
+    record = await tools.arun_round(len(response.tool_rounds), message)
+    response.tool_rounds.append(record)
+    return conversation + record.messages, tools.next_params(params)
+# -- end of tool rounds
+
+
 @observed  # calllog: a span per call and a log row, failed calls too
 def respond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
-                 on_reply: Callable[[dict], None] = lambda message: None) -> Response:
+                 on_reply: Callable[[dict], None] = lambda message: None, tools: Toolbox | None = None) -> Response:
     """Send ``response.messages`` through ``sender.request`` until a reply fits ``output_type``.
 
     Every reply is folded into ``response`` (usage summed, retries counted) and
-    passed to ``on_reply`` (its message dict) as it arrives.
+    passed to ``on_reply`` (its message dict) as it arrives. With ``tools``, a
+    reply that asks for tools is answered by running them (a tool round, recorded
+    in ``response.tool_rounds``) and the conversation goes on.
 
     Returns:
         ``response``, complete: ``value`` coerced, ``message`` the reply that fit.
 
     Raises:
         OutputParseError: after ``retries`` repeats; ResponseError for a
-        refusal or an empty reply; every error of ``Client.request``.
+        refusal or an empty reply (a reply asking for tools when the call has none);
+        ToolRoundsExceededError, ToolError (see :class:`~tinyllm.tools.Toolbox`);
+        every error of ``Client.request``.
     """
     turns = _output_turns(list(response.messages), output_type, retries)
     conversation = next(turns)
-    accept = _fits(output_type)
+    accept = _fits(output_type, tools)
     while True:
         reply = sender.request(conversation, accept=accept, **params)
         response.add_reply(reply)
         on_reply(reply.message)
+        if tools and tools.asks(reply.message):
+            conversation, params = _tool_round(tools, response, conversation, reply.message, params)
+            continue
         try:
-            conversation = turns.send(reply.message)
+            conversation = turns.send((conversation, reply.message))
         except StopIteration as done:
             return response.finish(done.value[0])
 
 
 @aobserved  # calllog: a span per call and a log row, failed calls too
 async def arespond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
-                        on_reply: Callable[[dict], None] = lambda message: None) -> Response:
+                        on_reply: Callable[[dict], None] = lambda message: None, tools: Toolbox | None = None) -> Response:
     """The asyncio twin of :func:`respond_with`, through ``sender.arequest``."""
     turns = _output_turns(list(response.messages), output_type, retries)
     conversation = next(turns)
-    accept = _fits(output_type)
+    accept = _fits(output_type, tools)
     while True:
         reply = await sender.arequest(conversation, accept=accept, **params)
         response.add_reply(reply)
         on_reply(reply.message)
+        if tools and tools.asks(reply.message):
+            conversation, params = await _atool_round(tools, response, conversation, reply.message, params)
+            continue
         try:
-            conversation = turns.send(reply.message)
+            conversation = turns.send((conversation, reply.message))
         except StopIteration as done:
             return response.finish(done.value[0])
+
+
+class _ToolRoundsStream:
+    """Streams round after round: when a streamed reply asks for tools, they run and the next reply
+    streams on (its text deltas follow). ``reply`` is the last reply once the iteration ends."""
+
+    def __init__(self, sender: Client, response: Response, params: dict, accept: Callable[[dict], bool],
+                 tools: Toolbox, on_reply: Callable[[dict], None]) -> None:
+        self.sender, self.response, self.params, self.accept, self.tools, self.on_reply = sender, response, params, accept, tools, on_reply
+        self.reply: Any = None
+        self._iter: Any = None
+        self._current: Any = None
+
+    def __iter__(self) -> Any:
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    def __aiter__(self) -> Any:
+        if self._iter is None:
+            self._iter = self._arun()
+        return self._iter
+
+    def _run(self) -> Any:
+        conversation, params = list(self.response.messages), self.params
+        while True:
+            self._current = stream = self.sender.stream_request(conversation, accept=self.accept, **params)
+            yield from stream
+            if not self.tools.asks(stream.reply.message):
+                self.reply = stream.reply
+                return
+            self.response.add_reply(stream.reply)
+            self.on_reply(stream.reply.message)
+            conversation, params = _tool_round(self.tools, self.response, conversation, stream.reply.message, params)
+
+    async def _arun(self) -> Any:
+        conversation, params = list(self.response.messages), self.params
+        while True:
+            self._current = stream = self.sender.astream_request(conversation, accept=self.accept, **params)
+            try:
+                async for delta in stream:
+                    yield delta
+            finally:
+                await stream.aclose()
+            if not self.tools.asks(stream.reply.message):
+                self.reply = stream.reply
+                return
+            self.response.add_reply(stream.reply)
+            self.on_reply(stream.reply.message)
+            conversation, params = await _atool_round(self.tools, self.response, conversation, stream.reply.message, params)
+
+    def close(self) -> None:
+        if self._iter is not None:
+            self._iter.close()
+
+    async def aclose(self) -> None:
+        if self._iter is not None:
+            await self._iter.aclose()
+
+
+def _open_stream(sender: Client, response: Response, params: dict, output_type: Any, tools: Toolbox | None,
+                 on_reply: Callable[[dict], None], asynchronous: bool) -> Any:
+    """The stream of a streamed call: one request, or with tools round after round."""
+    accept = _fits(output_type, tools)
+    if tools:
+        return _ToolRoundsStream(sender, response, params, accept, tools, on_reply)
+    opener = sender.astream_request if asynchronous else sender.stream_request
+    return opener(response.messages, accept=accept, **params)
 
 
 def _streaming(response: Response, stream: Any, output_type: Any, on_reply: Callable[[dict], None] = lambda m: None,
@@ -204,13 +307,23 @@ class LLMCall:
         output_retries: how many times to repeat a call whose reply does not
             fit ``output_type``, feeding the parse error back (default: front
             matter's ``output_retries``, else 0).
+        tools: functions (sync or async), pydantic models, :class:`~tinyllm.tools.Tool`
+            objects or registered tool names the model may call (default: the front
+            matter's ``tools:``); a reply that asks for them is answered by running
+            them (see :mod:`tinyllm.tools`). ``tool_choice`` (``"auto"``, ``"required"``,
+            ``"none"``, or a tool's name) passes through as a model parameter.
+        max_tool_rounds: tool rounds allowed per call (default: ``MAX_TOOL_ROUNDS``, 10).
+        raise_tool_errors: raise :class:`~tinyllm.ToolError` when a tool call fails
+            instead of sending the error text back to the model.
+        on_tool_call: called with each :class:`~tinyllm.tools.ToolCall` once it ran.
         **model_params: API parameters (``model``, ``temperature``,
-            ``max_tokens``, ...), above the front matter's and the config's.
+            ``max_tokens``, ``tool_choice``, ...), above the front matter's and the config's.
 
     Raises:
         TemplateNotFoundError, TemplateError: at construction, when the
             templates cannot be found or parsed.
         OutputParseError: at construction, for an output_type tinyllm does not know.
+        ConfigError: at construction, a tool that cannot be described.
 
     :meth:`call` returns the typed value; :meth:`respond` returns the whole
     :class:`~tinyllm.Response` (usage, model, latency, retries, ...). After a
@@ -231,11 +344,19 @@ class LLMCall:
         api_type: str | None = None,
         client: Any = None,
         output_retries: int | None = None,
+        tools: Iterable[Any] | None = None,
+        max_tool_rounds: int | None = None,
+        raise_tool_errors: bool = False,
+        on_tool_call: Callable[[ToolCall], None] | None = None,
         **model_params: Any,
     ) -> None:
         if client is not None and api_type is not None:
             raise ConfigError("give either api_type= or client=, not both")
         self.client = as_client(client) if client is not None else None
+        self.tools: list[Tool] | None = [as_tool(t) for t in tools] if tools is not None else None
+        self.max_tool_rounds = max_tool_rounds
+        self.raise_tool_errors = raise_tool_errors
+        self.on_tool_call = on_tool_call
         self.system_template_name = system_template_name
         self.user_template_name = user_template_name
         self.prompts_dir = prompts_dir
@@ -265,13 +386,15 @@ class LLMCall:
         """The reply's message dict of the last call completed in this thread (None before one)."""
         return self._last.get()[1]
 
-    def _plan(self, variables: dict) -> tuple[Any, Response, dict, Any, int]:
+    def _plan(self, variables: dict) -> tuple[Any, Response, dict, Any, int, Toolbox | None]:
         prompt = self.prompt
         messages = prompt.render(variables)
         sender = self.client or get_client(self.api_type)
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
+        tools = plan_tools(self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
+                           raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
         response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
-        return sender, response, params, output_type, retries
+        return sender, response, params, output_type, retries, tools
 
     def render(self, **variables: Any) -> list[dict]:
         """The messages a call with ``variables`` would send, without sending anything."""
@@ -288,6 +411,9 @@ class LLMCall:
             OutputParseError: the reply does not fit ``output_type`` (after ``output_retries``).
             ResponseError: a refusal or an empty reply; and every error of
             :meth:`tinyllm.Client.send_message`.
+            ToolRoundsExceededError: the model still asked for tools after ``max_tool_rounds`` rounds.
+            ToolError: a tool call failed, with ``raise_tool_errors``.
+            TemplateError: the front matter names a tool not registered.
         """
         return self.respond(**variables).value
 
@@ -302,44 +428,45 @@ class LLMCall:
             Response: ``value`` (typed), ``text``, ``message``, ``messages``,
             ``usage`` (summed over retries and output retries), ``model``,
             ``finish_reason``, ``cached``, ``latency`` (seconds), ``retries``,
-            ``output_retries``.
+            ``output_retries``, ``tool_rounds`` / ``tool_calls`` (what each tool round ran).
 
         Raises:
             The errors of :meth:`call`.
         """
-        sender, response, params, output_type, retries = self._plan(variables)
-        return respond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m))
+        sender, response, params, output_type, retries, tools = self._plan(variables)
+        return respond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
 
     async def arespond(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`respond`."""
-        sender, response, params, output_type, retries = self._plan(variables)
-        return await arespond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m))
+        sender, response, params, output_type, retries, tools = self._plan(variables)
+        return await arespond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
 
     def stream(self, **variables: Any) -> Response:
         """Render and send as a streamed request; iterate the Response for text deltas (``str``).
 
         Nothing is sent until the iteration starts. The Response is complete when
         the iteration ends (``value`` parsed then; :attr:`~tinyllm.Response.partial`
-        gives the JSON parsed so far meanwhile). Output retries do not apply: a reply
+        gives the JSON parsed so far meanwhile). With tools, a streamed reply that asks
+        for tools runs them and the next reply streams on. Output retries do not apply: a reply
         that does not fit ``output_type`` raises OutputParseError at the end. A
         client that cannot stream answers in one piece (one delta).
 
         Raises (while iterating): the errors of :meth:`call`; an error after the
         first delta carries ``.partial``, the text received so far.
         """
-        sender, response, params, output_type, _ = self._plan(variables)
+        sender, response, params, output_type, _, tools = self._plan(variables)
+        on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
         if not sender.capabilities.streaming:
-            return respond_with(sender, response, params, output_type, 0, lambda m: self._last.set(response.messages, m))
-        return _streaming(response, sender.stream_request(response.messages, accept=_fits(output_type), **params),
-                          output_type, lambda m: self._last.set(response.messages, m))
+            return respond_with(sender, response, params, output_type, 0, on_reply, tools)
+        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, False), output_type, on_reply)
 
     async def astream(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`stream`: ``async for delta in await call.astream(...)``."""
-        sender, response, params, output_type, _ = self._plan(variables)
+        sender, response, params, output_type, _, tools = self._plan(variables)
+        on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
         if not sender.capabilities.streaming:
-            return await arespond_with(sender, response, params, output_type, 0, lambda m: self._last.set(response.messages, m))
-        return _streaming(response, sender.astream_request(response.messages, accept=_fits(output_type), **params),
-                          output_type, lambda m: self._last.set(response.messages, m))
+            return await arespond_with(sender, response, params, output_type, 0, on_reply, tools)
+        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, True), output_type, on_reply)
 
     def _call_with(self, variables: dict) -> Any:
         return self.call(**variables)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .call import _fits, _streaming, arespond_with, plan_output, respond_with
+from .call import _open_stream, _streaming, arespond_with, plan_output, respond_with
 from .clients import Client, as_client
 from .clients import client as get_client
 from .errors import ConfigError
 from .output import normalize_output_type
 from .response import Response
 from .templates import Prompt, load_prompt
+from .tools import as_tool, plan_tools
 
 __all__ = ["LLMChat"]
 
@@ -53,6 +54,9 @@ class LLMChat:
         output_retries: how many times to repeat a turn whose reply does not
             fit ``output_type``, feeding the parse error back (the failed
             exchange is not kept in the history); default: front matter's, else 0.
+        tools, max_tool_rounds, raise_tool_errors, on_tool_call: tools the model may
+            call, as for :class:`~tinyllm.LLMCall`; a turn's tool rounds (the assistant's
+            tool requests and the ``tool`` results) are kept in the history.
         **model_params: API parameters (``model``, ``temperature``,
             ``max_tokens``, ...), above the front matter's and the config's.
 
@@ -82,6 +86,10 @@ class LLMChat:
         api_type: str | None = None,
         client: Any = None,
         output_retries: int | None = None,
+        tools: Any = None,
+        max_tool_rounds: int | None = None,
+        raise_tool_errors: bool = False,
+        on_tool_call: Any = None,
         **model_params: Any,
     ) -> None:
         if client is not None and api_type is not None:
@@ -100,6 +108,10 @@ class LLMChat:
         self.api_type = api_type
         self.client = as_client(client) if client is not None else None
         self.output_retries = output_retries
+        self.tools = [as_tool(t) for t in tools] if tools is not None else None
+        self.max_tool_rounds = max_tool_rounds
+        self.raise_tool_errors = raise_tool_errors
+        self.on_tool_call = on_tool_call
         self.model_params = model_params
         self.history: list[dict] = []
         self.variables: dict[str, Any] = {}
@@ -137,19 +149,23 @@ class LLMChat:
         user = load_prompt(str(prompt.user_path), prompts_dir=self.prompts_dir)  # the user file on its own
         return {"role": "user", "content": user.render(variables)[0]["content"]}
 
-    def _plan(self, text: str | None, variables: dict) -> tuple[Any, Response, list[dict], dict, dict, Any, int, dict]:
+    def _plan(self, text: str | None, variables: dict) -> tuple[Any, Response, list[dict], dict, dict, Any, int, dict, Any]:
         merged = {**self.variables, **variables}
         prompt = self.prompt
         opening = self._seed(prompt, merged) if not self.history else []
         user = self._user(prompt, text, merged)
         sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
+        tools = plan_tools(self.tools, prompt.tools if prompt is not None else None, self.system_template_name, sender, params,
+                           max_rounds=self.max_tool_rounds, raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
         response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged,
                             prompt=prompt)
-        return sender, response, opening, user, params, output_type, retries, merged
+        return sender, response, opening, user, params, output_type, retries, merged, tools
 
-    def _commit(self, opening: list[dict], user: dict, message: dict, merged: dict) -> None:
-        self.history = [*self.history, *opening, user, dict(message)]  # a new list: one assigned by the caller is not changed
+    def _commit(self, opening: list[dict], user: dict, response: Response, merged: dict) -> None:
+        message = response.message
+        # a new list: one assigned by the caller is not changed; the turn's tool rounds are kept
+        self.history = [*self.history, *opening, user, *response.tool_messages, dict(message)]  # type: ignore[arg-type]
         self.variables = merged
         self.model_output = message
 
@@ -185,16 +201,16 @@ class LLMChat:
     def respond(self, text: str | None = None, /, **variables: Any) -> Response:
         """Like :meth:`say`, but return the turn's complete :class:`~tinyllm.Response`
         (its ``messages`` are the whole conversation sent). Errors as :meth:`say`."""
-        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
-        respond_with(sender, response, params, output_type, retries, self._on_reply)
-        self._commit(opening, user, response.message, merged)
+        sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
+        respond_with(sender, response, params, output_type, retries, self._on_reply, tools)
+        self._commit(opening, user, response, merged)
         return response
 
     async def arespond(self, text: str | None = None, /, **variables: Any) -> Response:
         """The asyncio twin of :meth:`respond`."""
-        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
-        await arespond_with(sender, response, params, output_type, retries, self._on_reply)
-        self._commit(opening, user, response.message, merged)
+        sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
+        await arespond_with(sender, response, params, output_type, retries, self._on_reply, tools)
+        self._commit(opening, user, response, merged)
         return response
 
     def stream(self, text: str | None = None, /, **variables: Any) -> Response:
@@ -203,23 +219,23 @@ class LLMChat:
         The turn is appended to :attr:`history` only when the stream is complete
         (an interrupted or failed turn leaves the history as it was).
         """
-        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
         if not sender.capabilities.streaming:
-            respond_with(sender, response, params, output_type, 0, self._on_reply)
-            self._commit(opening, user, response.message, merged)
+            respond_with(sender, response, params, output_type, 0, self._on_reply, tools)
+            self._commit(opening, user, response, merged)
             return response
-        stream = sender.stream_request(response.messages, accept=_fits(output_type), **params)
-        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r.message, merged))
+        stream = _open_stream(sender, response, params, output_type, tools, self._on_reply, False)
+        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r, merged))
 
     async def astream(self, text: str | None = None, /, **variables: Any) -> Response:
         """The asyncio twin of :meth:`stream`."""
-        sender, response, opening, user, params, output_type, retries, merged = self._plan(text, variables)
+        sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
         if not sender.capabilities.streaming:
-            await arespond_with(sender, response, params, output_type, 0, self._on_reply)
-            self._commit(opening, user, response.message, merged)
+            await arespond_with(sender, response, params, output_type, 0, self._on_reply, tools)
+            self._commit(opening, user, response, merged)
             return response
-        stream = sender.astream_request(response.messages, accept=_fits(output_type), **params)
-        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r.message, merged))
+        stream = _open_stream(sender, response, params, output_type, tools, self._on_reply, True)
+        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r, merged))
 
     def _on_reply(self, message: dict) -> None:
         self.model_output = message

@@ -230,13 +230,14 @@ def _resolve(name: str, dirs: list[str]) -> tuple[str, Any]:
 
 
 def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None, temperature: float | None,
-         max_tokens: int | None, cache: bool | None) -> Any:
-    """An LLMCall for the command-line options; checks the template and the backend before anything is sent."""
+         max_tokens: int | None, cache: bool | None, **extra: Any) -> Any:
+    """An LLMCall for the command-line options; checks the template and the backend before anything is sent.
+    ``extra``: more LLMCall arguments (tools, tool_choice, on_tool_call), None ones left out."""
     from . import client, force_api_cache
     from .call import LLMCall
 
     template, _ = _resolve(name, _search_dirs(ctx))
-    params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens))
+    params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens), *extra.items())
               if v is not None}
     llm = LLMCall(template, prompts_dir=_search_dirs(ctx), api_type=api_type, **params)
     if cache is not None:
@@ -244,6 +245,37 @@ def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None,
     _turn_on_log(ctx)
     client(api_type)  # ConfigError (exit 2) now: unknown api_type, or no backend configured
     return llm
+
+
+def _parse_tools(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
+    """``--tool MODULE:FUNCTION`` values as the functions (the working directory is searched first)."""
+    import importlib
+
+    out = []
+    for item in values:
+        module_name, sep, attr = item.partition(":")
+        if not sep or not module_name or not attr:
+            raise click.BadParameter(f"expected MODULE:FUNCTION, got {item!r}", ctx, param)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except ImportError as exc:
+            raise click.BadParameter(f"cannot import {module_name!r}: {exc}", ctx, param) from exc
+        except AttributeError:
+            raise click.BadParameter(f"{module_name!r} has no {attr!r}", ctx, param) from None
+        out.append(target)
+    return out
+
+
+def _print_tool_call(call: Any) -> None:
+    """One tool call on stderr: ``tool get_weather({"city": "Paris"}) -> 18 C (0.001 s)``."""
+    outcome = call.content
+    if len(outcome) > 300:
+        outcome = outcome[:300] + "..."
+    click.echo(f"tool {call.name}({call.raw_arguments}) -> {outcome} ({call.duration:.3f} s)", err=True)
 
 
 def _plain(value: Any) -> Any:
@@ -397,18 +429,23 @@ def render(ctx: click.Context, name: str, variables: dict, model: str | None, as
 @click.option("--json", "as_json", is_flag=True,
               help="Print the complete call record (content, model, usage, cost in USD or null, cached, latency, ...) as JSON at the end.")
 @_log_option
+@click.option("--tool", "tool_paths", multiple=True, metavar="MODULE:FUNCTION", callback=_parse_tools,
+              help="A Python function the model may call (repeatable), imported from MODULE (the working "
+                   "directory is searched first); each call it runs is printed on stderr.")
+@click.option("--tool-choice", help="auto, required, none, or a tool's name (default: the front matter's, else auto).")
 @_prompts_dir_option
 @click.pass_context
 def call(ctx: click.Context, name: str, variables: dict, model: str | None, api_type: str | None,
          temperature: float | None, max_tokens: int | None, cache: bool | None, stream: bool | None, as_json: bool,
-         prompts_dirs: tuple[str, ...]) -> None:
+         tool_paths: list, tool_choice: str | None, prompts_dirs: tuple[str, ...]) -> None:
     """Render NAME with the variables, send it, print the reply's content.
 
     A reply coerced to another output type than str (the front matter's
     output_type) is printed as JSON. Streamed text is printed as it arrives;
     a coerced value is printed again at the end only with --json.
     """
-    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache)
+    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=tool_paths or None,
+               tool_choice=tool_choice, on_tool_call=_print_tool_call)
     if stream is None:
         stream = not as_json and sys.stdout.isatty()
     if stream:

