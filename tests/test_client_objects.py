@@ -210,3 +210,14 @@ def test_register_client_with_a_client_subclass_gets_the_pipeline(prompts):
 
     out = LLMCall("ask.system.md", prompts_dir=prompts, client=echo, output_type=Answer)
     assert out._plan({"question": "q"})[2]["response_format"] == {"type": "json_object"}  # json_schema=False
+
+
+def test_api_key_and_misspelled_parameters_are_refused_at_construction(prompts):
+    with pytest.raises(ConfigError, match="client setting") as info:
+        LLMCall("ask.system.md", prompts_dir=prompts, api_key="sk-never-shown-000000000001")
+    assert "sk-never-shown" not in str(info.value)
+    with pytest.raises(ConfigError, match="did you mean 'temperature'"):
+        LLMCall("ask.system.md", prompts_dir=prompts, temprature=0)
+    with pytest.raises(ConfigError, match="did you mean 'max_tokens'"):
+        LLMChat(system="s", max_token=5)
+    LLMCall("ask.system.md", prompts_dir=prompts, top_k=5)  # a server-specific parameter is still sent as given

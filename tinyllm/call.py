@@ -274,6 +274,26 @@ def _streaming(response: Response, stream: Any, output_type: Any, on_reply: Call
     return response
 
 
+def check_model_params(model_params: dict) -> None:
+    """Refuse, at construction, an ``api_key`` among the API parameters (a client setting: it would
+    be kept in the call's repr and is never sent in a body) and a name that looks like a typo of a
+    known parameter (``temprature=0``; OpenAI-compatible servers drop unknown ones silently).
+
+    Raises:
+        ConfigError: naming the parameter, the fix, and never the key's value.
+    """
+    from .templates import misspelled
+
+    if "api_key" in model_params:
+        raise ConfigError("api_key is a client setting, not an API parameter: pass client=OpenAIClient(api_key=...) "
+                          "or set OPENAI_API_KEY")
+    for key in model_params:
+        close = misspelled(key) if isinstance(key, str) else None
+        if close:
+            raise ConfigError(f"{key!r} is not a parameter tinyllm knows; did you mean {close!r}? "
+                              "(A server-specific parameter goes in extra_body={...}.)")
+
+
 class _LastCall(threading.local):
     """``(messages, model_output)`` of the last call completed in this thread, set as one pair
     (so a thread never sees one call's messages with another's reply)."""
@@ -352,6 +372,7 @@ class LLMCall:
     ) -> None:
         if client is not None and api_type is not None:
             raise ConfigError("give either api_type= or client=, not both")
+        check_model_params(model_params)
         self.client = as_client(client) if client is not None else None
         self.tools: list[Tool] | None = [as_tool(t) for t in tools] if tools is not None else None
         self.max_tool_rounds = max_tool_rounds

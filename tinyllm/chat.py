@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .call import _open_stream, _streaming, arespond_with, plan_output, respond_with
+from .call import _open_stream, _streaming, arespond_with, check_model_params, plan_output, respond_with
 from .clients import Client, as_client
 from .clients import client as get_client
 from .errors import ConfigError
@@ -94,6 +94,7 @@ class LLMChat:
     ) -> None:
         if client is not None and api_type is not None:
             raise ConfigError("give either api_type= or client=, not both")
+        check_model_params(model_params)
         if system_template_name is not None and system is not None:
             raise TypeError("give either system_template_name or system=, not both")
         if system_template_name is None and user_template_name is not None:

@@ -277,6 +277,19 @@ def _static(text: str) -> str | None:
     return text.strip() if "{" not in text and "\r" not in text else None
 
 
+def misspelled(key: str) -> str | None:
+    """The known parameter name ``key`` (str) is probably a typo of, or None.
+
+    A key that is a known parameter, or is not close to one (a server-specific
+    parameter such as ``top_k``), gives None; one close to a known name (difflib
+    ratio >= 0.8: ``temprature``, ``max_token``, ``top-p``) gives that name.
+    """
+    if key in _KNOWN_KEYS:
+        return None
+    close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def _check_params(params: dict[str, Any], origin: dict[str, Path]) -> None:
     """Refuse a misspelled parameter name and an ``extra_body`` that is not a mapping.
 
@@ -288,9 +301,7 @@ def _check_params(params: dict[str, Any], origin: dict[str, Path]) -> None:
     for key in params:
         if not isinstance(key, str):
             raise TemplateError(f"{origin[key]}: front matter key {key!r} must be a string")
-        if key in _KNOWN_KEYS:
-            continue
-        close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1, cutoff=0.8)
+        close = [misspelled(key)] if misspelled(key) else []
         if close:
             raise TemplateError(f"{origin[key]}: front matter key {key!r} is not a parameter tinyllm knows; "
                                 f"did you mean {close[0]!r}? (A server-specific parameter goes under 'extra_body:'.)")
