@@ -16,6 +16,7 @@ are kept in :attr:`Config.secrets` and masked in every ``repr``.
 from __future__ import annotations
 
 import configparser
+import functools
 import copy
 import dataclasses
 import json
@@ -275,6 +276,7 @@ API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")  
 _URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "REDIS_URL")
 
 
+@functools.lru_cache(maxsize=256)  # on the per-call path (error messages, endpoint keys): the same few URLs
 def redact_url(url: str) -> str:
     """``url`` with a user:password part and query values replaced by ``***`` (keys can hide there)."""
     from urllib.parse import parse_qsl, urlsplit, urlunsplit

@@ -46,14 +46,8 @@ from ..streaming import Accumulator
 
 __all__ = ["Client", "Capabilities", "Reply", "ReplyStream", "AsyncReplyStream", "CallInfo", "last_call_info", "PlainClient"]
 
-# config key -> API parameter name; a parameter left unset is not sent.
-CONFIG_PARAMS = {
-    "max_tokens": "MAX_TOKENS",
-    "temperature": "TEMPERATURE",
-    "top_p": "TOP_P",
-    "frequency_penalty": "FREQUENCY_PENALTY",
-    "presence_penalty": "PRESENCE_PENALTY",
-}
+# API parameters whose default is the setting of the same name; a parameter left unset is not sent.
+CONFIG_PARAMS = ("max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty")
 log = logging.getLogger("tinyllm")
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
 
@@ -230,7 +224,7 @@ class Client:
         self._secrets = {self.api_key_secret: api_key} if api_key else {}
         self._cache = cache
         self._memo: tuple[Config, Config] | None = None  # (configuration snapshot, these settings over it)
-        self._retrying: retry.Retrying | None = None
+        self._retrying: tuple[Config, retry.Retrying] | None = None  # (the settings it was built for, the loop)
         self.queue = RequestQueue(self.api_type)
 
     def __repr__(self) -> str:
@@ -254,10 +248,12 @@ class Client:
 
     def retrying(self, cfg: Config) -> retry.Retrying:
         """The retry loop for these settings (built once, again only when the policy changes)."""
+        memo = self._retrying
+        if memo is not None and memo[0] is cfg:  # the same settings object: the same loop
+            return memo[1]
         policy = retry.RetryPolicy.from_config(cfg)
-        loop = self._retrying
-        if loop is None or loop.policy != policy:
-            loop = self._retrying = retry.Retrying(policy)
+        loop = memo[1] if memo is not None and memo[1].policy == policy else retry.Retrying(policy)
+        self._retrying = (cfg, loop)
         return loop
 
     def cache(self, cfg: Config) -> Any:
@@ -331,8 +327,8 @@ class Client:
                 ``stream=True`` given as a parameter (see :func:`_refuse_unsendable`).
         """
         out: dict[str, Any] = {"model": self.default_model(cfg)}
-        for name, key in CONFIG_PARAMS.items():
-            out[name] = cfg[key]
+        for name in CONFIG_PARAMS:
+            out[name] = getattr(cfg, name)
         out.update(params)
         # a generator (e.g. tools=(t for t in ...)) is read once, here: the cache key and the request see a list
         out = {k: list(v) if isinstance(v, Iterator) else v for k, v in out.items() if v is not None}
