@@ -752,13 +752,13 @@ def test_api_key_as_a_call_parameter_is_refused_and_never_sent(api, where):
 def test_api_key_given_to_llmcall_is_refused_before_sending(api, tmp_path):
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "hi.system.md").write_text("Say hi.\n", encoding="utf-8")
-    call = tinyllm.LLMCall("hi.system.md", api_key=SECRET)
-    with pytest.raises(BadRequestError, match="client setting"):
-        call.call()
+    with pytest.raises(tinyllm.ConfigError, match="client setting") as info:  # at construction, before any call
+        tinyllm.LLMCall("hi.system.md", api_key=SECRET)
+    assert SECRET not in str(info.value)
     assert chat_count(api) == 0
 
 
-# --------------------------------------------------------------------------- streaming (not yet)
+# --------------------------------------------------------------------------- stream=True is not a parameter (stream_request / LLMCall.stream)
 
 
 @pytest.mark.parametrize("params", [{"stream": True}, {"extra_body": {"stream": True}}])
