@@ -167,18 +167,19 @@ def _refuse_unsendable(params: dict) -> None:
 
     Raises:
         BadRequestError: ``api_key`` (a client setting: it would travel in the JSON
-            body and show in reprs), or ``stream=True`` (no streaming yet; the reply
-            would not be read as sent), given directly or in ``extra_body``.
+            body and show in reprs), or ``stream=True`` (a streamed reply is read by
+            :meth:`Client.stream_request` / ``LLMCall.stream``, not by ``send_message``),
+            given directly or in ``extra_body``.
     """
     extra = params.get("extra_body")
     for source in (params, extra if isinstance(extra, dict) else {}):
         if source.get("api_key") is not None:
             raise BadRequestError(
-                "api_key is a client setting, not a request parameter, and was not sent: set OPENAI_API_KEY "
-                "(or AZURE_OPENAI_KEY) in the environment or .env")
+                "api_key is a client setting, not a request parameter, and was not sent: pass it to the client "
+                "(OpenAIClient(api_key=...)) or set OPENAI_API_KEY (or AZURE_OPENAI_KEY) in the environment or .env")
         if source.get("stream"):
-            raise BadRequestError("stream=True is not supported yet: tinyllm reads whole replies; "
-                                  "leave stream unset (nothing was sent)")
+            raise BadRequestError("stream=True is not a request parameter: use LLMCall.stream() / "
+                                  "client.stream_request() to stream (nothing was sent)")
 
 
 class Client:
