@@ -45,6 +45,12 @@ def test_error_tree():
                  "ContextWindowExceededError", "RateLimitError", "ServerError"):
         assert issubclass(getattr(t, name), t.APIError)
     assert issubclass(t.APITimeoutError, t.APIConnectionError)
+    # the shape of openai-python's tree where the names coincide
+    assert issubclass(t.APIConnectionError, t.APIError) and not issubclass(t.APIConnectionError, t.APIStatusError)
+    for name in ("BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError", "ConflictError",
+                 "UnprocessableEntityError", "RateLimitError", "InternalServerError"):
+        assert issubclass(getattr(t, name), t.APIStatusError), name
+    assert t.InternalServerError is t.ServerError and issubclass(t.ContextWindowExceededError, t.BadRequestError)
     for name in t.__all__:
         obj = getattr(t, name)
         if isinstance(obj, type) and issubclass(obj, Exception):

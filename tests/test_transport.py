@@ -273,12 +273,12 @@ def test_malformed_then_server_error_then_malformed_gives_up(api, sleeps):
         (401, AuthenticationError),
         (403, PermissionDeniedError),
         (404, NotFoundError),
-        (422, BadRequestError),
+        (422, tinyllm.UnprocessableEntityError),  # a BadRequestError too
     ],
 )
 def test_client_errors_are_not_retried(api, sleeps, code, error):
     api.enqueue(Status(code), Reply("never sent"))
-    with pytest.raises(error) as info:
+    with pytest.raises(BadRequestError if code in (400, 422) else error) as info:
         send()
     exc = info.value
     assert type(exc) is error
@@ -803,3 +803,14 @@ def test_a_slow_reply_within_timeout_is_read_whole(api):
     tinyllm.configure(timeout=10, max_attempts=1)
     api.enqueue(Drip(0.001, then=Reply("slow but in time")))
     assert send()["content"] == "slow but in time"
+
+
+@pytest.mark.parametrize("code,cls", [(408, "APIStatusError"), (409, "ConflictError"), (422, "UnprocessableEntityError"),
+                                      (418, "BadRequestError"), (503, "ServerError")])
+def test_status_codes_map_to_openai_python_names(api, sleeps, code, cls):
+    tinyllm.configure(max_attempts=1)
+    api.enqueue(Status(code))
+    with pytest.raises(tinyllm.APIStatusError) as info:
+        send()
+    assert type(info.value).__name__ == cls and info.value.status_code == code
+    assert not isinstance(info.value, tinyllm.ServerError) or code >= 500  # 408/409 are not server errors

@@ -13,13 +13,17 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     │   ├── TemplateNotFoundError        (also a LookupError)
     │   ├── TemplateVariableError
     │   └── TemplateSecurityError
-    ├── APIError                         (status_code, request_id, body)
-    │   ├── BadRequestError / AuthenticationError / PermissionDeniedError / NotFoundError
-    │   ├── ContextWindowExceededError
-    │   ├── RateLimitError
-    │   └── ServerError
-    ├── APIConnectionError
-    │   └── APITimeoutError
+    ├── APIError                         (status_code, request_id, body; as openai-python's tree)
+    │   ├── APIConnectionError           (no response: status_code None)
+    │   │   └── APITimeoutError
+    │   └── APIStatusError               (any HTTP error status, e.g. 408)
+    │       ├── BadRequestError          (400, other 4xx not named here)
+    │       │   ├── UnprocessableEntityError (422)
+    │       │   └── ContextWindowExceededError
+    │       ├── AuthenticationError (401) / PermissionDeniedError (403) / NotFoundError (404)
+    │       ├── ConflictError            (409)
+    │       ├── RateLimitError           (429)
+    │       └── ServerError              (5xx; also named InternalServerError)
     ├── ResponseError
     ├── OutputParseError
     ├── QueueFullError
@@ -54,6 +58,10 @@ __all__ = [
     "PermissionDeniedError",
     "NotFoundError",
     "ContextWindowExceededError",
+    "APIStatusError",
+    "UnprocessableEntityError",
+    "ConflictError",
+    "InternalServerError",
     "RateLimitError",
     "ServerError",
     "APIConnectionError",
@@ -158,23 +166,37 @@ class APIError(TinyLLMError):
         return f"{text} ({', '.join(extra)})" if extra else text
 
 
-class BadRequestError(APIError):
-    """HTTP 400 or 422, or any other 4xx not named below: the request itself is wrong."""
+class APIStatusError(APIError):
+    """The server answered with an HTTP error status (``status_code``); the subclasses name the
+    common ones, as openai-python's do. A status with no class of its own (408, 418, ...) is this."""
 
 
-class AuthenticationError(APIError):
+class BadRequestError(APIStatusError):
+    """HTTP 400 (and any other 4xx not named below, 408 excepted): the request itself is wrong."""
+
+
+class UnprocessableEntityError(BadRequestError):
+    """HTTP 422: the request is well-formed but cannot be processed (openai-python's name; also a
+    BadRequestError, as tinyllm reported 422 before)."""
+
+
+class ConflictError(APIStatusError):
+    """HTTP 409: the request conflicts with the resource's state (retried, as openai-python does)."""
+
+
+class AuthenticationError(APIStatusError):
     """HTTP 401: the API key or token is missing or wrong."""
 
 
-class PermissionDeniedError(APIError):
+class PermissionDeniedError(APIStatusError):
     """HTTP 403: the key is valid but may not use this resource."""
 
 
-class NotFoundError(APIError):
+class NotFoundError(APIStatusError):
     """HTTP 404: unknown model, deployment or route."""
 
 
-class ContextWindowExceededError(APIError):
+class ContextWindowExceededError(BadRequestError):
     """The prompt plus ``max_tokens`` cannot fit the model's context window.
 
     Raised before anything is sent when tinyllm can count the tokens, or mapped
@@ -199,16 +221,19 @@ class ContextWindowExceededError(APIError):
         super().__init__(message, **kwargs)
 
 
-class RateLimitError(APIError):
+class RateLimitError(APIStatusError):
     """HTTP 429 after the last attempt, or a server-directed wait longer than MAX_WAITING_TIME."""
 
 
-class ServerError(APIError):
-    """HTTP 5xx (and 408/409) after the last attempt."""
+class ServerError(APIStatusError):
+    """HTTP 5xx after the last attempt (openai-python's InternalServerError; that name works too)."""
 
 
-class APIConnectionError(TinyLLMError):
-    """The request did not get a response: connection refused, dropped or reset."""
+InternalServerError = ServerError
+
+
+class APIConnectionError(APIError):
+    """The request did not get a response: connection refused, dropped or reset (``status_code`` None)."""
 
 
 class APITimeoutError(APIConnectionError):

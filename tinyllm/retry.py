@@ -108,6 +108,8 @@ def server_wait(headers: Mapping[str, str] | None, now: float | None = None) -> 
 
 def should_retry(exc: BaseException) -> bool:
     """Whether a failure of this kind may succeed if sent again (status rule and x-should-retry)."""
+    if isinstance(exc, APIConnectionError):  # no response at all (an APIError with no status)
+        return True
     if isinstance(exc, APIError):
         override = _header(exc.response_headers, "x-should-retry")
         if override in ("true", "false"):

@@ -18,10 +18,12 @@ from ..config import API_KEY_NAMES, Config, redact_url
 from ..errors import (
     APIConnectionError,
     APIError,
+    APIStatusError,
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
     ConfigError,
+    ConflictError,
     ContextWindowExceededError,
     NotFoundError,
     PermissionDeniedError,
@@ -29,6 +31,7 @@ from ..errors import (
     ResponseError,
     ServerError,
     TinyLLMError,
+    UnprocessableEntityError,
 )
 from .._fork import reset_in_child
 from .base import Capabilities, Client
@@ -45,7 +48,8 @@ _STATUS_ERRORS: dict[int, type[APIError]] = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
-    422: BadRequestError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
     429: RateLimitError,
 }
 
@@ -73,8 +77,9 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
 
     Status codes: 400/422 and other 4xx -> BadRequestError (``context_length_exceeded``
     -> ContextWindowExceededError), 401 -> AuthenticationError, 403 ->
-    PermissionDeniedError, 404 -> NotFoundError, 429 -> RateLimitError, 408/409
-    and 5xx -> ServerError. Timeouts -> APITimeoutError, other transport
+    PermissionDeniedError, 404 -> NotFoundError, 409 -> ConflictError, 422 ->
+    UnprocessableEntityError (a BadRequestError), 429 -> RateLimitError, 5xx ->
+    ServerError, 408 -> APIStatusError (openai-python's tree). Timeouts -> APITimeoutError, other transport
     failures -> APIConnectionError, an unparseable reply -> ResponseError.
     """
     import openai
@@ -97,7 +102,8 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
         kwargs = dict(status_code=code, request_id=exc.request_id, body=body, response_headers=headers)
         if err_code == "context_length_exceeded":
             return ContextWindowExceededError(message, **kwargs)
-        cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 or code in (408, 409) else BadRequestError)
+        cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else APIStatusError if code == 408 or code < 400
+                                           else BadRequestError)
         return cls(message, **kwargs)
     if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, RecursionError)):  # RecursionError: JSON nested too deeply
         return ResponseError(redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
