@@ -152,17 +152,34 @@ def test_prompts_show_prints_files_and_front_matter(prompts):
         assert "variables: language, name" in out
 
 
-def test_render_prints_messages_and_token_count(prompts):
+def test_render_prints_messages_and_token_count(prompts, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-render-test-00000000001")  # the openai backend answers
     result = run("render", "greet", "--prompts-dir", str(prompts), "--var", "name=Ada", "--var", "language=French")
     assert result.exit_code == 0, result.output
     messages = [{"role": "system", "content": "You greet people in French."}, {"role": "user", "content": "Greet Ada."}]
     n = tinyllm.count_tokens(messages, "gpt-4o-mini")
     assert result.stdout == ("--- system ---\nYou greet people in French.\n\n--- user ---\nGreet Ada.\n\n"
-                             f"--- {n} prompt tokens (gpt-4o-mini) ---\n")
+                             '--- parameters: {"max_tokens": 20, "temperature": 0} ---\n'  # the front matter's
+                             f"--- {n} prompt tokens (openai, gpt-4o-mini) ---\n")
     data = json.loads(run("render", "greet.system.md", "--prompts-dir", str(prompts), "--var", "name=Ada",
                           "--model", "gpt-4", "--json").stdout)
     assert data["messages"][1] == {"role": "user", "content": "Greet Ada."} and data["model"] == "gpt-4"
     assert data["prompt_tokens"] == tinyllm.count_tokens(data["messages"], "gpt-4")
+
+
+@pytest.mark.local
+def test_render_uses_the_answering_backend_and_shows_parameters():
+    root = Path(__file__).resolve().parents[1]
+    result = run("render", "classify", "--prompts-dir", str(root / "prompts"), "--var", "text=I love it", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["api_type"] == "llamacpp" and data["model"] == "SmolLM2-135M-Instruct.Q4_1"  # not gpt-4o-mini
+    assert data["params"]["temperature"] == 0 and "grammar" in data["params"]  # what would be sent
+    from tinyllm.clients.llamacpp import LlamaCppClient
+
+    local = LlamaCppClient()
+    assert data["prompt_tokens"] == local.count_tokens(data["messages"], data["model"])  # the model's own tokenizer
+    assert data["prompt_tokens"] != tinyllm.count_tokens(data["messages"], "gpt-4o-mini")
 
 
 def test_render_reads_variables_from_a_file_and_stdin(prompts, tmp_path):

@@ -395,29 +395,52 @@ def prompts_show(ctx: click.Context, name: str, prompts_dirs: tuple[str, ...]) -
 @cli.command()
 @click.argument("name")
 @_var_option
-@click.option("--model", "-m", help="Model whose tokenizer counts the tokens (default: the front matter's, "
-                                    "else the MODEL setting).")
-@click.option("--json", "as_json", is_flag=True, help="Print {messages, model, prompt_tokens} as JSON.")
+@click.option("--model", "-m", help="Model to ask (default: the front matter's, else the MODEL setting).")
+@click.option("--api-type", help="Backend whose model name and tokenizer apply (default: API_TYPE, else auto-detected).")
+@click.option("--json", "as_json", is_flag=True, help="Print {messages, model, api_type, params, prompt_tokens} as JSON.")
 @_prompts_dir_option
 @click.pass_context
-def render(ctx: click.Context, name: str, variables: dict, model: str | None, as_json: bool,
+def render(ctx: click.Context, name: str, variables: dict, model: str | None, api_type: str | None, as_json: bool,
            prompts_dirs: tuple[str, ...]) -> None:
-    """Print the messages NAME renders to, and their prompt token count, without sending anything."""
+    """Print the messages NAME renders to, the parameters that would be sent, and the prompt's
+    tokens as the answering backend counts them (its model name and tokenizer), sending nothing."""
+    from .call import plan_output
+    from .clients import client
     from .config import get_config
     from .tokens import count_tokens
 
     _, prompt = _resolve(name, _search_dirs(ctx))
     messages = prompt.render(variables)
-    model = model or prompt.params.get("model") or get_config().model
-    n = count_tokens(messages, model)
+    given = {"model": model} if model else {}
+    try:
+        sender = client(api_type)
+    except ConfigError as exc:  # no backend configured: tiktoken's count for the configured model
+        if api_type:
+            raise
+        sender, note = None, f"no backend configured ({str(exc).split('.')[0]}); counted with tiktoken"
+    if sender is not None:
+        cfg = sender.settings()
+        params = sender.resolve_params(plan_output(prompt, sender, None, None, given)[1], cfg)
+        used_model = params["model"]
+        n = sender.count_tokens(messages, used_model, cfg)
+        backend, note = sender.api_type, None
+    else:
+        params = {**prompt.params, **given}
+        used_model = params.get("model") or get_config().model
+        n, backend = count_tokens(messages, used_model), None
+    params = {k: v for k, v in params.items() if k != "model"}
     if as_json:
-        click.echo(_dumps({"messages": messages, "model": model, "prompt_tokens": n}, indent=2))
+        click.echo(_dumps({"messages": messages, "model": used_model, "api_type": backend, "params": params,
+                           "prompt_tokens": n}, indent=2))
         return
     for m in messages:
         click.echo(f"--- {m['role']} ---")
         click.echo(m["content"])
         click.echo()
-    click.echo(f"--- {n} prompt tokens ({model}) ---")
+    if params:
+        click.echo(f"--- parameters: {_dumps(params)} ---")
+    where = f"{backend}, {used_model}" if backend else used_model
+    click.echo(f"--- {n} prompt tokens ({where}) ---" + (f"\n({note})" if note else ""))
 
 
 @cli.command()
