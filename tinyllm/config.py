@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 
-__all__ = ["Config", "configure", "get_config", "SECRET_NAMES", "KEYS"]
+__all__ = ["Config", "configure", "clear_overrides", "get_config", "SECRET_NAMES", "KEYS"]
 
 ENV_PREFIX = "TINYLLM_"
 SECTION = "OpenAI"
@@ -481,3 +481,9 @@ def configure(**overrides: Any) -> None:
                 _overrides.pop(names[key], None)
             else:
                 _overrides[names[key]] = value
+
+
+def clear_overrides() -> None:
+    """Remove every :func:`configure` override, so the lower layers apply again (as ``configure(key=None)`` for each key)."""
+    with _lock:
+        _overrides.clear()
