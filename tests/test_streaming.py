@@ -280,3 +280,15 @@ def test_the_embedded_model_streams(monkeypatch):
     deltas = list(response)
     assert len(deltas) >= 2 and "".join(deltas) == response.value and response.usage_counted_locally
     assert response.usage["completion_tokens"] > 0 and response.time_to_first_token < response.latency
+
+
+def test_tokens_per_minute_counts_a_streams_real_completion_tokens(server):
+    limited = OpenAIClient(base_url=server.base_url, api_key=KEY, tokens_per_minute=100_000)
+    server.enqueue(Stream(Reply(" ".join(["word"] * 50))))
+    stream = limited.stream_request([{"role": "user", "content": "hi"}])  # no max_tokens: only the prompt reserved
+    list(stream)
+    from limits import RateLimitItemPerMinute
+
+    sliding = limited.queue._rates[1]
+    used = 100_000 - sliding.get_window_stats(RateLimitItemPerMinute(100_000)).remaining
+    assert used >= stream.reply.usage["completion_tokens"] + stream.reply.prompt_tokens

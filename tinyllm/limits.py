@@ -212,6 +212,27 @@ class RequestQueue:
 
     # -- rate limits --------------------------------------------------------
 
+    def _limiters(self) -> tuple[Any, Any]:
+        """(moving window, sliding window counter) limiters on one memory storage; caller holds ``_rate_lock``."""
+        if self._rates is None:  # imported and started (a timer thread) only when needed
+            from limits.storage import MemoryStorage
+            from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+            storage = MemoryStorage()
+            self._rates = (MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage))
+        return self._rates
+
+    def count_tokens(self, cfg: Any, tokens: int) -> None:
+        """Count ``tokens`` (int) more against TOKENS_PER_MINUTE without waiting: the completion
+        tokens of a streamed reply whose request reserved none (no ``max_tokens``), known only
+        at its end. With cluster-wide limits (Redis) nothing is counted here."""
+        if not cfg.tokens_per_minute or tokens <= 0 or self._cluster(cfg) is not None:
+            return
+        from limits import RateLimitItemPerMinute as PerMinute
+
+        with self._rate_lock:
+            self._limiters()[1].hit(PerMinute(cfg.tokens_per_minute), cost=tokens)
+
     def _rate_wait(self, cfg: Any, cost: int, deadline: float | None) -> float:
         """Use up this request's allowance and return 0, or return seconds to wait first.
 
@@ -223,13 +244,7 @@ class RequestQueue:
         from limits import RateLimitItemPerMinute as PerMinute, RateLimitItemPerSecond as PerSecond
 
         with self._rate_lock:
-            if self._rates is None:  # imported and started (a timer thread) only when needed
-                from limits.storage import MemoryStorage
-                from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
-
-                storage = MemoryStorage()
-                self._rates = (MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage))
-            moving, sliding = self._rates
+            moving, sliding = self._limiters()
             checks = []
             if rpm:
                 checks += [(moving, PerMinute(rpm), 1), (moving, PerSecond(math.ceil(rpm / 60)), 1)]

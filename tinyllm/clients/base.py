@@ -508,6 +508,11 @@ class Client:
         """The Reply of a complete stream; usage counted locally (and marked) when the server sent none."""
         message = acc.message()
         reply_usage = acc.usage
+        if req.params.get("max_tokens", req.params.get("max_completion_tokens")) is None:
+            # TPM reserved only the prompt: count the completion now that it is known
+            completion = (reply_usage or {}).get("completion_tokens")
+            self.queue.count_tokens(req.cfg, completion if isinstance(completion, int) else
+                                    (tokens.count_tokens(acc.text, req.model) if acc.text else 0))
         if reply_usage is None:
             completion = tokens.count_tokens(acc.text, req.model) if acc.text else 0
             reply_usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
