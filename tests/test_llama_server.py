@@ -126,3 +126,16 @@ def test_labels_are_constrained_when_the_client_declares_grammars(llama_server, 
     label = LLMCall("label.system.md", prompts_dir=prompts, client=client)
     assert label.call(text="I love this wonderful day!") in ("positive", "negative", "neutral")
     assert label.model_output["content"] in ("positive", "negative", "neutral")
+
+
+def test_streaming_from_a_real_llama_cpp_server(llama_server, prompts):
+    """The OpenAI-compatible streaming path against llama.cpp's own server: deltas, the whole text,
+    a finish_reason, and usage (sent by the server or counted locally, and marked which)."""
+    client = OpenAIClient(base_url=llama_server, max_attempts=1)
+    (prompts / "say.system.md").write_text("---\ntemperature: 0\nmax_tokens: 12\n---\nYou are terse.", encoding="utf-8")
+    (prompts / "say.user.md").write_text("{{ text }}", encoding="utf-8")
+    response = LLMCall("say", prompts_dir=prompts, client=client).stream(text="Name three colours.")
+    deltas = list(response)
+    assert len(deltas) >= 2 and "".join(deltas) == response.text == response.value and response.text.strip()
+    assert response.finish_reason in ("stop", "length") and response.time_to_first_token is not None
+    assert response.usage["completion_tokens"] > 0
