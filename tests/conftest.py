@@ -5,11 +5,14 @@
   test runs inside its own ``tmp_path`` (so no developer ./config.ini or ./.env
   leaks in), XDG_DATA_HOME is under ``tmp_path`` (the call log's default place), and ``tinyllm.config`` overrides (``configure()``) are cleared
   before and after each test.
+- ``embedded_model`` (session): the embedded llama.cpp model loaded once per run (the client module
+  keeps it, keyed by path, for every in-process test); tests marked ``local`` warm it first.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,11 @@ if _HERE not in sys.path:
 from fakeserver import FakeOpenAIServer  # noqa: E402
 
 _ENV_PREFIXES = ("TINYLLM_", "OPENAI_", "AZURE_OPENAI")
+
+# A run started with SIGINT ignored (`pytest &` in a non-interactive script) would pass that on to every
+# child process, and the Ctrl-C tests (in-process and subprocess) would fail or hang: restore the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _clear_config_overrides() -> None:
@@ -79,3 +87,26 @@ def sleeps(monkeypatch):
     waits: list[float] = []
     monkeypatch.setattr(time, "sleep", lambda seconds: waits.append(seconds))
     return waits
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> Path | None:
+    """Path of the bundled GGUF model, loaded once per test run; None without the local extra.
+
+    tinyllm.clients.llamacpp keeps loaded models by path for the process, so every in-process test
+    that uses the embedded model shares this one load; no test should clear that cache.
+    """
+    from tinyllm.clients import llamacpp
+
+    if not llamacpp.local_available():
+        return None
+    path = llamacpp.default_model_path()
+    llamacpp._load(path, False)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _warm_embedded_model(request):
+    """Tests marked ``local`` start with the model loaded (its load is paid once, in the session fixture)."""
+    if request.node.get_closest_marker("local") is not None:
+        request.getfixturevalue("embedded_model")

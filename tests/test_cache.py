@@ -253,6 +253,7 @@ def test_writes_append_one_record(tmp_path):
     assert raw_records(path) == ([("a", message(1)), ("b", message(2))], 0)
 
 
+@pytest.mark.slow
 def test_100k_entries_load_and_hit(tmp_path):
     path = tmp_path / "big.pickle"
     entries = {f"{i:064x}": message(i, 100) for i in range(100_000)}
@@ -376,6 +377,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_loses_at_most_the_record_being_written(tmp_path):
     path = tmp_path / "c.pickle"
     start = 0

@@ -160,6 +160,7 @@ for i in range(int(sys.argv[4])):
 """
 
 
+@pytest.mark.slow
 def test_four_processes_log_500_calls_each_into_one_file_with_none_lost(prompts, db, tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

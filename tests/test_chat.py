@@ -7,9 +7,9 @@ the request parameters after tinyllm adapted them to the model family.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
+from helpers import write
 from fakeserver import Reply, Status
 from pydantic import BaseModel
 
@@ -24,11 +24,6 @@ from tinyllm import (
     configure,
 )
 from tinyllm.chat import LLMChat
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 @pytest.fixture

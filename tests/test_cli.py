@@ -255,6 +255,7 @@ def test_call_unknown_api_type_exits_2(prompts):
     assert "unknown api_type 'nope'" in line
 
 
+@pytest.mark.slow
 def test_call_in_a_subprocess(server, prompts, tmp_path):
     server.reply_with("Bonjour Ada !")
     args = ["call", "greet", "--prompts-dir", str(prompts), "--var", "name=Ada"]
@@ -425,6 +426,7 @@ def _wait_for_lines(path: Path, proc: subprocess.Popen, n: int, timeout: float =
     pytest.fail(f"map did not write {n} lines in {timeout}s")
 
 
+@pytest.mark.slow
 def test_map_500_rows_with_failures_interrupted_and_resumed(server, rows_prompt, tmp_path, monkeypatch):
     """Run 1 fails 5 rows and is interrupted (SIGINT); run 2 is killed (SIGKILL); run 3 completes
     with 3 new failures; run 4 retries them. No row is lost or duplicated; each run sends only
@@ -556,6 +558,7 @@ def _use_server_here(server, monkeypatch) -> None:
             monkeypatch.setenv(k, v)
 
 
+@pytest.mark.slow
 def test_map_killed_keeps_every_reported_row_and_the_rerun_sends_only_the_rest(server, rows_prompt, tmp_path,
                                                                                  monkeypatch):
     """The first row is held by the server; the rows after it finish. SIGKILL: every row the progress
@@ -589,6 +592,7 @@ def test_map_killed_keeps_every_reported_row_and_the_rerun_sends_only_the_rest(s
     assert [r["id"] for r in read_jsonl(out)] == ids  # in input order once complete
 
 
+@pytest.mark.slow
 def test_map_first_ctrl_c_exits_at_once_keeping_finished_rows(server, rows_prompt, tmp_path, monkeypatch):
     """SIGINT while a row is held by the server: the run ends without waiting for it, keeps every finished
     row, and sends nothing more (rows not started are cancelled); a rerun sends exactly the missing rows."""
@@ -625,6 +629,7 @@ def test_map_first_ctrl_c_exits_at_once_keeping_finished_rows(server, rows_promp
     assert [r["id"] for r in read_jsonl(out)] == ids
 
 
+@pytest.mark.slow
 def test_map_second_run_on_the_same_output_is_refused(server, rows_prompt, tmp_path, monkeypatch):
     _rows_file(tmp_path / "in.jsonl", 10)
     out = tmp_path / "out.jsonl"
@@ -723,6 +728,7 @@ def test_map_reads_standard_input_and_resumes_from_it(fake_env, rows_prompt, tmp
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow
 @pytest.mark.local
 def test_call_smoke_with_the_embedded_model(tmp_path):
     from tinyllm.clients.llamacpp import local_available
@@ -741,6 +747,7 @@ def test_call_smoke_with_the_embedded_model(tmp_path):
     assert 0 < data["usage"]["completion_tokens"] <= 8 and data["model"].startswith("SmolLM2")
 
 
+@pytest.mark.slow
 @pytest.mark.local
 def test_interrupting_map_on_the_embedded_model_exits_without_a_crash(tmp_path):
     """SIGINT while llama.cpp generates: exit 130 at once with finished rows kept, never a crash."""
@@ -783,6 +790,7 @@ def test_cache_stats_never_changes_the_file(tmp_path):
     assert empty.read_bytes() == b""
 
 
+@pytest.mark.slow
 def test_cache_stats_counts_hits_of_every_process(server, tmp_path):
     """Hits and misses of separate processes add up in `tinyllm cache stats`."""
     cache_file = tmp_path / "c.pickle"

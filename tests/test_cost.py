@@ -235,6 +235,7 @@ def test_map_stops_at_max_cost_midway_and_a_rerun_finishes(wired, prompts, tmp_p
     assert len(batches) == 2 and None not in batches  # one batch id per run
 
 
+@pytest.mark.slow
 def test_map_summary_says_when_the_cost_is_unknown(server, tmp_path, monkeypatch):
     """A real subprocess: the summary line of a run against a model without a price."""
     rows, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from helpers import wait_until
 
 from fakeserver import (
     Delay,
@@ -209,7 +210,7 @@ def test_hang_is_timeout_and_stop_is_prompt():
         errors = []
         th = threading.Thread(target=lambda: _capture(errors, chat, c), daemon=True)
         th.start()
-        _wait_until(lambda: srv.in_flight >= 1)
+        wait_until(lambda: srv.in_flight >= 1)
         t0 = time.monotonic()
         srv.stop()
         assert time.monotonic() - t0 < 1.0
@@ -403,11 +404,3 @@ def _capture(errors, fn, *args):
         fn(*args)
     except Exception as exc:
         errors.append(exc)
-
-
-def _wait_until(cond, timeout=2.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        threading.Event().wait(0.01)

@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 
 import pytest
+from helpers import wait_until
 
 import tinyllm
 
 CHILDREN = 3
 CALLS = 15
-
-
-def wait_until(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.005)
 
 
 def _calls(tag: str) -> list[tuple[str, str]]:

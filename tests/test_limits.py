@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_until
 
 import tinyllm.config as config
 from tinyllm import limits
@@ -30,13 +31,6 @@ def settings(**overrides):
     base.update(overrides)
     config.configure(**base)
     return config.get_config()
-
-
-def wait_until(predicate, timeout=5.0):
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.002)
 
 
 async def await_until(predicate, timeout=5.0):

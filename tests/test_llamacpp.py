@@ -141,6 +141,7 @@ def test_cache_serves_a_repeat_without_running_the_model(local, tmp_path):
     assert usage_stats()["cached_calls"] == 1 and usage_stats()["completion_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_main_job_summarizes_a_real_file():
     """The README's first command: a summary of a real text file from the embedded model."""
     result = subprocess.run(
@@ -165,12 +166,14 @@ def test_main_job_summarizes_a_real_file():
         (["extract_facts.py", str(ROOT / "examples" / "data" / "gettysburg.txt")], lambda out: isinstance(__import__("json").loads(out)["facts"], list)),
     ],
 )
+@pytest.mark.slow
 def test_examples_run_offline_on_the_embedded_model(args, check):
     result = subprocess.run([sys.executable, str(ROOT / "examples" / args[0]), *args[1:]], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert check(result.stdout), result.stdout
 
 
+@pytest.mark.slow
 def test_a_cache_hit_does_not_load_the_model(tmp_path):
     """A repeat answered from the cache in a new process never imports or loads llama.cpp."""
     code = (

@@ -44,6 +44,7 @@ def test_extract_facts_returns_json_matching_a_pydantic_model():
     assert Facts.model_validate_json(extract.model_output["content"]) == facts
 
 
+@pytest.mark.slow
 def test_extract_facts_front_matter_json_is_a_dict():
     extract = LLMCall("extract_facts.system.md", prompts_dir=PROMPTS, api_type="llamacpp", max_tokens=80)
     value = extract.call(text="Water boils at 100 degrees Celsius.")

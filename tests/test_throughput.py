@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fakeserver import Status
+from helpers import wait_until
 
 import tinyllm
 from tinyllm import (
@@ -57,13 +58,6 @@ def echo(req: dict) -> str:
     """
     time.sleep(random.random() * 0.005)
     return "re: " + _last_user(req)
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.002)
 
 
 class Gate:

@@ -6,10 +6,10 @@ import asyncio
 import json
 import sys
 import threading
-from pathlib import Path
 from typing import Literal
 
 import pytest
+from helpers import write
 from click.testing import CliRunner
 from fakeserver import Message, Reply
 from pydantic import BaseModel, Field
@@ -53,11 +53,6 @@ def call(name: str, arguments: dict | str, id: str | None = None) -> dict:
 
 def asks(*calls: dict, usage: dict | None = None) -> Message:
     return Message({"content": None, "tool_calls": list(calls)}, usage=usage)
-
-
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
 
 
 @pytest.fixture

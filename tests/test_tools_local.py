@@ -31,6 +31,7 @@ def _readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_tool_example_runs_offline_on_the_embedded_model():
     scope: dict = {}
     out = io.StringIO()

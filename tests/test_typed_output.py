@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from helpers import write
 from click.testing import CliRunner
 from fakeserver import Reply, Status
 from pydantic import BaseModel
@@ -200,11 +201,6 @@ def test_plan_output_gives_a_grammar_where_the_client_takes_one():
 
 # --- LLMCall over the loopback server ----------------------------------------------------------------------
 
-def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
 @pytest.fixture
 def wired(server, tmp_path):
     configure(api_type="openai", base_url=server.base_url, max_attempts=5, waiting_time=0)
@@ -376,6 +372,7 @@ def embedded():
     return LlamaCppClient()
 
 
+@pytest.mark.slow
 @pytest.mark.local
 def test_sentiment_with_three_labels_never_fails_to_parse(embedded):
     classify = LLMCall("classify.system.md", prompts_dir=PROMPTS, client=embedded)

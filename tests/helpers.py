@@ -1,0 +1,47 @@
+"""Helpers shared by the test files (imported as ``helpers``: tests/ is on sys.path, see conftest.py).
+
+Plain functions live here rather than in conftest.py, which pytest does not mean to be imported;
+fixtures stay in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: the project's root
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.005) -> None:
+    """Poll ``predicate`` every ``interval`` seconds until it is true; AssertionError after ``timeout`` seconds.
+
+    Waits with ``threading.Event().wait``, so a test that patched ``time.sleep`` still polls in real time.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"condition not reached in {timeout:g} s"
+        threading.Event().wait(interval)
+
+
+def write(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path``, making its folders; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess running this checkout's tinyllm: the test's (already cleared of
+    TINYLLM_/OPENAI_/AZURE_OPENAI variables by conftest's ``_isolate_env``) plus PYTHONPATH and ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
