@@ -42,7 +42,7 @@ def _clear_config_overrides() -> None:
     # broken or half-written tinyllm fails only the tests that use it, loudly.
     config = sys.modules.get("tinyllm.config")
     if config is not None:
-        config._overrides.clear()
+        config.clear_overrides()
     clients = sys.modules.get("tinyllm.clients")
     if clients is not None:  # forced api_type and registered clients (each client owns a request queue)
         clients.default_registry.reset()

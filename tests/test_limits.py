@@ -19,9 +19,9 @@ from tinyllm.limits import RequestQueue
 
 @pytest.fixture(autouse=True)
 def _reset_overrides():
-    config._overrides.clear()
+    config.clear_overrides()
     yield
-    config._overrides.clear()
+    config.clear_overrides()
 
 
 def settings(**overrides):
