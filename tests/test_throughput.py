@@ -127,6 +127,7 @@ def test_map_with_200_threads_never_exceeds_the_limit(setup):
     assert setup.errors == []
 
 
+@pytest.mark.slow  # the same rule as a quicker test in test_limits.py / test_throughput.py
 def test_200_threads_over_send_message_never_exceed_the_limit(setup):
     setup.latency = 0.02
     sender = client()
@@ -155,6 +156,7 @@ def test_200_acall_tasks_never_exceed_the_limit(setup):
     assert 2 <= setup.max_in_flight <= LIMIT
 
 
+@pytest.mark.slow  # the same rule as a quicker test in test_limits.py / test_throughput.py
 def test_threads_and_tasks_share_one_limit(setup):
     setup.latency = 0.02
     call = item_call()
@@ -307,6 +309,7 @@ def test_queue_full_inside_map_comes_back_in_place(setup):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # the same rule as a quicker test in test_limits.py / test_throughput.py
 def test_requests_per_minute_spreads_requests_over_time(setup):
     configure(requests_per_minute=120)  # 120/min, and so at most 2 per second
     sender = client()
@@ -321,6 +324,7 @@ def test_requests_per_minute_spreads_requests_over_time(setup):
     assert all(times[i + 2] - times[i] >= 0.8 for i in range(3)), times
 
 
+@pytest.mark.slow  # the same rule as a quicker test in test_limits.py / test_throughput.py
 def test_requests_per_minute_holds_under_concurrency(setup):
     configure(requests_per_minute=120)
     started = time.monotonic()
@@ -329,6 +333,7 @@ def test_requests_per_minute_holds_under_concurrency(setup):
     assert results == [f"re: item {i}" for i in range(5)]
 
 
+@pytest.mark.slow  # the same rule as a quicker test in test_limits.py / test_throughput.py
 def test_requests_per_minute_in_asyncio(setup):
     configure(requests_per_minute=120)
     call = item_call()
