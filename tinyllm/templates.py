@@ -183,12 +183,18 @@ class _Loader(jinja2.FileSystemLoader):
 
 
 @functools.lru_cache(maxsize=64)
-def _environment(dirs: tuple[str, ...], carried: tuple[tuple[str, str], ...] | None = None) -> ImmutableSandboxedEnvironment:
-    """The sandbox for templates found in ``dirs``; ``carried``: ``(name, source)`` of included files
-    that came with a pickled Prompt, looked up before ``dirs``."""
+def _environment(dirs: tuple[str, ...], carried: tuple[tuple[str, tuple[str, str]], ...] | None = None) -> ImmutableSandboxedEnvironment:
+    """The sandbox for templates found in ``dirs``; ``carried``: ``(name, (file, source))`` of included
+    files that came with a pickled Prompt, looked up before ``dirs``."""
     loader: jinja2.BaseLoader = _Loader(list(dirs))
     if carried is not None:
-        loader = jinja2.ChoiceLoader([jinja2.DictLoader(dict(carried)), loader])
+        files = dict(carried)
+
+        def carried_source(name: str) -> tuple[str, str, Any] | None:
+            found = files.get(name)
+            return None if found is None else (found[1], found[0], lambda: True)
+
+        loader = jinja2.ChoiceLoader([jinja2.FunctionLoader(carried_source), loader])
     return ImmutableSandboxedEnvironment(loader=loader, undefined=jinja2.StrictUndefined,
                                          autoescape=False, keep_trailing_newline=False)
 
@@ -316,9 +322,9 @@ class Prompt:
     """
 
     def __init__(self, name: str, system_path: Path, user_path: Path | None, dirs: tuple[str, ...], *,
-                 texts: dict[str, str] | None = None, includes: dict[str, str] | None = None):
+                 texts: dict[str, str] | None = None, includes: dict[str, tuple[str, str]] | None = None):
         # texts/includes: given when the Prompt comes from a pickle (see __reduce__): the files' texts
-        # (path -> text) and the included files' sources (include name -> source), instead of the disk
+        # (path -> text) and the included files (include name -> (file, source)), instead of the disk
         self.name, self.system_path, self.user_path, self._dirs = name, system_path, user_path, dirs
         self._texts: dict[str, str] = {}
         self._includes = includes
@@ -400,8 +406,8 @@ class Prompt:
         return (_carried_prompt, (self.name, str(self.system_path), None if self.user_path is None else str(self.user_path),
                                   self._dirs, dict(self._texts), self._included()))
 
-    def _included(self) -> dict[str, str]:
-        """``{include name: source}`` of every file the templates name literally, recursively."""
+    def _included(self) -> dict[str, tuple[str, str]]:
+        """``{include name: (file, source)}`` of every file the templates name literally, recursively."""
         if self._includes is not None:
             return dict(self._includes)
         env, found = self._env, {}
@@ -415,10 +421,10 @@ class Prompt:
                 if ref is None or ref in found:
                     continue  # None: a name computed at render time (see __reduce__)
                 try:
-                    source = env.loader.get_source(env, ref)[0]  # type: ignore[union-attr]
+                    source, filename = env.loader.get_source(env, ref)[:2]  # type: ignore[union-attr]
                 except (jinja2.TemplateNotFound, TemplateError):
                     continue  # fails the same way when rendered
-                found[ref] = source
+                found[ref] = (filename or ref, source)
                 todo.append(source)
         return found
 
@@ -428,7 +434,7 @@ _carried: dict[tuple, Prompt] = {}  # a pickled prompt's content -> the Prompt b
 
 
 def _carried_prompt(name: str, system_path: str, user_path: str | None, dirs: tuple[str, ...],
-                    texts: dict[str, str], includes: dict[str, str]) -> Prompt:
+                    texts: dict[str, str], includes: dict[str, tuple[str, str]]) -> Prompt:
     """A Prompt rebuilt from pickled sources (see :meth:`Prompt.__reduce__`); the same object for the
     same content, so the tasks of a batch compile it once per process."""
     key = (name, system_path, user_path, dirs, tuple(sorted(texts.items())), tuple(sorted(includes.items())))
