@@ -774,8 +774,9 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     unpriced = stats_after["unpriced_calls"] - stats_before["unpriced_calls"]
     over_budget = s.stopped_by
     left = f", {s.total - s.done_before - s.done_now - s.failed} not sent (budget)" if over_budget is not None else ""
+    cost = _cost_text(run_budget.spent, unpriced) if dask_address is None else "on the Dask workers (not summed here)"
     click.echo(f"{s.total} rows: {s.done_now} done now{note}, {s.done_before} done before, {s.failed} failed{left} "
-               f"-> {output_path}; cost {_cost_text(run_budget.spent, unpriced)}", err=True)
+               f"-> {output_path}; cost {cost}", err=True)
     if s.dropped:
         click.echo(f"note: dropped the lines of {s.dropped} id(s) of {output_path} that are not in the input", err=True)
     if over_budget is not None:
