@@ -253,3 +253,22 @@ def test_cli_map_dask_local_2(tmp_path):
         assert "rules.md, line 4" in lines[12]["error"]["message"]  # the included file, carried, is named
         assert len(server.chat_requests()) == 12
         assert "1 of 13 rows failed" in done.stderr
+
+
+def test_a_call_while_another_thread_imports_opentelemetry_sends_no_span(monkeypatch, tmp_path):
+    """Seen on Dask workers: a chunk's threads called while another thread was importing
+    opentelemetry.trace (in sys.modules, half initialized): AttributeError on every call."""
+    import importlib.machinery
+    import types
+
+    from tinyllm import otel
+
+    half = types.ModuleType("opentelemetry.trace")
+    half.__spec__ = importlib.machinery.ModuleSpec("opentelemetry.trace", None)
+    half.__spec__._initializing = True
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", half)
+    assert otel.enabled() is False
+    _echo_prompt(tmp_path)
+    with FakeOpenAIServer() as server:
+        assert LLMCall("echo", client=OpenAIClient(base_url=server.base_url)).call(text="x") == "echo: x"
+
