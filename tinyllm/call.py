@@ -392,9 +392,34 @@ class LLMCall:
     def __repr__(self) -> str:
         return f"LLMCall({self.system_template_name!r}, {self.user_template_name!r}, api_type={self.api_type!r}, model_params={self.model_params!r})"
 
+    _carried: Prompt | None = None  # the prompt an unpickled LLMCall brought with it
+
+    def __getstate__(self) -> dict:
+        """What a pickle carries to another process or machine (a Dask worker): the prompt's
+        sources and front matter as loaded now (see :meth:`Prompt.__reduce__`), the parameters,
+        output type, tools, ``api_type`` and an explicit client without its API key (see
+        :meth:`Client.__getstate__ <tinyllm.Client.__getstate__>`). Settings that are not the
+        call's (REDIS_URL, BASE_URL, the keys, ...) come from the unpickling process's own
+        configuration (environment, .env, config.ini). The per-thread last messages are not carried.
+
+        Raises:
+            TemplateNotFoundError, TemplateError: the templates cannot be loaded now.
+            ConfigError: the client holds a cache object (see ``Client.__getstate__``).
+        """
+        state = {k: v for k, v in self.__dict__.items() if k != "_last"}
+        state["_carried"] = self.prompt
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._last = _LastCall()
+
     @property
     def prompt(self) -> Prompt:
-        """The loaded :class:`~tinyllm.templates.Prompt` (reloaded when its files change)."""
+        """The loaded :class:`~tinyllm.templates.Prompt` (reloaded when its files change); in an
+        unpickled LLMCall, the prompt it carried (no file is read)."""
+        if self._carried is not None:
+            return self._carried
         return load_prompt(self.system_template_name, self.user_template_name, prompts_dir=self.prompts_dir)
 
     @property
@@ -500,6 +525,7 @@ class LLMCall:
         progress: bool = True,
         return_exceptions: bool = False,
         executor: concurrent.futures.Executor | None = None,
+        chunk_size: int | None = None,
     ) -> list[Any]:
         """Run :meth:`call` once per dict of variables in ``inputs``, concurrently (a :class:`tinyllm.Runner`).
 
@@ -513,8 +539,13 @@ class LLMCall:
             return_exceptions: put a failed call's exception in its place
                 instead of raising the first failure.
             executor: any :class:`concurrent.futures.Executor` to run the calls
-                on (e.g. Dask's ``client.get_executor()``; the LLMCall is then
-                pickled); default: a thread pool of ``max_workers`` threads.
+                on (e.g. Dask's ``distributed.Client(...).get_executor()``: the
+                LLMCall is then pickled with its templates, see :meth:`__getstate__`);
+                default: a thread pool of ``max_workers`` threads. Another
+                executor gets the inputs in chunks of ``chunk_size`` rows, each
+                chunk run on ``max_workers`` threads where it lands.
+            chunk_size: rows per task on an executor that is not a local thread
+                pool (default 50: :data:`tinyllm.runner.DISTRIBUTED_CHUNK_SIZE`).
 
         Returns:
             list of results in input order.
@@ -528,7 +559,7 @@ class LLMCall:
         from .runner import Runner
 
         cached_before = usage.usage_stats()["cached_calls"]
-        runner = Runner(self._call_with, executor=executor, max_workers=max_workers, progress=progress,
+        runner = Runner(self._call_with, executor=executor, max_workers=max_workers, chunk_size=chunk_size, progress=progress,
                         desc=self.system_template_name, unit="call",
                         counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})
         return runner.map(inputs, return_exceptions=return_exceptions)

@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+import contextlib
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -694,14 +695,17 @@ def _exit_now(code: int) -> None:
               help="Progress on stderr: a bar on a terminal, else a plain line at every 1% (and every 30 s).")
 @click.option("--max-cost", type=click.FloatRange(min=0), metavar="USD",
               help="Stop sending once the next call could take this run past USD; rerun to resume.")
+@click.option("--dask", "dask_address", metavar="ADDRESS",
+              help="Run the rows on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N worker "
+                   "processes on 127.0.0.1. Needs the dask extra.")
 @_log_option
 @_var_option
 @_model_options
 @_prompts_dir_option
 @click.pass_context
 def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concurrency: int | None, id_field: str,
-         input_format: str | None, progress: bool, max_cost: float | None, variables: dict, model: str | None,
-         api_type: str | None, temperature: float | None, max_tokens: int | None, cache: bool | None,
+         input_format: str | None, progress: bool, max_cost: float | None, dask_address: str | None, variables: dict,
+         model: str | None, api_type: str | None, temperature: float | None, max_tokens: int | None, cache: bool | None,
          prompts_dirs: tuple[str, ...]) -> None:
     """Run NAME once per row of --input; write {"id", "content"} or {"id", "error"} lines to --output.
 
@@ -721,6 +725,14 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     run stops sending, finishes the calls in flight, writes what is done, and
     exits with status 1; run it again to go on. The last line on stderr sums
     the run's cost in USD.
+
+    With --dask, the rows go to the cluster's workers in chunks of 50 (each
+    chunk on --concurrency threads where it lands) and the results come back
+    here, to the same ordered, resumable output file. The workers take their
+    settings (REDIS_URL, BASE_URL, API keys, CACHE_API_CALLS, LOG_CALLS) from
+    their own environment; the call carries the template and the model options.
+    --max-cost and --cache/--no-cache are refused with --dask (they would
+    hold in this process only).
     """
     import contextvars
 
@@ -738,6 +750,9 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
         raise CLIError("--output must not be the --input file")
     if not out_path.parent.is_dir():
         raise CLIError(f"the output directory {str(out_path.parent)!r} does not exist")
+    if dask_address is not None and (max_cost is not None or cache is not None):
+        raise CLIError("--max-cost and --cache/--no-cache hold in this process only and do not reach Dask workers; "
+                       "set MAX_COST or CACHE_API_CALLS in the workers' environment instead")
     if concurrency is not None:
         configure(max_concurrent_requests=concurrency, queue_size=max(concurrency, get_config().queue_size))
     llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache)
@@ -750,17 +765,25 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     def one_row(row: dict) -> Any:
         return context.copy().run(llm.call, **{**variables, **row})
 
-    runner = Runner(one_row, max_workers=concurrency or get_config().max_concurrent_requests, progress=progress,
-                    desc=_short_name(llm.prompt), unit="row",
-                    counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})
-    with _readable_twice(input_path) as source:
-        try:
-            s = runner.to_jsonl(lambda: _rows(source, input_path, fmt, id_field), out_path, line=_result_line,
-                                fatal=(ConfigError,), stop_on=(BudgetExceededError,))
-        except BatchError as exc:
-            raise CLIError(str(exc)) from exc
-        except OSError as exc:
-            raise CLIError(f"cannot write {output_path!r}: {exc.strerror or exc}", EXIT_FAILED) from exc
+    workers = concurrency or get_config().max_concurrent_requests
+    with contextlib.ExitStack() as stack:
+        if dask_address is None:
+            runner = Runner(one_row, max_workers=workers, progress=progress, desc=_short_name(llm.prompt), unit="row",
+                            counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})
+        else:  # the rows' calls run on the workers (their cache hits are not counted here)
+            from .cluster import dask_executor
+
+            executor, threads = stack.enter_context(dask_executor(dask_address))
+            runner = Runner(_Row(llm, variables), executor=executor, max_workers=workers, window=2 * threads + 2,
+                            progress=progress, desc=_short_name(llm.prompt), unit="row")
+        with _readable_twice(input_path) as source:
+            try:
+                s = runner.to_jsonl(lambda: _rows(source, input_path, fmt, id_field), out_path, line=_result_line,
+                                    fatal=(ConfigError,), stop_on=(BudgetExceededError,))
+            except BatchError as exc:
+                raise CLIError(str(exc)) from exc
+            except OSError as exc:
+                raise CLIError(f"cannot write {output_path!r}: {exc.strerror or exc}", EXIT_FAILED) from exc
     if s.interrupted:
         dropped = f"; {s.abandoned} call(s) in flight dropped" if s.abandoned else ""
         click.echo(f"interrupted: {s.done_before + s.done_now} of {s.total} rows done ({s.failed} failed) and kept "
@@ -774,8 +797,9 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     unpriced = stats_after["unpriced_calls"] - stats_before["unpriced_calls"]
     over_budget = s.stopped_by
     left = f", {s.total - s.done_before - s.done_now - s.failed} not sent (budget)" if over_budget is not None else ""
+    cost = _cost_text(run_budget.spent, unpriced) if dask_address is None else "on the Dask workers (not summed here)"
     click.echo(f"{s.total} rows: {s.done_now} done now{note}, {s.done_before} done before, {s.failed} failed{left} "
-               f"-> {output_path}; cost {_cost_text(run_budget.spent, unpriced)}", err=True)
+               f"-> {output_path}; cost {cost}", err=True)
     if s.dropped:
         click.echo(f"note: dropped the lines of {s.dropped} id(s) of {output_path} that are not in the input", err=True)
     if over_budget is not None:
@@ -786,6 +810,16 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
         summary = ", ".join(f"{k} x{v}" for k, v in sorted(s.failed_kinds.items()))
         _error(f"{s.failed} of {s.total} rows failed ({summary}); run the same command again to retry them")
         ctx.exit(EXIT_FAILED)
+
+
+class _Row:
+    """One row's call where a Dask worker runs it: picklable (the LLMCall carries its templates)."""
+
+    def __init__(self, llm: Any, variables: dict) -> None:
+        self.llm, self.variables = llm, variables
+
+    def __call__(self, row: dict) -> Any:
+        return self.llm.call(**{**self.variables, **row})
 
 
 # -- tokens, cache, config ----------------------------------------------------------

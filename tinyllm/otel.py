@@ -41,8 +41,9 @@ _tracer_memo: list[Any] = [None, None]  # [provider, its tracer]
 def _trace() -> Any:
     """The ``opentelemetry.trace`` module when a real tracer provider is set globally, else None."""
     trace = sys.modules.get("opentelemetry.trace")  # never imported here: whoever sets a provider did
-    if trace is None:
-        return None
+    if trace is None or getattr(getattr(trace, "__spec__", None), "_initializing", False) \
+            or not hasattr(trace, "get_tracer_provider"):
+        return None  # not imported, or being imported by another thread right now (no provider set through it yet)
     provider = trace.get_tracer_provider()
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         return None

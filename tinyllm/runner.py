@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .errors import BatchError, ConfigError
 
-__all__ = ["Runner", "Outcome", "BatchSummary", "JsonlOutput", "row_key", "finite"]
+__all__ = ["Runner", "Outcome", "BatchSummary", "JsonlOutput", "row_key", "finite", "DISTRIBUTED_CHUNK_SIZE"]
 
 _POLL = 0.1  # seconds between looks at the Ctrl-C flag while waiting for results
 _PLAIN_EVERY = 30.0  # seconds: a plain progress line at least this often while rows finish
@@ -84,15 +84,30 @@ class BatchSummary:
         return self.done_before + self.done_now + self.failed
 
 
-def _call_chunk(fn: Callable[[Any], Any], items: list) -> list[tuple[Any, BaseException | None]]:
-    """Run ``fn`` on each item of a chunk (in the executor): (value, None) or (None, exception) per item."""
-    out: list[tuple[Any, BaseException | None]] = []
-    for item in items:
-        try:
-            out.append((fn(item), None))
-        except Exception as exc:  # the item's own failure, reported in its place
-            out.append((None, exc))
-    return out
+def _call_one(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException | None]:
+    try:
+        return fn(item), None
+    except Exception as exc:  # the item's own failure, reported in its place
+        return None, exc
+
+
+def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1) -> list[tuple[Any, BaseException | None]]:
+    """Run ``fn`` on each item of a chunk (in the executor, e.g. on a Dask worker): (value, None) or
+    (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once."""
+    threads = min(threads, len(items))
+    if threads <= 1:
+        return [_call_one(fn, item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinyllm-chunk") as pool:
+        return list(pool.map(lambda item: _call_one(fn, item), items))
+
+
+#: rows per task when the executor is not a local thread pool (Dask, processes): a million rows
+#: become 1,000,000 / DISTRIBUTED_CHUNK_SIZE tasks, each run on up to ``max_workers`` threads
+DISTRIBUTED_CHUNK_SIZE = 50
+
+
+def _is_local_threads(executor: concurrent.futures.Executor | None) -> bool:
+    return executor is None or isinstance(executor, concurrent.futures.ThreadPoolExecutor)
 
 
 @contextmanager
@@ -209,26 +224,34 @@ class Runner:
         max_workers: threads of the default pool (default ``MAX_CONCURRENT_REQUESTS``);
             with a given executor, only sizes the default ``window``.
         window: futures pending at most (default ``2 * max_workers``, at least 2).
-        chunk_size: items per submitted task (default 1); larger chunks suit
-            executors with a high cost per task (Dask); a chunk's rows are
+        chunk_size: items per submitted task. Default: 1 on a local thread pool
+            (the default executor, or a given ``ThreadPoolExecutor``), else
+            :data:`DISTRIBUTED_CHUNK_SIZE` (50), so a million rows on Dask are
+            20,000 tasks, at most ``window`` of them pending. A chunk's rows are
             reported when the whole chunk is done.
+        chunk_threads: threads a chunk's items run on in the executor (a Dask
+            worker, a process); default: ``max_workers`` when chunks are
+            larger than 1 and the executor is not a local thread pool, else 1
+            (one after the other). The request queue and the rate limits of
+            the worker (cluster-wide with REDIS_URL) still bound requests in flight.
         progress: show progress on stderr: a tqdm bar on a terminal or in a
             notebook, else a plain line at every 1% (and at least every 30 s).
         desc, unit: the progress label and unit name (``unit`` + "s" in plain lines).
         counters: returns extra ``{name: number}`` to show next to the progress.
 
     Raises:
-        ConfigError: ``max_workers``, ``window`` or ``chunk_size`` not an int >= 1.
+        ConfigError: ``max_workers``, ``window``, ``chunk_size`` or ``chunk_threads`` not an int >= 1.
 
     After a run, :attr:`abandoned` is the number of calls that were still
     running when Ctrl-C stopped it (0 otherwise).
     """
 
     def __init__(self, fn: Callable[[Any], Any], *, executor: concurrent.futures.Executor | None = None,
-                 max_workers: int | None = None, window: int | None = None, chunk_size: int = 1,
-                 progress: bool = False, desc: str = "", unit: str = "row",
+                 max_workers: int | None = None, window: int | None = None, chunk_size: int | None = None,
+                 chunk_threads: int | None = None, progress: bool = False, desc: str = "", unit: str = "row",
                  counters: Callable[[], dict] | None = None) -> None:
-        for name, value in (("max_workers", max_workers), ("window", window), ("chunk_size", chunk_size)):
+        for name, value in (("max_workers", max_workers), ("window", window), ("chunk_size", chunk_size),
+                            ("chunk_threads", chunk_threads)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"Runner: {name} must be an int >= 1, got {value!r}")
         if max_workers is None:
@@ -237,7 +260,10 @@ class Runner:
             max_workers = get_config().max_concurrent_requests
         self.fn, self.executor, self.max_workers = fn, executor, max(1, int(max_workers))
         self.window = window or max(2, 2 * self.max_workers)
-        self.chunk_size, self.progress, self.desc, self.unit, self.counters = chunk_size, progress, desc, unit, counters
+        local = _is_local_threads(executor)
+        self.chunk_size = chunk_size or (1 if local else DISTRIBUTED_CHUNK_SIZE)
+        self.chunk_threads = chunk_threads or (self.max_workers if self.chunk_size > 1 and not local else 1)
+        self.progress, self.desc, self.unit, self.counters = progress, desc, unit, counters
         self.abandoned = 0
         self._halt = threading.Event()
 
@@ -284,7 +310,7 @@ class Runner:
                         if not chunk:
                             exhausted = True
                             break
-                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk])
+                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads)
                         pending[future] = [tag for tag, _ in chunk]
                         future.add_done_callback(finished.put)
                     if stop.is_set() or not pending:

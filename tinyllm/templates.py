@@ -156,15 +156,15 @@ def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
     return data, "\n" * (end + 1) + "\n".join(lines[end + 1:])
 
 
-def _read(path: Path) -> tuple[dict, str]:
-    """(front matter, body) of a template file. Raises TemplateError naming the file."""
+def _read_text(path: Path) -> str:
+    """A template file's text, newlines normalized. Raises TemplateError naming the file."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
         raise TemplateError(f"{path}: cannot read the template file: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise TemplateError(f"{path}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from exc
-    return _split_front_matter(text.replace("\r\n", "\n").replace("\r", "\n"), str(path))
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 class _Loader(jinja2.FileSystemLoader):
@@ -183,8 +183,19 @@ class _Loader(jinja2.FileSystemLoader):
 
 
 @functools.lru_cache(maxsize=64)
-def _environment(dirs: tuple[str, ...]) -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(loader=_Loader(list(dirs)), undefined=jinja2.StrictUndefined,
+def _environment(dirs: tuple[str, ...], carried: tuple[tuple[str, tuple[str, str]], ...] | None = None) -> ImmutableSandboxedEnvironment:
+    """The sandbox for templates found in ``dirs``; ``carried``: ``(name, (file, source))`` of included
+    files that came with a pickled Prompt, looked up before ``dirs``."""
+    loader: jinja2.BaseLoader = _Loader(list(dirs))
+    if carried is not None:
+        files = dict(carried)
+
+        def carried_source(name: str) -> tuple[str, str, Any] | None:
+            found = files.get(name)
+            return None if found is None else (found[1], found[0], lambda: True)
+
+        loader = jinja2.ChoiceLoader([jinja2.FunctionLoader(carried_source), loader])
+    return ImmutableSandboxedEnvironment(loader=loader, undefined=jinja2.StrictUndefined,
                                          autoescape=False, keep_trailing_newline=False)
 
 
@@ -321,14 +332,22 @@ class Prompt:
     (set[str]; includes not followed).
     """
 
-    def __init__(self, name: str, system_path: Path, user_path: Path | None, dirs: tuple[str, ...]):
+    def __init__(self, name: str, system_path: Path, user_path: Path | None, dirs: tuple[str, ...], *,
+                 texts: dict[str, str] | None = None, includes: dict[str, tuple[str, str]] | None = None):
+        # texts/includes: given when the Prompt comes from a pickle (see __reduce__): the files' texts
+        # (path -> text) and the included files (include name -> (file, source)), instead of the disk
         self.name, self.system_path, self.user_path, self._dirs = name, system_path, user_path, dirs
-        env = _environment(dirs)
+        self._texts: dict[str, str] = {}
+        self._includes = includes
+        self._sources: list[str] = []  # the Jinja sources compiled, for the includes a pickle carries
+        env = self._env = _environment(dirs, None if includes is None else tuple(sorted(includes.items())))
         self.front_matter, self._parts, self.variables = {}, [], set()
         origin: dict[str, Path] = {}  # front-matter key -> the file it came from, for error messages
         for role, path in [("system", system_path), ("user", user_path)]:
             if path is not None:
-                fm, body = _read(path)
+                text = self._texts[str(path)] = texts[str(path)] if texts is not None else _read_text(path)
+                fm, body = _split_front_matter(text, str(path))
+                self._sources.append(body)
                 template, names = _compile(env, body, path.name, str(path))
                 self.front_matter.update(fm)
                 origin.update(dict.fromkeys(fm, path))
@@ -336,6 +355,7 @@ class Prompt:
                 self.variables |= names
         src = origin.get("messages", system_path)
         for i, (role, text) in enumerate(_messages(self.front_matter.get("messages", []), src)):
+            self._sources.append(text)
             template, names = _compile(env, text, f"{src.name}#messages[{i}]", f"{src} messages[{i}]")
             self._parts.insert(1 + i, (role, template, str(src), _static(text)))
             self.variables |= names
@@ -382,6 +402,63 @@ class Prompt:
 
     def __repr__(self) -> str:
         return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"
+
+    # -- pickling: a Prompt travels with its sources (Dask workers, processes) ----------------------
+    def __reduce__(self) -> tuple:
+        """Pickle as the texts of its files and of the files they include, so it is rebuilt
+        elsewhere (another process or machine) without reading any file there.
+
+        Carried: the system and user files (front matter included) and every file reached by an
+        ``{% include %}``, ``{% import %}`` or ``{% extends %}`` that names it literally (followed
+        recursively). A name computed at render time (``{% include name_var %}``) cannot be
+        known in advance: it is looked up on the unpickling side's search path (the same
+        directory names), where it may be missing (TemplateNotFoundError on render).
+        """
+        return (_carried_prompt, (self.name, str(self.system_path), None if self.user_path is None else str(self.user_path),
+                                  self._dirs, dict(self._texts), self._included()))
+
+    def _included(self) -> dict[str, tuple[str, str]]:
+        """``{include name: (file, source)}`` of every file the templates name literally, recursively."""
+        if self._includes is not None:
+            return dict(self._includes)
+        env, found = self._env, {}
+        todo = list(self._sources)
+        while todo:
+            try:
+                names = list(meta.find_referenced_templates(env.parse(todo.pop())))
+            except jinja2.TemplateSyntaxError:
+                continue  # reported when that file is rendered
+            for ref in names:
+                if ref is None or ref in found:
+                    continue  # None: a name computed at render time (see __reduce__)
+                try:
+                    source, filename = env.loader.get_source(env, ref)[:2]  # type: ignore[union-attr]
+                except (jinja2.TemplateNotFound, TemplateError):
+                    continue  # fails the same way when rendered
+                found[ref] = (filename or ref, source)
+                todo.append(source)
+        return found
+
+
+_carried_lock = threading.Lock()
+_carried: dict[tuple, Prompt] = {}  # a pickled prompt's content -> the Prompt built from it
+
+
+def _carried_prompt(name: str, system_path: str, user_path: str | None, dirs: tuple[str, ...],
+                    texts: dict[str, str], includes: dict[str, tuple[str, str]]) -> Prompt:
+    """A Prompt rebuilt from pickled sources (see :meth:`Prompt.__reduce__`); the same object for the
+    same content, so the tasks of a batch compile it once per process."""
+    key = (name, system_path, user_path, dirs, tuple(sorted(texts.items())), tuple(sorted(includes.items())))
+    with _carried_lock:
+        found = _carried.get(key)
+    if found is None:
+        found = Prompt(name, Path(system_path), None if user_path is None else Path(user_path), tuple(dirs),
+                       texts=texts, includes=includes)
+        with _carried_lock:
+            if len(_carried) >= 256:
+                _carried.clear()
+            _carried[key] = found
+    return found
 
 
 def _find(name: str, dirs: list[str]) -> str | None:

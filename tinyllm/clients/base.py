@@ -232,6 +232,48 @@ class Client:
         shown = {k: redact_url(v) if isinstance(v, str) and "://" in v else v for k, v in self._settings.items()}
         return f"<{type(self).__name__} api_type={self.api_type!r} settings={shown!r}>"
 
+    # -- pickling (to Dask workers, other processes): settings yes, API keys and live objects no --
+    #: attributes rebuilt on unpickling, never pickled (subclasses add their SDK objects)
+    _transient: tuple[str, ...] = ("queue", "_memo", "_retrying")
+    #: the secret an ``api_key=`` stood for before this client was pickled (see __getstate__)
+    _key_withheld: str | None = None
+
+    def __getstate__(self) -> dict:
+        """The client's settings, without its API key, request queue, retry loop or SDK objects.
+
+        An API key given as ``api_key=`` is never pickled: the unpickled client reads the key
+        from its own process's settings (``OPENAI_API_KEY`` / ``AZURE_OPENAI_KEY`` in the
+        environment or .env) and, when there is none, refuses each request with a ConfigError
+        naming the variable to set (it never falls back to sending no key). Other secrets
+        given in code (an Azure ``endpoint=``) are carried. The unpickled client gets a
+        request queue of its own (with REDIS_URL the limits are cluster-wide anyway).
+
+        Raises:
+            ConfigError: ``cache=`` is a cache object (objects hold files, locks or
+                connections): give ``cache=True`` / a path, or share a cache with REDIS_URL.
+        """
+        if not (self._cache is None or isinstance(self._cache, (bool, str, os.PathLike))):
+            raise ConfigError(f"a {type(self).__name__} with a cache object ({type(self._cache).__name__}) cannot be sent "
+                              "to another process; give cache=True or a file path, or set REDIS_URL to share a cache")
+        from ..config import API_KEY_NAMES
+
+        keys = {self.api_key_secret, *API_KEY_NAMES}
+        state = {k: v for k, v in self.__dict__.items() if k not in self._transient}
+        state["_secrets"] = {k: v for k, v in self._secrets.items() if k not in keys}
+        withheld = [k for k in self._secrets if k in keys]
+        state["_key_withheld"] = withheld[0] if withheld else self._key_withheld
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._memo = None
+        self._retrying = None
+        self.queue = RequestQueue(self.api_type)
+        self._revive()
+
+    def _revive(self) -> None:
+        """Rebuild what :attr:`_transient` left out (subclasses with SDK objects override it)."""
+
     def settings(self) -> Config:
         """This client's settings now: the layered configuration with the client's own on top.
 
@@ -244,6 +286,9 @@ class Client:
         merged = base.replace(self._settings)
         if self._secrets:
             merged = dataclasses.replace(merged, secrets={**merged.secrets, **self._secrets})
+        if self._key_withheld is not None and not merged.secret(self._key_withheld):
+            raise ConfigError(f"this {type(self).__name__} was given api_key= in the process that pickled it; API keys "
+                              f"are never pickled: set {self._key_withheld} in this process's environment (or .env)")
         self._memo = (base, merged)
         return merged
 

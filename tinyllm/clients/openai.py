@@ -170,6 +170,13 @@ class OpenAIClient(Client):
         self._fresh_sdks()
         reset_in_child(self._fresh_sdks)
 
+    _transient = (*Client._transient, "_sdks", "_closers", "_sdk_lock", "_inherited", "_formats")
+
+    def _revive(self) -> None:
+        self._inherited = []
+        self._fresh_sdks()
+        reset_in_child(self._fresh_sdks)
+
     def _fresh_sdks(self) -> None:
         """No SDK clients yet (at start, and in a forked child: the parent's clients own sockets the
         parent keeps using; sharing one would cross replies). The inherited ones are kept referenced,
