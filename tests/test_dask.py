@@ -34,6 +34,8 @@ from tinyllm.clients.azure import AzureClient  # noqa: E402
 from tinyllm.clients.openai import OpenAIClient  # noqa: E402
 from tinyllm.errors import ConfigError, TemplateVariableError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real LocalCluster with worker processes: the slow part
+
 PREFIX = "tinyllm-dask-test"
 KEY = "sk-dask-test-0123456789abcdef"
 
