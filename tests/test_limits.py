@@ -420,6 +420,7 @@ def test_requests_per_minute_spreads_requests_out():
     assert queue.in_flight == 0
 
 
+@pytest.mark.slow  # 2 s of real waiting; the sync twin stays in the quick run
 def test_requests_per_minute_in_asyncio():
     cfg = settings(requests_per_minute=120)
     queue, starts = RequestQueue(), []

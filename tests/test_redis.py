@@ -173,6 +173,7 @@ def _msg(text: str) -> list[dict]:
 # -- the cache -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # several processes at once
 def test_four_processes_share_one_cache_no_entry_lost_and_stats_count_every_process(zygote, server, redis_url, raw, monkeypatch):
     shared = [f"shared-{i}" for i in range(5)]
     calls = [[f"p{k}-{i}" for i in range(20)] + shared for k in range(4)]
@@ -237,6 +238,7 @@ def test_cache_values_are_json_never_pickle_ttl_and_clear_by_prefix(redis_url, r
 # -- cluster-wide limits ------------------------------------------------------------
 
 
+@pytest.mark.slow  # several processes at once
 def test_cluster_wide_concurrency_limit_holds_across_three_processes(zygote, server, redis_url):
     server.latency = 0.05
     calls = [[f"p{k}-{i}" for i in range(10)] for k in range(3)]

@@ -240,6 +240,7 @@ def _read_until(fd, marker: bytes, timeout: float = 30) -> bytes:
     return seen
 
 
+@pytest.mark.slow  # a subprocess in a pseudo-terminal
 def test_chat_command_in_a_terminal(server):
     server.reply_with(lambda body: "you said " + body["messages"][-1]["content"])
     pid, fd = pty.fork()

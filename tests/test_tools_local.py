@@ -52,6 +52,7 @@ def test_readme_tool_example_runs_offline_on_the_embedded_model():
     assert f"{call.name}(" in out.getvalue()
 
 
+@pytest.mark.slow  # up to 512 grammar-forced tokens on the embedded model: seconds to a minute on a busy machine
 def test_streamed_named_tool_call_on_the_embedded_model_parses():
     def convert(amount: float, currency: str) -> str:
         """Convert an amount of euros into another currency.

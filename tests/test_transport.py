@@ -774,8 +774,10 @@ def test_stream_true_is_refused_before_sending(api, params):
 # --------------------------------------------------------------------------- TIMEOUT bounds the whole attempt
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-@pytest.mark.parametrize("headers", [False, True], ids=["body-drip", "header-drip"])
+@pytest.mark.parametrize("mode,headers", [
+    ("sync", False), ("async", True),
+    pytest.param("async", False, marks=pytest.mark.slow), pytest.param("sync", True, marks=pytest.mark.slow),
+], ids=["sync-body-drip", "async-header-drip", "async-body-drip", "sync-header-drip"])
 def test_timeout_bounds_the_whole_attempt_against_a_drip(api, mode, headers):
     # one byte every 100 ms: no single read ever waits TIMEOUT, yet the whole reply would take ~30 s
     tinyllm.configure(timeout=1, max_attempts=1)
