@@ -161,21 +161,29 @@ def _worst_case(client: Any, req: Any) -> tuple[int, int]:
     return req.prompt_tokens, max(1, window - req.prompt_tokens) if window else DEFAULT_WORST_OUTPUT
 
 
-@contextlib.contextmanager
-def hold(client: Any, req: Any) -> Iterator[None]:
+_NOTHING_HELD = contextlib.nullcontext()
+
+
+def hold(client: Any, req: Any) -> contextlib.AbstractContextManager:
     """Around one request's sending: refuse it when a budget could be exceeded, else hold its
     worst case until the block ends. ``req``: the pipeline's prepared request (``cfg``, ``model``,
-    ``params``, ``prompt_tokens``). Costs nothing without ``MAX_COST`` and active budgets.
+    ``params``, ``prompt_tokens``). Without ``MAX_COST`` and active budgets it is a shared
+    do-nothing context manager (no estimate, no pricing).
 
     Raises:
         BudgetExceededError: on entry, before anything is sent.
     """
     limit = req.cfg.max_cost
+    active = _active.get()
+    if limit is None and not active:
+        return _NOTHING_HELD
     budgets = [(_process, limit)] if limit is not None else []
-    budgets += [(b, b.limit) for b in _active.get() if b.limit is not None]
-    if not budgets:
-        yield
-        return
+    budgets += [(b, b.limit) for b in active if b.limit is not None]
+    return _held(client, req, budgets) if budgets else _NOTHING_HELD
+
+
+@contextlib.contextmanager
+def _held(client: Any, req: Any, budgets: list[tuple[Budget, float]]) -> Iterator[None]:
     prompt, output = _worst_case(client, req)
     estimate = pricing.estimate_cost(client, req.cfg, req.model, prompt, output)
     if estimate is None:
@@ -196,9 +204,11 @@ def hold(client: Any, req: Any) -> Iterator[None]:
 
 
 def charge(client: Any, cfg: Any, reply_usage: dict, model: str | None, asked: str | None) -> float | None:
-    """Price a reply from the API, add it to :func:`tinyllm.usage_stats` and to the budgets in force; returns USD or None."""
+    """Price a reply from the API and add it to the :class:`Budget` s in force; returns USD or None.
+
+    The caller adds it to :func:`tinyllm.usage_stats` (``usage.record_reply``), which is what
+    the process budget (``MAX_COST``) counts."""
     cost = pricing.reply_cost(client, cfg, reply_usage, model, asked)
-    usage.record_cost(cost)  # the process budget's spending
     if cost:
         for b in _active.get():
             b.spend(cost)

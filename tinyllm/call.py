@@ -54,13 +54,14 @@ def plan_output(prompt: Prompt | None, sender: Any, output_type: Any, output_ret
     if prompt is not None:
         front_type = prompt.output_schema or prompt.output_type
     kind = normalize_output_type(output_type if output_type is not None else front_type)
-    caps = sender.capabilities
-    fmt = response_format_for(kind, json_schema=caps.json_schema, json_grammar=caps.json_grammar)
-    if fmt is not None and "response_format" not in params:
-        params["response_format"] = fmt
-    grammar = grammar_for(kind) if getattr(caps, "grammar", False) else None
-    if grammar is not None and "grammar" not in params and "response_format" not in params:
-        params["grammar"] = grammar
+    if kind is not None:  # plain text (None) asks nothing of the backend
+        caps = sender.capabilities
+        fmt = response_format_for(kind, json_schema=caps.json_schema, json_grammar=caps.json_grammar)
+        if fmt is not None and "response_format" not in params:
+            params["response_format"] = fmt
+        grammar = grammar_for(kind) if getattr(caps, "grammar", False) else None
+        if grammar is not None and "grammar" not in params and "response_format" not in params:
+            params["grammar"] = grammar
     front_retries = prompt.output_retries if prompt is not None else None
     retries = output_retries if output_retries is not None else (front_retries or 0)
     return kind, params, int(retries)

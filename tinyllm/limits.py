@@ -286,6 +286,14 @@ class RequestQueue:
             limiter = self._cluster_limiter = RedisLimiter(cfg.redis_url, cfg.redis_prefix, self.name)
         return limiter
 
+    def cluster_wide(self, cfg: Any) -> bool:
+        """Whether ``cfg`` shares the limits through Redis, so that :meth:`lease` does the work.
+
+        Raises:
+            ConfigError: as :meth:`_cluster`.
+        """
+        return self._cluster(cfg) is not None
+
     def lease(self, cfg: Any, cost_tokens: int = 0, scope: Callable[[], str] = str) -> Any:
         """A context manager around ONE HTTP attempt: with cluster-wide limits, it holds a slot and
         passes the rate limits for that attempt only (see :meth:`RedisLimiter.lease`); else it does nothing

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Any
 
 __all__ = ["reply_cost", "estimate_cost", "model_prices", "usd"]
@@ -97,9 +98,28 @@ def _base_url(client: Any, cfg: Any) -> str | None:
         return None
 
 
+# (weak reference to the client, settings, models, source) of the last lookup: a run of calls asks
+# the same question every time
+_last_source: tuple[Any, Any, tuple, Any] = (lambda: None, None, (), None)
+
+
 def _price_source(client: Any, cfg: Any, models: tuple[str | None, ...]) -> Any:
     """The override dict, or the table key ``(provider_id, base_url, model)``, pricing the first of
-    ``models`` that has a price; None if none."""
+    ``models`` that has a price; None if none. The answer depends on the client, its settings
+    (an immutable snapshot) and the models only, so the last one is kept."""
+    global _last_source
+    last = _last_source
+    if last[1] is cfg and last[0]() is client and last[2] == models:
+        return last[3]
+    source = _find_source(client, cfg, models)
+    try:
+        _last_source = (weakref.ref(client), cfg, models, source)
+    except TypeError:  # an object without weak references: not kept
+        pass
+    return source
+
+
+def _find_source(client: Any, cfg: Any, models: tuple[str | None, ...]) -> Any:
     prices = cfg.prices
     for model in models:
         if model and model in prices:

@@ -112,8 +112,16 @@ def encoding_for_model(model: str) -> tiktoken.Encoding:
     Models it does not know (local models, new names) get ``o200k_base``
     (:data:`DEFAULT_ENCODING`): counts are then an estimate, not exact.
     """
-    info = model_info(model)
-    return get_encoding(info.encoding if info is not None else DEFAULT_ENCODING)
+    enc = _by_model.get(model)
+    if enc is None:
+        info = model_info(model)
+        enc = get_encoding(info.encoding if info is not None else DEFAULT_ENCODING)
+        if len(_by_model) < 1024:  # bounded: model names come from callers
+            _by_model[model] = enc
+    return enc
+
+
+_by_model: dict[str, Any] = {}  # model name -> its encoding (encoding_for_model's memo)
 
 
 def _content_text(content: Any) -> list[str]:
@@ -163,13 +171,13 @@ def count_tokens(messages_or_text: str | list[dict[str, Any]], model: str) -> in
         for key, value in message.items():
             if value is None:
                 continue
-            if key == "content" and isinstance(value, (list, tuple)):
-                texts = _content_text(value)
-            elif isinstance(value, str):
-                texts = [value]
+            if isinstance(value, str):
+                total += _count(enc, value)
+            elif key == "content" and isinstance(value, (list, tuple)):
+                for text in _content_text(value):
+                    total += _count(enc, text)
             else:
-                texts = [json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)]
-            total += sum(_count(enc, t) for t in texts)
+                total += _count(enc, json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
             if key == "name":
                 total += TOKENS_PER_NAME
     return total + REPLY_PRIMING_TOKENS

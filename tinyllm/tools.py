@@ -534,19 +534,19 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
         ConfigError: the client does not take tools; a tool that cannot be described;
             a ``tool_choice`` naming no tool of the call.
     """
-    from .errors import TemplateError
-
+    if given is None and not front_names:
+        return None
     if given is not None:
         chosen = list(given)
-    elif front_names:
+    else:
         chosen = []
-        for name in front_names:
+        for name in front_names or ():
             try:
                 chosen.append(registry.get(name))
             except ConfigError as exc:
+                from .errors import TemplateError
+
                 raise TemplateError(f"{template}: front matter 'tools' names {name!r}, but {exc}") from None
-    else:
-        chosen = []
     if not chosen:
         return None
     if not getattr(sender.capabilities, "tools", False):

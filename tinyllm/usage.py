@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["usage_stats", "reset_usage_stats", "record", "record_cost", "total_cost"]
+__all__ = ["usage_stats", "reset_usage_stats", "record", "record_reply", "total_cost"]
 
 _FIELDS = ("calls", "cached_calls", "retries", "prompt_tokens", "completion_tokens", "total_tokens")
 _lock = threading.Lock()
@@ -20,9 +20,16 @@ def record(**counts: int) -> None:
             _stats[name] += value
 
 
-def record_cost(cost: float | None) -> None:
-    """Add one answered request's cost in USD (None: its price is unknown)."""
+def record_reply(reply_usage: dict, cost: float | None) -> None:
+    """Count one answered request: its ``usage`` dict's ``prompt_tokens``, ``completion_tokens``
+    and ``total_tokens`` (missing: 0) and its cost in USD (None: its price is unknown), under one lock."""
+    get = reply_usage.get
+    prompt, completion, total = int(get("prompt_tokens") or 0), int(get("completion_tokens") or 0), int(get("total_tokens") or 0)
     with _lock:
+        _stats["calls"] += 1
+        _stats["prompt_tokens"] += prompt
+        _stats["completion_tokens"] += completion
+        _stats["total_tokens"] += total
         if cost is None:
             _cost["unpriced_calls"] += 1
         else:

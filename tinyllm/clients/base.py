@@ -50,6 +50,7 @@ __all__ = ["Client", "Capabilities", "Reply", "ReplyStream", "AsyncReplyStream",
 CONFIG_PARAMS = ("max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty")
 log = logging.getLogger("tinyllm")
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
+_PLAIN = frozenset({str, int, float, bool, dict, list})  # parameter types that are never iterators
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class CallInfo:
     prompt_tokens: int = 0
 
 
-_last_call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar("tinyllm_last_call", default=None)
+# (the model asked for, the Reply) of the last request in this thread or task; CallInfo is built when asked for
+_last_call: contextvars.ContextVar[tuple[str, "Reply"] | None] = contextvars.ContextVar("tinyllm_last_call", default=None)
 
 
 def last_call_info() -> CallInfo | None:
@@ -98,10 +100,14 @@ def last_call_info() -> CallInfo | None:
 
     Returns None before the first call in this thread or task (a lookup, not a failure).
     """
-    return _last_call.get()
+    last = _last_call.get()
+    if last is None:
+        return None
+    model, reply = last
+    return CallInfo(model, reply.usage, reply.cached, reply.latency, reply.prompt_tokens)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     cfg: Config
     messages: list[dict]
@@ -377,7 +383,7 @@ class Client:
             out[name] = getattr(cfg, name)
         out.update(params)
         # a generator (e.g. tools=(t for t in ...)) is read once, here: the cache key and the request see a list
-        out = {k: list(v) if isinstance(v, Iterator) else v for k, v in out.items() if v is not None}
+        out = {k: v if type(v) in _PLAIN or not isinstance(v, Iterator) else list(v) for k, v in out.items() if v is not None}
         _refuse_unsendable(out)
         out.setdefault("model", self.default_model(cfg))  # model=None means the default, not "no model"
         if not isinstance(out["model"], str) or not out["model"]:
@@ -420,20 +426,18 @@ class Client:
         info = result[2] if len(result) > 2 else {}
         if not isinstance(message, dict) or "role" not in message:
             raise ResponseError("the client returned no message dict", raw=message)
-        counts = {k: int(reply_usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        usage.record(calls=1, **counts)
-        cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, counted, spent
+        cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, spent
+        usage.record_reply(reply_usage, cost)  # counted (the process budget's spending)
         if req.cache is not None and (req.accept is None or req.accept(message)):
             _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
         return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
 
     def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
                cost: float | None = None) -> Reply:
-        latency = time.perf_counter() - req.started
-        _last_call.set(CallInfo(req.model, reply_usage, cached, latency, prompt_tokens))
-        return Reply(message=message, usage=reply_usage, model=info.get("model") or req.model, finish_reason=info.get("finish_reason"),
-                     cached=cached, latency=latency, retries=req.retries, prompt_tokens=prompt_tokens, api_type=self.api_type,
-                     cost=cost)
+        reply = Reply(message, reply_usage, info.get("model") or req.model, info.get("finish_reason"), cached,
+                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost)
+        _last_call.set((req.model, reply))
+        return reply
 
     def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
         """Send chat ``messages`` and return the reply's message dict (``request(...).message``).
@@ -476,15 +480,20 @@ class Client:
         if hit is not None:
             return hit
         self._measure(req)
-        scope = self._scope(req)
+        cfg = req.cfg
+        if self.queue.cluster_wide(cfg) or otel.enabled():
+            scope = self._scope(req)
 
-        def attempt(n: int) -> tuple:
-            with self.queue.lease(req.cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
-                return otel.attempt(req.model, n, self._chat, req.messages, self._attempt_params(req, n), req.cfg)
+            def attempt(n: int) -> tuple:
+                with self.queue.lease(cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                    return otel.attempt(req.model, n, self._chat, req.messages, self._attempt_params(req, n), cfg)
+        else:  # the same, without the parts that would do nothing
+            def attempt(n: int) -> tuple:
+                return self._chat(req.messages, self._attempt_params(req, n), cfg)
 
         with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
-            with self.queue.slot(req.cfg, req.cost):
-                result = self.retrying(req.cfg).call(attempt)
+            with self.queue.slot(cfg, req.cost):
+                result = self.retrying(cfg).call(attempt)
             return self._finish(req, result)
 
     async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 from ..errors import APIError, BadRequestError, ContextWindowExceededError
 
-__all__ = ["FormatFallback", "format_refused"]
+__all__ = ["FormatFallback", "format_refused", "structured"]
 
 log = logging.getLogger("tinyllm")
 JSON_SCHEMA, JSON_OBJECT, PLAIN = 0, 1, 2
@@ -49,6 +49,12 @@ def _level_of(fmt: Any) -> int | None:
     if isinstance(fmt, dict) and fmt.get("type") == "json_object":
         return JSON_OBJECT
     return None
+
+
+def structured(params: dict) -> bool:
+    """Whether ``params`` ask for structured output (a json_schema or json_object ``response_format``),
+    the only requests :class:`FormatFallback` may send differently."""
+    return _level_of(params.get("response_format")) is not None
 
 
 def _schema_of(fmt: dict) -> dict | None:

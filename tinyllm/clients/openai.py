@@ -36,7 +36,7 @@ from ..errors import (
 from .._fork import reset_in_child
 from .base import Capabilities, Client
 from .replies import extract_message, extract_reply
-from .fallback import FormatFallback
+from .fallback import FormatFallback, structured
 from .transport import http_client, scrub_credentials
 
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
@@ -170,7 +170,7 @@ class OpenAIClient(Client):
         self._fresh_sdks()
         reset_in_child(self._fresh_sdks)
 
-    _transient = (*Client._transient, "_sdks", "_closers", "_sdk_lock", "_inherited", "_formats")
+    _transient = (*Client._transient, "_sdks", "_closers", "_sdk_lock", "_inherited", "_formats", "_last_sdk")
 
     def _revive(self) -> None:
         self._inherited = []
@@ -187,6 +187,7 @@ class OpenAIClient(Client):
         self._sdks: dict[tuple, Any] = {}
         self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
         self._formats = FormatFallback()  # which response_format each endpoint takes: see _chat()
+        self._last_sdk: tuple[Config | None, Any] = (None, None)  # (settings, their sync SDK client): see sdk()
 
     def base_url(self, cfg: Config) -> str | None:
         return cfg.base_url or cfg.secret("OPENAI_BASE_URL") or self.preset_base_url
@@ -239,6 +240,10 @@ class OpenAIClient(Client):
         is closed on its own loop when that loop shuts down its async generators
         (the end of ``asyncio.run``), and forgotten once the loop is closed.
         """
+        if not is_async:
+            last = self._last_sdk
+            if last[0] is cfg:  # the same settings object as the last request: the same client
+                return last[1]
         loop = asyncio.get_running_loop() if is_async else None
         key = (loop, *self._sdk_key(cfg))
         with self._sdk_lock:
@@ -252,6 +257,8 @@ class OpenAIClient(Client):
                 if loop is not None:
                     self._closers[key] = closer = _close_at_loop_shutdown(found)
                     loop.create_task(_first_step(closer))
+            if loop is None:
+                self._last_sdk = (cfg, found)
             return found
 
     def _request_args(self, messages: list[dict], params: dict, cfg: Config) -> dict:
@@ -290,11 +297,15 @@ class OpenAIClient(Client):
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         """One attempt; a json_schema request the server refuses (4xx/5xx) is sent again at once as
         json_object with the schema, then without response_format (never through the retry loop)."""
+        if not structured(params):  # the usual request: nothing to fall back from
+            return self._chat_once(messages, params, cfg)
         return self._formats.send(self._format_endpoint(cfg, params), messages, params,
                                   lambda m, p: self._chat_once(m, p, cfg))
 
     async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
         """The asyncio twin of :meth:`_chat`."""
+        if not structured(params):
+            return await self._achat_once(messages, params, cfg)
         return await self._formats.asend(self._format_endpoint(cfg, params), messages, params,
                                          lambda m, p: self._achat_once(m, p, cfg))
     # -- end of the structured-output fallback --------------------------------------------
