@@ -302,6 +302,7 @@ def mask(value: str | None) -> str:
 
 _lock = threading.Lock()
 _overrides: dict[str, Any] = {}
+_overrides_version = 0  # bumped by every configure() and clear_overrides(): get_config() compares it, not the dict
 _PACKAGE_INI = str(Path(__file__).with_name("config.ini"))
 
 
@@ -384,7 +385,7 @@ def _parse(key: str, raw: Any, source: str) -> Any:
         raise _bad(key, raw, source, str(exc)) from exc
 
 
-# (inputs, Config) of the last build; inputs = (cwd, file mtimes, environment, overrides)
+# (inputs, Config) of the last build; inputs = (cwd, file mtimes, environment, overrides version)
 _snapshot: tuple[tuple, Config] | None = None
 _files_checked_at = float("-inf")  # time.monotonic() when the snapshot's files last matched the disk
 
@@ -407,7 +408,7 @@ def get_config() -> Config:
 
     The snapshot is rebuilt only when something it is built from changed: the
     working directory, the environment, the configure() overrides (compared on
-    every call, in about 1 µs), or the mtime of a config file (./config.ini,
+    every call, in about 1 µs in all), or the mtime of a config file (./config.ini,
     ./.env, the package's config.ini), which is looked at when the last look is
     more than ``FILE_CHECK_INTERVAL`` seconds old (default 1; 0: every call).
     Otherwise the previous snapshot (immutable) is returned.
@@ -420,24 +421,21 @@ def get_config() -> Config:
     cwd = os.getcwd()
     env = getattr(os.environ, "_data", os.environ)  # CPython's raw dict: compared in C
     snap = _snapshot
-    now = time.monotonic()
     if snap is not None:
-        (s_cwd, s_files, s_env, s_overrides), cfg = snap
-        if s_cwd == cwd and s_env == env:
-            recent = now - _files_checked_at < cfg.file_check_interval
-            if recent or s_files == _file_mtimes(cwd):
-                with _lock:
-                    if s_overrides == _overrides:
-                        if not recent:
-                            _files_checked_at = now
-                        return cfg
+        (s_cwd, s_files, s_env, s_version), cfg = snap
+        if s_version == _overrides_version and s_cwd == cwd and s_env == env:
+            now = time.monotonic()
+            if now - _files_checked_at < cfg.file_check_interval:
+                return cfg
+            if s_files == _file_mtimes(cwd):
+                _files_checked_at = now
+                return cfg
     with _lock:
-        overrides = dict(_overrides)
-    inputs = (cwd, _file_mtimes(cwd), dict(env), overrides)  # taken before building: a change meanwhile rebuilds next time
+        overrides, version = dict(_overrides), _overrides_version
+    inputs = (cwd, _file_mtimes(cwd), dict(env), version)  # taken before building: a change meanwhile rebuilds next time
     cfg = _build_config(Path(cwd), overrides)
-    # deep: an override list mutated later must not compare equal (configure() admits only plain values)
-    _snapshot = (copy.deepcopy(inputs), cfg)
-    _files_checked_at = now
+    _snapshot = (inputs, cfg)
+    _files_checked_at = time.monotonic()
     return cfg
 
 
@@ -466,7 +464,8 @@ def configure(**overrides: Any) -> None:
     Keys are the config keys in lower case (``configure(max_attempts=3)``);
     values may be typed (``3``) or strings (``"3"``); a path setting may be a
     ``Path`` (``prompts_dirs`` also a list of them), ``azure_deployments`` and
-    ``prices`` a ``dict``. ``None`` removes an override, so the lower layers apply again.
+    ``prices`` a ``dict``; the values are copied, so changing a list or dict given here later
+    changes nothing. ``None`` removes an override, so the lower layers apply again.
 
     Raises:
         ConfigError: an unknown key, or a value that does not parse or is of another type.
@@ -475,15 +474,19 @@ def configure(**overrides: Any) -> None:
     for key, value in overrides.items():
         if value is not None:
             _parse(names[key], value, "configure()")
+    global _overrides_version
     with _lock:
         for key, value in overrides.items():
             if value is None:
                 _overrides.pop(names[key], None)
             else:
-                _overrides[names[key]] = value
+                _overrides[names[key]] = copy.deepcopy(value)  # a list changed by the caller later changes nothing
+        _overrides_version += 1
 
 
 def clear_overrides() -> None:
     """Remove every :func:`configure` override, so the lower layers apply again (as ``configure(key=None)`` for each key)."""
+    global _overrides_version
     with _lock:
         _overrides.clear()
+        _overrides_version += 1

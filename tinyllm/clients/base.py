@@ -122,7 +122,7 @@ class _Request:
     retries: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """What one trip through a client's pipeline produced (one reply, from the API or the cache).
 
