@@ -75,3 +75,17 @@ def test_package_config_ini_layer_is_read(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["py.typed", "config.ini"])
 def test_package_data_files_exist(name):
     assert (ROOT / "tinyllm" / name).is_file()
+
+
+def test_import_tinyllm_loads_no_sdk_and_no_asyncio():
+    """``import tinyllm`` stays light (bench/import_time.py): none of the SDKs, tokenizers or models, and
+    neither asyncio, backoff (which imports asyncio), email nor the batch runner until they are used;
+    ``tinyllm.Runner`` is still there, imported on first use."""
+    code = ("import sys, tinyllm\n"
+            "heavy = ('openai', 'httpx', 'tiktoken', 'llama_cpp', 'asyncio', 'backoff', 'email', 'concurrent')\n"
+            "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+            "assert not loaded and 'tinyllm.runner' not in sys.modules, loaded\n"
+            "assert tinyllm.Runner.__module__ == 'tinyllm.runner'\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

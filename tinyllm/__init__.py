@@ -16,7 +16,6 @@ from .chat import LLMChat
 from .clients import CallInfo, Capabilities, Client, PlainClient, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
 from .response import Response
-from .runner import Runner
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
 from .tokens import count_tokens
@@ -58,7 +57,8 @@ __all__ = [
 ]
 
 
-_LAZY = {  # client classes, imported on first use so `import tinyllm` stays light
+_LAZY = {  # client classes and the batch runner, imported on first use so `import tinyllm` stays light
+    "Runner": "tinyllm.runner",
     "OpenAIClient": "tinyllm.clients.openai",
     "OllamaClient": "tinyllm.clients.openai",
     "AzureClient": "tinyllm.clients.azure",

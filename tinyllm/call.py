@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import usage
 from .calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
@@ -15,6 +14,9 @@ from .output import grammar_for, normalize_output_type, parse_output, response_f
 from .response import Response
 from .templates import Prompt, load_prompt
 from .tools import Tool, ToolCall, Toolbox, as_tool, plan_tools
+
+if TYPE_CHECKING:
+    import concurrent.futures
 
 __all__ = ["LLMCall", "plan_output", "content_of", "respond_with", "arespond_with", "RETRY_PROMPT"]
 

@@ -24,13 +24,15 @@ not the child's. The in-process limits therefore apply per process.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
+
+if TYPE_CHECKING:
+    import asyncio
 
 from ._fork import reset_in_child
 from .errors import BadRequestError, ConfigError, QueueFullError
@@ -129,6 +131,8 @@ class RequestQueue:
         blocks the event loop. Cancelling the task, while it waits or while it
         holds the slot, gives the slot back.
         """
+        import asyncio  # here, not at the top: `import tinyllm` does not import asyncio
+
         if self._cluster(cfg) is not None:  # cluster-wide limits: alease() around each HTTP attempt does it all
             yield
             return

@@ -24,14 +24,11 @@ Every decision is logged on the ``tinyllm`` logger: a retry at INFO, a give-up a
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
-import backoff
 
 from . import usage
 from .errors import APIConnectionError, APIError, ResponseError, TinyLLMError
@@ -98,6 +95,8 @@ def server_wait(headers: Mapping[str, str] | None, now: float | None = None) -> 
     except ValueError:
         pass
     try:
+        import email.utils  # imported here: a dated Retry-After is rare, and email costs 4 ms to import
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
@@ -125,7 +124,11 @@ def backoff_wait(retry_number: int, policy: RetryPolicy, rand: Callable[[], floa
     ``rand`` (a draw in [0, 1)) replaces ``backoff.full_jitter``'s draw, for tests.
     """
     ceiling = min(policy.max_waiting_time, policy.waiting_time * policy.backoff_factor**retry_number)
-    return backoff.full_jitter(ceiling) if rand is None else ceiling * rand()
+    if rand is not None:
+        return ceiling * rand()
+    import backoff  # imported on the first retry: it imports asyncio, which `import tinyllm` does not
+
+    return backoff.full_jitter(ceiling)
 
 
 def wait_for(exc: BaseException, retry_number: int, policy: RetryPolicy, rand: Callable[[], float] | None = None) -> float:
@@ -222,6 +225,8 @@ class Retrying:
 
     async def acall(self, attempt: Callable[[int], Awaitable[T]]) -> T:
         """The asyncio twin of :meth:`call`: ``attempt`` is an async function."""
+        import asyncio  # here, not at the top: `import tinyllm` does not import asyncio
+
         response_errors = 0
         for n in range(self.policy.max_attempts):
             try:

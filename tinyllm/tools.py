@@ -33,8 +33,6 @@ Names in a prompt's front matter (``tools: [get_weather]``) are looked up in
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import functools
 import inspect
 import json
@@ -187,6 +185,8 @@ class Tool:
         if self.is_model:
             return validated
         if self.is_async:
+            import asyncio  # `import tinyllm` does not import asyncio
+
             return asyncio.run(self.target(**validated))
         return self.target(**validated)
 
@@ -196,6 +196,8 @@ class Tool:
             return validated
         if self.is_async:
             return await self.target(**validated)
+        import asyncio
+
         return await asyncio.to_thread(self.target, **validated)
 
 
@@ -498,6 +500,8 @@ class Toolbox:
         if len(work) == 1 and not (work[0][1] is not None and work[0][1].is_async):
             record.calls = [self._run_one(*work[0])]
         else:
+            import concurrent.futures
+
             with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(work))) as pool:
                 record.calls = list(pool.map(lambda w: self._run_one(*w), work))
         record.duration = time.perf_counter() - started
@@ -505,6 +509,8 @@ class Toolbox:
 
     async def arun_round(self, index: int, message: dict) -> ToolRound:
         """The asyncio twin of :meth:`run_round`: the calls run as concurrent tasks (sync tools in worker threads)."""
+        import asyncio
+
         started = time.perf_counter()
         record, work = self._prepare(index, message)
         record.calls = list(await asyncio.gather(*(self._arun_one(*w) for w in work)))

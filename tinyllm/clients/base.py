@@ -25,7 +25,6 @@ the endpoint identity; nothing else.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -149,6 +148,13 @@ class Reply:
     prompt_tokens: int = 0
     api_type: str = ""
     cost: float | None = None
+
+
+async def _to_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread``, with asyncio imported on first use (``import tinyllm`` does not import it)."""
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -351,7 +357,7 @@ class Client:
         raise NotImplementedError
 
     async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
-        return await asyncio.to_thread(self._chat, messages, params, cfg)
+        return await _to_thread(self._chat, messages, params, cfg)
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
         raise NotImplementedError
@@ -678,7 +684,7 @@ class PlainClient(Client):
         own = getattr(self.target, "asend_message", None)
         if own is not None:
             return self._wrap(await own(messages, **params), params, started)
-        return self._wrap(await asyncio.to_thread(self.target.send_message, messages, **params), params, started)
+        return self._wrap(await _to_thread(self.target.send_message, messages, **params), params, started)
 
     def _wrap(self, message: Any, params: dict, started: float) -> Reply:
         if not isinstance(message, dict) or "role" not in message:
@@ -876,13 +882,13 @@ async def _aclose(chunks: Any) -> None:
 
 async def _in_thread(open_stream: Callable[[], Iterator[dict]]) -> AsyncIterator[dict]:
     """Read a sync chunk iterator in a worker thread, one chunk per hop; closing this closes it there."""
-    chunks = await asyncio.to_thread(open_stream)
+    chunks = await _to_thread(open_stream)
     done = object()
     try:
         while True:
-            chunk = await asyncio.to_thread(next, chunks, done)
+            chunk = await _to_thread(next, chunks, done)
             if chunk is done:
                 return
             yield chunk  # type: ignore[misc]
     finally:
-        await asyncio.to_thread(_close, chunks)
+        await _to_thread(_close, chunks)
