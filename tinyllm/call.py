@@ -440,8 +440,9 @@ class LLMCall:
         messages = prompt.render(variables)
         sender = self.client or get_client(self.api_type)
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
-        tools = plan_tools(self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
-                           raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
+        tools = None if self.tools is None and not prompt.tools else plan_tools(
+            self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
+            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
         response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
         return sender, response, params, output_type, retries, tools
 

@@ -175,9 +175,11 @@ class Response:
 
     def add_reply(self, reply: Any) -> None:
         """Fold one :class:`tinyllm.clients.base.Reply` into this record (usage summed, last one kept)."""
+        usage, got = self.usage, reply.usage
         for name in _USAGE_FIELDS:
-            value = reply.usage.get(name)
-            self.usage[name] = self.usage.get(name, 0) + (value if isinstance(value, int) else 0)
+            value = got.get(name)
+            if isinstance(value, int):
+                usage[name] = usage.get(name, 0) + value
         cost = getattr(reply, "cost", None)
         self.cost = cost if self._replies == 0 else (None if self.cost is None or cost is None else self.cost + cost)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)

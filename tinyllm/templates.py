@@ -236,13 +236,25 @@ def _location(exc: BaseException, where: str) -> tuple[str, str]:
     return file, text if file == where else f"{text} (included from {where})"
 
 
-def _render(template: jinja2.Template, variables: dict, where: str, dirs: tuple[str, ...]) -> str:
+def _render(template: jinja2.Template, variables: dict, where: str, dirs: tuple[str, ...],
+            base: dict | None = None) -> str:
     """Render ``template``, mapping every Jinja failure into the tinyllm error tree.
+
+    ``base``: ``dict(template.globals)``, taken once when the template was compiled. What
+    ``Template.render`` does, without its per-call copy of the globals (a ChainMap, slow to
+    copy): a context over the globals updated with ``variables`` (``new_context(...,
+    shared=True)`` takes that dict as it is), the root render function, and Jinja's
+    ``handle_exception`` (template file and line in the traceback) on failure.
 
     Messages start with the file (and line) where the failure happened: an included file when
     it happened there ("FILE, line N (included from WHERE)")."""
     try:
-        return template.render(variables)
+        env = template.environment
+        context = template.new_context({**(dict(template.globals) if base is None else base), **variables}, shared=True)
+        try:
+            return env.concat(template.root_render_func(context))
+        except Exception:
+            env.handle_exception()
     except SecurityError as exc:
         at = _location(exc, where)[1]
         raise TemplateSecurityError(f"{at}: the template sandbox refused an unsafe operation: {exc}") from exc
@@ -351,13 +363,13 @@ class Prompt:
                 template, names = _compile(env, body, path.name, str(path))
                 self.front_matter.update(fm)
                 origin.update(dict.fromkeys(fm, path))
-                self._parts.append((role, template, str(path), _static(body)))
+                self._parts.append((role, template, str(path), _static(body), dict(template.globals)))
                 self.variables |= names
         src = origin.get("messages", system_path)
         for i, (role, text) in enumerate(_messages(self.front_matter.get("messages", []), src)):
             self._sources.append(text)
             template, names = _compile(env, text, f"{src.name}#messages[{i}]", f"{src} messages[{i}]")
-            self._parts.insert(1 + i, (role, template, str(src), _static(text)))
+            self._parts.insert(1 + i, (role, template, str(src), _static(text), dict(template.globals)))
             self.variables |= names
         fm = self.front_matter
         self.description, self.output_type, self.output_retries = (fm.get(k) for k in _SETTINGS[:3])
@@ -397,8 +409,8 @@ class Prompt:
         """
         variables = dict(variables or {})
         parts = self._parts if include_user or self.user_path is None else self._parts[:-1]  # the user body is last
-        return [{"role": role, "content": static if static is not None else _render(t, variables, where, self._dirs).strip()}
-                for role, t, where, static in parts]
+        return [{"role": role, "content": static if static is not None else _render(t, variables, where, self._dirs, base).strip()}
+                for role, t, where, static, base in parts]
 
     def __repr__(self) -> str:
         return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"

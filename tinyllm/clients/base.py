@@ -183,6 +183,8 @@ def _refuse_unsendable(params: dict) -> None:
             :meth:`Client.stream_request` / ``LLMCall.stream``, not by ``send_message``),
             given directly or in ``extra_body``.
     """
+    if "api_key" not in params and "stream" not in params and "extra_body" not in params:
+        return  # the usual case
     extra = params.get("extra_body")
     for source in (params, extra if isinstance(extra, dict) else {}):
         if source.get("api_key") is not None:
