@@ -511,17 +511,21 @@ class Client:
         if hit is not None:
             return hit
         self._measure(req)
+        cfg = req.cfg
+        if self.queue.cluster_wide(cfg) or otel.enabled():
+            scope = self._scope(req)
 
-        scope = self._scope(req)
-
-        async def attempt(n: int) -> tuple:
-            async with self.queue.alease(req.cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
-                with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt
-                    return await self._achat(req.messages, self._attempt_params(req, n), req.cfg)
+            async def attempt(n: int) -> tuple:
+                async with self.queue.alease(cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                    with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt
+                        return await self._achat(req.messages, self._attempt_params(req, n), cfg)
+        else:  # the same, without the parts that would do nothing
+            async def attempt(n: int) -> tuple:
+                return await self._achat(req.messages, self._attempt_params(req, n), cfg)
 
         with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
-            async with self.queue.aslot(req.cfg, req.cost):
-                result = await self.retrying(req.cfg).acall(attempt)
+            async with self.queue.aslot(cfg, req.cost):
+                result = await self.retrying(cfg).acall(attempt)
             return self._finish(req, result)
 
     def _scope(self, req: _Request) -> Callable[[], str]:
