@@ -118,6 +118,7 @@ def _classes() -> tuple[Any, Any, Any]:
     class SyncStream:
         def __init__(self, stream: Any, core: Any) -> None:
             self._stream, self._core = stream, core
+            self.get_extra_info, self.close = stream.get_extra_info, stream.close  # as they are: no wrapper frame
 
         def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
             return self._stream.read(max_bytes, _time_left(timeout, self._core.ReadTimeout))
@@ -125,15 +126,9 @@ def _classes() -> tuple[Any, Any, Any]:
         def write(self, buffer: bytes, timeout: float | None = None) -> None:
             self._stream.write(buffer, _time_left(timeout, self._core.WriteTimeout))
 
-        def close(self) -> None:
-            self._stream.close()
-
         def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
             timeout = _time_left(timeout, self._core.ConnectTimeout)
             return SyncStream(self._stream.start_tls(ssl_context, server_hostname, timeout), self._core)
-
-        def get_extra_info(self, info: str) -> Any:
-            return self._stream.get_extra_info(info)
 
     class SyncBackend:
         def __init__(self, backend: Any, core: Any) -> None:
@@ -153,6 +148,7 @@ def _classes() -> tuple[Any, Any, Any]:
     class AsyncStream:
         def __init__(self, stream: Any, core: Any) -> None:
             self._stream, self._core = stream, core
+            self.get_extra_info, self.aclose = stream.get_extra_info, stream.aclose  # as they are: no wrapper frame
 
         async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
             return await self._stream.read(max_bytes, _time_left(timeout, self._core.ReadTimeout))
@@ -160,15 +156,9 @@ def _classes() -> tuple[Any, Any, Any]:
         async def write(self, buffer: bytes, timeout: float | None = None) -> None:
             await self._stream.write(buffer, _time_left(timeout, self._core.WriteTimeout))
 
-        async def aclose(self) -> None:
-            await self._stream.aclose()
-
         async def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
             timeout = _time_left(timeout, self._core.ConnectTimeout)
             return AsyncStream(await self._stream.start_tls(ssl_context, server_hostname, timeout), self._core)
-
-        def get_extra_info(self, info: str) -> Any:
-            return self._stream.get_extra_info(info)
 
     class AsyncBackend:
         def __init__(self, backend: Any, core: Any) -> None:
@@ -252,7 +242,8 @@ def _classes() -> tuple[Any, Any, Any]:
                         body.close()
             finally:
                 _deadline.reset(token)
-            return httpx.Response(response.status_code, headers=response.headers, stream=body, extensions=response.extensions)
+            response.stream = body  # the same response, its body read under the deadline (no copy of the headers)
+            return response
 
         def close(self) -> None:
             self._inner.close()
@@ -276,7 +267,8 @@ def _classes() -> tuple[Any, Any, Any]:
                         await body.aclose()
             finally:
                 _deadline.reset(token)
-            return httpx.Response(response.status_code, headers=response.headers, stream=body, extensions=response.extensions)
+            response.stream = body
+            return response
 
         async def aclose(self) -> None:
             await self._inner.aclose()
