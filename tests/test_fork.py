@@ -111,3 +111,42 @@ def test_forked_children_get_their_own_replies_with_the_cache(server, tmp_path):
     for sent, got in pairs:
         assert tinyllm.client().send_message([{"role": "user", "content": sent}])["content"] == got
     assert len(server.chat_requests()) == before
+
+
+def test_locks_held_at_fork_are_free_in_the_child():
+    """A module-level lock that another thread holds at the moment of fork() (a configuration rebuild,
+    usage counting, template loading, opening a cache file, registering a client or a tool) is a new,
+    free lock in the child, whose first call would otherwise wait for ever."""
+    import os
+
+    from tinyllm import cache, clients, config, templates, tokens, tools, usage
+
+    named = [(config, "_lock"), (usage, "_lock"), (tokens, "_lock"), (templates, "_lock"), (templates, "_carried_lock"),
+             (cache, "_shared_lock"), (clients.default_registry, "_lock"), (tools.registry, "_lock")]
+    locks = [getattr(owner, name) for owner, name in named]
+    taken, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        for lock in locks:
+            lock.acquire()
+        taken.set()
+        done.wait(30)
+        for lock in locks:
+            lock.release()
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert taken.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: each lock must be free now (the holder thread does not exist here)
+            code = 1
+            try:
+                code = 0 if all(getattr(owner, name).acquire(timeout=2) for owner, name in named) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        done.set()
+        thread.join()
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -12,10 +12,11 @@ thread.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
-__all__ = ["reset_in_child"]
+__all__ = ["reset_in_child", "fresh_locks_in_child"]
 
 
 def reset_in_child(method: Callable[[], None]) -> None:
@@ -33,5 +34,25 @@ def reset_in_child(method: Callable[[], None]) -> None:
         bound = ref()
         if bound is not None:
             bound()
+
+    register(after_in_child=hook)
+
+
+def fresh_locks_in_child(namespace: dict[str, Any], *names: str) -> None:
+    """Give a forked child new, released module-level locks ``names`` of ``namespace`` (a module's ``globals()``).
+
+    A lock some parent thread held at the moment of ``os.fork()`` stays held in the child,
+    where that thread does not exist, so the child's first use would wait for ever. The
+    module's functions read the global when they run, so they take the new lock. An
+    ``RLock`` is replaced by an ``RLock``, anything else by a ``Lock``. No-op where there is no fork.
+    """
+    register = getattr(os, "register_at_fork", None)
+    if register is None:
+        return
+    reentrant = type(threading.RLock())
+
+    def hook() -> None:
+        for name in names:
+            namespace[name] = threading.RLock() if isinstance(namespace[name], reentrant) else threading.Lock()
 
     register(after_in_child=hook)

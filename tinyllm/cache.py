@@ -68,7 +68,7 @@ import threading
 import zlib
 from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
-from ._fork import reset_in_child
+from ._fork import fresh_locks_in_child, reset_in_child
 from .config import Config, get_config
 from .errors import CacheValueError, ConfigError
 
@@ -643,6 +643,7 @@ class PickleCache(_IndexedCache):
 _forced: tuple[bool, str | None] | None = None
 _shared: collections.OrderedDict[str, PickleCache] = collections.OrderedDict()  # most recently used last
 _shared_lock = threading.Lock()
+fresh_locks_in_child(globals(), "_shared_lock")
 
 
 @atexit.register

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ._fork import fresh_locks_in_child
 from .errors import ConfigError
 
 __all__ = ["Config", "configure", "clear_overrides", "get_config", "SECRET_NAMES", "KEYS"]
@@ -301,6 +302,7 @@ def mask(value: str | None) -> str:
 
 
 _lock = threading.Lock()
+fresh_locks_in_child(globals(), "_lock")  # a lock held at fork() is released in the child
 _overrides: dict[str, Any] = {}
 _overrides_version = 0  # bumped by every configure() and clear_overrides(): get_config() compares it, not the dict
 _PACKAGE_INI = str(Path(__file__).with_name("config.ini"))

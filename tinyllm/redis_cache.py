@@ -27,6 +27,7 @@ import math
 import threading
 from typing import Any, Iterable, Mapping
 
+from ._fork import fresh_locks_in_child
 from .config import Config, redact_url
 from .redis_conn import connect, redis_errors, scan_match
 
@@ -240,6 +241,7 @@ def _encode(value: Any) -> str:
 
 _shared: dict[tuple[str, str, float], RedisCache] = {}
 _shared_lock = threading.Lock()
+fresh_locks_in_child(globals(), "_shared_lock")
 
 
 def shared_redis_cache(cfg: Config) -> RedisCache:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ._fork import fresh_locks_in_child
 from .config import redact_url
 from .errors import APIConnectionError, ConfigError
 
@@ -28,6 +29,7 @@ SOCKET_TIMEOUT = 10.0
 
 _clients: dict[str, Any] = {}
 _lock = threading.Lock()
+fresh_locks_in_child(globals(), "_lock")
 
 
 def _redis_module() -> Any:

@@ -41,6 +41,7 @@ import jinja2
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from ._fork import fresh_locks_in_child
 from .config import get_config
 from .errors import TemplateError, TemplateNotFoundError, TemplateSecurityError, TemplateVariableError
 
@@ -454,6 +455,7 @@ class Prompt:
 
 _carried_lock = threading.Lock()
 _carried: dict[tuple, Prompt] = {}  # a pickled prompt's content -> the Prompt built from it
+fresh_locks_in_child(globals(), "_lock", "_carried_lock")
 
 
 def _carried_prompt(name: str, system_path: str, user_path: str | None, dirs: tuple[str, ...],

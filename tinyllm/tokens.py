@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._fork import fresh_locks_in_child
 from .errors import ContextWindowExceededError
 from .models import model_info
 
@@ -43,6 +44,7 @@ TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
 
 _lock = threading.Lock()
+fresh_locks_in_child(globals(), "_lock")
 _loaded: dict[str, tiktoken.Encoding] = {}
 
 

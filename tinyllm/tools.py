@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from ._fork import reset_in_child
 from .errors import ConfigError, ToolError, ToolRoundsExceededError
 
 __all__ = ["Tool", "ToolCall", "ToolRound", "Toolbox", "ToolRegistry", "registry", "tool", "as_tool", "plan_tools"]
@@ -229,6 +230,10 @@ class ToolRegistry:
 
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
+        self._new_lock()
+        reset_in_child(self._new_lock)  # a lock held at fork() is released in the child
+
+    def _new_lock(self) -> None:
         self._lock = threading.Lock()
 
     def register(self, obj: Any, *, name: str | None = None, description: str | None = None) -> Tool:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ._fork import fresh_locks_in_child
+
 __all__ = ["usage_stats", "reset_usage_stats", "record", "record_reply", "total_cost"]
 
 _FIELDS = ("calls", "cached_calls", "retries", "prompt_tokens", "completion_tokens", "total_tokens")
 _lock = threading.Lock()
+fresh_locks_in_child(globals(), "_lock")  # a lock held at fork() is released in the child
 _stats = dict.fromkeys(_FIELDS, 0)
 _cost = {"cost": 0.0, "priced_calls": 0, "unpriced_calls": 0}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
+from .._fork import reset_in_child
 from ..config import Config, get_config
 from ..errors import ConfigError
 from .base import CallInfo, Capabilities, Client, PlainClient, as_client, last_call_info
@@ -60,6 +61,10 @@ class Registry:
     def __init__(self) -> None:
         self._clients: dict[str, Client] = {}
         self._forced: str | None = None
+        self._new_lock()
+        reset_in_child(self._new_lock)  # a lock held at fork() is released in the child
+
+    def _new_lock(self) -> None:
         self._lock = threading.Lock()
 
     def register(self, api_type: str, target: Any) -> Client:

@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from .._fork import fresh_locks_in_child
 from ..config import Config
 from ..errors import BadRequestError, ConfigError, ContextWindowExceededError, ResponseError
 from .base import Capabilities, Client
@@ -50,6 +51,7 @@ _locks: dict[tuple[str, bool], threading.Lock] = {}
 _formatters: dict[int, Any] = {}  # id(model) -> its prompt formatter (compiling the chat template costs ~1 ms)
 _grammars: dict[str, Any] = {}  # GBNF text -> its checked LlamaGrammar
 _load_lock = threading.Lock()
+fresh_locks_in_child(globals(), "_load_lock")
 
 
 @functools.lru_cache(maxsize=1)  # an import-system search: too slow to repeat on every call
