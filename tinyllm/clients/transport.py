@@ -124,7 +124,8 @@ def _classes() -> tuple[Any, Any, Any]:
             return self._stream.read(max_bytes, _time_left(timeout, self._core.ReadTimeout))
 
         def write(self, buffer: bytes, timeout: float | None = None) -> None:
-            self._stream.write(buffer, _time_left(timeout, self._core.WriteTimeout))
+            if buffer:  # h11 ends each request with an empty write
+                self._stream.write(buffer, _time_left(timeout, self._core.WriteTimeout))
 
         def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
             timeout = _time_left(timeout, self._core.ConnectTimeout)
@@ -154,7 +155,8 @@ def _classes() -> tuple[Any, Any, Any]:
             return await self._stream.read(max_bytes, _time_left(timeout, self._core.ReadTimeout))
 
         async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-            await self._stream.write(buffer, _time_left(timeout, self._core.WriteTimeout))
+            if buffer:  # h11 ends each request with an empty write
+                await self._stream.write(buffer, _time_left(timeout, self._core.WriteTimeout))
 
         async def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
             timeout = _time_left(timeout, self._core.ConnectTimeout)
