@@ -12,9 +12,11 @@ fixed two-word answer) through
   context-window check, queue slot, retry loop, usage), cache off. It sends the
   request through the same SDK client's ``post("/chat/completions", ...)``, which
   skips ``create``'s parameter transform and the pydantic reply model;
-- ``LLMCall.call``: the above plus finding and rendering the prompt templates.
+- ``LLMCall.call``: the above plus finding and rendering the prompt templates;
+- ``LLMCall.call`` through httpx's own transport instead of tinyllm's (whose
+  whole-attempt deadline and key scrubbing cost a few µs per request).
 
-Each round runs the three once, in a rotating order (so drift and noise hit all of
+Each round runs the paths once, in a rotating order (so drift and noise hit all of
 them alike), for ``--rounds`` rounds after ``--warmup`` rounds. The table shows
 the median and the 10th/90th percentiles of one call in µs, and the median's
 overhead over the raw SDK in % and µs. ``--server process`` runs the server in a
@@ -97,6 +99,9 @@ def main() -> None:
         return call.call(n=1)
 
     variants = [("openai SDK, raw", run_raw), ("tinyllm client().send_message", run_send), ("tinyllm LLMCall.call", run_call)]
+    plain = plain_transport_call(server.base_url)
+    if plain is not None:
+        variants.append(("tinyllm LLMCall.call, httpx's own transport (no whole-attempt TIMEOUT)", lambda: plain.call(n=1)))
     for _, fn in variants:
         assert fn() == "ok then"
     samples: dict[str, list[float]] = {name: [] for name, _ in variants}
@@ -137,6 +142,27 @@ def main() -> None:
         print("|---|---:|")
         for name, us in log_rows:
             print(f"| {name} | {us:.1f} |")
+
+
+def plain_transport_call(base_url: str):
+    """An LLMCall whose client sends through httpx's own transport instead of tinyllm's (which bounds
+    each attempt by TIMEOUT and scrubs keys from error replies): what that transport costs per request.
+    None with a tinyllm that has no such transport (an older checkout on PYTHONPATH)."""
+    try:
+        from tinyllm.clients.openai import OpenAIClient
+        from tinyllm.clients.transport import http_client  # noqa: F401  (present: the transport exists)
+    except ImportError:
+        return None
+    import openai
+
+    from tinyllm import LLMCall
+
+    class PlainTransport(OpenAIClient):
+        def _make_sdk(self, cfg, is_async):  # as OpenAIClient's, without http_client=
+            cls = openai.AsyncOpenAI if is_async else openai.OpenAI
+            return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout)
+
+    return LLMCall("bench.system.md", client=PlainTransport(base_url=base_url))
 
 
 def stub_costs(sender, call, messages: list[dict], model: str, calls: int) -> list[tuple[str, float]]:
