@@ -816,3 +816,47 @@ def test_status_codes_map_to_openai_python_names(api, sleeps, code, cls):
         send()
     assert type(info.value).__name__ == cls and info.value.status_code == code
     assert not isinstance(info.value, tinyllm.ServerError) or code >= 500  # 408/409 are not server errors
+
+
+# --------------------------------------------------------------------------- a proxy from the environment
+
+
+def _proxy_env(monkeypatch, proxy: str, no_proxy: str | None = None) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    if no_proxy is not None:
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_proxy_from_the_environment_is_used_with_the_deadline_and_the_scrubbing(server, monkeypatch, mode):
+    """HTTP_PROXY is honoured as the SDK honours it (httpx ignores the environment once it is given a
+    transport), and requests through the proxy still get the whole-attempt TIMEOUT and key scrubbing.
+    The fake server is the proxy: it answers the absolute-form requests a proxy gets."""
+    _proxy_env(monkeypatch, server.base_url.rsplit("/v1", 1)[0])
+    upstream = tinyllm.OpenAIClient(base_url="http://upstream.invalid/v1", api_key=SECRET, max_attempts=1, timeout=1)
+
+    def ask() -> dict:
+        if mode == "sync":
+            return upstream.send_message(MESSAGES)
+        return asyncio.run(upstream.asend_message(MESSAGES))
+
+    assert ask()["content"] == "echo: hello"  # upstream.invalid does not resolve: only the proxy can answer
+    server.enqueue(EchoKey(401))
+    with pytest.raises(AuthenticationError) as info:
+        ask()
+    assert SECRET not in _everything_shown(info.value)
+    server.enqueue(Drip(0.1))
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError):
+        ask()
+    assert time.monotonic() - started < 5  # a behaviour bound (about 1 s), not a benchmark
+    assert len(server.chat_requests()) == 3
+
+
+def test_no_proxy_sends_directly(server, monkeypatch):
+    _proxy_env(monkeypatch, "http://127.0.0.1:9", no_proxy="127.0.0.1")  # nothing listens on port 9
+    direct = tinyllm.OpenAIClient(base_url=server.base_url, max_attempts=1, timeout=5)
+    assert direct.send_message(MESSAGES)["content"] == "echo: hello"

@@ -21,9 +21,9 @@ Its transport wraps httpx's own and adds two things:
 The socket-level bound needs httpcore's network-backend hook, which httpx does not
 expose; it is installed on the transport's connection pool when that has the
 usual ``_network_backend``. Without it the deadline still caps each phase's
-timeout and is checked between body chunks. Requests routed through a proxy from
-the environment (``HTTPS_PROXY``...) use httpx's own proxy transport, without
-these two additions.
+timeout and is checked between body chunks. A proxy from the environment
+(``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, read as httpx reads
+them) gets the same transport around httpx's proxy transport.
 
 The openai SDK is built on httpx (``httpx2`` in its newer releases); the module
 is taken from the SDK's ``DefaultHttpxClient`` so both agree.
@@ -278,16 +278,30 @@ def _classes() -> tuple[Any, Any, Any]:
     return httpx, Transport, AsyncTransport
 
 
+def _environment_proxies(httpx: Any) -> dict[str, str | None]:
+    """httpx's reading of ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY``: URL pattern ->
+    proxy URL, or None for "no proxy". httpx skips the environment when it is given a transport, so
+    the mounts are built here from its own helper (the SDK's default client honours these variables)."""
+    utils = sys.modules.get(f"{httpx.__name__}._utils")
+    read = getattr(utils, "get_environment_proxies", None)
+    return read() if read is not None else {}
+
+
 def http_client(is_async: bool = False) -> Any:
     """A new ``openai.DefaultHttpxClient`` (or its async twin) on the deadline-and-scrub transport.
 
     Connection limits are the SDK's defaults (1000 connections, 100 kept alive);
-    tinyllm's request queue bounds what is in flight.
+    tinyllm's request queue bounds what is in flight. A proxy from the environment
+    (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, minus ``NO_PROXY``) is used as the SDK
+    would use it, with the same transport around it: the deadline and the scrubbing apply
+    to requests through a proxy too.
     """
     import openai
 
     httpx, transport, async_transport = _classes()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    if is_async:
-        return openai.DefaultAsyncHttpxClient(transport=async_transport(httpx.AsyncHTTPTransport(limits=limits)))
-    return openai.DefaultHttpxClient(transport=transport(httpx.HTTPTransport(limits=limits)))
+    wrap, inner = (async_transport, httpx.AsyncHTTPTransport) if is_async else (transport, httpx.HTTPTransport)
+    mounts = {pattern: None if proxy is None else wrap(inner(limits=limits, proxy=proxy))
+              for pattern, proxy in _environment_proxies(httpx).items()}
+    cls = openai.DefaultAsyncHttpxClient if is_async else openai.DefaultHttpxClient
+    return cls(transport=wrap(inner(limits=limits)), mounts=mounts)
