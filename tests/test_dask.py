@@ -249,3 +249,18 @@ def test_a_call_while_another_thread_imports_opentelemetry_sends_no_span(monkeyp
     with FakeOpenAIServer() as server:
         assert LLMCall("echo", client=OpenAIClient(base_url=server.base_url)).call(text="x") == "echo: x"
 
+
+
+def test_a_result_the_worker_cannot_send_back_is_an_error_in_its_place(cluster):
+    """Dask only logs a task result it cannot pickle, and the caller would wait for it for ever: such a value
+    (or error) becomes a BatchError in the row's place, and the other rows of the chunk arrive."""
+    import threading
+
+    from tinyllm import Runner
+    from tinyllm.errors import BatchError
+
+    runner = Runner(lambda row: threading.Lock() if row == 1 else row * 10, executor=cluster.client.get_executor(),
+                    progress=False)
+    out = runner.map([0, 1, 2], return_exceptions=True)
+    assert out[0] == 0 and out[2] == 20
+    assert isinstance(out[1], BatchError) and "the row's value (a lock)" in str(out[1])

@@ -271,7 +271,8 @@ class QueueFullError(TinyLLMError):
 
 
 class BatchError(TinyLLMError):
-    """A batch cannot run: another run holds its output file, the file is unreadable, or two rows share an id."""
+    """A batch cannot run: another run holds its output file, the file is unreadable, or two rows share an id;
+    or, in a row's place, a result that an executor's worker (Dask) cannot send back because it does not pickle."""
 
 
 class BudgetExceededError(TinyLLMError):

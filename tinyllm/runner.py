@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import queue
 import signal
 import stat
@@ -93,12 +94,28 @@ def _call_one(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException |
 
 def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1) -> list[tuple[Any, BaseException | None]]:
     """Run ``fn`` on each item of a chunk (in the executor, e.g. on a Dask worker): (value, None) or
-    (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once."""
+    (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once. Each
+    pair is one the executor can send back (see :func:`_sendable`)."""
     threads = min(threads, len(items))
     if threads <= 1:
-        return [_call_one(fn, item) for item in items]
+        return [_sendable(_call_one(fn, item)) for item in items]
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinyllm-chunk") as pool:
-        return list(pool.map(lambda item: _call_one(fn, item), items))
+        return list(pool.map(lambda item: _sendable(_call_one(fn, item)), items))
+
+
+def _sendable(pair: tuple[Any, BaseException | None]) -> tuple[Any, BaseException | None]:
+    """``pair`` if it can be pickled (with cloudpickle where it is loaded, as on a Dask worker), else
+    ``(None, BatchError)`` naming what could not be: Dask only logs a result it cannot send back,
+    and the run would wait for it for ever."""
+    dumps = getattr(sys.modules.get("cloudpickle"), "dumps", None) or pickle.dumps
+    try:
+        dumps(pair)
+        return pair
+    except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the row gets an error instead
+        value, error = pair
+        what = f"the row's error ({type(error).__name__}: {error})" if error is not None else \
+            f"the row's value (a {type(value).__name__})"
+        return None, BatchError(f"{what} cannot be sent back from the executor's worker: {type(exc).__name__}: {exc}")
 
 
 #: rows per task when the executor is not a local thread pool (Dask, processes): a million rows
