@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from types import SimpleNamespace
 
 import pytest
 from helpers import wait_until
@@ -120,10 +121,13 @@ def test_locks_held_at_fork_are_free_in_the_child():
     import os
 
     from tinyllm import cache, clients, config, templates, tokens, tools, usage
+    from tinyllm.clients import llamacpp
 
+    llamacpp._locks[("a-model.gguf", False)] = threading.Lock()  # a loaded model's lock, held while it generates
     named = [(config, "_lock"), (usage, "_lock"), (tokens, "_lock"), (templates, "_lock"), (templates, "_carried_lock"),
-             (cache, "_shared_lock"), (clients.default_registry, "_lock"), (tools.registry, "_lock")]
-    locks = [getattr(owner, name) for owner, name in named]
+             (cache, "_shared_lock"), (clients.default_registry, "_lock"), (tools.registry, "_lock"),
+             (llamacpp, "_load_lock"), (SimpleNamespace(lock=lambda: llamacpp._locks[("a-model.gguf", False)]), "lock")]
+    locks = [_lock_of(owner, name) for owner, name in named]
     taken, done = threading.Event(), threading.Event()
 
     def holder() -> None:
@@ -142,11 +146,18 @@ def test_locks_held_at_fork_are_free_in_the_child():
         if pid == 0:  # the child: each lock must be free now (the holder thread does not exist here)
             code = 1
             try:
-                code = 0 if all(getattr(owner, name).acquire(timeout=2) for owner, name in named) else 3
+                code = 0 if all(_lock_of(owner, name).acquire(timeout=2) for owner, name in named) else 3
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
     finally:
         done.set()
         thread.join()
+        del llamacpp._locks[("a-model.gguf", False)]
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _lock_of(owner, name):
+    """``owner.name``, or what it returns when it is a function (a lock kept in a dict)."""
+    found = getattr(owner, name)
+    return found() if callable(found) and not hasattr(found, "acquire") else found

@@ -62,3 +62,30 @@ def test_import_is_light():
     env = {**os.environ, "PYTHONPATH": ROOT}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip()
     assert out == ""
+
+
+def test_every_error_survives_pickling_with_its_attributes():
+    """Errors travel back from Dask workers and process pools: each class comes back as itself, with
+    its message and attributes, also those whose __init__ takes required keyword arguments."""
+    import pickle
+
+    from tinyllm import errors
+
+    special = {
+        "TemplateNotFoundError": lambda cls: cls("summarize", ["prompts", "/etc/prompts"]),
+        "BudgetExceededError": lambda cls: cls("over budget", limit=1.0, spent=0.75, in_flight=0.1, estimate=0.3,
+                                               model="gpt-4o-mini"),
+        "ContextWindowExceededError": lambda cls: cls("too long", prompt_tokens=9000, max_tokens=100,
+                                                      context_window=8192, status_code=400),
+        "TemplateVariableError": lambda cls: cls("missing", variable="text", template="a.md"),
+    }
+    classes = [getattr(errors, name) for name in errors.__all__
+               if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), errors.TinyLLMError)]
+    assert len(classes) > 20
+    for cls in classes:
+        made = special.get(cls.__name__, lambda c: c("it failed"))(cls)
+        if isinstance(made, errors.APIError) and made.status_code is None:
+            made.status_code, made.request_id = 503, "req-1"
+        back = pickle.loads(pickle.dumps(made))
+        assert type(back) is cls and str(back) == str(made) and back.args == made.args, cls.__name__
+        assert back.__dict__ == made.__dict__, cls.__name__

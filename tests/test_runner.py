@@ -248,3 +248,33 @@ def test_each_row_is_on_disk_before_it_is_counted(tmp_path: Path):
 def test_bad_settings_are_config_errors(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         Runner(abs, **bad)
+
+
+def _refuse_to_load() -> None:
+    raise TypeError("cannot be rebuilt here")
+
+
+class _LoadsBadly:
+    """Pickles fine, but fails when loaded (as an error whose __init__ needs more than its args would)."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
+def test_values_that_cannot_travel_become_batch_errors_only_on_remote_executors():
+    """On local threads a row's value is kept as it is, picklable or not; what goes back from another
+    process must survive a pickle round trip, or the row gets a BatchError naming what did not."""
+    import threading
+
+    from tinyllm.errors import BatchError
+    from tinyllm.runner import _call_chunk
+
+    lock_row = lambda row: threading.Lock() if row == 1 else row  # noqa: E731
+    local = Runner(lock_row, progress=False).map([0, 1, 2], return_exceptions=True)
+    assert local[0] == 0 and local[2] == 2 and not isinstance(local[1], Exception)
+    assert _call_chunk(lock_row, [1])[0][1] is None  # local: not checked
+    value, error = _call_chunk(lock_row, [0, 1], remote=True)[1]
+    assert value is None and isinstance(error, BatchError) and "the row's value (a lock)" in str(error)
+    value, error = _call_chunk(lambda row: _LoadsBadly(), [0], remote=True)[0]
+    assert value is None and isinstance(error, BatchError) and "cannot be rebuilt here" in str(error)
+    assert _call_chunk(lambda row: row * 2, [1, 2], 2, remote=True) == [(2, None), (4, None)]

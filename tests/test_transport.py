@@ -860,3 +860,12 @@ def test_no_proxy_sends_directly(server, monkeypatch):
     _proxy_env(monkeypatch, "http://127.0.0.1:9", no_proxy="127.0.0.1")  # nothing listens on port 9
     direct = tinyllm.OpenAIClient(base_url=server.base_url, max_attempts=1, timeout=5)
     assert direct.send_message(MESSAGES)["content"] == "echo: hello"
+
+
+def test_a_proxy_that_cannot_be_used_is_a_config_error_naming_it(server, monkeypatch):
+    _proxy_env(monkeypatch, "gopher://user:hunter2@127.0.0.1:70")  # a scheme httpx has no transport for
+    client = tinyllm.OpenAIClient(base_url=server.base_url, max_attempts=3, timeout=5)
+    with pytest.raises(tinyllm.ConfigError, match="proxy") as info:
+        client.send_message(MESSAGES)
+    assert "gopher://" in str(info.value) and "hunter2" not in str(info.value)
+    assert chat_count(server) == 0

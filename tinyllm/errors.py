@@ -77,7 +77,24 @@ __all__ = [
 
 
 class TinyLLMError(Exception):
-    """Base class of every error tinyllm raises."""
+    """Base class of every error tinyllm raises.
+
+    Every one survives pickling (to and from a Dask worker or another process) with its type,
+    message and attributes, whatever its ``__init__`` requires.
+    """
+
+    def __reduce__(self) -> tuple:
+        # Exception's own reduce calls cls(*args) on loading, which fails for an __init__ with required
+        # keyword arguments (BudgetExceededError) or other positional ones (TemplateNotFoundError)
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> TinyLLMError:
+    """An error of type ``cls`` with ``args`` and attributes ``state``, without calling its ``__init__``."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 class ConfigError(TinyLLMError):

