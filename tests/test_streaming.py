@@ -310,3 +310,30 @@ def test_tokens_per_minute_counts_a_streams_real_completion_tokens(server):
     sliding = limited.queue._rates[1]
     used = 100_000 - sliding.get_window_stats(RateLimitItemPerMinute(100_000)).remaining
     assert used >= stream.reply.usage["completion_tokens"] + stream.reply.prompt_tokens
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_longer_than_timeout_runs_while_chunks_keep_coming(server, prompts, mode):
+    """TIMEOUT bounds a streamed attempt up to its headers and each wait between chunks, not the whole
+    stream: a long reply that keeps coming is read to the end (the SDK behaves the same)."""
+    quick = OpenAIClient(base_url=server.base_url, api_key=KEY, timeout=0.5, max_attempts=1)
+    words = " ".join(f"w{i}" for i in range(12))
+    server.enqueue(Stream(Reply(words), delay=0.1))  # about 1.1 s in all, never 0.5 s quiet
+    call = LLMCall("ask", prompts_dir=prompts, client=quick)
+    if mode == "sync":
+        text = "".join(call.stream(question="q"))
+    else:
+        async def read() -> str:
+            return "".join([delta async for delta in await call.astream(question="q")])
+        text = asyncio.run(read())
+    assert text == words
+
+
+def test_a_stream_quiet_for_longer_than_timeout_is_cut(server, prompts):
+    quick = OpenAIClient(base_url=server.base_url, api_key=KEY, timeout=0.5, max_attempts=1)
+    server.enqueue(Stream(Reply("one two"), delay=2))  # 2 s of silence before each chunk after the first
+    started = time.monotonic()
+    with pytest.raises(tinyllm.APITimeoutError) as info:
+        "".join(LLMCall("ask", prompts_dir=prompts, client=quick).stream(question="q"))
+    assert time.monotonic() - started < 1.8  # cut after about 0.5 s of silence, not at the end of the stream
+    assert "two" not in info.value.partial

@@ -163,7 +163,7 @@ class Config:
     frequency_penalty: float | None = _setting(None, float, "also read as FREQ_PENALTY (TinyTroupe's name)")
     presence_penalty: float | None = _setting(None, float)
     reasoning_effort: str | None = _setting(None, _str, "for reasoning models: low, medium, high")
-    timeout: float = _setting(60.0, _positive_float, "seconds per HTTP attempt, the whole attempt")
+    timeout: float = _setting(60.0, _positive_float, "seconds per HTTP attempt, the whole attempt (a stream: up to its headers, then each wait between chunks)")
     max_attempts: int = _setting(5, _positive_int, "HTTP requests, the first included")
     waiting_time: float = _setting(1.0, _nonneg(float), "seconds, first backoff wait")
     exponential_backoff_factor: float = _setting(2.0, _nonneg(float))

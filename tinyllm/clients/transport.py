@@ -8,7 +8,9 @@ Its transport wraps httpx's own and adds two things:
   alive for ever. Here the request's timeout (the SDK passes TIMEOUT, or the call's
   ``timeout``) bounds everything from the start of the request to the last body
   byte: every socket connect, write and read waits at most the time left, and no
-  read starts after the deadline. Running out raises httpx's ``ReadTimeout`` (or
+  read starts after the deadline. A streamed reply (``text/event-stream``) is
+  bounded so up to its headers; its events then come for as long as the server
+  sends them, each read waiting at most TIMEOUT, as in the SDK. Running out raises httpx's ``ReadTimeout`` (or
   ``ConnectTimeout`` / ``WriteTimeout``), which the SDK turns into its
   ``APITimeoutError``. Sync and asyncio alike; the deadline travels in a
   ``contextvars.ContextVar`` set only while this transport works.
@@ -65,6 +67,15 @@ def _time_left(timeout: float | None, error: type[Exception]) -> float | None:
     if left <= 0:
         raise error("TIMEOUT reached: the whole attempt may take no longer")
     return left if timeout is None or timeout > left else timeout
+
+
+def _body_deadline(response: Any, deadline: float | None) -> float | None:
+    """The deadline of the response's body: the attempt's, except for a streamed reply (a 2xx
+    ``text/event-stream``), whose body runs as long as the server keeps sending; each of its
+    reads still waits at most the read timeout (TIMEOUT), as in the SDK."""
+    if response.status_code < 400 and response.headers.get("content-type", "").startswith("text/event-stream"):
+        return None
+    return deadline
 
 
 def _budget(request: Any) -> float | None:
@@ -244,7 +255,7 @@ def _classes() -> tuple[Any, Any, Any]:
             token = _deadline.set(deadline)
             try:
                 response = self._inner.handle_request(request)
-                body = Body(response.stream, deadline, request)
+                body = Body(response.stream, _body_deadline(response, deadline), request)
                 if response.status_code >= 400:
                     try:
                         return scrubbed(response, request, b"".join(body))
@@ -269,7 +280,7 @@ def _classes() -> tuple[Any, Any, Any]:
             token = _deadline.set(deadline)
             try:
                 response = await self._inner.handle_async_request(request)
-                body = AsyncBody(response.stream, deadline, request)
+                body = AsyncBody(response.stream, _body_deadline(response, deadline), request)
                 if response.status_code >= 400:
                     try:
                         return scrubbed(response, request, b"".join([chunk async for chunk in body]))
