@@ -8,11 +8,13 @@ Its transport wraps httpx's own and adds two things:
   alive for ever. Here the request's timeout (the SDK passes TIMEOUT, or the call's
   ``timeout``) bounds everything from the start of the request to the last body
   byte: every socket connect, write and read waits at most the time left, and no
-  read starts after the deadline. A streamed reply (``text/event-stream``) is
-  bounded so up to its headers; its events then come for as long as the server
-  sends them, each read waiting at most TIMEOUT, as in the SDK. Running out raises httpx's ``ReadTimeout`` (or
-  ``ConnectTimeout`` / ``WriteTimeout``), which the SDK turns into its
-  ``APITimeoutError``. Sync and asyncio alike; the deadline travels in a
+  read starts after the deadline. A reply's body is read whole before the
+  transport returns (the SDK reads it at once anyway), so the deadline is set
+  only once per request. A streamed reply (``text/event-stream``) is bounded so
+  up to its headers; its events then come for as long as the server sends them,
+  each read waiting at most TIMEOUT, as in the SDK. Running out raises httpx's
+  ``ReadTimeout`` (or ``ConnectTimeout`` / ``WriteTimeout``), which the SDK turns
+  into its ``APITimeoutError``. Sync and asyncio alike; the deadline travels in a
   ``contextvars.ContextVar`` set only while this transport works.
 * **Error replies scrubbed of the credentials they echo.** For a status >= 400,
   the key the request carried (``Authorization: Bearer ...``, ``api-key``) and
@@ -23,7 +25,7 @@ Its transport wraps httpx's own and adds two things:
 The socket-level bound needs httpcore's network-backend hook, which httpx does not
 expose; it is installed on the transport's connection pool when that has the
 usual ``_network_backend``. Without it the deadline still caps each phase's
-timeout and is checked between body chunks. A proxy from the environment
+timeout, and the body is read lazily with the deadline checked between chunks. A proxy from the environment
 (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, read as httpx reads
 them) gets the same transport around httpx's proxy transport.
 
@@ -69,13 +71,10 @@ def _time_left(timeout: float | None, error: type[Exception]) -> float | None:
     return left if timeout is None or timeout > left else timeout
 
 
-def _body_deadline(response: Any, deadline: float | None) -> float | None:
-    """The deadline of the response's body: the attempt's, except for a streamed reply (a 2xx
-    ``text/event-stream``), whose body runs as long as the server keeps sending; each of its
-    reads still waits at most the read timeout (TIMEOUT), as in the SDK."""
-    if response.status_code < 400 and response.headers.get("content-type", "").startswith("text/event-stream"):
-        return None
-    return deadline
+def _streamed(response: Any) -> bool:
+    """A streamed reply (``text/event-stream``): its body runs as long as the server keeps sending,
+    each read waiting at most the read timeout (TIMEOUT), as in the SDK; not under the deadline."""
+    return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
 def _budget(request: Any) -> float | None:
@@ -114,11 +113,14 @@ def _classes() -> tuple[Any, Any, Any]:
 
     httpx = _package(next(c for c in openai.DefaultHttpxClient.__mro__ if not c.__module__.startswith("openai")))
 
-    def install(transport: Any, wrap: Any) -> None:
+    def install(transport: Any, wrap: Any) -> bool:
+        """Bound every socket operation of ``transport``'s pool by the deadline; False when it has no such hook."""
         pool = getattr(transport, "_pool", None)
         if pool is not None and hasattr(pool, "_network_backend"):
             core = _package(type(pool))
             pool._network_backend = wrap(pool._network_backend, core)
+            return True
+        return False
 
     def scrubbed(response: Any, request: Any, raw: bytes) -> Any:
         """A copy of an error reply, read in full, without the request's credentials in headers or body."""
@@ -247,7 +249,7 @@ def _classes() -> tuple[Any, Any, Any]:
     class Transport(httpx.BaseTransport):
         def __init__(self, inner: Any) -> None:
             self._inner = inner
-            install(inner, SyncBackend)
+            self._hooked = install(inner, SyncBackend)
 
         def handle_request(self, request: Any) -> Any:
             budget = _budget(request)
@@ -255,15 +257,20 @@ def _classes() -> tuple[Any, Any, Any]:
             token = _deadline.set(deadline)
             try:
                 response = self._inner.handle_request(request)
-                body = Body(response.stream, _body_deadline(response, deadline), request)
                 if response.status_code >= 400:
+                    body = Body(response.stream, deadline, request)
                     try:
                         return scrubbed(response, request, b"".join(body))
                     finally:
                         body.close()
+                if _streamed(response):
+                    return response  # its events come while the server sends them, each read within TIMEOUT
+                if self._hooked:
+                    response.read()  # the whole body now, every socket read within the time left
+                    return response
             finally:
                 _deadline.reset(token)
-            response.stream = body  # the same response, its body read under the deadline (no copy of the headers)
+            response.stream = Body(response.stream, deadline, request)  # no socket hook: checked between chunks
             return response
 
         def close(self) -> None:
@@ -272,7 +279,7 @@ def _classes() -> tuple[Any, Any, Any]:
     class AsyncTransport(httpx.AsyncBaseTransport):
         def __init__(self, inner: Any) -> None:
             self._inner = inner
-            install(inner, AsyncBackend)
+            self._hooked = install(inner, AsyncBackend)
 
         async def handle_async_request(self, request: Any) -> Any:
             budget = _budget(request)
@@ -280,15 +287,20 @@ def _classes() -> tuple[Any, Any, Any]:
             token = _deadline.set(deadline)
             try:
                 response = await self._inner.handle_async_request(request)
-                body = AsyncBody(response.stream, _body_deadline(response, deadline), request)
                 if response.status_code >= 400:
+                    body = AsyncBody(response.stream, deadline, request)
                     try:
                         return scrubbed(response, request, b"".join([chunk async for chunk in body]))
                     finally:
                         await body.aclose()
+                if _streamed(response):
+                    return response
+                if self._hooked:
+                    await response.aread()
+                    return response
             finally:
                 _deadline.reset(token)
-            response.stream = body
+            response.stream = AsyncBody(response.stream, deadline, request)
             return response
 
         async def aclose(self) -> None:
