@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: the project's root
 
@@ -33,6 +33,25 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def question_prompts(root: Path, **systems: str) -> Path:
+    """``root/prompts`` with, per keyword ``NAME=text``, ``NAME.system.md`` holding ``text`` and
+    ``NAME.user.md`` holding ``{{ question }}``; returns the folder."""
+    folder = root / "prompts"
+    for name, system in systems.items():
+        write(folder / f"{name}.system.md", system)
+        write(folder / f"{name}.user.md", "{{ question }}\n")
+    return folder
+
+
+def wire(server: Any, monkeypatch: Any, key: str) -> Any:
+    """Point the default openai client at ``server`` with API key ``key`` (gpt-4o-mini, tiny backoff waits)."""
+    import tinyllm
+
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini")
+    return server
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import question_prompts
 from fakeserver import Reply, Status
 
 import tinyllm
@@ -26,13 +27,11 @@ KEY = "sk-calllog-secret-key-0123456789"
 
 @pytest.fixture
 def prompts(tmp_path):
-    d = tmp_path / "prompts"
-    d.mkdir()
-    (d / "ask.system.md").write_text("---\nmax_tokens: 30\n---\nYou answer briefly.\n", encoding="utf-8")
-    (d / "ask.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    (d / "num.system.md").write_text("---\noutput_type: int\noutput_retries: 1\n---\nAnswer with a number.\n", encoding="utf-8")
-    (d / "num.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    return d
+    return question_prompts(
+        tmp_path,
+        ask="---\nmax_tokens: 30\n---\nYou answer briefly.\n",
+        num="---\noutput_type: int\noutput_retries: 1\n---\nAnswer with a number.\n",
+    )
 
 
 @pytest.fixture

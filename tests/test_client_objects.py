@@ -11,6 +11,7 @@ import logging
 import traceback
 
 import pytest
+from helpers import question_prompts
 from fakeserver import FakeOpenAIServer, Reply, Status
 
 import tinyllm
@@ -33,11 +34,7 @@ def two():
 
 @pytest.fixture
 def prompts(tmp_path):
-    d = tmp_path / "prompts"
-    d.mkdir()
-    (d / "ask.system.md").write_text("You answer briefly.\n", encoding="utf-8")
-    (d / "ask.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    return d
+    return question_prompts(tmp_path, ask="You answer briefly.\n")
 
 
 def test_two_endpoints_with_their_own_keys_and_settings_in_one_program(two, prompts, sleeps):

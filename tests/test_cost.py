@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import question_prompts, wire
 from fakeserver import Reply, Status
 from genai_prices import Usage, calc_price
 
@@ -30,20 +31,16 @@ def table(model: str, provider: str = "openai", **tokens: int) -> float:
 
 @pytest.fixture
 def prompts(tmp_path):
-    d = tmp_path / "prompts"
-    d.mkdir()
-    (d / "ask.system.md").write_text("You answer briefly.\n", encoding="utf-8")
-    (d / "ask.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    (d / "num.system.md").write_text("---\noutput_type: int\noutput_retries: 1\n---\nA number.\n", encoding="utf-8")
-    (d / "num.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    return d
+    return question_prompts(
+        tmp_path,
+        ask="You answer briefly.\n",
+        num="---\noutput_type: int\noutput_retries: 1\n---\nA number.\n",
+    )
 
 
 @pytest.fixture
 def wired(server, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini")
-    return server
+    return wire(server, monkeypatch, KEY)
 
 
 USAGE = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import question_prompts, wire
 from fakeserver import Reply, Status
 
 import tinyllm
@@ -46,18 +47,12 @@ def spans():
 
 @pytest.fixture
 def prompts(tmp_path):
-    d = tmp_path / "prompts"
-    d.mkdir()
-    (d / "ask.system.md").write_text("---\ntemperature: 0.5\nmax_tokens: 20\n---\nYou answer briefly.\n", encoding="utf-8")
-    (d / "ask.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    return d
+    return question_prompts(tmp_path, ask="---\ntemperature: 0.5\nmax_tokens: 20\n---\nYou answer briefly.\n")
 
 
 @pytest.fixture
 def wired(server, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini")
-    return server
+    return wire(server, monkeypatch, KEY)
 
 
 def by_name(exporter) -> dict[str, list]:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+from helpers import question_prompts, wire
 from fakeserver import Reply, Status
 
 import tinyllm
@@ -18,20 +19,16 @@ KEY = "sk-response-test-0000000001"
 
 @pytest.fixture
 def prompts(tmp_path):
-    d = tmp_path / "prompts"
-    d.mkdir()
-    (d / "ask.system.md").write_text("You answer briefly.\n", encoding="utf-8")
-    (d / "ask.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    (d / "num.system.md").write_text("---\noutput_type: int\noutput_retries: 1\n---\nAnswer with a number.\n", encoding="utf-8")
-    (d / "num.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    return d
+    return question_prompts(
+        tmp_path,
+        ask="You answer briefly.\n",
+        num="---\noutput_type: int\noutput_retries: 1\n---\nAnswer with a number.\n",
+    )
 
 
 @pytest.fixture
 def wired(server, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini")
-    return server
+    return wire(server, monkeypatch, KEY)
 
 
 def test_respond_returns_the_whole_record(wired, prompts, sleeps):

@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from helpers import question_prompts
 from fakeserver import Message, Reply, Status, Stream
 
 import tinyllm
@@ -29,13 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def prompts(tmp_path):
-    d = tmp_path / "prompts"
-    d.mkdir()
-    (d / "ask.system.md").write_text("You answer briefly.\n", encoding="utf-8")
-    (d / "ask.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    (d / "facts.system.md").write_text("---\noutput_type: json\n---\nAnswer in JSON.\n", encoding="utf-8")
-    (d / "facts.user.md").write_text("{{ question }}\n", encoding="utf-8")
-    return d
+    return question_prompts(
+        tmp_path,
+        ask="You answer briefly.\n",
+        facts="---\noutput_type: json\n---\nAnswer in JSON.\n",
+    )
 
 
 @pytest.fixture
