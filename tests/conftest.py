@@ -46,10 +46,10 @@ def _clear_config_overrides() -> None:
     clients = sys.modules.get("tinyllm.clients")
     if clients is not None:  # forced api_type and registered clients (each client owns a request queue)
         clients.default_registry.reset()
-    cache = sys.modules.get("tinyllm.cache")
+    cache = sys.modules.get("tinyllm.cache._store")
     if cache is not None and hasattr(cache, "force_api_cache"):
         cache.force_api_cache(None)
-    usage = sys.modules.get("tinyllm.usage")
+    usage = sys.modules.get("tinyllm.observe._usage")
     if usage is not None:
         usage.reset_usage_stats()
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import tinyllm.cache as cache_module
-from tinyllm.cache import (
+import tinyllm.cache._store as cache_module
+from tinyllm.cache._store import (
     MAGIC,
     Cache,
     MemoryCache,
@@ -304,7 +304,7 @@ def test_cache_key_ignores_timeout_api_key_and_extra_headers():
 
 WRITER = """
 import os, sys, time
-from tinyllm.cache import PickleCache
+from tinyllm.cache._store import PickleCache
 path, prefix, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 c = PickleCache(path)
 print("ready", flush=True)
@@ -367,7 +367,7 @@ def test_threads_writing_at_once_lose_nothing(tmp_path):
 
 KILLED = """
 import sys
-from tinyllm.cache import PickleCache
+from tinyllm.cache._store import PickleCache
 c = PickleCache(sys.argv[1])
 i = int(sys.argv[2])
 print("ready", flush=True)
@@ -693,7 +693,7 @@ def test_import_dict_pickle_merges(tmp_path):
 
 SWITCHER = """
 import gc, os, resource, sys
-from tinyllm.cache import MAX_SHARED_CACHES, PickleCache, active_cache, force_api_cache
+from tinyllm.cache._store import MAX_SHARED_CACHES, PickleCache, active_cache, force_api_cache
 folder = sys.argv[1]
 gc.disable()  # open files must be released without waiting for a garbage collection
 _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -18,7 +18,8 @@ from helpers import question_prompts
 from fakeserver import Reply, Status
 
 import tinyllm
-from tinyllm import LLMCall, calllog
+from tinyllm import LLMCall
+from tinyllm.observe import _calllog as calllog
 from tinyllm.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +143,8 @@ def test_async_calls_and_chat_turns_are_logged(wired, prompts, db):
 WRITER = """
 import sys
 import tinyllm
-from tinyllm import LLMCall, calllog
+from tinyllm import LLMCall
+from tinyllm.observe import _calllog as calllog
 
 class Stub:
     def send_message(self, messages, **params):

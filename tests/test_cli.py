@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from fakeserver import Status
 
 import tinyllm
-from tinyllm.cache import PickleCache
+from tinyllm.cache._store import PickleCache
 from tinyllm.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent

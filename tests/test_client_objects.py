@@ -16,7 +16,7 @@ from fakeserver import FakeOpenAIServer, Reply, Status
 
 import tinyllm
 from tinyllm import Capabilities, Client, ConfigError, LLMCall, LLMChat, ServerError
-from tinyllm.cache import MemoryCache
+from tinyllm.cache._store import MemoryCache
 from tinyllm.clients.azure import AzureClient
 from tinyllm.clients.llamacpp import LlamaCppClient
 from tinyllm.clients.openai import OpenAIClient

@@ -15,9 +15,11 @@ from fakeserver import Reply, Status
 from genai_prices import Usage, calc_price
 
 import tinyllm
-from tinyllm import BudgetExceededError, LLMCall, calllog, pricing, usage_stats
-from tinyllm.budget import Budget
-from tinyllm.cache import MemoryCache
+from tinyllm import BudgetExceededError, LLMCall, usage_stats
+from tinyllm.observe import _calllog as calllog
+from tinyllm.observe import _pricing as pricing
+from tinyllm.limits._budget import Budget
+from tinyllm.cache._store import MemoryCache
 from tinyllm.cli import cli
 from tinyllm.clients.openai import OpenAIClient
 

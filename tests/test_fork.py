@@ -108,7 +108,7 @@ def test_forked_children_get_their_own_replies_with_the_cache(server, tmp_path):
     # every reply is stored under its own request: asking again is answered from the file, correctly
     server.reply_with("WRONG")
     before = len(server.chat_requests())
-    tinyllm.cache._shared.clear()  # read the file afresh, as a new process would
+    tinyllm.cache._store._shared.clear()  # read the file afresh, as a new process would
     for sent, got in pairs:
         assert tinyllm.client().send_message([{"role": "user", "content": sent}])["content"] == got
     assert len(server.chat_requests()) == before
@@ -120,7 +120,10 @@ def test_locks_held_at_fork_are_free_in_the_child():
     free lock in the child, whose first call would otherwise wait for ever."""
     import os
 
-    from tinyllm import cache, clients, config, templates, tokens, tools, usage
+    from tinyllm import clients, config, tokens, tools
+    from tinyllm.cache import _store as cache
+    from tinyllm.prompts import _templates as templates
+    from tinyllm.observe import _usage as usage
     from tinyllm.clients import llamacpp
 
     llamacpp._locks[("a-model.gguf", False)] = threading.Lock()  # a loaded model's lock, held while it generates

@@ -12,9 +12,9 @@ import pytest
 from helpers import wait_until
 
 import tinyllm.config as config
-from tinyllm import limits
+from tinyllm.limits import _queue as limits
 from tinyllm.errors import BadRequestError, QueueFullError
-from tinyllm.limits import RequestQueue
+from tinyllm.limits._queue import RequestQueue
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,8 @@ from helpers import question_prompts, wire
 from fakeserver import Reply, Status
 
 import tinyllm
-from tinyllm import LLMCall, otel
+from tinyllm import LLMCall
+from tinyllm.observe import _otel as otel
 
 trace = pytest.importorskip("opentelemetry.trace")
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
@@ -142,10 +143,10 @@ def test_no_provider_no_spans_and_nothing_imported():
         "    def send_message(self, messages, **params):\n"
         "        return {'role': 'assistant', 'content': 'ok'}\n"
         "assert tinyllm.LLMChat(system='s', client=Stub()).say('hi') == 'ok'\n"
-        "assert not tinyllm.otel.enabled()\n"
+        "assert not tinyllm.observe._otel.enabled()\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in heavy], sorted(sys.modules)\n"
         "import opentelemetry.trace\n"
-        "assert not tinyllm.otel.enabled()  # imported, but no provider set\n"
+        "assert not tinyllm.observe._otel.enabled()  # imported, but no provider set\n"
         "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

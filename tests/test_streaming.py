@@ -21,7 +21,7 @@ from fakeserver import Message, Reply, Status, Stream
 
 import tinyllm
 from tinyllm import APIConnectionError, LLMCall, LLMChat, Response
-from tinyllm.cache import MemoryCache
+from tinyllm.cache._store import MemoryCache
 from tinyllm.clients.openai import OpenAIClient
 
 KEY = "sk-stream-test-000000000001"

@@ -18,7 +18,7 @@ from tinyllm.errors import (
     TemplateVariableError,
     TinyLLMError,
 )
-from tinyllm.templates import Prompt, list_prompts, load_prompt, render_string, search_path
+from tinyllm.prompts._templates import Prompt, list_prompts, load_prompt, render_string, search_path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "prompts"
 

@@ -35,7 +35,7 @@ from tinyllm import (
     reset_usage_stats,
     usage_stats,
 )
-from tinyllm import usage as usage_mod
+from tinyllm.observe import _usage as usage_mod
 
 LIMIT = 5
 N = 200

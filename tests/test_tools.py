@@ -324,7 +324,7 @@ def test_decorator_with_a_name(registered):
 
 
 def test_streaming_runs_the_tools_and_streams_the_next_round(tmp_path):
-    from tinyllm.clients.base import Client
+    from tinyllm.clients._base import Client
 
     class Scripted(Client):
         api_type = "scripted"

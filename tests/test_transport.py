@@ -597,7 +597,7 @@ def test_cache_file_that_cannot_be_opened_is_a_config_error(api, tmp_path):
 
 
 def test_failed_cache_write_still_returns_the_paid_reply(api, tmp_path, monkeypatch, caplog):
-    from tinyllm.cache import PickleCache
+    from tinyllm.cache._store import PickleCache
 
     tinyllm.configure(cache_api_calls=True, cache_file_name=str(tmp_path / "c.pickle"))
 

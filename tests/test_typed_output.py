@@ -26,8 +26,8 @@ from tinyllm import LLMCall, OpenAIClient, OutputParseError, TemplateError, conf
 from tinyllm.call import plan_output
 from tinyllm.chat import LLMChat
 from tinyllm.cli import cli
-from tinyllm.clients.base import Capabilities
-from tinyllm.clients.fallback import format_refused
+from tinyllm.clients._base import Capabilities
+from tinyllm.clients._fallback import format_refused
 from tinyllm.clients.llamacpp import LlamaCppClient, local_available
 from tinyllm.errors import BadRequestError, ContextWindowExceededError, RateLimitError, ServerError
 from tinyllm.output import JsonSchema, grammar_for, normalize_output_type, parse_output, response_format_for

@@ -10,7 +10,7 @@ llama-cpp: each is loaded on first use.
 
 from __future__ import annotations
 
-from .cache import force_api_cache
+from .cache._store import force_api_cache
 from .call import LLMCall
 from .chat import LLMChat
 from .clients import CallInfo, Capabilities, Client, PlainClient, client, force_api_type, last_call_info, register_client
@@ -20,7 +20,7 @@ from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
 from .tokens import count_tokens
 from .tools import Tool, ToolCall, ToolRound, tool
-from .usage import reset_usage_stats, usage_stats
+from .observe._usage import reset_usage_stats, usage_stats
 
 __version__ = "0.1.0"
 
@@ -58,7 +58,7 @@ __all__ = [
 
 
 _LAZY = {  # client classes and the batch runner, imported on first use so `import tinyllm` stays light
-    "Runner": "tinyllm.runner",
+    "Runner": "tinyllm.batch._runner",
     "OpenAIClient": "tinyllm.clients.openai",
     "OllamaClient": "tinyllm.clients.openai",
     "AzureClient": "tinyllm.clients.azure",

@@ -5,14 +5,14 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from . import usage
-from .calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
+from .observe import _usage as usage
+from .observe._calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
 from .clients import Client, as_client
 from .clients import client as get_client
 from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
-from .templates import Prompt, load_prompt
+from .prompts._templates import Prompt, load_prompt
 from .tools import Tool, ToolCall, Toolbox, as_tool, plan_tools
 
 if TYPE_CHECKING:
@@ -285,7 +285,7 @@ def check_model_params(model_params: dict) -> None:
     Raises:
         ConfigError: naming the parameter, the fix, and never the key's value.
     """
-    from .templates import misspelled
+    from .prompts._templates import misspelled
 
     if "api_key" in model_params:
         raise ConfigError("api_key is a client setting, not an API parameter: pass client=OpenAIClient(api_key=...) "
@@ -419,7 +419,7 @@ class LLMCall:
 
     @property
     def prompt(self) -> Prompt:
-        """The loaded :class:`~tinyllm.templates.Prompt` (reloaded when its files change); in an
+        """The loaded :class:`~tinyllm.prompts.Prompt` (reloaded when its files change); in an
         unpickled LLMCall, the prompt it carried (no file is read)."""
         if self._carried is not None:
             return self._carried
@@ -549,7 +549,7 @@ class LLMCall:
                 executor gets the inputs in chunks of ``chunk_size`` rows, each
                 chunk run on ``max_workers`` threads where it lands.
             chunk_size: rows per task on an executor that is not a local thread
-                pool (default 50: :data:`tinyllm.runner.DISTRIBUTED_CHUNK_SIZE`).
+                pool (default 50: :data:`tinyllm.batch._runner.DISTRIBUTED_CHUNK_SIZE`).
 
         Returns:
             list of results in input order.
@@ -560,7 +560,7 @@ class LLMCall:
             KeyboardInterrupt on Ctrl-C: calls not yet started are cancelled,
             running ones are not waited for.
         """
-        from .runner import Runner
+        from .batch._runner import Runner
 
         cached_before = usage.usage_stats()["cached_calls"]
         runner = Runner(self._call_with, executor=executor, max_workers=max_workers, chunk_size=chunk_size, progress=progress,

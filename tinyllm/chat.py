@@ -27,7 +27,7 @@ from .clients import client as get_client
 from .errors import ConfigError
 from .output import normalize_output_type
 from .response import Response
-from .templates import Prompt, load_prompt
+from .prompts._templates import Prompt, load_prompt
 from .tools import as_tool, plan_tools
 
 __all__ = ["LLMChat"]
@@ -126,7 +126,7 @@ class LLMChat:
 
     @property
     def prompt(self) -> Prompt | None:
-        """The loaded :class:`~tinyllm.templates.Prompt`, or None for a chat without templates."""
+        """The loaded :class:`~tinyllm.prompts.Prompt`, or None for a chat without templates."""
         if self.system_template_name is None:
             return None
         return load_prompt(self.system_template_name, self.user_template_name, prompts_dir=self.prompts_dir)

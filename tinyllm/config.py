@@ -183,7 +183,7 @@ class Config:
     prompts_dirs: list = _setting([], _parse_paths)
     max_tool_rounds: int = _setting(10, _nonneg(int), "tool rounds a call may take (a reply asking for tools, the tools run); then ToolRoundsExceededError")
     file_check_interval: float = _setting(1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use")
-    # -- shared state through Redis (tinyllm/redis_cache.py, tinyllm/redis_limits.py) --
+    # -- shared state through Redis (tinyllm/cache/_redis.py, tinyllm/limits/_redis.py) --
     redis_url: str | None = _setting(None, _str, "redis://[:password@]host:6379/0: share the cache and the limits across processes and machines")
     cache_backend: str = _setting("auto", _choice("auto", "pickle", "redis", "memory"), "auto: redis when REDIS_URL is set, else pickle")
     limits_backend: str = _setting("auto", _choice("auto", "local", "redis"), "auto: redis when REDIS_URL is set, else local (this client object)")

@@ -8,6 +8,7 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
 
     TinyLLMError
     ├── ConfigError
+    │   └── InputFileError               (a CSV/JSONL rows file that cannot be read: .path, .line)
     ├── CacheValueError                  (also a TypeError)
     ├── TemplateError
     │   ├── TemplateNotFoundError        (also a LookupError)
@@ -37,7 +38,7 @@ status code, the request id, the response headers and the response body, all
 redacted. The SDK exception chained as ``__cause__`` is clean too: the
 transport scrubs keys a server echoes from error replies before the SDK sees
 them, and the failed request it keeps has its credential headers blanked
-(``tinyllm.clients.transport``).
+(``tinyllm.http``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 __all__ = [
     "TinyLLMError",
     "ConfigError",
+    "InputFileError",
     "CacheValueError",
     "TemplateError",
     "TemplateNotFoundError",
@@ -101,10 +103,22 @@ class ConfigError(TinyLLMError):
     """A setting is missing or has a bad value; the message names the key and its source."""
 
 
+class InputFileError(ConfigError):
+    """A rows file (CSV or JSONL, for ``map`` and ``eval``) that cannot be read or parsed.
+
+    The message names the file and the line; ``path`` (str) and ``line`` (1-based int, or None for the
+    whole file) say the same for code. Raised before anything is sent.
+    """
+
+    def __init__(self, message: str, *, path: str = "", line: int | None = None):
+        super().__init__(message)
+        self.path, self.line = path, line
+
+
 class CacheValueError(TinyLLMError, TypeError):
     """A key or value the cache cannot store: a key that is not a str, a value that is not plain
     data (dict, list, tuple, set, frozenset of str, int, float, bool, None, bytes, complex),
-    contains itself, or is nested deeper than ``tinyllm.cache.MAX_DEPTH`` containers."""
+    contains itself, or is nested deeper than ``tinyllm.cache._store.MAX_DEPTH`` containers."""
 
 
 class TemplateError(TinyLLMError):

@@ -47,9 +47,9 @@ class Response:
         api_type: the client that answered (``openai``, ``llamacpp``, ...).
         template: the system template's name, or None (a chat without templates).
         variables: the template variables of the call (``dict``).
-        cost: USD summed over the replies (:mod:`tinyllm.pricing`; a cached reply costs 0.0),
+        cost: USD summed over the replies (:mod:`tinyllm.observe._pricing`; a cached reply costs 0.0),
             or None when a reply's price is unknown (a local model) or no reply came.
-        prompt: the loaded :class:`~tinyllm.templates.Prompt` the messages were rendered
+        prompt: the loaded :class:`~tinyllm.prompts.Prompt` the messages were rendered
             from (its files' paths and hash go to the call log), or None.
     """
 
@@ -106,7 +106,7 @@ class Response:
         """The JSON value parsed from the text so far (pydantic-core's partial JSON parsing):
         a growing ``dict`` / ``list`` while a JSON reply streams, the final value's JSON
         once done; None while nothing parses yet."""
-        from .streaming import partial_json
+        from ._streaming import partial_json
 
         return partial_json(self.text)
 
@@ -174,7 +174,7 @@ class Response:
             await self._stream.aclose()
 
     def add_reply(self, reply: Any) -> None:
-        """Fold one :class:`tinyllm.clients.base.Reply` into this record (usage summed, last one kept)."""
+        """Fold one :class:`tinyllm.clients._base.Reply` into this record (usage summed, last one kept)."""
         usage, got = self.usage, reply.usage
         for name in _USAGE_FIELDS:
             value = got.get(name)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from .._fork import reset_in_child
 from ..config import Config, get_config
 from ..errors import ConfigError
-from .base import CallInfo, Capabilities, Client, PlainClient, as_client, last_call_info
+from ._base import CallInfo, Capabilities, Client, PlainClient, as_client, last_call_info
 
 __all__ = ["Client", "Capabilities", "PlainClient", "CallInfo", "Registry", "default_registry", "client", "register_client",
            "force_api_type", "detect_api_type", "last_call_info", "as_client"]

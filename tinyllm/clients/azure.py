@@ -7,7 +7,7 @@ from typing import Any
 from ..config import Config
 from ..errors import ConfigError
 from .openai import OpenAIClient
-from .transport import http_client
+from ..http._transport import http_client
 
 __all__ = ["AzureClient"]
 

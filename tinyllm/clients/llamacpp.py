@@ -36,8 +36,8 @@ from typing import Any, Iterator
 from .._fork import fresh_locks_in_child
 from ..config import Config
 from ..errors import BadRequestError, ConfigError, ContextWindowExceededError, ResponseError
-from .base import Capabilities, Client
-from .replies import extract_reply
+from ._base import Capabilities, Client
+from ._replies import extract_reply
 
 __all__ = ["LlamaCppClient", "default_model_path", "local_available"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 from typing import Any, AsyncIterator, Iterator
 
@@ -34,14 +33,14 @@ from ..errors import (
     UnprocessableEntityError,
 )
 from .._fork import reset_in_child
-from .base import Capabilities, Client
-from .replies import extract_message, extract_reply
-from .fallback import FormatFallback, structured
-from .transport import http_client, scrub_credentials
+from ._base import Capabilities, Client
+from ._replies import extract_message, extract_reply
+from ._fallback import FormatFallback, structured
+from ..http._scrub import redact, redact_body
+from ..http._transport import http_client, scrub_credentials
 
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
 
-_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,}|Bearer\s+\S+)")
 _OPTION_PARAMS = frozenset({"timeout", "extra_headers", "extra_query", "extra_body"})  # not sent in the body
 _STATUS_ERRORS: dict[int, type[APIError]] = {
     400: BadRequestError,
@@ -52,24 +51,6 @@ _STATUS_ERRORS: dict[int, type[APIError]] = {
     422: UnprocessableEntityError,
     429: RateLimitError,
 }
-
-
-def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    """``text`` with every given secret and anything shaped like an API key replaced by ``****``."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "****")
-    return _KEYLIKE.sub("****", text)
-
-
-def _redact_body(body: Any, secrets: tuple[str, ...]) -> Any:
-    if isinstance(body, str):
-        return redact(body, secrets)
-    if isinstance(body, dict):
-        return {k: _redact_body(v, secrets) for k, v in body.items()}
-    if isinstance(body, list):
-        return [_redact_body(v, secrets) for v in body]
-    return body
 
 
 def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: float | None = None, where: str = "") -> TinyLLMError:
@@ -93,7 +74,7 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
         return APIConnectionError(redact(f"could not reach {where or 'the server'}: {type(cause).__name__}: {cause}", secrets))
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
-        body = _redact_body(exc.body, secrets)
+        body = redact_body(exc.body, secrets)
         err = body.get("error", body) if isinstance(body, dict) else body
         message = err.get("message") if isinstance(err, dict) else None
         message = redact(str(message or exc.message or f"HTTP {code}"), secrets)
@@ -378,12 +359,12 @@ class OpenAIClient(Client):
             await stream.close()
 
     def _read(self, response: Any, cfg: Config) -> tuple[dict, dict, dict]:
-        """:func:`~tinyllm.clients.replies.extract_reply`, with API keys scrubbed from a ResponseError's message and ``raw``."""
+        """:func:`~tinyllm.clients._replies.extract_reply`, with API keys scrubbed from a ResponseError's message and ``raw``."""
         try:
             return extract_reply(response)
         except ResponseError as exc:
             keys = self._keys(cfg)
-            raise ResponseError(redact(str(exc), keys), raw=_redact_body(exc.raw, keys)) from None
+            raise ResponseError(redact(str(exc), keys), raw=redact_body(exc.raw, keys)) from None
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
         sdk = self.sdk(cfg)

@@ -68,14 +68,14 @@ import threading
 import zlib
 from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
-from ._fork import fresh_locks_in_child, reset_in_child
-from .config import Config, get_config
-from .errors import CacheValueError, ConfigError
+from .._fork import fresh_locks_in_child, reset_in_child
+from ..config import Config, get_config
+from ..errors import CacheValueError, ConfigError
 
 __all__ = ["Cache", "PickleCache", "MemoryCache", "cache_key", "force_api_cache", "active_cache", "cache_backend", "DROPPED_PARAMS",
            "MAX_DEPTH", "MAX_SHARED_CACHES"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tinyllm.cache")  # the logger name users filter on
 
 MAGIC = b"TINYLLM-CACHE 2\n"
 MAGIC_V1 = b"TINYLLM-CACHE 1\n"
@@ -690,7 +690,7 @@ def active_cache(cfg: Config | None = None, *, forced: bool = True) -> Cache | N
     through many file names holds at most that many files open. A cache dropped
     from that set has its hit counts saved; it closes its file once the last
     call using it is done, and is loaded again if its name comes back.
-    :func:`cache_backend` may choose a :class:`~tinyllm.redis_cache.RedisCache`
+    :func:`cache_backend` may choose a :class:`~tinyllm.cache.RedisCache`
     (one per URL, prefix and TTL) or this process's :class:`MemoryCache` instead.
 
     Raises:
@@ -705,7 +705,7 @@ def active_cache(cfg: Config | None = None, *, forced: bool = True) -> Cache | N
     # -- CACHE_BACKEND / REDIS_URL (a forced file name means that file) --
     backend = "pickle" if force and force[1] else cache_backend(cfg)
     if backend == "redis":
-        from .redis_cache import shared_redis_cache
+        from ._redis import shared_redis_cache
 
         return shared_redis_cache(cfg)
     if backend == "memory":

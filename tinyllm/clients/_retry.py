@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 
-from . import usage
-from .errors import APIConnectionError, APIError, ResponseError, TinyLLMError
+from ..observe import _usage as usage
+from ..errors import APIConnectionError, APIError, ResponseError, TinyLLMError
 
 __all__ = ["RetryPolicy", "Retrying", "should_retry", "server_wait", "backoff_wait", "wait_for", "next_wait", "call", "acall"]
 

@@ -35,13 +35,17 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Callable
 
-from .. import cache as cache_mod
-from .. import models, retry, tokens, usage
-from .. import budget, otel, pricing  # cost, budgets, spans (tinyllm/budget.py, otel.py, pricing.py)
+from ..cache import _store as cache_mod
+from .. import models, tokens
+from . import _retry as retry
+from ..observe import _usage as usage
+from ..limits import _budget as budget  # cost, budgets, spans (tinyllm/budget.py, otel.py, pricing.py)
+from ..observe import _otel as otel
+from ..observe import _pricing as pricing
 from ..config import Config, get_config, redact_url
 from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, ResponseError, TinyLLMError
-from ..limits import RequestQueue
-from ..streaming import Accumulator
+from ..limits._queue import RequestQueue
+from .._streaming import Accumulator
 
 __all__ = ["Client", "Capabilities", "Reply", "ReplyStream", "AsyncReplyStream", "CallInfo", "last_call_info", "PlainClient"]
 
@@ -135,7 +139,7 @@ class Reply:
         retries: extra HTTP attempts this reply took.
         prompt_tokens: the prompt's tokens as counted locally (0 for a cache hit not counted).
         api_type: the client's api_type.
-        cost: USD (:mod:`tinyllm.pricing`; 0.0 from the cache), None when the price is unknown.
+        cost: USD (:mod:`tinyllm.observe._pricing`; 0.0 from the cache), None when the price is unknown.
     """
 
     message: dict
@@ -369,7 +373,7 @@ class Client:
 
     def limit_scope(self, cfg: Config, endpoint: dict) -> str:
         """Who shares cluster-wide limits (REDIS_URL): a hash of ``endpoint`` and of the API key, never the key."""
-        from ..redis_limits import scope_id
+        from ..limits._redis import scope_id
 
         api_key = getattr(self, "_api_key", None)
         return scope_id(endpoint, api_key(cfg) if api_key is not None else None)
@@ -543,7 +547,7 @@ class Client:
 
     # -- streaming -----------------------------------------------------------------
     def _chat_stream(self, messages: list[dict], params: dict, cfg: Config) -> Iterator[dict]:
-        """One streamed request: an iterator of chunk dicts (see :mod:`tinyllm.streaming`) that
+        """One streamed request: an iterator of chunk dicts (see :mod:`tinyllm._streaming`) that
         raises tinyllm errors and releases its connection when closed. Clients whose
         ``capabilities.streaming`` is True implement it."""
         raise BadRequestError(f"the {self.api_type!r} client cannot stream")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ._fork import fresh_locks_in_child
+from .._fork import fresh_locks_in_child
 
 __all__ = ["usage_stats", "reset_usage_stats", "record", "record_reply", "total_cost"]
 
@@ -55,7 +55,7 @@ def usage_stats() -> dict[str, Any]:
         attempts), and ``prompt_tokens``, ``completion_tokens``, ``total_tokens``
         as the API's ``usage`` reported them, summed over every attempt that
         returned usage (ints); ``cost``: USD (float) summed over the API replies
-        whose price is known (see :mod:`tinyllm.pricing`; cache hits cost
+        whose price is known (see :mod:`tinyllm.observe._pricing`; cache hits cost
         nothing), None when replies came but none had a known price;
         ``unpriced_calls``: API replies whose price is unknown (a local model).
     """

@@ -3,7 +3,7 @@
 Before a request is sent (after the cache missed and the prompt was counted),
 its worst-case cost is estimated: the prompt tokens plus ``max_tokens`` (when
 unset: the rest of the model's context window; when that is unknown too,
-:data:`DEFAULT_WORST_OUTPUT` tokens) at the model's prices (:mod:`tinyllm.pricing`),
+:data:`DEFAULT_WORST_OUTPUT` tokens) at the model's prices (:mod:`tinyllm.observe._pricing`),
 all input counted as uncached. If what was spent, plus the worst case of the calls
 in flight, plus this estimate is more than the budget, the call is refused with
 :class:`~tinyllm.errors.BudgetExceededError` and nothing is sent. Otherwise the
@@ -27,8 +27,9 @@ import os
 import threading
 from typing import Any, Iterator
 
-from . import pricing, usage
-from .errors import BudgetExceededError
+from ..observe import _pricing as pricing
+from ..observe import _usage as usage
+from ..errors import BudgetExceededError
 
 __all__ = ["Budget", "hold", "charge", "process_budget", "DEFAULT_WORST_OUTPUT"]
 
@@ -54,7 +55,7 @@ class Budget:
 
     def __init__(self, limit: float | None = None) -> None:
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0):
-            from .errors import ConfigError
+            from ..errors import ConfigError
 
             raise ConfigError(f"a budget must be a number of USD >= 0, got {limit!r}")
         self.limit = None if limit is None else float(limit)

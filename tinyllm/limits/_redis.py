@@ -43,9 +43,10 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Iterator
 
-from .config import Config, redact_url
-from .errors import BadRequestError, ConfigError, QueueFullError
-from .redis_conn import connect, failure, redis_errors
+from ..config import Config, redact_url
+from ..errors import BadRequestError, ConfigError, QueueFullError
+from .._redis import connect, failure, redis_errors
+from ._window import time_to_room
 
 __all__ = ["RedisLimiter", "scope_id"]
 
@@ -260,7 +261,6 @@ class RedisLimiter:
             return
         from limits import RateLimitItemPerMinute as PerMinute, RateLimitItemPerSecond as PerSecond
 
-        from .limits import _time_to_room
 
         namespace = f"tinyllm/{scope}"
         moving, sliding = self._limiters()
@@ -277,7 +277,7 @@ class RedisLimiter:
             raise failure(self.url, exc, "checking the rate limits") from exc
         while True:  # near a limit: look first, so that lost races waste little
             try:
-                wait = max(_time_to_room(limiter, item, n, limiter is sliding) for limiter, item, n in checks)
+                wait = max(time_to_room(limiter, item, n, limiter is sliding) for limiter, item, n in checks)
                 if wait <= 0:
                     if all(limiter.hit(item, cost=n) for limiter, item, n in checks):
                         return

@@ -64,7 +64,7 @@ def _tracer(trace: Any) -> Any:
     provider = trace.get_tracer_provider()
     memo = _tracer_memo
     if memo[0] is not provider:
-        from . import __version__
+        from .. import __version__
 
         memo[1] = trace.get_tracer("tinyllm", __version__, tracer_provider=provider)
         memo[0] = provider

@@ -27,9 +27,9 @@ import math
 import threading
 from typing import Any, Iterable, Mapping
 
-from ._fork import fresh_locks_in_child
-from .config import Config, redact_url
-from .redis_conn import connect, redis_errors, scan_match
+from .._fork import fresh_locks_in_child
+from ..config import Config, redact_url
+from .._redis import connect, redis_errors, scan_match
 
 __all__ = ["RedisCache", "FORMAT", "shared_redis_cache"]
 
@@ -63,7 +63,7 @@ class RedisCache:
     Thread-safe (redis-py's connection pool). Keys are ``str``.
 
     Raises:
-        ConfigError: Redis cannot be reached when the cache is created (see :func:`tinyllm.redis_conn.connect`).
+        ConfigError: Redis cannot be reached when the cache is created (see :func:`tinyllm._redis.connect`).
     """
 
     def __init__(self, url: str, prefix: str = "tinyllm", ttl: float = 0.0) -> None:
@@ -251,7 +251,7 @@ def shared_redis_cache(cfg: Config) -> RedisCache:
         ConfigError: REDIS_URL is unset, or Redis cannot be reached (first use).
     """
     if not cfg.redis_url:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("CACHE_BACKEND=redis needs REDIS_URL (redis://host:6379/0)")
     ident = (cfg.redis_url, cfg.redis_prefix, cfg.redis_cache_ttl)

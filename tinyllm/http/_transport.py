@@ -46,6 +46,7 @@ from typing import Any
 
 from ..config import redact_url
 from ..errors import ConfigError
+from ._scrub import redact, redact_body
 
 __all__ = ["http_client", "scrub_credentials"]
 
@@ -109,8 +110,6 @@ def _classes() -> tuple[Any, Any, Any]:
     """(httpx module, sync transport class, async transport class), built once on first use."""
     import openai
 
-    from .openai import _redact_body, redact
-
     httpx = _package(next(c for c in openai.DefaultHttpxClient.__mro__ if not c.__module__.startswith("openai")))
 
     def install(transport: Any, wrap: Any) -> bool:
@@ -129,7 +128,7 @@ def _classes() -> tuple[Any, Any, Any]:
         headers = [(k, redact(v, secrets)) for k, v in response.headers.multi_items()
                    if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
         try:  # a JSON body stays JSON: redact its strings (a "Bearer ..." match must not eat quotes)
-            text = json.dumps(_redact_body(json.loads(decoded.text), secrets))
+            text = json.dumps(redact_body(json.loads(decoded.text), secrets))
         except ValueError:
             text = redact(decoded.text, secrets)
         body = text.encode(decoded.encoding or "utf-8", "replace")

@@ -41,9 +41,9 @@ import jinja2
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from ._fork import fresh_locks_in_child
-from .config import get_config
-from .errors import TemplateError, TemplateNotFoundError, TemplateSecurityError, TemplateVariableError
+from .._fork import fresh_locks_in_child
+from ..config import get_config
+from ..errors import TemplateError, TemplateNotFoundError, TemplateSecurityError, TemplateVariableError
 
 __all__ = ["Prompt", "load_prompt", "search_path", "list_prompts", "render_string", "ROLES", "OUTPUT_TYPES"]
 

@@ -14,7 +14,7 @@ and ceil(RPM / 60) per second, as servers enforce per-minute limits over shorter
 periods. Tokens: a sliding window counter of TPM per minute (O(1) memory).
 
 With ``REDIS_URL`` set (``LIMITS_BACKEND``) the limits are cluster-wide instead:
-:meth:`RequestQueue.lease` around each HTTP attempt (tinyllm/redis_limits.py),
+:meth:`RequestQueue.lease` around each HTTP attempt (tinyllm/limits/_redis.py),
 and :meth:`RequestQueue.slot` does nothing.
 
 After ``os.fork()`` the child starts with an empty queue of its own (no slots
@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 if TYPE_CHECKING:
     import asyncio
 
-from ._fork import reset_in_child
-from .errors import BadRequestError, ConfigError, QueueFullError
+from .._fork import reset_in_child
+from ..errors import BadRequestError, ConfigError, QueueFullError
+from ._window import time_to_room
 
 __all__ = ["RequestQueue"]
 
@@ -255,7 +256,7 @@ class RequestQueue:
                 checks += [(moving, PerMinute(rpm), 1), (moving, PerSecond(math.ceil(rpm / 60)), 1)]
             if tpm and cost > 0:
                 checks.append((sliding, PerMinute(tpm), cost))
-            wait = max(_time_to_room(limiter, item, n, limiter is sliding) for limiter, item, n in checks)
+            wait = max(time_to_room(limiter, item, n, limiter is sliding) for limiter, item, n in checks)
             if wait <= 0:
                 for limiter, item, n in checks:
                     limiter.hit(item, cost=n)
@@ -269,12 +270,12 @@ class RequestQueue:
             )
         return wait
 
-    # -- cluster-wide limits through Redis (REDIS_URL; tinyllm/redis_limits.py) --
+    # -- cluster-wide limits through Redis (REDIS_URL; tinyllm/limits/_redis.py) --
 
     _cluster_limiter: Any = None  # a RedisLimiter, made on first use
 
     def _cluster(self, cfg: Any) -> Any:
-        """The :class:`~tinyllm.redis_limits.RedisLimiter` when ``cfg`` shares the limits through
+        """The :class:`~tinyllm.limits.RedisLimiter` when ``cfg`` shares the limits through
         Redis (``LIMITS_BACKEND=redis``, or ``auto`` with ``REDIS_URL`` set), else None.
 
         Raises:
@@ -286,7 +287,7 @@ class RequestQueue:
             raise ConfigError("LIMITS_BACKEND=redis needs REDIS_URL (redis://host:6379/0)")
         limiter = self._cluster_limiter
         if limiter is None or (limiter.url, limiter.prefix) != (cfg.redis_url, cfg.redis_prefix):
-            from .redis_limits import RedisLimiter
+            from ._redis import RedisLimiter
 
             limiter = self._cluster_limiter = RedisLimiter(cfg.redis_url, cfg.redis_prefix, self.name)
         return limiter
@@ -304,7 +305,7 @@ class RequestQueue:
         passes the rate limits for that attempt only (see :meth:`RedisLimiter.lease`); else it does nothing
         (:meth:`slot` around the whole retry loop does the work).
 
-        ``scope()`` (str) names who shares the limits (:func:`tinyllm.redis_limits.scope_id`); it is
+        ``scope()`` (str) names who shares the limits (:func:`tinyllm.limits._redis.scope_id`); it is
         called only with cluster-wide limits. Errors: as :meth:`RedisLimiter.lease`.
         """
         limiter = self._cluster(cfg)
@@ -317,22 +318,6 @@ class RequestQueue:
 
 
 _NO_LEASE = contextlib.nullcontext()  # reusable, and an async context manager too
-
-
-def _time_to_room(limiter: Any, item: Any, cost: int, sliding: bool) -> float:
-    """Seconds until ``limiter`` has room for ``cost`` under ``item`` (0 if it has now)."""
-    if limiter.test(item, cost=cost):
-        return 0.0
-    if not sliding:
-        # moving window, one unit: room when the oldest entry in the window expires
-        return max(limiter.get_window_stats(item).reset_time - time.time(), 0.001)
-    # sliding window counter: weighted = prev * prev_ttl / E + cur must fall below room
-    expiry, room = item.get_expiry(), item.amount - cost + 1
-    prev, prev_ttl, cur, cur_ttl = limiter.storage.get_sliding_window(item.key_for(), expiry)
-    if cur < room:  # room comes as the previous window's weight decays
-        return (max(prev_ttl - (room - cur) * expiry / prev, 0.0) if prev else 0.0) + 0.001
-    # else after the current window rolls over (in cur_ttl - E s) and decays enough
-    return cur_ttl - expiry + expiry * (1 - room / cur) + 0.001
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import BatchError, ConfigError
+from ..errors import BatchError, ConfigError
 
 __all__ = ["Runner", "Outcome", "BatchSummary", "JsonlOutput", "row_key", "finite", "DISTRIBUTED_CHUNK_SIZE"]
 
@@ -275,7 +275,7 @@ class Runner:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"Runner: {name} must be an int >= 1, got {value!r}")
         if max_workers is None:
-            from .config import get_config
+            from ..config import get_config
 
             max_workers = get_config().max_concurrent_requests
         self.fn, self.executor, self.max_workers = fn, executor, max(1, int(max_workers))

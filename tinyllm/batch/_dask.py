@@ -17,7 +17,7 @@ import re
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["dask_executor"]
 

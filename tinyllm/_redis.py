@@ -1,6 +1,6 @@
 """One Redis connection pool per URL per process, and Redis failures as tinyllm errors.
 
-Used by :mod:`tinyllm.redis_cache` and :mod:`tinyllm.redis_limits` when ``REDIS_URL``
+Used by :mod:`tinyllm.cache._redis` and :mod:`tinyllm.limits._redis` when ``REDIS_URL``
 is set; imported only then (``import tinyllm`` never imports redis). Needs the
 ``redis`` extra: ``pip install 'tinyllm[redis]'``.
 

@@ -38,7 +38,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterator
 
-from . import otel
+from . import _otel as otel
 
 __all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "batch", "flush_all",
            "new_id", "connect", "query", "get", "stats"]
@@ -406,7 +406,7 @@ def _public_params(params: dict) -> dict:
 
 
 def _secrets(sender: Any, cfg: Any) -> list[str]:
-    from .config import API_KEY_NAMES
+    from ..config import API_KEY_NAMES
 
     values = [cfg.secrets.get(name) for name in API_KEY_NAMES]
     values += list(getattr(sender, "_secrets", {}).values())
@@ -414,7 +414,7 @@ def _secrets(sender: Any, cfg: Any) -> list[str]:
 
 
 def _row(item: tuple) -> tuple:
-    from .config import mask, redact_url
+    from ..config import mask, redact_url
 
     call_id, ts, response, sender, params, exc, batch_id, latency, pid = item
     cfg = sender.settings()

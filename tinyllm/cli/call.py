@@ -1,0 +1,166 @@
+"""``tinyllm render``, ``tinyllm call`` and ``tinyllm chat``: one template, rendered, sent, or talked to."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import ConfigError, TinyLLMError
+from ._common import CLIError, _describe, _dumps, _llm, _log_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
+
+
+@cli.command()
+@click.argument("name")
+@_var_option
+@click.option("--model", "-m", help="Model to ask (default: the front matter's, else the MODEL setting).")
+@click.option("--api-type", help="Backend whose model name and tokenizer apply (default: API_TYPE, else auto-detected).")
+@click.option("--json", "as_json", is_flag=True, help="Print {messages, model, api_type, params, prompt_tokens} as JSON.")
+@_prompts_dir_option
+@click.pass_context
+def render(ctx: click.Context, name: str, variables: dict, model: str | None, api_type: str | None, as_json: bool,
+           prompts_dirs: tuple[str, ...]) -> None:
+    """Print the messages NAME renders to, the parameters that would be sent, and the prompt's
+    tokens as the answering backend counts them (its model name and tokenizer), sending nothing."""
+    from ..call import plan_output
+    from ..clients import client
+    from ..config import get_config
+    from ..tokens import count_tokens
+
+    _, prompt = _resolve(name, _search_dirs(ctx))
+    messages = prompt.render(variables)
+    given = {"model": model} if model else {}
+    try:
+        sender = client(api_type)
+    except ConfigError as exc:  # no backend configured: tiktoken's count for the configured model
+        if api_type:
+            raise
+        sender, note = None, f"no backend configured ({str(exc).split('.')[0]}); counted with tiktoken"
+    if sender is not None:
+        cfg = sender.settings()
+        params = sender.resolve_params(plan_output(prompt, sender, None, None, given)[1], cfg)
+        used_model = params["model"]
+        n = sender.count_tokens(messages, used_model, cfg)
+        backend, note = sender.api_type, None
+    else:
+        params = {**prompt.params, **given}
+        used_model = params.get("model") or get_config().model
+        n, backend = count_tokens(messages, used_model), None
+    params = {k: v for k, v in params.items() if k != "model"}
+    if as_json:
+        click.echo(_dumps({"messages": messages, "model": used_model, "api_type": backend, "params": params,
+                           "prompt_tokens": n}, indent=2))
+        return
+    for m in messages:
+        click.echo(f"--- {m['role']} ---")
+        click.echo(m["content"])
+        click.echo()
+    if params:
+        click.echo(f"--- parameters: {_dumps(params)} ---")
+    where = f"{backend}, {used_model}" if backend else used_model
+    click.echo(f"--- {n} prompt tokens ({where}) ---" + (f"\n({note})" if note else ""))
+
+
+@cli.command()
+@click.argument("name")
+@_var_option
+@_model_options
+@click.option("--stream/--no-stream", default=None,
+              help="Print the reply as it is written (default: when stdout is a terminal and not --json).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the complete call record (content, model, usage, cost in USD or null, cached, latency, ...) as JSON at the end.")
+@_log_option
+@click.option("--tool", "tool_paths", multiple=True, metavar="MODULE:FUNCTION", callback=_parse_tools,
+              help="A Python function the model may call (repeatable), imported from MODULE (the working "
+                   "directory is searched first); each call it runs is printed on stderr.")
+@click.option("--tool-choice", help="auto, required, none, or a tool's name (default: the front matter's, else auto).")
+@_prompts_dir_option
+@click.pass_context
+def call(ctx: click.Context, name: str, variables: dict, model: str | None, api_type: str | None,
+         temperature: float | None, max_tokens: int | None, cache: bool | None, stream: bool | None, as_json: bool,
+         tool_paths: list, tool_choice: str | None, prompts_dirs: tuple[str, ...]) -> None:
+    """Render NAME with the variables, send it, print the reply's content.
+
+    A reply coerced to another output type than str (the front matter's
+    output_type) is printed as JSON. Streamed text is printed as it arrives;
+    a coerced value is printed again at the end only with --json.
+    """
+    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=tool_paths or None,
+               tool_choice=tool_choice, on_tool_call=_print_tool_call)
+    if stream is None:
+        stream = not as_json and sys.stdout.isatty()
+    if stream:
+        response = llm.stream(**variables)
+        for delta in response:
+            click.echo(delta, nl=False)
+            sys.stdout.flush()
+        if not as_json:
+            click.echo("")
+    else:
+        response = llm.respond(**variables)
+        if not as_json:
+            click.echo(_show(response.value))
+    if as_json:
+        record = response.as_dict()
+        record["content"] = _plain(response.value)
+        record["latency"] = round(response.latency, 4) if response.latency is not None else None
+        click.echo(_dumps(record))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@_var_option
+@_model_options
+@click.option("--system", help="A plain system message instead of a template.")
+@_prompts_dir_option
+@click.pass_context
+def chat(ctx: click.Context, name: str | None, variables: dict, model: str | None, api_type: str | None,
+         temperature: float | None, max_tokens: int | None, cache: bool | None, system: str | None,
+         prompts_dirs: tuple[str, ...]) -> None:
+    """An interactive conversation, each answer streamed as it is written.
+
+    NAME (optional) is a template whose system part opens the conversation
+    (rendered with the --var values). Type a message and press Enter; `exit`
+    or Ctrl-D ends the conversation; Ctrl-C stops the current answer (the
+    turn is dropped) without leaving.
+    """
+    from .. import client, force_api_cache
+    from ..chat import LLMChat
+
+    if name is not None and system is not None:
+        raise CLIError("give a template NAME or --system, not both")
+    params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
+    template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
+    conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type, **params)
+    if template is not None:
+        # the system part only: each line typed is the user's message
+        conversation.history = conversation.prompt.render(variables, include_user=False)
+    if cache is not None:
+        force_api_cache(cache)
+    client(api_type)  # ConfigError (exit 2) now
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            click.echo("")
+            return
+        except KeyboardInterrupt:
+            click.echo("")
+            continue
+        if line.strip() in ("exit", "quit"):
+            return
+        if not line.strip():
+            continue
+        response = conversation.stream(line)
+        try:
+            for delta in response:
+                click.echo(delta, nl=False)
+                sys.stdout.flush()
+            click.echo("")
+        except KeyboardInterrupt:
+            response.close()
+            click.echo("\n[stopped]", err=True)
+        except TinyLLMError as exc:
+            response.close()
+            click.echo(f"\nerror: {_describe(exc)}", err=True)

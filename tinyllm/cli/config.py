@@ -1,0 +1,61 @@
+"""``tinyllm config`` and ``tinyllm tokens``: the resolved settings with their sources; a token count."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+from ._common import _dumps, _read_text, cli
+
+
+# -- tokens, cache, config ----------------------------------------------------------
+
+
+@cli.command()
+@click.argument("file", metavar="FILE|-")
+@click.option("--model", "-m", help="Model whose tokenizer counts (default: the MODEL setting).")
+def tokens(file: str, model: str | None) -> None:
+    """Count the tokens of the text in FILE (- for standard input)."""
+    from ..config import get_config
+    from ..tokens import count_tokens
+
+    text = _read_text(file, "the file")
+    click.echo(count_tokens(text, model or get_config().model))
+
+
+@cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print {KEY: {value, source}} as JSON.")
+def config_(as_json: bool) -> None:
+    """Show the effective settings and where each came from; API keys are masked."""
+    from ..config import KEYS, get_config
+
+    cfg = get_config()
+    values = cfg.as_dict(mask_secrets=True)  # never the raw keys
+    rows: list[tuple[str, Any, str]] = [(k, values[k], cfg.source(k)) for k in KEYS]
+    for name in cfg.secrets:
+        rows.append((name, values[name], "environment" if os.environ.get(name) else ".env"))
+    detected = None
+    if cfg.api_type is None:
+        from ..clients import detect_api_type
+
+        try:
+            detected = detect_api_type(cfg)
+        except ConfigError as exc:
+            detected = f"none ({' '.join(str(exc).split())})"
+    if as_json:
+        out = {k: {"value": v, "source": s} for k, v, s in rows}
+        if detected is not None:
+            out["API_TYPE"]["detected"] = detected
+        click.echo(_dumps(out, indent=2))
+        return
+    shown = [(k, "(unset)" if v is None else v if isinstance(v, str) else _dumps(v), s) for k, v, s in rows]
+    kw = max(len(k) for k, _, _ in shown)
+    vw = min(40, max(len(v) for _, v, _ in shown))
+    for k, v, s in shown:
+        click.echo(f"{k:<{kw}}  {v:<{vw}}  {s}")
+    if detected is not None:
+        click.echo(f"\nAPI_TYPE is unset: auto-detected backend: {detected}")
