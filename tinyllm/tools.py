@@ -245,7 +245,8 @@ class ToolRegistry:
         return found
 
     def get(self, name: str) -> Tool:
-        """The tool registered as ``name``.
+        """The tool registered as ``name`` (in :data:`registry`, a name not found loads the installed
+        plugins once per process and is looked up again).
 
         Raises:
             ConfigError: no tool has that name (the message lists the registered names).
@@ -253,6 +254,12 @@ class ToolRegistry:
         with self._lock:
             found = self._tools.get(name)
             known = sorted(self._tools)
+        if found is None and self is registry:  # a plugin may add it: load them (once per process) and look again
+            from .clients._plugins import load_plugins, loaded
+
+            if not loaded():
+                load_plugins()
+                return self.get(name)
         if found is None:
             raise ConfigError(f"no tool named {name!r} is registered (with @tinyllm.tool); registered: {', '.join(known) or 'none'}")
         return found
