@@ -45,6 +45,7 @@ __all__ = [
     "register_client",
     "load_plugins",
     "PluginWarning",
+    "FallbackChain",
     "force_api_type",
     "force_api_cache",
     "last_call_info",
@@ -66,6 +67,7 @@ _LAZY = {  # client classes and the batch runner, imported on first use so `impo
     "AzureClient": "tinyllm.clients.azure",
     "LlamaCppClient": "tinyllm.clients.llamacpp",
     "PluginWarning": "tinyllm.clients._plugins",
+    "FallbackChain": "tinyllm.clients._chain",
 }
 
 

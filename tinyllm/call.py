@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from .observe import _usage as usage
 from .observe._calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
 from .clients import Client, as_client
+from .clients._chain import Fallbacks, check_fallbacks
 from .clients import client as get_client
 from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
@@ -339,6 +340,12 @@ class LLMCall:
         raise_tool_errors: raise :class:`~tinyllm.ToolError` when a tool call fails
             instead of sending the error text back to the model.
         on_tool_call: called with each :class:`~tinyllm.tools.ToolCall` once it ran.
+        fallbacks: clients to try in turn when the client fails, after its own retries, with an
+            error another client could serve (rate limit, 5xx, timeout, connection error, context
+            window exceeded): :class:`~tinyllm.Client` objects, registered api_types (``"ollama"``),
+            ``"API_TYPE:MODEL"``, or model names (the same client, that model). A client that keeps
+            failing is skipped for a cooldown (see :class:`~tinyllm.FallbackChain`; pass one as
+            ``client=`` to set the cooldown). ``Response.client`` / ``.model`` say who answered.
         **model_params: API parameters (``model``, ``temperature``,
             ``max_tokens``, ``tool_choice``, ...), above the front matter's and the config's.
 
@@ -371,12 +378,15 @@ class LLMCall:
         max_tool_rounds: int | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Callable[[ToolCall], None] | None = None,
+        fallbacks: Iterable[Any] | None = None,
         **model_params: Any,
     ) -> None:
         if client is not None and api_type is not None:
             raise ConfigError("give either api_type= or client=, not both")
         check_model_params(model_params)
         self.client = as_client(client) if client is not None else None
+        checked = check_fallbacks(fallbacks)
+        self.fallbacks = Fallbacks(checked) if checked else None
         self.tools: list[Tool] | None = [as_tool(t) for t in tools] if tools is not None else None
         self.max_tool_rounds = max_tool_rounds
         self.raise_tool_errors = raise_tool_errors
@@ -438,13 +448,18 @@ class LLMCall:
     def _plan(self, variables: dict) -> tuple[Any, Response, dict, Any, int, Toolbox | None]:
         prompt = self.prompt
         messages = prompt.render(variables)
-        sender = self.client or get_client(self.api_type)
+        sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
         tools = None if self.tools is None and not prompt.tools else plan_tools(
             self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
             raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
         response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
         return sender, response, params, output_type, retries, tools
+
+    def _sender(self) -> Client:
+        """The client of the next call: ``client``, else the registry's; with ``fallbacks``, their chain."""
+        primary = self.client or get_client(self.api_type)
+        return self.fallbacks.sender(primary) if self.fallbacks is not None else primary
 
     def render(self, **variables: Any) -> list[dict]:
         """The messages a call with ``variables`` would send, without sending anything."""

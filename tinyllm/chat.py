@@ -19,10 +19,11 @@ user template. A turn changes :attr:`LLMChat.history` only when it succeeds.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from .call import _open_stream, _streaming, arespond_with, check_model_params, plan_output, respond_with
 from .clients import Client, as_client
+from .clients._chain import Fallbacks, check_fallbacks
 from .clients import client as get_client
 from .errors import ConfigError
 from .output import normalize_output_type
@@ -57,6 +58,7 @@ class LLMChat:
         tools, max_tool_rounds, raise_tool_errors, on_tool_call: tools the model may
             call, as for :class:`~tinyllm.LLMCall`; a turn's tool rounds (the assistant's
             tool requests and the ``tool`` results) are kept in the history.
+        fallbacks: clients to try in turn when the client fails, as for :class:`~tinyllm.LLMCall`.
         **model_params: API parameters (``model``, ``temperature``,
             ``max_tokens``, ...), above the front matter's and the config's.
 
@@ -90,6 +92,7 @@ class LLMChat:
         max_tool_rounds: int | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Any = None,
+        fallbacks: Iterable[Any] | None = None,
         **model_params: Any,
     ) -> None:
         if client is not None and api_type is not None:
@@ -108,6 +111,8 @@ class LLMChat:
         self.prompts_dir = prompts_dir
         self.api_type = api_type
         self.client = as_client(client) if client is not None else None
+        checked = check_fallbacks(fallbacks)
+        self.fallbacks = Fallbacks(checked) if checked else None
         self.output_retries = output_retries
         self.tools = [as_tool(t) for t in tools] if tools is not None else None
         self.max_tool_rounds = max_tool_rounds
@@ -261,7 +266,8 @@ class LLMChat:
         return int(sender.count_tokens(self.history, model, cfg))
 
     def _sender(self) -> Client:
-        return self.client or get_client(self.api_type)
+        primary = self.client or get_client(self.api_type)
+        return self.fallbacks.sender(primary) if self.fallbacks is not None else primary
 
     def reset(self) -> None:
         """Start over: empty :attr:`history`, forget remembered variables and the last reply."""
