@@ -46,6 +46,7 @@ __all__ = [
     "load_plugins",
     "PluginWarning",
     "FallbackChain",
+    "MCPServer",
     "force_api_type",
     "force_api_cache",
     "last_call_info",
@@ -68,6 +69,7 @@ _LAZY = {  # client classes and the batch runner, imported on first use so `impo
     "LlamaCppClient": "tinyllm.clients.llamacpp",
     "PluginWarning": "tinyllm.clients._plugins",
     "FallbackChain": "tinyllm.clients._chain",
+    "MCPServer": "tinyllm._mcp",
 }
 
 
