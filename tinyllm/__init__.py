@@ -43,6 +43,10 @@ __all__ = [
     "CallInfo",
     "client",
     "register_client",
+    "load_plugins",
+    "PluginWarning",
+    "FallbackChain",
+    "MCPServer",
     "force_api_type",
     "force_api_cache",
     "last_call_info",
@@ -63,6 +67,9 @@ _LAZY = {  # client classes and the batch runner, imported on first use so `impo
     "OllamaClient": "tinyllm.clients.openai",
     "AzureClient": "tinyllm.clients.azure",
     "LlamaCppClient": "tinyllm.clients.llamacpp",
+    "PluginWarning": "tinyllm.clients._plugins",
+    "FallbackChain": "tinyllm.clients._chain",
+    "MCPServer": "tinyllm._mcp",
 }
 
 
@@ -72,6 +79,20 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tinyllm' has no attribute {name!r}")
+
+
+def load_plugins() -> list:
+    """Load the installed plugins (entry-point group ``tinyllm.plugins``) now, once per process.
+
+    Plugins load by themselves on first use (an api_type or a front-matter tool nobody
+    registered, ``tinyllm plugins``); call this to load them earlier, e.g. before listing
+    :func:`client` names. Returns ``list[tinyllm.clients._plugins.Plugin]``: per entry point
+    its name, value, distribution, version, ``loaded``, ``error`` and what it registered.
+    A plugin that fails is named in a :class:`PluginWarning` and does not stop the others.
+    """
+    from .clients._plugins import load_plugins as _load
+
+    return _load()
 
 
 def get_embedding(text: str, model: str | None = None) -> list[float]:

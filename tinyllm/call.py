@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .observe import _usage as usage
 from .observe._calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
 from .clients import Client, as_client
+from .clients._chain import Fallbacks, check_fallbacks
+from ._mcp import FrontServers, tool_sources
 from .clients import client as get_client
 from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
@@ -194,6 +197,16 @@ async def arespond_with(sender: Client, response: Response, params: dict, output
             return response.finish(done.value[0])
 
 
+@contextlib.contextmanager
+def _closing(tools: Toolbox | None) -> Iterator[None]:
+    """Close the call's toolbox when the block ends (its MCP servers stop with their last user)."""
+    try:
+        yield
+    finally:
+        if tools is not None:
+            tools.close()
+
+
 class _ToolRoundsStream:
     """Streams round after round: when a streamed reply asks for tools, they run and the next reply
     streams on (its text deltas follow). ``reply`` is the last reply once the iteration ends."""
@@ -217,39 +230,47 @@ class _ToolRoundsStream:
 
     def _run(self) -> Any:
         conversation, params = list(self.response.messages), self.params
-        while True:
-            self._current = stream = self.sender.stream_request(conversation, accept=self.accept, **params)
-            yield from stream
-            if not self.tools.asks(stream.reply.message):
-                self.reply = stream.reply
-                return
-            self.response.add_reply(stream.reply)
-            self.on_reply(stream.reply.message)
-            conversation, params = _tool_round(self.tools, self.response, conversation, stream.reply.message, params)
+        try:
+            while True:
+                self._current = stream = self.sender.stream_request(conversation, accept=self.accept, **params)
+                yield from stream
+                if not self.tools.asks(stream.reply.message):
+                    self.reply = stream.reply
+                    return
+                self.response.add_reply(stream.reply)
+                self.on_reply(stream.reply.message)
+                conversation, params = _tool_round(self.tools, self.response, conversation, stream.reply.message, params)
+        finally:
+            self.tools.close()  # its MCP servers: the call ends with its stream
 
     async def _arun(self) -> Any:
         conversation, params = list(self.response.messages), self.params
-        while True:
-            self._current = stream = self.sender.astream_request(conversation, accept=self.accept, **params)
-            try:
-                async for delta in stream:
-                    yield delta
-            finally:
-                await stream.aclose()
-            if not self.tools.asks(stream.reply.message):
-                self.reply = stream.reply
-                return
-            self.response.add_reply(stream.reply)
-            self.on_reply(stream.reply.message)
-            conversation, params = await _atool_round(self.tools, self.response, conversation, stream.reply.message, params)
+        try:
+            while True:
+                self._current = stream = self.sender.astream_request(conversation, accept=self.accept, **params)
+                try:
+                    async for delta in stream:
+                        yield delta
+                finally:
+                    await stream.aclose()
+                if not self.tools.asks(stream.reply.message):
+                    self.reply = stream.reply
+                    return
+                self.response.add_reply(stream.reply)
+                self.on_reply(stream.reply.message)
+                conversation, params = await _atool_round(self.tools, self.response, conversation, stream.reply.message, params)
+        finally:
+            self.tools.close()
 
     def close(self) -> None:
         if self._iter is not None:
             self._iter.close()
+        self.tools.close()  # also for a stream never read
 
     async def aclose(self) -> None:
         if self._iter is not None:
             await self._iter.aclose()
+        self.tools.close()
 
 
 def _open_stream(sender: Client, response: Response, params: dict, output_type: Any, tools: Toolbox | None,
@@ -339,6 +360,12 @@ class LLMCall:
         raise_tool_errors: raise :class:`~tinyllm.ToolError` when a tool call fails
             instead of sending the error text back to the model.
         on_tool_call: called with each :class:`~tinyllm.tools.ToolCall` once it ran.
+        fallbacks: clients to try in turn when the client fails, after its own retries, with an
+            error another client could serve (rate limit, 5xx, timeout, connection error, context
+            window exceeded): :class:`~tinyllm.Client` objects, registered api_types (``"ollama"``),
+            ``"API_TYPE:MODEL"``, or model names (the same client, that model). A client that keeps
+            failing is skipped for a cooldown (see :class:`~tinyllm.FallbackChain`; pass one as
+            ``client=`` to set the cooldown). ``Response.client`` / ``.model`` say who answered.
         **model_params: API parameters (``model``, ``temperature``,
             ``max_tokens``, ``tool_choice``, ...), above the front matter's and the config's.
 
@@ -371,12 +398,16 @@ class LLMCall:
         max_tool_rounds: int | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Callable[[ToolCall], None] | None = None,
+        fallbacks: Iterable[Any] | None = None,
         **model_params: Any,
     ) -> None:
         if client is not None and api_type is not None:
             raise ConfigError("give either api_type= or client=, not both")
         check_model_params(model_params)
         self.client = as_client(client) if client is not None else None
+        checked = check_fallbacks(fallbacks)
+        self.fallbacks = Fallbacks(checked) if checked else None
+        self._servers = FrontServers()
         self.tools: list[Tool] | None = [as_tool(t) for t in tools] if tools is not None else None
         self.max_tool_rounds = max_tool_rounds
         self.raise_tool_errors = raise_tool_errors
@@ -438,13 +469,19 @@ class LLMCall:
     def _plan(self, variables: dict) -> tuple[Any, Response, dict, Any, int, Toolbox | None]:
         prompt = self.prompt
         messages = prompt.render(variables)
-        sender = self.client or get_client(self.api_type)
+        sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
-        tools = None if self.tools is None and not prompt.tools else plan_tools(
+        servers = self._servers.of(prompt)
+        tools = None if self.tools is None and not prompt.tools and not servers else plan_tools(
             self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
-            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
+            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call, front_sources=servers)
         response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
         return sender, response, params, output_type, retries, tools
+
+    def _sender(self) -> Client:
+        """The client of the next call: ``client``, else the registry's; with ``fallbacks``, their chain."""
+        primary = self.client or get_client(self.api_type)
+        return self.fallbacks.sender(primary) if self.fallbacks is not None else primary
 
     def render(self, **variables: Any) -> list[dict]:
         """The messages a call with ``variables`` would send, without sending anything."""
@@ -484,12 +521,14 @@ class LLMCall:
             The errors of :meth:`call`.
         """
         sender, response, params, output_type, retries, tools = self._plan(variables)
-        return respond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
+        with _closing(tools):
+            return respond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
 
     async def arespond(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`respond`."""
         sender, response, params, output_type, retries, tools = self._plan(variables)
-        return await arespond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
+        with _closing(tools):
+            return await arespond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
 
     def stream(self, **variables: Any) -> Response:
         """Render and send as a streamed request; iterate the Response for text deltas (``str``).
@@ -507,7 +546,8 @@ class LLMCall:
         sender, response, params, output_type, _, tools = self._plan(variables)
         on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
         if not sender.capabilities.streaming:
-            return respond_with(sender, response, params, output_type, 0, on_reply, tools)
+            with _closing(tools):
+                return respond_with(sender, response, params, output_type, 0, on_reply, tools)
         return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, False), output_type, on_reply)
 
     async def astream(self, **variables: Any) -> Response:
@@ -515,7 +555,8 @@ class LLMCall:
         sender, response, params, output_type, _, tools = self._plan(variables)
         on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
         if not sender.capabilities.streaming:
-            return await arespond_with(sender, response, params, output_type, 0, on_reply, tools)
+            with _closing(tools):
+                return await arespond_with(sender, response, params, output_type, 0, on_reply, tools)
         return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, True), output_type, on_reply)
 
     def _call_with(self, variables: dict) -> Any:
@@ -563,6 +604,20 @@ class LLMCall:
         from .batch._runner import Runner
 
         cached_before = usage.usage_stats()["cached_calls"]
+        with contextlib.ExitStack() as held:  # the MCP servers of the call stay open for the whole batch
+            for source in self._tool_sources():
+                held.enter_context(source)
+            return self._map(inputs, max_workers, progress, return_exceptions, executor, chunk_size, cached_before)
+
+    def _tool_sources(self) -> list:
+        """The MCP servers this call's tools come from (given in code, else the front matter's)."""
+        prompt = self.prompt
+        return tool_sources(self.tools) if self.tools is not None else self._servers.of(prompt)
+
+    def _map(self, inputs: Iterable[dict], max_workers: int | None, progress: bool, return_exceptions: bool,
+             executor: Any, chunk_size: int | None, cached_before: int) -> list[Any]:
+        from .batch._runner import Runner
+
         runner = Runner(self._call_with, executor=executor, max_workers=max_workers, chunk_size=chunk_size, progress=progress,
                         desc=self.system_template_name, unit="call",
                         counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})

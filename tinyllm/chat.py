@@ -19,15 +19,17 @@ user template. A turn changes :attr:`LLMChat.history` only when it succeeds.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
-from .call import _open_stream, _streaming, arespond_with, check_model_params, plan_output, respond_with
+from .call import _closing, _open_stream, _streaming, arespond_with, check_model_params, plan_output, respond_with
 from .clients import Client, as_client
+from .clients._chain import Fallbacks, check_fallbacks
 from .clients import client as get_client
 from .errors import ConfigError
 from .output import normalize_output_type
 from .response import Response
 from .prompts._templates import Prompt, load_prompt
+from ._mcp import FrontServers, tool_sources
 from .tools import as_tool, plan_tools
 
 __all__ = ["LLMChat"]
@@ -57,6 +59,7 @@ class LLMChat:
         tools, max_tool_rounds, raise_tool_errors, on_tool_call: tools the model may
             call, as for :class:`~tinyllm.LLMCall`; a turn's tool rounds (the assistant's
             tool requests and the ``tool`` results) are kept in the history.
+        fallbacks: clients to try in turn when the client fails, as for :class:`~tinyllm.LLMCall`.
         **model_params: API parameters (``model``, ``temperature``,
             ``max_tokens``, ...), above the front matter's and the config's.
 
@@ -90,6 +93,7 @@ class LLMChat:
         max_tool_rounds: int | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Any = None,
+        fallbacks: Iterable[Any] | None = None,
         **model_params: Any,
     ) -> None:
         if client is not None and api_type is not None:
@@ -108,6 +112,10 @@ class LLMChat:
         self.prompts_dir = prompts_dir
         self.api_type = api_type
         self.client = as_client(client) if client is not None else None
+        checked = check_fallbacks(fallbacks)
+        self.fallbacks = Fallbacks(checked) if checked else None
+        self._servers = FrontServers()
+        self._held: list = []  # MCP servers this chat keeps open between turns (see close())
         self.output_retries = output_retries
         self.tools = [as_tool(t) for t in tools] if tools is not None else None
         self.max_tool_rounds = max_tool_rounds
@@ -157,8 +165,11 @@ class LLMChat:
         user = self._user(prompt, text, merged)
         sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
+        servers = self._servers.of(prompt)
+        self._hold(tool_sources(self.tools) if self.tools is not None else servers)
         tools = plan_tools(self.tools, prompt.tools if prompt is not None else None, self.system_template_name, sender, params,
-                           max_rounds=self.max_tool_rounds, raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
+                           max_rounds=self.max_tool_rounds, raise_errors=self.raise_tool_errors, on_call=self.on_tool_call,
+                           front_sources=servers)
         response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged,
                             prompt=prompt)
         return sender, response, opening, user, params, output_type, retries, merged, tools
@@ -203,14 +214,16 @@ class LLMChat:
         """Like :meth:`say`, but return the turn's complete :class:`~tinyllm.Response`
         (its ``messages`` are the whole conversation sent). Errors as :meth:`say`."""
         sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
-        respond_with(sender, response, params, output_type, retries, self._on_reply, tools)
+        with _closing(tools):
+            respond_with(sender, response, params, output_type, retries, self._on_reply, tools)
         self._commit(opening, user, response, merged)
         return response
 
     async def arespond(self, text: str | None = None, /, **variables: Any) -> Response:
         """The asyncio twin of :meth:`respond`."""
         sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
-        await arespond_with(sender, response, params, output_type, retries, self._on_reply, tools)
+        with _closing(tools):
+            await arespond_with(sender, response, params, output_type, retries, self._on_reply, tools)
         self._commit(opening, user, response, merged)
         return response
 
@@ -222,7 +235,8 @@ class LLMChat:
         """
         sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
         if not sender.capabilities.streaming:
-            respond_with(sender, response, params, output_type, 0, self._on_reply, tools)
+            with _closing(tools):
+                respond_with(sender, response, params, output_type, 0, self._on_reply, tools)
             self._commit(opening, user, response, merged)
             return response
         stream = _open_stream(sender, response, params, output_type, tools, self._on_reply, False)
@@ -232,7 +246,8 @@ class LLMChat:
         """The asyncio twin of :meth:`stream`."""
         sender, response, opening, user, params, output_type, retries, merged, tools = self._plan(text, variables)
         if not sender.capabilities.streaming:
-            await arespond_with(sender, response, params, output_type, 0, self._on_reply, tools)
+            with _closing(tools):
+                await arespond_with(sender, response, params, output_type, 0, self._on_reply, tools)
             self._commit(opening, user, response, merged)
             return response
         stream = _open_stream(sender, response, params, output_type, tools, self._on_reply, True)
@@ -261,10 +276,38 @@ class LLMChat:
         return int(sender.count_tokens(self.history, model, cfg))
 
     def _sender(self) -> Client:
-        return self.client or get_client(self.api_type)
+        primary = self.client or get_client(self.api_type)
+        return self.fallbacks.sender(primary) if self.fallbacks is not None else primary
+
+    # -- MCP servers: open from the first turn to close() -----------------------------------
+    def _hold(self, sources: list) -> None:
+        """Keep ``sources`` open until :meth:`close` (each turn's own open and close then nest inside)."""
+        for source in sources:
+            if not any(source is held for held in self._held):
+                source.open()
+                self._held.append(source)
+                if len(self._held) == 1:
+                    import weakref
+
+                    self._finalizer = weakref.finalize(self, _close_all, self._held)
+
+    def close(self) -> None:
+        """Stop the MCP servers this chat started (they start again at the next turn). No-op without any."""
+        _close_all(self._held)
+
+    def __enter__(self) -> "LLMChat":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def reset(self) -> None:
         """Start over: empty :attr:`history`, forget remembered variables and the last reply."""
         self.history = []
         self.variables = {}
         self.model_output = None
+
+
+def _close_all(held: list) -> None:
+    while held:
+        held.pop().close()

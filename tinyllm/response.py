@@ -44,7 +44,12 @@ class Response:
         tool_rounds: the tool rounds of the call (``list[tinyllm.tools.ToolRound]``: each
             reply that asked for tools, the calls run for it with their arguments, results,
             errors and durations); usage above includes every round's reply.
-        api_type: the client that answered (``openai``, ``llamacpp``, ...).
+        api_type: the api_type of the client that answered (``openai``, ``llamacpp``, ...).
+        client: the :class:`~tinyllm.Client` object that answered the last reply (with fallbacks,
+            the one that did), or None before a reply.
+        attempts: with fallbacks, every failed try of a client during the call, in order
+            (``list[tinyllm.clients._chain.Attempt]``: client, api_type, model, error, latency);
+            empty when the first client answered every request.
         template: the system template's name, or None (a chat without templates).
         variables: the template variables of the call (``dict``).
         cost: USD summed over the replies (:mod:`tinyllm.observe._pricing`; a cached reply costs 0.0),
@@ -71,6 +76,8 @@ class Response:
     cost: float | None = None
     prompt: Any = field(default=None, repr=False)
     tool_rounds: list = field(default_factory=list)
+    client: Any = field(default=None, repr=False)
+    attempts: list = field(default_factory=list)
     _started: float = field(default_factory=time.perf_counter, repr=False)
     _replies: int = field(default=0, repr=False)
     _stream: Any = field(default=None, repr=False)
@@ -190,6 +197,8 @@ class Response:
         self.finish_reason = reply.finish_reason
         self.retries += reply.retries
         self.api_type = reply.api_type
+        self.client = getattr(reply, "client", None)
+        self.attempts.extend(getattr(reply, "attempts", None) or ())
 
     def finish(self, value: Any) -> "Response":
         """Set the typed value and the latency; returns self."""
@@ -208,6 +217,6 @@ class Response:
             "cached": self.cached, "latency": self.latency, "time_to_first_token": self.time_to_first_token,
             "retries": self.retries, "output_retries": self.output_retries, "api_type": self.api_type,
             "usage_counted_locally": self.usage_counted_locally,
-            "tool_rounds": [r.as_dict() for r in self.tool_rounds],
+            "tool_rounds": [r.as_dict() for r in self.tool_rounds], "attempts": [a.as_dict() for a in self.attempts],
             "template": self.template, "variables": self.variables, "cost": self.cost,
         }

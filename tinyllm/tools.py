@@ -29,6 +29,10 @@ set: then :class:`~tinyllm.ToolError` is raised. Every call is recorded as a
 
 Names in a prompt's front matter (``tools: [get_weather]``) are looked up in
 :data:`registry`, which ``@tinyllm.tool`` fills.
+
+A :class:`ToolSource` (such as :class:`tinyllm.MCPServer`) stands for tools that are known
+only once it is open: the Toolbox of a call opens it, offers its tools, and closes it when
+the call ends (:meth:`Toolbox.close`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from typing import Any, Callable, Iterable
 from ._fork import reset_in_child
 from .errors import ConfigError, ToolError, ToolRoundsExceededError
 
-__all__ = ["Tool", "ToolCall", "ToolRound", "Toolbox", "ToolRegistry", "registry", "tool", "as_tool", "plan_tools"]
+__all__ = ["Tool", "ToolCall", "ToolRound", "Toolbox", "ToolRegistry", "ToolSource", "registry", "tool", "as_tool",
+           "plan_tools"]
 
 
 def _is_model(obj: Any) -> bool:
@@ -209,13 +214,31 @@ def _type_hints(fn: Callable) -> dict[str, Any]:
     return typing.get_type_hints(target, include_extras=True)
 
 
-def as_tool(obj: Any, names: "ToolRegistry | None" = None) -> Tool:
-    """``obj`` as a :class:`Tool`: a Tool as is, a function or pydantic model wrapped, a str looked up in ``names``.
+class ToolSource:
+    """Tools known once the source is open (an MCP server): a call opens it, takes its tools, closes it.
+
+    Subclasses implement :meth:`open` (returns self; nests: each open is matched by a close),
+    :meth:`close` and :meth:`tools` (the open source's :class:`Tool` objects).
+    """
+
+    def open(self) -> "ToolSource":
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def tools(self) -> list[Tool]:
+        raise NotImplementedError
+
+
+def as_tool(obj: Any, names: "ToolRegistry | None" = None) -> Any:
+    """``obj`` as a :class:`Tool`: a Tool as is, a function or pydantic model wrapped, a str looked up in ``names``;
+    a :class:`ToolSource` (an MCP server) is returned as is (its tools are known once it is open).
 
     Raises:
         ConfigError: an unknown name, or anything else (e.g. a raw ``{"type": "function", ...}`` dict).
     """
-    if isinstance(obj, Tool):
+    if isinstance(obj, (Tool, ToolSource)):
         return obj
     if isinstance(obj, str):
         return (names or registry).get(obj)
@@ -245,7 +268,8 @@ class ToolRegistry:
         return found
 
     def get(self, name: str) -> Tool:
-        """The tool registered as ``name``.
+        """The tool registered as ``name`` (in :data:`registry`, a name not found loads the installed
+        plugins once per process and is looked up again).
 
         Raises:
             ConfigError: no tool has that name (the message lists the registered names).
@@ -253,6 +277,12 @@ class ToolRegistry:
         with self._lock:
             found = self._tools.get(name)
             known = sorted(self._tools)
+        if found is None and self is registry:  # a plugin may add it: load them (once per process) and look again
+            from .clients._plugins import load_plugins, loaded
+
+            if not loaded():
+                load_plugins()
+                return self.get(name)
         if found is None:
             raise ConfigError(f"no tool named {name!r} is registered (with @tinyllm.tool); registered: {', '.join(known) or 'none'}")
         return found
@@ -385,14 +415,33 @@ class Toolbox:
     def __init__(self, tools: Iterable[Any], *, max_rounds: int = 10, raise_errors: bool = False,
                  on_call: Callable[[ToolCall], None] | None = None) -> None:
         self.tools: dict[str, Tool] = {}
-        for t in tools:
-            found = as_tool(t)
-            if found.name in self.tools and self.tools[found.name] is not found:
-                raise ConfigError(f"two tools are named {found.name!r}")
-            self.tools[found.name] = found
+        self.sources: list[ToolSource] = []  # opened here, closed by close()
+        try:
+            for t in tools:
+                found = as_tool(t)
+                if isinstance(found, ToolSource):
+                    self.sources.append(found.open())
+                    self._add(found.tools())
+                else:
+                    self._add([found])
+        except BaseException:
+            self.close()
+            raise
         self.max_rounds = max_rounds
         self.raise_errors = raise_errors
         self.on_call = on_call
+
+    def _add(self, tools: Iterable[Tool]) -> None:
+        for found in tools:
+            if found.name in self.tools and self.tools[found.name] is not found:
+                raise ConfigError(f"two tools are named {found.name!r}")
+            self.tools[found.name] = found
+
+    def close(self) -> None:
+        """Close the tool sources this toolbox opened (an MCP server's process stops with its last user)."""
+        sources, self.sources = self.sources, []
+        for source in reversed(sources):
+            source.close()
 
     def __bool__(self) -> bool:
         return bool(self.tools)
@@ -525,12 +574,14 @@ class Toolbox:
 
 def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, template: str | None, sender: Any,
                params: dict, *, max_rounds: int | None = None, raise_errors: bool = False,
-               on_call: Callable[[ToolCall], None] | None = None) -> Toolbox | None:
+               on_call: Callable[[ToolCall], None] | None = None, front_sources: list | None = None) -> Toolbox | None:
     """The :class:`Toolbox` of one call, and its ``tools`` / ``tool_choice`` request parameters set in ``params``.
 
     Args:
         given: tools given in code (win over the front matter's); None: the front matter's.
         front_names: the prompt's front matter ``tools:`` (names looked up in :data:`registry`).
+        front_sources: the prompt's front matter ``mcp_servers:`` as :class:`ToolSource` objects
+            (used, like ``front_names``, only when ``given`` is None).
         template: the prompt's name, for error messages.
         sender: the client (its ``capabilities.tools`` must be True).
         params: the request parameters (changed in place: ``tools`` set; a ``tool_choice``
@@ -538,19 +589,20 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
         max_rounds: tool rounds allowed (default: the client's ``MAX_TOOL_ROUNDS`` setting).
 
     Returns:
-        None when the call has no tools.
+        None when the call has no tools. A Toolbox that opened tool sources must be closed
+        (:meth:`Toolbox.close`) when the call ends.
 
     Raises:
         TemplateError: a front-matter name no tool is registered as (the message names the template).
         ConfigError: the client does not take tools; a tool that cannot be described;
             a ``tool_choice`` naming no tool of the call.
     """
-    if given is None and not front_names:
+    if given is None and not front_names and not front_sources:
         return None
     if given is not None:
         chosen = list(given)
     else:
-        chosen = []
+        chosen = list(front_sources or ())
         for name in front_names or ():
             try:
                 chosen.append(registry.get(name))
@@ -565,6 +617,18 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
     if max_rounds is None:
         max_rounds = sender.settings().max_tool_rounds
     box = Toolbox(chosen, max_rounds=max_rounds, raise_errors=raise_errors, on_call=on_call)
+    if not box:  # sources with no tools: nothing to offer
+        box.close()
+        return None
+    try:
+        _set_tool_params(box, params)
+    except BaseException:
+        box.close()
+        raise
+    return box
+
+
+def _set_tool_params(box: Toolbox, params: dict) -> None:
     params["tools"] = box.specs()
     choice = params.get("tool_choice")
     if isinstance(choice, str) and choice not in ("auto", "none", "required"):
@@ -573,7 +637,6 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
         name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
         if name not in box.tools:
             raise ConfigError(f"tool_choice names {name!r}, which is not one of this call's tools: {', '.join(box.tools)}")
-    return box
 
 
 def _call_name(call: Any) -> str:

@@ -178,9 +178,24 @@ def _model_options(f: Callable) -> Callable:
         click.option("--max-tokens", type=click.IntRange(min=1), help="Maximum tokens in the reply."),
         click.option("--cache/--no-cache", default=None,
                      help="Cache API replies on disk (default: the CACHE_API_CALLS setting)."),
+        click.option("--fallback", multiple=True, metavar="API_TYPE_OR_MODEL", expose_value=False, callback=_set_fallbacks,
+                     help="Where a request goes when the backend fails after its retries with a rate limit, 5xx, "
+                          "timeout, connection error or context window exceeded (repeatable, tried in order): a "
+                          "registered api_type (ollama), API_TYPE:MODEL (openai:gpt-4o-mini), or a model name "
+                          "(the same backend, that model)."),
     ]):
         f = option(f)
     return f
+
+
+def _set_fallbacks(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    if value:
+        ctx.meta["tinyllm.fallbacks"] = list(value)
+
+
+def _fallbacks(ctx: click.Context) -> list[str] | None:
+    """The --fallback values of this command, or None."""
+    return ctx.meta.get("tinyllm.fallbacks")
 
 
 def _set_no_log(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -222,7 +237,7 @@ def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None,
     template, _ = _resolve(name, _search_dirs(ctx))
     params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens), *extra.items())
               if v is not None}
-    llm = LLMCall(template, prompts_dir=_search_dirs(ctx), api_type=api_type, **params)
+    llm = LLMCall(template, prompts_dir=_search_dirs(ctx), api_type=api_type, fallbacks=_fallbacks(ctx), **params)
     if cache is not None:
         force_api_cache(cache)
     _turn_on_log(ctx)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import ConfigError, TinyLLMError
-from ._common import CLIError, _describe, _dumps, _llm, _log_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
+from ._common import CLIError, _describe, _dumps, _fallbacks, _llm, _log_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
 
 
 @cli.command()
@@ -132,7 +132,8 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
         raise CLIError("give a template NAME or --system, not both")
     params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
     template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
-    conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type, **params)
+    conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type,
+                           fallbacks=_fallbacks(ctx), **params)
     if template is not None:
         # the system part only: each line typed is the user's message
         conversation.history = conversation.prompt.render(variables, include_user=False)

@@ -5,6 +5,10 @@ the ``API_TYPE`` setting > auto-detection (``azure`` if AZURE_OPENAI_ENDPOINT
 is set; ``openai`` if OPENAI_API_KEY or BASE_URL/OPENAI_BASE_URL is set;
 ``llamacpp`` if the ``local`` extra is installed; else a ConfigError that
 names every way to fix it).
+
+An api_type that is neither built in nor registered loads the installed plugins
+(entry-point group ``tinyllm.plugins``, see :mod:`tinyllm.clients._plugins`) once,
+then is looked up again.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._clients: dict[str, Client] = {}
+        self._classes: dict[str, type] = {}  # registered Client subclasses, built on first use
         self._forced: str | None = None
         self._new_lock()
         reset_in_child(self._new_lock)  # a lock held at fork() is released in the child
@@ -71,27 +76,63 @@ class Registry:
         """See :func:`register_client`; returns the :class:`Client` now registered."""
         if not api_type or not isinstance(api_type, str):
             raise ConfigError("api_type must be a non-empty string")
-        found = as_client(target, api_type.lower())
+        name = api_type.lower()
+        if isinstance(target, type):
+            if not issubclass(target, Client):
+                raise ConfigError(f"register_client({api_type!r}, ...) takes a Client subclass, a client object or an "
+                                  f"object with send_message(); {target.__name__} is a class of neither kind")
+            with self._lock:
+                self._clients.pop(name, None)
+                self._classes[name] = target
+            return None  # type: ignore[return-value]  (built on first use)
+        found = as_client(target, name)
         with self._lock:
-            self._clients[api_type.lower()] = found
+            self._classes.pop(name, None)
+            self._clients[name] = found
         return found
+
+    def registered(self) -> list[str]:
+        """The api_types registered with :meth:`register` (objects and classes), sorted; built-ins not included
+        unless built or replaced."""
+        with self._lock:
+            return sorted(set(self._clients) | set(self._classes))
+
+    def _known(self, api_type: str) -> bool:
+        return api_type in _factories or api_type in self._clients or api_type in self._classes
 
     def force(self, api_type: str | None) -> None:
         """See :func:`force_api_type`."""
         if api_type is not None:
-            self._check_known(api_type.lower())
+            self._check_known(api_type.lower(), plugins=True)
         self._forced = api_type.lower() if api_type else None
 
     def reset(self) -> None:
         """Forget registered and built clients and any forced api_type."""
         with self._lock:
             self._clients.clear()
+            self._classes.clear()
             self._forced = None
 
-    def _check_known(self, api_type: str) -> None:
-        if api_type not in _factories and api_type not in self._clients:
-            known = sorted(set(_factories) | set(self._clients))
-            raise ConfigError(f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own)")
+    def _check_known(self, api_type: str, plugins: bool = False) -> None:
+        if self._known(api_type):
+            return
+        if plugins:
+            self._from_plugins(api_type)
+            if self._known(api_type):
+                return
+        known = sorted(set(_factories) | set(self._clients) | set(self._classes))
+        raise ConfigError(f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own, "
+                          "or install a tinyllm plugin that adds it)")
+
+    def _from_plugins(self, api_type: str) -> None:
+        """Load the installed plugins (once per process); a client a plugin registered that this registry
+        lost since (:meth:`reset`) is registered again."""
+        from ._plugins import load_plugins, registered_by_plugins
+
+        load_plugins()
+        target = registered_by_plugins().get(api_type)
+        if target is not None and not self._known(api_type):
+            self.register(api_type, target)
 
     def client(self, api_type: str | None = None) -> Client:
         """See :func:`client`."""
@@ -103,10 +144,11 @@ class Registry:
         found = self._clients.get(chosen)
         if found is not None:
             return found
-        self._check_known(chosen)
+        self._check_known(chosen, plugins=True)
         with self._lock:
             if chosen not in self._clients:
-                self._clients[chosen] = _factories[chosen]()
+                cls = self._classes.get(chosen)
+                self._clients[chosen] = cls() if cls is not None else _factories[chosen]()
             return self._clients[chosen]
 
 
@@ -119,11 +161,14 @@ def register_client(api_type: str, client: Any) -> None:
 
     ``client`` is a :class:`tinyllm.Client` (for example ``OpenAIClient(base_url=...,
     api_key=...)``, or a subclass of your own, which gets the cache, queue and
-    retry pipeline), or any object with ``send_message(messages: list[dict],
-    **params) -> dict``, which is wrapped in a :class:`PlainClient`.
+    retry pipeline), a :class:`tinyllm.Client` subclass (built with no arguments
+    on first use, so it follows the configuration: what plugins register), or any
+    object with ``send_message(messages: list[dict], **params) -> dict``, which is
+    wrapped in a :class:`PlainClient`.
 
     Raises:
-        ConfigError: an empty ``api_type``, or a ``client`` without ``send_message``.
+        ConfigError: an empty ``api_type``, a class that is not a Client subclass,
+            or a ``client`` without ``send_message``.
     """
     default_registry.register(api_type, client)
 

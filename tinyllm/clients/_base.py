@@ -140,6 +140,9 @@ class Reply:
         prompt_tokens: the prompt's tokens as counted locally (0 for a cache hit not counted).
         api_type: the client's api_type.
         cost: USD (:mod:`tinyllm.observe._pricing`; 0.0 from the cache), None when the price is unknown.
+        client: the :class:`Client` that answered.
+        attempts: with fallbacks, the failed tries of other clients before this reply
+            (``list[tinyllm.clients._chain.Attempt]``); else empty.
     """
 
     message: dict
@@ -152,6 +155,8 @@ class Reply:
     prompt_tokens: int = 0
     api_type: str = ""
     cost: float | None = None
+    client: Any = field(default=None, repr=False)
+    attempts: list = field(default_factory=list, repr=False)
 
 
 async def _to_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -447,7 +452,7 @@ class Client:
     def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
                cost: float | None = None) -> Reply:
         reply = Reply(message, reply_usage, info.get("model") or req.model, info.get("finish_reason"), cached,
-                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost)
+                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost, self)
         _last_call.set((req.model, reply))
         return reply
 
@@ -700,7 +705,7 @@ class PlainClient(Client):
         if not isinstance(message, dict) or "role" not in message:
             raise ResponseError(f"the client returned {type(message).__name__}, not a message dict", raw=message)
         return Reply(message=message, usage={}, model=str(params.get("model") or ""), latency=time.perf_counter() - started,
-                     api_type=self.api_type)
+                     api_type=self.api_type, client=self)
 
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
         """``target.get_embeddings``; ConfigError when the object has none."""

@@ -5,7 +5,9 @@ the template's name, path and content hash, the variables, the messages sent, th
 reply (text; content, tool calls, refusal), the model asked for and the model that
 answered, the api_type and endpoint (URLs redacted), the parameters, usage, cost
 (USD), latency, time to first token, cached or not, retries, output retries, the
-error type and message of a failed call, and the batch id of a ``map`` run. API keys
+error type and message of a failed call, and the batch id of a ``map`` run. With
+fallbacks, each client's failed try is a row of its own (its api_type, model and
+error) before the call's row, which names the client that answered. API keys
 never: besides never being put in, every known key is masked out of each field.
 
 The file is ``LOG_DB``, else ``calls.db`` in the user's data directory (platformdirs),
@@ -520,8 +522,22 @@ atexit.register(flush_all, 5.0)
 def _record(cfg: Any, sender: Any, response: Any, params: dict, exc: BaseException | None) -> None:
     try:
         latency = response.latency if response.latency is not None else time.perf_counter() - response._started
-        call_log(log_path(cfg)).record((new_id(), time.time(), response, sender, params, exc, _batch.get(), latency,
-                                        os.getpid()))
+        writer = call_log(log_path(cfg))
+        batch_id, pid = _batch.get(), os.getpid()
+        # with fallbacks: a row per failed try of a client (its api_type, model, error), then the call's own
+        attempts = [*getattr(response, "attempts", ()), *(a for a in getattr(exc, "attempts", ()) if a.error is not exc)]
+        for attempt in attempts:
+            if attempt.error is None:  # skipped (cooling down): nothing was sent
+                continue
+            stub = type(response)(response.messages, model=attempt.model, api_type=attempt.api_type,
+                                  template=response.template, variables=response.variables, prompt=response.prompt)
+            writer.record((new_id(), attempt.time, stub, attempt.client, attempt.params, attempt.error, batch_id,
+                           attempt.latency, pid))
+        answered = getattr(response, "client", None)
+        params_for = getattr(sender, "params_for", None)
+        if answered is not None and params_for is not None:  # the row names the client that answered
+            sender, params = answered, params_for(answered, params)
+        writer.record((new_id(), time.time(), response, sender, params, exc, batch_id, latency, pid))
     except Exception as err:  # noqa: BLE001 - logging never fails a call
         log.debug("call log: %s", err)
 

@@ -5,7 +5,7 @@ explicitly); names are looked up in ``prompts_dir=``, ``PROMPTS_DIRS``, ``./prom
 a short name ``NAME`` means ``NAME.system.md`` (or ``NAME.system.<ext>``).
 Front matter (YAML between ``---`` lines; the user file's keys override the system
 file's) holds ``description``, ``output_type``, ``output_schema``, ``output_retries``, ``messages``,
-``tools`` (names of tools registered with ``@tinyllm.tool``) and model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
+``tools`` (names of tools registered with ``@tinyllm.tool``), ``mcp_servers`` (MCP servers whose tools the call may use) and model parameters (every other key). Jinja runs in ``ImmutableSandboxedEnvironment``
 with ``StrictUndefined``; prompts are cached per file (path, mtime_ns, size) and
 reloaded when a file changes, which is looked for at most every
 ``FILE_CHECK_INTERVAL`` seconds per prompt (default 1; 0: on every load); thread-safe.
@@ -50,7 +50,7 @@ __all__ = ["Prompt", "load_prompt", "search_path", "list_prompts", "render_strin
 Dirs = Union[str, "os.PathLike[str]", Iterable[Union[str, "os.PathLike[str]"]], None]
 ROLES = ("system", "user", "assistant", "developer")
 OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
-_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema", "tools")
+_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema", "tools", "mcp_servers")
 # Request parameters a front-matter key is checked against (a key close to one of these but
 # not equal is taken for a typo): the chat-completion parameters of the OpenAI API
 # (https://platform.openai.com/docs/api-reference/chat/create; openai-python's
@@ -341,7 +341,8 @@ class Prompt:
     Attributes: ``name`` (str, the system template name asked for), ``system_path`` (Path),
     ``user_path`` (Path | None), ``front_matter`` (dict, merged), ``description`` (str | None),
     ``output_type`` (str | list | None), ``output_retries`` (int | None), ``output_schema`` (dict | None,
-    a JSON schema), ``tools`` (list[str] | None: tool names), ``params`` (dict: the front matter minus those and ``messages``), ``variables``
+    a JSON schema), ``tools`` (list[str] | None: tool names), ``mcp_servers`` (list | None: MCP servers, each
+    a URL, a command line or a mapping; see :func:`tinyllm._mcp.from_front_matter`), ``params`` (dict: the front matter minus those and ``messages``), ``variables``
     (set[str]; includes not followed).
     """
 
@@ -391,6 +392,13 @@ class Prompt:
         if self.tools is not None and not (isinstance(self.tools, list) and all(isinstance(t, str) and t for t in self.tools)):
             raise TemplateError(f"{origin['tools']}: front matter 'tools' must be a list of tool names registered with "
                                 f"@tinyllm.tool (e.g. [get_weather]), not {self.tools!r}")
+        self.mcp_servers = fm.get("mcp_servers")
+        servers = self.mcp_servers
+        if servers is not None and not (isinstance(servers, list) and all(
+                (isinstance(x, str) and x) or (isinstance(x, dict) and ("command" in x) != ("url" in x)) for x in servers)):
+            raise TemplateError(f"{origin['mcp_servers']}: front matter 'mcp_servers' must be a list of MCP servers, each a "
+                                "URL, a command line, or a mapping with either command: or url: (and env, cwd, name, "
+                                f"prefix, timeout), not {servers!r}")
         r = self.output_retries
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
             raise TemplateError(f"{origin['output_retries']}: front matter 'output_retries' must be an integer >= 0, "
