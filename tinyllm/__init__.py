@@ -40,6 +40,7 @@ __all__ = [
     "OllamaClient",
     "AzureClient",
     "LlamaCppClient",
+    "AnthropicClient",
     "CallInfo",
     "client",
     "register_client",
@@ -63,6 +64,7 @@ _LAZY = {  # client classes and the batch runner, imported on first use so `impo
     "OllamaClient": "tinyllm.clients.openai",
     "AzureClient": "tinyllm.clients.azure",
     "LlamaCppClient": "tinyllm.clients.llamacpp",
+    "AnthropicClient": "tinyllm.clients.anthropic",
 }
 
 
