@@ -43,8 +43,19 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["FakeAnthropicServer", "RemoteFakeAnthropic", "spawn", "text", "tool_use", "error", "drop",
-           "stream_error", "fake_tokens"]
+from typing_extensions import Self
+
+__all__ = [
+    "FakeAnthropicServer",
+    "RemoteFakeAnthropic",
+    "drop",
+    "error",
+    "fake_tokens",
+    "spawn",
+    "stream_error",
+    "text",
+    "tool_use",
+]
 
 
 def text(content: str, *, stop_reason: str = "end_turn", model: str | None = None) -> dict:
@@ -52,7 +63,7 @@ def text(content: str, *, stop_reason: str = "end_turn", model: str | None = Non
     return {"kind": "message", "content": [{"type": "text", "text": content}], "stop_reason": stop_reason, "model": model}
 
 
-def tool_use(name: str, input: dict, *, id: str | None = None, text: str | None = None) -> dict:  # noqa: A002
+def tool_use(name: str, input: dict, *, id: str | None = None, text: str | None = None) -> dict:
     """A reply that calls tool ``name`` with ``input`` (after ``text``, if given)."""
     blocks = [{"type": "text", "text": text}] if text else []
     blocks.append({"type": "tool_use", "id": id or f"toolu_{name}", "name": name, "input": input})
@@ -133,7 +144,7 @@ def _last_user_text(body: dict) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr
         pass
@@ -169,7 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    fake: "FakeAnthropicServer"
+    fake: FakeAnthropicServer
 
 
 class FakeAnthropicServer:
@@ -192,7 +203,7 @@ class FakeAnthropicServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._http.server_address[1]}"
 
-    def start(self) -> "FakeAnthropicServer":
+    def start(self) -> FakeAnthropicServer:
         self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
@@ -201,13 +212,13 @@ class FakeAnthropicServer:
         self._http.shutdown()
         self._http.server_close()
 
-    def __enter__(self) -> "FakeAnthropicServer":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def enqueue(self, *items: dict) -> "FakeAnthropicServer":
+    def enqueue(self, *items: dict) -> FakeAnthropicServer:
         with self._lock:
             self._script.extend(items)
         return self
@@ -284,9 +295,7 @@ class FakeAnthropicServer:
     @staticmethod
     def _prefix_key(body: dict, last: int) -> str:
         """A key of the request's content up to and including unit ``last`` (tools, system, messages in order)."""
-        parts: list[Any] = []
-        for tool in body.get("tools") or []:
-            parts.append(tool)
+        parts: list[Any] = list(body.get("tools") or [])
         system = body.get("system")
         parts.extend([system] if isinstance(system, str) else system or [])
         for message in body.get("messages") or []:
@@ -372,10 +381,10 @@ class RemoteFakeAnthropic:
         data = json.dumps(value).encode() if value is not None else None
         request = urllib.request.Request(self.base_url + path, data=data, method=method,
                                          headers={"content-type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
-    def enqueue(self, *items: dict) -> "RemoteFakeAnthropic":
+    def enqueue(self, *items: dict) -> RemoteFakeAnthropic:
         self._call("POST", "/_fake/enqueue", list(items))
         return self
 
@@ -395,10 +404,10 @@ class RemoteFakeAnthropic:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> "RemoteFakeAnthropic":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
