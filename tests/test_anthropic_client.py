@@ -466,3 +466,19 @@ def test_prompt_files_through_a_fake_in_its_own_process():
         assert "".join(streamed) == "streamed reply here"
         assert [r["path"] for r in remote.requests] == ["/v1/messages"] * 5
         assert Path(fa.__file__).exists()
+
+
+# -- the examples of docs/anthropic.md run as written -------------------------------------------------------------
+
+
+def test_docs_examples_run(capsys):
+    import re
+
+    page = (ROOT / "docs" / "anthropic.md").read_text(encoding="utf-8")
+    blocks = [code for skip, code in re.findall(r"(<!-- skip -->\n)?```python\n(.*?)```", page, re.DOTALL) if not skip]
+    assert len(blocks) >= 5
+    for code in blocks:
+        exec(compile(code, "docs/anthropic.md", "exec"), {"__name__": "docs_example"})  # noqa: S102
+    printed = capsys.readouterr().out
+    assert "It is sunny in Paris." in printed and "name='Lyon' population=520000" in printed
+    assert "{'cached_tokens': 2000, 'cache_creation_tokens': 0}" in printed
