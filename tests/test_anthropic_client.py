@@ -482,3 +482,21 @@ def test_docs_examples_run(capsys):
     printed = capsys.readouterr().out
     assert "It is sunny in Paris." in printed and "name='Lyon' population=520000" in printed
     assert "{'cached_tokens': 2000, 'cache_creation_tokens': 0}" in printed
+
+
+def test_cli_tokens_exact_asks_the_endpoint(fake, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from tinyllm.cli import cli
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
+    monkeypatch.setenv("TINYLLM_API_TYPE", "anthropic")
+    write(tmp_path / "t.txt", "one two three four")
+    result = CliRunner().invoke(cli, ["tokens", "--exact", str(tmp_path / "t.txt")], catch_exceptions=False)
+    assert result.exit_code == 0 and result.output.strip() == "7"  # 3 per message + 4 words, the fake's count
+    assert fake.requests[-1]["path"] == "/v1/messages/count_tokens"
+    monkeypatch.setenv("TINYLLM_API_TYPE", "openai")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai")
+    result = CliRunner().invoke(cli, ["tokens", "--exact", str(tmp_path / "t.txt")])
+    assert result.exit_code != 0 and "token-counting endpoint" in result.output
