@@ -500,3 +500,31 @@ def test_cli_tokens_exact_asks_the_endpoint(fake, monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai")
     result = CliRunner().invoke(cli, ["tokens", "--exact", str(tmp_path / "t.txt")])
     assert result.exit_code != 0 and "token-counting endpoint" in result.output
+
+
+def test_prices_setting_prices_cache_writes_and_reads(fake, claude):
+    tinyllm.configure(prices={"claude-sonnet-4-5": {"input_per_mtok": 1, "output_per_mtok": 10, "cached_input_per_mtok": 0.1,
+                                                    "cache_write_per_mtok": 2}})
+    messages = [{"role": "system", "content": "word " * 100}, {"role": "user", "content": "hi"}]
+    first = claude.request(messages, cache="system", max_tokens=5)
+    second = claude.request(messages, cache="system", max_tokens=5)
+    # 100 system tokens written then read; 3 + 1 user tokens uncached; "echo: hi" is 2 output tokens
+    assert first.cost == pytest.approx((4 * 1 + 100 * 2 + 2 * 10) / 1e6)
+    assert second.cost == pytest.approx((4 * 1 + 100 * 0.1 + 2 * 10) / 1e6)
+
+
+def test_tool_results_come_first_in_a_merged_user_turn():
+    body, _ = wire.request_body([
+        {"role": "developer", "content": "d"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "b", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "ra"},
+        {"role": "tool", "tool_call_id": "b", "content": "rb"},
+        {"role": "user", "content": "Your previous reply could not be used"},
+    ], {"model": "m"}, 5)
+    assert body["system"] == [{"type": "text", "text": "d"}]
+    last = body["messages"][-1]
+    assert [b["type"] for b in last["content"]] == ["tool_result", "tool_result", "text"]
+    assert body["messages"][1]["content"][1]["input"] == {"x": 1}
