@@ -389,6 +389,7 @@ def test_token_count_exact_from_the_endpoint_else_estimated(fake, claude):
     estimate = claude.token_count(messages, exact=False)
     assert estimate.estimated is True and estimate.tokens == tinyllm.count_tokens(messages, "claude-sonnet-4-5")
     assert len(fake.requests) == 1  # the estimate sent nothing
+    assert claude.token_count(messages, model="claude-future-9").tokens == 10  # no max_tokens needed to count
 
 
 # -- content blocks ----------------------------------------------------------------------------------------------

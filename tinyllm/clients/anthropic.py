@@ -267,7 +267,8 @@ class AnthropicClient(Client):
 
         cfg = self.settings()
         messages = validate_messages(messages)
-        resolved = self.resolve_params({**params, "model": model}, cfg) if model else self.resolve_params(params, cfg)
+        given = {"max_tokens": 1, **params, **({"model": model} if model else {})}  # max_tokens does not count: never refused for it
+        resolved = self.resolve_params(given, cfg)
         model = resolved["model"]
         if not exact:
             return TokenCount(self.count_tokens(messages, model, cfg), True, model)
