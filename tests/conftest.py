@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 - ``server``: a started :class:`fakeserver.FakeOpenAIServer` per test.
-- ``_isolate_env`` (autouse): no TINYLLM_/OPENAI_/AZURE_OPENAI* variables, the
+- ``_isolate_env`` (autouse): no TINYLLM_/OPENAI_/AZURE_OPENAI*/ANTHROPIC_ variables, the
   test runs inside its own ``tmp_path`` (so no developer ./config.ini or ./.env
   leaks in), XDG_DATA_HOME is under ``tmp_path`` (the call log's default place), and ``tinyllm.config`` overrides (``configure()``) are cleared
   before and after each test.
@@ -27,7 +27,7 @@ if _HERE not in sys.path:
 
 from fakeserver import FakeOpenAIServer  # noqa: E402
 
-_ENV_PREFIXES = ("TINYLLM_", "OPENAI_", "AZURE_OPENAI")
+_ENV_PREFIXES = ("TINYLLM_", "OPENAI_", "AZURE_OPENAI", "ANTHROPIC_")
 
 # A run started with SIGINT ignored (`pytest &` in a non-interactive script) would pass that on to every
 # child process, and the Ctrl-C tests (in-process and subprocess) would fail or hang: restore the default.

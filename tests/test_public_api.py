@@ -58,7 +58,7 @@ def test_error_tree():
 
 
 def test_import_is_light():
-    code = "import tinyllm, sys; print(','.join(m for m in ('openai', 'tiktoken', 'llama_cpp') if m in sys.modules))"
+    code = "import tinyllm, sys; print(','.join(m for m in ('openai', 'tiktoken', 'llama_cpp', 'anthropic') if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": ROOT}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip()
     assert out == ""

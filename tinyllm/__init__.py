@@ -40,6 +40,7 @@ __all__ = [
     "OllamaClient",
     "AzureClient",
     "LlamaCppClient",
+    "AnthropicClient",
     "CallInfo",
     "client",
     "register_client",
@@ -70,6 +71,7 @@ _LAZY = {  # client classes and the batch runner, imported on first use so `impo
     "PluginWarning": "tinyllm.clients._plugins",
     "FallbackChain": "tinyllm.clients._chain",
     "MCPServer": "tinyllm._mcp",
+    "AnthropicClient": "tinyllm.clients.anthropic",
 }
 
 

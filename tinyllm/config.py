@@ -66,11 +66,11 @@ def _parse_mapping(text: str) -> dict[str, str]:
     return out
 
 
-_PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+_PRICE_KEYS = ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok")
 
 
 def _check_prices(value: Any) -> dict[str, dict[str, float]]:
-    """``{model: {input_per_mtok, output_per_mtok[, cached_input_per_mtok]}}`` with numbers >= 0 (USD)."""
+    """``{model: {input_per_mtok, output_per_mtok[, cached_input_per_mtok, cache_write_per_mtok]}}`` with numbers >= 0 (USD)."""
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object {model: {input_per_mtok, output_per_mtok}}")
     out: dict[str, dict[str, float]] = {}
@@ -155,8 +155,9 @@ class Config:
     and the server's default applies.
     """
 
-    api_type: str | None = _setting(None, lambda s: s.strip().lower() or None, "client: openai, ollama, azure, llamacpp or a registered one")
+    api_type: str | None = _setting(None, lambda s: s.strip().lower() or None, "client: openai, ollama, azure, llamacpp, anthropic or a registered one")
     model: str = _setting("gpt-4o-mini", _str, "model asked for")
+    anthropic_model: str = _setting("claude-sonnet-5-5", _str, "model the anthropic client asks for while MODEL is left at its default")
     max_tokens: int | None = _setting(None, _positive_int, "tokens the reply may have")
     temperature: float | None = _setting(None, _nonneg(float))
     top_p: float | None = _setting(None, _nonneg(float))
@@ -270,11 +271,13 @@ SECRET_NAMES = (
     "AZURE_OPENAI_VERSION",
     "AZURE_OPENAI_DEPLOYMENT",
     "AZURE_OPENAI_EMBEDDINGS_DEPLOYMENT",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
 )
-API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY")  # masked wherever shown
+API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY")  # masked wherever shown
 
 
-_URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "REDIS_URL")
+_URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "ANTHROPIC_BASE_URL", "REDIS_URL")
 
 
 @functools.lru_cache(maxsize=256)  # on the per-call path (error messages, endpoint keys): the same few URLs

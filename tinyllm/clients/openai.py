@@ -42,6 +42,9 @@ from ..http._transport import http_client, scrub_credentials
 __all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
 
 _OPTION_PARAMS = frozenset({"timeout", "extra_headers", "extra_query", "extra_body"})  # not sent in the body
+# tinyllm's own parameters, for other clients: ``cache`` (Anthropic prompt-caching breakpoints; OpenAI caches
+# prompt prefixes by itself), never sent in an OpenAI body
+_NOT_SENT = _OPTION_PARAMS | {"cache"}
 _STATUS_ERRORS: dict[int, type[APIError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -257,7 +260,7 @@ class OpenAIClient(Client):
         if isinstance(params.get("response_format"), type):  # what create() would refuse too
             raise BadRequestError("response_format must be a dict such as {\"type\": \"json_object\"}; "
                                   "for a pydantic model use LLMCall(..., output_type=Model)")
-        body = {k: v for k, v in params.items() if k not in _OPTION_PARAMS}
+        body = {k: v for k, v in params.items() if k not in _NOT_SENT}
         body["messages"] = messages
         body.update(params.get("extra_body") or {})
         timeout = params.get("timeout")

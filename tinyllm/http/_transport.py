@@ -105,12 +105,18 @@ def scrub_credentials(request: Any) -> None:
             request.headers[name] = "****"
 
 
-@functools.lru_cache(maxsize=None)
-def _classes() -> tuple[Any, Any, Any]:
-    """(httpx module, sync transport class, async transport class), built once on first use."""
-    import openai
+def _sdk(name: str) -> Any:
+    """The SDK package ``name`` (``openai`` or ``anthropic``), imported on first use."""
+    import importlib
 
-    httpx = _package(next(c for c in openai.DefaultHttpxClient.__mro__ if not c.__module__.startswith("openai")))
+    return importlib.import_module(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
+    """(httpx module, sync transport class, async transport class) for the SDK ``sdk``, built once on first use."""
+    default = _sdk(sdk).DefaultHttpxClient
+    httpx = _package(next(c for c in default.__mro__ if not c.__module__.startswith(sdk)))
 
     def install(transport: Any, wrap: Any) -> bool:
         """Bound every socket operation of ``transport``'s pool by the deadline; False when it has no such hook."""
@@ -322,8 +328,10 @@ def _environment_proxies(httpx: Any) -> dict[str, str | None]:
     return read()
 
 
-def http_client(is_async: bool = False) -> Any:
-    """A new ``openai.DefaultHttpxClient`` (or its async twin) on the deadline-and-scrub transport.
+def http_client(is_async: bool = False, sdk: str = "openai") -> Any:
+    """A new ``DefaultHttpxClient`` of the SDK ``sdk`` (``openai``, or ``anthropic``: each
+    SDK checks that it gets its own httpx's client), or its async twin, on the
+    deadline-and-scrub transport.
 
     Connection limits are the SDK's defaults (1000 connections, 100 kept alive);
     tinyllm's request queue bounds what is in flight. A proxy from the environment
@@ -331,9 +339,8 @@ def http_client(is_async: bool = False) -> Any:
     would use it, with the same transport around it: the deadline and the scrubbing apply
     to requests through a proxy too.
     """
-    import openai
-
-    httpx, transport, async_transport = _classes()
+    module = _sdk(sdk)
+    httpx, transport, async_transport = _classes(sdk)
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     wrap, inner = (async_transport, httpx.AsyncHTTPTransport) if is_async else (transport, httpx.HTTPTransport)
     mounts: dict[str, Any] = {}
@@ -343,5 +350,5 @@ def http_client(is_async: bool = False) -> Any:
         except Exception as exc:  # an unknown scheme, SOCKS without socksio, ...
             raise ConfigError(f"the proxy {redact_url(proxy)} set in the environment for {pattern} ({', '.join(_PROXY_VARIABLES)}) "
                               f"cannot be used: {exc}") from exc
-    cls = openai.DefaultAsyncHttpxClient if is_async else openai.DefaultHttpxClient
+    cls = module.DefaultAsyncHttpxClient if is_async else module.DefaultHttpxClient
     return cls(transport=wrap(inner(limits=limits)), mounts=mounts)

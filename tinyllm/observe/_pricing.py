@@ -2,16 +2,21 @@
 
 The table is looked up by the client's provider (``openai``: the base URL's
 provider when genai-prices knows the URL, else OpenAI's own prices, so a proxy
-in front of OpenAI is priced as OpenAI; ``azure``: Azure's) and the model's name
-(the model that answered, else the one asked for). It has cached-input prices
-(``prompt_tokens_details.cached_tokens``) and, where a model has one, a reasoning
-price (``completion_tokens_details.reasoning_tokens``).
+in front of OpenAI is priced as OpenAI; ``azure``: Azure's; ``anthropic``:
+Anthropic's) and the model's name (the model that answered, else the one asked
+for). It has cached-input prices (``prompt_tokens_details.cached_tokens``, read
+from a prompt cache), prompt-cache write prices
+(``prompt_tokens_details.cache_creation_tokens``, Anthropic's
+``cache_creation_input_tokens``) and, where a model has one, a reasoning price
+(``completion_tokens_details.reasoning_tokens``). ``prompt_tokens`` counts every
+input token, cached and cache-written ones included (OpenAI's convention; the
+Anthropic client adds them up so).
 
 A model the table does not have, the embedded model (``llamacpp``), ``ollama``
 and any other client cost None (unknown), never 0, unless ``PRICES`` names the
 model: ``{"model": {"input_per_mtok": 0.5, "output_per_mtok": 1.5,
-"cached_input_per_mtok": 0.25}}`` (USD per million tokens; cached input defaults
-to the input price), which wins over the table. A reply from the cache costs 0.0
+"cached_input_per_mtok": 0.25, "cache_write_per_mtok": 0.6}}`` (USD per million tokens;
+cached input and cache writes default to the input price), which wins over the table. A reply from the cache costs 0.0
 (nothing was paid) when the model is priced, else None.
 
 genai-prices is imported on the first priced call (about 0.4 s), never by ``import tinyllm``.
@@ -28,7 +33,7 @@ __all__ = ["reply_cost", "estimate_cost", "model_prices", "usd"]
 
 log = logging.getLogger("tinyllm")
 #: api_type -> genai-prices provider id; other clients are local or unknown: no price
-PROVIDERS = {"openai": "openai", "azure": "azure"}
+PROVIDERS = {"openai": "openai", "azure": "azure", "anthropic": "anthropic"}
 
 
 def usd(cost: float | None) -> str:
@@ -38,15 +43,17 @@ def usd(cost: float | None) -> str:
     return f"${cost:.4f}" if cost >= 0.01 or cost == 0 else f"${cost:.6f}"
 
 
-def _tokens(usage: dict) -> tuple[int, int, int, int] | None:
-    """(input, cached input, output, reasoning) tokens of an API ``usage`` dict; None when it reports none."""
+def _tokens(usage: dict) -> tuple[int, int, int, int, int] | None:
+    """(input, cached input, output, reasoning, cache-write input) tokens of an API ``usage`` dict; None when it reports none."""
     if not usage or (usage.get("prompt_tokens") is None and usage.get("completion_tokens") is None):
         return None
     details_in = usage.get("prompt_tokens_details") or {}
     details_out = usage.get("completion_tokens_details") or {}
     cached = details_in.get("cached_tokens") if isinstance(details_in, dict) else None
+    written = details_in.get("cache_creation_tokens") if isinstance(details_in, dict) else None
     reasoning = details_out.get("reasoning_tokens") if isinstance(details_out, dict) else None
-    return (int(usage.get("prompt_tokens") or 0), int(cached or 0), int(usage.get("completion_tokens") or 0), int(reasoning or 0))
+    return (int(usage.get("prompt_tokens") or 0), int(cached or 0), int(usage.get("completion_tokens") or 0), int(reasoning or 0),
+            int(written or 0))
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,22 +79,26 @@ def _table_entry(provider_id: str, base_url: str | None, model: str) -> Any:
 
 
 @functools.lru_cache(maxsize=4096)
-def _table_cost(key: tuple[str, str | None, str], tokens: tuple[int, int, int, int]) -> float:
+def _table_cost(key: tuple[str, str | None, str], tokens: tuple[int, int, int, int, int]) -> float:
     """USD of ``tokens`` for the table entry of ``key`` (``(provider_id, base_url, model)``, found)."""
     from genai_prices import Usage
 
-    n_in, n_cached, n_out, n_reasoning = tokens
-    usage = Usage(input_tokens=n_in, cache_read_tokens=min(n_cached, n_in), output_tokens=n_out,
-                  output_reasoning_tokens=min(n_reasoning, n_out))
+    n_in, n_cached, n_out, n_reasoning, n_written = tokens
+    cached = min(n_cached, n_in)
+    usage = Usage(input_tokens=n_in, cache_read_tokens=cached, cache_write_tokens=min(n_written, n_in - cached),
+                  output_tokens=n_out, output_reasoning_tokens=min(n_reasoning, n_out))
     provider, model = _table_entry(*key)
     return float(model.calc_price(usage, provider).total_price)
 
 
-def _override_cost(price: dict, tokens: tuple[int, int, int, int]) -> float:
-    n_in, n_cached, n_out, _ = tokens
+def _override_cost(price: dict, tokens: tuple[int, int, int, int, int]) -> float:
+    n_in, n_cached, n_out, _, n_written = tokens
     cached = min(n_cached, n_in)
+    written = min(n_written, n_in - cached)
     per_cached = price.get("cached_input_per_mtok", price["input_per_mtok"])
-    return ((n_in - cached) * price["input_per_mtok"] + cached * per_cached + n_out * price["output_per_mtok"]) / 1e6
+    per_written = price.get("cache_write_per_mtok", price["input_per_mtok"])
+    return ((n_in - cached - written) * price["input_per_mtok"] + cached * per_cached + written * per_written
+            + n_out * price["output_per_mtok"]) / 1e6
 
 
 def _base_url(client: Any, cfg: Any) -> str | None:

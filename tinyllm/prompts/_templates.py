@@ -69,7 +69,12 @@ _SERVER_PARAMS = frozenset("""
     top_k top_a min_p min_tokens models typical_p repetition_penalty repeat_penalty repeat_last_n
     length_penalty best_of ignore_eos stop_token_ids n_predict n_probs mirostat mirostat_tau mirostat_eta
 """.split())
-_KNOWN_KEYS = frozenset({*_SETTINGS, *_OPENAI_PARAMS, *_SERVER_PARAMS})
+# Anthropic's Messages API parameters (https://platform.claude.com/docs/en/api/messages) and tinyllm's
+# ``cache`` (prompt-caching breakpoints, see tinyllm/clients/_anthropic_wire.py): sent by the anthropic client.
+_ANTHROPIC_PARAMS = frozenset("""
+    cache cache_control thinking output_config stop_sequences container inference_geo speed service_tier
+""".split())
+_KNOWN_KEYS = frozenset({*_SETTINGS, *_OPENAI_PARAMS, *_SERVER_PARAMS, *_ANTHROPIC_PARAMS})
 _YAML_BOOL = "tag:yaml.org,2002:bool"
 _UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
 _lock = threading.Lock()
