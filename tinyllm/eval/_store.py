@@ -140,7 +140,7 @@ class Store:
         self.path = path
         self.conn: sqlite3.Connection | None = None
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Store:  # noqa: PYI034
         from ..observe._calllog import _open_for_writing
 
         try:
