@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fakeserver import Message
+from helpers import child_env, wire, write
 
 import tinyllm
-from fakeserver import Message, Reply
-from helpers import child_env, wire, write
 from tinyllm import ConfigError, InputFileError
 from tinyllm.eval import evaluate, list_runs, load_run
 
@@ -336,7 +336,7 @@ def test_resume_after_ctrl_c_sends_only_the_cells_not_done(server, monkeypatch, 
 def test_rev_reads_the_template_from_git(srv, tmp_path):
     repo = tmp_path / "repo"
     folder = prompts(repo, system="Answer. v1", tests="- {id: cap, vars: {question: capital}, assert: [{type: starts-with, value: Paris}]}\n")
-    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
     git("init", "-q")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
     git("add", ".")
@@ -425,3 +425,39 @@ def test_import_tinyllm_loads_neither_scipy_nor_eval():
     code = ("import sys, tinyllm, tinyllm.eval\n"
             "assert 'scipy' not in sys.modules and 'tinyllm.eval._run' not in sys.modules, sorted(sys.modules)\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
+
+
+def test_evaluate_is_public_and_lazy():
+    assert tinyllm.evaluate is evaluate and "evaluate" in tinyllm.__all__
+
+
+@pytest.mark.slow
+@pytest.mark.local
+def test_matrix_across_two_loopback_models_and_the_embedded_model(srv, tmp_path, embedded_model):
+    if embedded_model is None:
+        pytest.skip("the local extra is not installed")
+    folder = prompts(tmp_path, front="max_tokens: 8\n", tests="- {id: cap, vars: {question: capital}, assert: [{type: icontains, value: paris}]}\n"
+                                     "- {id: any, vars: {question: 'Say hello.'}, assert: [{type: latency, threshold: 120}]}\n")
+    report = evaluate("qa", models=["gpt-4o-mini", "gpt-4o"], clients=["llamacpp"], prompts_dir=folder)
+    assert [(s.model, s.n) for s in report.summary()] == [("gpt-4o-mini", 2), ("gpt-4o", 2), ("llamacpp", 2)]
+    local = [r for r in report.rows if r.model == "llamacpp"]
+    assert all(r.output and r.error is None and r.cost is None for r in local)  # answered in-process, no price
+    assert next(r for r in local if r.case_id == "any").passed
+    assert len(srv.chat_requests()) == 4  # the embedded model's cells never reached the server
+    assert len(report.comparisons()) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.local
+def test_shipped_prompts_pass_their_tests_on_the_embedded_model(tmp_path, embedded_model):
+    """Each shipped prompt's tests file: the bundled model passes them (classify: at its stated threshold 0.6)."""
+    if embedded_model is None:
+        pytest.skip("the local extra is not installed")
+    from helpers import ROOT
+
+    env = child_env(TINYLLM_LOG_DB=str(tmp_path / "calls.db"))
+    for names, extra in ((["summarize", "translate", "extract_facts"], []), (["classify"], ["--threshold", "0.6"])):
+        done = subprocess.run([sys.executable, "-m", "tinyllm", "--prompts-dir", str(ROOT / "prompts"), "eval", *names,
+                               "--client", "llamacpp", "--no-progress", *extra], env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr

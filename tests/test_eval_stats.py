@@ -53,8 +53,7 @@ def _store_run(db: Path, run_id: str, rows: list[dict], *, versions=("working",)
     """A run written as the runner writes it (a JSONL of cells), imported into the database."""
     jsonl = db.parent / f"{run_id}.jsonl"
     with open(jsonl, "w") as f:
-        for seq, row in enumerate(rows):
-            f.write(json.dumps({"id": seq, "content": {"seq": seq, **row}}) + "\n")
+        f.writelines(json.dumps({"id": seq, "content": {"seq": seq, **row}}) + "\n" for seq, row in enumerate(rows))
     with Store(str(db)) as st:
         st.begin(run_id, "fp-" + run_id, ["p"], list(versions), list(models), 1)
         st.import_jsonl(run_id, str(jsonl))
