@@ -459,5 +459,5 @@ def test_shipped_prompts_pass_their_tests_on_the_embedded_model(tmp_path, embedd
     for names, extra in ((["summarize", "translate", "extract_facts"], []), (["classify"], ["--threshold", "0.6"])):
         done = subprocess.run([sys.executable, "-m", "tinyllm", "--prompts-dir", str(ROOT / "prompts"), "eval", *names,
                                "--client", "llamacpp", "--no-progress", *extra], env=env, capture_output=True, text=True,
-                              timeout=900)
+                              timeout=900, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
