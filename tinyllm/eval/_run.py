@@ -340,11 +340,14 @@ def _targets(plans: list[_PromptPlan], models: Sequence[str] | None, clients: Se
         else:
             label = getattr(c, "api_type", None) or type(c).__name__
             out.append(Target(f"{label}={model}" if model else label, client=c, model=model))
-    if not out:  # the default client, or the LLMCall's: labelled with the model it asks for
+    if not out:  # the default client (labelled with the model it asks for), or the LLMCall's own client object
         llm = plans[0].llm
         sender = llm.client or get_client(llm.api_type)
-        model = {**plans[0].versions[0].prompt.params, **llm.model_params}.get("model") or sender.settings().model
-        out.append(Target(str(model)))
+        given = {**plans[0].versions[0].prompt.params, **llm.model_params}.get("model")
+        if llm.client is not None:
+            out.append(Target(f"{sender.api_type}={given}" if given else str(sender.api_type)))
+        else:
+            out.append(Target(str(given or sender.settings().model)))
     labels = [t.label for t in out]
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
