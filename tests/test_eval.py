@@ -461,3 +461,12 @@ def test_shipped_prompts_pass_their_tests_on_the_embedded_model(tmp_path, embedd
                                "--client", "llamacpp", "--no-progress", *extra], env=env, capture_output=True, text=True,
                               timeout=900, check=False)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_client_targets_name_a_model(srv, tmp_path):
+    folder = prompts(tmp_path, tests="- {id: cap, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n")
+    report = evaluate("qa", clients=["openai=gpt-4o", ("openai", "o3-mini")], prompts_dir=folder)
+    assert [s.model for s in report.summary()] == ["openai=gpt-4o", "openai=o3-mini"]
+    assert sorted(r.model for r in srv.chat_requests()) == ["gpt-4o", "o3-mini"]
+    with pytest.raises(ConfigError):
+        evaluate("qa", clients=["nosuchclient"], prompts_dir=folder)
