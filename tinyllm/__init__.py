@@ -29,6 +29,7 @@ __all__ = [
     "LLMChat",
     "Response",
     "Runner",
+    "evaluate",
     "Tool",
     "ToolCall",
     "ToolRound",
@@ -62,8 +63,9 @@ __all__ = [
 ]
 
 
-_LAZY = {  # client classes and the batch runner, imported on first use so `import tinyllm` stays light
+_LAZY = {  # client classes, the batch runner and evaluate, imported on first use so `import tinyllm` stays light
     "Runner": "tinyllm.batch._runner",
+    "evaluate": "tinyllm.eval._run",  # prompt evaluation (tinyllm eval); its statistics need scipy (the eval extra)
     "OpenAIClient": "tinyllm.clients.openai",
     "OllamaClient": "tinyllm.clients.openai",
     "AzureClient": "tinyllm.clients.azure",

@@ -50,7 +50,8 @@ __all__ = ["Prompt", "load_prompt", "search_path", "list_prompts", "render_strin
 Dirs = Union[str, "os.PathLike[str]", Iterable[Union[str, "os.PathLike[str]"]], None]
 ROLES = ("system", "user", "assistant", "developer")
 OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
-_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema", "tools", "mcp_servers")
+_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema", "tools", "mcp_servers",
+             "tests")  # tests: tinyllm eval's cases
 # Request parameters a front-matter key is checked against (a key close to one of these but
 # not equal is taken for a typo): the chat-completion parameters of the OpenAI API
 # (https://platform.openai.com/docs/api-reference/chat/create; openai-python's
