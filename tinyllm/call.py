@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .observe import _usage as usage
@@ -194,54 +195,48 @@ async def arespond_with(sender: Client, response: Response, params: dict, output
             return response.finish(done.value[0])
 
 
+class _RoundsState:
+    """What a :class:`_ToolRoundsStream` shares with its generator: the last reply, and the round's stream
+    (to give its slot back when the whole stream is dropped unfinished). The generator refers to the
+    Response only weakly: nothing here keeps an abandoned Response, and its request slot, alive."""
+
+    __slots__ = ("reply", "current", "__weakref__")
+
+    def __init__(self) -> None:
+        self.reply: Any = None
+        self.current: Any = None
+
+    def abandon(self) -> None:
+        current = self.current
+        if current is not None:
+            current._abandon()
+
+
 class _ToolRoundsStream:
     """Streams round after round: when a streamed reply asks for tools, they run and the next reply
     streams on (its text deltas follow). ``reply`` is the last reply once the iteration ends."""
 
     def __init__(self, sender: Client, response: Response, params: dict, accept: Callable[[dict], bool],
                  tools: Toolbox, on_reply: Callable[[dict], None]) -> None:
-        self.sender, self.response, self.params, self.accept, self.tools, self.on_reply = sender, response, params, accept, tools, on_reply
-        self.reply: Any = None
+        self._args = (sender, weakref.ref(response), params, accept, tools, on_reply)
+        self._state = _RoundsState()
         self._iter: Any = None
-        self._current: Any = None
+
+    @property
+    def reply(self) -> Any:
+        return self._state.reply
 
     def __iter__(self) -> Any:
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = _stream_rounds(*self._args, self._state)
+            weakref.finalize(self._iter, self._state.abandon)
         return self._iter
 
     def __aiter__(self) -> Any:
         if self._iter is None:
-            self._iter = self._arun()
+            self._iter = _astream_rounds(*self._args, self._state)
+            weakref.finalize(self._iter, self._state.abandon)
         return self._iter
-
-    def _run(self) -> Any:
-        conversation, params = list(self.response.messages), self.params
-        while True:
-            self._current = stream = self.sender.stream_request(conversation, accept=self.accept, **params)
-            yield from stream
-            if not self.tools.asks(stream.reply.message):
-                self.reply = stream.reply
-                return
-            self.response.add_reply(stream.reply)
-            self.on_reply(stream.reply.message)
-            conversation, params = _tool_round(self.tools, self.response, conversation, stream.reply.message, params)
-
-    async def _arun(self) -> Any:
-        conversation, params = list(self.response.messages), self.params
-        while True:
-            self._current = stream = self.sender.astream_request(conversation, accept=self.accept, **params)
-            try:
-                async for delta in stream:
-                    yield delta
-            finally:
-                await stream.aclose()
-            if not self.tools.asks(stream.reply.message):
-                self.reply = stream.reply
-                return
-            self.response.add_reply(stream.reply)
-            self.on_reply(stream.reply.message)
-            conversation, params = await _atool_round(self.tools, self.response, conversation, stream.reply.message, params)
 
     def close(self) -> None:
         if self._iter is not None:
@@ -250,6 +245,52 @@ class _ToolRoundsStream:
     async def aclose(self) -> None:
         if self._iter is not None:
             await self._iter.aclose()
+
+    def _abandon(self) -> None:
+        self._state.abandon()
+
+
+def _stream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dict], bool], tools: Toolbox,
+                   on_reply: Callable[[dict], None], state: _RoundsState) -> Any:
+    """The generator behind :class:`_ToolRoundsStream`; ``ref`` is a weak reference to the Response
+    (no strong one is kept across a ``yield``)."""
+    conversation = list(ref().messages)
+    while True:
+        state.current = stream = sender.stream_request(conversation, accept=accept, **params)
+        yield from stream
+        if not tools.asks(stream.reply.message):
+            state.reply = stream.reply
+            return
+        response = ref()
+        if response is None:  # dropped meanwhile: nobody reads on
+            return
+        response.add_reply(stream.reply)
+        on_reply(stream.reply.message)
+        conversation, params = _tool_round(tools, response, conversation, stream.reply.message, params)
+        del response
+
+
+async def _astream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dict], bool], tools: Toolbox,
+                          on_reply: Callable[[dict], None], state: _RoundsState) -> Any:
+    """The asyncio twin of :func:`_stream_rounds`."""
+    conversation = list(ref().messages)
+    while True:
+        state.current = stream = sender.astream_request(conversation, accept=accept, **params)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()
+        if not tools.asks(stream.reply.message):
+            state.reply = stream.reply
+            return
+        response = ref()
+        if response is None:
+            return
+        response.add_reply(stream.reply)
+        on_reply(stream.reply.message)
+        conversation, params = await _atool_round(tools, response, conversation, stream.reply.message, params)
+        del response
 
 
 def _open_stream(sender: Client, response: Response, params: dict, output_type: Any, tools: Toolbox | None,
@@ -505,7 +546,7 @@ class LLMCall:
         first delta carries ``.partial``, the text received so far.
         """
         sender, response, params, output_type, _, tools = self._plan(variables)
-        on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
+        on_reply = self._recorder(response.messages)
         if not sender.capabilities.streaming:
             return respond_with(sender, response, params, output_type, 0, on_reply, tools)
         return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, False), output_type, on_reply)
@@ -513,10 +554,15 @@ class LLMCall:
     async def astream(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`stream`: ``async for delta in await call.astream(...)``."""
         sender, response, params, output_type, _, tools = self._plan(variables)
-        on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
+        on_reply = self._recorder(response.messages)
         if not sender.capabilities.streaming:
             return await arespond_with(sender, response, params, output_type, 0, on_reply, tools)
         return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, True), output_type, on_reply)
+
+    def _recorder(self, messages: list[dict]) -> Callable[[dict], None]:
+        """``on_reply`` of a streamed call: records the last exchange. It holds the messages, not the
+        Response (a Response -> on_done -> Response cycle would keep an abandoned stream's slot)."""
+        return lambda m: self._last.set(messages, m)
 
     def _call_with(self, variables: dict) -> Any:
         return self.call(**variables)

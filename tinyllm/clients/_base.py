@@ -30,6 +30,7 @@ import contextvars
 import dataclasses
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -728,20 +729,57 @@ def as_client(target: Any, api_type: str = "plain") -> Client:
     return PlainClient(target, api_type)
 
 
+class _StreamState:
+    """What a stream shares with its generator, which must not refer to the stream object itself
+    (a stream <-> generator cycle would keep an abandoned stream, and its request slot, alive until
+    the cycle collector ran).
+
+    Attributes:
+        reply: the complete :class:`Reply` once the stream ended (or the cache hit), else None.
+        releases: what the running request holds (its budget reservation, its queue slot), each
+            released once, by whichever comes first: the stream's end, its closing, or its iterator
+            dropped unfinished (a weakref finalizer, which never awaits: an abandoned async stream
+            frees its slot at once, the connection is closed afterwards by the event loop).
+    """
+
+    __slots__ = ("reply", "releases", "__weakref__")
+
+    def __init__(self, reply: Reply | None) -> None:
+        self.reply = reply
+        self.releases: list[Callable[[], None]] = []
+
+    def release(self) -> None:
+        """Run every pending release, last taken first; each runs once (list.pop is atomic)."""
+        while True:
+            try:
+                release = self.releases.pop()
+            except IndexError:
+                return
+            release()
+
+
 class ReplyStream:
     """A streamed reply: iterate for its text deltas (``str``); :attr:`reply` once it has ended.
 
     Closing it early (``close()``, ``break`` out of a ``with`` block, an exception
-    in the loop) closes the HTTP response and releases the request-queue slot at once.
+    in the loop) closes the HTTP response and releases the request-queue slot at once;
+    so does dropping it (or its iterator) unfinished.
     """
 
     def __init__(self, client: Client, req: _Request, hit: Reply | None) -> None:
-        self.client, self.req, self.reply = client, req, hit
+        self.client, self.req = client, req
+        self._state = _StreamState(hit)
         self._iter: Iterator[str] | None = None
+
+    @property
+    def reply(self) -> Reply | None:
+        """The complete :class:`Reply` once the stream has ended (a cache hit: at once), else None."""
+        return self._state.reply
 
     def __iter__(self) -> Iterator[str]:
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = _stream(self.client, self.req, self._state)
+            weakref.finalize(self._iter, self._state.release)
         return self._iter
 
     def __enter__(self) -> "ReplyStream":
@@ -755,60 +793,32 @@ class ReplyStream:
         if self._iter is not None:
             self._iter.close()  # type: ignore[attr-defined]
 
-    def _run(self) -> Iterator[str]:
-        if self.reply is not None:  # a cache hit: the stored text at once
-            if self.reply.message.get("content"):
-                yield self.reply.message["content"]
-            return
-        client, req = self.client, self.req
-        client._measure(req)
-        acc = Accumulator()
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-            stack.enter_context(client.queue.slot(req.cfg, req.cost))
-
-            def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
-                attempt = contextlib.ExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
-                try:
-                    attempt.enter_context(client.queue.lease(req.cfg, req.cost, client._scope(req)))
-                    with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
-                        chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
-                        attempt.callback(_close, chunks)
-                        return attempt, chunks, next(iter(chunks))
-                except StopIteration:
-                    attempt.close()
-                    raise ResponseError("the stream ended before any chunk arrived") from None
-                except BaseException:
-                    attempt.close()
-                    raise
-
-            attempt, chunks, first = client.retrying(req.cfg).call(open_)
-            stack.enter_context(attempt)
-            try:
-                delta = acc.add(first)
-                if delta:
-                    yield delta
-                for chunk in chunks:
-                    delta = acc.add(chunk)
-                    if delta:
-                        yield delta
-                _check_finished(acc)
-            except TinyLLMError as exc:
-                exc.partial = acc.text  # type: ignore[attr-defined]
-                raise
-        self.reply = client._finish_stream(req, acc)
+    def _abandon(self) -> None:
+        """Give back what the request holds, now, without closing the connection (see :class:`_StreamState`)."""
+        self._state.release()
 
 
 class AsyncReplyStream:
-    """The asyncio twin of :class:`ReplyStream`: ``async for delta in stream``; ``await stream.aclose()``."""
+    """The asyncio twin of :class:`ReplyStream`: ``async for delta in stream``; ``await stream.aclose()``.
+
+    Dropped unfinished (a web handler whose client went away), it gives its request slot and budget
+    reservation back at once; the event loop closes the connection soon after.
+    """
 
     def __init__(self, client: Client, req: _Request, hit: Reply | None) -> None:
-        self.client, self.req, self.reply = client, req, hit
+        self.client, self.req = client, req
+        self._state = _StreamState(hit)
         self._iter: AsyncIterator[str] | None = None
+
+    @property
+    def reply(self) -> Reply | None:
+        """The complete :class:`Reply` once the stream has ended (a cache hit: at once), else None."""
+        return self._state.reply
 
     def __aiter__(self) -> AsyncIterator[str]:
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = _astream(self.client, self.req, self._state)
+            weakref.finalize(self._iter, self._state.release)
         return self._iter
 
     async def __aenter__(self) -> "AsyncReplyStream":
@@ -822,48 +832,106 @@ class AsyncReplyStream:
         if self._iter is not None:
             await self._iter.aclose()  # type: ignore[attr-defined]
 
-    async def _run(self) -> AsyncIterator[str]:
-        if self.reply is not None:
-            if self.reply.message.get("content"):
-                yield self.reply.message["content"]
-            return
-        client, req = self.client, self.req
-        client._measure(req)
-        acc = Accumulator()
-        async with contextlib.AsyncExitStack() as stack:
-            stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-            await stack.enter_async_context(client.queue.aslot(req.cfg, req.cost))
+    def _abandon(self) -> None:
+        """Give back what the request holds, now, without awaiting (see :class:`_StreamState`)."""
+        self._state.release()
 
-            async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
-                attempt = contextlib.AsyncExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
-                try:
-                    await attempt.enter_async_context(client.queue.alease(req.cfg, req.cost, client._scope(req)))
-                    with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
-                        chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
-                        attempt.push_async_callback(_aclose, chunks)
-                        return attempt, chunks, await chunks.__anext__()
-                except StopAsyncIteration:
-                    await attempt.aclose()
-                    raise ResponseError("the stream ended before any chunk arrived") from None
-                except BaseException:
-                    await attempt.aclose()
-                    raise
 
-            attempt, chunks, first = await client.retrying(req.cfg).acall(open_)
-            await stack.enter_async_context(attempt)
+def _reserve(state: _StreamState, client: Client, req: _Request) -> None:
+    """Reserve ``req``'s budget; its release joins ``state.releases``. Raises BudgetExceededError."""
+    reservation = contextlib.ExitStack()
+    reservation.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
+    state.releases.append(reservation.close)
+
+
+def _stream(client: Client, req: _Request, state: _StreamState) -> Iterator[str]:
+    """The generator behind :class:`ReplyStream` (it refers to the state, never to the stream)."""
+    if state.reply is not None:  # a cache hit: the stored text at once
+        if state.reply.message.get("content"):
+            yield state.reply.message["content"]
+        return
+    client._measure(req)
+    acc = Accumulator()
+    with contextlib.ExitStack() as stack:
+        stack.callback(state.release)  # last: after the connection is closed
+        _reserve(state, client, req)
+        state.releases.append(client.queue.acquire(req.cfg, req.cost))
+
+        def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
+            attempt = contextlib.ExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
             try:
-                delta = acc.add(first)
+                attempt.enter_context(client.queue.lease(req.cfg, req.cost, client._scope(req)))
+                with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
+                    chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                    attempt.callback(_close, chunks)
+                    return attempt, chunks, next(iter(chunks))
+            except StopIteration:
+                attempt.close()
+                raise ResponseError("the stream ended before any chunk arrived") from None
+            except BaseException:
+                attempt.close()
+                raise
+
+        attempt, chunks, first = client.retrying(req.cfg).call(open_)
+        stack.enter_context(attempt)
+        try:
+            delta = acc.add(first)
+            if delta:
+                yield delta
+            for chunk in chunks:
+                delta = acc.add(chunk)
                 if delta:
                     yield delta
-                async for chunk in chunks:
-                    delta = acc.add(chunk)
-                    if delta:
-                        yield delta
-                _check_finished(acc)
-            except TinyLLMError as exc:
-                exc.partial = acc.text  # type: ignore[attr-defined]
+            _check_finished(acc)
+        except TinyLLMError as exc:
+            exc.partial = acc.text  # type: ignore[attr-defined]
+            raise
+    state.reply = client._finish_stream(req, acc)
+
+
+async def _astream(client: Client, req: _Request, state: _StreamState) -> AsyncIterator[str]:
+    """The async generator behind :class:`AsyncReplyStream` (it refers to the state, never to the stream)."""
+    if state.reply is not None:
+        if state.reply.message.get("content"):
+            yield state.reply.message["content"]
+        return
+    client._measure(req)
+    acc = Accumulator()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(state.release)  # last: after the connection is closed
+        _reserve(state, client, req)
+        state.releases.append(await client.queue.aacquire(req.cfg, req.cost))
+
+        async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
+            attempt = contextlib.AsyncExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
+            try:
+                await attempt.enter_async_context(client.queue.alease(req.cfg, req.cost, client._scope(req)))
+                with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
+                    chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                    attempt.push_async_callback(_aclose, chunks)
+                    return attempt, chunks, await chunks.__anext__()
+            except StopAsyncIteration:
+                await attempt.aclose()
+                raise ResponseError("the stream ended before any chunk arrived") from None
+            except BaseException:
+                await attempt.aclose()
                 raise
-        self.reply = client._finish_stream(req, acc)
+
+        attempt, chunks, first = await client.retrying(req.cfg).acall(open_)
+        await stack.enter_async_context(attempt)
+        try:
+            delta = acc.add(first)
+            if delta:
+                yield delta
+            async for chunk in chunks:
+                delta = acc.add(chunk)
+                if delta:
+                    yield delta
+            _check_finished(acc)
+        except TinyLLMError as exc:
+            exc.partial = acc.text  # type: ignore[attr-defined]
+            raise
+    state.reply = client._finish_stream(req, acc)
 
 
 def _check_finished(acc: Accumulator) -> None:
