@@ -14,7 +14,7 @@ from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
 from .prompts._templates import Prompt, load_prompt
-from .tools import Tool, ToolCall, Toolbox, as_tool, plan_tools
+from .tools import Tool, ToolCall, Toolbox, as_tool, check_max_tool_rounds, check_tool_timeout, plan_tools
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -376,7 +376,9 @@ class LLMCall:
             matter's ``tools:``); a reply that asks for them is answered by running
             them (see :mod:`tinyllm.tools`). ``tool_choice`` (``"auto"``, ``"required"``,
             ``"none"``, or a tool's name) passes through as a model parameter.
-        max_tool_rounds: tool rounds allowed per call (default: ``MAX_TOOL_ROUNDS``, 10).
+        max_tool_rounds: tool rounds allowed per call (default: ``MAX_TOOL_ROUNDS``, 10); an int >= 0.
+        tool_timeout: seconds one tool call may run (default: ``TOOL_TIMEOUT``, 60; 0: no limit);
+            a call still running then is abandoned and the model gets an error result.
         raise_tool_errors: raise :class:`~tinyllm.ToolError` when a tool call fails
             instead of sending the error text back to the model.
         on_tool_call: called with each :class:`~tinyllm.tools.ToolCall` once it ran.
@@ -387,7 +389,8 @@ class LLMCall:
         TemplateNotFoundError, TemplateError: at construction, when the
             templates cannot be found or parsed.
         OutputParseError: at construction, for an output_type tinyllm does not know.
-        ConfigError: at construction, a tool that cannot be described.
+        ConfigError: at construction, a tool that cannot be described; ``max_tool_rounds`` not an
+            int >= 0 or ``tool_timeout`` not a number >= 0.
 
     :meth:`call` returns the typed value; :meth:`respond` returns the whole
     :class:`~tinyllm.Response` (usage, model, latency, retries, ...). After a
@@ -410,6 +413,7 @@ class LLMCall:
         output_retries: int | None = None,
         tools: Iterable[Any] | None = None,
         max_tool_rounds: int | None = None,
+        tool_timeout: float | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Callable[[ToolCall], None] | None = None,
         **model_params: Any,
@@ -419,7 +423,8 @@ class LLMCall:
         check_model_params(model_params)
         self.client = as_client(client) if client is not None else None
         self.tools: list[Tool] | None = [as_tool(t) for t in tools] if tools is not None else None
-        self.max_tool_rounds = max_tool_rounds
+        self.max_tool_rounds = max_tool_rounds if max_tool_rounds is None else check_max_tool_rounds(max_tool_rounds)
+        self.tool_timeout = tool_timeout if tool_timeout is None else check_tool_timeout(tool_timeout)
         self.raise_tool_errors = raise_tool_errors
         self.on_tool_call = on_tool_call
         self.system_template_name = system_template_name
@@ -483,7 +488,7 @@ class LLMCall:
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
         tools = None if self.tools is None and not prompt.tools else plan_tools(
             self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
-            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
+            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call, timeout=self.tool_timeout)
         response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
         return sender, response, params, output_type, retries, tools
 

@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .output import normalize_output_type
 from .response import Response
 from .prompts._templates import Prompt, load_prompt
-from .tools import as_tool, plan_tools
+from .tools import as_tool, check_max_tool_rounds, check_tool_timeout, plan_tools
 
 __all__ = ["LLMChat"]
 
@@ -54,7 +54,7 @@ class LLMChat:
         output_retries: how many times to repeat a turn whose reply does not
             fit ``output_type``, feeding the parse error back (the failed
             exchange is not kept in the history); default: front matter's, else 0.
-        tools, max_tool_rounds, raise_tool_errors, on_tool_call: tools the model may
+        tools, max_tool_rounds, tool_timeout, raise_tool_errors, on_tool_call: tools the model may
             call, as for :class:`~tinyllm.LLMCall`; a turn's tool rounds (the assistant's
             tool requests and the ``tool`` results) are kept in the history.
         **model_params: API parameters (``model``, ``temperature``,
@@ -88,6 +88,7 @@ class LLMChat:
         output_retries: int | None = None,
         tools: Any = None,
         max_tool_rounds: int | None = None,
+        tool_timeout: float | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Any = None,
         **model_params: Any,
@@ -110,7 +111,8 @@ class LLMChat:
         self.client = as_client(client) if client is not None else None
         self.output_retries = output_retries
         self.tools = [as_tool(t) for t in tools] if tools is not None else None
-        self.max_tool_rounds = max_tool_rounds
+        self.max_tool_rounds = max_tool_rounds if max_tool_rounds is None else check_max_tool_rounds(max_tool_rounds)
+        self.tool_timeout = tool_timeout if tool_timeout is None else check_tool_timeout(tool_timeout)
         self.raise_tool_errors = raise_tool_errors
         self.on_tool_call = on_tool_call
         self.model_params = model_params
@@ -158,7 +160,8 @@ class LLMChat:
         sender = self._sender()
         output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
         tools = plan_tools(self.tools, prompt.tools if prompt is not None else None, self.system_template_name, sender, params,
-                           max_rounds=self.max_tool_rounds, raise_errors=self.raise_tool_errors, on_call=self.on_tool_call)
+                           max_rounds=self.max_tool_rounds, raise_errors=self.raise_tool_errors, on_call=self.on_tool_call,
+                           timeout=self.tool_timeout)
         response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged,
                             prompt=prompt)
         return sender, response, opening, user, params, output_type, retries, merged, tools
