@@ -333,6 +333,9 @@ def http_client(is_async: bool = False) -> Any:
     """
     import openai
 
+    from ._logfilter import install
+
+    install()  # httpx's INFO line would print a password in BASE_URL and keys in the query
     httpx, transport, async_transport = _classes()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     wrap, inner = (async_transport, httpx.AsyncHTTPTransport) if is_async else (transport, httpx.HTTPTransport)

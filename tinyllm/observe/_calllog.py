@@ -392,24 +392,49 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "cookie")
+#: header names whose values are logged as sent (lower case); every other header's value is masked
+SAFE_HEADERS = frozenset({
+    "accept", "accept-encoding", "accept-language", "content-type", "user-agent", "openai-organization",
+    "openai-project", "openai-beta", "x-stainless-retry-count", "x-request-id", "x-client-request-id",
+    "idempotency-key", "helicone-cache-enabled",
+})
+#: query parameter names whose values are logged as sent (lower case); every other one's value is masked
+SAFE_QUERY = frozenset({"api-version", "api_version", "model", "format", "stream"})
+MASKED = "****"
 
 
 def _public_params(params: dict) -> dict:
-    """Parameters as logged: header values that may carry credentials masked."""
+    """Parameters as logged: the values of ``extra_headers`` and ``extra_query`` masked (``****``)
+    unless the header or query name is known to be safe (:data:`SAFE_HEADERS`, :data:`SAFE_QUERY`):
+    a credential can travel under any name (``X-Password``, ``?sig=``)."""
     out = dict(params)
-    headers = out.get("extra_headers")
-    if isinstance(headers, dict):
-        out["extra_headers"] = {k: ("****" if any(w in str(k).lower() for w in _SECRET_HEADER_WORDS) else v)
-                                for k, v in headers.items()}
+    for name, safe in (("extra_headers", SAFE_HEADERS), ("extra_query", SAFE_QUERY)):
+        given = out.get(name)
+        if isinstance(given, dict):
+            out[name] = {k: (v if str(k).lower() in safe else MASKED) for k, v in given.items()}
+        elif given is not None:
+            out[name] = MASKED
     return out
 
 
-def _secrets(sender: Any, cfg: Any) -> list[str]:
+def _masked_values(params: dict) -> list[str]:
+    """The header and query values :func:`_public_params` masks, to scrub them from every other column too
+    (an error message that echoes them); only those of 8 characters or more, which cannot be JSON syntax
+    or a common word (a header ``X-Debug: true`` must not turn every ``true`` of the row into ``****``)."""
+    values: list[str] = []
+    for name, safe in (("extra_headers", SAFE_HEADERS), ("extra_query", SAFE_QUERY)):
+        given = params.get(name)
+        if isinstance(given, dict):
+            values += [str(v) for k, v in given.items() if str(k).lower() not in safe and v is not None and len(str(v)) >= 8]
+    return values
+
+
+def _secrets(sender: Any, cfg: Any, params: dict | None = None) -> list[str]:
     from ..config import API_KEY_NAMES
 
     values = [cfg.secrets.get(name) for name in API_KEY_NAMES]
     values += list(getattr(sender, "_secrets", {}).values())
+    values += _masked_values(params or {})
     return sorted({v for v in values if isinstance(v, str) and len(v) >= 4}, key=len, reverse=True)
 
 
@@ -447,14 +472,15 @@ def _row(item: tuple) -> tuple:
         "error_type": type(exc).__name__ if exc is not None else None,
         "error_message": str(exc) if exc is not None else None, "batch_id": batch_id, "pid": pid,
     }
-    secrets = _secrets(sender, cfg)
+    secrets = _secrets(sender, cfg, resolved)
     if secrets:
+        hidden = set(_masked_values(resolved))  # header and query values: nothing of them is shown
         for column in _TEXT_COLUMNS:
             text = row[column]
             if isinstance(text, str):
                 for secret in secrets:
                     if secret in text:
-                        text = text.replace(secret, mask(secret))
+                        text = text.replace(secret, MASKED if secret in hidden else mask(secret))
                 row[column] = text
     return tuple(row[c] for c in _COLUMNS)
 
