@@ -4,7 +4,6 @@ name and every query value are masked unless the name is known to be safe, in th
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

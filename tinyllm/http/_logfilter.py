@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["RedactingFilter", "install", "LOGGERS"]
+__all__ = ["LOGGERS", "RedactingFilter", "install"]
 
 #: the loggers filtered: httpx (both package names), httpcore, the openai SDK
 LOGGERS = ("httpx", "httpx2", "httpcore", "openai")
@@ -25,7 +25,7 @@ LOGGERS = ("httpx", "httpx2", "httpcore", "openai")
 
 class RedactingFilter(logging.Filter):
     """Rewrites a record's arguments in place: URLs redacted, unsafe header and query values masked.
-    Never drops a record."""
+    Never drops a record (one it cannot redact is replaced by a line saying so)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -36,8 +36,9 @@ class RedactingFilter(logging.Filter):
                 record.args = _redact_options(args)
             if isinstance(record.msg, str) and "://" in record.msg:
                 record.msg = _redact_text(record.msg)
-        except Exception:  # noqa: BLE001 - a filter must never break the application's logging
-            pass
+        except Exception as exc:  # noqa: BLE001 - a filter must never break the application's logging
+            # what could not be redacted is not shown: the line says so instead
+            record.msg, record.args = f"(a log line withheld: tinyllm could not redact it: {type(exc).__name__})", ()
         return True
 
 
