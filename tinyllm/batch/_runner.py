@@ -22,6 +22,7 @@ million futures, and items are taken from the input only as room frees up.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import hashlib
 import json
 import math
@@ -93,12 +94,16 @@ def _call_one(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException |
 
 
 def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1,
-                remote: bool = False) -> list[tuple[Any, BaseException | None]]:
+                remote: bool = False, context: contextvars.Context | None = None) -> list[tuple[Any, BaseException | None]]:
     """Run ``fn`` on each item of a chunk (in the executor, e.g. on a Dask worker): (value, None) or
     (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once.
     ``remote``: the executor sends results back to another process, so each pair is made one that
-    can travel (see :func:`_sendable`); local threads keep every value as it is."""
-    one = (lambda item: _sendable(_call_one(fn, item))) if remote else (lambda item: _call_one(fn, item))
+    can travel (see :func:`_sendable`); local threads keep every value as it is. ``context``: the
+    caller's context (its active budgets, call-log batch id, ...), each item run in a copy of it."""
+    if context is not None:
+        one = lambda item: context.copy().run(_call_one, fn, item)
+    else:
+        one = (lambda item: _sendable(_call_one(fn, item))) if remote else (lambda item: _call_one(fn, item))
     threads = min(threads, len(items))
     if threads <= 1:
         return [one(item) for item in items]
@@ -316,6 +321,8 @@ class Runner:
         owned = self.executor is None
         remote = not _is_local_threads(self.executor)  # results come back pickled from another process
         pool = self.executor or concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="tinyllm-run")
+        # the caller's context goes with each item to local threads (a Budget activated around map() holds its calls)
+        context = None if remote else contextvars.copy_context()
         finished: queue.Queue = queue.Queue()
         pending: dict[concurrent.futures.Future, list] = {}
         stop = threading.Event()
@@ -331,7 +338,7 @@ class Runner:
                         if not chunk:
                             exhausted = True
                             break
-                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads, remote)
+                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads, remote, context)
                         pending[future] = [tag for tag, _ in chunk]
                         future.add_done_callback(finished.put)
                     if stop.is_set() or not pending:

@@ -55,6 +55,9 @@ CONFIG_PARAMS = ("max_tokens", "temperature", "top_p", "frequency_penalty", "pre
 log = logging.getLogger("tinyllm")
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
 _PLAIN = frozenset({str, int, float, bool, dict, list})  # parameter types that are never iterators
+#: token counts above this are refused as impossible when the model's context window is unknown
+#: (10 million: the largest context windows announced, Llama 4 Scout's, are that size)
+MAX_PLAUSIBLE_TOKENS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -439,11 +442,33 @@ class Client:
         info = result[2] if len(result) > 2 else {}
         if not isinstance(message, dict) or "role" not in message:
             raise ResponseError("the client returned no message dict", raw=message)
+        self._check_usage(req, reply_usage)
         cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, spent
-        usage.record_reply(reply_usage, cost)  # counted (the process budget's spending)
+        usage.record_reply(reply_usage, cost, req.model)  # counted (the process budget's spending; the longest reply)
         if req.cache is not None and (req.accept is None or req.accept(message)):
             _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
         return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
+
+    def _check_usage(self, req: _Request, reply_usage: Any) -> None:
+        """Refuse token counts no reply can have before they are counted or charged: negative, or above
+        the model's context window (when it is unknown: :data:`MAX_PLAUSIBLE_TOKENS`).
+
+        Raises:
+            ResponseError: naming the field and the bound (``raw``: the usage dict).
+        """
+        if not isinstance(reply_usage, dict):
+            raise ResponseError(f"the reply's usage is {type(reply_usage).__name__}, not an object", raw=reply_usage)
+        try:
+            window = self.context_window(req.model, req.cfg)
+        except Exception:  # noqa: BLE001 - unknown window: the plausibility bound alone
+            window = None
+        bound = window or MAX_PLAUSIBLE_TOKENS
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            value = reply_usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= bound:
+                what = f"the context window of {req.model} ({window} tokens)" if window else f"{bound} tokens"
+                raise ResponseError(f"the server reported {name}={value}, which no reply can have (more than {what}, "
+                                    "or below 0); the usage was not counted or charged", raw=reply_usage)
 
     def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
                cost: float | None = None) -> Reply:
@@ -528,7 +553,7 @@ class Client:
             async def attempt(n: int) -> tuple:
                 return await self._achat(req.messages, self._attempt_params(req, n), cfg)
 
-        with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
+        async with budget.ahold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
             async with self.queue.aslot(cfg, req.cost):
                 result = await self.retrying(cfg).acall(attempt)
             return self._finish(req, result)
@@ -837,11 +862,6 @@ class AsyncReplyStream:
         self._state.release()
 
 
-def _reserve(state: _StreamState, client: Client, req: _Request) -> None:
-    """Reserve ``req``'s budget; its release joins ``state.releases``. Raises BudgetExceededError."""
-    reservation = contextlib.ExitStack()
-    reservation.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-    state.releases.append(reservation.close)
 
 
 def _stream(client: Client, req: _Request, state: _StreamState) -> Iterator[str]:
@@ -854,7 +874,7 @@ def _stream(client: Client, req: _Request, state: _StreamState) -> Iterator[str]
     acc = Accumulator()
     with contextlib.ExitStack() as stack:
         stack.callback(state.release)  # last: after the connection is closed
-        _reserve(state, client, req)
+        state.releases.append(budget.reserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
         state.releases.append(client.queue.acquire(req.cfg, req.cost))
 
         def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
@@ -899,7 +919,7 @@ async def _astream(client: Client, req: _Request, state: _StreamState) -> AsyncI
     acc = Accumulator()
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(state.release)  # last: after the connection is closed
-        _reserve(state, client, req)
+        state.releases.append(await budget.areserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
         state.releases.append(await client.queue.aacquire(req.cfg, req.cost))
 
         async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
