@@ -429,7 +429,13 @@ class Client:
         if req.cache is None:
             return None
         hit = req.cache.get(req.key)
-        if hit is None or (req.accept is not None and not req.accept(hit["message"])):
+        if hit is None:
+            return None
+        problem = _cached_reply_problem(hit)
+        if problem is not None:  # written by something else, or damaged: asked for again, and overwritten
+            log.warning("cache entry %s is not a stored reply (%s); treated as a miss", req.key, problem)
+            return None
+        if req.accept is not None and not req.accept(hit["message"]):
             return None
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
@@ -642,6 +648,10 @@ class Client:
         keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
         get_many = getattr(cache, "get_many", None)  # RedisCache: one round trip for all
         out: list[list[float] | None] = (get_many(keys) if get_many is not None else [cache.get(k) for k in keys]) if cache is not None else [None] * len(texts)
+        for i, v in enumerate(out):
+            if v is not None and (problem := _cached_vector_problem(v)) is not None:
+                log.warning("cache entry %s is not a stored embedding (%s); treated as a miss", keys[i], problem)
+                out[i] = None
         missing = [i for i, v in enumerate(out) if v is None]
         if cache is not None:
             usage.record(calls=len(texts) - len(missing), cached_calls=len(texts) - len(missing))
@@ -677,6 +687,50 @@ def _open_cache(cfg: Config, forced: bool = True) -> Any:
         return cache_mod.active_cache(cfg, forced=forced)
     except OSError as exc:
         raise ConfigError(f"cannot open the cache file: {exc}; fix CACHE_FILE_NAME or set CACHE_API_CALLS=false") from exc
+
+
+def _cached_reply_problem(hit: Any) -> str | None:
+    """What is wrong with a cache entry read for a chat reply, or None when it has the shape
+    ``_finish`` stores: ``{"message": {"role": str, "content": str | None, "tool_calls"?: [...],
+    "refusal"?: str}, "usage"?: {str: int | dict}, "model"?: str, "finish_reason"?: str}``."""
+    if not isinstance(hit, dict):
+        return f"a {type(hit).__name__}, not an object"
+    message = hit.get("message")
+    if not isinstance(message, dict):
+        return f"its message is {type(message).__name__}, not an object"
+    if not isinstance(message.get("role"), str):
+        return "its message has no role"
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return f"its content is {type(content).__name__}, not text"
+    if message.get("refusal") is not None and not isinstance(message["refusal"], str):
+        return "its refusal is not text"
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", ""), str) for c in calls)):
+        return "its tool_calls are malformed"
+    usage_ = hit.get("usage")
+    if usage_ is not None:
+        if not isinstance(usage_, dict):
+            return f"its usage is {type(usage_).__name__}, not an object"
+        for name, value in usage_.items():
+            if name.endswith("_tokens") and value is not None and not (type(value) is int and value >= 0):
+                return f"its usage.{name} is not a token count"
+            if name.endswith("_details") and value is not None and not (isinstance(value, dict) and all(
+                    v is None or type(v) is int and v >= 0 for v in value.values())):
+                return f"its usage.{name} is not an object of token counts"
+    for name in ("model", "finish_reason"):
+        if hit.get(name) is not None and not isinstance(hit[name], str):
+            return f"its {name} is not text"
+    return None
+
+
+def _cached_vector_problem(hit: Any) -> str | None:
+    """What is wrong with a cache entry read for an embedding (a list of numbers), or None."""
+    if not isinstance(hit, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in hit):
+        return "not a list of numbers"
+    return None
 
 
 def _store(cache: Any, key: str, value: Any) -> None:
