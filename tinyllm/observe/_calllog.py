@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 from . import _otel as otel
 
-__all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "batch", "flush_all",
+__all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "batch", "flush_all", "damaged",
            "new_id", "connect", "query", "get", "stats"]
 
 log = logging.getLogger("tinyllm")
@@ -250,29 +250,77 @@ class CallLog:
 
     def _write(self, rows: list[tuple]) -> None:
         """Write ``rows`` in one transaction, on a connection opened for it (none stays open between
-        batches: a fork() then never copies an open SQLite connection into the child)."""
+        batches: a fork() then never copies an open SQLite connection into the child).
+
+        A damaged file (not a database, or a malformed one) is moved aside, to
+        ``<path>.damaged-<UTC time>`` with its ``-wal`` and ``-shm`` files, a new log is started at
+        ``path`` and the rows go there; one WARNING names both files. Other failures (disk full,
+        permissions) drop the rows, with one WARNING naming the file."""
         import sqlite3
 
         with self._db_lock:
-            conn = None
-            try:
-                conn = _open_for_writing(self.path)
-                conn.execute("BEGIN IMMEDIATE")
+            for attempt in range(3):
                 try:
-                    conn.executemany(_INSERT, rows)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
-                self.written += len(rows)
-            except (sqlite3.Error, OSError) as exc:
-                self.dropped += len(rows)
-                self._warn("write", f"cannot write the call log {self.path}: {exc}")
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+                    self._insert(rows)
+                    return
+                except sqlite3.DatabaseError as exc:
+                    if not damaged(exc) or attempt == 2:
+                        return self._drop(rows, exc)
+                    if attempt == 0:
+                        continue  # another process may have moved it aside already: look again first
+                    try:
+                        aside = _move_aside(self.path)
+                    except OSError as move_error:
+                        return self._drop(rows, exc, f"; it could not be moved aside ({move_error}): move it away "
+                                                     f"by hand (mv {self.path} {self.path}.damaged) and a new one starts")
+                    log.warning("the call log %s was damaged (%s); it was moved aside to %s and a new log started "
+                                "in its place", self.path, exc, aside)
+                except OSError as exc:
+                    return self._drop(rows, exc)
+
+    def _insert(self, rows: list[tuple]) -> None:
+        import sqlite3
+
+        conn = _open_for_writing(self.path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            self.written += len(rows)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _drop(self, rows: list[tuple], exc: BaseException, hint: str = "") -> None:
+        self.dropped += len(rows)
+        self._warn("write", f"cannot write the call log {self.path}: {exc}{hint}")
+
+
+def damaged(exc: BaseException) -> bool:
+    """Whether an sqlite3 error says the file itself is damaged (SQLITE_CORRUPT, SQLITE_NOTADB), not busy or full."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc).lower()
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text
+
+
+def _move_aside(path: str) -> str:
+    """Rename the damaged log ``path`` (and its ``-wal``, ``-shm`` files) to ``<path>.damaged-<UTC time>``;
+    returns that name. Raises OSError."""
+    aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    n = 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{n}"
+    os.rename(path, aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path + suffix, aside + suffix)
+    return aside
 
 
 def _open_for_writing(path: str) -> Any:
