@@ -130,3 +130,25 @@ def test_impossible_usage_in_a_stream_is_refused_too(wired, prompts):
     response = LLMCall("ask.system.md", prompts_dir=prompts).stream(question="q")
     with pytest.raises(ResponseError, match="prompt_tokens=1000000000000000"):
         list(response)
+
+
+def test_map_progress_shows_budget_refusals_as_not_sent_like_the_summary(wired, prompts, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from tinyllm.cli import cli
+
+    monkeypatch.setenv("TINYLLM_PRICES", json.dumps(DOLLAR_PER_OUTPUT_TOKEN))
+    monkeypatch.setenv("TINYLLM_LOG_CALLS", "false")
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"r{i}", "question": f"q{i}"}) + "\n" for i in range(20)))
+    wired.enqueue(*[Reply(f"answer {i}", usage=TEN) for i in range(20)])
+    result = CliRunner().invoke(cli, ["map", "ask", "--prompts-dir", str(prompts), "-i", str(rows), "-o", str(out),
+                                      "-c", "4", "--max-tokens", "10", "--max-cost", "50", "--progress"],
+                                catch_exceptions=False)
+    assert result.exit_code == 1
+    progress = [line for line in result.stderr.splitlines() if " rows done" in line]
+    assert progress and "failed=" not in result.stderr
+    assert "20 rows: 5 done now, 0 done before, 0 failed, 15 not sent (budget)" in result.stderr
+    assert "not sent=15" in progress[-1] and progress[-1].startswith(("ask: 5/20 rows done", "ask.system.md: 5/20"))
