@@ -114,7 +114,7 @@ def test_async_calls_under_max_cost_wait_their_turn(wired, prompts):
 
 @pytest.mark.parametrize("usage", [
     {"prompt_tokens": 10**15, "completion_tokens": 1, "total_tokens": 10**15 + 1},
-    {"prompt_tokens": 5, "completion_tokens": 200_000, "total_tokens": 200_005},
+    {"prompt_tokens": 5, "completion_tokens": 300_000, "total_tokens": 300_005},  # gpt-4o-mini: a 128k window
 ], ids=["huge-prompt", "completion-above-window"])
 def test_impossible_usage_is_refused_not_counted(wired, prompts, usage):
     tinyllm.configure(prices=DOLLAR_PER_OUTPUT_TOKEN, max_tokens=10)

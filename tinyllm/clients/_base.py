@@ -456,8 +456,9 @@ class Client:
         return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
 
     def _check_usage(self, req: _Request, reply_usage: Any) -> None:
-        """Refuse token counts no reply can have before they are counted or charged: negative, or above
-        the model's context window (when it is unknown: :data:`MAX_PLAUSIBLE_TOKENS`).
+        """Refuse token counts no reply can have before they are counted or charged: negative, a prompt or
+        a completion above twice the model's context window (when it is unknown: :data:`MAX_PLAUSIBLE_TOKENS`),
+        a total above twice that.
 
         Raises:
             ResponseError: naming the field and the bound (``raw``: the usage dict).
@@ -468,11 +469,15 @@ class Client:
             window = self.context_window(req.model, req.cfg)
         except Exception:  # noqa: BLE001 - unknown window: the plausibility bound alone
             window = None
-        bound = window or MAX_PLAUSIBLE_TOKENS
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        # A prompt or a completion fits the window. Tokenizers differ (a server's count of an OpenAI-compatible
+        # model, the window tinyllm knows for a name) and windows may or may not count the output, so twice the
+        # window is allowed for each, four times for the total: only the absurd (10^15 tokens) is refused.
+        bound = 2 * window if window else MAX_PLAUSIBLE_TOKENS
+        for name, most in (("prompt_tokens", bound), ("completion_tokens", bound), ("total_tokens", 2 * bound)):
             value = reply_usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= bound:
-                what = f"the context window of {req.model} ({window} tokens)" if window else f"{bound} tokens"
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= most:
+                what = (f"{most // window} times the context window of {req.model} ({window} tokens)"
+                        if window else f"{most} tokens")
                 raise ResponseError(f"the server reported {name}={value}, which no reply can have (more than {what}, "
                                     "or below 0); the usage was not counted or charged", raw=reply_usage)
 
