@@ -58,7 +58,7 @@ class Budget:
 
     Attributes:
         spent (float): USD of the replies answered under this budget.
-        in_flight (float): worst-case USD of the calls under way.
+        in_flight (float): USD reserved by the calls under way (see the module docstring for how much).
 
     Use :meth:`activate` (a context manager) to put calls under it; calls under
     several budgets (the process's and a run's) must fit all of them.
