@@ -352,7 +352,12 @@ def _sse_events(answer: dict, how: "Stream", include_usage: bool) -> list[dict]:
 
     choice = answer["choices"][0] if answer["choices"] else {"message": {}, "finish_reason": "stop"}
     message = choice["message"]
-    events = [chunk({"role": "assistant", "content": ""})]
+    # as OpenAI streams them: content "" first when the reply has text, null throughout when it has none
+    # (a refusal, tool calls only); a refusal comes in pieces of its own
+    events = [chunk({"role": "assistant", "content": "" if isinstance(message.get("content"), str) else None})]
+    refusal = message.get("refusal")
+    if isinstance(refusal, str):
+        events += [chunk({"refusal": refusal[i:i + 8]}) for i in range(0, len(refusal), 8)]
     content = message.get("content") or ""
     if content:
         words = content.split(" ")

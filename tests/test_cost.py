@@ -159,13 +159,22 @@ def test_max_cost_refuses_a_call_that_could_exceed_it_before_sending(wired, prom
     assert llm.call(question="4") == "c"
 
 
-def test_without_max_tokens_the_worst_case_is_the_rest_of_the_context_window(wired, prompts):
-    tinyllm.configure(prices=DOLLAR_PER_OUTPUT_TOKEN, max_cost=100_000)  # gpt-4o-mini: a 128k window
+def test_without_max_tokens_the_reservation_is_the_longest_reply_seen(wired, prompts):
+    from tinyllm.limits._budget import RESERVED_OUTPUT
+
+    tinyllm.configure(prices=DOLLAR_PER_OUTPUT_TOKEN, max_cost=RESERVED_OUTPUT - 1)
+    llm = LLMCall("ask.system.md", prompts_dir=prompts)
     with pytest.raises(BudgetExceededError) as info:
-        LLMCall("ask.system.md", prompts_dir=prompts).call(question="q")
-    prompt = tinyllm.count_tokens(LLMCall("ask.system.md", prompts_dir=prompts).render(question="q"), "gpt-4o-mini")
-    assert info.value.estimate == pytest.approx(128_000 - prompt)
+        llm.call(question="q")
+    assert info.value.estimate == pytest.approx(RESERVED_OUTPUT)  # before any reply: RESERVED_OUTPUT tokens
     assert wired.chat_requests() == []
+    tinyllm.configure(max_cost=100_000)
+    wired.enqueue(Reply("long", usage={"prompt_tokens": 5, "completion_tokens": 3000, "total_tokens": 3005}))
+    assert llm.call(question="q") == "long"
+    tinyllm.configure(max_cost=5999)  # $3000 spent: the next reservation is the longest reply, 3000 tokens
+    with pytest.raises(BudgetExceededError) as info:
+        llm.call(question="again")
+    assert info.value.estimate == pytest.approx(3000) and info.value.spent == pytest.approx(3000)
 
 
 def test_a_budget_counts_calls_in_flight_at_their_worst_case():

@@ -103,11 +103,12 @@ class Accumulator:
         """The assembled message dict (``role``, ``content``; ``tool_calls`` and ``refusal`` when sent).
 
         Raises:
-            ResponseError: the stream carried no chunk, or neither text nor tool calls nor a refusal.
+            ResponseError: the stream carried no chunk.
         """
         if not self.chunks:
             raise ResponseError("the stream ended before any chunk arrived")
-        message: dict[str, Any] = {"role": "assistant", "content": self.text if self._parts or not self._tool_calls else None}
+        # content stays None when no delta carried any (a refusal, tool calls only), as in a non-streamed reply
+        message: dict[str, Any] = {"role": "assistant", "content": self.text if self._parts else None}
         if self._tool_calls:
             message["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
         if self._refusal:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .observe import _usage as usage
@@ -16,7 +17,7 @@ from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
 from .prompts._templates import Prompt, load_prompt
-from .tools import Tool, ToolCall, Toolbox, as_tool, plan_tools
+from .tools import Tool, ToolCall, Toolbox, as_tool, check_max_tool_rounds, check_tool_timeout, plan_tools
 
 if TYPE_CHECKING:
     import concurrent.futures
@@ -205,6 +206,21 @@ def _closing(tools: Toolbox | None) -> Iterator[None]:
     finally:
         if tools is not None:
             tools.close()
+class _RoundsState:
+    """What a :class:`_ToolRoundsStream` shares with its generator: the last reply, and the round's stream
+    (to give its slot back when the whole stream is dropped unfinished). The generator refers to the
+    Response only weakly: nothing here keeps an abandoned Response, and its request slot, alive."""
+
+    __slots__ = ("reply", "current", "__weakref__")
+
+    def __init__(self) -> None:
+        self.reply: Any = None
+        self.current: Any = None
+
+    def abandon(self) -> None:
+        current = self.current
+        if current is not None:
+            current._abandon()
 
 
 class _ToolRoundsStream:
@@ -213,54 +229,27 @@ class _ToolRoundsStream:
 
     def __init__(self, sender: Client, response: Response, params: dict, accept: Callable[[dict], bool],
                  tools: Toolbox, on_reply: Callable[[dict], None]) -> None:
-        self.sender, self.response, self.params, self.accept, self.tools, self.on_reply = sender, response, params, accept, tools, on_reply
-        self.reply: Any = None
+        self._args = (sender, weakref.ref(response), params, accept, tools, on_reply)
+        self._state = _RoundsState()
         self._iter: Any = None
-        self._current: Any = None
+        self.tools = tools
+        weakref.finalize(self, tools.close)  # a stream dropped unread still stops its MCP servers
+
+    @property
+    def reply(self) -> Any:
+        return self._state.reply
 
     def __iter__(self) -> Any:
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = _stream_rounds(*self._args, self._state)
+            weakref.finalize(self._iter, self._state.abandon)
         return self._iter
 
     def __aiter__(self) -> Any:
         if self._iter is None:
-            self._iter = self._arun()
+            self._iter = _astream_rounds(*self._args, self._state)
+            weakref.finalize(self._iter, self._state.abandon)
         return self._iter
-
-    def _run(self) -> Any:
-        conversation, params = list(self.response.messages), self.params
-        try:
-            while True:
-                self._current = stream = self.sender.stream_request(conversation, accept=self.accept, **params)
-                yield from stream
-                if not self.tools.asks(stream.reply.message):
-                    self.reply = stream.reply
-                    return
-                self.response.add_reply(stream.reply)
-                self.on_reply(stream.reply.message)
-                conversation, params = _tool_round(self.tools, self.response, conversation, stream.reply.message, params)
-        finally:
-            self.tools.close()  # its MCP servers: the call ends with its stream
-
-    async def _arun(self) -> Any:
-        conversation, params = list(self.response.messages), self.params
-        try:
-            while True:
-                self._current = stream = self.sender.astream_request(conversation, accept=self.accept, **params)
-                try:
-                    async for delta in stream:
-                        yield delta
-                finally:
-                    await stream.aclose()
-                if not self.tools.asks(stream.reply.message):
-                    self.reply = stream.reply
-                    return
-                self.response.add_reply(stream.reply)
-                self.on_reply(stream.reply.message)
-                conversation, params = await _atool_round(self.tools, self.response, conversation, stream.reply.message, params)
-        finally:
-            self.tools.close()
 
     def close(self) -> None:
         if self._iter is not None:
@@ -271,6 +260,58 @@ class _ToolRoundsStream:
         if self._iter is not None:
             await self._iter.aclose()
         self.tools.close()
+
+    def _abandon(self) -> None:
+        self._state.abandon()
+
+
+def _stream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dict], bool], tools: Toolbox,
+                   on_reply: Callable[[dict], None], state: _RoundsState) -> Any:
+    """The generator behind :class:`_ToolRoundsStream`; ``ref`` is a weak reference to the Response
+    (no strong one is kept across a ``yield``)."""
+    conversation = list(ref().messages)
+    try:
+        while True:
+            state.current = stream = sender.stream_request(conversation, accept=accept, **params)
+            yield from stream
+            if not tools.asks(stream.reply.message):
+                state.reply = stream.reply
+                return
+            response = ref()
+            if response is None:  # dropped meanwhile: nobody reads on
+                return
+            response.add_reply(stream.reply)
+            on_reply(stream.reply.message)
+            conversation, params = _tool_round(tools, response, conversation, stream.reply.message, params)
+            del response
+    finally:
+        tools.close()  # its MCP servers: the call ends with its stream
+
+
+async def _astream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dict], bool], tools: Toolbox,
+                          on_reply: Callable[[dict], None], state: _RoundsState) -> Any:
+    """The asyncio twin of :func:`_stream_rounds`."""
+    conversation = list(ref().messages)
+    try:
+        while True:
+            state.current = stream = sender.astream_request(conversation, accept=accept, **params)
+            try:
+                async for delta in stream:
+                    yield delta
+            finally:
+                await stream.aclose()
+            if not tools.asks(stream.reply.message):
+                state.reply = stream.reply
+                return
+            response = ref()
+            if response is None:
+                return
+            response.add_reply(stream.reply)
+            on_reply(stream.reply.message)
+            conversation, params = await _atool_round(tools, response, conversation, stream.reply.message, params)
+            del response
+    finally:
+        tools.close()
 
 
 def _open_stream(sender: Client, response: Response, params: dict, output_type: Any, tools: Toolbox | None,
@@ -356,7 +397,9 @@ class LLMCall:
             matter's ``tools:``); a reply that asks for them is answered by running
             them (see :mod:`tinyllm.tools`). ``tool_choice`` (``"auto"``, ``"required"``,
             ``"none"``, or a tool's name) passes through as a model parameter.
-        max_tool_rounds: tool rounds allowed per call (default: ``MAX_TOOL_ROUNDS``, 10).
+        max_tool_rounds: tool rounds allowed per call (default: ``MAX_TOOL_ROUNDS``, 10); an int >= 0.
+        tool_timeout: seconds one tool call may run (default: ``TOOL_TIMEOUT``, 60; 0: no limit);
+            a call still running then is abandoned and the model gets an error result.
         raise_tool_errors: raise :class:`~tinyllm.ToolError` when a tool call fails
             instead of sending the error text back to the model.
         on_tool_call: called with each :class:`~tinyllm.tools.ToolCall` once it ran.
@@ -373,7 +416,8 @@ class LLMCall:
         TemplateNotFoundError, TemplateError: at construction, when the
             templates cannot be found or parsed.
         OutputParseError: at construction, for an output_type tinyllm does not know.
-        ConfigError: at construction, a tool that cannot be described.
+        ConfigError: at construction, a tool that cannot be described; ``max_tool_rounds`` not an
+            int >= 0 or ``tool_timeout`` not a number >= 0.
 
     :meth:`call` returns the typed value; :meth:`respond` returns the whole
     :class:`~tinyllm.Response` (usage, model, latency, retries, ...). After a
@@ -396,6 +440,7 @@ class LLMCall:
         output_retries: int | None = None,
         tools: Iterable[Any] | None = None,
         max_tool_rounds: int | None = None,
+        tool_timeout: float | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Callable[[ToolCall], None] | None = None,
         fallbacks: Iterable[Any] | None = None,
@@ -409,7 +454,8 @@ class LLMCall:
         self.fallbacks = Fallbacks(checked) if checked else None
         self._servers = FrontServers()
         self.tools: list[Tool] | None = [as_tool(t) for t in tools] if tools is not None else None
-        self.max_tool_rounds = max_tool_rounds
+        self.max_tool_rounds = max_tool_rounds if max_tool_rounds is None else check_max_tool_rounds(max_tool_rounds)
+        self.tool_timeout = tool_timeout if tool_timeout is None else check_tool_timeout(tool_timeout)
         self.raise_tool_errors = raise_tool_errors
         self.on_tool_call = on_tool_call
         self.system_template_name = system_template_name
@@ -474,7 +520,8 @@ class LLMCall:
         servers = self._servers.of(prompt)
         tools = None if self.tools is None and not prompt.tools and not servers else plan_tools(
             self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
-            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call, front_sources=servers)
+            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call, front_sources=servers,
+            timeout=self.tool_timeout)
         response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
         return sender, response, params, output_type, retries, tools
 
@@ -544,7 +591,7 @@ class LLMCall:
         first delta carries ``.partial``, the text received so far.
         """
         sender, response, params, output_type, _, tools = self._plan(variables)
-        on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
+        on_reply = self._recorder(response.messages)
         if not sender.capabilities.streaming:
             with _closing(tools):
                 return respond_with(sender, response, params, output_type, 0, on_reply, tools)
@@ -553,11 +600,16 @@ class LLMCall:
     async def astream(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`stream`: ``async for delta in await call.astream(...)``."""
         sender, response, params, output_type, _, tools = self._plan(variables)
-        on_reply = lambda m: self._last.set(response.messages, m)  # noqa: E731
+        on_reply = self._recorder(response.messages)
         if not sender.capabilities.streaming:
             with _closing(tools):
                 return await arespond_with(sender, response, params, output_type, 0, on_reply, tools)
         return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, True), output_type, on_reply)
+
+    def _recorder(self, messages: list[dict]) -> Callable[[dict], None]:
+        """``on_reply`` of a streamed call: records the last exchange. It holds the messages, not the
+        Response (a Response -> on_done -> Response cycle would keep an abandoned stream's slot)."""
+        return lambda m: self._last.set(messages, m)
 
     def _call_with(self, variables: dict) -> Any:
         return self.call(**variables)

@@ -30,7 +30,7 @@ from .output import normalize_output_type
 from .response import Response
 from .prompts._templates import Prompt, load_prompt
 from ._mcp import FrontServers, tool_sources
-from .tools import as_tool, plan_tools
+from .tools import as_tool, check_max_tool_rounds, check_tool_timeout, plan_tools
 
 __all__ = ["LLMChat"]
 
@@ -56,7 +56,7 @@ class LLMChat:
         output_retries: how many times to repeat a turn whose reply does not
             fit ``output_type``, feeding the parse error back (the failed
             exchange is not kept in the history); default: front matter's, else 0.
-        tools, max_tool_rounds, raise_tool_errors, on_tool_call: tools the model may
+        tools, max_tool_rounds, tool_timeout, raise_tool_errors, on_tool_call: tools the model may
             call, as for :class:`~tinyllm.LLMCall`; a turn's tool rounds (the assistant's
             tool requests and the ``tool`` results) are kept in the history.
         fallbacks: clients to try in turn when the client fails, as for :class:`~tinyllm.LLMCall`.
@@ -91,6 +91,7 @@ class LLMChat:
         output_retries: int | None = None,
         tools: Any = None,
         max_tool_rounds: int | None = None,
+        tool_timeout: float | None = None,
         raise_tool_errors: bool = False,
         on_tool_call: Any = None,
         fallbacks: Iterable[Any] | None = None,
@@ -118,7 +119,8 @@ class LLMChat:
         self._held: list = []  # MCP servers this chat keeps open between turns (see close())
         self.output_retries = output_retries
         self.tools = [as_tool(t) for t in tools] if tools is not None else None
-        self.max_tool_rounds = max_tool_rounds
+        self.max_tool_rounds = max_tool_rounds if max_tool_rounds is None else check_max_tool_rounds(max_tool_rounds)
+        self.tool_timeout = tool_timeout if tool_timeout is None else check_tool_timeout(tool_timeout)
         self.raise_tool_errors = raise_tool_errors
         self.on_tool_call = on_tool_call
         self.model_params = model_params
@@ -169,7 +171,7 @@ class LLMChat:
         self._hold(tool_sources(self.tools) if self.tools is not None else servers)
         tools = plan_tools(self.tools, prompt.tools if prompt is not None else None, self.system_template_name, sender, params,
                            max_rounds=self.max_tool_rounds, raise_errors=self.raise_tool_errors, on_call=self.on_tool_call,
-                           front_sources=servers)
+                           front_sources=servers, timeout=self.tool_timeout)
         response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged,
                             prompt=prompt)
         return sender, response, opening, user, params, output_type, retries, merged, tools

@@ -183,6 +183,8 @@ class Config:
     local_model_path: str | None = _setting(None, _str)
     prompts_dirs: list = _setting([], _parse_paths)
     max_tool_rounds: int = _setting(10, _nonneg(int), "tool rounds a call may take (a reply asking for tools, the tools run); then ToolRoundsExceededError")
+    tool_timeout: float = _setting(60.0, _nonneg(float), "seconds one tool call may run; then the model gets an error result (the call is abandoned); 0 = no limit")
+    tool_concurrency: int = _setting(8, _positive_int, "tool calls of one reply that run at once (threads or tasks); the rest wait their turn")
     file_check_interval: float = _setting(1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use")
     # -- shared state through Redis (tinyllm/cache/_redis.py, tinyllm/limits/_redis.py) --
     redis_url: str | None = _setting(None, _str, "redis://[:password@]host:6379/0: share the cache and the limits across processes and machines")

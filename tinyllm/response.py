@@ -137,16 +137,13 @@ class Response:
             yield delta
         self._complete()
 
-    async def __aiter__(self) -> AsyncIterator[str]:
-        """The asyncio twin of ``__iter__`` (for ``LLMCall.astream``)."""
-        if self._stream is None:
-            if self.text:
-                yield self.text
-            return
-        async for delta in self._stream:
-            self._delta(delta)
-            yield delta
-        self._complete()
+    def __aiter__(self) -> AsyncIterator[str]:
+        """The asyncio twin of ``__iter__`` (for ``LLMCall.astream``).
+
+        A plain async iterator, not an async generator: dropped after a ``break`` it needs no
+        closing by the event loop, so a Response dropped unfinished frees its request slot at once.
+        """
+        return _AsyncDeltas(self)
 
     def _delta(self, delta: str) -> None:
         if self.time_to_first_token is None:
@@ -231,3 +228,37 @@ class Response:
             "tool_rounds": [r.as_dict() for r in self.tool_rounds], "attempts": [a.as_dict() for a in self.attempts],
             "template": self.template, "variables": self.variables, "cost": self.cost,
         }
+
+
+class _AsyncDeltas:
+    """``async for delta in response``: the deltas of the Response's stream, folded into it."""
+
+    __slots__ = ("_response", "_inner", "_whole")
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+        self._inner: Any = None
+        self._whole = response._stream is None  # a complete Response yields its whole text once
+
+    def __aiter__(self) -> "_AsyncDeltas":
+        return self
+
+    async def __anext__(self) -> str:
+        response = self._response
+        if self._whole:
+            self._whole = False
+            if response._stream is None and response.text:
+                return response.text
+            raise StopAsyncIteration
+        if response._stream is None:
+            raise StopAsyncIteration
+        if self._inner is None:
+            self._inner = response._stream.__aiter__()
+        try:
+            delta = await self._inner.__anext__()
+        except StopAsyncIteration:
+            self._inner = None
+            response._complete()
+            raise
+        response._delta(delta)
+        return delta

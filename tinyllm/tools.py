@@ -49,7 +49,7 @@ from ._fork import reset_in_child
 from .errors import ConfigError, ToolError, ToolRoundsExceededError
 
 __all__ = ["Tool", "ToolCall", "ToolRound", "Toolbox", "ToolRegistry", "ToolSource", "registry", "tool", "as_tool",
-           "plan_tools"]
+           "plan_tools", "DEFAULT_TOOL_TIMEOUT", "DEFAULT_TOOL_CONCURRENCY"]
 
 
 def _is_model(obj: Any) -> bool:
@@ -374,15 +374,25 @@ class ToolRound:
 
 
 def _result_text(value: Any) -> str:
-    """A tool's return value as the text sent back: a str as is, else JSON (pydantic's encoder), else ``str()``."""
+    """A tool's return value as the text sent back: a str as is, anything else as JSON.
+
+    JSON by pydantic's encoder (models, dataclasses, dates, sets, bytes, ...); a value inside it
+    that JSON has no form for (an arbitrary object) is written as its ``str()``, a JSON string;
+    a value the encoder cannot walk at all (keys that are not str, nesting too deep) is sent as
+    one JSON string of its ``str()``. The text sent is always valid JSON (or the str returned).
+    """
     if isinstance(value, str):
         return value
     from pydantic_core import PydanticSerializationError, to_json
 
     try:
-        return to_json(value).decode("utf-8")
-    except (PydanticSerializationError, TypeError, ValueError):
-        return str(value)
+        return to_json(value, serialize_unknown=True).decode("utf-8")
+    except (PydanticSerializationError, TypeError, ValueError, RecursionError):
+        try:
+            text = str(value)
+        except Exception:  # noqa: BLE001 - a __str__ that fails: say what it was
+            text = f"<{type(value).__name__} object>"
+        return json.dumps(text)
 
 
 def _validation_text(exc: Exception) -> str:
@@ -393,6 +403,12 @@ def _validation_text(exc: Exception) -> str:
         except (TypeError, AttributeError):  # a ValidationError raised by hand
             pass
     return str(exc)
+
+
+#: seconds one tool call may run by default (the ``TOOL_TIMEOUT`` setting's default)
+DEFAULT_TOOL_TIMEOUT = 60.0
+#: tool calls of one reply that run at once by default (the ``TOOL_CONCURRENCY`` setting's default)
+DEFAULT_TOOL_CONCURRENCY = 8
 
 
 # -- one round -----------------------------------------------------------------------------------------
@@ -407,14 +423,28 @@ class Toolbox:
             raises :class:`~tinyllm.ToolRoundsExceededError`.
         raise_errors (bool): raise :class:`~tinyllm.ToolError` instead of telling the model.
         on_call: called with each finished :class:`ToolCall` (the CLI prints them).
+        timeout (float): seconds one tool call may run (0: no limit; default
+            :data:`DEFAULT_TOOL_TIMEOUT`, the ``TOOL_TIMEOUT`` setting's default). A call still
+            running then is abandoned (Python cannot stop a thread; it runs on in a daemon
+            thread) and the model gets an error result saying it timed out.
+        concurrency (int): tool calls of one reply that run at once (default
+            :data:`DEFAULT_TOOL_CONCURRENCY`); the rest wait their turn. A reply asking for 400
+            calls starts at most this many threads (plus any abandoned after a timeout).
 
     Raises:
-        ConfigError: two tools with one name; what :func:`as_tool` raises.
+        ConfigError: two tools with one name; ``max_rounds`` not an int >= 0, ``timeout`` not
+            a number >= 0, ``concurrency`` not an int >= 1; what :func:`as_tool` raises.
     """
 
     def __init__(self, tools: Iterable[Any], *, max_rounds: int = 10, raise_errors: bool = False,
-                 on_call: Callable[[ToolCall], None] | None = None) -> None:
+                 on_call: Callable[[ToolCall], None] | None = None, timeout: float = DEFAULT_TOOL_TIMEOUT,
+                 concurrency: int = DEFAULT_TOOL_CONCURRENCY) -> None:
         self.tools: dict[str, Tool] = {}
+        self.max_rounds = check_max_tool_rounds(max_rounds)
+        self.timeout = check_tool_timeout(timeout)
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"tool_concurrency must be an int >= 1, got {concurrency!r}")
+        self.concurrency = concurrency
         self.sources: list[ToolSource] = []  # opened here, closed by close()
         try:
             for t in tools:
@@ -427,7 +457,6 @@ class Toolbox:
         except BaseException:
             self.close()
             raise
-        self.max_rounds = max_rounds
         self.raise_errors = raise_errors
         self.on_call = on_call
 
@@ -498,9 +527,9 @@ class Toolbox:
             work.append((record, found, problem))
         return ToolRound(index=index, message=sent_back), work
 
-    def _done(self, record: ToolCall, started: float, value: Any = None, exc: BaseException | None = None,
+    def _done(self, record: ToolCall, duration: float, value: Any = None, exc: BaseException | None = None,
               text: str = "") -> ToolCall:
-        record.duration = time.perf_counter() - started
+        record.duration = duration
         if exc is None:
             record.result, record.content = value, _result_text(value)
         else:
@@ -521,60 +550,141 @@ class Toolbox:
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             return None, exc, f"invalid arguments for {record.name}: {_validation_text(exc)}"
 
-    def _run_one(self, record: ToolCall, found: Tool | None, problem: Exception | None) -> ToolCall:
+    def _execute(self, record: ToolCall, found: Tool | None, problem: Exception | None) -> tuple:
+        """Validate and run one call (in a worker thread, which never changes ``record``):
+        (value, exception, its text for the model, seconds taken)."""
         started = time.perf_counter()
         validated, exc, text = self._validate(record, found, problem)
         if exc is not None:
-            return self._done(record, started, exc=exc, text=text)
+            return None, exc, text, time.perf_counter() - started
         try:
-            value = found.invoke(validated)  # type: ignore[union-attr]
+            return found.invoke(validated), None, "", time.perf_counter() - started  # type: ignore[union-attr]
         except Exception as exc:  # the tool's own failure goes back to the model
-            return self._done(record, started, exc=exc, text=f"{record.name} raised {type(exc).__name__}: {exc}")
-        return self._done(record, started, value)
+            return None, exc, f"{record.name} raised {type(exc).__name__}: {exc}", time.perf_counter() - started
 
-    async def _arun_one(self, record: ToolCall, found: Tool | None, problem: Exception | None) -> ToolCall:
+    async def _aexecute(self, record: ToolCall, found: Tool | None, problem: Exception | None) -> tuple:
+        """The asyncio twin of :meth:`_execute`: an async tool is awaited, a sync one runs in a daemon thread."""
+        import asyncio
+        import contextvars
+
         started = time.perf_counter()
         validated, exc, text = self._validate(record, found, problem)
         if exc is not None:
-            return self._done(record, started, exc=exc, text=text)
+            return None, exc, text, time.perf_counter() - started
         try:
-            value = await found.ainvoke(validated)  # type: ignore[union-attr]
+            if found.is_async or found.is_model:  # type: ignore[union-attr]
+                value = await found.ainvoke(validated)  # type: ignore[union-attr]
+            else:  # not asyncio's default executor: a hung tool would hold up asyncio.run's exit
+                context = contextvars.copy_context()
+                value = await asyncio.wrap_future(_in_daemon_thread(context.run, found.invoke, validated))  # type: ignore[union-attr]
+            return value, None, "", time.perf_counter() - started
         except Exception as exc:
-            return self._done(record, started, exc=exc, text=f"{record.name} raised {type(exc).__name__}: {exc}")
-        return self._done(record, started, value)
+            return None, exc, f"{record.name} raised {type(exc).__name__}: {exc}", time.perf_counter() - started
+
+    def _timed_out(self, record: ToolCall) -> tuple:
+        exc = TimeoutError(f"{record.name} did not finish within tool_timeout={self.timeout:g} s")
+        return None, exc, f"{exc}; it was abandoned, no result", self.timeout
 
     def run_round(self, index: int, message: dict) -> ToolRound:
-        """Run every tool call of ``message`` (concurrently in threads when there are several); the round's record.
+        """Run every tool call of ``message``: in daemon threads, at most :attr:`concurrency` at once,
+        each for at most :attr:`timeout` seconds; the round's record (calls in the order asked).
 
         Raises:
-            ToolError: a call failed and ``raise_errors`` is set.
+            ToolError: a call failed (or timed out) and ``raise_errors`` is set.
         """
+        import concurrent.futures
+        import contextvars
+
         started = time.perf_counter()
         record, work = self._prepare(index, message)
-        if len(work) == 1 and not (work[0][1] is not None and work[0][1].is_async):
-            record.calls = [self._run_one(*work[0])]
-        else:
-            import concurrent.futures
-
-            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(work))) as pool:
-                record.calls = list(pool.map(lambda w: self._run_one(*w), work))
+        outcomes: list[Any] = [None] * len(work)
+        waiting = list(range(len(work)))[::-1]  # popped from the end: in order
+        running: dict[concurrent.futures.Future, tuple[int, float | None]] = {}
+        while waiting or running:
+            while waiting and len(running) < self.concurrency:
+                i = waiting.pop()
+                context = contextvars.copy_context()  # the caller's budgets and settings go along
+                future = _in_daemon_thread(context.run, self._execute, *work[i])
+                running[future] = (i, time.monotonic() + self.timeout if self.timeout else None)
+            deadlines = [d for _, d in running.values() if d is not None]
+            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            concurrent.futures.wait(list(running), timeout=wait, return_when=concurrent.futures.FIRST_COMPLETED)
+            now = time.monotonic()
+            for future, (i, deadline) in list(running.items()):
+                if future.done():
+                    outcomes[i] = future.result()
+                elif deadline is not None and now >= deadline:
+                    outcomes[i] = self._timed_out(work[i][0])  # the thread is left to finish on its own
+                else:
+                    continue
+                del running[future]
+        record.calls = [self._finish(work[i][0], *outcomes[i]) for i in range(len(work))]
         record.duration = time.perf_counter() - started
         return record
 
     async def arun_round(self, index: int, message: dict) -> ToolRound:
-        """The asyncio twin of :meth:`run_round`: the calls run as concurrent tasks (sync tools in worker threads)."""
+        """The asyncio twin of :meth:`run_round`: the calls run as concurrent tasks (sync tools in
+        daemon threads), at most :attr:`concurrency` at once, each for at most :attr:`timeout` seconds."""
         import asyncio
 
         started = time.perf_counter()
         record, work = self._prepare(index, message)
-        record.calls = list(await asyncio.gather(*(self._arun_one(*w) for w in work)))
+        turns = asyncio.Semaphore(self.concurrency)
+
+        async def one(w: tuple[ToolCall, Tool | None, Exception | None]) -> tuple:
+            async with turns:
+                try:
+                    return await asyncio.wait_for(self._aexecute(*w), self.timeout or None)
+                except asyncio.TimeoutError:
+                    return self._timed_out(w[0])
+
+        outcomes = await asyncio.gather(*(one(w) for w in work))
+        record.calls = [self._finish(w[0], *o) for w, o in zip(work, outcomes)]
         record.duration = time.perf_counter() - started
         return record
+
+    def _finish(self, record: ToolCall, value: Any, exc: Exception | None, text: str, duration: float) -> ToolCall:
+        """:meth:`_done` for an outcome of :meth:`_execute` (in the calling thread: ``on_call`` runs there)."""
+        return self._done(record, duration, value) if exc is None else self._done(record, duration, exc=exc, text=text)
+
+
+def check_max_tool_rounds(value: Any) -> int:
+    """``value`` if it is an int >= 0 (tool rounds allowed); else ConfigError (``-1`` is not "no limit")."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"max_tool_rounds must be an int >= 0 (0: no tool round), got {value!r}")
+    return value
+
+
+def check_tool_timeout(value: Any) -> float:
+    """``value`` as float seconds if it is a number >= 0 (0: no limit); else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise ConfigError(f"tool_timeout must be a number of seconds >= 0 (0: no limit), got {value!r}")
+    return float(value)
+
+
+def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a new daemon thread; its ``concurrent.futures.Future``. A daemon thread, not a
+    pool's: a tool abandoned after its timeout must not hold up the interpreter's exit."""
+    import concurrent.futures
+
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="tinyllm-tool", daemon=True).start()
+    return future
 
 
 def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, template: str | None, sender: Any,
                params: dict, *, max_rounds: int | None = None, raise_errors: bool = False,
-               on_call: Callable[[ToolCall], None] | None = None, front_sources: list | None = None) -> Toolbox | None:
+               on_call: Callable[[ToolCall], None] | None = None, front_sources: list | None = None,
+               timeout: float | None = None) -> Toolbox | None:
     """The :class:`Toolbox` of one call, and its ``tools`` / ``tool_choice`` request parameters set in ``params``.
 
     Args:
@@ -587,6 +697,7 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
         params: the request parameters (changed in place: ``tools`` set; a ``tool_choice``
             that is a bare tool name becomes ``{"type": "function", "function": {"name": ...}}``).
         max_rounds: tool rounds allowed (default: the client's ``MAX_TOOL_ROUNDS`` setting).
+        timeout: seconds one tool call may run (default: the client's ``TOOL_TIMEOUT`` setting, 60; 0: no limit).
 
     Returns:
         None when the call has no tools. A Toolbox that opened tool sources must be closed
@@ -614,9 +725,11 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
         return None
     if not getattr(sender.capabilities, "tools", False):
         raise ConfigError(f"the {sender.api_type!r} client does not take tools (its capabilities say tools=False)")
+    cfg = sender.settings()
     if max_rounds is None:
-        max_rounds = sender.settings().max_tool_rounds
-    box = Toolbox(chosen, max_rounds=max_rounds, raise_errors=raise_errors, on_call=on_call)
+        max_rounds = cfg.max_tool_rounds
+    box = Toolbox(chosen, max_rounds=max_rounds, raise_errors=raise_errors, on_call=on_call,
+                  timeout=cfg.tool_timeout if timeout is None else timeout, concurrency=cfg.tool_concurrency)
     if not box:  # sources with no tools: nothing to offer
         box.close()
         return None

@@ -22,6 +22,7 @@ million futures, and items are taken from the input only as room frees up.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import hashlib
 import json
 import math
@@ -93,12 +94,16 @@ def _call_one(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException |
 
 
 def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1,
-                remote: bool = False) -> list[tuple[Any, BaseException | None]]:
+                remote: bool = False, context: contextvars.Context | None = None) -> list[tuple[Any, BaseException | None]]:
     """Run ``fn`` on each item of a chunk (in the executor, e.g. on a Dask worker): (value, None) or
     (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once.
     ``remote``: the executor sends results back to another process, so each pair is made one that
-    can travel (see :func:`_sendable`); local threads keep every value as it is."""
-    one = (lambda item: _sendable(_call_one(fn, item))) if remote else (lambda item: _call_one(fn, item))
+    can travel (see :func:`_sendable`); local threads keep every value as it is. ``context``: the
+    caller's context (its active budgets, call-log batch id, ...), each item run in a copy of it."""
+    if context is not None:
+        one = lambda item: context.copy().run(_call_one, fn, item)
+    else:
+        one = (lambda item: _sendable(_call_one(fn, item))) if remote else (lambda item: _call_one(fn, item))
     threads = min(threads, len(items))
     if threads <= 1:
         return [one(item) for item in items]
@@ -175,12 +180,12 @@ class _Progress:
     def __init__(self, mode: str, total: int | None, initial: int, desc: str, unit: str,
                  counters: Callable[[], dict] | None, file: Any) -> None:
         self.mode, self.total, self.n, self.desc, self.unit = mode, total, initial, desc, unit
-        self.counters, self.file, self.failed = counters, file, 0
+        self.counters, self.file, self.failed, self.not_sent = counters, file, 0, 0
         self.started = self._last = time.monotonic()
         self._step = max(1, total // 100) if total is not None else sys.maxsize  # no total: by time only
         self._next = (initial // self._step + 1) * self._step
         self._bar = None
-        self._printed = initial
+        self._printed, self._printed_not_sent = initial, 0
         if mode == "bar":
             from tqdm.auto import tqdm
 
@@ -188,6 +193,8 @@ class _Progress:
 
     def _extra(self) -> dict:
         extra = {"failed": self.failed} if self.failed else {}
+        if self.not_sent:
+            extra["not sent"] = self.not_sent
         if self.counters is not None:
             extra.update(self.counters())
         return extra
@@ -204,8 +211,16 @@ class _Progress:
         elif self.mode == "lines" and (self.n >= self._next or now - self._last >= _PLAIN_EVERY):
             self._line(now)
 
+    def skip(self, count: int = 1) -> None:
+        """Count ``count`` items that were not sent (refused before sending, e.g. by a budget): not done, not failed."""
+        if count <= 0:
+            return
+        self.not_sent += count
+        if self._bar is not None:
+            self._bar.set_postfix(self._extra(), refresh=True)
+
     def _line(self, now: float) -> None:
-        self._last, self._printed = now, self.n
+        self._last, self._printed, self._printed_not_sent = now, self.n, self.not_sent
         self._next = (self.n // self._step + 1) * self._step
         extra = ", ".join(f"{k}={v}" for k, v in self._extra().items() if v)
         total = f"/{self.total}" if self.total is not None else ""
@@ -216,8 +231,16 @@ class _Progress:
         if self._bar is not None:
             self._bar.set_postfix(self._extra(), refresh=False)
             self._bar.close()
-        elif self.mode == "lines" and self._printed != self.n:
+        elif self.mode == "lines" and (self._printed != self.n or self.not_sent != self._printed_not_sent):
             self._line(time.monotonic())
+
+
+def _count(progress: _Progress, outcome: "Outcome", not_sent: tuple[type[BaseException], ...]) -> None:
+    """Show ``outcome`` in ``progress``: done, failed, or not sent (its error is one of ``not_sent``)."""
+    if not_sent and isinstance(outcome.error, not_sent):
+        progress.skip()
+    else:
+        progress.update(outcome.error is not None)
 
 
 def _progress_mode(progress: bool, file: Any) -> str:
@@ -295,11 +318,13 @@ class Runner:
     # -- the engine -------------------------------------------------------------------
 
     def results(self, items: Iterable[tuple[Any, Any]], *, total: int | None = None,
-                initial: int = 0) -> Iterator[Outcome]:
+                initial: int = 0, not_sent: tuple[type[BaseException], ...] = ()) -> Iterator[Outcome]:
         """Run ``fn`` on each ``(tag, item)`` pair; yield an :class:`Outcome` per item as it finishes.
 
         Items are read from ``items`` only as the window has room. ``total`` and
-        ``initial`` (items done before) are for the progress display. An item
+        ``initial`` (items done before) are for the progress display; an outcome whose error
+        is one of ``not_sent`` (refused before sending) shows as ``not sent``, not ``failed``, and
+        when the run is halted the items left show as not sent too. An item
         counts as done in the progress only once the caller has taken its
         outcome and asked for the next, so what the progress shows is what the
         caller has already handled (e.g. written).
@@ -316,6 +341,8 @@ class Runner:
         owned = self.executor is None
         remote = not _is_local_threads(self.executor)  # results come back pickled from another process
         pool = self.executor or concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="tinyllm-run")
+        # the caller's context goes with each item to local threads (a Budget activated around map() holds its calls)
+        context = None if remote else contextvars.copy_context()
         finished: queue.Queue = queue.Queue()
         pending: dict[concurrent.futures.Future, list] = {}
         stop = threading.Event()
@@ -331,7 +358,7 @@ class Runner:
                         if not chunk:
                             exhausted = True
                             break
-                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads, remote)
+                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads, remote, context)
                         pending[future] = [tag for tag, _ in chunk]
                         future.add_done_callback(finished.put)
                     if stop.is_set() or not pending:
@@ -342,7 +369,7 @@ class Runner:
                         continue
                     for outcome in self._outcomes(pending.pop(future), future):
                         yield outcome
-                        progress.update(outcome.error is not None)
+                        _count(progress, outcome, not_sent)
             if stop.is_set():
                 interrupted = True
                 for future in pending:
@@ -351,7 +378,7 @@ class Runner:
                     if future.done() and not future.cancelled():
                         for outcome in self._outcomes(pending.pop(future), future):
                             yield outcome
-                            progress.update(outcome.error is not None)
+                            _count(progress, outcome, not_sent)
                 self.abandoned = sum(len(tags) for f, tags in pending.items() if not f.cancelled())
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
@@ -359,6 +386,8 @@ class Runner:
             raise
         finally:
             interrupted = interrupted or stop.is_set()
+            if self._halt.is_set() and not interrupted and total is not None:
+                progress.skip(total - progress.n - progress.not_sent)  # the rows never sent: as the summary counts them
             progress.close()
             for future in pending:
                 future.cancel()
@@ -450,7 +479,8 @@ class Runner:
                                  "ids must be unique")
             summary.total = out.expected
             summary.done_before = out.load()
-            run = self.results(_pick(rows(), out.pending()), total=summary.total, initial=summary.done_before)
+            run = self.results(_pick(rows(), out.pending()), total=summary.total, initial=summary.done_before,
+                               not_sent=stop_on)
             try:
                 for outcome in run:
                     if fatal and isinstance(outcome.error, fatal):

@@ -88,7 +88,9 @@ class RedisCache:
     def get(self, key: str, default: Any = None) -> Any:
         """The value stored under ``key``, else ``default``; counts a hit or a miss in Redis.
 
-        A failing Redis, or an entry that is not valid JSON, is logged and gives ``default``.
+        A failing Redis, or an entry that is not valid JSON (or nested too deep to read), is logged and
+        gives ``default``. The shape of the value is the reader's to check (the client pipeline
+        treats a value that is not a stored reply as a miss).
         """
         return self.get_many([key], default)[0]
 
@@ -114,8 +116,8 @@ class RedisCache:
     def _decode(self, key: str, raw: bytes, default: Any) -> Any:
         try:
             return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            log.warning("Redis cache entry %s%s is not JSON (written by something else?); treated as a miss",
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested too deep to read
+            log.warning("Redis cache entry %s%s is not JSON that can be read (written by something else?); treated as a miss",
                         self._entry, key)
             return default
 

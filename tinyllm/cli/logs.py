@@ -34,7 +34,9 @@ def _open_log(db: str | None) -> tuple[Any, str]:
         raise CLIError(f"no call log at {path} yet: calls are logged by `tinyllm call` and `tinyllm map`, "
                        "and by the library with LOG_CALLS=true", EXIT_FAILED) from None
     except sqlite3.Error as exc:
-        raise CLIError(f"cannot read the call log {path}: {exc}", EXIT_FAILED) from exc
+        hint = (f"; the file is damaged: the next logged call moves it aside to {path}.damaged-<time> and starts a "
+                f"new log (or move it yourself: mv {path} {path}.damaged)") if calllog.damaged(exc) else ""
+        raise CLIError(f"cannot read the call log {path}: {exc}{hint}", EXIT_FAILED) from exc
 
 
 def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

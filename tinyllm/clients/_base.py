@@ -30,6 +30,7 @@ import contextvars
 import dataclasses
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -54,6 +55,9 @@ CONFIG_PARAMS = ("max_tokens", "temperature", "top_p", "frequency_penalty", "pre
 log = logging.getLogger("tinyllm")
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
 _PLAIN = frozenset({str, int, float, bool, dict, list})  # parameter types that are never iterators
+#: token counts above this are refused as impossible when the model's context window is unknown
+#: (10 million: the largest context windows announced, Llama 4 Scout's, are that size)
+MAX_PLAUSIBLE_TOKENS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -430,7 +434,13 @@ class Client:
         if req.cache is None:
             return None
         hit = req.cache.get(req.key)
-        if hit is None or (req.accept is not None and not req.accept(hit["message"])):
+        if hit is None:
+            return None
+        problem = _cached_reply_problem(hit)
+        if problem is not None:  # written by something else, or damaged: asked for again, and overwritten
+            log.warning("cache entry %s is not a stored reply (%s); treated as a miss", req.key, problem)
+            return None
+        if req.accept is not None and not req.accept(hit["message"]):
             return None
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
@@ -443,11 +453,38 @@ class Client:
         info = result[2] if len(result) > 2 else {}
         if not isinstance(message, dict) or "role" not in message:
             raise ResponseError("the client returned no message dict", raw=message)
+        self._check_usage(req, reply_usage)
         cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, spent
-        usage.record_reply(reply_usage, cost)  # counted (the process budget's spending)
+        usage.record_reply(reply_usage, cost, req.model)  # counted (the process budget's spending; the longest reply)
         if req.cache is not None and (req.accept is None or req.accept(message)):
             _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
         return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
+
+    def _check_usage(self, req: _Request, reply_usage: Any) -> None:
+        """Refuse token counts no reply can have before they are counted or charged: negative, a prompt or
+        a completion above twice the model's context window (when it is unknown: :data:`MAX_PLAUSIBLE_TOKENS`),
+        a total above twice that.
+
+        Raises:
+            ResponseError: naming the field and the bound (``raw``: the usage dict).
+        """
+        if not isinstance(reply_usage, dict):
+            raise ResponseError(f"the reply's usage is {type(reply_usage).__name__}, not an object", raw=reply_usage)
+        try:
+            window = self.context_window(req.model, req.cfg)
+        except Exception:  # noqa: BLE001 - unknown window: the plausibility bound alone
+            window = None
+        # A prompt or a completion fits the window. Tokenizers differ (a server's count of an OpenAI-compatible
+        # model, the window tinyllm knows for a name) and windows may or may not count the output, so twice the
+        # window is allowed for each, four times for the total: only the absurd (10^15 tokens) is refused.
+        bound = 2 * window if window else MAX_PLAUSIBLE_TOKENS
+        for name, most in (("prompt_tokens", bound), ("completion_tokens", bound), ("total_tokens", 2 * bound)):
+            value = reply_usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= most:
+                what = (f"{most // window} times the context window of {req.model} ({window} tokens)"
+                        if window else f"{most} tokens")
+                raise ResponseError(f"the server reported {name}={value}, which no reply can have (more than {what}, "
+                                    "or below 0); the usage was not counted or charged", raw=reply_usage)
 
     def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
                cost: float | None = None) -> Reply:
@@ -532,7 +569,7 @@ class Client:
             async def attempt(n: int) -> tuple:
                 return await self._achat(req.messages, self._attempt_params(req, n), cfg)
 
-        with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
+        async with budget.ahold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
             async with self.queue.aslot(cfg, req.cost):
                 result = await self.retrying(cfg).acall(attempt)
             return self._finish(req, result)
@@ -621,6 +658,10 @@ class Client:
         keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
         get_many = getattr(cache, "get_many", None)  # RedisCache: one round trip for all
         out: list[list[float] | None] = (get_many(keys) if get_many is not None else [cache.get(k) for k in keys]) if cache is not None else [None] * len(texts)
+        for i, v in enumerate(out):
+            if v is not None and (problem := _cached_vector_problem(v)) is not None:
+                log.warning("cache entry %s is not a stored embedding (%s); treated as a miss", keys[i], problem)
+                out[i] = None
         missing = [i for i, v in enumerate(out) if v is None]
         if cache is not None:
             usage.record(calls=len(texts) - len(missing), cached_calls=len(texts) - len(missing))
@@ -656,6 +697,50 @@ def _open_cache(cfg: Config, forced: bool = True) -> Any:
         return cache_mod.active_cache(cfg, forced=forced)
     except OSError as exc:
         raise ConfigError(f"cannot open the cache file: {exc}; fix CACHE_FILE_NAME or set CACHE_API_CALLS=false") from exc
+
+
+def _cached_reply_problem(hit: Any) -> str | None:
+    """What is wrong with a cache entry read for a chat reply, or None when it has the shape
+    ``_finish`` stores: ``{"message": {"role": str, "content": str | None, "tool_calls"?: [...],
+    "refusal"?: str}, "usage"?: {str: int | dict}, "model"?: str, "finish_reason"?: str}``."""
+    if not isinstance(hit, dict):
+        return f"a {type(hit).__name__}, not an object"
+    message = hit.get("message")
+    if not isinstance(message, dict):
+        return f"its message is {type(message).__name__}, not an object"
+    if not isinstance(message.get("role"), str):
+        return "its message has no role"
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return f"its content is {type(content).__name__}, not text"
+    if message.get("refusal") is not None and not isinstance(message["refusal"], str):
+        return "its refusal is not text"
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", ""), str) for c in calls)):
+        return "its tool_calls are malformed"
+    usage_ = hit.get("usage")
+    if usage_ is not None:
+        if not isinstance(usage_, dict):
+            return f"its usage is {type(usage_).__name__}, not an object"
+        for name, value in usage_.items():
+            if name.endswith("_tokens") and value is not None and not (type(value) is int and value >= 0):
+                return f"its usage.{name} is not a token count"
+            if name.endswith("_details") and value is not None and not (isinstance(value, dict) and all(
+                    v is None or type(v) is int and v >= 0 for v in value.values())):
+                return f"its usage.{name} is not an object of token counts"
+    for name in ("model", "finish_reason"):
+        if hit.get(name) is not None and not isinstance(hit[name], str):
+            return f"its {name} is not text"
+    return None
+
+
+def _cached_vector_problem(hit: Any) -> str | None:
+    """What is wrong with a cache entry read for an embedding (a list of numbers), or None."""
+    if not isinstance(hit, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in hit):
+        return "not a list of numbers"
+    return None
 
 
 def _store(cache: Any, key: str, value: Any) -> None:
@@ -733,20 +818,57 @@ def as_client(target: Any, api_type: str = "plain") -> Client:
     return PlainClient(target, api_type)
 
 
+class _StreamState:
+    """What a stream shares with its generator, which must not refer to the stream object itself
+    (a stream <-> generator cycle would keep an abandoned stream, and its request slot, alive until
+    the cycle collector ran).
+
+    Attributes:
+        reply: the complete :class:`Reply` once the stream ended (or the cache hit), else None.
+        releases: what the running request holds (its budget reservation, its queue slot), each
+            released once, by whichever comes first: the stream's end, its closing, or its iterator
+            dropped unfinished (a weakref finalizer, which never awaits: an abandoned async stream
+            frees its slot at once, the connection is closed afterwards by the event loop).
+    """
+
+    __slots__ = ("reply", "releases", "__weakref__")
+
+    def __init__(self, reply: Reply | None) -> None:
+        self.reply = reply
+        self.releases: list[Callable[[], None]] = []
+
+    def release(self) -> None:
+        """Run every pending release, last taken first; each runs once (list.pop is atomic)."""
+        while True:
+            try:
+                release = self.releases.pop()
+            except IndexError:
+                return
+            release()
+
+
 class ReplyStream:
     """A streamed reply: iterate for its text deltas (``str``); :attr:`reply` once it has ended.
 
     Closing it early (``close()``, ``break`` out of a ``with`` block, an exception
-    in the loop) closes the HTTP response and releases the request-queue slot at once.
+    in the loop) closes the HTTP response and releases the request-queue slot at once;
+    so does dropping it (or its iterator) unfinished.
     """
 
     def __init__(self, client: Client, req: _Request, hit: Reply | None) -> None:
-        self.client, self.req, self.reply = client, req, hit
+        self.client, self.req = client, req
+        self._state = _StreamState(hit)
         self._iter: Iterator[str] | None = None
+
+    @property
+    def reply(self) -> Reply | None:
+        """The complete :class:`Reply` once the stream has ended (a cache hit: at once), else None."""
+        return self._state.reply
 
     def __iter__(self) -> Iterator[str]:
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = _stream(self.client, self.req, self._state)
+            weakref.finalize(self._iter, self._state.release)
         return self._iter
 
     def __enter__(self) -> "ReplyStream":
@@ -760,60 +882,32 @@ class ReplyStream:
         if self._iter is not None:
             self._iter.close()  # type: ignore[attr-defined]
 
-    def _run(self) -> Iterator[str]:
-        if self.reply is not None:  # a cache hit: the stored text at once
-            if self.reply.message.get("content"):
-                yield self.reply.message["content"]
-            return
-        client, req = self.client, self.req
-        client._measure(req)
-        acc = Accumulator()
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-            stack.enter_context(client.queue.slot(req.cfg, req.cost))
-
-            def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
-                attempt = contextlib.ExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
-                try:
-                    attempt.enter_context(client.queue.lease(req.cfg, req.cost, client._scope(req)))
-                    with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
-                        chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
-                        attempt.callback(_close, chunks)
-                        return attempt, chunks, next(iter(chunks))
-                except StopIteration:
-                    attempt.close()
-                    raise ResponseError("the stream ended before any chunk arrived") from None
-                except BaseException:
-                    attempt.close()
-                    raise
-
-            attempt, chunks, first = client.retrying(req.cfg).call(open_)
-            stack.enter_context(attempt)
-            try:
-                delta = acc.add(first)
-                if delta:
-                    yield delta
-                for chunk in chunks:
-                    delta = acc.add(chunk)
-                    if delta:
-                        yield delta
-                _check_finished(acc)
-            except TinyLLMError as exc:
-                exc.partial = acc.text  # type: ignore[attr-defined]
-                raise
-        self.reply = client._finish_stream(req, acc)
+    def _abandon(self) -> None:
+        """Give back what the request holds, now, without closing the connection (see :class:`_StreamState`)."""
+        self._state.release()
 
 
 class AsyncReplyStream:
-    """The asyncio twin of :class:`ReplyStream`: ``async for delta in stream``; ``await stream.aclose()``."""
+    """The asyncio twin of :class:`ReplyStream`: ``async for delta in stream``; ``await stream.aclose()``.
+
+    Dropped unfinished (a web handler whose client went away), it gives its request slot and budget
+    reservation back at once; the event loop closes the connection soon after.
+    """
 
     def __init__(self, client: Client, req: _Request, hit: Reply | None) -> None:
-        self.client, self.req, self.reply = client, req, hit
+        self.client, self.req = client, req
+        self._state = _StreamState(hit)
         self._iter: AsyncIterator[str] | None = None
+
+    @property
+    def reply(self) -> Reply | None:
+        """The complete :class:`Reply` once the stream has ended (a cache hit: at once), else None."""
+        return self._state.reply
 
     def __aiter__(self) -> AsyncIterator[str]:
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = _astream(self.client, self.req, self._state)
+            weakref.finalize(self._iter, self._state.release)
         return self._iter
 
     async def __aenter__(self) -> "AsyncReplyStream":
@@ -827,48 +921,101 @@ class AsyncReplyStream:
         if self._iter is not None:
             await self._iter.aclose()  # type: ignore[attr-defined]
 
-    async def _run(self) -> AsyncIterator[str]:
-        if self.reply is not None:
-            if self.reply.message.get("content"):
-                yield self.reply.message["content"]
-            return
-        client, req = self.client, self.req
-        client._measure(req)
-        acc = Accumulator()
-        async with contextlib.AsyncExitStack() as stack:
-            stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-            await stack.enter_async_context(client.queue.aslot(req.cfg, req.cost))
+    def _abandon(self) -> None:
+        """Give back what the request holds, now, without awaiting (see :class:`_StreamState`)."""
+        self._state.release()
 
-            async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
-                attempt = contextlib.AsyncExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
-                try:
-                    await attempt.enter_async_context(client.queue.alease(req.cfg, req.cost, client._scope(req)))
-                    with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
-                        chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
-                        attempt.push_async_callback(_aclose, chunks)
-                        return attempt, chunks, await chunks.__anext__()
-                except StopAsyncIteration:
-                    await attempt.aclose()
-                    raise ResponseError("the stream ended before any chunk arrived") from None
-                except BaseException:
-                    await attempt.aclose()
-                    raise
 
-            attempt, chunks, first = await client.retrying(req.cfg).acall(open_)
-            await stack.enter_async_context(attempt)
+
+
+def _stream(client: Client, req: _Request, state: _StreamState) -> Iterator[str]:
+    """The generator behind :class:`ReplyStream` (it refers to the state, never to the stream)."""
+    if state.reply is not None:  # a cache hit: the stored text at once
+        if state.reply.message.get("content"):
+            yield state.reply.message["content"]
+        return
+    client._measure(req)
+    acc = Accumulator()
+    with contextlib.ExitStack() as stack:
+        stack.callback(state.release)  # last: after the connection is closed
+        state.releases.append(budget.reserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
+        state.releases.append(client.queue.acquire(req.cfg, req.cost))
+
+        def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
+            attempt = contextlib.ExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
             try:
-                delta = acc.add(first)
+                attempt.enter_context(client.queue.lease(req.cfg, req.cost, client._scope(req)))
+                with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
+                    chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                    attempt.callback(_close, chunks)
+                    return attempt, chunks, next(iter(chunks))
+            except StopIteration:
+                attempt.close()
+                raise ResponseError("the stream ended before any chunk arrived") from None
+            except BaseException:
+                attempt.close()
+                raise
+
+        attempt, chunks, first = client.retrying(req.cfg).call(open_)
+        stack.enter_context(attempt)
+        try:
+            delta = acc.add(first)
+            if delta:
+                yield delta
+            for chunk in chunks:
+                delta = acc.add(chunk)
                 if delta:
                     yield delta
-                async for chunk in chunks:
-                    delta = acc.add(chunk)
-                    if delta:
-                        yield delta
-                _check_finished(acc)
-            except TinyLLMError as exc:
-                exc.partial = acc.text  # type: ignore[attr-defined]
+            _check_finished(acc)
+        except TinyLLMError as exc:
+            exc.partial = acc.text  # type: ignore[attr-defined]
+            raise
+    state.reply = client._finish_stream(req, acc)
+
+
+async def _astream(client: Client, req: _Request, state: _StreamState) -> AsyncIterator[str]:
+    """The async generator behind :class:`AsyncReplyStream` (it refers to the state, never to the stream)."""
+    if state.reply is not None:
+        if state.reply.message.get("content"):
+            yield state.reply.message["content"]
+        return
+    client._measure(req)
+    acc = Accumulator()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(state.release)  # last: after the connection is closed
+        state.releases.append(await budget.areserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
+        state.releases.append(await client.queue.aacquire(req.cfg, req.cost))
+
+        async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
+            attempt = contextlib.AsyncExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
+            try:
+                await attempt.enter_async_context(client.queue.alease(req.cfg, req.cost, client._scope(req)))
+                with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
+                    chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
+                    attempt.push_async_callback(_aclose, chunks)
+                    return attempt, chunks, await chunks.__anext__()
+            except StopAsyncIteration:
+                await attempt.aclose()
+                raise ResponseError("the stream ended before any chunk arrived") from None
+            except BaseException:
+                await attempt.aclose()
                 raise
-        self.reply = client._finish_stream(req, acc)
+
+        attempt, chunks, first = await client.retrying(req.cfg).acall(open_)
+        await stack.enter_async_context(attempt)
+        try:
+            delta = acc.add(first)
+            if delta:
+                yield delta
+            async for chunk in chunks:
+                delta = acc.add(chunk)
+                if delta:
+                    yield delta
+            _check_finished(acc)
+        except TinyLLMError as exc:
+            exc.partial = acc.text  # type: ignore[attr-defined]
+            raise
+    state.reply = client._finish_stream(req, acc)
 
 
 def _check_finished(acc: Accumulator) -> None:

@@ -340,6 +340,9 @@ def http_client(is_async: bool = False, sdk: str = "openai") -> Any:
     to requests through a proxy too.
     """
     module = _sdk(sdk)
+    from ._logfilter import install
+
+    install()  # httpx's INFO line would print a password in BASE_URL and keys in the query
     httpx, transport, async_transport = _classes(sdk)
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     wrap, inner = (async_transport, httpx.AsyncHTTPTransport) if is_async else (transport, httpx.HTTPTransport)

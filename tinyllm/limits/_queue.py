@@ -71,7 +71,7 @@ class RequestQueue:
     def _fresh_state(self) -> None:
         """An empty line, no slot held, new locks and rate windows (at start, and in a forked child,
         where the parent's slots, waiters, possibly held locks and the limiter's timer thread are not its own)."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a dropped stream's finalizer may release while this thread holds it
         self._in_flight = 0
         self._waiters: deque[_Waiter] = deque()
         self._rate_lock = threading.Lock()
@@ -105,9 +105,32 @@ class RequestQueue:
                 The request was not sent and never will be.
             BadRequestError: ``cost_tokens`` alone exceeds TOKENS_PER_MINUTE (nothing is sent).
         """
-        if self._cluster(cfg) is not None:  # cluster-wide limits: lease() around each HTTP attempt does it all
+        release = self.acquire(cfg, cost_tokens)
+        try:
             yield
-            return
+        finally:
+            release()
+
+    @contextlib.asynccontextmanager
+    async def aslot(self, cfg: Any, cost_tokens: int = 0) -> AsyncIterator[None]:
+        """Await until this request may be sent; hold its slot for the ``async with`` body.
+
+        The asyncio twin of :meth:`slot` (same arguments, same errors); it never
+        blocks the event loop. Cancelling the task, while it waits or while it
+        holds the slot, gives the slot back.
+        """
+        release = await self.aacquire(cfg, cost_tokens)
+        try:
+            yield
+        finally:
+            release()
+
+    def acquire(self, cfg: Any, cost_tokens: int = 0) -> Callable[[], None]:
+        """Block until this request may be sent and take its slot; returns ``release()``, which gives
+        the slot back (safe to call more than once, from any thread, without awaiting: a stream
+        dropped unfinished frees its slot from a finalizer). Arguments and errors as :meth:`slot`."""
+        if self._cluster(cfg) is not None:  # cluster-wide limits: lease() around each HTTP attempt does it all
+            return _no_release
         deadline, waiter = self._begin(cfg, cost_tokens, None)
         if waiter is not None:
             try:
@@ -121,23 +144,17 @@ class RequestQueue:
         try:
             while (wait := self._rate_wait(cfg, cost_tokens, deadline)) > 0:
                 time.sleep(wait)
-            yield
-        finally:
+        except BaseException:
             self._release()
+            raise
+        return _Release(self._release)
 
-    @contextlib.asynccontextmanager
-    async def aslot(self, cfg: Any, cost_tokens: int = 0) -> AsyncIterator[None]:
-        """Await until this request may be sent; hold its slot for the ``async with`` body.
-
-        The asyncio twin of :meth:`slot` (same arguments, same errors); it never
-        blocks the event loop. Cancelling the task, while it waits or while it
-        holds the slot, gives the slot back.
-        """
+    async def aacquire(self, cfg: Any, cost_tokens: int = 0) -> Callable[[], None]:
+        """The asyncio twin of :meth:`acquire`: awaits its turn; returns the same kind of ``release()``."""
         import asyncio  # here, not at the top: `import tinyllm` does not import asyncio
 
         if self._cluster(cfg) is not None:  # cluster-wide limits: alease() around each HTTP attempt does it all
-            yield
-            return
+            return _no_release
         deadline, waiter = self._begin(cfg, cost_tokens, asyncio.get_running_loop())
         if waiter is not None:
             try:
@@ -152,9 +169,10 @@ class RequestQueue:
         try:
             while (wait := self._rate_wait(cfg, cost_tokens, deadline)) > 0:
                 await asyncio.sleep(wait)
-            yield
-        finally:
+        except BaseException:
             self._release()
+            raise
+        return _Release(self._release)
 
     # -- the line -----------------------------------------------------------
 
@@ -318,6 +336,27 @@ class RequestQueue:
 
 
 _NO_LEASE = contextlib.nullcontext()  # reusable, and an async context manager too
+
+
+def _no_release() -> None:
+    """The release of a slot never taken here (cluster-wide limits hold theirs per attempt)."""
+
+
+class _Release:
+    """Gives one slot back on the first call; later calls do nothing (list.pop is atomic, no lock:
+    it may run from a finalizer while this thread holds the queue's lock elsewhere)."""
+
+    __slots__ = ("_once",)
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._once = [release]
+
+    def __call__(self) -> None:
+        try:
+            release = self._once.pop()
+        except IndexError:
+            return
+        release()
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 from . import _otel as otel
 
-__all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "batch", "flush_all",
+__all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "batch", "flush_all", "damaged",
            "new_id", "connect", "query", "get", "stats"]
 
 log = logging.getLogger("tinyllm")
@@ -252,29 +252,77 @@ class CallLog:
 
     def _write(self, rows: list[tuple]) -> None:
         """Write ``rows`` in one transaction, on a connection opened for it (none stays open between
-        batches: a fork() then never copies an open SQLite connection into the child)."""
+        batches: a fork() then never copies an open SQLite connection into the child).
+
+        A damaged file (not a database, or a malformed one) is moved aside, to
+        ``<path>.damaged-<UTC time>`` with its ``-wal`` and ``-shm`` files, a new log is started at
+        ``path`` and the rows go there; one WARNING names both files. Other failures (disk full,
+        permissions) drop the rows, with one WARNING naming the file."""
         import sqlite3
 
         with self._db_lock:
-            conn = None
-            try:
-                conn = _open_for_writing(self.path)
-                conn.execute("BEGIN IMMEDIATE")
+            for attempt in range(3):
                 try:
-                    conn.executemany(_INSERT, rows)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
-                self.written += len(rows)
-            except (sqlite3.Error, OSError) as exc:
-                self.dropped += len(rows)
-                self._warn("write", f"cannot write the call log {self.path}: {exc}")
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
+                    self._insert(rows)
+                    return
+                except sqlite3.DatabaseError as exc:
+                    if not damaged(exc) or attempt == 2:
+                        return self._drop(rows, exc)
+                    if attempt == 0:
+                        continue  # another process may have moved it aside already: look again first
+                    try:
+                        aside = _move_aside(self.path)
+                    except OSError as move_error:
+                        return self._drop(rows, exc, f"; it could not be moved aside ({move_error}): move it away "
+                                                     f"by hand (mv {self.path} {self.path}.damaged) and a new one starts")
+                    log.warning("the call log %s was damaged (%s); it was moved aside to %s and a new log started "
+                                "in its place", self.path, exc, aside)
+                except OSError as exc:
+                    return self._drop(rows, exc)
+
+    def _insert(self, rows: list[tuple]) -> None:
+        import sqlite3
+
+        conn = _open_for_writing(self.path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            self.written += len(rows)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _drop(self, rows: list[tuple], exc: BaseException, hint: str = "") -> None:
+        self.dropped += len(rows)
+        self._warn("write", f"cannot write the call log {self.path}: {exc}{hint}")
+
+
+def damaged(exc: BaseException) -> bool:
+    """Whether an sqlite3 error says the file itself is damaged (SQLITE_CORRUPT, SQLITE_NOTADB), not busy or full."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc).lower()
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text or "not a database" in text
+
+
+def _move_aside(path: str) -> str:
+    """Rename the damaged log ``path`` (and its ``-wal``, ``-shm`` files) to ``<path>.damaged-<UTC time>``;
+    returns that name. Raises OSError."""
+    aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    n = 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{n}"
+    os.rename(path, aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path + suffix, aside + suffix)
+    return aside
 
 
 def _open_for_writing(path: str) -> Any:
@@ -394,24 +442,49 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret", "cookie")
+#: header names whose values are logged as sent (lower case); every other header's value is masked
+SAFE_HEADERS = frozenset({
+    "accept", "accept-encoding", "accept-language", "content-type", "user-agent", "openai-organization",
+    "openai-project", "openai-beta", "x-stainless-retry-count", "x-request-id", "x-client-request-id",
+    "idempotency-key", "helicone-cache-enabled",
+})
+#: query parameter names whose values are logged as sent (lower case); every other one's value is masked
+SAFE_QUERY = frozenset({"api-version", "api_version", "model", "format", "stream"})
+MASKED = "****"
 
 
 def _public_params(params: dict) -> dict:
-    """Parameters as logged: header values that may carry credentials masked."""
+    """Parameters as logged: the values of ``extra_headers`` and ``extra_query`` masked (``****``)
+    unless the header or query name is known to be safe (:data:`SAFE_HEADERS`, :data:`SAFE_QUERY`):
+    a credential can travel under any name (``X-Password``, ``?sig=``)."""
     out = dict(params)
-    headers = out.get("extra_headers")
-    if isinstance(headers, dict):
-        out["extra_headers"] = {k: ("****" if any(w in str(k).lower() for w in _SECRET_HEADER_WORDS) else v)
-                                for k, v in headers.items()}
+    for name, safe in (("extra_headers", SAFE_HEADERS), ("extra_query", SAFE_QUERY)):
+        given = out.get(name)
+        if isinstance(given, dict):
+            out[name] = {k: (v if str(k).lower() in safe else MASKED) for k, v in given.items()}
+        elif given is not None:
+            out[name] = MASKED
     return out
 
 
-def _secrets(sender: Any, cfg: Any) -> list[str]:
+def _masked_values(params: dict) -> list[str]:
+    """The header and query values :func:`_public_params` masks, to scrub them from every other column too
+    (an error message that echoes them); only those of 8 characters or more, which cannot be JSON syntax
+    or a common word (a header ``X-Debug: true`` must not turn every ``true`` of the row into ``****``)."""
+    values: list[str] = []
+    for name, safe in (("extra_headers", SAFE_HEADERS), ("extra_query", SAFE_QUERY)):
+        given = params.get(name)
+        if isinstance(given, dict):
+            values += [str(v) for k, v in given.items() if str(k).lower() not in safe and v is not None and len(str(v)) >= 8]
+    return values
+
+
+def _secrets(sender: Any, cfg: Any, params: dict | None = None) -> list[str]:
     from ..config import API_KEY_NAMES
 
     values = [cfg.secrets.get(name) for name in API_KEY_NAMES]
     values += list(getattr(sender, "_secrets", {}).values())
+    values += _masked_values(params or {})
     return sorted({v for v in values if isinstance(v, str) and len(v) >= 4}, key=len, reverse=True)
 
 
@@ -449,14 +522,15 @@ def _row(item: tuple) -> tuple:
         "error_type": type(exc).__name__ if exc is not None else None,
         "error_message": str(exc) if exc is not None else None, "batch_id": batch_id, "pid": pid,
     }
-    secrets = _secrets(sender, cfg)
+    secrets = _secrets(sender, cfg, resolved)
     if secrets:
+        hidden = set(_masked_values(resolved))  # header and query values: nothing of them is shown
         for column in _TEXT_COLUMNS:
             text = row[column]
             if isinstance(text, str):
                 for secret in secrets:
                     if secret in text:
-                        text = text.replace(secret, mask(secret))
+                        text = text.replace(secret, MASKED if secret in hidden else mask(secret))
                 row[column] = text
     return tuple(row[c] for c in _COLUMNS)
 

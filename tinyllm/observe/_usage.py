@@ -7,13 +7,14 @@ from typing import Any
 
 from .._fork import fresh_locks_in_child
 
-__all__ = ["usage_stats", "reset_usage_stats", "record", "record_reply", "total_cost"]
+__all__ = ["usage_stats", "reset_usage_stats", "record", "record_reply", "total_cost", "longest_completion"]
 
 _FIELDS = ("calls", "cached_calls", "retries", "prompt_tokens", "completion_tokens", "total_tokens")
 _lock = threading.Lock()
 fresh_locks_in_child(globals(), "_lock")  # a lock held at fork() is released in the child
 _stats = dict.fromkeys(_FIELDS, 0)
 _cost = {"cost": 0.0, "priced_calls": 0, "unpriced_calls": 0}
+_longest: dict[str, int] = {}  # model asked for -> the most completion tokens of one reply
 
 
 def record(**counts: int) -> None:
@@ -23,12 +24,15 @@ def record(**counts: int) -> None:
             _stats[name] += value
 
 
-def record_reply(reply_usage: dict, cost: float | None) -> None:
+def record_reply(reply_usage: dict, cost: float | None, model: str | None = None) -> None:
     """Count one answered request: its ``usage`` dict's ``prompt_tokens``, ``completion_tokens``
-    and ``total_tokens`` (missing: 0) and its cost in USD (None: its price is unknown), under one lock."""
+    and ``total_tokens`` (missing: 0) and its cost in USD (None: its price is unknown), under one lock;
+    ``model`` (the model asked for): its longest reply so far is kept (:func:`longest_completion`)."""
     get = reply_usage.get
     prompt, completion, total = int(get("prompt_tokens") or 0), int(get("completion_tokens") or 0), int(get("total_tokens") or 0)
     with _lock:
+        if model is not None and completion > _longest.get(model, 0):
+            _longest[model] = completion
         _stats["calls"] += 1
         _stats["prompt_tokens"] += prompt
         _stats["completion_tokens"] += completion
@@ -38,6 +42,11 @@ def record_reply(reply_usage: dict, cost: float | None) -> None:
         else:
             _cost["cost"] += cost
             _cost["priced_calls"] += 1
+
+
+def longest_completion(model: str) -> int | None:
+    """The completion tokens of the longest reply of ``model`` since start or the last reset; None before the first."""
+    return _longest.get(model)
 
 
 def total_cost() -> float:
@@ -72,3 +81,4 @@ def reset_usage_stats() -> None:
         for name in _FIELDS:
             _stats[name] = 0
         _cost.update(cost=0.0, priced_calls=0, unpriced_calls=0)
+        _longest.clear()
