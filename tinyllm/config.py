@@ -193,6 +193,7 @@ class Config:
     log_calls: bool = _setting(False, _parse_bool, "write one row per call to the call log (LOG_DB); the tinyllm command turns it on unless --no-log")
     log_db: str | None = _setting(None, _str, "the call log's SQLite file; default: calls.db in the user's data directory")
     max_cost: float | None = _setting(None, _nonneg(float), "USD this process may spend; a call that could exceed it is refused before sending")
+    batch_poll_interval: float = _setting(30.0, _positive_float, "seconds between looks at the status of Batch API batches (tinyllm map --batch-api)")
     prices: dict = _setting({}, _parse_prices, 'USD per million tokens over the genai-prices table: {"model": {"input_per_mtok": 1, "output_per_mtok": 2}}')
     secrets: dict = field(default_factory=dict, repr=False, compare=False)
     sources: dict = field(default_factory=dict, repr=False, compare=False)
