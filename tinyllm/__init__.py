@@ -29,6 +29,7 @@ __all__ = [
     "LLMChat",
     "Response",
     "Runner",
+    "BatchAPIRunner",
     "Tool",
     "ToolCall",
     "ToolRound",
@@ -59,6 +60,7 @@ __all__ = [
 
 _LAZY = {  # client classes and the batch runner, imported on first use so `import tinyllm` stays light
     "Runner": "tinyllm.batch._runner",
+    "BatchAPIRunner": "tinyllm.batch._batch_api",
     "OpenAIClient": "tinyllm.clients.openai",
     "OllamaClient": "tinyllm.clients.openai",
     "AzureClient": "tinyllm.clients.azure",

@@ -32,7 +32,8 @@ class Response:
         value: the reply's content coerced to the call's output_type (``str`` by default).
         usage: ``{"prompt_tokens", "completion_tokens", "total_tokens"}`` (ints),
             summed over retries and output retries as the API reported them
-            (cache hits report the stored reply's usage).
+            (cache hits report the stored reply's usage); for a reply from a Batch API
+            batch also ``"batch": {"id": the batch id, "price": "batch" | "half" | None}``.
         model: the model that answered (the server's ``model``), else the one asked for.
         finish_reason: ``"stop"``, ``"length"`` (the reply was cut at max_tokens),
             ``"tool_calls"``, ... or None when the backend did not say.
@@ -180,6 +181,8 @@ class Response:
             value = got.get(name)
             if isinstance(value, int):
                 usage[name] = usage.get(name, 0) + value
+        if "batch" in got:  # a Batch API reply: its batch id and how it was priced (tinyllm.batch._replay)
+            usage.setdefault("batch", got["batch"])
         cost = getattr(reply, "cost", None)
         self.cost = cost if self._replies == 0 else (None if self.cost is None or cost is None else self.cost + cost)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)

@@ -188,7 +188,8 @@ def result_of(rec: Any, secrets: tuple[str, ...] = ()) -> tuple[str | None, Any]
         return cid, status_error(code, response.get("body"), request_id=response.get("request_id"), secrets=secrets)
     if isinstance(error, dict):
         code = error.get("code")
-        return cid, BatchError(f"{error.get('message') or 'the request was not run'}{f' ({code})' if code else ''}")
+        return cid, BatchError(f"{error.get('message') or 'the request was not run'}{f' ({code})' if code else ''}; "
+                               "run again to submit this row anew")
     return cid, ResponseError("malformed batch result line: neither a response nor an error", raw=rec)
 
 
