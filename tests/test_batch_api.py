@@ -9,13 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-import urllib.request
 import pytest
 from click.testing import CliRunner
-
-from helpers import ROOT, child_env, question_prompts, wait_until, write
+from helpers import child_env, question_prompts, wait_until, write
 
 HERE = Path(__file__).resolve().parent
 
@@ -163,10 +162,10 @@ def test_status_moves_through_validating_in_progress_finalizing_completed(fake, 
     seen = []
     out = tmp_path / "out.jsonl"
     runner = tinyllm.BatchAPIRunner(llm)
-    rows = lambda: enumerate([{"question": "a"}, {"question": "b"}])  # noqa: E731
+    rows = lambda: enumerate([{"question": "a"}, {"question": "b"}])
     summary = runner.to_jsonl(rows, out, wait=False)
     assert summary.submitted == 2 and summary.waiting == 2 and len(summary.running) == 1
-    state = lambda: json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]  # noqa: E731
+    state = lambda: json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]
     seen.append(state()["status"])
     while not state().get("fetched"):
         summary = runner.to_jsonl(rows, out, wait=False)
@@ -295,13 +294,15 @@ def test_cache_rows_are_not_submitted_and_a_batch_fills_the_cache(fake, prompts,
 
 
 def test_call_log_rows_carry_the_batch_and_the_batch_price(fake, prompts, tmp_path):
+    from tinyllm.clients.openai import OpenAIClient
     from tinyllm.observe import _calllog as calllog
     from tinyllm.observe import _pricing as pricing
-    from tinyllm.clients.openai import OpenAIClient
 
     rows = rows_csv(tmp_path / "rows.csv", 2)
     result = run_map("ask", "-i", str(rows), "-o", str(tmp_path / "out.jsonl"), "--batch-api")
     assert result.exit_code == 0
+    assert "ask: 1 batch(es) (1 validating): 0/? requests done, 0 failed" in result.stderr  # the progress lines
+    assert "ask: 1 batch(es) (1 in_progress): 0/2 requests done, 0 failed" in result.stderr
     (batch,) = fake.new()
     calllog.flush_all()
     found = calllog.query(calllog.connect(calllog.default_path()), limit=10)
@@ -371,7 +372,41 @@ def test_killed_while_waiting_then_resumed(fake, prompts, tmp_path):
         proc.wait()
     (batch,) = fake.new()
     fake.advance(batch["id"])
-    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert len(fake.new()) == 1  # resumed, not submitted again
     assert [x["content"] for x in lines(out)] == [f"echo: question {i}" for i in range(3)]
+
+
+def test_azure_global_batch_through_the_same_code(fake, prompts, tmp_path):
+    """Azure OpenAI: /openai/files and /openai/batches, lines with url /chat/completions and the deployment as model."""
+    import tinyllm
+
+    client = tinyllm.AzureClient(endpoint=fake.url, api_key="azure-key-123456", deployments={"gpt-4o-mini": "dep-batch"},
+                                 model="gpt-4o-mini")
+    llm = tinyllm.LLMCall("ask", prompts_dir=prompts, client=client)
+    live = llm.call(question="hi")
+    sent = fake.state()["chat"][-1]
+    assert llm.map([{"question": "hi"}], batch_api=True, batch_output=tmp_path / "o.jsonl", progress=False) == [live]
+    (batch,) = fake.new()
+    assert batch["endpoint"] == "/chat/completions"
+    (line,) = fake.request_lines(batch)
+    assert line["url"] == "/chat/completions" and line["body"] == sent and sent["model"] == "dep-batch"
+
+
+def test_batch_prices(monkeypatch):
+    """genai-prices' batch price where it has one; else half the list price, reported as such."""
+    import tinyllm
+    from tinyllm.observe import _pricing as pricing
+
+    client = tinyllm.OpenAIClient(api_key="sk-x")
+    cfg = client.settings()
+    usage = {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000}
+    assert pricing.batch_price_kind(client, cfg, "gpt-4o-mini") == "batch"
+    assert pricing.reply_cost(client, cfg, usage, "gpt-4o-mini", batch=True) == pytest.approx(0.075 + 0.30)
+    tinyllm.configure(prices={"my-model": {"input_per_mtok": 1.0, "output_per_mtok": 3.0}})
+    cfg = client.settings()
+    assert pricing.batch_price_kind(client, cfg, "my-model") == "half"
+    assert pricing.reply_cost(client, cfg, usage, "my-model", batch=True) == pytest.approx(2.0)
+    assert pricing.reply_cost(client, cfg, usage, "my-model") == pytest.approx(4.0)
+    assert pricing.batch_price_kind(client, cfg, "no-such-model") is None

@@ -26,13 +26,24 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..errors import BatchError, ConfigError
-from ._batch_files import TERMINAL, BatchAPI, BatchState, RequestFiles, creation_failed, custom_id, now, result_of, \
-    scratch_folder, state_path
+from ._batch_files import (
+    TERMINAL,
+    BatchAPI,
+    BatchState,
+    RequestFiles,
+    creation_failed,
+    custom_id,
+    now,
+    result_of,
+    scratch_folder,
+    state_path,
+)
 from ._runner import BatchSummary, JsonlOutput, finite
 
 __all__ = ["BatchAPIRunner", "BatchAPISummary", "default_line"]
@@ -296,9 +307,9 @@ def _read_lines(path: Path) -> dict[Any, dict]:
                     rec = json.loads(raw)
                 except ValueError:
                     continue
-                if isinstance(rec, dict) and "id" in rec:
-                    if rec["id"] not in out or ("content" in rec and "error" not in rec):
-                        out[rec["id"]] = rec
+                if isinstance(rec, dict) and "id" in rec and (
+                        rec["id"] not in out or ("content" in rec and "error" not in rec)):
+                    out[rec["id"]] = rec
     except FileNotFoundError:
         pass
     return out
@@ -407,13 +418,13 @@ class _Run:
 
         try:
             _, response, params, output_type, retries, tools = self.runner.llm._plan(variables)
-        except Exception as exc:  # the row no longer renders (the template changed)
+        except Exception as exc:  # noqa: BLE001 - the row no longer renders (the template changed): its error line
             return None, exc, None
         self.replay.answer(expected, result, note)
         try:
             response = respond_with(self.replay, response, params, output_type, retries, tools=tools)
             return response.value, None, response.cost
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the row's failure, written in its place (a live run does the same)
             return None, exc, response.cost if response.message is not None else 0.0
         finally:
             self.replay._pending = None
@@ -443,7 +454,7 @@ class _Run:
                     variables = self.variables(row)
                     try:
                         planned = batch_request(self.runner.llm, variables)
-                    except Exception as exc:  # what a live call raises before sending: the row's error line
+                    except Exception as exc:  # noqa: BLE001 - what a live call raises before sending: the row's error line
                         self.write(position, row_id, None, exc)
                         continue
                     if planned.cached:  # answered from the cache, as a live call would be
@@ -482,7 +493,7 @@ class _Run:
     def _live(self, position: int, row_id: Any, variables: dict) -> None:
         try:
             response = self.runner.llm.respond(**variables)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the row's failure, written in its place
             self.write(position, row_id, None, exc)
             return
         self.summary.from_cache += bool(response.cached)

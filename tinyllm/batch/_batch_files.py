@@ -14,14 +14,30 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from ..errors import APIConnectionError, APIStatusError, BatchError, ResponseError, TinyLLMError
+from ..errors import (
+    APIConnectionError,
+    APIStatusError,
+    BatchError,
+    ResponseError,
+    TinyLLMError,
+)
 
-__all__ = ["MAX_REQUESTS_PER_FILE", "MAX_BYTES_PER_FILE", "TERMINAL", "state_path", "BatchState", "RequestFiles",
-           "BatchAPI", "result_of", "custom_id"]
+__all__ = [
+    "MAX_BYTES_PER_FILE",
+    "MAX_REQUESTS_PER_FILE",
+    "TERMINAL",
+    "BatchAPI",
+    "BatchState",
+    "RequestFiles",
+    "custom_id",
+    "result_of",
+    "state_path",
+]
 
 #: requests per Batch API input file at most (OpenAI: "up to 50,000 requests"; Azure global batch allows more)
 MAX_REQUESTS_PER_FILE = 50_000
@@ -64,7 +80,7 @@ class BatchState:
         self.path, self.batches, self.command = path, batches or [], command
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "BatchState":
+    def load(cls, path: str | os.PathLike[str]) -> BatchState:
         """The state at ``path`` (empty when the file does not exist).
 
         Raises:
@@ -145,7 +161,7 @@ class RequestFiles:
         if self._file is None:
             self._count += 1
             self._path = self.folder / f"batch-{self._count:04d}.jsonl"
-            self._file = open(self._path, "wb")
+            self._file = open(self._path, "wb")  # noqa: SIM115 - kept open while rows are added; closed by _send/discard
             self._model = model
         self._file.write(data)
         self._bytes += len(data)

@@ -20,15 +20,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..clients import Client
 from ..clients._fallback import JSON_SCHEMA, structured, variant
 from ..config import Config
 from ..errors import BatchError, ConfigError
 
-__all__ = ["RowRequest", "batch_request", "body_hash", "ReplayClient", "check_batch_client"]
+__all__ = ["ReplayClient", "RowRequest", "batch_request", "body_hash", "check_batch_client"]
 
 
 def check_batch_client(sender: Any) -> Any:

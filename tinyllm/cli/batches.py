@@ -96,8 +96,8 @@ def cancel(output: str, api_type: str | None) -> None:
 def fetch(ctx: click.Context, output: str, wait: bool, progress: bool) -> None:
     """Collect the recorded batches that have ended into OUTPUT (nothing new is submitted), with the
     template, input and options the map command recorded."""
-    from ..call import LLMCall
     from ..cache._store import force_api_cache
+    from ..call import LLMCall
     from .map import run_batches
 
     state = _state(output)

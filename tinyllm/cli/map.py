@@ -224,8 +224,8 @@ def run_batches(ctx: click.Context, llm: Any, input_path: str, fmt: str, id_fiel
     """``map --batch-api`` (and ``batches fetch``): one :class:`~tinyllm.batch.BatchAPIRunner` run, then its summary
     on stderr and the exit status (0 done or still running with --no-wait, 1 rows failed or left by the
     budget, 130 interrupted)."""
-    from ..errors import BatchError
     from ..batch._batch_api import BatchAPIRunner
+    from ..errors import BatchError
 
     runner = BatchAPIRunner(llm, variables=variables, max_cost=max_cost, progress=progress, command=command,
                             desc=_short_name(llm.prompt))
