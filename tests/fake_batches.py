@@ -27,6 +27,7 @@ Test controls (JSON over HTTP, so they work when the server runs in its own proc
                          "run_before_end": n (expired/cancelled: requests run before the end),
                          "limits": {"max_requests": n, "max_bytes": n}}  for the batches created next
     POST /_fake/reply   {"content": "..."} (or null for echo): the chat reply
+    POST /_fake/enqueue {"content": "..."}: the reply to the next live chat request only
     POST /_fake/advance {"id": batch id | null (all)}: release held batches
     GET  /_fake/state   {"files": {id: {purpose, filename, bytes}}, "batches": {id: batch},
                          "chat": [live chat request bodies]}
@@ -45,7 +46,7 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
-from fakeserver import FakeOpenAIServer, Recorded, _error_body
+from fakeserver import FakeOpenAIServer, Recorded, Reply, _error_body
 
 ORDER = ("validating", "in_progress", "finalizing")
 
@@ -106,6 +107,9 @@ class FakeBatchServer(FakeOpenAIServer):
             return 200, {"ok": True}, {}
         if what == "reply":
             self.reply_with(body.get("content"))
+            return 200, {"ok": True}, {}
+        if what == "enqueue":  # a scripted reply for the next live chat request (batches never take it)
+            self.enqueue(Reply(body["content"]), path_contains="chat/completions")
             return 200, {"ok": True}, {}
         if what == "advance":
             with self._blk:

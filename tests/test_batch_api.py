@@ -410,3 +410,61 @@ def test_batch_prices(monkeypatch):
     assert pricing.reply_cost(client, cfg, usage, "my-model", batch=True) == pytest.approx(2.0)
     assert pricing.reply_cost(client, cfg, usage, "my-model") == pytest.approx(4.0)
     assert pricing.batch_price_kind(client, cfg, "no-such-model") is None
+
+
+def test_a_row_whose_template_changed_since_submission_is_submitted_anew(fake, prompts, tmp_path):
+    import tinyllm
+    from tinyllm.cli import cli
+
+    tinyllm.configure(file_check_interval=0)
+    rows = rows_csv(tmp_path / "rows.csv", 2)
+    out = tmp_path / "out.jsonl"
+    fake.plan(hold=True)
+    assert run_map("ask", "-i", str(rows), "-o", str(out), "--batch-api", "--no-wait").exit_code == 0
+    write(prompts / "ask.system.md", "Answer at length.")
+    fake.advance()
+    changed = CliRunner().invoke(cli, ["batches", "fetch", str(out), "--wait"])
+    assert changed.exit_code == 1, changed.output
+    assert {x["error"]["type"] for x in lines(out)} == {"BatchError"}
+    assert "not the one its batch sent" in lines(out)[0]["error"]["message"]
+    fake.plan()
+    assert run_map("ask", "-i", str(rows), "-o", str(out), "--batch-api").exit_code == 0
+    resent = fake.request_lines(fake.new()[-1])
+    assert len(resent) == 2 and resent[0]["body"]["messages"][0]["content"] == "Answer at length."
+
+
+@pytest.mark.parametrize("batch_exists", [False, True])
+def test_stopped_between_upload_and_recording_the_batch(fake, prompts, tmp_path, batch_exists):
+    """A file recorded without its batch id: the next run finds the batch made from it, or creates it; never two."""
+    import tinyllm
+    from tinyllm.batch._batch_files import BatchAPI, BatchState, state_path
+    from tinyllm.batch._replay import batch_request, body_hash
+
+    llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
+    rows = [{"question": "a"}, {"question": "b"}]
+    planned = [batch_request(llm, row) for row in rows]
+    data = "".join(json.dumps({"custom_id": f"i{i}", "method": "POST", "url": "/v1/chat/completions", "body": p.body}) + "\n"
+                   for i, p in enumerate(planned))
+    api = BatchAPI(tinyllm.client())
+    file_id = api.upload(write(tmp_path / "req.jsonl", data))
+    if batch_exists:
+        api.create(file_id)
+    out = tmp_path / "out.jsonl"
+    state = BatchState(state_path(out), [{"id": None, "input_file_id": file_id, "model": "gpt-4o-mini",
+                                          "rows": {f"i{i}": body_hash(p.body) for i, p in enumerate(planned)},
+                                          "status": None, "fetched": False}])
+    state.save()
+    assert llm.map(rows, batch_api=True, batch_output=out, progress=False) == ["echo: a", "echo: b"]
+    assert len(fake.new()) == 1 and fake.new()[0]["input_file_id"] == file_id
+
+
+def test_an_output_retry_after_a_batch_reply_is_a_live_request(fake, prompts, tmp_path):
+    import tinyllm
+
+    fake.reply("not a number")
+    fake._control("enqueue", {"content": "7"})
+    llm = tinyllm.LLMCall("ask", prompts_dir=prompts, output_type=int, output_retries=1)
+    chats = len(fake.state()["chat"])
+    assert llm.map([{"question": "a"}], batch_api=True, batch_output=tmp_path / "o.jsonl", progress=False) == [7]
+    (retry,) = fake.state()["chat"][chats:]
+    assert retry["messages"][-2] == {"role": "assistant", "content": "not a number"}

@@ -291,8 +291,12 @@ class BatchAPIRunner:
     def _default_path(self, items: list[dict]) -> Path:
         import platformdirs
 
-        digest = hashlib.sha256(json.dumps([self.llm.system_template_name, self.llm.user_template_name, self.variables,
-                                            items], sort_keys=True, default=str).encode()).hexdigest()[:24]
+        prompt = self.llm.prompt
+        sources = [hashlib.sha256(p.read_bytes()).hexdigest() if p is not None and p.exists() else None
+                   for p in (getattr(prompt, "system_path", None), getattr(prompt, "user_path", None))]
+        what = [self.llm.system_template_name, self.llm.user_template_name, sources, self.llm.model_params,
+                repr(self.llm.output_type), self.variables, items]
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()[:24]
         folder = Path(platformdirs.user_cache_dir("tinyllm", appauthor=False)) / "batches"
         folder.mkdir(parents=True, exist_ok=True)
         return folder / f"{digest}.jsonl"
@@ -353,18 +357,18 @@ class _Run:
 
     # -- collecting ended batches -------------------------------------------------------------
     def settle(self) -> None:
-        """Bring every unfinished recorded batch up to date; collect those that ended."""
+        """Bring every unfinished recorded batch up to date; collect those that ended (in one pass over the input)."""
+        ended, changed = [], False
         for entry in self.state.unfinished():
             if entry.get("id") is None:
                 self._create(entry)
-                if entry.get("id") is None:
-                    continue
-            batch = self.api.retrieve(entry["id"])
-            changed = _update(entry, batch)
+            changed = _update(entry, self.api.retrieve(entry["id"])) or changed
             if entry["status"] in TERMINAL:
-                self.collect(entry)
-            elif changed:
-                self.state.save()
+                ended.append(entry)
+        if ended:
+            self.collect(ended)
+        elif changed:
+            self.state.save()
 
     def _create(self, entry: dict) -> None:
         """The batch of an uploaded file whose creation was not recorded: found, else created."""
@@ -380,37 +384,50 @@ class _Run:
         _update(entry, batch)
         self.state.save()
 
-    def collect(self, entry: dict) -> None:
-        """Download an ended batch's results, answer each of its rows through the live path, write the lines."""
+    def collect(self, entries: list[dict]) -> None:
+        """Download ended batches' results, answer each of their rows through the live path, write the lines;
+        then mark the batches collected (a run stopped before that collects them again, skipping the rows
+        that got a content line)."""
         from ..observe import _calllog as calllog
         from ..observe import _pricing as pricing
 
         keys = self.sender._keys(self.sender.settings())
-        results: dict[str, Any] = {}
-        for file_id in (entry.get("output_file_id"), entry.get("error_file_id")):
-            if file_id:
-                for rec in self.api.lines(file_id):
-                    cid, result = result_of(rec, keys)
-                    if cid is not None:
-                        results[cid] = result
-        status = entry["status"]
-        reason = _why_missing(entry)
-        kind = pricing.batch_price_kind(self.sender, self.sender.settings(), entry.get("model") or "")
-        self.summary.price = self.summary.price or kind
-        note = {"id": entry["id"], "price": kind}
-        wanted = entry.get("rows", {})
-        with calllog.batch(entry["id"]):  # the call log's batch_id: the provider's batch id
+        owner: dict[str, tuple[dict, dict]] = {}  # custom id -> (its batch's record, its batch's results)
+        for entry in entries:
+            results: dict[str, Any] = {}
+            for file_id in (entry.get("output_file_id"), entry.get("error_file_id")):
+                if file_id:
+                    for rec in self.api.lines(file_id):
+                        cid, result = result_of(rec, keys)
+                        if cid is not None:
+                            results[cid] = result
+            kind = pricing.batch_price_kind(self.sender, self.sender.settings(), entry.get("model") or "")
+            self.summary.price = self.summary.price or kind
+            entry["_note"] = {"id": entry["id"], "price": kind}
+            for cid in entry.get("rows", {}):
+                owner[cid] = (entry, results)
+        try:
             for position, (row_id, row) in enumerate(self.rows()):
-                cid = custom_id(row_id)
-                if cid not in wanted or position not in self.todo:
+                if position not in self.todo:
                     continue
+                cid = custom_id(row_id)
+                found = owner.get(cid)
+                if found is None:
+                    continue
+                entry, results = found
                 result = results.get(cid)
                 if result is None:
-                    result = BatchError(f"batch {entry['id']} {status}: {reason}; run again to submit this row anew")
-                value, exc, cost = self._replay(self.variables(row), wanted[cid], result, note)
+                    result = BatchError(f"batch {entry['id']} {entry['status']}: {_why_missing(entry)}; "
+                                        "run again to submit this row anew")
+                with calllog.batch(entry["id"]):  # the call log's batch_id: the provider's batch id
+                    value, exc, cost = self._replay(self.variables(row), entry["rows"][cid], result, entry["_note"])
                 self._cost(cost)
                 self.write(position, row_id, value, exc)
-        entry["fetched"], entry["rows"] = True, {}
+        finally:
+            for entry in entries:
+                entry.pop("_note", None)
+        for entry in entries:
+            entry["fetched"], entry["rows"] = True, {}
         self.state.save()
 
     def _replay(self, variables: dict, expected: str, result: Any, note: dict) -> tuple[Any, BaseException | None, Any]:
