@@ -19,6 +19,12 @@ from helpers import child_env, question_prompts, wait_until, write
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.fixture(autouse=True)
+def _own_cache_folder(tmp_path, monkeypatch):
+    """LLMCall.map(batch_api=True) records its batches in the user's cache folder by default: the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def fake_process():
     """tests/fake_batches.py in a child process, for the whole session; yields its base URL (http://127.0.0.1:N)."""
@@ -338,6 +344,8 @@ def test_llmcall_map_batch_api_typed_and_resumed_in_memory(fake, prompts, tmp_pa
     assert llm.map(rows, batch_api=True, progress=False) == [42, 42]
     assert llm.map(rows, batch_api=True, progress=False) == [42, 42]  # read back from the recorded output
     assert len(fake.new()) == 1
+    (record,) = (tmp_path / "cache" / "tinyllm" / "batches").glob("*.jsonl.batches.json")
+    assert json.loads(record.read_text())["batches"][0]["id"] == fake.new()[0]["id"]
 
 
 def test_the_batch_api_refuses_other_clients(prompts, tmp_path):
