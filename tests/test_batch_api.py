@@ -476,3 +476,38 @@ def test_an_output_retry_after_a_batch_reply_is_a_live_request(fake, prompts, tm
     assert llm.map([{"question": "a"}], batch_api=True, batch_output=tmp_path / "o.jsonl", progress=False) == [7]
     (retry,) = fake.state()["chat"][chats:]
     assert retry["messages"][-2] == {"role": "assistant", "content": "not a number"}
+
+
+def test_a_recorded_file_that_cannot_become_a_batch_frees_its_rows(fake, prompts, tmp_path, caplog):
+    import tinyllm
+    from tinyllm.batch._batch_files import BatchState, state_path
+
+    out = tmp_path / "out.jsonl"
+    BatchState(state_path(out), [{"id": None, "input_file_id": "file-gone", "model": "gpt-4o-mini",
+                                  "rows": {"i0": "0" * 16}, "status": None, "fetched": False}]).save()
+    llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
+    assert llm.map([{"question": "a"}], batch_api=True, batch_output=out, progress=False) == ["echo: a"]
+    assert "file-gone could not be made a batch" in caplog.text
+    assert [b["id"] for b in json.loads(state_path(out).read_text())["batches"]] == [fake.new()[0]["id"]]
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_keeps_the_batches(fake, prompts, tmp_path):
+    rows = rows_csv(tmp_path / "rows.csv", 2)
+    out = tmp_path / "out.jsonl"
+    fake.plan(hold=True)
+    env = child_env(OPENAI_API_KEY="sk-test", TINYLLM_BASE_URL=fake.base_url, TINYLLM_API_TYPE="openai",
+                    TINYLLM_BATCH_POLL_INTERVAL="0.05")
+    args = [sys.executable, "-m", "tinyllm", "map", "ask", "-i", str(rows), "-o", str(out), "--batch-api",
+            "--prompts-dir", str(prompts)]
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "out.jsonl.batches.json"
+    wait_until(lambda: state.exists() and json.loads(state.read_text())["batches"][0]["id"], timeout=30)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "the batches keep running" in err
+    fake.advance()
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert len(fake.new()) == 1 and len(lines(out)) == 2

@@ -361,7 +361,14 @@ class _Run:
         ended, changed = [], False
         for entry in self.state.unfinished():
             if entry.get("id") is None:
-                self._create(entry)
+                try:
+                    self._create(entry)
+                except Exception as exc:
+                    if not creation_failed(exc):
+                        raise
+                    log.warning("the recorded request file %s could not be made a batch (%s); its rows will be "
+                                "submitted again", entry["input_file_id"], exc)
+                    continue  # _create dropped the record: the rows are free to go again
             changed = _update(entry, self.api.retrieve(entry["id"])) or changed
             if entry["status"] in TERMINAL:
                 ended.append(entry)

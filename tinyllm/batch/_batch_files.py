@@ -286,14 +286,24 @@ class BatchAPI:
 
     def lines(self, file_id: str) -> Iterator[Any]:
         """The decoded JSON lines of a result file (blank lines skipped; a line that is not JSON is
-        yielded as its text, which :func:`result_of` reports)."""
-        data = self._call(lambda sdk: sdk.files.content(file_id, timeout=self._timeout()).content)
-        for raw in data.splitlines():
-            if raw.strip():
-                try:
-                    yield json.loads(raw)
-                except ValueError:
-                    yield raw.decode("utf-8", "replace")
+        yielded as its text, which :func:`result_of` reports). The file is streamed to a temporary
+        file first (a result file can be hundreds of MB), then read line by line."""
+        with tempfile.TemporaryFile() as tmp:
+            def download(sdk: Any) -> None:
+                tmp.seek(0)
+                tmp.truncate()
+                with sdk.files.with_streaming_response.content(file_id, timeout=self._timeout()) as response:
+                    for chunk in response.iter_bytes():
+                        tmp.write(chunk)
+
+            self._call(download)
+            tmp.seek(0)
+            for raw in tmp:
+                if raw.strip():
+                    try:
+                        yield json.loads(raw)
+                    except ValueError:
+                        yield raw.decode("utf-8", "replace")
 
 
 def scratch_folder() -> tempfile.TemporaryDirectory:
