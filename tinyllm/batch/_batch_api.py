@@ -173,7 +173,7 @@ class BatchAPIRunner:
 
         Args:
             rows: returns a fresh iterable of ``(row_id, variables)`` in input order (called
-                several times: to check the ids, to submit, once per batch collected).
+                several times: to check the ids, to submit, and once per poll that collects ended batches).
             path: the output; resumed when it exists. The batches are recorded in ``PATH.batches.json``.
             line: ``line(row_id, value, error) -> str``, as for :meth:`Runner.to_jsonl`.
             submit: send the rows that need it (False: only collect recorded batches, ``tinyllm batches fetch``).
@@ -187,8 +187,10 @@ class BatchAPIRunner:
         Raises:
             BatchError: the output is held by another run, unreadable, has two rows with one id;
                 the batch record is unreadable or unwritable.
-            ConfigError: the call's client has no Batch API; the errors of the files and batches
-            endpoints (AuthenticationError, ...), after the client's retries.
+            ConfigError: the call's client has no Batch API (or a row's ``fatal`` error).
+            APIError: a failure of the files or batches endpoints (AuthenticationError,
+                RateLimitError, APIConnectionError, ...), after the client's retries; what was
+                submitted before it stays recorded.
         """
         from ..config import get_config
 
