@@ -348,6 +348,13 @@ def test_llmcall_map_batch_api_typed_and_resumed_in_memory(fake, prompts, tmp_pa
     assert json.loads(record.read_text())["batches"][0]["id"] == fake.new()[0]["id"]
 
 
+def test_batches_commands_need_a_record(tmp_path):
+    from tinyllm.cli import cli
+
+    result = CliRunner().invoke(cli, ["batches", "status", str(tmp_path / "none.jsonl")])
+    assert result.exit_code == 2 and "no batches are recorded" in result.output
+
+
 def test_the_batch_api_refuses_other_clients(prompts, tmp_path):
     import tinyllm
 

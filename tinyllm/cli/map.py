@@ -113,7 +113,8 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     kill) loses nothing: the batches run on and are recorded in
     OUTPUT.batches.json; the same command resumes, never sending a row twice;
     rows whose batch failed, expired or was cancelled get error lines and are
-    sent again by the next run. See also tinyllm batches status|fetch|cancel.
+    sent again by the next run. With --no-wait the exit status is 0 while the
+    batches run. See also tinyllm batches status|fetch|cancel.
     """
     import contextvars
 
