@@ -30,6 +30,7 @@ __all__ = [
     "Response",
     "Runner",
     "evaluate",
+    "BatchAPIRunner",
     "Tool",
     "ToolCall",
     "ToolRound",
@@ -66,6 +67,7 @@ __all__ = [
 _LAZY = {  # client classes, the batch runner and evaluate, imported on first use so `import tinyllm` stays light
     "Runner": "tinyllm.batch._runner",
     "evaluate": "tinyllm.eval._run",  # prompt evaluation (tinyllm eval); its statistics need scipy (the eval extra)
+    "BatchAPIRunner": "tinyllm.batch._batch_api",
     "OpenAIClient": "tinyllm.clients.openai",
     "OllamaClient": "tinyllm.clients.openai",
     "AzureClient": "tinyllm.clients.azure",

@@ -21,6 +21,7 @@ from .tools import Tool, ToolCall, Toolbox, as_tool, check_max_tool_rounds, chec
 
 if TYPE_CHECKING:
     import concurrent.futures
+    import os
 
 __all__ = ["LLMCall", "plan_output", "content_of", "respond_with", "arespond_with", "RETRY_PROMPT"]
 
@@ -623,6 +624,8 @@ class LLMCall:
         return_exceptions: bool = False,
         executor: concurrent.futures.Executor | None = None,
         chunk_size: int | None = None,
+        batch_api: bool = False,
+        batch_output: str | os.PathLike[str] | None = None,
     ) -> list[Any]:
         """Run :meth:`call` once per dict of variables in ``inputs``, concurrently (a :class:`tinyllm.Runner`).
 
@@ -643,6 +646,14 @@ class LLMCall:
                 chunk run on ``max_workers`` threads where it lands.
             chunk_size: rows per task on an executor that is not a local thread
                 pool (default 50: :data:`tinyllm.batch._runner.DISTRIBUTED_CHUNK_SIZE`).
+            batch_api: send the rows through the OpenAI / Azure OpenAI Batch API at the batch
+                price (a :class:`tinyllm.BatchAPIRunner`) and wait for them (polling every
+                ``BATCH_POLL_INTERVAL`` seconds); ``max_workers``, ``executor`` and ``chunk_size``
+                do not apply. The batches are recorded beside ``batch_output`` (a JSONL file of the
+                results, one line per row, ids = positions; default: a file in the user's cache
+                folder named for the template and the rows), so calling it again with the same rows
+                picks up the batches already submitted instead of sending them again.
+            batch_output: with ``batch_api``, the JSONL output (see above).
 
         Returns:
             list of results in input order.
@@ -653,6 +664,10 @@ class LLMCall:
             KeyboardInterrupt on Ctrl-C: calls not yet started are cancelled,
             running ones are not waited for.
         """
+        if batch_api:
+            from .batch._batch_api import BatchAPIRunner
+
+            return BatchAPIRunner(self, progress=progress).map(inputs, path=batch_output, return_exceptions=return_exceptions)
         from .batch._runner import Runner
 
         cached_before = usage.usage_stats()["cached_calls"]

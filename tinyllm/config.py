@@ -198,6 +198,7 @@ class Config:
     max_cost: float | None = _setting(None, _nonneg(float), "USD this process may spend; a call that could exceed it is refused before sending")
     judge_api_type: str | None = _setting(None, lambda s: s.strip().lower() or None, "the client of tinyllm eval's llm-rubric judge (a registered name); default: the usual client")
     judge_model: str | None = _setting(None, _str, "the model of tinyllm eval's llm-rubric judge; an llm-rubric needs this or JUDGE_API_TYPE")
+    batch_poll_interval: float = _setting(30.0, _positive_float, "seconds between looks at the status of Batch API batches (tinyllm map --batch-api)")
     prices: dict = _setting({}, _parse_prices, 'USD per million tokens over the genai-prices table: {"model": {"input_per_mtok": 1, "output_per_mtok": 2}}')
     secrets: dict = field(default_factory=dict, repr=False, compare=False)
     sources: dict = field(default_factory=dict, repr=False, compare=False)

@@ -36,7 +36,8 @@ class Response:
             (cache hits report the stored reply's usage); with
             ``prompt_tokens_details`` (``cached_tokens`` read from a prompt cache,
             ``cache_creation_tokens`` written to one) and ``completion_tokens_details``
-            (``reasoning_tokens``) summed too when the server reports them.
+            (``reasoning_tokens``) summed too when the server reports them; for a reply from a Batch API
+            batch also ``"batch": {"id": the batch id, "price": "batch" | "half" | None}``.
         model: the model that answered (the server's ``model``), else the one asked for.
         finish_reason: ``"stop"``, ``"length"`` (the reply was cut at max_tokens),
             ``"tool_calls"``, ... or None when the backend did not say.
@@ -195,6 +196,8 @@ class Response:
                 for key, value in details.items():
                     if isinstance(value, int) and not isinstance(value, bool):
                         summed[key] = summed.get(key, 0) + value
+        if "batch" in got:  # a Batch API reply: its batch id and how it was priced (tinyllm.batch._replay)
+            usage.setdefault("batch", got["batch"])
         cost = getattr(reply, "cost", None)
         self.cost = cost if self._replies == 0 else (None if self.cost is None or cost is None else self.cost + cost)
         self.cached = reply.cached if self._replies == 0 else (self.cached and reply.cached)

@@ -63,15 +63,21 @@ def _exit_now(code: int) -> None:
 @click.option("--dask", "dask_address", metavar="ADDRESS",
               help="Run the rows on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N worker "
                    "processes on 127.0.0.1. Needs the dask extra.")
+@click.option("--batch-api", is_flag=True,
+              help="Send the rows through the OpenAI (or Azure OpenAI) Batch API: half the price, done within 24 h. "
+                   "The batches are recorded in OUTPUT.batches.json; run the same command again to resume.")
+@click.option("--no-wait", is_flag=True,
+              help="With --batch-api: submit and return at once; run the same command again (or tinyllm batches "
+                   "fetch OUTPUT) to collect the results.")
 @_log_option
 @_var_option
 @_model_options
 @_prompts_dir_option
 @click.pass_context
 def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concurrency: int | None, id_field: str,
-         input_format: str | None, progress: bool, max_cost: float | None, dask_address: str | None, variables: dict,
-         model: str | None, api_type: str | None, temperature: float | None, max_tokens: int | None, cache: bool | None,
-         prompts_dirs: tuple[str, ...]) -> None:
+         input_format: str | None, progress: bool, max_cost: float | None, dask_address: str | None, batch_api: bool,
+         no_wait: bool, variables: dict, model: str | None, api_type: str | None, temperature: float | None,
+         max_tokens: int | None, cache: bool | None, prompts_dirs: tuple[str, ...]) -> None:
     """Run NAME once per row of --input; write {"id", "content"} or {"id", "error"} lines to --output.
 
     Columns (CSV) or keys (JSONL) are the variables, over the --var values.
@@ -98,6 +104,17 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     their own environment; the call carries the template and the model options.
     --max-cost and --cache/--no-cache are refused with --dask (they would
     hold in this process only).
+
+    With --batch-api, the rows go to the Batch API in files of up to 50,000
+    requests (200 MB), at the batch price; the command waits for them, polling
+    every BATCH_POLL_INTERVAL seconds, and writes the same lines a live run
+    would. Rows the cache answers are not sent. --max-cost then limits what is
+    submitted (its worst case at the batch price). Stopping it (Ctrl-C, a
+    kill) loses nothing: the batches run on and are recorded in
+    OUTPUT.batches.json; the same command resumes, never sending a row twice;
+    rows whose batch failed, expired or was cancelled get error lines and are
+    sent again by the next run. With --no-wait the exit status is 0 while the
+    batches run. See also tinyllm batches status|fetch|cancel.
     """
     import contextvars
 
@@ -119,9 +136,24 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     if dask_address is not None and (max_cost is not None or cache is not None):
         raise CLIError("--max-cost and --cache/--no-cache hold in this process only and do not reach Dask workers; "
                        "set MAX_COST or CACHE_API_CALLS in the workers' environment instead")
+    if no_wait and not batch_api:
+        raise CLIError("--no-wait goes with --batch-api")
+    if batch_api and dask_address is not None:
+        raise CLIError("--batch-api and --dask do not go together: the Batch API runs the rows at the provider")
     if concurrency is not None:
         configure(max_concurrent_requests=concurrency, queue_size=max(concurrency, get_config().queue_size))
     llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache)
+    if batch_api:
+        from ._common import _search_dirs
+
+        command = {"name": name, "input": os.path.abspath(input_path) if input_path != "-" else None,
+                   "input_format": fmt, "id_field": id_field, "variables": variables, "model": model,
+                   "api_type": api_type, "temperature": temperature, "max_tokens": max_tokens,
+                   "cache": cache, "prompts_dirs": [os.path.abspath(d) for d in _search_dirs(ctx)]
+                   + ([os.path.abspath("prompts")] if os.path.isdir("prompts") else [])}
+        run_batches(ctx, llm, input_path, fmt, id_field, variables, out_path, max_cost=max_cost, progress=progress,
+                    submit=True, wait=not no_wait, command=command)
+        return
     stats_before = usage.usage_stats()
     cached_before = stats_before["cached_calls"]
     run_budget = Budget(max_cost)  # also sums the run's cost without a limit
@@ -186,3 +218,44 @@ class _Row:
 
     def __call__(self, row: dict) -> Any:
         return self.llm.call(**{**self.variables, **row})
+
+
+def run_batches(ctx: click.Context, llm: Any, input_path: str, fmt: str, id_field: str, variables: dict, out_path: Path,
+                *, max_cost: float | None, progress: bool, submit: bool, wait: bool, command: dict | None) -> None:
+    """``map --batch-api`` (and ``batches fetch``): one :class:`~tinyllm.batch.BatchAPIRunner` run, then its summary
+    on stderr and the exit status (0 done or still running with --no-wait, 1 rows failed or left by the
+    budget, 130 interrupted)."""
+    from ..batch._batch_api import BatchAPIRunner
+    from ..errors import BatchError
+
+    runner = BatchAPIRunner(llm, variables=variables, max_cost=max_cost, progress=progress, command=command,
+                            desc=_short_name(llm.prompt))
+    with readable_twice(input_path) as source:
+        try:
+            s = runner.to_jsonl(lambda: read_rows(source, input_path, fmt, id_field), out_path, line=_result_line,
+                                submit=submit, wait=wait)
+        except BatchError as exc:
+            raise CLIError(str(exc)) from exc
+        except OSError as exc:
+            raise CLIError(f"cannot write {str(out_path)!r}: {exc.strerror or exc}", EXIT_FAILED) from exc
+    price = {"batch": "batch price", "half": "half the list price: no batch price known for the model"}.get(s.price or "", "")
+    cost = _usd(s.cost) + (f" ({price})" if price and s.cost is not None else "")
+    cached = f" ({s.from_cache} from the cache)" if s.from_cache else ""
+    click.echo(f"{s.total} rows: {s.done_now} done now{cached}, {s.done_before} done before, {s.failed} failed, "
+               f"{s.submitted} submitted in {len(s.batches_created)} new batch(es), {s.waiting} waiting in "
+               f"{len(s.running)} running batch(es) -> {out_path}; cost {cost}", err=True)
+    if s.interrupted:
+        click.echo(f"interrupted: the batches keep running and are recorded in {out_path}.batches.json; run the same "
+                   "command again to collect them", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    if s.running:
+        click.echo(f"batches still running: {', '.join(s.running)}; run the same command again (or tinyllm batches "
+                   f"fetch {out_path}) to collect them", err=True)
+    if s.not_sent:
+        _error(f"{s.not_sent} row(s) not submitted: their worst case would take the submitted rows past the budget of "
+               f"{_usd(max_cost)} (submitted: up to {_usd(s.submitted_estimate)}); run the same command again to go on")
+        ctx.exit(EXIT_FAILED)
+    if s.failed:
+        summary = ", ".join(f"{k} x{v}" for k, v in sorted(s.failed_kinds.items()))
+        _error(f"{s.failed} of {s.total} rows failed ({summary}); run the same command again to submit them anew")
+        ctx.exit(EXIT_FAILED)

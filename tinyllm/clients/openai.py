@@ -39,7 +39,7 @@ from ._fallback import FormatFallback, structured
 from ..http._scrub import redact, redact_body
 from ..http._transport import http_client, scrub_credentials
 
-__all__ = ["OpenAIClient", "OllamaClient", "map_error", "redact"]
+__all__ = ["OpenAIClient", "OllamaClient", "map_error", "status_error", "redact"]
 
 _OPTION_PARAMS = frozenset({"timeout", "extra_headers", "extra_query", "extra_body"})  # not sent in the body
 # tinyllm's own parameters, for other clients: ``cache`` (Anthropic prompt-caching breakpoints; OpenAI caches
@@ -76,19 +76,9 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
         cause = exc.__cause__ or exc
         return APIConnectionError(redact(f"could not reach {where or 'the server'}: {type(cause).__name__}: {cause}", secrets))
     if isinstance(exc, openai.APIStatusError):
-        code = exc.status_code
-        body = redact_body(exc.body, secrets)
-        err = body.get("error", body) if isinstance(body, dict) else body
-        message = err.get("message") if isinstance(err, dict) else None
-        message = redact(str(message or exc.message or f"HTTP {code}"), secrets)
-        err_code = err.get("code") if isinstance(err, dict) else None
-        headers = {k.lower(): redact(v, secrets) for k, v in exc.response.headers.items()} if exc.response is not None else {}
-        kwargs = dict(status_code=code, request_id=exc.request_id, body=body, response_headers=headers)
-        if err_code == "context_length_exceeded":
-            return ContextWindowExceededError(message, **kwargs)
-        cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else APIStatusError if code == 408 or code < 400
-                                           else BadRequestError)
-        return cls(message, **kwargs)
+        headers = dict(exc.response.headers.items()) if exc.response is not None else {}
+        return status_error(exc.status_code, exc.body, request_id=exc.request_id, headers=headers,
+                            fallback=exc.message, secrets=secrets)
     if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, RecursionError)):  # RecursionError: JSON nested too deeply
         return ResponseError(redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
     if isinstance(exc, (TypeError, ValueError)):  # raised while building or encoding the request: nothing was sent
@@ -96,6 +86,26 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
     if isinstance(exc, openai.OpenAIError):
         return APIError(redact(str(exc), secrets))
     return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+
+
+def status_error(code: int, body: Any, *, request_id: str | None = None, headers: dict | None = None,
+                 fallback: str | None = None, secrets: tuple[str, ...] = ()) -> APIError:
+    """The tinyllm error for an HTTP error answer: status ``code`` and its decoded JSON ``body`` (an
+    OpenAI-style ``{"error": {"message", "code", ...}}`` or anything else), as :func:`map_error` maps
+    them; also used for the per-request errors of a Batch API error file. API keys are scrubbed
+    from the message, the body and the ``headers``."""
+    body = redact_body(body, secrets)
+    err = body.get("error", body) if isinstance(body, dict) else body
+    message = err.get("message") if isinstance(err, dict) else None
+    message = redact(str(message or fallback or f"HTTP {code}"), secrets)
+    err_code = err.get("code") if isinstance(err, dict) else None
+    headers = {str(k).lower(): redact(str(v), secrets) for k, v in (headers or {}).items()}
+    kwargs = dict(status_code=code, request_id=request_id, body=body, response_headers=headers)
+    if err_code == "context_length_exceeded":
+        return ContextWindowExceededError(message, **kwargs)
+    cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else APIStatusError if code == 408 or code < 400
+                                       else BadRequestError)
+    return cls(message, **kwargs)
 
 
 def _scrub_chain(exc: BaseException | None) -> None:

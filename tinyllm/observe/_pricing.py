@@ -19,6 +19,12 @@ model: ``{"model": {"input_per_mtok": 0.5, "output_per_mtok": 1.5,
 cached input and cache writes default to the input price), which wins over the table. A reply from the cache costs 0.0
 (nothing was paid) when the model is priced, else None.
 
+Batch API replies (``tinyllm map --batch-api``) are priced at the batch price: genai-prices'
+``{"processing": "batch"}`` price variant where the table has one, else half the list price
+(OpenAI's and Azure's published Batch API discount, 50%), which :func:`batch_price_kind` reports
+so it can be marked. A client object with ``batch_pricing = True`` (the Batch API's replay of
+the results) is priced that way.
+
 genai-prices is imported on the first priced call (about 0.4 s), never by ``import tinyllm``.
 """
 
@@ -29,11 +35,15 @@ import logging
 import weakref
 from typing import Any
 
-__all__ = ["reply_cost", "estimate_cost", "model_prices", "usd"]
+__all__ = ["reply_cost", "estimate_cost", "model_prices", "usd", "batch_price_kind", "BATCH_DISCOUNT"]
 
 log = logging.getLogger("tinyllm")
 #: api_type -> genai-prices provider id; other clients are local or unknown: no price
 PROVIDERS = {"openai": "openai", "azure": "azure", "anthropic": "anthropic"}
+#: what a Batch API reply costs relative to the list price when the table has no batch price
+#: (OpenAI's and Azure OpenAI's Batch API: "50% less cost" in both providers' docs)
+BATCH_DISCOUNT = 0.5
+_BATCH_CONTEXT = {"processing": "batch"}  # genai-prices' price-variant condition of batch prices
 
 
 def usd(cost: float | None) -> str:
@@ -78,9 +88,21 @@ def _table_entry(provider_id: str, base_url: str | None, model: str) -> Any:
         return None
 
 
+@functools.lru_cache(maxsize=256)
+def _has_batch_price(key: tuple[str, str | None, str]) -> bool:
+    """Whether the table entry of ``key`` has a batch price variant in force now."""
+    import datetime
+
+    _, model = _table_entry(*key)
+    now = datetime.datetime.now(tz=datetime.timezone.utc)
+    return any(v.when == _BATCH_CONTEXT and (v.constraint is None or v.constraint.active(now))
+               for v in (getattr(model, "price_variants", None) or ()))
+
+
 @functools.lru_cache(maxsize=4096)
-def _table_cost(key: tuple[str, str | None, str], tokens: tuple[int, int, int, int, int]) -> float:
-    """USD of ``tokens`` for the table entry of ``key`` (``(provider_id, base_url, model)``, found)."""
+def _table_cost(key: tuple[str, str | None, str], tokens: tuple[int, int, int, int, int], batch: bool = False) -> float:
+    """USD of ``tokens`` for the table entry of ``key`` (``(provider_id, base_url, model)``, found);
+    ``batch``: at the batch price (the table's, else the list price times :data:`BATCH_DISCOUNT`)."""
     from genai_prices import Usage
 
     n_in, n_cached, n_out, n_reasoning, n_written = tokens
@@ -88,7 +110,10 @@ def _table_cost(key: tuple[str, str | None, str], tokens: tuple[int, int, int, i
     usage = Usage(input_tokens=n_in, cache_read_tokens=cached, cache_write_tokens=min(n_written, n_in - cached),
                   output_tokens=n_out, output_reasoning_tokens=min(n_reasoning, n_out))
     provider, model = _table_entry(*key)
-    return float(model.calc_price(usage, provider).total_price)
+    if batch and _has_batch_price(key):
+        return float(model.calc_price(usage, provider, price_context=_BATCH_CONTEXT).total_price)
+    total = float(model.calc_price(usage, provider).total_price)
+    return total * BATCH_DISCOUNT if batch else total
 
 
 def _override_cost(price: dict, tokens: tuple[int, int, int, int, int]) -> float:
@@ -147,7 +172,7 @@ def _find_source(client: Any, cfg: Any, models: tuple[str | None, ...]) -> Any:
 
 
 def reply_cost(client: Any, cfg: Any, usage: dict, model: str | None, asked: str | None = None, *,
-               cached: bool = False) -> float | None:
+               cached: bool = False, batch: bool = False) -> float | None:
     """USD of one reply.
 
     Args:
@@ -157,6 +182,8 @@ def reply_cost(client: Any, cfg: Any, usage: dict, model: str | None, asked: str
             ``prompt_tokens_details`` / ``completion_tokens_details`` when sent).
         model: the model that answered; ``asked``: the one asked for, tried second.
         cached: the reply came from the cache (costs 0.0 when the model is priced).
+        batch: a Batch API reply (also when ``client.batch_pricing`` is true): the batch price,
+            see :func:`batch_price_kind`.
 
     Returns:
         float USD, or None when the price or the usage is unknown. Never raises.
@@ -170,15 +197,34 @@ def reply_cost(client: Any, cfg: Any, usage: dict, model: str | None, asked: str
         tokens = _tokens(usage)
         if tokens is None:
             return None
-        return _override_cost(source, tokens) if isinstance(source, dict) else _table_cost(source, tokens)
+        batch = batch or bool(getattr(client, "batch_pricing", False))
+        if isinstance(source, dict):
+            return _override_cost(source, tokens) * (BATCH_DISCOUNT if batch else 1.0)
+        return _table_cost(source, tokens, batch)
     except Exception as exc:  # noqa: BLE001 - a price is never worth failing a call for
         log.debug("no price for %s: %s", model, exc)
         return None
 
 
-def estimate_cost(client: Any, cfg: Any, model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """USD of ``prompt_tokens`` input (none of it cached) and ``completion_tokens`` output for ``model``; None when unpriced."""
-    return reply_cost(client, cfg, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}, model)
+def estimate_cost(client: Any, cfg: Any, model: str, prompt_tokens: int, completion_tokens: int, *,
+                  batch: bool = False) -> float | None:
+    """USD of ``prompt_tokens`` input (none of it cached) and ``completion_tokens`` output for ``model``
+    (``batch``: at the batch price); None when unpriced."""
+    return reply_cost(client, cfg, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}, model,
+                      batch=batch)
+
+
+def batch_price_kind(client: Any, cfg: Any, model: str) -> str | None:
+    """How a Batch API reply of ``model`` is priced: ``"batch"`` (genai-prices has its batch price),
+    ``"half"`` (half the list price: the table has no batch price for it, or ``PRICES`` prices it),
+    or None (no price at all). Never raises."""
+    try:
+        source = _price_source(client, cfg, (model,))
+        if source is None:
+            return None
+        return "half" if isinstance(source, dict) or not _has_batch_price(source) else "batch"
+    except Exception:  # noqa: BLE001 - as reply_cost
+        return None
 
 
 def model_prices(client: Any, cfg: Any, model: str) -> dict[str, float] | None:
