@@ -140,6 +140,10 @@ class Reply:
         prompt_tokens: the prompt's tokens as counted locally (0 for a cache hit not counted).
         api_type: the client's api_type.
         cost: USD (:mod:`tinyllm.observe._pricing`; 0.0 from the cache), None when the price is unknown.
+        logprobs: the first choice's tokens with their log probabilities (``logprobs.content``:
+            ``[{"token", "logprob", "bytes", "top_logprobs"}, ...]``) when asked for, else None.
+        choices: every choice, ``[{"index", "message", "finish_reason", "logprobs"}, ...]``, when
+            the reply has several (``n``); None for one (then ``message`` is the only one).
     """
 
     message: dict
@@ -152,6 +156,8 @@ class Reply:
     prompt_tokens: int = 0
     api_type: str = ""
     cost: float | None = None
+    logprobs: list | None = None
+    choices: list | None = None
 
 
 async def _to_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -430,7 +436,8 @@ class Client:
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
         cost = pricing.reply_cost(self, req.cfg, hit_usage, hit.get("model"), req.model, cached=True)  # cost
-        return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason")},
+        return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason"),
+                                                            "logprobs": hit.get("logprobs"), "choices": hit.get("choices")},
                            cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0), cost=cost)  # the cache hands out copies
 
     def _finish(self, req: _Request, result: tuple) -> Reply:
@@ -447,7 +454,8 @@ class Client:
     def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
                cost: float | None = None) -> Reply:
         reply = Reply(message, reply_usage, info.get("model") or req.model, info.get("finish_reason"), cached,
-                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost)
+                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost,
+                      info.get("logprobs"), info.get("choices"))
         _last_call.set((req.model, reply))
         return reply
 
@@ -587,7 +595,8 @@ class Client:
             completion = tokens.count_tokens(acc.text, req.model) if acc.text else 0
             reply_usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
                            "total_tokens": req.prompt_tokens + completion, "counted_locally": True}
-        return self._finish(req, (message, reply_usage, {"model": acc.model, "finish_reason": acc.finish_reason}))
+        return self._finish(req, (message, reply_usage, {"model": acc.model, "finish_reason": acc.finish_reason,
+                                                          "logprobs": acc.logprobs, "choices": acc.choices()}))
 
     # -- embeddings ----------------------------------------------------------------
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
