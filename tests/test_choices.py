@@ -15,12 +15,21 @@ from typing import Literal
 
 import pydantic
 import pytest
-from typing_extensions import TypedDict
 from fakeserver import Choices, Message, Reply, Stream
 from helpers import write
+from typing_extensions import TypedDict
 
-from tinyllm import (ContentFilterFinishReasonError, LengthFinishReasonError, LLMCall, LLMChat, OpenAIClient,
-                     OutputParseError, RefusalError, ResponseError, configure)
+from tinyllm import (
+    ContentFilterFinishReasonError,
+    LengthFinishReasonError,
+    LLMCall,
+    LLMChat,
+    OpenAIClient,
+    OutputParseError,
+    RefusalError,
+    ResponseError,
+    configure,
+)
 from tinyllm.cache import MemoryCache
 from tinyllm.output import normalize_output_type, parse_output, response_format_for
 

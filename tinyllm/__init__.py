@@ -15,6 +15,7 @@ from .call import LLMCall
 from .chat import LLMChat
 from .clients import CallInfo, Capabilities, Client, PlainClient, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
+from .media import Audio, File, Image
 from .response import Choice, Response
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
@@ -29,6 +30,9 @@ __all__ = [
     "LLMChat",
     "Response",
     "Choice",
+    "Image",
+    "Audio",
+    "File",
     "Runner",
     "Tool",
     "ToolCall",

@@ -43,7 +43,7 @@ from ..limits import _budget as budget  # cost, budgets, spans (tinyllm/budget.p
 from ..observe import _otel as otel
 from ..observe import _pricing as pricing
 from ..config import Config, get_config, redact_url
-from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, ResponseError, TinyLLMError
+from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, MediaError, ResponseError, TinyLLMError
 from ..limits._queue import RequestQueue
 from .._streaming import Accumulator
 
@@ -69,6 +69,13 @@ class Capabilities:
         tools: takes ``tools`` / ``tool_choice``.
         streaming: can stream a reply (``stream=True``).
         embeddings: has an embeddings endpoint.
+        images: takes ``image_url`` content parts (:class:`tinyllm.Image`).
+        audio: takes ``input_audio`` content parts (:class:`tinyllm.Audio`).
+        files: takes ``file`` content parts (:class:`tinyllm.File`, PDF).
+
+    A request holding content the client does not take is refused before anything is sent
+    (:class:`~tinyllm.MediaError` naming the client and what it lacks). Whether a given *model*
+    behind an OpenAI-compatible server sees images is the server's business: it answers 400 if not.
     """
 
     json_schema: bool = True
@@ -77,6 +84,9 @@ class Capabilities:
     tools: bool = True
     streaming: bool = False
     embeddings: bool = True
+    images: bool = True
+    audio: bool = True
+    files: bool = True
 
 
 @dataclass
@@ -408,10 +418,29 @@ class Client:
             raise BadRequestError(f"model must be a non-empty str, got {out['model']!r}")
         return models.adapt_params(out["model"], out, reasoning_effort=cfg.reasoning_effort)
 
+    def check_media(self, messages: list[dict]) -> None:
+        """Refuse content parts (images, audio, files) :attr:`capabilities` says this client does not take.
+
+        Raises:
+            MediaError: naming the client and what it lacks; nothing is sent.
+        """
+        if not any(isinstance(m.get("content"), list) for m in messages):
+            return
+        from ..media import kinds_in
+
+        missing = sorted(k for k in kinds_in(messages) if not getattr(self.capabilities, k, True))
+        if missing:
+            raise MediaError(f"the {self.api_type!r} client takes no {' or '.join(missing)}: {self.media_refusal(missing)}")
+
+    def media_refusal(self, missing: list[str]) -> str:
+        """Why this client takes none of ``missing`` and what to do instead (for :meth:`check_media`'s error)."""
+        return "its capabilities say so; send them through a client whose model takes them"
+
     def _prepare(self, messages: Any, params: dict, accept: Callable[[dict], bool] | None) -> _Request:
         started = time.perf_counter()
         cfg = self.settings()
         messages = validate_messages(messages)
+        self.check_media(messages)
         params = self.resolve_params(params, cfg)
         model = params["model"]
         cache = self.cache(cfg)
@@ -695,11 +724,13 @@ class PlainClient(Client):
     def request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
         """``target.send_message(messages, **params)`` as a :class:`Reply`; ResponseError unless it returns a message dict."""
         started = time.perf_counter()
+        self.check_media(messages)
         return self._wrap(self.target.send_message(messages, **params), params, started)
 
     async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
         """``target.asend_message`` if it has one, else ``send_message`` in a worker thread."""
         started = time.perf_counter()
+        self.check_media(messages)
         own = getattr(self.target, "asend_message", None)
         if own is not None:
             return self._wrap(await own(messages, **params), params, started)

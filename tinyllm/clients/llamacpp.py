@@ -158,11 +158,22 @@ class LlamaCppClient(Client):
     """
 
     api_type = "llamacpp"
-    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=True, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=True, streaming=True, embeddings=True,
+                                images=False, audio=False, files=False)
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, cache: Any = None, **settings: Any) -> None:
         super().__init__(cache=cache, local_model_path=model_path, **settings)
         self._accepts: frozenset[str] | None = None
+
+    def media_refusal(self, missing: list[str]) -> str:
+        """The embedded model reads text only: tinyllm loads no vision model (multimodal projector) for it."""
+        try:
+            model = _model_path(self.settings()).name
+        except ConfigError:
+            model = "the local model"
+        return (f"the embedded model ({model}) reads text only and tinyllm loads no vision model (multimodal "
+                "projector) for it; send images, audio and files to a model that takes them (api_type openai, or an "
+                "OpenAI-compatible server at BASE_URL), or leave them out")
 
     def model(self, cfg: Config, embedding: bool = False) -> tuple[Any, threading.Lock]:
         """The loaded ``llama_cpp.Llama`` for these settings and the lock that guards it."""
