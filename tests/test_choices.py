@@ -238,3 +238,19 @@ def test_record_types_over_the_server(wired):
     assert LLMCall("q", output_type=Movie).call(question="?") == {"title": "Up", "year": 2009}
     sent = [r.json["response_format"]["json_schema"]["name"] for r in wired.chat_requests()]
     assert sent == ["City", "Movie"]
+
+
+# --- the embedded model ---------------------------------------------------------------------------------------
+
+@pytest.mark.local
+def test_n_and_logprobs_on_the_embedded_model(embedded_model):
+    if embedded_model is None:
+        pytest.skip("the local extra is not installed")
+    from tinyllm import BadRequestError, LlamaCppClient
+
+    chat = LLMChat(system="Answer briefly.", client=LlamaCppClient(cache=False), n=2, max_tokens=6, temperature=1.0)
+    r = chat.respond("Name a colour.")
+    assert isinstance(r.value, list) and len(r.value) == 2 == len(r.choices) and all(isinstance(v, str) for v in r.value)
+    assert r.usage["completion_tokens"] <= 12
+    with pytest.raises(BadRequestError, match="no logprobs"):
+        LLMChat(system="x", client=LlamaCppClient(cache=False), logprobs=True).say("hi")
