@@ -254,3 +254,30 @@ def test_n_and_logprobs_on_the_embedded_model(embedded_model):
     assert r.usage["completion_tokens"] <= 12
     with pytest.raises(BadRequestError, match="no logprobs"):
         LLMChat(system="x", client=LlamaCppClient(cache=False), logprobs=True).say("hi")
+
+
+def test_streamed_content_filter(wired):
+    wired.enqueue(Stream(Reply("so far", finish_reason="content_filter")))
+    r = LLMCall("q").stream(question="?")
+    with pytest.raises(ContentFilterFinishReasonError):
+        list(r)
+
+
+def test_stored_choices_of_the_wrong_shape_are_ignored(wired):
+    class DictCache:
+        def __init__(self):
+            self.data = {}
+
+        def get(self, key):
+            return self.data.get(key)
+
+        def set(self, key, value):
+            self.data[key] = value
+
+    cache = DictCache()
+    call = LLMCall("q", client=OpenAIClient(base_url=wired.base_url, cache=cache))
+    call.respond(question="hi")
+    [(key, stored)] = cache.data.items()
+    cache.set(key, {**stored, "choices": [{"index": "x"}], "logprobs": "zzz"})
+    r = call.respond(question="hi")
+    assert r.cached and r.value == "echo: hi" and len(r.choices) == 1 and r.logprobs is None

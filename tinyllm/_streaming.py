@@ -144,7 +144,6 @@ class Accumulator:
         out = [{"index": 0, "message": self.message(), "finish_reason": self.finish_reason, "logprobs": self.logprobs}]
         for index in sorted(self._others):
             other = self._others[index]
-            other.chunks = other.chunks or 1
             out.append({"index": index, "message": other.message(), "finish_reason": other.finish_reason,
                         "logprobs": other.logprobs})
         return out

@@ -170,6 +170,19 @@ class Reply:
     choices: list | None = None
 
 
+def _list_of_dicts(value: Any) -> list | None:
+    """``value`` when it is a list of dicts (a stored reply's ``logprobs``), else None."""
+    return value if isinstance(value, list) and all(isinstance(v, dict) for v in value) else None
+
+
+def _stored_choices(value: Any) -> list | None:
+    """A stored reply's ``choices`` when each is ``{"index": int, "message": dict, ...}``, else None (choice 0 only)."""
+    if not isinstance(value, list) or not all(isinstance(c, dict) and isinstance(c.get("index"), int)
+                                              and isinstance(c.get("message"), dict) for c in value):
+        return None
+    return value
+
+
 async def _to_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``asyncio.to_thread``, with asyncio imported on first use (``import tinyllm`` does not import it)."""
     import asyncio
@@ -466,7 +479,8 @@ class Client:
         hit_usage = dict(hit.get("usage") or {})
         cost = pricing.reply_cost(self, req.cfg, hit_usage, hit.get("model"), req.model, cached=True)  # cost
         return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason"),
-                                                            "logprobs": hit.get("logprobs"), "choices": hit.get("choices")},
+                                                            "logprobs": _list_of_dicts(hit.get("logprobs")),
+                                                            "choices": _stored_choices(hit.get("choices"))},
                            cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0), cost=cost)  # the cache hands out copies
 
     def _finish(self, req: _Request, result: tuple) -> Reply:
