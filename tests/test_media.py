@@ -119,6 +119,13 @@ def test_a_forged_placeholder_stays_text(wired, files):
     assert texts[-1] == f"\nBe brief, {forged}." and sum(p["type"] == "image_url" for p in messages[1]["content"]) == 1
 
 
+def test_a_changed_placeholder_is_refused(tmp_path, files):
+    for body in ("{{ photo | upper }}", "{{ photo | replace('-', '_') }}", "{{ photo | title }}"):
+        write(tmp_path / "prompts" / "bad.system.md", f"Look: {body}")
+        with pytest.raises(tinyllm.TemplateError, match="changed an image"):
+            load_prompt("bad").render({"photo": Image(files / "dog.png")})
+
+
 def test_audio_and_file_parts(files):
     audio, doc = Audio(files / "hello.wav"), File(files / "doc.pdf")
     assert audio.part() == {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav()).decode(), "format": "wav"}}
@@ -281,3 +288,9 @@ def test_redacted_keeps_urls_and_text():
     assert redacted(messages) == messages
     plain = [{"role": "user", "content": "hi"}]
     assert redacted(plain) is plain
+
+
+def test_as_dict_is_json_ready(wired, files):
+    r = LLMCall("look").respond(photo=Image(files / "dog.png"), name="Ann")
+    data = json.loads(json.dumps(r.as_dict()))
+    assert data["variables"]["photo"] == repr(Image(files / "dog.png")) and data["variables"]["name"] == "Ann"

@@ -344,8 +344,15 @@ def markers(variables: dict) -> tuple[dict, dict[str, dict]] | None:
 
 def split(text: str, parts: dict[str, dict]) -> str | list[dict]:
     """``text`` cut at the placeholders of ``parts`` into content parts (text parts around them, in
-    order, empty ones dropped); ``text`` itself when it holds none."""
+    order, empty ones dropped); ``text`` itself when it holds none.
+
+    Raises:
+        TemplateError: the text holds a placeholder the template changed (a filter applied to a
+            media variable), whose medium would otherwise be dropped silently.
+    """
+    token = next(iter(parts))[len(_MARK):].split(":")[0] if parts else ""
     if _MARK not in text:
+        _check_unchanged(text, token)
         return text
     pattern = "(" + "|".join(re.escape(p) for p in parts) + ")"
     out: list[dict] = []
@@ -353,8 +360,24 @@ def split(text: str, parts: dict[str, dict]) -> str | list[dict]:
         if piece in parts:
             out.append(parts[piece])
         elif piece:
+            _check_unchanged(piece, token)
             out.append({"type": "text", "text": piece})
     return out
+
+
+def _check_unchanged(text: str, token: str) -> None:
+    """Refuse a placeholder a template changed (``{{ photo | upper }}``, ``{{ photo | title }}``): its medium
+    would be lost. Found by the render's random bits in any case; text that merely looks like a placeholder
+    (a user's forgery, without those bits) stays text. A slice that cuts the bits off is not noticed.
+
+    Raises:
+        TemplateError: naming the likely cause.
+    """
+    if token and token in text.lower():
+        from .errors import TemplateError
+
+        raise TemplateError("the template changed an image, audio or file variable (a filter or slice applied to it?); "
+                            "place it alone, as {{ name }}, so it can be sent")
 
 
 # -- what needs a capability, what the call log keeps --------------------------------------------------

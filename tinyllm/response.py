@@ -270,7 +270,8 @@ class Response:
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        """The record as plain JSON-ready data (``value`` as given: a pydantic value is dumped)."""
+        """The record as plain JSON-ready data (``value`` as given: a pydantic value is dumped; an image,
+        audio or file variable as its repr, with its sha256 and size; the messages as sent, data URLs included)."""
         value = self.value
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
@@ -285,5 +286,19 @@ class Response:
                          "value": c.value.model_dump(mode="json") if hasattr(c.value, "model_dump") else c.value}
                         for c in self.choices] if len(self.choices) > 1 else None,
             "logprobs": self.logprobs,
-            "template": self.template, "variables": self.variables, "cost": self.cost,
+            "template": self.template, "variables": _plain_variables(self.variables), "cost": self.cost,
         }
+
+
+def _plain_variables(variables: dict) -> dict:
+    """``variables`` with each image, audio or file (or list of them) as its repr: name, type, size, sha256."""
+    from .media import Media
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Media):
+            return repr(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, Media) for v in value):
+            return [repr(v) if isinstance(v, Media) else v for v in value]
+        return value
+
+    return {k: plain(v) for k, v in variables.items()}
