@@ -224,6 +224,12 @@ def test_typing_typeddict_before_312_is_refused_clearly():
         LLMCall("q", output_type=Old)
 
 
+def test_a_pydantic_dataclass_is_asked_for_as_the_sdk_asks():
+    from openai.lib._parsing._completions import type_to_response_format_param
+
+    assert response_format_for(City) == type_to_response_format_param(City)
+
+
 def test_record_types_parse():
     assert parse_output('Here: {"x": 1, "y": 2}', Point) == Point(1, 2)
     assert parse_output('{"name": "Paris", "population": 2100000}', City) == City("Paris", 2100000)

@@ -118,10 +118,10 @@ class Tool:
             self.parameters = self._model_schema(target)
         else:
             self._args_model = self._arguments_model(target, params_doc)
-            if self.strict:
-                from openai.lib._pydantic import to_strict_json_schema
+            if self.strict:  # the SDK's public helper makes the schema strict (its to_strict_json_schema)
+                import openai
 
-                self.parameters = to_strict_json_schema(self._args_model)
+                self.parameters = dict(openai.pydantic_function_tool(self._args_model)["function"]["parameters"])
             else:
                 self.parameters = self._args_model.model_json_schema()
             self.parameters.pop("title", None)
