@@ -147,6 +147,10 @@ def test_unknown_types_and_unreadable_files_are_refused(files):
         Audio(files / "cat.png")
     with pytest.raises(MediaError, match="application/pdf"):
         File(files / "hello.wav")
+    with pytest.raises(MediaError, match="no audio URLs"):
+        Audio("https://example.com/a.wav")
+    with pytest.raises(MediaError, match="must be a file path or bytes, not int"):
+        File(42)
     assert isinstance(MediaError("x"), ValueError) and issubclass(MediaError, tinyllm.TinyLLMError)
 
 

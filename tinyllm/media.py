@@ -99,6 +99,8 @@ def _read(source: Any, what: str) -> tuple[bytes, str | None]:
     """(bytes, file name or None) of a path or bytes. Raises MediaError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), None
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise MediaError(f"the API takes no {what} URLs: download the {what} and pass its path or bytes")
     if isinstance(source, (str, os.PathLike)):
         path = os.path.expanduser(os.fspath(source))
         try:
@@ -106,7 +108,7 @@ def _read(source: Any, what: str) -> tuple[bytes, str | None]:
                 return f.read(), os.path.basename(path)
         except OSError as exc:
             raise MediaError(f"cannot read the {what} file {path!r}: {exc.strerror or exc}") from exc
-    raise MediaError(f"a {what} is a file path or bytes, not {type(source).__name__}")
+    raise MediaError(f"the {what} must be a file path or bytes, not {type(source).__name__}")
 
 
 class Media:
