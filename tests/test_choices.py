@@ -287,3 +287,12 @@ def test_stored_choices_of_the_wrong_shape_are_ignored(wired):
     cache.set(key, {**stored, "choices": [{"index": "x"}], "logprobs": "zzz"})
     r = call.respond(question="hi")
     assert r.cached and r.value == "echo: hi" and len(r.choices) == 1 and r.logprobs is None
+
+
+def test_a_stop_before_any_content(wired):
+    # a reasoning model that spent max_completion_tokens on reasoning; Azure's filter with null content
+    wired.enqueue(Message({"content": None}, finish_reason="length"), Message({"content": None}, finish_reason="content_filter"))
+    with pytest.raises(LengthFinishReasonError):
+        LLMCall("q").call(question="?")
+    with pytest.raises(ContentFilterFinishReasonError):
+        LLMCall("q").call(question="?")

@@ -81,12 +81,13 @@ def content_of(message: dict, finish_reason: str | None = None, output_type: Any
 
     Raises:
         LengthFinishReasonError: ``finish_reason`` is ``"length"`` and ``output_type`` is not
-            plain text (a typed reply cut at max_tokens).
+            plain text (a typed reply cut at max_tokens), or no text came at all (a reasoning
+            model may spend every token on reasoning).
         ContentFilterFinishReasonError: ``finish_reason`` is ``"content_filter"``.
         RefusalError: the message is a refusal (``refusal`` set, no content).
         ResponseError: no text content (tool calls only).
     """
-    if finish_reason == "length" and output_type is not None:
+    if finish_reason == "length" and (output_type is not None or message.get("content") is None):
         usage = getattr(response, "usage", None) or {}
         raise LengthFinishReasonError(
             f"the reply was cut at max_tokens (finish_reason 'length', {usage.get('completion_tokens', '?')} completion "

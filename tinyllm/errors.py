@@ -309,7 +309,8 @@ class RefusalError(ResponseError):
 
 class LengthFinishReasonError(ResponseError):
     """A reply for a typed ``output_type`` (anything but ``str``) was cut at ``max_tokens``
-    (``finish_reason == "length"``): openai-python's name for the same case. Not an
+    (``finish_reason == "length"``), or any reply was cut before it had any text (a reasoning
+    model can spend every token on reasoning): openai-python's name for the same case. Not an
     :class:`OutputParseError` (asking again with the same limit would be cut again), and output
     retries do not apply: raise ``max_tokens``.
 

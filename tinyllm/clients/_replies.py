@@ -59,7 +59,8 @@ def extract_message(response: Any) -> tuple[dict, dict]:
 
     Raises:
         ResponseError: not a JSON object, no choices, no message, neither content
-            nor tool calls, or a field of the wrong type.
+            nor tool calls (unless the finish reason is ``length`` or ``content_filter``,
+            which the call layer reports as such), or a field of the wrong type.
     """
     if isinstance(response, str):  # served without a JSON Content-Type
         try:
@@ -72,7 +73,8 @@ def extract_message(response: Any) -> tuple[dict, dict]:
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
         raise ResponseError("reply has no choices", raw=response)
     message = _message(choices[0]["message"], response)
-    if message["content"] is None and len(message) == 2:
+    stopped = choices[0].get("finish_reason") in ("length", "content_filter")  # no content yet: the call layer says why
+    if message["content"] is None and len(message) == 2 and not stopped:
         raise ResponseError("reply message has no content", raw=response)
     usage = response.get("usage")
     if usage is None:
