@@ -49,6 +49,20 @@ already timed out stays counted until it ends or the server stops) and
 ``max_in_flight`` its peak.  Every request gets a ``x-request-id: req_<n>``
 header (n counts requests from 1); ``Recorded.request_id`` holds it.
 
+Several choices, logprobs, stops: ``Choices(Reply(...), Message(...), ...)`` answers with one choice
+per item (a request's ``n`` with no script item gives ``n`` echo choices, numbered ``#1``...);
+``Reply(..., finish_reason="length" | "content_filter")`` and ``Message({"content": None,
+"refusal": ...})`` give the other stops. A request with ``logprobs: true`` gets each choice's
+``logprobs.content``: one token per word (with its leading space), each with the logprob
+``Reply.logprob`` (default -0.1) and ``top_logprobs`` alternatives (the token itself first,
+then ``alt1``, ``alt2``... at -3, -4, ...); streamed, one chunk per token.
+
+Content parts: a message whose ``content`` is a list is checked as the API would check it:
+``text``, ``image_url`` (an http(s) URL, or a base64 data URL of PNG, JPEG, GIF or WebP whose
+bytes are that type; ``detail`` auto/low/high), ``input_audio`` (base64 ``data`` of ``format``
+wav or mp3) and ``file`` (``filename`` and a base64 PDF data URL) parts; anything else is a 400
+naming the part.
+
 Embeddings: the openai SDK asks for ``encoding_format="base64"`` unless told
 otherwise; both "float" and "base64" are served, and ``fake_embedding(text)``
 gives the expected vector (exact float32 values, so both encodings agree).
@@ -63,6 +77,7 @@ import base64
 import hashlib
 import json
 import random
+import re
 import socket
 import struct
 import threading
@@ -85,6 +100,7 @@ __all__ = [
     "EmptyChoices",
     "Reply",
     "Message",
+    "Choices",
     "Shuffled",
     "Stream",
     "Drip",
@@ -159,6 +175,7 @@ class Reply:
     content: str | None
     usage: dict[str, Any] | None = None
     finish_reason: str = "stop"
+    logprob: float = -0.1
 
 
 @dataclass
@@ -173,6 +190,18 @@ class Message:
     message: dict[str, Any]
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
+
+
+class Choices:
+    """200 with a chat completion of one choice per item (each a ``Reply`` or a ``Message``), in order."""
+
+    def __init__(self, *items: Any) -> None:
+        if not items or not all(isinstance(i, (Reply, Message)) for i in items):
+            raise ValueError("Choices() takes Reply and Message items")
+        self.items = items
+
+    def __repr__(self) -> str:
+        return f"Choices{self.items!r}"
 
 
 @dataclass
@@ -235,7 +264,7 @@ class EchoKey:
     code: int = 401
 
 
-_ITEM_TYPES = (Status, Drop, Hang, Delay, Malformed, EmptyChoices, Reply, Message, Shuffled, Drip, EchoKey, Stream)
+_ITEM_TYPES = (Status, Drop, Hang, Delay, Malformed, EmptyChoices, Reply, Message, Choices, Shuffled, Drip, EchoKey, Stream)
 
 # --------------------------------------------------------------------------- #
 # Records
@@ -343,41 +372,115 @@ def _error_body(code: int, message: str | None = None, type_: str | None = None,
 
 
 def _sse_events(answer: dict, how: "Stream", include_usage: bool) -> list[dict]:
-    """The chunks that stream ``answer`` (a chat completion): role, content pieces, tool-call pieces,
-    the finish_reason, and the usage chunk when asked for."""
+    """The chunks that stream ``answer`` (a chat completion): per choice, role, content pieces (one per
+    logprobs token when logprobs were asked for, with them), tool-call pieces, refusal, the finish_reason;
+    then the usage chunk when asked for."""
     base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"], "model": answer["model"]}
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    def chunk(delta: dict, finish: str | None = None, index: int = 0, logprobs: Any = None) -> dict:
+        return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-    choice = answer["choices"][0] if answer["choices"] else {"message": {}, "finish_reason": "stop"}
-    message = choice["message"]
-    # as OpenAI streams them: content "" first when the reply has text, null throughout when it has none
-    # (a refusal, tool calls only); a refusal comes in pieces of its own
-    events = [chunk({"role": "assistant", "content": "" if isinstance(message.get("content"), str) else None})]
-    refusal = message.get("refusal")
-    if isinstance(refusal, str):
-        events += [chunk({"refusal": refusal[i:i + 8]}) for i in range(0, len(refusal), 8)]
-    content = message.get("content") or ""
-    if content:
-        words = content.split(" ")
-        n = max(1, min(how.pieces or len(words), len(content)))
-        if how.pieces:
-            size = -(-len(content) // n)
-            parts = [content[i:i + size] for i in range(0, len(content), size)]
-        else:
-            parts = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
-        events += [chunk({"content": part}) for part in parts if part]
-    for index, call in enumerate(message.get("tool_calls") or []):
-        args = call.get("function", {}).get("arguments", "")
-        half = len(args) // 2
-        events.append(chunk({"tool_calls": [{"index": index, "id": call.get("id"), "type": "function",
-                                             "function": {"name": call.get("function", {}).get("name"), "arguments": args[:half]}}]}))
-        events.append(chunk({"tool_calls": [{"index": index, "function": {"arguments": args[half:]}}]}))
-    events.append(chunk({}, choice.get("finish_reason") or "stop"))
+    events = []
+    for choice in answer["choices"] or [{"index": 0, "message": {}, "finish_reason": "stop"}]:
+        index, message = choice.get("index", 0), choice["message"]
+        # as OpenAI streams them: content "" first when the reply has text, null throughout when it has none
+        # (a refusal, tool calls only); a refusal comes in pieces of its own
+        events.append(chunk({"role": "assistant", "content": "" if isinstance(message.get("content"), str) else None},
+                            index=index))
+        refusal = message.get("refusal")
+        if isinstance(refusal, str):
+            events += [chunk({"refusal": refusal[i:i + 8]}, index=index) for i in range(0, len(refusal), 8)]
+        content = message.get("content") or ""
+        tokens = (choice.get("logprobs") or {}).get("content")
+        if tokens:
+            events += [chunk({"content": t["token"]}, index=index, logprobs={"content": [t], "refusal": None}) for t in tokens]
+        elif content:
+            words = content.split(" ")
+            n = max(1, min(how.pieces or len(words), len(content)))
+            if how.pieces:
+                size = -(-len(content) // n)
+                parts = [content[i:i + size] for i in range(0, len(content), size)]
+            else:
+                parts = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+            events += [chunk({"content": part}, index=index) for part in parts if part]
+        for i, call in enumerate(message.get("tool_calls") or []):
+            args = call.get("function", {}).get("arguments", "")
+            half = len(args) // 2
+            events.append(chunk({"tool_calls": [{"index": i, "id": call.get("id"), "type": "function",
+                                                 "function": {"name": call.get("function", {}).get("name"), "arguments": args[:half]}}]},
+                                index=index))
+            events.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": args[half:]}}]}, index=index))
+        events.append(chunk({}, choice.get("finish_reason") or "stop", index=index))
     if include_usage:
         events.append({**base, "choices": [], "usage": answer["usage"]})
     return events
+
+
+def _fake_logprobs(content: str | None, top: int, logprob: float) -> list[dict]:
+    """``logprobs.content`` for ``content``: one token per word with its leading space."""
+    out = []
+    for token in re.findall(r"\s*\S+|\s+", content or ""):
+        alts = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}]
+        alts += [{"token": f"alt{j}", "logprob": -3.0 - j, "bytes": list(f"alt{j}".encode())} for j in range(1, top)]
+        out.append({"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": alts[:top]})
+    return out
+
+
+_DATA_URL = re.compile(r"data:([\w/+.-]+);base64,(.*)", re.S)
+_MAGIC = {"image/png": (b"\x89PNG\r\n\x1a\n",), "image/jpeg": (b"\xff\xd8\xff",), "image/gif": (b"GIF87a", b"GIF89a"),
+          "image/webp": (b"RIFF",), "application/pdf": (b"%PDF-",), "wav": (b"RIFF",), "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")}
+
+
+def _decode(data: Any, kinds: tuple[str, ...], where: str) -> str:
+    """The media type of base64 ``data`` (a data URL when ``kinds`` are media types), checked against
+    the bytes' magic number; ValueError naming ``where`` otherwise."""
+    media = None
+    if kinds[0].count("/"):
+        m = _DATA_URL.fullmatch(data) if isinstance(data, str) else None
+        if m is None:
+            raise ValueError(f"{where}: not a base64 data URL")
+        media, data = m.group(1), m.group(2)
+        if media not in kinds:
+            raise ValueError(f"{where}: media type {media!r} is not one of {list(kinds)}")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: invalid base64 ({exc})") from None
+    kind = media or kinds[0]
+    if not raw.startswith(_MAGIC[kind]):
+        raise ValueError(f"{where}: the bytes are not {kind}")
+    return kind
+
+
+def _check_parts(messages: list) -> None:
+    """ValueError naming the first content part the API would refuse."""
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            if kind == "image_url" and isinstance(part.get("image_url"), dict):
+                url, detail = part["image_url"].get("url"), part["image_url"].get("detail", "auto")
+                if detail not in ("auto", "low", "high"):
+                    raise ValueError(f"{where}: detail {detail!r} is not auto, low or high")
+                if isinstance(url, str) and url.startswith(("http://", "https://")):
+                    continue
+                _decode(url, ("image/png", "image/jpeg", "image/gif", "image/webp"), where)
+                continue
+            if kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+                fmt = part["input_audio"].get("format")
+                if fmt not in ("wav", "mp3"):
+                    raise ValueError(f"{where}: audio format {fmt!r} is not wav or mp3")
+                _decode(part["input_audio"].get("data"), (fmt,), where)
+                continue
+            if kind == "file" and isinstance(part.get("file"), dict) and isinstance(part["file"].get("filename"), str):
+                _decode(part["file"].get("file_data"), ("application/pdf",), where)
+                continue
+            raise ValueError(f"{where}: invalid content part {json.dumps(part)[:200]}")
 
 
 class _Abort(Exception):
@@ -822,20 +925,37 @@ class FakeOpenAIServer:
             item = streaming.then if isinstance(item, Stream) else item
         elif isinstance(item, Stream):
             raise ValueError("Stream() applies to stream=true requests only")
+        try:
+            _check_parts(messages)
+        except ValueError as exc:
+            return 400, _error_body(400, f"Invalid content part: {exc}", err_code="invalid_content_part"), {}
         model = req.get("model") or rec.deployment or "unknown"
         prompt_tokens = sum(len(_text_of(m.get("content"))) for m in messages if isinstance(m, dict)) // 4 + 1
         usage = None
         finish_reason = "stop"
+        finishes: list[str] | None = None
+        logprob = [-0.1]
         if isinstance(item, EmptyChoices):
             choices_messages: list[dict[str, Any]] = []
         elif isinstance(item, Reply):
             choices_messages = [{"role": "assistant", "content": item.content, "refusal": None}]
-            usage, finish_reason = item.usage, item.finish_reason
+            usage, finish_reason, logprob = item.usage, item.finish_reason, [item.logprob]
         elif isinstance(item, Message):
             msg = {"role": "assistant", **item.message}
             choices_messages = [msg]
             usage = item.usage
             finish_reason = item.finish_reason or ("tool_calls" if msg.get("tool_calls") else "stop")
+        elif isinstance(item, Choices):
+            choices_messages, finishes, logprob = [], [], []
+            for one in item.items:
+                if isinstance(one, Reply):
+                    choices_messages.append({"role": "assistant", "content": one.content, "refusal": None})
+                    finishes.append(one.finish_reason)
+                    logprob.append(one.logprob)
+                else:
+                    choices_messages.append({"role": "assistant", **one.message})
+                    finishes.append(one.finish_reason or ("tool_calls" if one.message.get("tool_calls") else "stop"))
+                    logprob.append(-0.1)
         elif item is None:
             if self._reply is None:
                 last_user = next(
@@ -847,12 +967,17 @@ class FakeOpenAIServer:
             else:
                 content = self._reply
             n = req.get("n") or 1
-            choices_messages = [{"role": "assistant", "content": content, "refusal": None} for _ in range(n)]
+            choices_messages = [{"role": "assistant", "content": content if n == 1 else f"{content} #{i + 1}", "refusal": None}
+                                for i in range(n)]
         else:
             raise ValueError(f"{item!r} does not apply to chat completions")
 
+        top = req.get("top_logprobs") or 1
         choices = [
-            {"index": i, "message": m, "logprobs": None, "finish_reason": finish_reason}
+            {"index": i, "message": m,
+             "logprobs": {"content": _fake_logprobs(m.get("content"), top, logprob[min(i, len(logprob) - 1)]), "refusal": None}
+             if req.get("logprobs") else None,
+             "finish_reason": finishes[i] if finishes is not None else finish_reason}
             for i, m in enumerate(choices_messages)
         ]
         if usage is None:

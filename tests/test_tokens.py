@@ -291,8 +291,11 @@ def test_count_content_parts():
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
         {"type": "text", "text": " Be brief."},
     ]
-    expected = 3 + _n("user") + _n("Describe this picture.") + _n(" Be brief.") + 3
+    # an image by URL is not fetched: it counts as the largest high-detail image (85 + 8 tiles * 170)
+    expected = 3 + _n("user") + _n("Describe this picture.") + _n(" Be brief.") + 3 + 85 + 8 * 170
     assert count_tokens([{"role": "user", "content": parts}], "gpt-4o") == expected
+    parts[1]["image_url"]["detail"] = "low"
+    assert count_tokens([{"role": "user", "content": parts}], "gpt-4o") == expected - 8 * 170
     single = [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}]
     assert count_tokens(single, "gpt-4o") == count_tokens([{"role": "user", "content": "hi there"}], "gpt-4o")
 

@@ -393,8 +393,10 @@ def test_a_bare_sentiment_prompt_is_answered_with_a_label(embedded, tmp_path):
 
 @pytest.mark.local
 def test_bool_and_int_on_the_embedded_model(embedded):
+    # max_tokens leaves room for the longest value the grammar allows (18 digits): a typed reply cut at
+    # max_tokens raises LengthFinishReasonError
     for output_type, alone in [(bool, r"[Yy]es|[Nn]o|[Tt]rue|[Ff]alse"), (int, r"-?[0-9]+")]:
-        chat = LLMChat(system="Answer briefly.", client=embedded, output_type=output_type, max_tokens=6, temperature=0)
+        chat = LLMChat(system="Answer briefly.", client=embedded, output_type=output_type, max_tokens=24, temperature=0)
         assert type(chat.say("Does a cat have four legs? How many legs does it have?")) is output_type
         assert re.fullmatch(alone, chat.model_output["content"])  # constrained by a grammar: the value alone
 

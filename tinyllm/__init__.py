@@ -15,7 +15,8 @@ from .call import LLMCall
 from .chat import LLMChat
 from .clients import CallInfo, Capabilities, Client, PlainClient, client, force_api_type, last_call_info, register_client
 from .config import configure, get_config
-from .response import Response
+from .media import Audio, File, Image
+from .response import Choice, Response
 from .errors import *  # noqa: F403  (the error tree, errors.__all__)
 from .errors import __all__ as _error_names
 from .tokens import count_tokens
@@ -28,6 +29,10 @@ __all__ = [
     "LLMCall",
     "LLMChat",
     "Response",
+    "Choice",
+    "Image",
+    "Audio",
+    "File",
     "Runner",
     "evaluate",
     "BatchAPIRunner",

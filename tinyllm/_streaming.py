@@ -8,6 +8,11 @@ yields)::
                                 "finish_reason": None | "stop" | "length" | "tool_calls" | ...}],
      "usage": None | {...}}         # usage only in the last chunk, with stream_options.include_usage
 
+With ``n`` choices, each chunk's choices carry their ``index``: choice 0 is the reply (its text
+deltas are what iterating a stream yields); the others are folded apart, one Accumulator
+each, and come back from :meth:`Accumulator.choices`. With ``logprobs=True`` each choice's
+``logprobs.content`` tokens are appended as they come.
+
 Tool-call deltas arrive in pieces keyed by ``index``: the first piece of a call
 carries its ``id``, ``type`` and ``function.name``; later pieces append to
 ``function.arguments``. :class:`Accumulator` puts them together.
@@ -30,6 +35,8 @@ class Accumulator:
         model: the model named by the chunks (None until one does).
         finish_reason: the last choice's finish_reason (None until it comes).
         usage: the server's usage dict when it sent one, else None.
+        logprobs: choice 0's tokens with their log probabilities so far (a list of
+            ``{"token", "logprob", "bytes", "top_logprobs"}``), or None when none came.
     """
 
     def __init__(self) -> None:
@@ -40,6 +47,8 @@ class Accumulator:
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.chunks = 0
+        self.logprobs: list | None = None
+        self._others: dict[int, Accumulator] = {}  # choices other than 0 (n > 1), by index
 
     @property
     def text(self) -> str:
@@ -64,8 +73,16 @@ class Accumulator:
             raise ResponseError("stream chunk has malformed choices", raw=chunk)
         delta_text = ""
         for choice in choices:
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            if not isinstance(choice, dict):
                 continue
+            index = choice.get("index", 0)
+            if index != 0:  # another of n choices: folded apart
+                if isinstance(index, int):
+                    self._others.setdefault(index, Accumulator()).add({"choices": [{**choice, "index": 0}]})
+                continue
+            found = choice.get("logprobs")
+            if isinstance(found, dict) and isinstance(found.get("content"), list):
+                self.logprobs = (self.logprobs or []) + found["content"]
             delta = choice.get("delta") or {}
             if not isinstance(delta, dict):
                 raise ResponseError("stream chunk has a malformed delta", raw=chunk)
@@ -114,6 +131,23 @@ class Accumulator:
         if self._refusal:
             message["refusal"] = "".join(self._refusal)
         return message
+
+
+    def choices(self) -> list[dict] | None:
+        """Every choice, ``[{"index", "message", "finish_reason", "logprobs"}, ...]`` in index order,
+        when the stream carried more than one (``n``); None for one.
+
+        Raises:
+            ResponseError: a choice carried nothing (see :meth:`message`).
+        """
+        if not self._others:
+            return None
+        out = [{"index": 0, "message": self.message(), "finish_reason": self.finish_reason, "logprobs": self.logprobs}]
+        for index in sorted(self._others):
+            other = self._others[index]
+            out.append({"index": index, "message": other.message(), "finish_reason": other.finish_reason,
+                        "logprobs": other.logprobs})
+        return out
 
 
 def partial_json(text: str) -> Any:

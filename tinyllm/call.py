@@ -13,7 +13,8 @@ from .clients import Client, as_client
 from .clients._chain import Fallbacks, check_fallbacks
 from ._mcp import FrontServers, tool_sources
 from .clients import client as get_client
-from .errors import ConfigError, OutputParseError, ResponseError
+from .errors import (ConfigError, ContentFilterFinishReasonError, LengthFinishReasonError, OutputParseError, RefusalError,
+                     ResponseError)
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
 from .prompts._templates import Prompt, load_prompt
@@ -74,32 +75,67 @@ def plan_output(prompt: Prompt | None, sender: Any, output_type: Any, output_ret
     return kind, params, int(retries)
 
 
-def content_of(message: dict) -> str:
-    """The text of a reply's message dict.
+def content_of(message: dict, finish_reason: str | None = None, output_type: Any = None, response: Any = None) -> str:
+    """The text of a reply's message dict, after its finish reason is checked (openai-python's rules).
+
+    Args:
+        message: the reply's message dict.
+        finish_reason: the reply's (or choice's) finish reason, when known.
+        output_type: the call's normalized output type (None: plain text).
+        response: the call's :class:`~tinyllm.Response`, carried by the errors.
 
     Raises:
-        ResponseError: a refusal (``.raw`` holds the message), or no text content (tool calls only).
+        LengthFinishReasonError: ``finish_reason`` is ``"length"`` and ``output_type`` is not
+            plain text (a typed reply cut at max_tokens), or no text came at all (a reasoning
+            model may spend every token on reasoning).
+        ContentFilterFinishReasonError: ``finish_reason`` is ``"content_filter"``.
+        RefusalError: the message is a refusal (``refusal`` set, no content).
+        ResponseError: no text content (tool calls only).
     """
+    if finish_reason == "length" and (output_type is not None or message.get("content") is None):
+        usage = getattr(response, "usage", None) or {}
+        raise LengthFinishReasonError(
+            f"the reply was cut at max_tokens (finish_reason 'length', {usage.get('completion_tokens', '?')} completion "
+            "tokens) before the typed output was complete; raise max_tokens", response=response, raw=message)
+    if finish_reason == "content_filter":
+        raise ContentFilterFinishReasonError("the server's content filter stopped the reply (finish_reason "
+                                             "'content_filter')", response=response, raw=message)
     if message.get("refusal") and not message.get("content"):
-        raise ResponseError(f"the model refused: {message['refusal']}", raw=message)
+        raise RefusalError(f"the model refused: {message['refusal']}", refusal=message["refusal"], response=response, raw=message)
     if message.get("content") is None:
         raise ResponseError("the reply has no text content (tool calls only?)", raw=message)
     return message["content"]
 
 
-def _output_turns(conversation: list[dict], output_type: Any, retries: int):
+def _value(response: Response, output_type: Any, many: bool) -> Any:
+    """The value of ``response``'s last reply: its first choice's content coerced to ``output_type``,
+    or with ``many`` (the parameter ``n`` given) the list of every choice's value. Each
+    :class:`~tinyllm.response.Choice` gets its ``value``.
+
+    Raises:
+        OutputParseError: a choice does not fit; the finish-reason errors of :func:`content_of`.
+    """
+    choices = response.choices if many else response.choices[:1]
+    for choice in choices:
+        choice.value = parse_output(content_of(choice.message, choice.finish_reason, output_type, response), output_type)
+    return [c.value for c in choices] if many else choices[0].value
+
+
+def _output_turns(conversation: list[dict], output_type: Any, retries: int, response: Response, many: bool = False):
     """The output-retry policy as a generator, shared by the sync and async front ends.
 
     Yields each conversation to send and is sent ``(the conversation sent, the reply's
-    message dict)`` (the conversation sent may have grown by tool rounds); returns
-    ``(value, message)`` once a reply fits ``output_type``. After a reply that does
-    not fit, the next conversation carries it and the parse error as a user message;
-    after ``retries`` such repeats the last :class:`OutputParseError` is raised.
+    message dict)`` (the conversation sent may have grown by tool rounds), once the reply is
+    folded into ``response``; returns ``(value, message)`` once a reply fits ``output_type``
+    (with ``many``, every choice must fit). After a reply that does not fit, the next
+    conversation carries it and the parse error as a user message; after ``retries`` such
+    repeats the last :class:`OutputParseError` is raised. A refusal, a reply cut at max_tokens
+    or stopped by the content filter raises at once (see :func:`content_of`).
     """
     for attempt in range(retries + 1):
         conversation, message = yield conversation
         try:
-            return parse_output(content_of(message), output_type), message
+            return _value(response, output_type, many), message
         except OutputParseError as exc:
             if attempt == retries:
                 raise
@@ -155,15 +191,19 @@ def respond_with(sender: Client, response: Response, params: dict, output_type: 
     in ``response.tool_rounds``) and the conversation goes on.
 
     Returns:
-        ``response``, complete: ``value`` coerced, ``message`` the reply that fit.
+        ``response``, complete: ``value`` coerced (with the parameter ``n`` given, the list
+        of every choice's value), ``message`` the reply that fit.
 
     Raises:
-        OutputParseError: after ``retries`` repeats; ResponseError for a
-        refusal or an empty reply (a reply asking for tools when the call has none);
+        OutputParseError: after ``retries`` repeats (with ``n``, when any choice does not fit);
+        RefusalError for a refusal; LengthFinishReasonError for a typed reply cut at
+        max_tokens; ContentFilterFinishReasonError; ResponseError for an empty reply (a reply
+        asking for tools when the call has none);
         ToolRoundsExceededError, ToolError (see :class:`~tinyllm.tools.Toolbox`);
         every error of ``Client.request``.
     """
-    turns = _output_turns(list(response.messages), output_type, retries)
+    response._output_type = output_type
+    turns = _output_turns(list(response.messages), output_type, retries, response, params.get("n") is not None)
     conversation = next(turns)
     accept = _fits(output_type, tools)
     while True:
@@ -183,7 +223,8 @@ def respond_with(sender: Client, response: Response, params: dict, output_type: 
 async def arespond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
                         on_reply: Callable[[dict], None] = lambda message: None, tools: Toolbox | None = None) -> Response:
     """The asyncio twin of :func:`respond_with`, through ``sender.arequest``."""
-    turns = _output_turns(list(response.messages), output_type, retries)
+    response._output_type = output_type
+    turns = _output_turns(list(response.messages), output_type, retries, response, params.get("n") is not None)
     conversation = next(turns)
     accept = _fits(output_type, tools)
     while True:
@@ -326,13 +367,15 @@ def _open_stream(sender: Client, response: Response, params: dict, output_type: 
 
 
 def _streaming(response: Response, stream: Any, output_type: Any, on_reply: Callable[[dict], None] = lambda m: None,
-               on_done: Callable[[Response], None] = lambda r: None) -> Response:
+               on_done: Callable[[Response], None] = lambda r: None, many: bool = False) -> Response:
     """``response`` set to read ``stream``. When it ends: ``on_reply(message)``, the value is
-    parsed (OutputParseError if it does not fit), ``on_done(response)``, then it is complete."""
+    parsed (OutputParseError if it does not fit; with ``many``, the list of every choice's
+    value), ``on_done(response)``, then it is complete."""
+    response._output_type = output_type
 
     def done(r: Response) -> None:
         on_reply(r.message)  # type: ignore[arg-type]
-        value = parse_output(content_of(r.message), output_type)  # type: ignore[arg-type]
+        value = _value(r, output_type, many)
         on_done(r)
         r.finish(value)
 
@@ -539,12 +582,17 @@ class LLMCall:
         """Render the templates with ``variables``, send them, return the reply's content.
 
         Returns:
-            str, or the value coerced to ``output_type``.
+            str, or the value coerced to ``output_type``; with the API parameter ``n`` given
+            (``LLMCall(..., n=3)`` or ``n: 3`` in the front matter), a list of ``n`` such values,
+            one per choice (see :attr:`Response.choices <tinyllm.Response.choices>`).
 
         Raises:
             TemplateVariableError, TemplateSecurityError: rendering failed.
             OutputParseError: the reply does not fit ``output_type`` (after ``output_retries``).
-            ResponseError: a refusal or an empty reply; and every error of
+            RefusalError: the model refused (``.refusal``, ``.response``).
+            LengthFinishReasonError: a typed reply (``output_type`` not str) was cut at ``max_tokens``.
+            ContentFilterFinishReasonError: the server's content filter stopped the reply.
+            ResponseError: an empty reply; and every error of
             :meth:`tinyllm.Client.send_message`.
             ToolRoundsExceededError: the model still asked for tools after ``max_tool_rounds`` rounds.
             ToolError: a tool call failed, with ``raise_tool_errors``.
@@ -596,7 +644,8 @@ class LLMCall:
         if not sender.capabilities.streaming:
             with _closing(tools):
                 return respond_with(sender, response, params, output_type, 0, on_reply, tools)
-        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, False), output_type, on_reply)
+        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, False), output_type, on_reply,
+                          many=params.get("n") is not None)
 
     async def astream(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`stream`: ``async for delta in await call.astream(...)``."""
@@ -605,7 +654,8 @@ class LLMCall:
         if not sender.capabilities.streaming:
             with _closing(tools):
                 return await arespond_with(sender, response, params, output_type, 0, on_reply, tools)
-        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, True), output_type, on_reply)
+        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, True), output_type, on_reply,
+                          many=params.get("n") is not None)
 
     def _recorder(self, messages: list[dict]) -> Callable[[dict], None]:
         """``on_reply`` of a streamed call: records the last exchange. It holds the messages, not the

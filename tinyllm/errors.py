@@ -25,8 +25,12 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     │       ├── ConflictError            (409)
     │       ├── RateLimitError           (429)
     │       └── ServerError              (5xx; also named InternalServerError)
-    ├── ResponseError
+    ├── ResponseError                    (.raw; .response where a Response exists)
+    │   ├── RefusalError                 (.refusal: the model's refusal text)
+    │   ├── LengthFinishReasonError      (a typed reply cut at max_tokens)
+    │   └── ContentFilterFinishReasonError (the server's content filter stopped the reply)
     ├── OutputParseError
+    ├── MediaError                       (also a ValueError: an image, audio or file tinyllm cannot send)
     ├── QueueFullError
     ├── BatchError                       (a batch's output file or row ids cannot be used)
     ├── BudgetExceededError
@@ -69,7 +73,11 @@ __all__ = [
     "APIConnectionError",
     "APITimeoutError",
     "ResponseError",
+    "RefusalError",
+    "LengthFinishReasonError",
+    "ContentFilterFinishReasonError",
     "OutputParseError",
+    "MediaError",
     "QueueFullError",
     "BatchError",
     "BudgetExceededError",
@@ -281,6 +289,64 @@ class ResponseError(TinyLLMError):
     def __init__(self, message: str, *, raw: Any = None):
         self.raw = raw
         super().__init__(message)
+
+
+class RefusalError(ResponseError):
+    """The model refused (the reply's ``refusal`` field, OpenAI's structured-output refusals).
+
+    Attributes:
+        refusal (str): the refusal text the model wrote.
+        response (tinyllm.Response | None): the call's record: ``finish_reason``, ``usage``
+            (the refusal's tokens are paid for), ``message``.
+        raw (dict): the reply's message dict.
+    """
+
+    def __init__(self, message: str, *, refusal: str = "", response: Any = None, raw: Any = None):
+        self.refusal = refusal
+        self.response = response
+        super().__init__(message, raw=raw)
+
+
+class LengthFinishReasonError(ResponseError):
+    """A reply for a typed ``output_type`` (anything but ``str``) was cut at ``max_tokens``
+    (``finish_reason == "length"``), or any reply was cut before it had any text (a reasoning
+    model can spend every token on reasoning): openai-python's name for the same case. Not an
+    :class:`OutputParseError` (asking again with the same limit would be cut again), and output
+    retries do not apply: raise ``max_tokens``.
+
+    Attributes:
+        response (tinyllm.Response | None): the call's record, ``usage`` included (the cut reply's
+            tokens are paid for), ``text`` the cut content.
+        raw (dict): the reply's message dict.
+    """
+
+    def __init__(self, message: str, *, response: Any = None, raw: Any = None):
+        self.response = response
+        super().__init__(message, raw=raw)
+
+
+class ContentFilterFinishReasonError(ResponseError):
+    """The server's content filter stopped the reply (``finish_reason == "content_filter"``),
+    for any output type: openai-python's name for the same case. What was written before the
+    filter stopped it, if anything, is ``response.text``.
+
+    Attributes:
+        response (tinyllm.Response | None): the call's record, ``usage`` included.
+        raw (dict): the reply's message dict.
+    """
+
+    def __init__(self, message: str, *, response: Any = None, raw: Any = None):
+        self.response = response
+        super().__init__(message, raw=raw)
+
+
+class MediaError(TinyLLMError, ValueError):
+    """An image, audio or file (:class:`tinyllm.Image`, :class:`tinyllm.Audio`,
+    :class:`tinyllm.File`) that tinyllm cannot send: a file that cannot be read, content of a
+    type the API does not take (the message names the types it takes), a ``detail`` that is
+    not ``auto``/``low``/``high``, or a client that takes no such content (the message names
+    the client and what it lacks). Raised before anything is sent.
+    """
 
 
 class OutputParseError(TinyLLMError):

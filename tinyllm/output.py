@@ -7,7 +7,9 @@ them), a list of allowed string labels (matched case-insensitively), a
 ``Literal[...]`` or an ``Enum`` class (a closed set of labels: an Enum's values
 when they are all strings, else its names; the member is returned), a
 container type pydantic validates (``list[str]``, ``dict[str, int]``,
-``list[Model]``, ``tuple[int, int]``, ``set[str]``: through a ``TypeAdapter``),
+``list[Model]``, ``tuple[int, int]``, ``set[str]``: through a ``TypeAdapter``), a standard
+dataclass, a pydantic dataclass or a ``TypedDict`` class (a JSON object, validated by a
+``TypeAdapter``: an instance of the dataclass, a plain dict for a TypedDict),
 or a JSON schema (a dict, or front matter's ``output_schema:``; checked with
 the ``jsonschema`` package). pydantic and jsonschema are imported only when
 such a type is used, never at ``import tinyllm``.
@@ -15,8 +17,8 @@ such a type is used, never at ``import tinyllm``.
 What is requested from the server (:func:`response_format_for`):
 
 - ``dict`` / ``"json"``: ``{"type": "json_object"}`` (JSON mode);
-- a pydantic model: ``{"type": "json_schema", ...}`` built by the openai SDK's
-  structured-output helper (strict schema, ``name`` = the model's class name);
+- a pydantic model, a dataclass or a TypedDict: ``{"type": "json_schema", ...}`` built by the
+  openai SDK's structured-output helpers (strict schema, ``name`` = the class name);
 - ``list``: nothing from an OpenAI-style server, because JSON mode forces a top-level
   *object*; the reply's first JSON array is used, and an object holding exactly one
   list (``{"items": [...]}``) is unwrapped. With a backend that enforces a JSON
@@ -78,6 +80,25 @@ def _is_enum(t: Any) -> bool:
 
 def _is_container(t: Any) -> bool:
     return typing.get_origin(t) in _CONTAINERS
+
+
+def _is_record(t: Any) -> bool:
+    """A standard dataclass, a pydantic dataclass or a ``TypedDict`` class: a JSON object validated
+    by a pydantic ``TypeAdapter``."""
+    import dataclasses
+
+    if not isinstance(t, type):
+        return False
+    if dataclasses.is_dataclass(t):
+        return True
+    return typing.is_typeddict(t) or _is_typing_extensions_typeddict(t)
+
+
+def _is_typing_extensions_typeddict(t: Any) -> bool:
+    import sys
+
+    te = sys.modules.get("typing_extensions")  # a TypedDict from typing_extensions exists only if it is imported
+    return te is not None and te.is_typeddict(t)
 
 
 class JsonSchema:
@@ -176,17 +197,19 @@ def normalize_output_type(output_type: Any) -> Any:
 
     Args:
         output_type: a type, a type name, a list of labels, a ``Literal``, an
-            Enum class, a container type, or a JSON schema dict (see the module docstring).
+            Enum class, a container type, a dataclass, a TypedDict, or a JSON schema dict
+            (see the module docstring).
 
     Returns:
         None (plain str), ``bool``/``int``/``float``/``dict``/``list``, a
-        pydantic model class, a tuple of labels (str; also for a ``Literal`` of
+        pydantic model class, a dataclass or TypedDict class, a tuple of labels (str; also for a ``Literal`` of
         strings), an Enum class, a ``Literal`` of other values, a container type
         (e.g. ``list[str]``), or a :class:`JsonSchema`.
 
     Raises:
         OutputParseError: an output_type tinyllm does not know, an empty Enum or
-            Literal, a container type pydantic cannot validate, or an invalid JSON schema.
+            Literal, a container type, dataclass or TypedDict pydantic cannot validate, or an
+            invalid JSON schema.
     """
     if output_type is None or output_type is str:
         return None
@@ -209,6 +232,9 @@ def normalize_output_type(output_type: Any) -> Any:
             raise OutputParseError("a label output_type must be a non-empty list of non-empty strings", output_type=output_type)
         return labels
     if output_type in (bool, int, float, dict, list) or _is_model(output_type):
+        return output_type
+    if _is_record(output_type):
+        _adapter(output_type)  # fails now when pydantic cannot validate it
         return output_type
     if _is_enum(output_type):
         if not len(output_type):
@@ -244,11 +270,11 @@ def response_format_for(output_type: Any, *, json_schema: bool = True, json_gram
         schema when ``json_grammar``, or when it describes an object and
         ``json_schema``; ``json_object`` for an object otherwise; else None.
     """
-    if output_type is dict or (_is_model(output_type) and not json_schema):
+    if output_type is dict or ((_is_model(output_type) or _is_record(output_type)) and not json_schema):
         return {"type": "json_object"}
     if output_type is list and json_grammar:
         return {"type": "json_schema", "json_schema": {"name": "list", "schema": {"type": "array"}}}
-    if _is_model(output_type):
+    if _is_model(output_type) or _is_record(output_type):
         return copy.deepcopy(_model_response_format(output_type))  # a copy: callers may change theirs
     named = _schema_of(output_type)
     if named is not None:
@@ -286,7 +312,16 @@ def grammar_for(output_type: Any) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _model_response_format(model: type) -> dict:
-    """The json_schema response_format of a pydantic model class, built once per class (~0.5 ms)."""
+    """The json_schema response_format of a pydantic model class, a dataclass or a TypedDict, built
+    once per class (~0.5 ms): the openai SDK's strict schema (``openai.lib._pydantic.to_strict_json_schema``,
+    what ``client.chat.completions.parse`` sends), named after the class."""
+    if _is_record(model):
+        try:
+            from openai.lib._pydantic import to_strict_json_schema
+        except ImportError:  # the SDK moved its private helper: a plain (non-strict) schema still works
+            return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": _adapter(model).json_schema()}}
+        return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": to_strict_json_schema(_adapter(model)),
+                                                       "strict": True}}
     try:
         from openai.lib._parsing._completions import type_to_response_format_param
     except ImportError:  # the SDK moved its private helper: a plain (non-strict) schema still works
@@ -399,6 +434,21 @@ def _label(text: str, labels: tuple[str, ...]) -> str:
     raise OutputParseError(f"reply {text[:200]!r} is not exactly one of {list(labels)}", raw=text, output_type=list(labels))
 
 
+def label_span(content: str, output_type: Any) -> tuple[int, int] | None:
+    """``(start, end)`` character offsets of the label the reply ``content`` was read as, for a
+    normalized label output type (a tuple of labels, a ``Literal``, an Enum); None for another
+    output type or a reply that is not one label. Used for :attr:`tinyllm.Response.label_probability`."""
+    choices = _choices(output_type)
+    if choices is None:
+        return None
+    try:
+        label = _label(content.strip(), choices[0])
+    except OutputParseError:
+        return None
+    found = re.search(rf"(?<!\w){re.escape(label.lower())}(?!\w)", content.lower())
+    return (found.start(), found.end()) if found else None
+
+
 def _bool(text: str) -> bool:
     words = re.findall(r"[a-z0-9]+", text.lower())
     if words and words[0] in _TRUE | _FALSE:
@@ -469,6 +519,8 @@ def parse_output(content: str, output_type: Any) -> Any:
             return _number(text, output_type)
         if isinstance(output_type, JsonSchema):
             return output_type.validate(_json_value(text, output_type.schema))
+        if _is_record(output_type):
+            return _adapter(output_type).validate_python(extract_json(text, expect=dict))
         if _is_container(output_type):
             is_dict = typing.get_origin(output_type) is dict
             value = extract_json(text, expect=dict if is_dict else list)

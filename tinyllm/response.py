@@ -11,14 +11,42 @@ the iteration ends; :attr:`Response.partial` is the JSON value parsed so far.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator
 
-__all__ = ["Response"]
+__all__ = ["Response", "Choice"]
 
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _DETAIL_FIELDS = ("prompt_tokens_details", "completion_tokens_details")
+
+
+@dataclass(eq=False)
+class Choice:
+    """One of a reply's choices (``n=3`` asks for three).
+
+    Attributes:
+        index: its place among the choices (0 first).
+        message: its message dict (``role``, ``content``; ``tool_calls`` / ``refusal`` when sent).
+        finish_reason: ``"stop"``, ``"length"``, ``"content_filter"``, ... or None when not reported.
+        logprobs: its tokens with their log probabilities when asked for (``logprobs=True``):
+            ``[{"token": str, "logprob": float, "bytes": list[int] | None, "top_logprobs": [...]}, ...]``
+            as the API sends them; None otherwise.
+        value: its content coerced to the call's output_type, once the call is complete.
+    """
+
+    index: int
+    message: dict
+    finish_reason: str | None = None
+    logprobs: list | None = None
+    value: Any = None
+
+    @property
+    def text(self) -> str:
+        """The choice's text content (``""`` when it has none)."""
+        content = self.message.get("content")
+        return content if isinstance(content, str) else ""
 
 
 @dataclass(eq=False)
@@ -30,7 +58,14 @@ class Response:
             conversation, before any output-retry turns).
         message: the last reply's message dict (``role``, ``content``, and
             ``tool_calls`` / ``refusal`` when sent), or None before a reply.
-        value: the reply's content coerced to the call's output_type (``str`` by default).
+        value: the reply's content coerced to the call's output_type (``str`` by default); with the
+            parameter ``n`` given, the list of every choice's value (``n`` values, in index order).
+        choices: the last reply's choices (``list[Choice]``: message, finish reason, logprobs, value
+            each); one unless ``n`` asked for more.
+        logprobs: the first choice's tokens with their log probabilities when asked for
+            (``logprobs=True``, ``top_logprobs=k``): ``[{"token", "logprob", "bytes",
+            "top_logprobs"}, ...]`` as the API sends them (streamed calls too); None otherwise.
+            See also :attr:`label_probability`.
         usage: ``{"prompt_tokens", "completion_tokens", "total_tokens"}`` (ints),
             summed over retries and output retries as the API reported them
             (cache hits report the stored reply's usage); with
@@ -83,6 +118,9 @@ class Response:
     tool_rounds: list = field(default_factory=list)
     client: Any = field(default=None, repr=False)
     attempts: list = field(default_factory=list)
+    choices: list = field(default_factory=list)
+    logprobs: list | None = None
+    _output_type: Any = field(default=None, repr=False)
     _started: float = field(default_factory=time.perf_counter, repr=False)
     _replies: int = field(default=0, repr=False)
     _stream: Any = field(default=None, repr=False)
@@ -97,6 +135,36 @@ class Response:
             return "".join(self._parts)
         content = self.message.get("content")
         return content if isinstance(content, str) else ""
+
+    @property
+    def label_probability(self) -> float | None:
+        """The probability (0..1) the model gave the label it chose, for a label output type
+        (a list of labels, a ``Literal`` or an ``Enum``) called with ``logprobs=True``.
+
+        It is ``exp`` of the sum of the log probabilities of the reply's tokens that cover the
+        label's text in the reply (found case-insensitively, as the label was matched; tokens
+        that only partly overlap it count whole). A reply that is exactly the label gives the
+        probability of the whole reply. None when the call has no label output type, no
+        logprobs, or the label's text cannot be found in the reply.
+        """
+        from .output import label_span
+
+        if not self.logprobs or self.message is None:
+            return None
+        span = label_span(self.text, self._output_type)
+        if span is None:
+            return None
+        start, end = span
+        total, at = 0.0, 0
+        for token in self.logprobs:
+            piece = token.get("token") if isinstance(token, dict) else None
+            logprob = token.get("logprob") if isinstance(token, dict) else None
+            if not isinstance(piece, str) or not isinstance(logprob, (int, float)):
+                return None
+            if at < end and at + len(piece) > start:
+                total += logprob
+            at += len(piece)
+        return math.exp(total)
 
     @property
     def tool_calls(self) -> list:
@@ -206,6 +274,10 @@ class Response:
         self.message = reply.message
         self.model = reply.model
         self.finish_reason = reply.finish_reason
+        self.logprobs = reply.logprobs
+        found = reply.choices or [{"index": 0, "message": reply.message, "finish_reason": reply.finish_reason,
+                                   "logprobs": reply.logprobs}]
+        self.choices = [Choice(c["index"], c["message"], c.get("finish_reason"), c.get("logprobs")) for c in found]
         self.retries += reply.retries
         self.api_type = reply.api_type
         self.client = getattr(reply, "client", None)
@@ -218,7 +290,8 @@ class Response:
         return self
 
     def as_dict(self) -> dict[str, Any]:
-        """The record as plain JSON-ready data (``value`` as given: a pydantic value is dumped)."""
+        """The record as plain JSON-ready data (``value`` as given: a pydantic value is dumped; an image,
+        audio or file variable as its repr, with its sha256 and size; the messages as sent, data URLs included)."""
         value = self.value
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
@@ -229,8 +302,26 @@ class Response:
             "retries": self.retries, "output_retries": self.output_retries, "api_type": self.api_type,
             "usage_counted_locally": self.usage_counted_locally,
             "tool_rounds": [r.as_dict() for r in self.tool_rounds], "attempts": [a.as_dict() for a in self.attempts],
-            "template": self.template, "variables": self.variables, "cost": self.cost,
+            "choices": [{"index": c.index, "message": c.message, "finish_reason": c.finish_reason, "logprobs": c.logprobs,
+                         "value": c.value.model_dump(mode="json") if hasattr(c.value, "model_dump") else c.value}
+                        for c in self.choices] if len(self.choices) > 1 else None,
+            "logprobs": self.logprobs,
+            "template": self.template, "variables": _plain_variables(self.variables), "cost": self.cost,
         }
+
+
+def _plain_variables(variables: dict) -> dict:
+    """``variables`` with each image, audio or file (or list of them) as its repr: name, type, size, sha256."""
+    from .media import Media
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Media):
+            return repr(value)
+        if isinstance(value, (list, tuple)) and any(isinstance(v, Media) for v in value):
+            return [repr(v) if isinstance(v, Media) else v for v in value]
+        return value
+
+    return {k: plain(v) for k, v in variables.items()}
 
 
 class _AsyncDeltas:

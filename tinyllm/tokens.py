@@ -152,7 +152,10 @@ def count_tokens(messages_or_text: str | list[dict[str, Any]], model: str) -> in
     3 tokens per message, plus the tokens of each string value (``role``,
     ``content``, ``name``, ...), plus 1 if the message has a ``name``, plus 3
     for the reply priming ``<|start|>assistant<|message|>``. A ``content`` list
-    counts its text parts (images are not counted); other non-str values
+    counts its text parts, and its images by OpenAI's tile rule (85 tokens at ``detail: low``;
+    else 85 + 170 per 512 px tile after scaling to fit 2048 x 2048, then to a shortest side
+    of 768 px: https://platform.openai.com/docs/guides/images-vision, "Calculating costs";
+    see :func:`tinyllm.media.part_tokens`); audio and file parts count 0; other non-str values
     (``tool_calls``, ...) count as their compact JSON; ``None`` values count 0.
     Exact for the cookbook's models; an estimate for others and for tools.
 
@@ -178,11 +181,21 @@ def count_tokens(messages_or_text: str | list[dict[str, Any]], model: str) -> in
             elif key == "content" and isinstance(value, (list, tuple)):
                 for text in _content_text(value):
                     total += _count(enc, text)
+                total += _media_tokens(value)
             else:
                 total += _count(enc, json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
             if key == "name":
                 total += TOKENS_PER_NAME
     return total + REPLY_PRIMING_TOKENS
+
+
+def _media_tokens(content: Any) -> int:
+    """Tokens of the non-text parts of a ``content`` list (images by OpenAI's rule; see :mod:`tinyllm.media`)."""
+    if all(isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text") for p in content):
+        return 0
+    from .media import part_tokens
+
+    return sum(part_tokens(p) for p in content)
 
 
 # Token counts of recent strings per encoding: every call counts its whole prompt, and

@@ -57,10 +57,14 @@ def _is_model(obj: Any) -> bool:
 
 
 def _docstring(obj: Any) -> tuple[str, dict[str, str]]:
-    """(description, {parameter: description}) from ``obj``'s docstring (Google, reST or numpydoc style)."""
+    """(description, {parameter: description}) from ``obj``'s docstring (Google, reST or numpydoc style).
+
+    A class's own docstring only (``__doc__`` of the class itself, as the openai SDK reads it),
+    never one inherited from a base class such as pydantic's ``BaseModel``."""
     import docstring_parser
 
-    text = inspect.getdoc(obj) or ""
+    own = obj.__dict__.get("__doc__") if isinstance(obj, type) else inspect.getdoc(obj)
+    text = inspect.cleandoc(own) if isinstance(own, str) else ""
     if not text:
         return "", {}
     doc = docstring_parser.parse(text)
@@ -75,11 +79,18 @@ class Tool:
         target: a function, or a pydantic model class (calling it validates the
             arguments into an instance, which is the result).
         name: the name the model sees (default: the function's ``__name__`` or the class name).
-        description: what it does (default: the docstring's description).
+        description: what it does (default: a function's docstring's description, without its
+            ``Args:`` section; a model's own docstring as written, as ``openai.pydantic_function_tool``
+            sends it; never a docstring inherited from a base class).
+        strict: send ``"strict": true`` with a strict-compatible schema (every property required,
+            ``additionalProperties: false``, refs inlined where needed: the openai SDK's
+            ``to_strict_json_schema``), so the API holds the arguments to the schema. Default: True
+            for a pydantic model (what ``openai.pydantic_function_tool`` sends), False for a function
+            (strict mode would make parameters with defaults required).
 
     Attributes:
         name (str), description (str), parameters (dict: the arguments' JSON schema),
-        is_async (bool), target (the function or model).
+        strict (bool), is_async (bool), target (the function or model).
 
     Raises:
         ConfigError: ``target`` is neither a function nor a pydantic model; it takes
@@ -89,7 +100,8 @@ class Tool:
     A Tool is callable like its target (``@tinyllm.tool`` leaves the function usable).
     """
 
-    def __init__(self, target: Any, *, name: str | None = None, description: str | None = None) -> None:
+    def __init__(self, target: Any, *, name: str | None = None, description: str | None = None,
+                 strict: bool | None = None) -> None:
         self.target = target
         self.is_model = _is_model(target)
         if not self.is_model and not callable(target):
@@ -99,7 +111,11 @@ class Tool:
                 and self.name.isascii()):
             raise ConfigError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
         doc, params_doc = _docstring(target)
+        if self.is_model and description is None:  # the SDK's description: the model's own docstring as written
+            own = target.__dict__.get("__doc__")
+            doc = own if isinstance(own, str) else ""
         self.description = description if description is not None else doc
+        self.strict = self.is_model if strict is None else bool(strict)
         self.is_async = not self.is_model and (inspect.iscoroutinefunction(target)
                                               or inspect.iscoroutinefunction(getattr(target, "__call__", None)))
         if self.is_model:
@@ -107,7 +123,12 @@ class Tool:
             self.parameters = self._model_schema(target)
         else:
             self._args_model = self._arguments_model(target, params_doc)
-            self.parameters = self._args_model.model_json_schema()
+            if self.strict:  # the SDK's public helper makes the schema strict (its to_strict_json_schema)
+                import openai
+
+                self.parameters = dict(openai.pydantic_function_tool(self._args_model)["function"]["parameters"])
+            else:
+                self.parameters = self._args_model.model_json_schema()
             self.parameters.pop("title", None)
         functools.update_wrapper(self, target, updated=())  # type: ignore[arg-type]
 
@@ -120,6 +141,8 @@ class Tool:
     def _model_schema(self, model: type) -> dict:
         import openai
 
+        if not self.strict:
+            return model.model_json_schema()
         spec = openai.pydantic_function_tool(model, name=self.name, description=self.description or None)
         return dict(spec["function"]["parameters"])
 
@@ -149,8 +172,11 @@ class Tool:
         return model
 
     def spec(self) -> dict:
-        """The ``tools`` entry of a chat request: ``{"type": "function", "function": {name, description, parameters}}``."""
+        """The ``tools`` entry of a chat request: ``{"type": "function", "function": {name, description, parameters}}``,
+        with ``"strict": true`` for a strict tool (for a pydantic model, what ``openai.pydantic_function_tool`` gives)."""
         function: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
+        if self.strict:
+            function["strict"] = True
         if self.description:
             function["description"] = self.description
         return {"type": "function", "function": function}
@@ -259,10 +285,11 @@ class ToolRegistry:
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
 
-    def register(self, obj: Any, *, name: str | None = None, description: str | None = None) -> Tool:
+    def register(self, obj: Any, *, name: str | None = None, description: str | None = None,
+                 strict: bool | None = None) -> Tool:
         """Register ``obj`` (a function, a pydantic model or a Tool) and return its Tool; a name given again is replaced."""
-        found = obj if isinstance(obj, Tool) and name is None and description is None else Tool(
-            obj.target if isinstance(obj, Tool) else obj, name=name, description=description)
+        found = obj if isinstance(obj, Tool) and name is None and description is None and strict is None else Tool(
+            obj.target if isinstance(obj, Tool) else obj, name=name, description=description, strict=strict)
         with self._lock:
             self._tools[found.name] = found
         return found
@@ -302,15 +329,15 @@ class ToolRegistry:
 registry = ToolRegistry()
 
 
-def tool(target: Any = None, *, name: str | None = None, description: str | None = None) -> Any:
+def tool(target: Any = None, *, name: str | None = None, description: str | None = None, strict: bool | None = None) -> Any:
     """Decorator: make a function (or pydantic model) a :class:`Tool` and register it by name.
 
-    ``@tool`` or ``@tool(name="weather", description="...")``. Returns the Tool,
-    which stays callable like the function. Raises ConfigError as :class:`Tool`.
+    ``@tool`` or ``@tool(name="weather", description="...", strict=True)`` (see :class:`Tool`).
+    Returns the Tool, which stays callable like the function. Raises ConfigError as :class:`Tool`.
     """
     if target is None:
-        return lambda t: registry.register(t, name=name, description=description)
-    return registry.register(target, name=name, description=description)
+        return lambda t: registry.register(t, name=name, description=description, strict=strict)
+    return registry.register(target, name=name, description=description, strict=strict)
 
 
 # -- records -----------------------------------------------------------------------------------------

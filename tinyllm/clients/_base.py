@@ -44,7 +44,7 @@ from ..limits import _budget as budget  # cost, budgets, spans (tinyllm/budget.p
 from ..observe import _otel as otel
 from ..observe import _pricing as pricing
 from ..config import Config, get_config, redact_url
-from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, ResponseError, TinyLLMError
+from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, MediaError, ResponseError, TinyLLMError
 from ..limits._queue import RequestQueue
 from .._streaming import Accumulator
 
@@ -73,6 +73,13 @@ class Capabilities:
         tools: takes ``tools`` / ``tool_choice``.
         streaming: can stream a reply (``stream=True``).
         embeddings: has an embeddings endpoint.
+        images: takes ``image_url`` content parts (:class:`tinyllm.Image`).
+        audio: takes ``input_audio`` content parts (:class:`tinyllm.Audio`).
+        files: takes ``file`` content parts (:class:`tinyllm.File`, PDF).
+
+    A request holding content the client does not take is refused before anything is sent
+    (:class:`~tinyllm.MediaError` naming the client and what it lacks). Whether a given *model*
+    behind an OpenAI-compatible server sees images is the server's business: it answers 400 if not.
     """
 
     json_schema: bool = True
@@ -81,6 +88,9 @@ class Capabilities:
     tools: bool = True
     streaming: bool = False
     embeddings: bool = True
+    images: bool = True
+    audio: bool = True
+    files: bool = True
 
 
 @dataclass
@@ -147,6 +157,10 @@ class Reply:
         client: the :class:`Client` that answered.
         attempts: with fallbacks, the failed tries of other clients before this reply
             (``list[tinyllm.clients._chain.Attempt]``); else empty.
+        logprobs: the first choice's tokens with their log probabilities (``logprobs.content``:
+            ``[{"token", "logprob", "bytes", "top_logprobs"}, ...]``) when asked for, else None.
+        choices: every choice, ``[{"index", "message", "finish_reason", "logprobs"}, ...]``, when
+            the reply has several (``n``); None for one (then ``message`` is the only one).
     """
 
     message: dict
@@ -161,6 +175,21 @@ class Reply:
     cost: float | None = None
     client: Any = field(default=None, repr=False)
     attempts: list = field(default_factory=list, repr=False)
+    logprobs: list | None = None
+    choices: list | None = None
+
+
+def _list_of_dicts(value: Any) -> list | None:
+    """``value`` when it is a list of dicts (a stored reply's ``logprobs``), else None."""
+    return value if isinstance(value, list) and all(isinstance(v, dict) for v in value) else None
+
+
+def _stored_choices(value: Any) -> list | None:
+    """A stored reply's ``choices`` when each is ``{"index": int, "message": dict, ...}``, else None (choice 0 only)."""
+    if not isinstance(value, list) or not all(isinstance(c, dict) and isinstance(c.get("index"), int)
+                                              and isinstance(c.get("message"), dict) for c in value):
+        return None
+    return value
 
 
 async def _to_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -411,10 +440,29 @@ class Client:
             raise BadRequestError(f"model must be a non-empty str, got {out['model']!r}")
         return models.adapt_params(out["model"], out, reasoning_effort=cfg.reasoning_effort)
 
+    def check_media(self, messages: list[dict]) -> None:
+        """Refuse content parts (images, audio, files) :attr:`capabilities` says this client does not take.
+
+        Raises:
+            MediaError: naming the client and what it lacks; nothing is sent.
+        """
+        if not any(isinstance(m.get("content"), list) for m in messages):
+            return
+        from ..media import kinds_in
+
+        missing = sorted(k for k in kinds_in(messages) if not getattr(self.capabilities, k, True))
+        if missing:
+            raise MediaError(f"the {self.api_type!r} client takes no {' or '.join(missing)}: {self.media_refusal(missing)}")
+
+    def media_refusal(self, missing: list[str]) -> str:
+        """Why this client takes none of ``missing`` and what to do instead (for :meth:`check_media`'s error)."""
+        return "its capabilities say so; send them through a client whose model takes them"
+
     def _prepare(self, messages: Any, params: dict, accept: Callable[[dict], bool] | None) -> _Request:
         started = time.perf_counter()
         cfg = self.settings()
         messages = validate_messages(messages)
+        self.check_media(messages)
         params = self.resolve_params(params, cfg)
         model = params["model"]
         cache = self.cache(cfg)
@@ -445,7 +493,9 @@ class Client:
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
         cost = pricing.reply_cost(self, req.cfg, hit_usage, hit.get("model"), req.model, cached=True)  # cost
-        return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason")},
+        return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason"),
+                                                            "logprobs": _list_of_dicts(hit.get("logprobs")),
+                                                            "choices": _stored_choices(hit.get("choices"))},
                            cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0), cost=cost)  # the cache hands out copies
 
     def _finish(self, req: _Request, result: tuple) -> Reply:
@@ -489,7 +539,8 @@ class Client:
     def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
                cost: float | None = None) -> Reply:
         reply = Reply(message, reply_usage, info.get("model") or req.model, info.get("finish_reason"), cached,
-                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost, self)
+                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost, self,
+                      logprobs=info.get("logprobs"), choices=info.get("choices"))
         _last_call.set((req.model, reply))
         return reply
 
@@ -629,7 +680,8 @@ class Client:
             completion = tokens.count_tokens(acc.text, req.model) if acc.text else 0
             reply_usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
                            "total_tokens": req.prompt_tokens + completion, "counted_locally": True}
-        return self._finish(req, (message, reply_usage, {"model": acc.model, "finish_reason": acc.finish_reason}))
+        return self._finish(req, (message, reply_usage, {"model": acc.model, "finish_reason": acc.finish_reason,
+                                                          "logprobs": acc.logprobs, "choices": acc.choices()}))
 
     # -- embeddings ----------------------------------------------------------------
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
@@ -776,11 +828,13 @@ class PlainClient(Client):
     def request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
         """``target.send_message(messages, **params)`` as a :class:`Reply`; ResponseError unless it returns a message dict."""
         started = time.perf_counter()
+        self.check_media(messages)
         return self._wrap(self.target.send_message(messages, **params), params, started)
 
     async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
         """``target.asend_message`` if it has one, else ``send_message`` in a worker thread."""
         started = time.perf_counter()
+        self.check_media(messages)
         own = getattr(self.target, "asend_message", None)
         if own is not None:
             return self._wrap(await own(messages, **params), params, started)

@@ -20,6 +20,30 @@ def _malformed(what: str, response: Any) -> ResponseError:
     return ResponseError(f"malformed reply: {what}", raw=response)
 
 
+def _message(raw: dict, response: Any) -> dict:
+    """The message dict of one choice's ``message`` object, its fields' types checked."""
+    role, content = raw.get("role") or "assistant", raw.get("content")
+    if not isinstance(role, str):
+        raise _malformed(f"message role is {type(role).__name__}, not a string", response)
+    if content is not None and not isinstance(content, str):
+        raise _malformed(f"message content is {type(content).__name__}, not a string or null", response)
+    message = {"role": role, "content": content}
+    for key, kind in (("refusal", str), ("tool_calls", list), ("function_call", dict)):
+        value = raw.get(key)
+        if value:
+            if not isinstance(value, kind) or (kind is list and not all(isinstance(v, dict) for v in value)):
+                raise _malformed(f"message {key} is {type(value).__name__}, not {kind.__name__}", response)
+            message[key] = value
+    return message
+
+
+def _logprobs(choice: dict) -> list | None:
+    """A choice's ``logprobs.content`` (the tokens with their log probabilities), or None when not sent."""
+    found = choice.get("logprobs")
+    content = found.get("content") if isinstance(found, dict) else None
+    return content if isinstance(content, list) else None
+
+
 def extract_message(response: Any) -> tuple[dict, dict]:
     """``(message_dict, usage_dict)`` from a chat completion: its parsed JSON, or its text.
 
@@ -35,7 +59,8 @@ def extract_message(response: Any) -> tuple[dict, dict]:
 
     Raises:
         ResponseError: not a JSON object, no choices, no message, neither content
-            nor tool calls, or a field of the wrong type.
+            nor tool calls (unless the finish reason is ``length`` or ``content_filter``,
+            which the call layer reports as such), or a field of the wrong type.
     """
     if isinstance(response, str):  # served without a JSON Content-Type
         try:
@@ -47,20 +72,9 @@ def extract_message(response: Any) -> tuple[dict, dict]:
     choices = response.get("choices") or []
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
         raise ResponseError("reply has no choices", raw=response)
-    raw = choices[0]["message"]
-    role, content = raw.get("role") or "assistant", raw.get("content")
-    if not isinstance(role, str):
-        raise _malformed(f"message role is {type(role).__name__}, not a string", response)
-    if content is not None and not isinstance(content, str):
-        raise _malformed(f"message content is {type(content).__name__}, not a string or null", response)
-    message = {"role": role, "content": content}
-    for key, kind in (("refusal", str), ("tool_calls", list), ("function_call", dict)):
-        value = raw.get(key)
-        if value:
-            if not isinstance(value, kind) or (kind is list and not all(isinstance(v, dict) for v in value)):
-                raise _malformed(f"message {key} is {type(value).__name__}, not {kind.__name__}", response)
-            message[key] = value
-    if message["content"] is None and len(message) == 2:
+    message = _message(choices[0]["message"], response)
+    stopped = choices[0].get("finish_reason") in ("length", "content_filter")  # no content yet: the call layer says why
+    if message["content"] is None and len(message) == 2 and not stopped:
         raise ResponseError("reply message has no content", raw=response)
     usage = response.get("usage")
     if usage is None:
@@ -81,7 +95,13 @@ def extract_message(response: Any) -> tuple[dict, dict]:
 
 def extract_reply(response: Any) -> tuple[dict, dict, dict]:
     """``(message_dict, usage_dict, info)`` where ``info`` is ``{"model": the model that answered,
-    "finish_reason": ...}`` (None when the reply does not say). Errors as :func:`extract_message`."""
+    "finish_reason": ..., "logprobs": ..., "choices": ...}`` (None when the reply does not say).
+
+    ``logprobs`` is the first choice's ``logprobs.content`` (a list of ``{"token", "logprob",
+    "bytes", "top_logprobs"}`` dicts, as the API sends them) when asked for with
+    ``logprobs=True``; ``choices`` is, when the reply has more than one choice (``n``), every
+    choice as ``{"index", "message", "finish_reason", "logprobs"}`` in index order (None for one).
+    Errors as :func:`extract_message`; a later choice of the wrong shape is a ResponseError too."""
     if isinstance(response, str):
         try:
             response = json.loads(response)
@@ -90,5 +110,20 @@ def extract_reply(response: Any) -> tuple[dict, dict, dict]:
     message, usage = extract_message(response)
     choice = response["choices"][0]
     model, finish = response.get("model"), choice.get("finish_reason")
-    return message, usage, {"model": model if isinstance(model, str) and model else None,
-                            "finish_reason": finish if isinstance(finish, str) else None}
+    info = {"model": model if isinstance(model, str) and model else None,
+            "finish_reason": finish if isinstance(finish, str) else None, "logprobs": _logprobs(choice), "choices": None}
+    if len(response["choices"]) > 1:
+        info["choices"] = _choices(response)
+    return message, usage, info
+
+
+def _choices(response: dict) -> list[dict]:
+    """Every choice of a reply with several (``n``), as plain dicts in index order."""
+    out = []
+    for i, choice in enumerate(response["choices"]):
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            raise _malformed(f"choices[{i}] has no message", response)
+        index, finish = choice.get("index", i), choice.get("finish_reason")
+        out.append({"index": index if isinstance(index, int) else i, "message": _message(choice["message"], response),
+                    "finish_reason": finish if isinstance(finish, str) else None, "logprobs": _logprobs(choice)})
+    return sorted(out, key=lambda c: c["index"])

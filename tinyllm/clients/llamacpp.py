@@ -149,7 +149,9 @@ class LlamaCppClient(Client):
     """In-process chat completions and embeddings from a GGUF model.
 
     The ``model`` parameter is ignored: the answer always comes from the
-    loaded file, whose name is reported as the model. Parameters
+    loaded file, whose name is reported as the model. ``n`` choices are ``n``
+    generations, one after the other (not streamed); ``logprobs`` are refused
+    (BadRequestError, see :func:`_refuse_logprobs`). Parameters
     llama-cpp-python's ``create_chat_completion`` does not take are dropped.
     ``grammar`` is a GBNF grammar as text (as llama.cpp's servers take it);
     ``response_format`` of type ``json_schema`` becomes llama.cpp's JSON grammar.
@@ -158,11 +160,22 @@ class LlamaCppClient(Client):
     """
 
     api_type = "llamacpp"
-    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=True, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=True, streaming=True, embeddings=True,
+                                images=False, audio=False, files=False)
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, cache: Any = None, **settings: Any) -> None:
         super().__init__(cache=cache, local_model_path=model_path, **settings)
         self._accepts: frozenset[str] | None = None
+
+    def media_refusal(self, missing: list[str]) -> str:
+        """The embedded model reads text only: tinyllm loads no vision model (multimodal projector) for it."""
+        try:
+            model = _model_path(self.settings()).name
+        except ConfigError:
+            model = "the local model"
+        return (f"the embedded model ({model}) reads text only and tinyllm loads no vision model (multimodal "
+                "projector) for it; send images, audio and files to a model that takes them (api_type openai, or an "
+                "OpenAI-compatible server at BASE_URL), or leave them out")
 
     def model(self, cfg: Config, embedding: bool = False) -> tuple[Any, threading.Lock]:
         """The loaded ``llama_cpp.Llama`` for these settings and the lock that guards it."""
@@ -218,6 +231,10 @@ class LlamaCppClient(Client):
         return kwargs
 
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict, dict]:
+        _refuse_logprobs(params)
+        n = params.get("n")
+        if isinstance(n, int) and n > 1:  # llama.cpp answers one choice per call: n calls, n choices
+            return _n_choices([self._chat(messages, {**params, "n": None}, cfg) for _ in range(n)])
         llm, lock = self.model(cfg)
         kwargs = self._kwargs(llm, params)
         forced = _forced_tools(params)
@@ -233,6 +250,9 @@ class LlamaCppClient(Client):
 
     def _chat_stream(self, messages: list[dict], params: dict, cfg: Config) -> Iterator[dict]:
         """llama.cpp's own streaming, in process; the model's lock is held until the stream ends or is closed."""
+        _refuse_logprobs(params)
+        if isinstance(params.get("n"), int) and params["n"] > 1:
+            raise BadRequestError("the embedded model streams one choice: leave n out of a streamed call, or call without streaming")
         if _forced_tools(params) is not None:  # a tool call comes whole: one chunk
             message, usage, info = self._chat(messages, params, cfg)
             calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
@@ -261,6 +281,25 @@ class LlamaCppClient(Client):
         with _mapped_errors(), lock:
             vectors, count = llm.embed(texts, return_count=True)
         return [list(map(float, v)) for v in vectors], {"prompt_tokens": count, "total_tokens": count}
+
+
+def _refuse_logprobs(params: dict) -> None:
+    """Refuse ``logprobs``: llama-cpp-python gives them only for a model loaded with ``logits_all=True``, which keeps
+    the logits of every position of the context window (for the bundled model, 8192 x 49152 floats: 1.6 GB)."""
+    if params.get("logprobs") or params.get("top_logprobs"):
+        raise BadRequestError("the embedded model gives no logprobs (llama.cpp would have to keep the logits of every "
+                              "position of its context window); leave logprobs out, or use a server that returns them")
+
+
+def _n_choices(replies: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+    """One reply of ``n`` choices from ``n`` one-choice replies: usage summed (the prompt counted once)."""
+    usage = dict(replies[0][1])
+    for _, other, _ in replies[1:]:
+        for key in ("completion_tokens", "total_tokens"):
+            usage[key] = usage.get(key, 0) + other.get("completion_tokens", 0)
+    choices = [{"index": i, "message": m, "finish_reason": info.get("finish_reason"), "logprobs": None}
+               for i, (m, _, info) in enumerate(replies)]
+    return replies[0][0], usage, {"finish_reason": replies[0][2].get("finish_reason"), "choices": choices}
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The call log: one SQLite row per call (``LOG_CALLS=true``; the ``tinyllm`` command logs by default).
 
 Each row holds what was sent and what came back: an id sortable by time, the time,
-the template's name, path and content hash, the variables, the messages sent, the
+the template's name, path and content hash, the variables, the messages sent (each inline image, audio or file as its sha256 and size, never its bytes), the
 reply (text; content, tool calls, refusal), the model asked for and the model that
 answered, the api_type and endpoint (URLs redacted), the parameters, usage, cost
 (USD), latency, time to first token, cached or not, retries, output retries, the
@@ -434,6 +434,13 @@ def _json(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False, default=_plain)
 
 
+def _without_media(messages: Any) -> Any:
+    """The messages with each inline image, audio or file as its sha256 and size (:func:`tinyllm.media.redacted`)."""
+    from ..media import redacted
+
+    return redacted(messages)
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
@@ -510,7 +517,7 @@ def _row(item: tuple) -> tuple:
     usage = response.usage or {}
     row: dict[str, Any] = {
         "id": call_id, "ts": ts, "template": response.template, "template_path": template_path,
-        "template_hash": template_hash, "variables": _json(response.variables), "messages": _json(response.messages),
+        "template_hash": template_hash, "variables": _json(response.variables), "messages": _json(_without_media(response.messages)),
         "response": response.text if response.message is not None else None, "reply": _json(reply),
         "model_requested": model_requested, "model": response.model or model_requested,
         "api_type": response.api_type or getattr(sender, "api_type", None), "endpoint": _json(endpoint),

@@ -32,6 +32,7 @@ import functools
 import glob
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -286,6 +287,12 @@ def _render(template: jinja2.Template, variables: dict, where: str, dirs: tuple[
         raise TemplateError(f"{_location(exc, where)[1]}: rendering failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _media_markers(variables: dict) -> tuple[dict, dict] | None:
+    """:func:`tinyllm.media.markers`, imported only when a variable holds media."""
+    media = sys.modules.get("tinyllm.media")  # no media module loaded: no variable can hold media
+    return None if media is None else media.markers(variables)
+
+
 def _messages(value: Any, path: Path) -> list[tuple[str, str]]:
     """Validate front-matter ``messages:`` into (role, template text) pairs."""
     if not isinstance(value, list):
@@ -416,6 +423,11 @@ class Prompt:
         ``include_user=False`` renders every part but the user body (system and ``messages:``),
         so the user template's variables need not be given.
 
+        A variable holding a :class:`tinyllm.Image`, :class:`~tinyllm.Audio` or :class:`~tinyllm.File`
+        (or a list of them) makes the message that places it a list of content parts: the text
+        around each one as ``text`` parts, in order (see :mod:`tinyllm.media`). Messages without
+        media keep their string content.
+
         Raises:
             TemplateVariableError: a variable is missing (``.variable`` and ``.template`` say which, where).
             TemplateSecurityError: the sandbox refused an operation.
@@ -424,8 +436,16 @@ class Prompt:
         """
         variables = dict(variables or {})
         parts = self._parts if include_user or self.user_path is None else self._parts[:-1]  # the user body is last
-        return [{"role": role, "content": static if static is not None else _render(t, variables, where, self._dirs, base).strip()}
-                for role, t, where, static, base in parts]
+        media = _media_markers(variables)  # images, audio, files: placeholders now, content parts below
+        if media is not None:
+            variables = media[0]
+        messages = [{"role": role, "content": static if static is not None else _render(t, variables, where, self._dirs, base).strip()}
+                    for role, t, where, static, base in parts]
+        if media is not None:
+            from ..media import split
+
+            messages = [{"role": m["role"], "content": split(m["content"], media[1])} for m in messages]
+        return messages
 
     def __repr__(self) -> str:
         return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"
