@@ -93,6 +93,10 @@ class Registry:
             known = sorted(set(_factories) | set(self._clients))
             raise ConfigError(f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own)")
 
+    def api_types(self) -> list[str]:
+        """The api_type names this registry answers for (built-in and registered), sorted."""
+        return sorted(set(_factories) | set(self._clients))
+
     def client(self, api_type: str | None = None) -> Client:
         """See :func:`client`."""
         forced = self._forced

@@ -656,18 +656,34 @@ def _fts(conn: Any) -> bool:
 
 def query(conn: Any, *, limit: int = 20, template: str | None = None, model: str | None = None,
           since: float | None = None, errors: bool = False, batch_id: str | None = None,
-          text: str | None = None) -> list[dict[str, Any]]:
+          text: str | None = None, until: float | None = None, before: str | None = None) -> list[dict[str, Any]]:
     """The newest ``limit`` calls matching every filter given, newest first, as :func:`record_of` dicts.
 
     Filters: ``template`` (a name as given to LLMCall, or its short form ``NAME`` for
-    ``NAME.system.*``), ``model`` (asked or answered; ``*`` globs), ``since`` (Unix time),
-    ``errors`` (failed calls only), ``batch_id`` (or a prefix), ``text`` (an FTS5 query over
-    the template, variables, messages, reply and error).
+    ``NAME.system.*``), ``model`` (asked or answered; ``*`` globs), ``since`` and ``until``
+    (Unix time, ``since <= ts < until``), ``errors`` (failed calls only), ``batch_id`` (or a
+    prefix), ``text`` (an FTS5 query over the template, variables, messages, reply and error).
+
+    ``before``: a call id; only calls listed after it (older) are returned, so the next page
+    is ``query(..., before=page[-1]["id"])``: keyset pagination, as fast on page 1,000 as on
+    page 1 (an unknown id gives no rows).
 
     Raises:
         sqlite3.OperationalError: a malformed FTS5 query.
     """
     where, args = _filters(template, model, since, errors, batch_id, text, _fts(conn))
+    more = []
+    if until is not None:
+        more.append("ts < ?")
+        args.append(until)
+    if before is not None:
+        row = conn.execute("SELECT ts FROM calls WHERE id = ?", [before]).fetchone()
+        if row is None:
+            return []
+        more.append("ts <= ? AND (ts < ? OR id < ?)")
+        args += [row[0], row[0], before]
+    if more:
+        where = (where + " AND " if where else " WHERE ") + " AND ".join(more)
     rows = conn.execute(f"SELECT * FROM calls{where} ORDER BY ts DESC, id DESC LIMIT ?", [*args, limit]).fetchall()
     return [record_of(r) for r in rows]
 
@@ -690,19 +706,21 @@ def get(conn: Any, call_id: str) -> dict[str, Any] | None:
 
 def stats(conn: Any, *, since: float | None = None, template: str | None = None, model: str | None = None,
           batch_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Calls, tokens, cost (USD; None when no call of a group was priced), unpriced calls, errors
-    and cache hits summed by ``model``, ``template`` and ``day`` (local date), plus ``total``.
+    """Calls, tokens, cost (USD; None when no call of a group was priced), unpriced calls, errors,
+    cache hits and latency summed by ``model``, ``template`` and ``day`` (local date), plus ``total``.
 
     Returns:
         ``{"by_model": [...], "by_template": [...], "by_day": [...], "total": [{...}]}``, each group's
         dicts holding its key and ``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost``,
-        ``unpriced``, ``errors``, ``cached``.
+        ``unpriced``, ``errors``, ``cached``, ``mean_latency`` and ``max_latency`` (seconds; None
+        when no call of the group has one).
     """
     where, args = _filters(template, model, since, False, batch_id, None, False)
     sums = ("COUNT(*) AS calls, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "
             "COALESCE(SUM(completion_tokens), 0) AS completion_tokens, SUM(cost) AS cost, "
             "SUM(cost IS NULL AND error_type IS NULL AND cached = 0) AS unpriced, "
-            "SUM(error_type IS NOT NULL) AS errors, SUM(cached) AS cached")
+            "SUM(error_type IS NOT NULL) AS errors, SUM(cached) AS cached, "
+            "AVG(latency) AS mean_latency, MAX(latency) AS max_latency")
     groups = {"by_model": "COALESCE(model, model_requested, '?')", "by_template": "COALESCE(template, '(none)')",
               "by_day": "date(ts, 'unixepoch', 'localtime')"}
     out: dict[str, list[dict[str, Any]]] = {}
