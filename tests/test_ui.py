@@ -20,9 +20,9 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("sse_starlette")
 
-from fakeserver import FakeOpenAIServer, Reply  # noqa: E402
-from helpers import child_env, wire, write  # noqa: E402
-from uiserver import Page, UIServer  # noqa: E402
+from fakeserver import FakeOpenAIServer, Reply
+from helpers import child_env, wire, write
+from uiserver import Page, UIServer
 
 KEY = "sk-ui-test-SECRET-0123456789abcdef"
 
@@ -71,7 +71,7 @@ def page(ui):
 def _editor_form(text: str, **extra: str) -> dict[str, str]:
     """The editor's fields as the page posts them, from the page's HTML."""
     def field(name: str) -> str:
-        m = re.search(rf'<textarea id="{name}" name="{name}"[^>]*>(.*?)</textarea>', text, re.S)
+        m = re.search(rf'<textarea id="{name}" name="{name}"[^>]*>(.*?)</textarea>', text, re.DOTALL)
         return _unescape(m.group(1)) if m else ""
 
     def hidden(name: str) -> str:
@@ -245,7 +245,7 @@ def test_save_refuses_a_file_changed_on_disk_and_shows_a_diff(page, root, wired)
     status, _, frag = page.post("/prompts/race/save", form)
     assert status == 409
     assert "changed on disk" in frag
-    diff = _unescape(re.search(r'<pre class="diff" id="save-diff">(.*?)</pre>', frag, re.S).group(1))
+    diff = _unescape(re.search(r'<pre class="diff" id="save-diff">(.*?)</pre>', frag, re.DOTALL).group(1))
     assert "-Line one, changed by someone else." in diff and "+Line one, my edit." in diff
     assert (folder / "race.system.md").read_text() == "Line one, changed by someone else.\n"
 

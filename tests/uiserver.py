@@ -52,10 +52,10 @@ class UIServer:
         self.server.should_exit = True
         self.thread.join(10)
 
-    def __enter__(self) -> UIServer:
+    def __enter__(self) -> UIServer:  # noqa: PYI034
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
