@@ -500,3 +500,44 @@ def test_runs_expire(monkeypatch):
     now = time.monotonic()
     monkeypatch.setattr(_runs.time, "monotonic", lambda: now + _runs.PENDING_SECONDS + 1)
     assert runs.take(rid, "s") is None
+
+
+# -- evaluations ------------------------------------------------------------------------------------------
+
+
+def _eval_api():
+    """tinyllm.eval (built on the h-eval branch, to the contract in EVAL-API.md), or a skip naming it."""
+    try:
+        import tinyllm.eval as ev
+    except ImportError:
+        pytest.skip("the eval package tinyllm.eval is not in this checkout (it comes from the h-eval branch)")
+    if not hasattr(ev, "evaluate") or not hasattr(ev, "list_runs"):
+        pytest.skip("tinyllm.eval lacks evaluate/list_runs (EVAL-API.md)")
+    pytest.importorskip("scipy")
+    return ev
+
+
+def test_evaluations_pages(page, root, fake, monkeypatch):
+    ev = _eval_api()
+    fake.reset()
+    fake.reply_with(None)
+    wire(fake, monkeypatch, KEY)
+    db = str(root / "calls.db")
+    cases = [{"id": "ada", "vars": {"name": "Ada", "place": "Rome"}, "assert": [{"type": "contains", "value": "Ada"}]},
+             {"id": "bob", "vars": {"name": "Bob", "place": "Oslo"}, "expected": "<b>never</b> this"}]
+    prompts = str(root / "prompts")
+    first = ev.evaluate("greet", cases=cases, models=["gpt-4o-mini", "gpt-4.1-mini"], prompts_dir=prompts, db=db)
+    fake.reply_with(lambda req: "Hello Ada and Bob: <b>never</b> this")
+    second = ev.evaluate("greet", cases=cases, models=["gpt-4o-mini", "gpt-4.1-mini"], prompts_dir=prompts, db=db,
+                         fresh=True)
+    status, _, text = page.get("/evals")
+    assert status == 200 and first.run_id in text and second.run_id in text
+    status, _, text = page.get(f"/evals/{first.run_id}")
+    assert status == 200
+    assert "gpt-4o-mini" in text and "gpt-4.1-mini" in text and "50.0%" in text  # one of two cases passes per cell
+    assert text.count('class="case"') == 2 and "bob" in text  # the failing case, on each model
+    assert "&lt;b&gt;never&lt;/b&gt;" in text and "<b>never</b>" not in text  # escaped
+    status, _, text = page.get(f"/evals/compare?a={first.run_id}&b={second.run_id}")
+    assert status == 200 and 'id="comparison"' in text
+    assert text.count("<tr><td>greet") == 2  # one comparison per shared (prompt, version, model)
+    assert page.get("/evals/nope")[0] == 404

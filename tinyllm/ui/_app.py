@@ -88,7 +88,7 @@ class Workbench:
     def __init__(self, prompts_dirs: list[str], log_db: str | None = None, eval_db: str | None = None) -> None:
         self.dirs = [str(Path(d).expanduser().resolve()) for d in prompts_dirs]
         self.log_db = log_db
-        self.eval_db = eval_db
+        self.eval_db = eval_db or log_db  # runs are stored in the call log's database by default
         self.runs = Runs()
         self.templates = Jinja2Templates(env=_environment())
 

@@ -4,6 +4,7 @@ package is not installed the pages say so instead of failing."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -12,6 +13,7 @@ from ..errors import TinyLLMError
 
 __all__ = ["compare_page", "matrix", "run_page", "runs_page"]
 
+MAX_FAILING = 200  # failing cells listed on a run's page
 MISSING = "the evaluation package (tinyllm.eval) is not available in this installation"
 
 
@@ -52,17 +54,41 @@ def matrix(summary: list[Any]) -> list[dict[str, Any]]:
 
 
 def run_page(run_id: str, db: str | None) -> dict[str, Any]:
-    """One run: its matrix, and every failing or erroring case with its output and failed assertions."""
+    """One run: its matrix, and the failing or erroring cells (at most :data:`MAX_FAILING`) with
+    their output and failed assertions."""
     ev = _eval()
     if ev is None:
         raise HTTPException(404, MISSING)
     report = _load(ev, run_id, db)
-    failing = [r for r in report.rows if r.passed is not True]
-    return {"run_id": run_id, "matrices": matrix(report.summary()), "failing": failing, "rows": len(report.rows)}
+    cells = report.failures() if hasattr(report, "failures") else (r for r in report.rows if r.passed is not True)
+    failing = list(itertools.islice(cells, MAX_FAILING + 1))
+    info = getattr(report, "info", None)
+    return {"run_id": run_id, "matrices": matrix(report.summary()), "failing": failing[:MAX_FAILING],
+            "more_failing": len(failing) > MAX_FAILING, "rows": len(report.rows),
+            "status": getattr(info, "status", None)}
+
+
+def _pairs(ev: Any, ra: Any, rb: Any) -> list[tuple[str, Any]]:
+    """(label, Comparison) of two runs: the runs as wholes when each holds one version and model per
+    prompt, else each (prompt, version, model) group the two share, compared group with group."""
+    try:
+        return [("", ev.compare(ra, rb))]
+    except TinyLLMError:
+        if not (hasattr(ra, "groups") and hasattr(ra, "select")):
+            raise
+    shared = [g for g in ra.groups() if g in set(rb.groups())]
+    if not shared:
+        raise HTTPException(400, "the two runs share no (prompt, version, model) group to compare")
+    out = []
+    for prompt, version, model in shared:
+        view_a = ra.select(prompt=prompt, version=version, model=model)
+        view_b = rb.select(prompt=prompt, version=version, model=model)
+        out.append((f"{prompt} · {version} · {model}", ev.compare(view_a, view_b)))
+    return out
 
 
 def compare_page(a: str, b: str, db: str | None) -> dict[str, Any]:
-    """Two runs compared: each one's matrix and the paired test on their shared cases."""
+    """Two runs compared: each one's matrix and the paired tests (exact McNemar) on their shared cases."""
     ev = _eval()
     if ev is None:
         raise HTTPException(404, MISSING)
@@ -70,7 +96,8 @@ def compare_page(a: str, b: str, db: str | None) -> dict[str, Any]:
         raise HTTPException(400, "pick two runs to compare (a=RUN_ID&b=RUN_ID)")
     ra, rb = _load(ev, a, db), _load(ev, b, db)
     try:
-        comparison = ev.compare(ra, rb)
+        comparisons = _pairs(ev, ra, rb)
     except TinyLLMError as exc:
         raise HTTPException(400, str(exc)) from None
-    return {"a": a, "b": b, "comparison": comparison, "matrix_a": matrix(ra.summary()), "matrix_b": matrix(rb.summary())}
+    return {"a": a, "b": b, "comparisons": comparisons, "matrix_a": matrix(ra.summary()),
+            "matrix_b": matrix(rb.summary())}
