@@ -541,3 +541,12 @@ def test_evaluations_pages(page, root, fake, monkeypatch):
     assert status == 200 and 'id="comparison"' in text
     assert text.count("<tr><td>greet") == 2  # one comparison per shared (prompt, version, model)
     assert page.get("/evals/nope")[0] == 404
+
+
+def test_an_empty_field_leaves_a_default_to_apply(page, root, wired):
+    write(root / "prompts" / "dflt.system.md", "At most {{ n | default(80) }} words about {{ topic }}.\n")
+    _, _, text = page.get("/prompts/dflt")
+    _, _, frag = page.post("/prompts/dflt/render", _editor_form(text, **{"var-n": "", "var-topic": ""}))
+    assert "At most 80 words about ." in frag
+    _, _, frag = page.post("/prompts/dflt/render", _editor_form(text, **{"var-n": "5", "var-topic": "owls"}))
+    assert "At most 5 words about owls." in frag

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("starlette")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-from fakeserver import FakeOpenAIServer, Reply, Stream  # noqa: E402
-from helpers import wire, write  # noqa: E402
-from uiserver import UIServer  # noqa: E402
+from fakeserver import FakeOpenAIServer, Reply, Stream
+from helpers import wire, write
+from uiserver import UIServer
 
 pytestmark = pytest.mark.slow
 
@@ -209,11 +209,21 @@ def test_run_on_the_embedded_model(page, embedded_model):
     expect(run.locator(".stat-tokens")).to_contain_text("+")
 
 
-def test_screenshots_of_every_page(page, root, fake, monkeypatch, tmp_path):
-    """Every page renders in the browser; the same code writes docs/images/ (docs/images/screenshots.py)."""
-    from screenshots import take_screenshots
+def test_screenshots_of_every_page(browser, fake, monkeypatch, tmp_path):
+    """Every page renders in the browser; the same code writes docs/images/ (python tests/screenshots.py)."""
+    import shutil
 
-    written = take_screenshots(page, tmp_path, root, fake, monkeypatch)
-    assert sorted(p.name for p in written) == sorted(
-        ["ui-prompts.png", "ui-prompt.png", "ui-compare.png", "ui-logs.png", "ui-call.png", "ui-evals.png"])
+    from helpers import ROOT
+    from screenshots import SHOTS, take_screenshots
+
+    fake.reset()
+    wire(fake, monkeypatch, KEY)
+    shutil.copytree(ROOT / "prompts", tmp_path / "prompts")
+    with UIServer(prompts_dirs=[str(tmp_path / "prompts")], log_db=str(tmp_path / "calls.db")) as server:
+        context = browser.new_context(base_url=server.url, viewport={"width": 1400, "height": 900})
+        try:
+            written = take_screenshots(context.new_page(), tmp_path / "shots", tmp_path, fake, str(tmp_path / "calls.db"))
+        finally:
+            context.close()
+    assert sorted(p.name for p in written) == sorted(SHOTS)
     assert all(p.stat().st_size > 5_000 for p in written)

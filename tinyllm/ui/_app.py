@@ -175,8 +175,7 @@ class Workbench:
             return self.page(request, "_runs.html", runs=[], error=shown.error or "nothing to run", compare=compare)
         if not targets:
             return self.page(request, "_runs.html", runs=[], error="give at least one model to compare", compare=compare)
-        variables = {name: values.get(name, "") for name in shown.variables}
-        runs = [{"id": self.runs.add(Run(shown.prompt, variables, api_type or None, model or None, request.state.session)),
+        runs = [{"id": self.runs.add(Run(shown.prompt, shown.values, api_type or None, model or None, request.state.session)),
                  "api_type": api_type, "model": model} for api_type, model in targets[:MAX_COMPARE]]
         return self.page(request, "_runs.html", runs=runs, error=None, compare=compare)
 

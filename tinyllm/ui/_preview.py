@@ -10,7 +10,7 @@ from typing import Any
 
 from ..clients import client
 from ..config import get_config
-from ..errors import ConfigError, TinyLLMError
+from ..errors import ConfigError, TemplateVariableError, TinyLLMError
 from ..models import model_info
 from ..prompts import Prompt, search_path
 from ..tokens import count_tokens
@@ -26,6 +26,8 @@ class Preview:
     Attributes:
         prompt: the edited prompt (None when the texts do not parse).
         variables: the template variables, sorted (those of the last prompt that parsed).
+        values: the variables rendered with: the non-empty fields, and "" for an empty one the template
+            needs (an empty field whose variable has a ``| default(...)`` is left out, so the default applies).
         messages: ``[{"role", "content", "tokens"}]`` (tokens: that message alone, with its per-message overhead).
         total: the whole prompt's tokens as the backend counts them (None when nothing rendered).
         window: the model's context window in tokens, None when unknown.
@@ -35,6 +37,7 @@ class Preview:
 
     prompt: Prompt | None = None
     variables: list[str] = field(default_factory=list)
+    values: dict[str, str] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
     total: int | None = None
     window: int | None = None
@@ -62,7 +65,7 @@ def edited_prompt(files: PromptFiles, front_matter: str, system: str, user: str,
 
 def preview(files: PromptFiles, front_matter: str, system: str, user: str, variables: dict[str, str],
             api_type: str | None, model: str | None, dirs: list[str]) -> Preview:
-    """Render the edit with ``variables`` (missing ones are empty strings) and count its tokens for
+    """Render the edit with ``variables`` (see ``Preview.values``) and count its tokens for
     ``model`` on ``api_type`` (default: the front matter's model, else the MODEL setting)."""
     out = Preview()
     try:
@@ -72,11 +75,23 @@ def preview(files: PromptFiles, front_matter: str, system: str, user: str, varia
         out.variables = sorted(files.prompt.variables) if files.prompt is not None else []
         return out
     out.variables = sorted(out.prompt.variables)
-    values = {name: variables.get(name, "") for name in out.variables}
-    try:
-        messages = out.prompt.render(values)
-    except TinyLLMError as exc:
-        out.error = str(exc)
+    # an empty field is a variable not given (so `| default(...)` applies), unless the template needs it:
+    # then it is the empty string
+    out.values = {name: variables[name] for name in out.variables if variables.get(name)}
+    for _ in range(len(out.variables) + 1):
+        try:
+            messages = out.prompt.render(out.values)
+            break
+        except TemplateVariableError as exc:
+            if exc.variable is None or exc.variable in out.values or exc.variable not in out.variables:
+                out.error = str(exc)
+                return out
+            out.values[exc.variable] = ""
+        except TinyLLMError as exc:
+            out.error = str(exc)
+            return out
+    else:  # pragma: no cover - each round adds one variable
+        out.error = "the template needs more variables than it declares"
         return out
     try:
         sender = client(api_type or None)
