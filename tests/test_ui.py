@@ -383,7 +383,9 @@ def test_call_log_page_search_and_record(page, root, fake, monkeypatch):
     call_id = re.search(r'href="/logs/([0-9a-f]+)"', text).group(1)
     status, _, record = page.get(f"/logs/{call_id}")
     assert status == 200 and "Say hello to n1 from p." in record and "echo: Say hello to n1 from p." in record
-    assert "<svg" in page.get("/logs")[2]  # the charts
+    assert 'hx-get="/logs/charts?' in page.get("/logs")[2]
+    _, _, charts = page.get("/logs/charts")
+    assert charts.count("<svg") == 2 and "cost per day" in charts  # drawn on the server
     assert page.get("/logs/ffffffffffff")[0] == 404
 
 
@@ -415,6 +417,15 @@ def test_call_log_pagination_and_filters(page, root, fake, monkeypatch):
         assert len(calllog.query(conn, since=everything[-1]["ts"], until=everything[0]["ts"] + 1)) == 5
         day = calllog.stats(conn)["by_day"][0]
         assert day["calls"] == 5 and day["mean_latency"] > 0 and day["max_latency"] >= day["mean_latency"]
+        assert set(calllog.stats(conn, groups=("by_day",))) == {"by_day"}
+        assert calllog.stats(conn, until=everything[-1]["ts"], groups=("total",))["total"][0]["calls"] == 0
+        assert calllog.values(conn, "template") == ["greet"] and calllog.values(conn, "model") == ["gpt-4o-mini"]
+        with pytest.raises(ValueError):
+            calllog.values(conn, "messages")
+        one = everything[2]["id"]
+        assert calllog.get(conn, one)["id"] == one and calllog.get(conn, one[:-4].upper())["id"] == one
+        with pytest.raises(LookupError):
+            calllog.get(conn, one[:6])  # the same millisecond prefix as the others
     finally:
         conn.close()
 

@@ -211,15 +211,19 @@ class Workbench:
         except (FileNotFoundError, sqlite3.Error):
             return None
 
+    def _log_filters(self, request: Request) -> dict[str, Any]:
+        qp = request.query_params
+        return {"text": qp.get("q", "").strip() or None, "template": qp.get("template") or None,
+                "model": qp.get("model") or None, "errors": qp.get("errors") == "1",
+                "since": _date(qp.get("since")), "until": _date(qp.get("until"), end=True)}
+
     def logs(self, request: Request) -> Response:
         qp = request.query_params
-        filters = {"text": qp.get("q", "").strip() or None, "template": qp.get("template") or None,
-                   "model": qp.get("model") or None, "errors": qp.get("errors") == "1",
-                   "since": _date(qp.get("since")), "until": _date(qp.get("until"), end=True)}
+        filters = self._log_filters(request)
         conn = self._connect()
         if conn is None:
             return self.page(request, "logs.html", path=self.log_file(), missing=True, calls=[], error=None, qp=qp,
-                             options={}, charts=[], started=0.0, newest_url=None, older_url=None)
+                             options={}, started=0.0, newest_url=None, older_url=None, charts_url="")
         error, calls, more = None, [], None
         started = time.perf_counter()
         try:
@@ -229,19 +233,32 @@ class Workbench:
                 error = f"bad search {filters['text']!r}: {exc}"
             if len(calls) > PAGE_SIZE:
                 calls, more = calls[:PAGE_SIZE], calls[PAGE_SIZE - 1]["id"]
-            sums = calllog.stats(conn, since=filters["since"] or time.time() - 30 * 86400,
-                                 template=filters["template"], model=filters["model"])
+            options = {"template": calllog.values(conn, "template"), "model": calllog.values(conn, "model")}
+        finally:
+            conn.close()
+        rest = [(k, v) for k, v in qp.multi_items() if k != "before"]
+        chart_args = urlencode([(k, v) for k, v in rest if k in ("template", "model", "since", "until")])
+        return self.page(request, "logs.html", path=self.log_file(), missing=False, calls=calls, error=error, qp=qp,
+                         options=options, started=time.perf_counter() - started,
+                         newest_url=f"/logs?{urlencode(rest)}" if qp.get("before") else None,
+                         older_url=f"/logs?{urlencode([*rest, ('before', more)])}" if more else None,
+                         charts_url=f"/logs/charts?{chart_args}")
+
+    def charts(self, request: Request) -> Response:
+        """Cost and mean latency per day (the last 30 days with calls, or the date range asked for), as SVG."""
+        filters = self._log_filters(request)
+        conn = self._connect()
+        if conn is None:
+            return self.page(request, "_charts.html", charts=[])
+        try:
+            sums = calllog.stats(conn, since=filters["since"] or time.time() - 30 * 86400, until=filters["until"],
+                                 template=filters["template"], model=filters["model"], groups=("by_day",))
         finally:
             conn.close()
         days = sorted(sums["by_day"], key=lambda r: r["day"])[-31:]
         charts = [bar_chart([(r["day"], r["cost"]) for r in days], "cost per day (USD)", "${:.4f}"),
                   bar_chart([(r["day"], r["mean_latency"]) for r in days], "mean latency per day (seconds)", "{:.3f} s")]
-        options = {"template": [r["template"] for r in sums["by_template"]], "model": [r["model"] for r in sums["by_model"]]}
-        rest = [(k, v) for k, v in qp.multi_items() if k != "before"]
-        return self.page(request, "logs.html", path=self.log_file(), missing=False, calls=calls, error=error, qp=qp,
-                         options=options, charts=charts, started=time.perf_counter() - started,
-                         newest_url=f"/logs?{urlencode(rest)}" if qp.get("before") else None,
-                         older_url=f"/logs?{urlencode([*rest, ('before', more)])}" if more else None)
+        return self.page(request, "_charts.html", charts=charts)
 
     def call(self, request: Request) -> Response:
         conn = self._connect()
@@ -322,6 +339,7 @@ def create_app(*, prompts_dirs: list[str] | tuple[str, ...] = (), host: str = "1
         Route("/evals/compare", bench.eval_compare),
         Route("/evals/{run_id}", bench.eval_run),
         Route("/logs", bench.logs),
+        Route("/logs/charts", bench.charts),
         Route("/logs/{call_id}", bench.call),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
