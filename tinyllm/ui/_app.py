@@ -169,8 +169,7 @@ class Workbench:
     async def _start(self, request: Request, files: _edit.PromptFiles, form: Any, values: dict[str, str],
                      targets: list[tuple[str, str]], compare: bool) -> Response:
         shown = await run_in_threadpool(preview, files, str(form.get("front_matter", "")), str(form.get("system", "")),
-                                        str(form.get("user", "")), values, targets[0][0] if targets else "",
-                                        targets[0][1] if targets else "", self.dirs)
+                                        str(form.get("user", "")), values, None, None, self.dirs, False)
         if shown.error or shown.prompt is None:
             return self.page(request, "_runs.html", runs=[], error=shown.error or "nothing to run", compare=compare)
         if not targets:

@@ -64,9 +64,10 @@ def edited_prompt(files: PromptFiles, front_matter: str, system: str, user: str,
 
 
 def preview(files: PromptFiles, front_matter: str, system: str, user: str, variables: dict[str, str],
-            api_type: str | None, model: str | None, dirs: list[str]) -> Preview:
+            api_type: str | None, model: str | None, dirs: list[str], count: bool = True) -> Preview:
     """Render the edit with ``variables`` (see ``Preview.values``) and count its tokens for
-    ``model`` on ``api_type`` (default: the front matter's model, else the MODEL setting)."""
+    ``model`` on ``api_type`` (default: the front matter's model, else the MODEL setting);
+    ``count=False``: render only (what Run needs)."""
     out = Preview()
     try:
         out.prompt = edited_prompt(files, front_matter, system, user, dirs)
@@ -92,6 +93,9 @@ def preview(files: PromptFiles, front_matter: str, system: str, user: str, varia
             return out
     else:  # pragma: no cover - each round adds one variable
         out.error = "the template needs more variables than it declares"
+        return out
+    if not count:
+        out.messages = [{**m, "tokens": None} for m in messages]
         return out
     try:
         sender = client(api_type or None)
