@@ -23,7 +23,8 @@ def ui(ctx: click.Context, port: int, host: str | None, open_browser: bool, db: 
     """Serve the workbench page: edit prompts and see them rendered, run and compare models,
     read evaluations and the call log. Needs `pip install 'tinyllm[ui]'`.
 
-    It listens on 127.0.0.1 unless --host is given. Runs from the page are logged unless --no-log.
+    It listens on 127.0.0.1 unless --host is given. LOG_CALLS is on unless --no-log, but the page's
+    runs are streamed calls, which the call log does not record yet.
     """
     import secrets
 
