@@ -423,6 +423,8 @@ class LLMCall:
         system_template_name: e.g. ``"summarize.system.md"``, found on the
             template search path (``prompts_dir``, then ``PROMPTS_DIRS``, then
             ``./prompts``); ``NAME.system.EXT`` pairs with ``NAME.user.EXT``.
+            Or a :class:`~tinyllm.prompts.Prompt` (from ``load_prompt``, or
+            ``Prompt.with_texts`` for unsaved edits), used as is: never reloaded.
         user_template_name: the user template when it is not that sibling.
         output_type: how to coerce the reply (``str`` by default; ``bool``,
             ``int``, ``float``, ``dict``/``"json"``, ``list``, a list of labels,
@@ -474,7 +476,7 @@ class LLMCall:
 
     def __init__(
         self,
-        system_template_name: str,
+        system_template_name: str | Prompt,
         user_template_name: str | None = None,
         *,
         output_type: Any = None,
@@ -502,6 +504,8 @@ class LLMCall:
         self.tool_timeout = tool_timeout if tool_timeout is None else check_tool_timeout(tool_timeout)
         self.raise_tool_errors = raise_tool_errors
         self.on_tool_call = on_tool_call
+        if isinstance(system_template_name, Prompt):  # a loaded (or edited, see Prompt.with_texts) prompt, used as is
+            self._carried, system_template_name = system_template_name, system_template_name.name
         self.system_template_name = system_template_name
         self.user_template_name = user_template_name
         self.prompts_dir = prompts_dir

@@ -13,7 +13,9 @@ Nothing in tinyllm returns ``None`` to mean "it failed".
     ├── TemplateError
     │   ├── TemplateNotFoundError        (also a LookupError)
     │   ├── TemplateVariableError
-    │   └── TemplateSecurityError
+    │   ├── TemplateSecurityError
+    │   └── PromptSaveError              (tinyllm ui: a save outside the prompts directories)
+    │       └── PromptConflictError      (the file changed on disk since it was opened: .diff)
     ├── APIError                         (status_code, request_id, body; as openai-python's tree)
     │   ├── APIConnectionError           (no response: status_code None)
     │   │   └── APITimeoutError
@@ -58,6 +60,8 @@ __all__ = [
     "TemplateNotFoundError",
     "TemplateVariableError",
     "TemplateSecurityError",
+    "PromptSaveError",
+    "PromptConflictError",
     "APIError",
     "BadRequestError",
     "AuthenticationError",
@@ -167,6 +171,28 @@ class TemplateVariableError(TemplateError):
 
 class TemplateSecurityError(TemplateError):
     """The sandboxed Jinja environment refused an unsafe operation in a template."""
+
+
+class PromptSaveError(TemplateError):
+    """A prompt file could not be saved (``tinyllm ui``): the target is outside the prompts
+    directories, is not a prompt file, or cannot be written. ``path`` (str) names the file."""
+
+    def __init__(self, message: str, *, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
+class PromptConflictError(PromptSaveError):
+    """A save refused because the file changed on disk since it was opened (nothing written).
+
+    Attributes:
+        path (str): the file.
+        diff (str): a unified diff from the text on disk now to the text that was to be saved.
+    """
+
+    def __init__(self, message: str, *, path: str = "", diff: str = ""):
+        super().__init__(message, path=path)
+        self.diff = diff
 
 
 class APIError(TinyLLMError):

@@ -1,7 +1,7 @@
 """The ``tinyllm`` command: list, render and call prompt templates; map a prompt over a file.
 
 Subcommands: ``prompts`` (and ``prompts show``), ``render``, ``call``, ``chat``, ``map``, ``batches status|fetch|cancel``,
-``tokens``, ``cache stats|clear``, ``config``, ``logs`` (and ``logs show|stats``), ``plugins``, ``eval``, one module
+``tokens``, ``cache stats|clear``, ``config``, ``logs`` (and ``logs show|stats``), ``plugins``, ``eval``, ``ui``, one module
 per command group; the root group and the shared options are in ``_common``.
 ``call`` and ``map`` write every call to the call log unless ``--no-log`` or
 ``LOG_CALLS=false``. ``python -m tinyllm`` is the same.
@@ -16,7 +16,7 @@ The commands parse arguments and print; the work is done by the public API.
 
 from __future__ import annotations
 
-from . import batches, cache, call, config, logs, plugins, prompts  # noqa: F401  (each registers its commands on `cli`)
+from . import batches, cache, call, config, logs, plugins, prompts, ui  # noqa: F401  (each registers its commands on `cli`)
 from . import map as _map  # noqa: F401
 from . import eval as _eval  # noqa: F401
 from ._common import cli

@@ -141,6 +141,10 @@ class Registry:
         if target is not None and not self._known(api_type):
             self.register(api_type, target)
 
+    def api_types(self) -> list[str]:
+        """The api_type names this registry answers for (built-in and registered), sorted."""
+        return sorted(set(_factories) | set(self._clients))
+
     def client(self, api_type: str | None = None) -> Client:
         """See :func:`client`."""
         forced = self._forced

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator
 from . import _otel as otel
 
 __all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "batch", "flush_all", "damaged",
-           "new_id", "connect", "query", "get", "stats"]
+           "new_id", "connect", "query", "get", "stats", "values"]
 
 log = logging.getLogger("tinyllm")
 QUEUE_SIZE = 10_000  # rows waiting to be written; beyond this they are dropped (one WARNING)
@@ -753,18 +753,34 @@ def _fts(conn: Any) -> bool:
 
 def query(conn: Any, *, limit: int = 20, template: str | None = None, model: str | None = None,
           since: float | None = None, errors: bool = False, batch_id: str | None = None,
-          text: str | None = None) -> list[dict[str, Any]]:
+          text: str | None = None, until: float | None = None, before: str | None = None) -> list[dict[str, Any]]:
     """The newest ``limit`` calls matching every filter given, newest first, as :func:`record_of` dicts.
 
     Filters: ``template`` (a name as given to LLMCall, or its short form ``NAME`` for
-    ``NAME.system.*``), ``model`` (asked or answered; ``*`` globs), ``since`` (Unix time),
-    ``errors`` (failed calls only), ``batch_id`` (or a prefix), ``text`` (an FTS5 query over
-    the template, variables, messages, reply and error).
+    ``NAME.system.*``), ``model`` (asked or answered; ``*`` globs), ``since`` and ``until``
+    (Unix time, ``since <= ts < until``), ``errors`` (failed calls only), ``batch_id`` (or a
+    prefix), ``text`` (an FTS5 query over the template, variables, messages, reply and error).
+
+    ``before``: a call id; only calls listed after it (older) are returned, so the next page
+    is ``query(..., before=page[-1]["id"])``: keyset pagination, as fast on page 1,000 as on
+    page 1 (an unknown id gives no rows).
 
     Raises:
         sqlite3.OperationalError: a malformed FTS5 query.
     """
     where, args = _filters(template, model, since, errors, batch_id, text, _fts(conn))
+    more = []
+    if until is not None:
+        more.append("ts < ?")
+        args.append(until)
+    if before is not None:
+        row = conn.execute("SELECT ts FROM calls WHERE id = ?", [before]).fetchone()
+        if row is None:
+            return []
+        more.append("ts <= ? AND (ts < ? OR id < ?)")
+        args += [row[0], row[0], before]
+    if more:
+        where = (where + " AND " if where else " WHERE ") + " AND ".join(more)
     rows = conn.execute(f"SELECT * FROM calls{where} ORDER BY ts DESC, id DESC LIMIT ?", [*args, limit]).fetchall()
     return [record_of(r) for r in rows]
 
@@ -777,36 +793,61 @@ def get(conn: Any, call_id: str) -> dict[str, Any] | None:
     """
     if call_id == "last":
         rows = conn.execute("SELECT * FROM calls ORDER BY ts DESC, id DESC LIMIT 1").fetchall()
-    else:
-        rows = conn.execute("SELECT * FROM calls WHERE id LIKE ? ORDER BY ts DESC LIMIT 2",
-                            [call_id.replace("%", "").replace("_", "") + "%"]).fetchall()
+    else:  # ids are lowercase hex: a prefix is an index range (LIKE, case-insensitive, would scan the table)
+        prefix = call_id.lower()
+        rows = conn.execute("SELECT * FROM calls WHERE id >= ? AND id < ? ORDER BY ts DESC LIMIT 2",
+                            [prefix, prefix + "\U0010ffff"]).fetchall()
         if len(rows) > 1:
             raise LookupError(f"{call_id!r} is the start of more than one call id; give more of it")
     return record_of(rows[0]) if rows else None
 
 
 def stats(conn: Any, *, since: float | None = None, template: str | None = None, model: str | None = None,
-          batch_id: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Calls, tokens, cost (USD; None when no call of a group was priced), unpriced calls, errors
-    and cache hits summed by ``model``, ``template`` and ``day`` (local date), plus ``total``.
+          batch_id: str | None = None, groups: tuple[str, ...] = ("by_model", "by_template", "by_day", "total"),
+          until: float | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Calls, tokens, cost (USD; None when no call of a group was priced), unpriced calls, errors,
+    cache hits and latency summed by ``model``, ``template`` and ``day`` (local date), plus ``total``.
+
+    Each group is one pass over the matching rows: ``groups`` names the ones wanted (default all
+    four); ``until`` (Unix time) ends the range ``since`` starts.
 
     Returns:
-        ``{"by_model": [...], "by_template": [...], "by_day": [...], "total": [{...}]}``, each group's
-        dicts holding its key and ``calls``, ``prompt_tokens``, ``completion_tokens``, ``cost``,
-        ``unpriced``, ``errors``, ``cached``.
+        ``{"by_model": [...], "by_template": [...], "by_day": [...], "total": [{...}]}`` (the groups
+        asked for), each group's dicts holding its key and ``calls``, ``prompt_tokens``,
+        ``completion_tokens``, ``cost``, ``unpriced``, ``errors``, ``cached``, ``mean_latency`` and
+        ``max_latency`` (seconds; None when no call of the group has one).
     """
     where, args = _filters(template, model, since, False, batch_id, None, False)
+    if until is not None:
+        where = (where + " AND " if where else " WHERE ") + "ts < ?"
+        args.append(until)
     sums = ("COUNT(*) AS calls, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "
             "COALESCE(SUM(completion_tokens), 0) AS completion_tokens, SUM(cost) AS cost, "
             "SUM(cost IS NULL AND error_type IS NULL AND cached = 0) AS unpriced, "
-            "SUM(error_type IS NOT NULL) AS errors, SUM(cached) AS cached")
-    groups = {"by_model": "COALESCE(model, model_requested, '?')", "by_template": "COALESCE(template, '(none)')",
-              "by_day": "date(ts, 'unixepoch', 'localtime')"}
+            "SUM(error_type IS NOT NULL) AS errors, SUM(cached) AS cached, "
+            "AVG(latency) AS mean_latency, MAX(latency) AS max_latency")
+    keys = {"by_model": "COALESCE(model, model_requested, '?')", "by_template": "COALESCE(template, '(none)')",
+            "by_day": "date(ts, 'unixepoch', 'localtime')"}
     out: dict[str, list[dict[str, Any]]] = {}
-    for name, key in groups.items():
+    for name, key in keys.items():
+        if name not in groups:
+            continue
         label = name[3:]
         order = f"{label} DESC" if label == "day" else "calls DESC"
         rows = conn.execute(f"SELECT {key} AS {label}, {sums} FROM calls{where} GROUP BY 1 ORDER BY {order}", args).fetchall()
         out[name] = [dict(r) for r in rows]
-    out["total"] = [dict(r) for r in conn.execute(f"SELECT {sums} FROM calls{where}", args).fetchall()]
+    if "total" in groups:
+        out["total"] = [dict(r) for r in conn.execute(f"SELECT {sums} FROM calls{where}", args).fetchall()]
     return out
+
+
+def values(conn: Any, column: str) -> list[str]:
+    """The distinct values (sorted, None left out) of ``column``, ``"template"`` or ``"model"``,
+    read from its index (milliseconds on a large log).
+
+    Raises:
+        ValueError: another column.
+    """
+    if column not in ("template", "model"):
+        raise ValueError(f"values() reads the template or model column, not {column!r}")
+    return [r[0] for r in conn.execute(f"SELECT DISTINCT {column} FROM calls WHERE {column} IS NOT NULL ORDER BY 1")]

@@ -447,6 +447,25 @@ class Prompt:
             messages = [{"role": m["role"], "content": split(m["content"], media[1])} for m in messages]
         return messages
 
+    def with_texts(self, system_text: str, user_text: str | None = None) -> Prompt:
+        """A new Prompt with this one's files, search path and name, but the given file texts
+        (front matter included), as an editor holds them before saving; nothing is read from or
+        written to those files (included files still come from the search path).
+
+        ``user_text`` None: no user file; a text for a prompt that has no user file yet: the user
+        file is ``NAME.user.EXT`` beside the system file. This prompt is left unchanged.
+
+        Raises:
+            TemplateError: the texts do not parse (front matter, Jinja syntax), as :func:`load_prompt`.
+        """
+        user_path = None
+        if user_text is not None:
+            head, sep, ext = self.system_path.name.rpartition(".system.")
+            user_path = self.user_path or self.system_path.with_name(f"{head}.user.{ext}" if sep else
+                                                                     f"{self.system_path.name}.user.md")
+        texts = {str(self.system_path): system_text, **({str(user_path): user_text} if user_path else {})}
+        return Prompt(self.name, self.system_path, user_path, self._dirs, texts=texts)
+
     def __repr__(self) -> str:
         return f"Prompt({self.name!r}, system_path='{self.system_path}', user_path='{self.user_path}')"
 
