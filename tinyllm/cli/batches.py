@@ -24,12 +24,17 @@ def _state(output: str) -> Any:
 
 
 def _api(state: Any, api_type: str | None) -> Any:
-    from ..batch._batch_files import BatchAPI
+    from ..batch._batch_files import api_for
     from ..batch._replay import check_batch_client
     from ..clients import client
 
     recorded = (state.command or {}).get("api_type")
-    return BatchAPI(check_batch_client(client(api_type or recorded)))
+    api = api_for(check_batch_client(client(api_type or recorded)))
+    kinds = {b.get("api", "openai") for b in state.unfinished()}
+    if kinds - {api.kind}:
+        raise CLIError(f"these batches were sent through the {', '.join(sorted(kinds))} batch API; this client is "
+                       f"{api.kind!r} (give --api-type)")
+    return api
 
 
 _api_type_option = click.option("--api-type", help="The client the batches were sent with (default: the one recorded, "
@@ -38,7 +43,8 @@ _api_type_option = click.option("--api-type", help="The client the batches were 
 
 @cli.group("batches")
 def batches() -> None:
-    """The Batch API batches of a `tinyllm map --batch-api` output (recorded in OUTPUT.batches.json)."""
+    """The Batch API batches (OpenAI, Azure OpenAI) or Message Batches (Anthropic) of a `tinyllm map
+    --batch-api` output (recorded in OUTPUT.batches.json)."""
 
 
 @batches.command("status")
@@ -82,7 +88,7 @@ def cancel(output: str, api_type: str | None) -> None:
     api = _api(state, api_type)
     for entry in running:
         batch = api.retrieve(entry["id"])
-        if batch.get("status") in TERMINAL or batch.get("status") == "cancelling":
+        if batch.get("status") in TERMINAL or batch.get("status") in api.stopping:
             click.echo(f"{entry['id']}: already {batch.get('status')}")
             continue
         click.echo(f"{entry['id']}: {api.cancel(entry['id']).get('status')}")
