@@ -169,20 +169,26 @@ class MessageBatchesAPI:
         return self.client.retrying(cfg).call(attempt)
 
     def find(self, since: float, count: int, exclude: set[str], scan: int = 1000) -> dict | None:
-        """The oldest batch of ``count`` requests created since ``since`` (Unix seconds, less
-        :data:`CLOCK_SKEW`) whose id is not in ``exclude``, among the ``scan`` most recent; or None."""
-        start = datetime.fromtimestamp(since, tz=timezone.utc) - CLOCK_SKEW
+        """The batch of ``count`` requests, not in ``exclude``, that was most likely created by a request
+        sent at ``since`` (Unix seconds): the first created at or after it, else (the two clocks may
+        differ) the last created in the :data:`CLOCK_SKEW` before it; among the ``scan`` most recent; or None."""
+        exact = datetime.fromtimestamp(since, tz=timezone.utc)
+        start = exact - CLOCK_SKEW
 
         def look(sdk: Any) -> dict | None:
-            best = None
+            after, before = None, None
             for i, batch in enumerate(sdk.messages.batches.list(limit=100)):
                 created = _time(batch.created_at)
                 if created is not None and created < start or i >= scan:
                     break  # newest first: the rest are older
                 found = normalize(batch)
-                if found["id"] not in exclude and found["request_counts"]["total"] == count:
-                    best = found
-            return best
+                if found["id"] in exclude or found["request_counts"]["total"] != count:
+                    continue
+                if created is None or created >= exact:
+                    after = found  # keeps the oldest of those after ``since``
+                elif before is None:
+                    before = found  # the newest of those before it
+            return after or before
 
         return self._call(look)
 
