@@ -262,7 +262,8 @@ def test_cached_rows_are_not_submitted_and_a_batch_fills_the_cache(fake, prompts
     some = rows_csv(tmp_path / "some.csv", 1)
     assert run_map("ask", "-i", str(some), "-o", str(tmp_path / "live.jsonl"), "--cache").exit_code == 0
     result = run_map("ask", "-i", str(rows), "-o", str(tmp_path / "out.jsonl"), "--batch-api", "--cache")
-    assert result.exit_code == 0, result.output and "(1 from the cache)" in result.stderr
+    assert result.exit_code == 0, result.output
+    assert "(1 from the cache)" in result.stderr
     (batch,) = fake.new()
     assert [r["custom_id"] for r in batch["requests"]] == ["s1", "s2"]
     sent = len(live_bodies(fake))
