@@ -190,6 +190,7 @@ def test_errored_and_expired_results_get_error_lines_and_only_they_are_sent_agai
 
 
 def test_a_batch_canceled_from_outside(fake, prompts, tmp_path):
+    import tinyllm
     from tinyllm.cli import cli
 
     rows = rows_csv(tmp_path / "rows.csv", 3)
@@ -200,6 +201,7 @@ def test_a_batch_canceled_from_outside(fake, prompts, tmp_path):
     assert status.exit_code == 0 and "in_progress" in status.output and "not collected yet" in status.output
     cancel = CliRunner().invoke(cli, ["batches", "cancel", str(out)])
     assert cancel.exit_code == 0 and "canceling" in cancel.output, cancel.output
+    tinyllm.configure(api_type="openai")  # the record says Message Batches: the anthropic client collects them
     fetched = CliRunner().invoke(cli, ["batches", "fetch", str(out)])
     assert fetched.exit_code == 1, fetched.output
     got = lines(out)

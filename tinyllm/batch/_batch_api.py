@@ -1,4 +1,7 @@
-"""Half-price batches: :class:`BatchAPIRunner`, the Batch API mode of ``tinyllm map`` and ``LLMCall.map``.
+"""Half-price batches: :class:`BatchAPIRunner`, the Batch API mode of ``tinyllm map`` and ``LLMCall.map``,
+through OpenAI's (and Azure OpenAI's) Batch API or Anthropic's Message Batches
+(:func:`~tinyllm.batch._batch_files.api_for` picks the provider's endpoints by the call's client:
+:class:`~tinyllm.batch._batch_files.BatchAPI` or :class:`~tinyllm.batch._message_batches.MessageBatchesAPI`).
 
 One run (:meth:`BatchAPIRunner.to_jsonl`):
 
@@ -10,7 +13,8 @@ One run (:meth:`BatchAPIRunner.to_jsonl`):
    planned as a live call would be (a row the cache answers is answered from it, at once), its
    request line goes into a request file, split at the API's limits (and per model); each file is
    uploaded (purpose ``batch``) and its batch created (``completion_window`` 24h), recorded before
-   and after; ``max_cost`` stops the submitting once the worst case of what is submitted would pass it;
+   and after (Anthropic: no upload; the file's lines are the batch's ``requests``, its rows recorded
+   before the batch is created and the batch after); ``max_cost`` stops the submitting once the worst case of what is submitted would pass it;
 4. unless told not to wait, polls every ``BATCH_POLL_INTERVAL`` seconds, collecting batches as they end;
 5. when no batch is running any more, rewrites the output in input order (as the live runner does).
 
