@@ -5,6 +5,7 @@ with the real anthropic SDK in between."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -278,8 +279,6 @@ def test_cached_rows_are_not_submitted_and_a_batch_fills_the_cache(fake, prompts
 def test_stopped_while_creating_the_batch(fake, prompts, tmp_path, created):
     """Rows recorded without a batch id (the process stopped between the create request and recording its
     answer): the next run adopts the batch created then, or submits the rows again; never two batches."""
-    import time
-
     import tinyllm
     from tinyllm.batch._batch_files import BatchState, api_for, state_path
     from tinyllm.batch._replay import batch_request, body_hash
@@ -310,3 +309,35 @@ def test_batches_of_one_provider_are_not_collected_through_another(fake, prompts
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
     with pytest.raises(tinyllm.ConfigError, match="openai batch API; this call uses the anthropic one"):
         llm.map([{"question": "a"}], batch_api=True, batch_output=out, progress=False)
+
+
+@pytest.mark.slow
+def test_killed_while_waiting_then_resumed(fake, prompts, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import child_env, wait_until
+
+    rows = rows_csv(tmp_path / "rows.csv", 3)
+    out = tmp_path / "out.jsonl"
+    fake.plan_batches(hold=True)
+    env = child_env(ANTHROPIC_API_KEY=KEY, ANTHROPIC_BASE_URL=fake.base_url, TINYLLM_API_TYPE="anthropic",
+                    TINYLLM_MODEL=MODEL, TINYLLM_BATCH_POLL_INTERVAL="0.05")
+    args = [sys.executable, "-m", "tinyllm", "map", "ask", "-i", str(rows), "-o", str(out), "--batch-api",
+            "--prompts-dir", str(prompts)]
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = tmp_path / "out.jsonl.batches.json"
+    try:
+        wait_until(lambda: state.exists() and json.loads(state.read_text())["batches"][0]["id"], timeout=30)
+        time.sleep(0.2)  # polling
+        assert proc.poll() is None
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fake.advance()
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert len(fake.new()) == 1  # resumed, not submitted again
+    assert [x["content"] for x in lines(out)] == [f"echo: question {i}" for i in range(3)]
