@@ -10,6 +10,28 @@ Routes::
     POST /v1/messages/count_tokens     {"input_tokens": n}
     POST /_fake/enqueue, GET /_fake/requests, POST /_fake/reset     (control, for the child process)
 
+Message Batches (https://platform.claude.com/docs/en/build-with-claude/batch-processing)::
+
+    POST /v1/messages/batches              create: {"requests": [{"custom_id", "params"}]}, checked as the
+                                           API checks it (custom_id ^[a-zA-Z0-9_-]{1,64}$ and unique,
+                                           params with max_tokens, at most max_requests / max_bytes)
+    GET  /v1/messages/batches              list, newest first (limit, after_id)
+    GET  /v1/messages/batches/{id}         retrieve: processing_status in_progress, then ended at the
+                                           retrieve after ``polls`` retrieves (unless held)
+    POST /v1/messages/batches/{id}/cancel  canceling, then ended (the requests not run: canceled)
+    GET  /v1/messages/batches/{id}/results the results JSONL, in reverse request order (join by custom_id)
+
+A batch's requests are answered when it ends, each as ``/v1/messages`` answers the same body with
+an empty script (``echo: <the last user text>``), or with the plan's ``reply`` item. Controls::
+
+    POST /_fake/batch_plan {"hold": bool, "polls": n (retrieves before it ends, default 1),
+                            "end": "ended" | "expired", "run_before_end": n (expired or canceled:
+                            requests answered before), "errored": {custom_id: error type},
+                            "reply": an item (text(...), tool_use(...)),
+                            "limits": {"max_requests": n, "max_bytes": n}}   for the batches created next
+    POST /_fake/advance    {"id": batch id | null (all)}: release held batches
+    GET  /_fake/batches    {id: {"batch": the batch object, "requests": its requests}}
+
 Scripting: ``enqueue(*items)`` appends items (JSON-able dicts, built by the helpers below) to one
 FIFO; each request to ``/v1/messages`` takes the first one, and an empty script means "answer
 normally": the text ``echo: <the last user text>``. Items:
@@ -36,10 +58,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -150,8 +175,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        if self.path == "/_fake/requests":
+        path = self.path.split("?", 1)[0]
+        if path == "/_fake/requests":
             self._json(200, self.server.fake.requests)
+        elif path == "/_fake/batches":
+            self._json(200, self.server.fake.batch_state())
+        elif path.startswith("/v1/messages/batches"):
+            self.server.fake._batches_get(self, path, self.path.partition("?")[2])
         else:
             self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no such route"}})
 
@@ -165,10 +195,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.server.fake._handle(self, self.path.split("?", 1)[0], body)
 
-    def _json(self, status: int, value: Any, headers: dict | None = None) -> None:
-        data = json.dumps(value).encode()
+    def _json(self, status: int, value: Any, headers: dict | None = None, *, raw: bytes | None = None) -> None:
+        data = json.dumps(value).encode() if raw is None else raw
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", "application/json" if raw is None else "application/binary")
         self.send_header("content-length", str(len(data)))
         self.send_header("request-id", f"req_{len(self.server.fake.requests)}")
         for k, v in (headers or {}).items():
@@ -177,13 +207,146 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class _Batches:
+    """The Message Batches routes of :class:`FakeAnthropicServer` (a mixin)."""
+
+    batches: dict[str, dict]
+    batch_plan: dict
+    _lock: threading.Lock
+
+    def plan_batches(self, **plan: Any) -> None:
+        """Set the plan of the batches created next (see the module docstring)."""
+        self.batch_plan = dict(plan)
+
+    def batch_state(self) -> dict:
+        """{id: {"batch", "requests"}} of every batch created."""
+        with self._lock:
+            return {bid: {"batch": b["batch"], "requests": b["requests"]} for bid, b in self.batches.items()}
+
+    def advance(self, batch_id: str | None = None) -> None:
+        """Release the held batch ``batch_id`` (None: all)."""
+        with self._lock:
+            for bid, b in self.batches.items():
+                if batch_id in (None, bid):
+                    b["plan"]["hold"] = False
+
+    @staticmethod
+    def _invalid(h: _Handler, message: str) -> None:
+        h._json(400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
+
+    def _batches_post(self, h: _Handler, path: str, body: Any, size: int) -> None:
+        parts = path.rstrip("/").split("/")[4:]  # after /v1/messages/batches
+        if not parts:
+            self._create_batch(h, body, size)
+            return
+        with self._lock:
+            b = self.batches.get(parts[0])
+            if b is None or parts[1:] != ["cancel"]:
+                h._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}})
+                return
+            if b["batch"]["processing_status"] == "in_progress":
+                b["batch"].update(processing_status="canceling", cancel_initiated_at=_now())
+            h._json(200, b["batch"])
+
+    def _create_batch(self, h: _Handler, body: Any, size: int) -> None:
+        plan = {"hold": False, "polls": 1, "end": "ended", "run_before_end": 0, "errored": {}, "reply": None,
+                "limits": {}, **self.batch_plan}
+        requests = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(requests, list) or not requests:
+            self._invalid(h, "requests: a non-empty list is required")
+            return
+        seen = set()
+        for n, r in enumerate(requests):
+            cid = r.get("custom_id") if isinstance(r, dict) else None
+            if not isinstance(cid, str) or not re.match(r"^[a-zA-Z0-9_-]{1,64}$", cid):
+                self._invalid(h, f"requests.{n}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'")
+                return
+            if cid in seen:
+                self._invalid(h, f"requests.{n}.custom_id: duplicate custom_id {cid!r}")
+                return
+            seen.add(cid)
+            if not isinstance(r.get("params"), dict) or not isinstance(r["params"].get("max_tokens"), int):
+                self._invalid(h, f"requests.{n}.params.max_tokens: Field required")
+                return
+        limits = plan["limits"]
+        if len(requests) > limits.get("max_requests", 100_000) or size > limits.get("max_bytes", 256_000_000):
+            h._json(413, {"type": "error", "error": {"type": "request_too_large",
+                                                     "message": f"{len(requests)} requests, {size} bytes: over the limit"}})
+            return
+        with self._lock:
+            bid = f"msgbatch_{len(self.batches) + 1:04d}{time.time_ns() % 10**6:06d}"
+            created = datetime.now(timezone.utc)
+            batch = {"id": bid, "type": "message_batch", "processing_status": "in_progress",
+                     "request_counts": {"processing": len(requests), "succeeded": 0, "errored": 0, "canceled": 0,
+                                        "expired": 0},
+                     "created_at": created.isoformat().replace("+00:00", "Z"),
+                     "expires_at": (created + timedelta(hours=24)).isoformat().replace("+00:00", "Z"),
+                     "ended_at": None, "archived_at": None, "cancel_initiated_at": None, "results_url": None}
+            self.batches[bid] = {"batch": batch, "requests": requests, "plan": plan, "polls": 0, "results": b""}
+        h._json(200, batch)
+
+    def _batches_get(self, h: _Handler, path: str, query: str) -> None:
+        parts = path.rstrip("/").split("/")[4:]
+        if not parts:
+            with self._lock:
+                data = sorted((b["batch"] for b in self.batches.values()), key=lambda b: b["created_at"], reverse=True)
+            h._json(200, {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                          "last_id": data[-1]["id"] if data else None})
+            return
+        b = self.batches.get(parts[0])
+        if b is None or parts[1:] not in ([], ["results"]):
+            h._json(404, {"type": "error", "error": {"type": "not_found_error", "message": "no such batch"}})
+            return
+        if parts[1:] == ["results"]:
+            if b["batch"]["processing_status"] != "ended":
+                self._invalid(h, "the batch is still processing")
+                return
+            h._json(200, None, raw=b["results"])
+            return
+        self._step(b, f"http://{h.headers.get('host')}")
+        h._json(200, b["batch"])
+
+    def _step(self, b: dict, base: str) -> None:
+        """One retrieve's worth of progress: ended after ``polls`` retrieves (at once when canceling)."""
+        batch, plan = b["batch"], b["plan"]
+        if batch["processing_status"] == "ended":
+            return
+        canceling = batch["processing_status"] == "canceling"
+        if not canceling:
+            b["polls"] += 1
+            if plan["hold"] or b["polls"] <= plan["polls"]:
+                return
+        stop = "canceled" if canceling else ("expired" if plan["end"] == "expired" else None)
+        lines, counts = [], dict.fromkeys(("processing", "succeeded", "errored", "canceled", "expired"), 0)
+        for n, r in enumerate(b["requests"]):
+            cid = r["custom_id"]
+            if stop is not None and n >= plan["run_before_end"]:
+                result = {"type": stop}
+            elif cid in plan["errored"]:
+                kind = plan["errored"][cid]
+                result = {"type": "errored", "error": {"type": "error", "request_id": f"req_b{n}",
+                                                       "error": {"type": kind, "message": f"{kind} in the batch"}}}
+            else:
+                item = plan["reply"] or text(f"echo: {_last_user_text(r['params'])}")
+                result = {"type": "succeeded", "message": self._reply(r["params"], item)}  # type: ignore[attr-defined]
+            counts[result["type"]] += 1
+            lines.append({"custom_id": cid, "result": result})
+        b["results"] = "".join(json.dumps(x) + "\n" for x in reversed(lines)).encode()
+        batch.update(processing_status="ended", request_counts=counts, ended_at=_now(),
+                     results_url=f"{base}/v1/messages/batches/{batch['id']}/results")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     fake: FakeAnthropicServer
 
 
-class FakeAnthropicServer:
+class FakeAnthropicServer(_Batches):
     """The fake, served by a thread of this process; ``with FakeAnthropicServer() as server: ...``.
 
     Attributes: ``base_url`` (``http://127.0.0.1:PORT``, what ``AnthropicClient(base_url=...)`` takes),
@@ -195,6 +358,8 @@ class FakeAnthropicServer:
         self._script: list[dict] = []
         self._cached: set[str] = set()
         self.requests: list[dict] = []
+        self.batches: dict[str, dict] = {}  # id -> {"batch", "requests", "plan", "polls", "results"}
+        self.batch_plan: dict = {}
         self._http = _HTTPServer(("127.0.0.1", 0), _Handler)
         self._http.fake = self
         self._thread: threading.Thread | None = None
@@ -244,11 +409,22 @@ class FakeAnthropicServer:
             self.reset()
             h._json(200, {"ok": True})
             return
+        if path == "/_fake/batch_plan":
+            self.batch_plan = dict(body)
+            h._json(200, {"ok": True})
+            return
+        if path == "/_fake/advance":
+            self.advance(body.get("id"))
+            h._json(200, {"ok": True})
+            return
         with self._lock:
             self.requests.append({"method": "POST", "path": path, "headers": {k.lower(): v for k, v in h.headers.items()},
                                   "body": body})
         if path == "/v1/messages/count_tokens":
             h._json(200, {"input_tokens": fake_tokens(body)})
+            return
+        if path.startswith("/v1/messages/batches"):
+            self._batches_post(h, path, body, int(h.headers.get("content-length") or 0))
             return
         if path != "/v1/messages":
             h._json(404, {"type": "error", "error": {"type": "not_found_error", "message": f"no route {path}"}})
@@ -390,6 +566,16 @@ class RemoteFakeAnthropic:
 
     def reset(self) -> None:
         self._call("POST", "/_fake/reset", {})
+
+    def plan_batches(self, **plan: Any) -> None:
+        """Set the plan of the batches created next (see the module docstring)."""
+        self._call("POST", "/_fake/batch_plan", plan)
+
+    def advance(self, batch_id: str | None = None) -> None:
+        self._call("POST", "/_fake/advance", {"id": batch_id})
+
+    def batch_state(self) -> dict:
+        return self._call("GET", "/_fake/batches")
 
     @property
     def requests(self) -> list[dict]:

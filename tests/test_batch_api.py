@@ -363,7 +363,7 @@ def test_the_batch_api_refuses_other_clients(prompts, tmp_path):
             return {"role": "assistant", "content": "x"}
 
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts, client=Echo())
-    with pytest.raises(tinyllm.ConfigError, match="openai or azure"):
+    with pytest.raises(tinyllm.ConfigError, match="openai, azure or anthropic"):
         llm.map([{"question": "a"}], batch_api=True, batch_output=tmp_path / "o.jsonl")
 
 

@@ -1,4 +1,7 @@
-"""Half-price batches: :class:`BatchAPIRunner`, the Batch API mode of ``tinyllm map`` and ``LLMCall.map``.
+"""Half-price batches: :class:`BatchAPIRunner`, the Batch API mode of ``tinyllm map`` and ``LLMCall.map``,
+through OpenAI's (and Azure OpenAI's) Batch API or Anthropic's Message Batches
+(:func:`~tinyllm.batch._batch_files.api_for` picks the provider's endpoints by the call's client:
+:class:`~tinyllm.batch._batch_files.BatchAPI` or :class:`~tinyllm.batch._message_batches.MessageBatchesAPI`).
 
 One run (:meth:`BatchAPIRunner.to_jsonl`):
 
@@ -10,7 +13,8 @@ One run (:meth:`BatchAPIRunner.to_jsonl`):
    planned as a live call would be (a row the cache answers is answered from it, at once), its
    request line goes into a request file, split at the API's limits (and per model); each file is
    uploaded (purpose ``batch``) and its batch created (``completion_window`` 24h), recorded before
-   and after; ``max_cost`` stops the submitting once the worst case of what is submitted would pass it;
+   and after (Anthropic: no upload; the file's lines are the batch's ``requests``, its rows recorded
+   before the batch is created and the batch after); ``max_cost`` stops the submitting once the worst case of what is submitted would pass it;
 4. unless told not to wait, polls every ``BATCH_POLL_INTERVAL`` seconds, collecting batches as they end;
 5. when no batch is running any more, rewrites the output in input order (as the live runner does).
 
@@ -34,13 +38,11 @@ from typing import Any
 from ..errors import BatchError, ConfigError
 from ._batch_files import (
     TERMINAL,
-    BatchAPI,
     BatchState,
     RequestFiles,
+    api_for,
     creation_failed,
-    custom_id,
     now,
-    result_of,
     scratch_folder,
     state_path,
 )
@@ -117,11 +119,12 @@ class _Progress:
 
 
 class BatchAPIRunner:
-    """Run an :class:`~tinyllm.LLMCall` over many rows through the OpenAI (or Azure OpenAI) Batch API, at the
-    batch price, into the same resumable JSONL output :class:`~tinyllm.Runner` writes.
+    """Run an :class:`~tinyllm.LLMCall` over many rows through the OpenAI (or Azure OpenAI) Batch API, or
+    Anthropic's Message Batches, at the batch price, into the same resumable JSONL output
+    :class:`~tinyllm.Runner` writes.
 
     Args:
-        llm: the call; its client must be the ``openai`` or ``azure`` one.
+        llm: the call; its client must be the ``openai``, ``azure`` or ``anthropic`` one.
         variables: variables under each row's (``tinyllm map --var``).
         max_cost: USD: rows are submitted while the worst case of everything submitted in this run
             (prompt tokens plus ``max_tokens``, else the rest of the context window, at the batch
@@ -129,7 +132,8 @@ class BatchAPIRunner:
         poll_interval: seconds between status checks (default ``BATCH_POLL_INTERVAL``, 30).
         progress: a line on stderr whenever the batches' statuses or request counts change.
         max_requests, max_bytes: the limits of one request file (default 50,000 requests and
-            200 MB, OpenAI's documented limits; tests lower them).
+            200 MB, OpenAI's documented limits; Anthropic: 100,000 requests and 256 MB per batch;
+            tests lower them).
         command: recorded with the batches (what ``tinyllm batches fetch`` needs to rebuild the call).
         desc: the progress label.
 
@@ -159,7 +163,7 @@ class BatchAPIRunner:
 
     # -- the client ---------------------------------------------------------------------
     def client(self) -> Any:
-        """The live client of the call (ConfigError unless it is the openai or azure one)."""
+        """The live client of the call (ConfigError unless it is the openai, azure or anthropic one)."""
         from ..clients import client as get_client
         from ._replay import check_batch_client
 
@@ -196,7 +200,7 @@ class BatchAPIRunner:
 
         summary = BatchAPISummary()
         sender = self.client()
-        api = BatchAPI(sender)
+        api = api_for(sender)
         interval = self.poll_interval or get_config().batch_poll_interval
         with JsonlOutput(path) as out:
             twice = out.expect(row_id for row_id, _ in rows())
@@ -208,6 +212,7 @@ class BatchAPIRunner:
             summary.done_before = out.load()
             todo = set(out.pending())  # positions without a content line, kept up to date below
             state = BatchState.load(state_path(path))
+            _check_api(state, api, path)
             if self.command is not None:
                 state.command = self.command
             run = _Run(self, sender, api, out, state, rows, line, todo, summary, fatal)
@@ -324,7 +329,7 @@ def _read_lines(path: Path) -> dict[Any, dict]:
 class _Run:
     """The state of one :meth:`BatchAPIRunner.to_jsonl` call."""
 
-    def __init__(self, runner: BatchAPIRunner, sender: Any, api: BatchAPI, out: JsonlOutput, state: BatchState,
+    def __init__(self, runner: BatchAPIRunner, sender: Any, api: Any, out: JsonlOutput, state: BatchState,
                  rows: Callable[[], Iterable[tuple[Any, dict]]], line: Callable, todo: set[int],
                  summary: BatchAPISummary, fatal: tuple[type[BaseException], ...]) -> None:
         from ._replay import ReplayClient
@@ -362,7 +367,10 @@ class _Run:
         """Bring every unfinished recorded batch up to date; collect those that ended (in one pass over the input)."""
         ended, changed = [], False
         for entry in self.state.unfinished():
-            if entry.get("id") is None:
+            if entry.get("id") is None and not self.api.uploads:
+                if not self._adopt(entry):
+                    continue
+            elif entry.get("id") is None:
                 try:
                     self._create(entry)
                 except Exception as exc:
@@ -378,6 +386,24 @@ class _Run:
             self.collect(ended)
         elif changed:
             self.state.save()
+
+    def _claimed(self) -> set[str]:
+        return {b["id"] for b in self.state.batches if b.get("id")}
+
+    def _adopt(self, entry: dict) -> bool:
+        """A Message Batch whose creation was not recorded (the process stopped while creating it):
+        the batch found for it is recorded (True); none found: the record is dropped and its rows
+        are free to go again (False)."""
+        batch = self.api.find(entry["created"], len(entry.get("rows") or {}), self._claimed())
+        if batch is None:
+            log.warning("the batch of %d row(s) being created when a run stopped was not created; its rows will be "
+                        "submitted again", len(entry.get("rows") or {}))
+            self.state.batches.remove(entry)
+            self.state.save()
+            return False
+        _update(entry, batch)
+        self.state.save()
+        return True
 
     def _create(self, entry: dict) -> None:
         """The batch of an uploaded file whose creation was not recorded: found, else created."""
@@ -404,12 +430,9 @@ class _Run:
         owner: dict[str, tuple[dict, dict]] = {}  # custom id -> (its batch's record, its batch's results)
         for entry in entries:
             results: dict[str, Any] = {}
-            for file_id in (entry.get("output_file_id"), entry.get("error_file_id")):
-                if file_id:
-                    for rec in self.api.lines(file_id):
-                        cid, result = result_of(rec, keys)
-                        if cid is not None:
-                            results[cid] = result
+            for cid, result in self.api.results(entry, keys):
+                if cid is not None:
+                    results[cid] = result
             kind = pricing.batch_price_kind(self.sender, self.sender.settings(), entry.get("model") or "")
             self.summary.price = self.summary.price or kind
             entry["_note"] = {"id": entry["id"], "price": kind}
@@ -419,7 +442,7 @@ class _Run:
             for position, (row_id, row) in enumerate(self.rows()):
                 if position not in self.todo:
                     continue
-                cid = custom_id(row_id)
+                cid = self.api.custom_id(row_id)
                 found = owner.get(cid)
                 if found is None:
                     continue
@@ -465,13 +488,13 @@ class _Run:
         waiting = self.state.waiting_rows()
         max_cost = self.runner.max_cost
         with scratch_folder() as folder:
-            files = RequestFiles(folder, self._send, max_requests=self.runner.max_requests,
-                                 max_bytes=self.runner.max_bytes)
+            files = RequestFiles(folder, self._send, max_requests=self.runner.max_requests or self.api.max_requests,
+                                 max_bytes=self.runner.max_bytes or self.api.max_bytes)
             try:
                 for position, (row_id, row) in enumerate(self.rows()):
                     if position not in self.todo:
                         continue
-                    cid = custom_id(row_id)
+                    cid = self.api.custom_id(row_id)
                     if cid in waiting:
                         continue
                     if self.summary.not_sent:  # over the budget: the rest waits for a rerun
@@ -492,8 +515,7 @@ class _Run:
                             self.summary.not_sent += 1
                             continue
                         self.summary.submitted_estimate += estimate or 0.0
-                    data = (json.dumps({"custom_id": cid, "method": "POST", "url": self.api.endpoint,
-                                        "body": planned.body}, ensure_ascii=False) + "\n").encode("utf-8")
+                    data = self.api.line(cid, planned.body)
                     if not files.fits(data):
                         self.write(position, row_id, None, BatchError(
                             f"the row's request is {len(data)} bytes, more than a batch file may hold ({files.max_bytes})"))
@@ -528,6 +550,9 @@ class _Run:
 
     def _send(self, path: Path, rows: dict, model: str) -> None:
         """Upload one request file and create its batch, recorded before and after."""
+        if not self.api.uploads:
+            self._send_requests(path, rows, model)
+            return
         file_id = self.api.upload(path)
         entry = {"id": None, "input_file_id": file_id, "model": model, "rows": rows, "status": None,
                  "request_counts": None, "output_file_id": None, "error_file_id": None, "errors": None,
@@ -535,6 +560,26 @@ class _Run:
         self.state.batches.append(entry)
         self.state.save()  # the file is recorded before its batch exists: a rerun finds or creates the batch
         self._create(entry)
+        self.summary.batches_created.append(entry["id"])
+
+    def _send_requests(self, path: Path, rows: dict, model: str) -> None:
+        """Create a Message Batch of one request file's lines, its rows recorded before (``id`` None: a
+        rerun looks for the batch, see :meth:`_adopt`) and the batch after."""
+        entry = {"id": None, "api": self.api.kind, "input_file_id": None, "model": model, "rows": rows, "status": None,
+                 "request_counts": None, "output_file_id": None, "error_file_id": None, "errors": None,
+                 "fetched": False, "created": now()}
+        claimed = self._claimed()
+        self.state.batches.append(entry)
+        self.state.save()
+        try:
+            batch = self.api.create(path, len(rows), since=entry["created"], exclude=claimed)
+        except Exception as exc:
+            if creation_failed(exc):  # refused: nothing was created, the rows are free to go again
+                self.state.batches.remove(entry)
+                self.state.save()
+            raise
+        _update(entry, batch)
+        self.state.save()
         self.summary.batches_created.append(entry["id"])
 
 
@@ -551,6 +596,15 @@ def _update(entry: dict, batch: dict) -> bool:
     return before != (entry["id"], entry["status"], entry["request_counts"])
 
 
+def _check_api(state: BatchState, api: Any, path: Any) -> None:
+    """Refuse to go on with batches recorded through another provider's batch API than the call's."""
+    for entry in state.unfinished():
+        recorded = entry.get("api", "openai")
+        if recorded != api.kind:
+            raise ConfigError(f"the batches recorded beside {str(path)!r} were sent through the {recorded} batch API; "
+                              f"this call uses the {api.kind} one (use the client they were sent with)")
+
+
 def _why_missing(entry: dict) -> str:
     """Why a row of an ended batch has no result line."""
     status = entry["status"]
@@ -561,4 +615,4 @@ def _why_missing(entry: dict) -> str:
         return "the batch expired (24 h) before this row ran"
     if status == "cancelled":
         return "the batch was cancelled before this row ran"
-    return "no result for this row in the batch's output or error file"
+    return "no result for this row in the batch's results"

@@ -34,6 +34,7 @@ __all__ = [
     "BatchAPI",
     "BatchState",
     "RequestFiles",
+    "api_for",
     "custom_id",
     "result_of",
     "state_path",
@@ -43,8 +44,9 @@ __all__ = [
 MAX_REQUESTS_PER_FILE = 50_000
 #: bytes per input file at most (OpenAI and Azure: "up to 200 MB"; taken as 200 * 10**6 bytes, the smaller reading)
 MAX_BYTES_PER_FILE = 200_000_000
-#: batch statuses after which nothing changes (OpenAI's Batch object: ``status``)
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+#: batch statuses after which nothing changes (OpenAI's Batch object: ``status``; Anthropic's Message
+#: Batch: ``processing_status`` ``ended``)
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled", "ended"})
 STATE_VERSION = 1
 
 
@@ -209,17 +211,50 @@ def result_of(rec: Any, secrets: tuple[str, ...] = ()) -> tuple[str | None, Any]
     return cid, ResponseError("malformed batch result line: neither a response nor an error", raw=rec)
 
 
+def api_for(client: Any) -> Any:
+    """The batch endpoints of a live client: :class:`BatchAPI` for ``openai`` / ``azure``,
+    :class:`~tinyllm.batch._message_batches.MessageBatchesAPI` for ``anthropic``."""
+    if getattr(client, "api_type", None) == "anthropic":
+        from ._message_batches import MessageBatchesAPI
+
+        return MessageBatchesAPI(client)
+    return BatchAPI(client)
+
+
 class BatchAPI:
     """The files and batches endpoints of a live ``openai`` / ``azure`` client, through its SDK object,
     retry loop and error mapping (keys scrubbed). ``endpoint``: ``/v1/chat/completions`` (OpenAI),
     ``/chat/completions`` (Azure OpenAI's global batch)."""
 
+    kind = "openai"
+    #: a request file is uploaded, then its batch created
+    uploads = True
+    max_requests = MAX_REQUESTS_PER_FILE
+    max_bytes = MAX_BYTES_PER_FILE
+    #: statuses of a batch asked to stop that has not ended yet
+    stopping = frozenset({"cancelling"})
     #: seconds an upload or a download may take at least (TIMEOUT applies when it is longer)
     TRANSFER_TIMEOUT = 600.0
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.endpoint = "/chat/completions" if client.api_type == "azure" else "/v1/chat/completions"
+
+    def custom_id(self, row_id: Any) -> str:
+        """The row's ``custom_id`` (:func:`custom_id`)."""
+        return custom_id(row_id)
+
+    def line(self, cid: str, body: dict) -> bytes:
+        """One line of a request file: ``{"custom_id", "method": "POST", "url", "body"}``."""
+        return (json.dumps({"custom_id": cid, "method": "POST", "url": self.endpoint, "body": body},
+                           ensure_ascii=False) + "\n").encode("utf-8")
+
+    def results(self, entry: dict, secrets: tuple[str, ...] = ()) -> Iterator[tuple[str | None, Any]]:
+        """``(custom_id, result)`` of each line of an ended batch's output and error files (:func:`result_of`)."""
+        for file_id in (entry.get("output_file_id"), entry.get("error_file_id")):
+            if file_id:
+                for rec in self.lines(file_id):
+                    yield result_of(rec, secrets)
 
     def _call(self, what: Callable[[Any], Any], retry: bool = True) -> Any:
         cfg = self.client.settings()

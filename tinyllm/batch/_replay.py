@@ -33,15 +33,18 @@ __all__ = ["ReplayClient", "RowRequest", "batch_request", "body_hash", "check_ba
 
 
 def check_batch_client(sender: Any) -> Any:
-    """``sender`` if it can send Batch API requests (the ``openai`` and ``azure`` clients, which build
-    request bodies with ``_request_args`` and have the SDK's files and batches APIs).
+    """``sender`` if it can send Batch API requests: the ``openai`` and ``azure`` clients (request bodies
+    from ``_request_args``; the SDK's files and batches APIs) and the ``anthropic`` client (bodies from
+    ``_args``, i.e. :func:`tinyllm.clients._anthropic_wire.request_body`; Message Batches).
 
     Raises:
         ConfigError: another client (the embedded model, Ollama, a plain ``send_message`` object).
     """
-    if getattr(sender, "api_type", None) not in ("openai", "azure") or not hasattr(sender, "_request_args"):
-        raise ConfigError(f"the Batch API needs the openai or azure client; this call uses {getattr(sender, 'api_type', sender)!r} "
-                          "(Anthropic's Message Batches are not supported yet)")
+    api_type = getattr(sender, "api_type", None)
+    if not (api_type in ("openai", "azure") and hasattr(sender, "_request_args")
+            or api_type == "anthropic" and hasattr(sender, "_args")):
+        raise ConfigError(f"the Batch API needs the openai, azure or anthropic client; this call uses "
+                          f"{getattr(sender, 'api_type', sender)!r}")
     return sender
 
 
@@ -53,7 +56,11 @@ def body_hash(body: dict) -> str:
 
 def _body(sender: Any, messages: list[dict], params: dict, cfg: Config) -> dict:
     """The JSON body the live client would send for the first attempt of ``messages`` / ``params``
-    (resolved), at the structured-output level it has learnt for the endpoint."""
+    (resolved), at the structured-output level it has learnt for the endpoint (Anthropic: the
+    Messages API body of its ``_chat``; it has one way to structured output, a forced tool call)."""
+    if sender.api_type == "anthropic":
+        body = sender._args(messages, params, cfg)[0]["body"]
+        return json.loads(json.dumps(body, ensure_ascii=False, default=str))
     if structured(params):
         level = sender._formats.level(sender._format_endpoint(cfg, params))
         if level != JSON_SCHEMA:
@@ -190,5 +197,10 @@ class ReplayClient(Client):
                              "parameters changed since it was submitted); run again to submit it anew")
         if isinstance(row.result, BaseException):
             raise row.result
-        message, usage, info = self.real._read(row.result, real_cfg)  # type: ignore[attr-defined]
+        if self.real.api_type == "anthropic":  # the reply is a Messages API message; typed output came as a tool call
+            from ..clients._anthropic_wire import output_tool
+
+            message, usage, info = self.real._read(row.result, output_tool(params), real_cfg)  # type: ignore[attr-defined]
+        else:
+            message, usage, info = self.real._read(row.result, real_cfg)  # type: ignore[attr-defined]
         return message, {**usage, "batch": row.note}, info

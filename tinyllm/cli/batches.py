@@ -23,13 +23,26 @@ def _state(output: str) -> Any:
         raise CLIError(str(exc)) from exc
 
 
+def _recorded_api_type(state: Any) -> str | None:
+    """The api_type the map command was given, else ``anthropic`` when the batches went through Message
+    Batches (whatever API_TYPE says now), else None (API_TYPE or auto-detection)."""
+    recorded = (state.command or {}).get("api_type")
+    if recorded is None and state.batches and all(b.get("api") == "anthropic" for b in state.batches):
+        return "anthropic"
+    return recorded
+
+
 def _api(state: Any, api_type: str | None) -> Any:
-    from ..batch._batch_files import BatchAPI
+    from ..batch._batch_files import api_for
     from ..batch._replay import check_batch_client
     from ..clients import client
 
-    recorded = (state.command or {}).get("api_type")
-    return BatchAPI(check_batch_client(client(api_type or recorded)))
+    kinds = {b.get("api", "openai") for b in state.unfinished()}
+    api = api_for(check_batch_client(client(api_type or _recorded_api_type(state))))
+    if kinds - {api.kind}:
+        raise CLIError(f"these batches were sent through the {', '.join(sorted(kinds))} batch API; this client is "
+                       f"{api.kind!r} (give --api-type)")
+    return api
 
 
 _api_type_option = click.option("--api-type", help="The client the batches were sent with (default: the one recorded, "
@@ -38,7 +51,8 @@ _api_type_option = click.option("--api-type", help="The client the batches were 
 
 @cli.group("batches")
 def batches() -> None:
-    """The Batch API batches of a `tinyllm map --batch-api` output (recorded in OUTPUT.batches.json)."""
+    """The Batch API batches (OpenAI, Azure OpenAI) or Message Batches (Anthropic) of a `tinyllm map
+    --batch-api` output (recorded in OUTPUT.batches.json)."""
 
 
 @batches.command("status")
@@ -82,7 +96,7 @@ def cancel(output: str, api_type: str | None) -> None:
     api = _api(state, api_type)
     for entry in running:
         batch = api.retrieve(entry["id"])
-        if batch.get("status") in TERMINAL or batch.get("status") == "cancelling":
+        if batch.get("status") in TERMINAL or batch.get("status") in api.stopping:
             click.echo(f"{entry['id']}: already {batch.get('status')}")
             continue
         click.echo(f"{entry['id']}: {api.cancel(entry['id']).get('status')}")
@@ -111,7 +125,7 @@ def fetch(ctx: click.Context, output: str, wait: bool, progress: bool) -> None:
     from ._common import _resolve
 
     template, _ = _resolve(cmd["name"], cmd.get("prompts_dirs") or [])
-    llm = LLMCall(template, prompts_dir=cmd.get("prompts_dirs") or None, api_type=cmd.get("api_type"), **params)
+    llm = LLMCall(template, prompts_dir=cmd.get("prompts_dirs") or None, api_type=_recorded_api_type(state), **params)
     if cmd.get("cache") is not None:
         force_api_cache(cmd["cache"])
     _turn_on_log(ctx)

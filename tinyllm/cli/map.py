@@ -64,7 +64,8 @@ def _exit_now(code: int) -> None:
               help="Run the rows on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N worker "
                    "processes on 127.0.0.1. Needs the dask extra.")
 @click.option("--batch-api", is_flag=True,
-              help="Send the rows through the OpenAI (or Azure OpenAI) Batch API: half the price, done within 24 h. "
+              help="Send the rows through the OpenAI (or Azure OpenAI) Batch API, or Anthropic's Message Batches with "
+                   "API_TYPE=anthropic: half the price, done within 24 h. "
                    "The batches are recorded in OUTPUT.batches.json; run the same command again to resume.")
 @click.option("--no-wait", is_flag=True,
               help="With --batch-api: submit and return at once; run the same command again (or tinyllm batches "
@@ -106,7 +107,8 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     hold in this process only).
 
     With --batch-api, the rows go to the Batch API in files of up to 50,000
-    requests (200 MB), at the batch price; the command waits for them, polling
+    requests (200 MB) (Anthropic's Message Batches: batches of up to 100,000
+    requests, 256 MB), at the batch price; the command waits for them, polling
     every BATCH_POLL_INTERVAL seconds, and writes the same lines a live run
     would. Rows the cache answers are not sent. --max-cost then limits what is
     submitted (its worst case at the batch price). Stopping it (Ctrl-C, a

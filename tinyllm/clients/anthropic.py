@@ -47,7 +47,7 @@ from ..http._transport import http_client
 from . import _anthropic_wire as wire
 from ._base import Capabilities, Client
 
-__all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "TokenCount", "map_error"]
+__all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "TokenCount", "error_of", "map_error"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 _STATUS_ERRORS: dict[int, type[APIError]] = {
@@ -143,6 +143,26 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
     if isinstance(exc, anthropic.AnthropicError):
         return APIError(redact(str(exc), secrets))
     return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+
+
+def error_of(body: Any, *, request_id: str | None = None, secrets: tuple[str, ...] = ()) -> APIError:
+    """The tinyllm error for an Anthropic error body ``{"type": "error", "error": {"type", "message"}}``
+    that came with no HTTP status of its own (an ``errored`` result of a Message Batch): classified
+    by its error ``type`` as :func:`map_error` classifies an error event inside a stream
+    (``invalid_request_error`` -> BadRequestError, "prompt is too long" -> ContextWindowExceededError,
+    ``rate_limit_error`` -> RateLimitError, ``api_error``/``overloaded_error`` -> ServerError, ...).
+    API keys in ``secrets``, and anything shaped like a key, are replaced by ``****``."""
+    body = redact_body(body, secrets)
+    kind, message = _error_parts(body)
+    code = _TYPE_STATUS.get(kind or "", 500)
+    message = redact(str(message or kind or "the request failed"), secrets)
+    if kind:
+        message = f"{message} [{kind}]"
+    kwargs = {"status_code": code, "request_id": request_id, "body": body, "response_headers": {}}
+    if code in (400, 413) and any(s in message.lower() for s in _TOO_LONG):
+        return ContextWindowExceededError(message, **kwargs)
+    cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else BadRequestError)
+    return cls(message, **kwargs)
 
 
 class AnthropicClient(Client):

@@ -21,7 +21,7 @@ cached input and cache writes default to the input price), which wins over the t
 
 Batch API replies (``tinyllm map --batch-api``) are priced at the batch price: genai-prices'
 ``{"processing": "batch"}`` price variant where the table has one, else half the list price
-(OpenAI's and Azure's published Batch API discount, 50%), which :func:`batch_price_kind` reports
+(OpenAI's, Azure's and Anthropic's published batch discount, 50%), which :func:`batch_price_kind` reports
 so it can be marked. A client object with ``batch_pricing = True`` (the Batch API's replay of
 the results) is priced that way.
 
@@ -41,7 +41,8 @@ log = logging.getLogger("tinyllm")
 #: api_type -> genai-prices provider id; other clients are local or unknown: no price
 PROVIDERS = {"openai": "openai", "azure": "azure", "anthropic": "anthropic"}
 #: what a Batch API reply costs relative to the list price when the table has no batch price
-#: (OpenAI's and Azure OpenAI's Batch API: "50% less cost" in both providers' docs)
+#: (OpenAI's and Azure OpenAI's Batch API: "50% less cost" in both providers' docs; Anthropic's Message
+#: Batches: "50% of standard API prices")
 BATCH_DISCOUNT = 0.5
 _BATCH_CONTEXT = {"processing": "batch"}  # genai-prices' price-variant condition of batch prices
 
