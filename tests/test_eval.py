@@ -470,3 +470,17 @@ def test_client_targets_name_a_model(srv, tmp_path):
     assert sorted(r.model for r in srv.chat_requests()) == ["gpt-4o", "o3-mini"]
     with pytest.raises(ConfigError):
         evaluate("qa", clients=["nosuchclient"], prompts_dir=folder)
+
+
+def test_a_budget_is_refused_on_an_executor_of_other_processes(srv, tmp_path):
+    import concurrent.futures
+
+    folder = prompts(tmp_path, tests="- {vars: {question: capital}, expected: Paris}\n")
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:  # no process starts: nothing is submitted
+        with pytest.raises(ConfigError, match="MAX_COST in the workers' environment"):
+            evaluate("qa", prompts_dir=folder, executor=pool, max_cost=1.0, store=False)
+    result = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--max-cost", "1")
+    assert result.exit_code == 2 and "do not reach Dask workers" in result.output
+    cached = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--no-cache")
+    assert cached.exit_code == 2 and "do not reach Dask workers" in cached.output
+    assert srv.chat_requests() == []

@@ -148,20 +148,35 @@ class _Retry(Exception):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.row, self.cause, self.seq = row, cause, seq
 
+    def __reduce__(self) -> tuple:  # back from a worker process with its row (Exception pickles only .args)
+        return (_Retry, (self.row, self.cause, self.seq))
+
 
 _GRADED_ERRORS = (TemplateError, ToolError, ToolRoundsExceededError)  # deterministic: an error cell, kept
 
 
 class _Cells:
-    """The function the Runner calls once per cell (picklable with its plans, for process executors)."""
+    """The function the Runner calls once per cell (picklable with its plans, for process executors).
 
-    def __init__(self, plans: list[_PromptPlan], targets: list[Target], judge: Any, context: Any) -> None:
-        self.plans, self.targets, self.judge, self.context = plans, targets, judge, context
+    ``context``: the evaluating thread's context (the run's call-log batch id and budget), which each
+    cell runs in a copy of on local threads; None on another process (a Dask worker, a process pool),
+    where each cell runs with ``run_id`` as its call-log batch id instead (a context does not travel).
+    """
+
+    def __init__(self, plans: list[_PromptPlan], targets: list[Target], judge: Any, context: Any,
+                 run_id: str | None = None) -> None:
+        self.plans, self.targets, self.judge, self.context, self.run_id = plans, targets, judge, context, run_id
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "context": None}  # a Context does not pickle; the run id goes instead
 
     def __call__(self, item: tuple) -> dict:
         if self.context is not None:
             return self.context.copy().run(self._run, item)
-        return self._run(item)
+        from ..observe import _calllog as calllog
+
+        with calllog.batch(self.run_id):
+            return self._run(item)
 
     def _sender(self, plan: _PromptPlan, target: Target) -> Any:
         from ..clients import client as get_client
@@ -425,8 +440,13 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
         store: False keeps the run in a temporary database that lives as long as the report.
         fresh: start a new run even when the same matrix was run before (default: resume it,
             or report a complete one again without sending anything).
-        max_workers, executor: as :class:`~tinyllm.batch.Runner` (threads; any Executor).
+        max_workers, executor: as :class:`~tinyllm.batch.Runner` (threads; any Executor). On an executor
+            of other processes (a ``ProcessPoolExecutor``, Dask's ``client.get_executor()``) the cells run
+            there in chunks of 50, each on ``max_workers`` threads; each call on a worker is tagged with the
+            run's id (its call-log ``batch_id``, when the worker logs calls: LOG_CALLS in its settings); the
+            workers use their own settings (API keys, BASE_URL, REDIS_URL, CACHE_API_CALLS, MAX_COST).
         max_cost: USD the run may spend; then it stops sending (status ``interrupted``: rerun to go on).
+            Not with an executor of other processes (a ConfigError: it would hold in this process only).
         progress: show progress on stderr.
 
     Returns:
@@ -444,8 +464,14 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
     from ..limits._budget import Budget
     from ..observe import _calllog as calllog
 
+    import concurrent.futures
+
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"evaluate: repeat must be an int >= 1, got {repeat!r}")
+    remote = executor is not None and not isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    if remote and max_cost is not None:
+        raise ConfigError("evaluate: max_cost holds in this process only and does not reach the workers of a process "
+                          "or Dask executor; set MAX_COST in the workers' environment instead (a limit per worker process)")
     if isinstance(revs, str):
         revs = [revs]
     if isinstance(models, str):
@@ -482,11 +508,9 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
     budget = Budget(max_cost)
     with calllog.batch(run_id), budget.activate():
         context = contextvars.copy_context()
-    import concurrent.futures
-
-    if executor is not None and not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-        context = None  # a context does not travel to another process: the workers' calls are not tagged
-    runner = Runner(_Cells(plans, targets, the_judge, context), executor=executor, max_workers=max_workers,
+    if remote:
+        context = None  # a context does not travel to another process: each cell sets the run id where it runs
+    runner = Runner(_Cells(plans, targets, the_judge, context, run_id), executor=executor, max_workers=max_workers,
                     progress=progress, desc="eval", unit="cell")
     try:
         summary = runner.to_jsonl(lambda: _cells(plans, targets, repeat), jsonl, line=_line, fatal=(ConfigError,),
