@@ -13,6 +13,7 @@ starts a new run).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
@@ -463,8 +464,6 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
     from ..errors import BatchError
     from ..limits._budget import Budget
     from ..observe import _calllog as calllog
-
-    import concurrent.futures
 
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"evaluate: repeat must be an int >= 1, got {repeat!r}")
