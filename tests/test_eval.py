@@ -354,6 +354,32 @@ def test_rev_reads_the_template_from_git(srv, tmp_path):
         evaluate("qa", revs=["nosuchrev"], prompts_dir=folder)
 
 
+def test_rev_reads_the_included_files_from_git_too(srv, tmp_path):
+    repo = tmp_path / "repo"
+    tests = "- {id: cap, vars: {question: capital}, assert: [{type: starts-with, value: Paris}]}\n"
+    folder = prompts(repo, system="Answer. {% include 'style.md' %} {% include 'old.md' %}", tests=tests)
+    write(folder / "style.md", "---\ndescription: the style\n---\nStyle {% include 'parts/tone.md' %}\n")
+    write(folder / "parts" / "tone.md", "v1, brief.\n")
+    write(folder / "old.md", "Be kind.\n")
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")
+    write(folder / "qa.system.md", "Answer. {% include 'style.md' %}\n")  # working tree: old.md no longer used...
+    (folder / "old.md").unlink()  # ...and gone
+    write(folder / "parts" / "tone.md", "v2, long.\n")  # a nested included file edited
+    report = evaluate("qa", revs=["HEAD"], prompts_dir=folder)
+    assert statuses(report.select(version="HEAD")) == {"cap": "pass"}  # no error cell: old.md came from git
+    assert statuses(report.select(version="working")) == {"cap": "fail"}
+    systems = {r.messages[0]["content"] for r in srv.chat_requests()}
+    assert systems == {"Answer. Style v1, brief. Be kind.", "Answer. Style v2, long."}
+
+    write(folder / "parts" / "tone.md", "v2, longer.\n")  # only an included file changes: a new matrix
+    again = evaluate("qa", revs=["HEAD"], prompts_dir=folder)
+    assert again.resumed is None and again.run_id != report.run_id
+    assert "Answer. Style v2, longer." in {r.messages[0]["content"] for r in srv.chat_requests()}
+
+
 def test_pytest_helper(srv, tmp_path):
     from tinyllm.eval import check
 

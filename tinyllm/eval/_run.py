@@ -19,7 +19,6 @@ import contextvars
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,22 +37,11 @@ from ..errors import (
 )
 from ._assertions import Reply
 from ._cases import Case, CaseSource, case_sources, tests_file_for
+from ._git import WORKING, Version, version_at
 from ._model import AssertionResult, EvalRow
 from ._store import EvalReport, Store, db_path
 
 __all__ = ["WORKING", "Target", "Version", "evaluate"]
-
-WORKING = "working"  # the version label of the template files as they are on disk
-
-
-@dataclass
-class Version:
-    """One version of a prompt: ``label`` (``working`` or the git revision as given), the loaded Prompt."""
-
-    label: str
-    prompt: Any
-    commit: str | None = None
-
 
 @dataclass
 class Target:
@@ -78,63 +66,6 @@ class _PromptPlan:
 def _short(prompt: Any) -> str:
     head, sep, _ = prompt.system_path.name.rpartition(".system.")
     return head if sep and head else prompt.system_path.name
-
-
-# --------------------------------------------------------------------------- #
-# Versions from git
-# --------------------------------------------------------------------------- #
-
-
-def _git(args: list[str], cwd: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=60, check=False)
-    except FileNotFoundError as exc:
-        raise ConfigError("--rev needs git, which is not installed") from exc
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def version_at(prompt: Any, rev: str) -> Version:
-    """The prompt as it was at the git revision ``rev``: its files read with ``git show REV:path``
-    (nothing is checked out). Included files are read from the working tree.
-
-    Raises:
-        ConfigError: git is missing, the template is not in a git repository, ``rev`` is unknown,
-            or the system template did not exist at ``rev``.
-        TemplateError: the old template does not parse.
-    """
-    from ..prompts._templates import Prompt
-
-    folder = str(prompt.system_path.parent)
-    top = _git(["rev-parse", "--show-toplevel"], folder)
-    if top.returncode != 0:
-        raise ConfigError(f"--rev {rev}: {folder} is not in a git repository")
-    root = os.path.realpath(top.stdout.decode().strip())
-    commit = _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root)
-    if commit.returncode != 0:
-        raise ConfigError(f"--rev {rev}: no such revision in {root}")
-    sha = commit.stdout.decode().strip()
-    texts: dict[str, str] = {}
-    paths: list[Path | None] = []
-    for i, path in enumerate((prompt.system_path, prompt.user_path)):
-        if path is None:
-            paths.append(None)
-            continue
-        rel = os.path.relpath(os.path.realpath(path), root).replace(os.sep, "/")
-        shown = _git(["show", f"{sha}:{rel}"], root)
-        if shown.returncode != 0:
-            if i == 0:
-                raise ConfigError(f"--rev {rev}: {rel} does not exist at {sha[:12]}")
-            paths.append(None)  # no user template then
-            continue
-        try:
-            texts[str(path)] = _text(shown.stdout)
-        except UnicodeDecodeError as exc:
-            raise TemplateError(f"{rel} at {rev}: not valid UTF-8 (byte {exc.start})") from exc
-        paths.append(path)
-    return Version(rev, Prompt(prompt.name, paths[0], paths[1], prompt._dirs, texts=texts), sha)
 
 
 # --------------------------------------------------------------------------- #
@@ -397,7 +328,7 @@ def _fingerprint(plans: list[_PromptPlan], targets: list[Target], repeat: int) -
     for plan in plans:
         add({"prompt": plan.name, "params": plan.llm.model_params, "output_type": str(plan.llm.output_type)})
         for v in plan.versions:
-            add({"version": v.label, "texts": sorted(v.prompt._texts.items()) or [
+            add({"version": v.label, "includes": sorted(v.prompt._included().items()), "texts": sorted(v.prompt._texts.items()) or [
                 str(v.prompt.system_path), _read(v.prompt.system_path), _read(v.prompt.user_path)]})
         for source in plan.sources:
             for case in source.cases():
