@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import ConfigError, TinyLLMError
-from ._common import CLIError, _describe, _dumps, _fallbacks, _llm, _log_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
+from ._common import CLIError, _describe, _dumps, _fallbacks, _llm, _log_option, _mcp_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
 
 
 @cli.command()
@@ -74,19 +74,20 @@ def render(ctx: click.Context, name: str, variables: dict, model: str | None, ap
 @click.option("--tool", "tool_paths", multiple=True, metavar="MODULE:FUNCTION", callback=_parse_tools,
               help="A Python function the model may call (repeatable), imported from MODULE (the working "
                    "directory is searched first); each call it runs is printed on stderr.")
+@_mcp_option
 @click.option("--tool-choice", help="auto, required, none, or a tool's name (default: the front matter's, else auto).")
 @_prompts_dir_option
 @click.pass_context
 def call(ctx: click.Context, name: str, variables: dict, model: str | None, api_type: str | None,
          temperature: float | None, max_tokens: int | None, cache: bool | None, stream: bool | None, as_json: bool,
-         tool_paths: list, tool_choice: str | None, prompts_dirs: tuple[str, ...]) -> None:
+         tool_paths: list, mcp_servers: list, tool_choice: str | None, prompts_dirs: tuple[str, ...]) -> None:
     """Render NAME with the variables, send it, print the reply's content.
 
     A reply coerced to another output type than str (the front matter's
     output_type) is printed as JSON. Streamed text is printed as it arrives;
     a coerced value is printed again at the end only with --json.
     """
-    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=tool_paths or None,
+    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=[*tool_paths, *mcp_servers] or None,
                tool_choice=tool_choice, on_tool_call=_print_tool_call)
     if stream is None:
         stream = not as_json and sys.stdout.isatty()
