@@ -510,3 +510,40 @@ def test_a_budget_is_refused_on_an_executor_of_other_processes(srv, tmp_path):
     cached = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--no-cache")
     assert cached.exit_code == 2 and "do not reach Dask workers" in cached.output
     assert srv.chat_requests() == []
+
+
+def test_the_pytest_plugin_is_declared_and_light():
+    import tomllib
+
+    import tinyllm.eval.pytest_plugin as plugin
+
+    data = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert data["project"]["entry-points"]["pytest11"] == {"tinyllm": "tinyllm.eval.pytest_plugin"}
+    assert callable(plugin.tinyllm_eval) and callable(plugin.pytest_addoption)
+    code = "import sys, tinyllm.eval.pytest_plugin; print(' '.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "tinyllm.eval.pytest_plugin" in loaded  # pytest loads it in every project: none of eval's modules yet
+    assert not {m for m in loaded if m.startswith(("tinyllm.eval._", "scipy", "tinyllm.batch"))}
+
+
+@pytest.mark.slow  # a pytest process
+def test_the_tinyllm_eval_fixture_in_a_projects_test_suite(server, tmp_path):
+    server.reply_with(lambda req: "Paris" if req.get("model") == "gpt-4o" else "Rome")
+    prompts(tmp_path, tests="- {vars: {question: capital}, expected: Paris}\n")
+    write(tmp_path / "test_prompts.py", (
+        "def test_passes_on_the_model_given_on_the_command_line(tinyllm_eval):\n"
+        "    report = tinyllm_eval('qa', prompts_dir='prompts', models=['gpt-4o-mini'])\n"
+        "    assert [row.model for row in report.rows] == ['gpt-4o']\n"
+        "\n"
+        "def test_fails_with_the_table(tinyllm_eval):\n"
+        "    tinyllm_eval('qa', prompts_dir='prompts', cases=[{'vars': {'question': 'capital'}, 'expected': 'Rome'}])\n"))
+    env = child_env(OPENAI_API_KEY="sk-test-plugin", TINYLLM_API_TYPE="openai", TINYLLM_BASE_URL=server.base_url,
+                    TINYLLM_MODEL="gpt-4o-mini")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:tinyllm",
+                           "-p", "tinyllm.eval.pytest_plugin", "--tinyllm-model", "gpt-4o", "test_prompts.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 failed, 1 passed" in done.stdout
+    assert "prompt evaluation below every case to pass" in done.stdout and "FAIL qa" in done.stdout
+    assert {r.json["model"] for r in server.chat_requests()} == {"gpt-4o"}
