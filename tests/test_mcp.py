@@ -288,3 +288,23 @@ def test_cli_map_mcp_starts_the_server_once_and_call_takes_two_servers(server, p
     clash = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=go", "--mcp", command,
                  "--mcp", http_url, "--no-log")  # the same tool names from two servers, no NAME=
     assert clash.exit_code == 2 and "two tools are named" in clash.output
+
+
+@pytest.mark.slow
+def test_cli_chat_mcp_keeps_the_server_for_the_conversation(server, prompts, pids, monkeypatch):
+    from click.testing import CliRunner
+
+    from tinyllm.cli import cli
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
+    server.enqueue(_calls(("add", {"a": 2, "b": 3})), Reply("It is 5."), _calls(("shout", {"text": "hi"})), Reply("HI"))
+    command = f"env MCP_PID_FILE={pids} {sys.executable} {SERVER}"
+    result = CliRunner().invoke(cli, ["chat", "--system", "Use the tools.", "--mcp", command],
+                                input="2+3?\nshout hi\nexit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == ["It", "is", "5.", "HI"]
+    assert 'tool add({"a": 2, "b": 3}) -> {"result":5}' in result.stderr
+    assert 'tool shout({"text": "hi"}) -> {"result":"HI"}' in result.stderr
+    [pid] = _started(pids)  # one process for both turns
+    wait_until(lambda: not _alive(pid), timeout=10)  # stopped when the conversation ended

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -114,11 +115,12 @@ def call(ctx: click.Context, name: str, variables: dict, model: str | None, api_
 @_var_option
 @_model_options
 @click.option("--system", help="A plain system message instead of a template.")
+@_mcp_option
 @_prompts_dir_option
 @click.pass_context
 def chat(ctx: click.Context, name: str | None, variables: dict, model: str | None, api_type: str | None,
          temperature: float | None, max_tokens: int | None, cache: bool | None, system: str | None,
-         prompts_dirs: tuple[str, ...]) -> None:
+         mcp_servers: list, prompts_dirs: tuple[str, ...]) -> None:
     """An interactive conversation, each answer streamed as it is written.
 
     NAME (optional) is a template whose system part opens the conversation
@@ -133,6 +135,8 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
         raise CLIError("give a template NAME or --system, not both")
     params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
     template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
+    if mcp_servers:
+        params.update(tools=mcp_servers, on_tool_call=_print_tool_call)
     conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type,
                            fallbacks=_fallbacks(ctx), **params)
     if template is not None:
@@ -141,6 +145,12 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
     if cache is not None:
         force_api_cache(cache)
     client(api_type)  # ConfigError (exit 2) now
+    with conversation:  # MCP servers started at the first turn that uses them stay open until the end
+        _converse(conversation)
+
+
+def _converse(conversation: Any) -> None:
+    """The chat loop: a line in, the answer streamed out, until `exit`, `quit` or end of input."""
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")
