@@ -354,6 +354,32 @@ def test_rev_reads_the_template_from_git(srv, tmp_path):
         evaluate("qa", revs=["nosuchrev"], prompts_dir=folder)
 
 
+def test_rev_reads_the_included_files_from_git_too(srv, tmp_path):
+    repo = tmp_path / "repo"
+    tests = "- {id: cap, vars: {question: capital}, assert: [{type: starts-with, value: Paris}]}\n"
+    folder = prompts(repo, system="Answer. {% include 'style.md' %} {% include 'old.md' %}", tests=tests)
+    write(folder / "style.md", "---\ndescription: the style\n---\nStyle {% include 'parts/tone.md' %}\n")
+    write(folder / "parts" / "tone.md", "v1, brief.\n")
+    write(folder / "old.md", "Be kind.\n")
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")
+    write(folder / "qa.system.md", "Answer. {% include 'style.md' %}\n")  # working tree: old.md no longer used...
+    (folder / "old.md").unlink()  # ...and gone
+    write(folder / "parts" / "tone.md", "v2, long.\n")  # a nested included file edited
+    report = evaluate("qa", revs=["HEAD"], prompts_dir=folder)
+    assert statuses(report.select(version="HEAD")) == {"cap": "pass"}  # no error cell: old.md came from git
+    assert statuses(report.select(version="working")) == {"cap": "fail"}
+    systems = {r.messages[0]["content"] for r in srv.chat_requests()}
+    assert systems == {"Answer. Style v1, brief. Be kind.", "Answer. Style v2, long."}
+
+    write(folder / "parts" / "tone.md", "v2, longer.\n")  # only an included file changes: a new matrix
+    again = evaluate("qa", revs=["HEAD"], prompts_dir=folder)
+    assert again.resumed is None and again.run_id != report.run_id
+    assert "Answer. Style v2, longer." in {r.messages[0]["content"] for r in srv.chat_requests()}
+
+
 def test_pytest_helper(srv, tmp_path):
     from tinyllm.eval import check
 
@@ -470,3 +496,54 @@ def test_client_targets_name_a_model(srv, tmp_path):
     assert sorted(r.model for r in srv.chat_requests()) == ["gpt-4o", "o3-mini"]
     with pytest.raises(ConfigError):
         evaluate("qa", clients=["nosuchclient"], prompts_dir=folder)
+
+
+def test_a_budget_is_refused_on_an_executor_of_other_processes(srv, tmp_path):
+    import concurrent.futures
+
+    folder = prompts(tmp_path, tests="- {vars: {question: capital}, expected: Paris}\n")
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:  # no process starts: nothing is submitted
+        with pytest.raises(ConfigError, match="MAX_COST in the workers' environment"):
+            evaluate("qa", prompts_dir=folder, executor=pool, max_cost=1.0, store=False)
+    result = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--max-cost", "1")
+    assert result.exit_code == 2 and "do not reach Dask workers" in result.output
+    cached = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--no-cache")
+    assert cached.exit_code == 2 and "do not reach Dask workers" in cached.output
+    assert srv.chat_requests() == []
+
+
+def test_the_pytest_plugin_is_declared_and_light():
+    import tomllib
+
+    import tinyllm.eval.pytest_plugin as plugin
+
+    data = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert data["project"]["entry-points"]["pytest11"] == {"tinyllm": "tinyllm.eval.pytest_plugin"}
+    assert callable(plugin.tinyllm_eval) and callable(plugin.pytest_addoption)
+    code = "import sys, tinyllm.eval.pytest_plugin; print(' '.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    assert "tinyllm.eval.pytest_plugin" in loaded  # pytest loads it in every project: none of eval's modules yet
+    assert not {m for m in loaded if m.startswith(("tinyllm.eval._", "scipy", "tinyllm.batch"))}
+
+
+@pytest.mark.slow  # a pytest process
+def test_the_tinyllm_eval_fixture_in_a_projects_test_suite(server, tmp_path):
+    server.reply_with(lambda req: "Paris" if req.get("model") == "gpt-4o" else "Rome")
+    prompts(tmp_path, tests="- {vars: {question: capital}, expected: Paris}\n")
+    write(tmp_path / "test_prompts.py", (
+        "def test_passes_on_the_model_given_on_the_command_line(tinyllm_eval):\n"
+        "    report = tinyllm_eval('qa', prompts_dir='prompts', models=['gpt-4o-mini'])\n"
+        "    assert [row.model for row in report.rows] == ['gpt-4o']\n"
+        "\n"
+        "def test_fails_with_the_table(tinyllm_eval):\n"
+        "    tinyllm_eval('qa', prompts_dir='prompts', cases=[{'vars': {'question': 'capital'}, 'expected': 'Rome'}])\n"))
+    env = child_env(OPENAI_API_KEY="sk-test-plugin", TINYLLM_API_TYPE="openai", TINYLLM_BASE_URL=server.base_url,
+                    TINYLLM_MODEL="gpt-4o-mini")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:tinyllm",
+                           "-p", "tinyllm.eval.pytest_plugin", "--tinyllm-model", "gpt-4o", "test_prompts.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 failed, 1 passed" in done.stdout
+    assert "prompt evaluation below every case to pass" in done.stdout and "FAIL qa" in done.stdout
+    assert {r.json["model"] for r in server.chat_requests()} == {"gpt-4o"}

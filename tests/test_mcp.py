@@ -215,3 +215,96 @@ def test_async_calls_and_streams_use_the_server(server, prompts, stdio_server, m
     streamed = call.stream(question="3+3")
     assert "".join(streamed) == "six" and streamed.tool_calls[0].result == {"result": 6}
     assert not stdio_server.is_open
+
+
+# -- the command line: --mcp -------------------------------------------------------------------------
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from tinyllm.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cli_mcp_values_are_checked_before_anything_is_sent(server, prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
+    empty = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=hi", "--mcp", " ", "--no-log")
+    assert empty.exit_code == 2 and "--mcp" in empty.output and "must not be empty" in empty.output
+    rows = write(tmp_path / "rows.jsonl", '{"question": "hi"}\n')
+    batch = _cli("map", "ask", "--prompts-dir", str(prompts), "--input", str(rows), "--output", str(tmp_path / "o.jsonl"),
+                 "--mcp", "http://127.0.0.1:9/mcp", "--batch-api", "--no-log")
+    assert batch.exit_code == 2 and "--mcp does not go with --batch-api" in batch.output
+    assert server.chat_requests() == []
+
+
+@pytest.mark.slow
+def test_cli_call_mcp_offers_a_stdio_servers_tools_and_prints_each_call(server, prompts, pids, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
+    server.enqueue(_calls(("add", {"a": 2, "b": 3})), Reply("5"))
+    command = f"env MCP_PID_FILE={pids} {sys.executable} {SERVER}"
+    result = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=2+3?", "--mcp", command, "--no-log")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "5"
+    assert 'tool add({"a": 2, "b": 3}) -> {"result":5}' in result.stderr
+    offered = {t["function"]["name"] for t in server.chat_requests()[0].json["tools"]}
+    assert offered == {"add", "forecast", "shout", "fail", "die"}
+    [pid] = _started(pids)
+    wait_until(lambda: not _alive(pid), timeout=10)  # stopped when the call ended
+
+
+@pytest.mark.slow
+def test_cli_map_mcp_starts_the_server_once_and_call_takes_two_servers(server, prompts, pids, http_url, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
+    for _ in range(3):
+        server.enqueue(_calls(("shout", {"text": "a"})), Reply("A"))
+    rows = write(tmp_path / "rows.jsonl", "".join(f'{{"id": {i}, "question": "q{i}"}}\n' for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    command = f"env MCP_PID_FILE={pids} {sys.executable} {SERVER}"
+    result = _cli("map", "ask", "--prompts-dir", str(prompts), "--input", str(rows), "--output", str(out),
+                  "--concurrency", "1", "--no-progress", "--mcp", command, "--no-log")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["content"] for line in out.read_text().splitlines()] == ["A", "A", "A"]
+    assert len(_started(pids)) == 1  # one process for the whole run
+    wait_until(lambda: not _alive(_started(pids)[0]), timeout=10)
+
+    server.reset()
+    server.enqueue(_calls(("add", {"a": 1, "b": 1}), ("docs_shout", {"text": "b"})), Reply("2 B"))
+    both = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=go", "--mcp", command,
+                "--mcp", f"docs={http_url}", "--no-log")
+    assert both.exit_code == 0, both.output
+    assert both.stdout.strip() == "2 B"
+    assert 'tool docs_shout({"text": "b"}) -> {"result":"B"}' in both.stderr
+    offered = {t["function"]["name"] for t in server.chat_requests()[0].json["tools"]}
+    assert offered == {"add", "forecast", "shout", "fail", "die",
+                       "docs_add", "docs_forecast", "docs_shout", "docs_fail", "docs_die"}
+    results = [json.loads(m["content"]) for m in server.chat_requests()[1].messages if m["role"] == "tool"]
+    assert results == [{"result": 2}, {"result": "B"}]
+
+    clash = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=go", "--mcp", command,
+                 "--mcp", http_url, "--no-log")  # the same tool names from two servers, no NAME=
+    assert clash.exit_code == 2 and "two tools are named" in clash.output
+
+
+@pytest.mark.slow
+def test_cli_chat_mcp_keeps_the_server_for_the_conversation(server, prompts, pids, monkeypatch):
+    from click.testing import CliRunner
+
+    from tinyllm.cli import cli
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
+    server.enqueue(_calls(("add", {"a": 2, "b": 3})), Reply("It is 5."), _calls(("shout", {"text": "hi"})), Reply("HI"))
+    command = f"env MCP_PID_FILE={pids} {sys.executable} {SERVER}"
+    result = CliRunner().invoke(cli, ["chat", "--system", "Use the tools.", "--mcp", command],
+                                input="2+3?\nshout hi\nexit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == ["It", "is", "5.", "HI"]
+    assert 'tool add({"a": 2, "b": 3}) -> {"result":5}' in result.stderr
+    assert 'tool shout({"text": "hi"}) -> {"result":"HI"}' in result.stderr
+    [pid] = _started(pids)  # one process for both turns
+    wait_until(lambda: not _alive(pid), timeout=10)  # stopped when the conversation ended

@@ -180,7 +180,7 @@ class _Connection:
 
             command, *args = server.command
             params = StdioServerParameters(command=command, args=args, env=server.env, cwd=server.cwd)
-            streams = await stack.enter_async_context(stdio_client(params))
+            streams = await stack.enter_async_context(stdio_client(params, errlog=_errlog()))
         return streams[0], streams[1]
 
     async def _list(self) -> list[dict]:
@@ -239,6 +239,23 @@ class _Connection:
             except RuntimeError:  # the loop ended already
                 pass
         self._thread.join(10)
+
+
+def _errlog() -> Any:
+    """Where a stdio server's stderr goes: this process's ``sys.stderr`` when it has a file descriptor,
+    else the interpreter's original stderr (a notebook, a test runner or click's CliRunner put an object
+    without one in ``sys.stderr``, which a child process cannot write to), else nowhere."""
+    import subprocess
+    import sys
+
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.fileno()
+                return stream
+        except (AttributeError, OSError, ValueError):
+            continue
+    return subprocess.DEVNULL
 
 
 def _takes_headers(opener: Any) -> bool:

@@ -268,6 +268,39 @@ def _parse_tools(ctx: click.Context, param: click.Parameter, values: tuple[str, 
     return out
 
 
+def _parse_mcp(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
+    """``--mcp [NAME=]COMMAND_OR_URL`` values as :class:`~tinyllm.MCPServer` objects (not opened yet): an
+    http(s) URL is a streamable-HTTP server, anything else a stdio server's command line (split like a
+    shell). ``NAME=`` (letters, digits, ``_``) names the server and puts ``NAME_`` before its tools' names,
+    for servers whose tools share names."""
+    import re
+
+    from .._mcp import MCPServer, from_front_matter
+
+    out = []
+    for item in values:
+        named = re.fullmatch(r"([A-Za-z][A-Za-z0-9_]*)=(\S.*)", item.strip(), re.DOTALL)
+        try:
+            if named is None:
+                out.append(from_front_matter(item, "--mcp"))
+            else:
+                name, spec = named.groups()
+                kind = {"url": spec} if spec.startswith(("http://", "https://")) else {"command": spec}
+                out.append(MCPServer(**kind, name=name, prefix=f"{name}_"))
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+    return out
+
+
+def _mcp_option(f: Callable) -> Callable:
+    return click.option(
+        "--mcp", "mcp_servers", multiple=True, metavar="[NAME=]COMMAND_OR_URL", callback=_parse_mcp,
+        help="An MCP server whose tools the model may call (repeatable): a command line started over stdio "
+             "(quoted: \"python server.py\"), or a streamable-HTTP URL (http://127.0.0.1:8000/mcp); NAME= puts "
+             "NAME_ before its tools' names (for servers whose tools share names). Needs the mcp "
+             "extra. Like --tool (and tools= in code), it replaces the tools the front matter names.")(f)
+
+
 def _print_tool_call(call: Any) -> None:
     """One tool call on stderr: ``tool get_weather({"city": "Paris"}) -> 18 C (0.001 s)``."""
     outcome = call.content

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, TinyLLMError
-from ._common import CLIError, _describe, _dumps, _fallbacks, _llm, _log_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
+from ._common import CLIError, _describe, _dumps, _fallbacks, _llm, _log_option, _mcp_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
 
 
 def _parse_media(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
@@ -141,12 +141,13 @@ def render(ctx: click.Context, name: str, variables: dict, images: list, audios:
 @click.option("--tool", "tool_paths", multiple=True, metavar="MODULE:FUNCTION", callback=_parse_tools,
               help="A Python function the model may call (repeatable), imported from MODULE (the working "
                    "directory is searched first); each call it runs is printed on stderr.")
+@_mcp_option
 @click.option("--tool-choice", help="auto, required, none, or a tool's name (default: the front matter's, else auto).")
 @_prompts_dir_option
 @click.pass_context
 def call(ctx: click.Context, name: str, variables: dict, images: list, audios: list, files: list, model: str | None,
          api_type: str | None, temperature: float | None, max_tokens: int | None, cache: bool | None, stream: bool | None,
-         as_json: bool, tool_paths: list, tool_choice: str | None, prompts_dirs: tuple[str, ...]) -> None:
+         as_json: bool, tool_paths: list, mcp_servers: list, tool_choice: str | None, prompts_dirs: tuple[str, ...]) -> None:
     """Render NAME with the variables, send it, print the reply's content.
 
     A reply coerced to another output type than str (the front matter's
@@ -158,7 +159,7 @@ def call(ctx: click.Context, name: str, variables: dict, images: list, audios: l
     from ..media import redacted
 
     variables = _merge_media(variables, images, audios, files)
-    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=tool_paths or None,
+    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=[*tool_paths, *mcp_servers] or None,
                tool_choice=tool_choice, on_tool_call=_print_tool_call)
     if stream is None:
         stream = not as_json and sys.stdout.isatty()
@@ -186,11 +187,12 @@ def call(ctx: click.Context, name: str, variables: dict, images: list, audios: l
 @_var_option
 @_model_options
 @click.option("--system", help="A plain system message instead of a template.")
+@_mcp_option
 @_prompts_dir_option
 @click.pass_context
 def chat(ctx: click.Context, name: str | None, variables: dict, model: str | None, api_type: str | None,
          temperature: float | None, max_tokens: int | None, cache: bool | None, system: str | None,
-         prompts_dirs: tuple[str, ...]) -> None:
+         mcp_servers: list, prompts_dirs: tuple[str, ...]) -> None:
     """An interactive conversation, each answer streamed as it is written.
 
     NAME (optional) is a template whose system part opens the conversation
@@ -205,6 +207,8 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
         raise CLIError("give a template NAME or --system, not both")
     params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
     template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
+    if mcp_servers:
+        params.update(tools=mcp_servers, on_tool_call=_print_tool_call)
     conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type,
                            fallbacks=_fallbacks(ctx), **params)
     if template is not None:
@@ -213,6 +217,12 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
     if cache is not None:
         force_api_cache(cache)
     client(api_type)  # ConfigError (exit 2) now
+    with conversation:  # MCP servers started at the first turn that uses them stay open until the end
+        _converse(conversation)
+
+
+def _converse(conversation: Any) -> None:
+    """The chat loop: a line in, the answer streamed out, until `exit`, `quit` or end of input."""
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -81,6 +82,9 @@ def _compare_runs(a: Any, b: Any) -> list:
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Cells in flight at once (default: MAX_CONCURRENT_REQUESTS).")
 @click.option("--max-cost", type=click.FloatRange(min=0), metavar="USD",
               help="Stop sending once the next call could take this run past USD; rerun to resume.")
+@click.option("--dask", "dask_address", metavar="ADDRESS",
+              help="Run the cells on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N worker "
+                   "processes on 127.0.0.1. Needs the dask extra.")
 @click.option("--temperature", type=_FiniteFloat(min=0), help="Sampling temperature (over the front matter's).")
 @click.option("--cache/--no-cache", default=None, help="Cache API replies (default: the CACHE_API_CALLS setting). "
                                                        "With --repeat, --no-cache gives each repeat its own reply.")
@@ -91,8 +95,8 @@ def _compare_runs(a: Any, b: Any) -> list:
 def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], clients: tuple[str, ...],
           revs: tuple[str, ...], repeat: int, threshold: float | None, as_json: bool, junit: str | None,
           compare_ids: tuple[str, str] | None, show_id: str | None, list_runs: bool, fresh: bool,
-          concurrency: int | None, max_cost: float | None, temperature: float | None, cache: bool | None,
-          progress: bool, prompts_dirs: tuple[str, ...]) -> None:
+          concurrency: int | None, max_cost: float | None, dask_address: str | None, temperature: float | None,
+          cache: bool | None, progress: bool, prompts_dirs: tuple[str, ...]) -> None:
     """Run the test cases of the prompts NAME... and report how well each version and model passes.
 
     Cases come from NAME.tests.yaml beside the template (or a tests: list in its front matter).
@@ -103,6 +107,14 @@ def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], c
 
     Runs are stored in the call log database (LOG_DB); run the same command again to resume an
     interrupted run (only cells not done are sent). --compare RUN_A RUN_B compares stored runs.
+
+    With --dask, the cells run on the cluster's workers (in chunks of 50, each on --concurrency
+    threads where it lands) and come back here, to the same stored, resumable run. The calls on the
+    workers carry the run's id (their call-log batch_id, when the workers log calls: LOG_CALLS in
+    their environment); the workers take their settings (API keys, BASE_URL, REDIS_URL,
+    CACHE_API_CALLS, MAX_COST, LOG_DB) from their own environment; the template and its cases,
+    --temperature and the --model/--client names travel with the cells. --max-cost and
+    --cache/--no-cache are refused with --dask (they would hold in this process only).
 
     Exit status: 0 all passed (or every pass rate at --threshold); 1 a failing cell (or a pass
     rate below --threshold); 2 bad usage or a bad tests file; 130 interrupted.
@@ -128,6 +140,9 @@ def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], c
     else:
         if not names:
             raise CLIError("name at least one prompt (tinyllm eval NAME), or give --compare, --show or --list")
+        if dask_address is not None and (max_cost is not None or cache is not None):
+            raise CLIError("--max-cost and --cache/--no-cache hold in this process only and do not reach Dask workers; "
+                           "set MAX_COST or CACHE_API_CALLS in the workers' environment instead")
         if cache is not None:
             from .. import force_api_cache
 
@@ -141,9 +156,15 @@ def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], c
         params = {"temperature": temperature} if temperature is not None else {}
         calls = [LLMCall(name, prompts_dir=dirs, **params) for name in names]
         try:
-            report = evaluate(calls, models=list(models) or None, clients=list(clients) or None, revs=list(revs),
-                              repeat=repeat, prompts_dir=dirs, fresh=fresh, max_cost=max_cost,
-                              progress=progress and not as_json or progress and sys.stderr.isatty())
+            with contextlib.ExitStack() as stack:
+                executor = None
+                if dask_address is not None:
+                    from ..batch._dask import dask_executor
+
+                    executor = stack.enter_context(dask_executor(dask_address))[0]
+                report = evaluate(calls, models=list(models) or None, clients=list(clients) or None, revs=list(revs),
+                                  repeat=repeat, prompts_dir=dirs, fresh=fresh, max_cost=max_cost, executor=executor,
+                                  progress=progress and not as_json or progress and sys.stderr.isatty())
         except KeyboardInterrupt:
             click.echo("interrupted: the finished cells are stored; run the same command again to resume", err=True)
             ctx.exit(EXIT_INTERRUPTED)

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
-from ._common import CLIError, EXIT_FAILED, EXIT_INTERRUPTED, _cost_text, _dumps, _error, _llm, _log_option, _model_options, _plain, _prompts_dir_option, _short_name, _usd, _var_option, cli
+from ._common import CLIError, EXIT_FAILED, EXIT_INTERRUPTED, _cost_text, _dumps, _error, _llm, _log_option, _mcp_option, _model_options, _plain, _prompts_dir_option, _short_name, _usd, _var_option, cli
 from ..batch._readers import read_rows, readable_twice
 
 
@@ -70,6 +70,7 @@ def _exit_now(code: int) -> None:
 @click.option("--no-wait", is_flag=True,
               help="With --batch-api: submit and return at once; run the same command again (or tinyllm batches "
                    "fetch OUTPUT) to collect the results.")
+@_mcp_option
 @_log_option
 @_var_option
 @_model_options
@@ -77,7 +78,7 @@ def _exit_now(code: int) -> None:
 @click.pass_context
 def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concurrency: int | None, id_field: str,
          input_format: str | None, progress: bool, max_cost: float | None, dask_address: str | None, batch_api: bool,
-         no_wait: bool, variables: dict, model: str | None, api_type: str | None, temperature: float | None,
+         no_wait: bool, mcp_servers: list, variables: dict, model: str | None, api_type: str | None, temperature: float | None,
          max_tokens: int | None, cache: bool | None, prompts_dirs: tuple[str, ...]) -> None:
     """Run NAME once per row of --input; write {"id", "content"} or {"id", "error"} lines to --output.
 
@@ -105,6 +106,13 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     their own environment; the call carries the template and the model options.
     --max-cost and --cache/--no-cache are refused with --dask (they would
     hold in this process only).
+
+    With --mcp, the model may call the tools of these MCP servers (as
+    `tinyllm call --mcp`); a stdio server's process is started once for the
+    whole run and stopped at its end. With --dask, the servers travel to the
+    workers and each row's call opens its own connection there (a stdio
+    server is started per row on its worker: prefer a URL). Not with
+    --batch-api.
 
     With --batch-api, the rows go to the Batch API in files of up to 50,000
     requests (200 MB) (Anthropic's Message Batches: batches of up to 100,000
@@ -140,11 +148,14 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
                        "set MAX_COST or CACHE_API_CALLS in the workers' environment instead")
     if no_wait and not batch_api:
         raise CLIError("--no-wait goes with --batch-api")
+    if batch_api and mcp_servers:
+        raise CLIError("--mcp does not go with --batch-api: a tool loop needs an answer after each round, the "
+                       "Batch API answers once")
     if batch_api and dask_address is not None:
         raise CLIError("--batch-api and --dask do not go together: the Batch API runs the rows at the provider")
     if concurrency is not None:
         configure(max_concurrent_requests=concurrency, queue_size=max(concurrency, get_config().queue_size))
-    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache)
+    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=mcp_servers or None)
     if batch_api:
         from ._common import _search_dirs
 
@@ -168,6 +179,8 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     workers = concurrency or get_config().max_concurrent_requests
     with contextlib.ExitStack() as stack:
         if dask_address is None:
+            for server in mcp_servers:  # open for the whole run: a stdio process starts once
+                stack.enter_context(server)
             runner = Runner(one_row, max_workers=workers, progress=progress, desc=_short_name(llm.prompt), unit="row",
                             counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})
         else:  # the rows' calls run on the workers (their cache hits are not counted here)

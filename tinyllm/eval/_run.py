@@ -13,12 +13,12 @@ starts a new run).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
 import json
 import os
-import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,22 +37,11 @@ from ..errors import (
 )
 from ._assertions import Reply
 from ._cases import Case, CaseSource, case_sources, tests_file_for
+from ._git import WORKING, Version, version_at
 from ._model import AssertionResult, EvalRow
 from ._store import EvalReport, Store, db_path
 
 __all__ = ["WORKING", "Target", "Version", "evaluate"]
-
-WORKING = "working"  # the version label of the template files as they are on disk
-
-
-@dataclass
-class Version:
-    """One version of a prompt: ``label`` (``working`` or the git revision as given), the loaded Prompt."""
-
-    label: str
-    prompt: Any
-    commit: str | None = None
-
 
 @dataclass
 class Target:
@@ -80,63 +69,6 @@ def _short(prompt: Any) -> str:
 
 
 # --------------------------------------------------------------------------- #
-# Versions from git
-# --------------------------------------------------------------------------- #
-
-
-def _git(args: list[str], cwd: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=60, check=False)
-    except FileNotFoundError as exc:
-        raise ConfigError("--rev needs git, which is not installed") from exc
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
-
-
-def version_at(prompt: Any, rev: str) -> Version:
-    """The prompt as it was at the git revision ``rev``: its files read with ``git show REV:path``
-    (nothing is checked out). Included files are read from the working tree.
-
-    Raises:
-        ConfigError: git is missing, the template is not in a git repository, ``rev`` is unknown,
-            or the system template did not exist at ``rev``.
-        TemplateError: the old template does not parse.
-    """
-    from ..prompts._templates import Prompt
-
-    folder = str(prompt.system_path.parent)
-    top = _git(["rev-parse", "--show-toplevel"], folder)
-    if top.returncode != 0:
-        raise ConfigError(f"--rev {rev}: {folder} is not in a git repository")
-    root = os.path.realpath(top.stdout.decode().strip())
-    commit = _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], root)
-    if commit.returncode != 0:
-        raise ConfigError(f"--rev {rev}: no such revision in {root}")
-    sha = commit.stdout.decode().strip()
-    texts: dict[str, str] = {}
-    paths: list[Path | None] = []
-    for i, path in enumerate((prompt.system_path, prompt.user_path)):
-        if path is None:
-            paths.append(None)
-            continue
-        rel = os.path.relpath(os.path.realpath(path), root).replace(os.sep, "/")
-        shown = _git(["show", f"{sha}:{rel}"], root)
-        if shown.returncode != 0:
-            if i == 0:
-                raise ConfigError(f"--rev {rev}: {rel} does not exist at {sha[:12]}")
-            paths.append(None)  # no user template then
-            continue
-        try:
-            texts[str(path)] = _text(shown.stdout)
-        except UnicodeDecodeError as exc:
-            raise TemplateError(f"{rel} at {rev}: not valid UTF-8 (byte {exc.start})") from exc
-        paths.append(path)
-    return Version(rev, Prompt(prompt.name, paths[0], paths[1], prompt._dirs, texts=texts), sha)
-
-
-# --------------------------------------------------------------------------- #
 # One cell
 # --------------------------------------------------------------------------- #
 
@@ -148,20 +80,35 @@ class _Retry(Exception):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.row, self.cause, self.seq = row, cause, seq
 
+    def __reduce__(self) -> tuple:  # back from a worker process with its row (Exception pickles only .args)
+        return (_Retry, (self.row, self.cause, self.seq))
+
 
 _GRADED_ERRORS = (TemplateError, ToolError, ToolRoundsExceededError)  # deterministic: an error cell, kept
 
 
 class _Cells:
-    """The function the Runner calls once per cell (picklable with its plans, for process executors)."""
+    """The function the Runner calls once per cell (picklable with its plans, for process executors).
 
-    def __init__(self, plans: list[_PromptPlan], targets: list[Target], judge: Any, context: Any) -> None:
-        self.plans, self.targets, self.judge, self.context = plans, targets, judge, context
+    ``context``: the evaluating thread's context (the run's call-log batch id and budget), which each
+    cell runs in a copy of on local threads; None on another process (a Dask worker, a process pool),
+    where each cell runs with ``run_id`` as its call-log batch id instead (a context does not travel).
+    """
+
+    def __init__(self, plans: list[_PromptPlan], targets: list[Target], judge: Any, context: Any,
+                 run_id: str | None = None) -> None:
+        self.plans, self.targets, self.judge, self.context, self.run_id = plans, targets, judge, context, run_id
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "context": None}  # a Context does not pickle; the run id goes instead
 
     def __call__(self, item: tuple) -> dict:
         if self.context is not None:
             return self.context.copy().run(self._run, item)
-        return self._run(item)
+        from ..observe import _calllog as calllog
+
+        with calllog.batch(self.run_id):
+            return self._run(item)
 
     def _sender(self, plan: _PromptPlan, target: Target) -> Any:
         from ..clients import client as get_client
@@ -381,7 +328,7 @@ def _fingerprint(plans: list[_PromptPlan], targets: list[Target], repeat: int) -
     for plan in plans:
         add({"prompt": plan.name, "params": plan.llm.model_params, "output_type": str(plan.llm.output_type)})
         for v in plan.versions:
-            add({"version": v.label, "texts": sorted(v.prompt._texts.items()) or [
+            add({"version": v.label, "includes": sorted(v.prompt._included().items()), "texts": sorted(v.prompt._texts.items()) or [
                 str(v.prompt.system_path), _read(v.prompt.system_path), _read(v.prompt.user_path)]})
         for source in plan.sources:
             for case in source.cases():
@@ -425,8 +372,13 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
         store: False keeps the run in a temporary database that lives as long as the report.
         fresh: start a new run even when the same matrix was run before (default: resume it,
             or report a complete one again without sending anything).
-        max_workers, executor: as :class:`~tinyllm.batch.Runner` (threads; any Executor).
+        max_workers, executor: as :class:`~tinyllm.batch.Runner` (threads; any Executor). On an executor
+            of other processes (a ``ProcessPoolExecutor``, Dask's ``client.get_executor()``) the cells run
+            there in chunks of 50, each on ``max_workers`` threads; each call on a worker is tagged with the
+            run's id (its call-log ``batch_id``, when the worker logs calls: LOG_CALLS in its settings); the
+            workers use their own settings (API keys, BASE_URL, REDIS_URL, CACHE_API_CALLS, MAX_COST).
         max_cost: USD the run may spend; then it stops sending (status ``interrupted``: rerun to go on).
+            Not with an executor of other processes (a ConfigError: it would hold in this process only).
         progress: show progress on stderr.
 
     Returns:
@@ -446,6 +398,10 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
 
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"evaluate: repeat must be an int >= 1, got {repeat!r}")
+    remote = executor is not None and not isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    if remote and max_cost is not None:
+        raise ConfigError("evaluate: max_cost holds in this process only and does not reach the workers of a process "
+                          "or Dask executor; set MAX_COST in the workers' environment instead (a limit per worker process)")
     if isinstance(revs, str):
         revs = [revs]
     if isinstance(models, str):
@@ -482,11 +438,9 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
     budget = Budget(max_cost)
     with calllog.batch(run_id), budget.activate():
         context = contextvars.copy_context()
-    import concurrent.futures
-
-    if executor is not None and not isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-        context = None  # a context does not travel to another process: the workers' calls are not tagged
-    runner = Runner(_Cells(plans, targets, the_judge, context), executor=executor, max_workers=max_workers,
+    if remote:
+        context = None  # a context does not travel to another process: each cell sets the run id where it runs
+    runner = Runner(_Cells(plans, targets, the_judge, context, run_id), executor=executor, max_workers=max_workers,
                     progress=progress, desc="eval", unit="cell")
     try:
         summary = runner.to_jsonl(lambda: _cells(plans, targets, repeat), jsonl, line=_line, fatal=(ConfigError,),

@@ -183,18 +183,26 @@ class _Loader(jinja2.FileSystemLoader):
 
     def get_source(self, environment, template):  # type: ignore[override]
         source, filename, uptodate = super().get_source(environment, template)
-        fm_body = _split_front_matter(source, filename)[1]
-        if fm_body is not source:
-            body = fm_body.lstrip("\n")
-            fm_body = "{#" + "\n" * (len(fm_body) - len(body)) + "#}" + body
-        return fm_body, filename, uptodate
+        return included_body(source, filename), filename, uptodate
+
+
+def included_body(source: str, filename: str | None) -> str:
+    """``source`` of an included file with its front matter turned into a Jinja comment spanning as
+    many lines (so errors report the file's own line numbers). Raises TemplateError for bad front matter."""
+    fm_body = _split_front_matter(source, filename)[1]
+    if fm_body is not source:
+        body = fm_body.lstrip("\n")
+        fm_body = "{#" + "\n" * (len(fm_body) - len(body)) + "#}" + body
+    return fm_body
 
 
 @functools.lru_cache(maxsize=64)
-def _environment(dirs: tuple[str, ...], carried: tuple[tuple[str, tuple[str, str]], ...] | None = None) -> ImmutableSandboxedEnvironment:
-    """The sandbox for templates found in ``dirs``; ``carried``: ``(name, (file, source))`` of included
-    files that came with a pickled Prompt, looked up before ``dirs``."""
-    loader: jinja2.BaseLoader = _Loader(list(dirs))
+def _environment(dirs: tuple[str, ...], carried: tuple[tuple[str, tuple[str, str]], ...] | None = None,
+                 files: jinja2.BaseLoader | None = None) -> ImmutableSandboxedEnvironment:
+    """The sandbox for templates found in ``dirs`` (or by ``files``, a loader used instead, e.g. one reading
+    a git revision); ``carried``: ``(name, (file, source))`` of included files that came with a pickled
+    Prompt, looked up first."""
+    loader: jinja2.BaseLoader = files if files is not None else _Loader(list(dirs))
     if carried is not None:
         files = dict(carried)
 
@@ -360,14 +368,16 @@ class Prompt:
     """
 
     def __init__(self, name: str, system_path: Path, user_path: Path | None, dirs: tuple[str, ...], *,
-                 texts: dict[str, str] | None = None, includes: dict[str, tuple[str, str]] | None = None):
+                 texts: dict[str, str] | None = None, includes: dict[str, tuple[str, str]] | None = None,
+                 loader: jinja2.BaseLoader | None = None):
         # texts/includes: given when the Prompt comes from a pickle (see __reduce__): the files' texts
-        # (path -> text) and the included files (include name -> (file, source)), instead of the disk
+        # (path -> text) and the included files (include name -> (file, source)), instead of the disk;
+        # loader: where included files are found instead of ``dirs`` on disk (eval's template at a git revision)
         self.name, self.system_path, self.user_path, self._dirs = name, system_path, user_path, dirs
         self._texts: dict[str, str] = {}
         self._includes = includes
         self._sources: list[str] = []  # the Jinja sources compiled, for the includes a pickle carries
-        env = self._env = _environment(dirs, None if includes is None else tuple(sorted(includes.items())))
+        env = self._env = _environment(dirs, None if includes is None else tuple(sorted(includes.items())), loader)
         self.front_matter, self._parts, self.variables = {}, [], set()
         origin: dict[str, Path] = {}  # front-matter key -> the file it came from, for error messages
         for role, path in [("system", system_path), ("user", user_path)]:
