@@ -85,10 +85,9 @@ def test_a_complete_stream_is_one_row_with_usage_cost_latency_and_ttft(wired, pr
 def test_a_stream_that_fails_midway_is_logged_with_the_error_and_the_partial_text(wired, prompts, db):
     wired.enqueue(Stream(Reply("one two three four five six"), drop_after=4))
     response = LLMCall("ask", prompts_dir=prompts).stream(question="q")
-    seen = []
+    seen: list[str] = []
     with pytest.raises(tinyllm.APIConnectionError) as info:
-        for delta in response:
-            seen.append(delta)
+        seen.extend(response)
     response.close()  # after the failure: no second row
     (row,) = rows(db)
     assert row["error"]["type"] == "APIConnectionError"

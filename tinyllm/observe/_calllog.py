@@ -667,7 +667,7 @@ class StreamObserver:
     Made only when ``LOG_CALLS`` is on; a stream closed or dropped before its first text delta read
     nothing and is not logged (nothing was sent, or nothing was received)."""
 
-    __slots__ = ("cfg", "sender", "params", "written", "__weakref__")
+    __slots__ = ("__weakref__", "cfg", "params", "sender", "written")
 
     def __init__(self, cfg: Any, sender: Any, params: dict) -> None:
         self.cfg, self.sender, self.params, self.written = cfg, sender, params, False
