@@ -345,3 +345,12 @@ def test_a_log_of_the_old_schema_is_read_as_is_then_migrated_on_the_first_write(
         assert [r["template"] for r in calllog.query(conn, text="old")] == ["old.system.md"]  # full-text search still works
     finally:
         conn.close()
+
+
+def test_tinyllm_call_stream_is_logged(wired, prompts, db):
+    wired.enqueue(Stream(Reply("streamed from the command")))
+    result = CliRunner().invoke(cli, ["call", "ask", "--prompts-dir", str(prompts), "--var", "question=q", "--stream"])
+    assert result.exit_code == 0, result.output
+    assert "streamed from the command" in result.output
+    (row,) = rows(db)
+    assert row["response"] == "streamed from the command" and row["ttft"] is not None and row["error"] is None
