@@ -70,6 +70,7 @@ def in_flight() -> int:
 def test_a_complete_stream_is_one_row_with_usage_cost_latency_and_ttft(wired, prompts, db):
     wired.enqueue(Stream(Reply("Paris is the capital.")))
     response = LLMCall("ask", prompts_dir=prompts).stream(question="Capital of France?")
+    assert response._observer is not None
     assert "".join(response) == "Paris is the capital."
     (row,) = rows(db)
     assert row["response"] == "Paris is the capital." and row["reply"] == {"content": "Paris is the capital."}
@@ -151,8 +152,9 @@ def test_nothing_is_logged_with_log_calls_off(server, monkeypatch, prompts, db):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini", log_calls=False, log_db=db)
     response = LLMCall("ask", prompts_dir=prompts).stream(question="q")
+    assert response._observer is None  # nothing watches it
     assert "".join(response) == "echo: q"
-    assert response._observer is None and rows(db) == []
+    assert rows(db) == []
 
 
 # -- async ------------------------------------------------------------------------------
@@ -354,3 +356,17 @@ def test_tinyllm_call_stream_is_logged(wired, prompts, db):
     assert "streamed from the command" in result.output
     (row,) = rows(db)
     assert row["response"] == "streamed from the command" and row["ttft"] is not None and row["error"] is None
+
+
+def test_a_key_a_tool_returns_is_masked_in_the_tool_rounds_column(wired, prompts, db):
+    def leaky(city: str) -> str:
+        """Returns the key (a tool that should not)."""
+        return f"{city}: {KEY}"
+
+    leak = dict(CALL, function={"name": "leaky", "arguments": '{"city": "Paris"}'})
+    wired.enqueue(Stream(Message({"content": None, "tool_calls": [leak]})), Stream(Reply("done")))
+    assert "".join(LLMCall("ask", prompts_dir=prompts, tools=[leaky]).stream(question="q")) == "done"
+    (row,) = rows(db)
+    assert row["tool_rounds"][0]["calls"][0]["content"] == "Paris: ****6789"  # masked as in every column
+    assert KEY not in row["tool_rounds"][0]["calls"][0]["content"]
+    assert KEY not in b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*")).decode("latin-1")

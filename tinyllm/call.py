@@ -646,6 +646,10 @@ class LLMCall:
         that does not fit ``output_type`` raises OutputParseError at the end. A
         client that cannot stream answers in one piece (one delta).
 
+        With ``LOG_CALLS`` on, the call is logged when the stream ends: complete, failed (the error
+        and the partial text), closed early (``StreamClosed``) or dropped unfinished
+        (``StreamAbandoned``); see docs/logging.md.
+
         Raises (while iterating): the errors of :meth:`call`; an error after the
         first delta carries ``.partial``, the text received so far.
         """

@@ -237,8 +237,9 @@ class Response:
 
     def _ended(self, exc: BaseException | None) -> None:
         """Tell the call log (when it watches this stream) that the stream ended, complete or with ``exc``."""
-        if self._observer is not None:
-            self._observer.ended(self, exc)
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.ended(self, exc)
 
     def __enter__(self) -> "Response":
         return self
@@ -254,18 +255,21 @@ class Response:
 
     def close(self) -> None:
         """Stop a stream early: the HTTP response is closed and the queue slot freed at once.
-        Nothing is cached; the Response stays incomplete (``done`` is False)."""
+        Nothing is cached; the Response stays incomplete (``done`` is False). With ``LOG_CALLS`` on,
+        the call is logged with the error type ``StreamClosed`` and the text received so far."""
         if self._stream is not None:
             self._stream.close()
-            if self._observer is not None:
-                self._observer.closed(self)
+            observer, self._observer = self._observer, None
+            if observer is not None:
+                observer.closed(self)
 
     async def aclose(self) -> None:
         """The asyncio twin of :meth:`close`."""
         if self._stream is not None:
             await self._stream.aclose()
-            if self._observer is not None:
-                self._observer.closed(self)
+            observer, self._observer = self._observer, None
+            if observer is not None:
+                observer.closed(self)
 
     def add_reply(self, reply: Any) -> None:
         """Fold one :class:`tinyllm.clients._base.Reply` into this record (usage summed, last one kept)."""
