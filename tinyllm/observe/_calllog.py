@@ -5,7 +5,10 @@ the template's name, path and content hash, the variables, the messages sent (ea
 reply (text; content, tool calls, refusal), the model asked for and the model that
 answered, the api_type and endpoint (URLs redacted), the parameters, usage, cost
 (USD), latency, time to first token, cached or not, retries, output retries, the
-error type and message of a failed call, and the batch id of a ``map`` run. With
+error type and message of a failed call, the tool rounds (each call's tool, arguments, result or
+error, duration), and the batch id of a ``map`` run. A streamed call is one row too, written when
+its stream ends, fails, is closed (``StreamClosed``) or dropped unfinished (``StreamAbandoned``),
+with the text received so far (:func:`watch_stream`). With
 fallbacks, each client's failed try is a row of its own (its api_type, model and
 error) before the call's row, which names the client that answered. API keys
 never: besides never being put in, every known key is masked out of each field.
