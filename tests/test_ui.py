@@ -561,3 +561,121 @@ def test_an_empty_field_leaves_a_default_to_apply(page, root, wired):
     assert "At most 80 words about ." in frag
     _, _, frag = page.post("/prompts/dflt/render", _editor_form(text, **{"var-n": "5", "var-topic": "owls"}))
     assert "At most 5 words about owls." in frag
+
+
+# -- runs in the call log, tool rounds and partial replies in a call's record ----------------------------
+
+
+def _rows(db: Path) -> list[dict]:
+    from tinyllm.observe import _calllog as calllog
+
+    assert calllog.flush_all(10)
+    conn = calllog.connect(str(db))
+    try:
+        return calllog.query(conn, limit=1000)
+    finally:
+        conn.close()
+
+
+def test_run_and_compare_are_logged_and_shown_in_the_call_log(page, root, wired):
+    import tinyllm
+
+    tinyllm.configure(log_calls=True, log_db=str(root / "calls.db"))
+    before = {r["id"] for r in _rows(root / "calls.db")} if (root / "calls.db").exists() else set()
+    _, _, text = page.get("/prompts/greet")
+    [stream] = _start(page, "/prompts/greet/run", _editor_form(text, **{"var-name": "Logged", "var-place": "Run",
+                                                                          "api_type": "openai", "model": "gpt-4o-mini"}))
+    assert page.events(stream)[-1][0] == "done"
+    streams = _start(page, "/prompts/greet/compare", _editor_form(
+        text, **{"var-name": "Logged", "var-place": "Compare", "cmp_api_type_0": "openai", "cmp_model_0": "gpt-4o-mini",
+                 "cmp_api_type_1": "openai", "cmp_model_1": "gpt-4.1-nano", "cmp_model_2": "", "cmp_model_3": ""}))
+    for s in streams:
+        assert page.events(s)[-1][0] == "done"
+    new = [r for r in _rows(root / "calls.db") if r["id"] not in before]
+    assert sorted((r["variables"]["place"], r["model"]) for r in new) == [
+        ("Compare", "gpt-4.1-nano"), ("Compare", "gpt-4o-mini"), ("Run", "gpt-4o-mini")]
+    assert all(r["error"] is None and r["ttft"] is not None and r["completion_tokens"] > 0 for r in new)
+    run = next(r for r in new if r["variables"]["place"] == "Run")
+    assert run["response"] == "echo: Say hello to Logged from Run."
+    status, _, record = page.get(f"/logs/{run['id']}")
+    assert status == 200 and "echo: Say hello to Logged from Run." in record
+
+
+def test_a_run_with_log_calls_off_is_not_logged(page, root, wired):
+    import tinyllm
+
+    tinyllm.configure(log_calls=False, log_db=str(root / "nolog.db"))
+    _, _, text = page.get("/prompts/greet")
+    [stream] = _start(page, "/prompts/greet/run", _editor_form(text, **{"var-name": "A", "var-place": "B"}))
+    assert page.events(stream)[-1][0] == "done"
+    from tinyllm.observe._calllog import flush_all
+
+    assert flush_all(10) and not (root / "nolog.db").exists()
+
+
+def test_a_call_record_shows_its_tool_rounds_escaped(page, root, fake, monkeypatch):
+    import tinyllm
+    from fakeserver import Message
+
+    fake.reset()
+    wire(fake, monkeypatch, KEY)
+    tinyllm.configure(log_calls=True, log_db=str(root / "calls.db"))
+
+    def lookup(city: str) -> str:
+        """Look a city up."""
+        return f"<b>{city}</b> is fine"
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "Rome<i>"}'}}
+    fake.enqueue(Message({"content": None, "tool_calls": [call]}), Reply("Rome is fine."))
+    tinyllm.LLMCall("greet", prompts_dir=str(root / "prompts"), tools=[lookup]).call(name="tools", place="here")
+    row = next(r for r in _rows(root / "calls.db") if r["variables"] == {"name": "tools", "place": "here"})
+    status, _, record = page.get(f"/logs/{row['id']}")
+    assert status == 200 and "Tool rounds" in record and 'id="tool-round-1"' in record
+    assert "lookup" in record and "&lt;b&gt;Rome&lt;i&gt;&lt;/b&gt; is fine" in record and "<b>Rome" not in record
+
+
+def test_a_call_record_shows_the_partial_reply_of_a_failed_stream(page, root, fake, monkeypatch):
+    import tinyllm
+    from fakeserver import Stream
+
+    fake.reset()
+    wire(fake, monkeypatch, KEY)
+    tinyllm.configure(log_calls=True, log_db=str(root / "calls.db"))
+    fake.enqueue(Stream(Reply("one two three four five six"), drop_after=4))
+    with pytest.raises(tinyllm.APIConnectionError):
+        list(tinyllm.LLMCall("greet", prompts_dir=str(root / "prompts")).stream(name="partial", place="p"))
+    row = next(r for r in _rows(root / "calls.db") if r["variables"] == {"name": "partial", "place": "p"})
+    status, _, record = page.get(f"/logs/{row['id']}")
+    assert status == 200 and 'id="partial-reply"' in record and "APIConnectionError" in record
+    assert row["response"] in record and row["response"].startswith("one ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("no_log", [False, True], ids=["logged", "no-log"])
+def test_tinyllm_ui_logs_page_runs_to_its_db_unless_no_log(tmp_path, fake, no_log):
+    import signal
+
+    fake.reset()
+    fake.reply_with(None)
+    _greet(tmp_path / "prompts")
+    db = tmp_path / "page.db"
+    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "ui", "--port", "0", "--db", str(db),
+                             *(["--no-log"] if no_log else [])], cwd=tmp_path,
+                            env=child_env(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=fake.base_url, TINYLLM_API_TYPE="openai"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert m, line + proc.stderr.read()
+        p = Page(int(m.group(1)))
+        _, _, text = p.get("/prompts/greet")
+        [stream] = _start(p, "/prompts/greet/run", _editor_form(text, **{"var-name": "Sub", "var-place": "Process"}))
+        assert p.events(stream)[-1][0] == "done"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    if no_log:
+        assert not db.exists()
+    else:
+        [row] = _rows(db)
+        assert row["response"] == "echo: Say hello to Sub from Process." and row["error"] is None

@@ -8,7 +8,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .observe import _usage as usage
-from .observe._calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
+from .observe._calllog import aobserved, observed, watch_stream  # the call log and the call's span (observe/)
 from .clients import Client, as_client
 from .clients._chain import Fallbacks, check_fallbacks
 from ._mcp import FrontServers, tool_sources
@@ -358,12 +358,18 @@ async def _astream_rounds(sender: Client, ref: Any, params: dict, accept: Callab
 
 def _open_stream(sender: Client, response: Response, params: dict, output_type: Any, tools: Toolbox | None,
                  on_reply: Callable[[dict], None], asynchronous: bool) -> Any:
-    """The stream of a streamed call: one request, or with tools round after round."""
+    """The stream of a streamed call: one request, or with tools round after round; the call log
+    watches it when LOG_CALLS is on (one row when it ends, fails, is closed or dropped)."""
+    watch_stream(sender, response, params)
     accept = _fits(output_type, tools)
     if tools:
         return _ToolRoundsStream(sender, response, params, accept, tools, on_reply)
     opener = sender.astream_request if asynchronous else sender.stream_request
-    return opener(response.messages, accept=accept, **params)
+    try:
+        return opener(response.messages, accept=accept, **params)
+    except BaseException as exc:  # refused before sending (context window, parameters): logged as a failed call
+        response._ended(exc)
+        raise
 
 
 def _streaming(response: Response, stream: Any, output_type: Any, on_reply: Callable[[dict], None] = lambda m: None,
@@ -639,6 +645,10 @@ class LLMCall:
         for tools runs them and the next reply streams on. Output retries do not apply: a reply
         that does not fit ``output_type`` raises OutputParseError at the end. A
         client that cannot stream answers in one piece (one delta).
+
+        With ``LOG_CALLS`` on, the call is logged when the stream ends: complete, failed (the error
+        and the partial text), closed early (``StreamClosed``) or dropped unfinished
+        (``StreamAbandoned``); see docs/logging.md.
 
         Raises (while iterating): the errors of :meth:`call`; an error after the
         first delta carries ``.partial``, the text received so far.

@@ -126,6 +126,7 @@ class Response:
     _stream: Any = field(default=None, repr=False)
     _on_done: Callable[["Response"], None] | None = field(default=None, repr=False)
     _parts: list = field(default_factory=list, repr=False)
+    _observer: Any = field(default=None, repr=False)  # the call log's watch on a stream (observe/_calllog.py)
 
     @property
     def text(self) -> str:
@@ -201,10 +202,16 @@ class Response:
             if self.text:
                 yield self.text
             return
-        for delta in self._stream:
-            self._delta(delta)
-            yield delta
-        self._complete()
+        try:
+            for delta in self._stream:
+                self._delta(delta)
+                yield delta
+            self._complete()
+        except GeneratorExit:  # the loop was left (break): the stream may be read on, closed or dropped
+            raise
+        except BaseException as exc:
+            self._ended(exc)
+            raise
 
     def __aiter__(self) -> AsyncIterator[str]:
         """The asyncio twin of ``__iter__`` (for ``LLMCall.astream``).
@@ -226,6 +233,13 @@ class Response:
         self.cached = reply.cached
         if self._on_done is not None:
             self._on_done(self)
+        self._ended(None)
+
+    def _ended(self, exc: BaseException | None) -> None:
+        """Tell the call log (when it watches this stream) that the stream ended, complete or with ``exc``."""
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.ended(self, exc)
 
     def __enter__(self) -> "Response":
         return self
@@ -241,14 +255,21 @@ class Response:
 
     def close(self) -> None:
         """Stop a stream early: the HTTP response is closed and the queue slot freed at once.
-        Nothing is cached; the Response stays incomplete (``done`` is False)."""
+        Nothing is cached; the Response stays incomplete (``done`` is False). With ``LOG_CALLS`` on,
+        the call is logged with the error type ``StreamClosed`` and the text received so far."""
         if self._stream is not None:
             self._stream.close()
+            observer, self._observer = self._observer, None
+            if observer is not None:
+                observer.closed(self)
 
     async def aclose(self) -> None:
         """The asyncio twin of :meth:`close`."""
         if self._stream is not None:
             await self._stream.aclose()
+            observer, self._observer = self._observer, None
+            if observer is not None:
+                observer.closed(self)
 
     def add_reply(self, reply: Any) -> None:
         """Fold one :class:`tinyllm.clients._base.Reply` into this record (usage summed, last one kept)."""
@@ -352,7 +373,14 @@ class _AsyncDeltas:
             delta = await self._inner.__anext__()
         except StopAsyncIteration:
             self._inner = None
-            response._complete()
+            try:
+                response._complete()
+            except BaseException as exc:
+                response._ended(exc)
+                raise
+            raise
+        except BaseException as exc:
+            response._ended(exc)
             raise
         response._delta(delta)
         return delta

@@ -176,7 +176,12 @@ def logs_show(ctx: click.Context, call_id: str, as_json: bool, db: str | None) -
     for m in rec["messages"] or []:
         click.echo(f"\n--- {m.get('role')} ---")
         click.echo(m.get("content") if isinstance(m.get("content"), str) else _dumps(m.get("content")))
+    for round_ in rec.get("tool_rounds") or []:
+        _echo_round(round_)
     reply = rec["reply"]
+    if reply is None and rec.get("response") is not None and rec["error"]:  # a stream that did not end
+        click.echo(f"\n--- partial reply (the stream ended early: {rec['error']['type']}) ---")
+        click.echo(rec["response"])
     if reply is not None:
         click.echo("\n--- reply ---")
         if reply.get("content") is not None:
@@ -185,6 +190,22 @@ def logs_show(ctx: click.Context, call_id: str, as_json: bool, db: str | None) -
             click.echo("tool calls: " + _dumps(reply["tool_calls"], indent=2))
         if reply.get("refusal"):
             click.echo(f"refusal: {reply['refusal']}")
+
+
+def _echo_round(round_: dict) -> None:
+    """One tool round of a row: each call's name and arguments, its duration, its result or error."""
+    duration = round_.get("duration")
+    click.echo(f"\n--- tool round {int(round_.get('index') or 0) + 1}"
+               + (f" ({duration:.3f} s)" if isinstance(duration, (int, float)) else "") + " ---")
+    for call in round_.get("calls") or []:
+        arguments = call.get("arguments")
+        shown = _dumps(arguments) if arguments is not None else call.get("raw_arguments", "")
+        took = call.get("duration")
+        click.echo(f"{call.get('name')}({shown})" + (f"  {took:.3f} s" if isinstance(took, (int, float)) else ""))
+        if call.get("error"):
+            click.echo(f"  error: {call['error']}")
+        else:
+            click.echo(f"  -> {call.get('content', '')}")
 
 
 @logs.command("stats")

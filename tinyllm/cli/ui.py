@@ -13,8 +13,9 @@ from ._common import _log_option, _prompts_dir_option, _search_dirs, _turn_on_lo
               help="Listen on ADDRESS instead of 127.0.0.1 (e.g. 0.0.0.0); then every request needs the token "
                    "printed at start (it is in the URL to open).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
-@click.option("--db", "db", type=click.Path(dir_okay=False), help="The call log file (default: LOG_DB, else calls.db "
-                                                                   "in the user's data directory).")
+@click.option("--db", "db", type=click.Path(dir_okay=False), help="The call log file the page shows and its runs are "
+                                                                   "logged to (default: LOG_DB, else calls.db in the "
+                                                                   "user's data directory).")
 @_prompts_dir_option
 @_log_option
 @click.pass_context
@@ -23,14 +24,18 @@ def ui(ctx: click.Context, port: int, host: str | None, open_browser: bool, db: 
     """Serve the workbench page: edit prompts and see them rendered, run and compare models,
     read evaluations and the call log. Needs `pip install 'tinyllm[ui]'`.
 
-    It listens on 127.0.0.1 unless --host is given. LOG_CALLS is on unless --no-log, but the page's
-    runs are streamed calls, which the call log does not record yet.
+    It listens on 127.0.0.1 unless --host is given. Run and Compare are logged (LOG_CALLS is on
+    unless --no-log or LOG_CALLS=false), to the --db file when given.
     """
     import secrets
 
     from ..ui import LOOPBACK, serve
 
     _turn_on_log(ctx)
+    if db and not ctx.meta.get("tinyllm.no_log"):  # the page's runs go to the log it shows
+        from ..config import configure
+
+        configure(log_db=db)
     listen = host or LOOPBACK
     token = secrets.token_urlsafe(24) if host is not None else None
 

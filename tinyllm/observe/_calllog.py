@@ -5,7 +5,10 @@ the template's name, path and content hash, the variables, the messages sent (ea
 reply (text; content, tool calls, refusal), the model asked for and the model that
 answered, the api_type and endpoint (URLs redacted), the parameters, usage, cost
 (USD), latency, time to first token, cached or not, retries, output retries, the
-error type and message of a failed call, and the batch id of a ``map`` run. With
+error type and message of a failed call, the tool rounds (each call's tool, arguments, result or
+error, duration), and the batch id of a ``map`` run. A streamed call is one row too, written when
+its stream ends, fails, is closed (``StreamClosed``) or dropped unfinished (``StreamAbandoned``),
+with the text received so far (:func:`watch_stream`). With
 fallbacks, each client's failed try is a row of its own (its api_type, model and
 error) before the call's row, which names the client that answered. API keys
 never: besides never being put in, every known key is masked out of each field.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import json
@@ -42,22 +46,22 @@ from typing import Any, Callable, Iterator
 
 from . import _otel as otel
 
-__all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "batch", "flush_all", "damaged",
-           "new_id", "connect", "query", "get", "stats", "values"]
+__all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "watch_stream", "StreamObserver",
+           "StreamClosed", "StreamAbandoned", "batch", "flush_all", "damaged", "new_id", "connect", "query", "get", "stats", "values"]
 
 log = logging.getLogger("tinyllm")
 QUEUE_SIZE = 10_000  # rows waiting to be written; beyond this they are dropped (one WARNING)
 BATCH_SIZE = 500  # rows per transaction at most
 IDLE_SECONDS = 5.0  # a writer thread with nothing to do for this long ends (a new one starts on demand)
 BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's lock before the batch is dropped
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: the first schema; 2: the tool_rounds column (added to a version 1 file by _setup)
 
 _COLUMNS = ("id", "ts", "template", "template_path", "template_hash", "variables", "messages", "response", "reply",
             "model_requested", "model", "api_type", "endpoint", "params", "prompt_tokens", "completion_tokens",
             "total_tokens", "usage", "cost", "latency", "ttft", "cached", "retries", "output_retries",
-            "finish_reason", "error_type", "error_message", "batch_id", "pid")
+            "finish_reason", "error_type", "error_message", "batch_id", "pid", "tool_rounds")
 _TEXT_COLUMNS = ("template", "template_path", "variables", "messages", "response", "reply", "model_requested", "model",
-                 "endpoint", "params", "usage", "error_message")
+                 "endpoint", "params", "usage", "error_message", "tool_rounds")
 _FTS_COLUMNS = ("template", "variables", "messages", "response", "error_message")
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS calls (
@@ -69,7 +73,8 @@ CREATE TABLE IF NOT EXISTS calls (
     model_requested TEXT, model TEXT, api_type TEXT, endpoint TEXT, params TEXT,
     prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, usage TEXT,
     cost REAL, latency REAL, ttft REAL, cached INTEGER, retries INTEGER, output_retries INTEGER,
-    finish_reason TEXT, error_type TEXT, error_message TEXT, batch_id TEXT, pid INTEGER
+    finish_reason TEXT, error_type TEXT, error_message TEXT, batch_id TEXT, pid INTEGER,
+    tool_rounds TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE INDEX IF NOT EXISTS calls_batch ON calls(batch_id);
@@ -86,6 +91,10 @@ CREATE TRIGGER IF NOT EXISTS calls_fts_delete AFTER DELETE ON calls BEGIN
         VALUES ('delete', old.seq, {", ".join("old." + c for c in _FTS_COLUMNS)});
 END;
 """
+#: columns added after the first schema, as (name, SQL type): a file made by an older tinyllm gets them
+#: (ALTER TABLE ... ADD COLUMN; its rows read them as NULL), and an older tinyllm writing a newer file
+#: names its own columns, so it leaves them NULL
+_ADDED_COLUMNS = (("tool_rounds", "TEXT"),)
 _INSERT = f"INSERT OR IGNORE INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 
 _batch: contextvars.ContextVar[str | None] = contextvars.ContextVar("tinyllm_batch", default=None)
@@ -360,6 +369,7 @@ def _setup(conn: Any) -> None:
             try:
                 for statement in _statements(_SCHEMA):
                     conn.execute(statement)
+                _add_columns(conn)
                 if _has_fts5(conn):
                     for statement in _statements(_FTS_SCHEMA):
                         conn.execute(statement)
@@ -374,6 +384,14 @@ def _setup(conn: Any) -> None:
             if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def _add_columns(conn: Any) -> None:
+    """Add the columns of :data:`_ADDED_COLUMNS` that the ``calls`` table lacks (a file of an older schema)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE calls ADD COLUMN {name} {kind}")
 
 
 def _statements(script: str) -> list[str]:
@@ -515,10 +533,16 @@ def _row(item: tuple) -> tuple:
     message = response.message or {}
     reply = {k: message[k] for k in ("content", "tool_calls", "refusal") if message.get(k) is not None} if message else None
     usage = response.usage or {}
+    parts = getattr(response, "_parts", None)
+    if exc is not None and parts:  # a stream that failed, was closed or dropped: the text received so far
+        text: str | None = "".join(parts)
+    else:
+        text = response.text if response.message is not None else None
+    rounds = [r.as_dict() for r in response.tool_rounds] if getattr(response, "tool_rounds", None) else None
     row: dict[str, Any] = {
         "id": call_id, "ts": ts, "template": response.template, "template_path": template_path,
         "template_hash": template_hash, "variables": _json(response.variables), "messages": _json(_without_media(response.messages)),
-        "response": response.text if response.message is not None else None, "reply": _json(reply),
+        "response": text, "reply": _json(reply),
         "model_requested": model_requested, "model": response.model or model_requested,
         "api_type": response.api_type or getattr(sender, "api_type", None), "endpoint": _json(endpoint),
         "params": _json(_public_params(resolved)),
@@ -528,6 +552,7 @@ def _row(item: tuple) -> tuple:
         "retries": response.retries, "output_retries": response.output_retries, "finish_reason": response.finish_reason,
         "error_type": type(exc).__name__ if exc is not None else None,
         "error_message": str(exc) if exc is not None else None, "batch_id": batch_id, "pid": pid,
+        "tool_rounds": _json(rounds),
     }
     secrets = _secrets(sender, cfg, resolved)
     if secrets:
@@ -623,6 +648,87 @@ def _record(cfg: Any, sender: Any, response: Any, params: dict, exc: BaseExcepti
         log.debug("call log: %s", err)
 
 
+class StreamClosed(Exception):
+    """The error type a streamed call's row gets (never raised) when the stream was closed before it
+    ended: ``close()`` / ``aclose()`` / a ``with`` block left early, or its asyncio task cancelled."""
+
+
+class StreamAbandoned(Exception):
+    """The error type a streamed call's row gets (never raised) when the stream was dropped unfinished
+    (its Response freed, e.g. after a ``break``, without ``close()``)."""
+
+
+_DETACHED = ("_stream", "_on_done", "_observer")
+
+
+class StreamObserver:
+    """The call log's watch on one streamed call (``LLMCall.stream``/``astream``, ``LLMChat.stream``/``astream``):
+    one row, written once, by whichever comes first: the stream's end (complete, or failed with the
+    error and the partial text), :meth:`closed`, or the Response dropped unfinished (a weakref finalizer
+    on it, which holds the Response's fields, never the Response: see :func:`watch_stream`).
+
+    Made only when ``LOG_CALLS`` is on; a stream closed or dropped before its first text delta read
+    nothing and is not logged (nothing was sent, or nothing was received)."""
+
+    __slots__ = ("__weakref__", "cfg", "params", "sender", "written")
+
+    def __init__(self, cfg: Any, sender: Any, params: dict) -> None:
+        self.cfg, self.sender, self.params, self.written = cfg, sender, params, False
+
+    def ended(self, response: Any, exc: BaseException | None) -> None:
+        """The stream ended: complete (``exc`` None) or failed with ``exc`` (an asyncio cancellation is logged
+        as :class:`StreamClosed`). Never raises."""
+        if self.written:
+            return
+        self.written = True
+        if exc is not None and type(exc).__name__ == "CancelledError":
+            exc = StreamClosed(f"the stream was cancelled after {_chars(response._parts)} characters, before it ended")
+        _record(self.cfg, self.sender, response, self.params, exc)
+
+    def closed(self, response: Any) -> None:
+        """The stream was closed before it ended (a no-op once it ended or when nothing was read)."""
+        if self.written or response.time_to_first_token is None:
+            return
+        self.ended(response, StreamClosed(f"the stream was closed after {_chars(response._parts)} characters, "
+                                          "before it ended"))
+
+    def abandoned(self, fields: dict) -> None:
+        """The Response with these fields (its ``__dict__``) was freed unfinished: log a copy of it."""
+        if self.written or fields.get("time_to_first_token") is None:
+            return
+        self.written = True
+        try:
+            from ..response import Response
+
+            copy = Response(**{f.name: fields[f.name] for f in dataclasses.fields(Response)
+                               if f.init and f.name not in _DETACHED and f.name in fields})
+        except Exception as err:  # noqa: BLE001 - logging never fails a call
+            log.debug("call log: %s", err)
+            return
+        _record(self.cfg, self.sender, copy, self.params,
+                StreamAbandoned(f"the stream was dropped unfinished after {_chars(copy._parts)} characters"))
+
+
+def _chars(parts: list) -> int:
+    return sum(len(p) for p in parts)
+
+
+def watch_stream(sender: Any, response: Any, params: dict) -> None:
+    """Log the streamed call ``response`` (a :class:`~tinyllm.Response` set to read a stream) when
+    ``LOG_CALLS`` is on: one row when it ends, fails, is closed or is dropped (see :class:`StreamObserver`).
+    With LOG_CALLS off it only reads the setting.
+
+    The finalizer holds the Response's ``__dict__``, which refers to the observer, never the other
+    way: no reference cycle, so a dropped stream is still freed (and its request slot given back) at once.
+    """
+    cfg = sender.settings()
+    if not cfg.log_calls:
+        return
+    observer = StreamObserver(cfg, sender, params)
+    response._observer = observer
+    weakref.finalize(response, observer.abandoned, response.__dict__)
+
+
 def _resolved(sender: Any, params: dict, cfg: Any) -> dict:
     try:
         return sender.resolve_params(params, cfg)
@@ -683,7 +789,7 @@ def aobserved(fn: Callable[..., Any]) -> Callable[..., Any]:
 # Reading
 # --------------------------------------------------------------------------- #
 
-_JSON_COLUMNS = ("variables", "messages", "reply", "endpoint", "params", "usage")
+_JSON_COLUMNS = ("variables", "messages", "reply", "endpoint", "params", "usage", "tool_rounds")
 
 
 def connect(path: str) -> Any:
@@ -704,9 +810,13 @@ def connect(path: str) -> Any:
 
 
 def record_of(row: Any) -> dict[str, Any]:
-    """A row as plain data: JSON columns decoded, ``cached`` a bool, ``error`` ``{"type", "message"}`` or None."""
+    """A row as plain data: JSON columns decoded, ``cached`` a bool, ``error`` ``{"type", "message"}`` or None,
+    ``tool_rounds`` the call's tool rounds (``[{"index", "duration", "calls": [{"id", "name", "arguments",
+    "raw_arguments", "content", "error", "duration", "round"}]}]``, seconds) or None (none ran, or a row
+    written before the call log kept them)."""
     out = dict(row)
     out.pop("seq", None)
+    out.setdefault("tool_rounds", None)  # a file of the first schema, read without being written
     for column in _JSON_COLUMNS:
         if out.get(column) is not None:
             with contextlib.suppress(ValueError):
