@@ -797,7 +797,7 @@ def test_cache_stats_counts_hits_of_every_process(server, tmp_path):
     code = (
         "import tinyllm\n"
         f"tinyllm.configure(api_type='openai', base_url={server.base_url!r}, cache_api_calls=True, cache_file_name={str(cache_file)!r})\n"
-        "tinyllm.client().send_message([{'role': 'user', 'content': 'hi'}])\n"
+        "tinyllm.get_client().send_message([{'role': 'user', 'content': 'hi'}])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(3):  # a miss, then two hits, each in its own process

@@ -157,7 +157,7 @@ def test_register_client_with_a_plain_object(prompts):
     assert asyncio.run(call.acall(question="two")) == "plain saw two"
     assert plain.seen[0][1] == {"temperature": 0}  # accept= is not passed to a plain object
     assert LLMChat(system="s", api_type="scripted").say("three") == "plain saw three"
-    assert isinstance(tinyllm.client("scripted").capabilities, Capabilities)
+    assert isinstance(tinyllm.get_client("scripted").capabilities, Capabilities)
 
 
 def test_register_client_rejects_an_object_without_send_message():
@@ -199,7 +199,7 @@ def test_register_client_with_a_client_subclass_gets_the_pipeline(prompts):
     assert call.call(question="hi") == "HI"
     assert call.call(question="hi") == "HI"
     assert echo.sent == 1  # the second answer came from the client's own cache
-    assert tinyllm.client("echo") is echo
+    assert tinyllm.get_client("echo") is echo
     pydantic = pytest.importorskip("pydantic")
 
     class Answer(pydantic.BaseModel):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from .observe import _usage as usage
 from .observe._calllog import aobserved, observed  # the call log and the call's span (tinyllm/calllog.py, otel.py)
 from .clients import Client, as_client
-from .clients import client as get_client
+from .clients import get_client
 from .errors import ConfigError, OutputParseError, ResponseError
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response

@@ -216,7 +216,7 @@ def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None,
          max_tokens: int | None, cache: bool | None, **extra: Any) -> Any:
     """An LLMCall for the command-line options; checks the template and the backend before anything is sent.
     ``extra``: more LLMCall arguments (tools, tool_choice, on_tool_call), None ones left out."""
-    from .. import client, force_api_cache
+    from .. import force_api_cache, get_client
     from ..call import LLMCall
 
     template, _ = _resolve(name, _search_dirs(ctx))
@@ -226,7 +226,7 @@ def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None,
     if cache is not None:
         force_api_cache(cache)
     _turn_on_log(ctx)
-    client(api_type)  # ConfigError (exit 2) now: unknown api_type, or no backend configured
+    get_client(api_type)  # ConfigError (exit 2) now: unknown api_type, or no backend configured
     return llm
 
 

@@ -24,7 +24,7 @@ def render(ctx: click.Context, name: str, variables: dict, model: str | None, ap
     """Print the messages NAME renders to, the parameters that would be sent, and the prompt's
     tokens as the answering backend counts them (its model name and tokenizer), sending nothing."""
     from ..call import plan_output
-    from ..clients import client
+    from ..clients import get_client
     from ..config import get_config
     from ..tokens import count_tokens
 
@@ -32,7 +32,7 @@ def render(ctx: click.Context, name: str, variables: dict, model: str | None, ap
     messages = prompt.render(variables)
     given = {"model": model} if model else {}
     try:
-        sender = client(api_type)
+        sender = get_client(api_type)
     except ConfigError as exc:  # no backend configured: tiktoken's count for the configured model
         if api_type:
             raise
@@ -125,7 +125,7 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
     or Ctrl-D ends the conversation; Ctrl-C stops the current answer (the
     turn is dropped) without leaving.
     """
-    from .. import client, force_api_cache
+    from .. import force_api_cache, get_client
     from ..chat import LLMChat
 
     if name is not None and system is not None:
@@ -138,7 +138,7 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
         conversation.history = conversation.prompt.render(variables, include_user=False)
     if cache is not None:
         force_api_cache(cache)
-    client(api_type)  # ConfigError (exit 2) now
+    get_client(api_type)  # ConfigError (exit 2) now
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")

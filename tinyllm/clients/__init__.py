@@ -10,6 +10,7 @@ names every way to fix it).
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Callable
 
 from .._fork import reset_in_child
@@ -17,8 +18,8 @@ from ..config import Config, get_config
 from ..errors import ConfigError
 from ._base import CallInfo, Capabilities, Client, PlainClient, as_client, last_call_info
 
-__all__ = ["Client", "Capabilities", "PlainClient", "CallInfo", "Registry", "default_registry", "client", "register_client",
-           "force_api_type", "detect_api_type", "last_call_info", "as_client"]
+__all__ = ["Client", "Capabilities", "PlainClient", "CallInfo", "Registry", "default_registry", "get_client", "client",
+           "register_client", "force_api_type", "detect_api_type", "last_call_info", "as_client"]
 
 
 def _openai() -> Client:
@@ -54,7 +55,7 @@ class Registry:
     Built-in clients (``openai``, ``ollama``, ``azure``, ``llamacpp``) are built on
     first use with no settings of their own (so they follow the configuration);
     :meth:`register` replaces or adds one; :meth:`force` sends every call to one.
-    The package keeps one, :data:`default_registry`, behind :func:`client`,
+    The package keeps one, :data:`default_registry`, behind :func:`get_client`,
     :func:`register_client` and :func:`force_api_type`.
     """
 
@@ -94,7 +95,7 @@ class Registry:
             raise ConfigError(f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own)")
 
     def client(self, api_type: str | None = None) -> Client:
-        """See :func:`client`."""
+        """See :func:`get_client`."""
         forced = self._forced
         cfg = get_config() if forced is None and api_type is None else None
         chosen = forced or (api_type.lower() if api_type else None) or (cfg.api_type if cfg else None)
@@ -110,7 +111,7 @@ class Registry:
             return self._clients[chosen]
 
 
-#: the registry behind :func:`client`, :func:`register_client` and :func:`force_api_type`
+#: the registry behind :func:`get_client`, :func:`register_client` and :func:`force_api_type`
 default_registry = Registry()
 
 
@@ -158,10 +159,23 @@ def detect_api_type(cfg: Config) -> str:
     )
 
 
-def client(api_type: str | None = None) -> Client:
+def get_client(api_type: str | None = None) -> Client:
     """The client that answers for ``api_type`` (or the forced, configured or detected one).
+
+    The choice, first match wins: :func:`force_api_type` > ``api_type`` > the
+    ``API_TYPE`` setting > auto-detection (see :func:`detect_api_type`). The
+    same object is returned on every call for the same api_type (it holds the
+    queue and the cache of the default client).
 
     Raises:
         ConfigError: unknown api_type, or nothing configured (see :func:`detect_api_type`).
     """
+    return default_registry.client(api_type)
+
+
+def client(api_type: str | None = None) -> Client:
+    """Deprecated alias of :func:`get_client` (renamed in 0.2: a module-level ``client`` was shadowed
+    by every local variable of that name). Warns with ``DeprecationWarning``; returns the same object.
+    """
+    warnings.warn("tinyllm.client() is deprecated; use tinyllm.get_client()", DeprecationWarning, stacklevel=2)
     return default_registry.client(api_type)

@@ -117,7 +117,7 @@ class _Request:
     params: dict
     model: str
     prompt_tokens: int
-    cost: int
+    rate_tokens: int  # prompt + max_tokens: what counts against TOKENS_PER_MINUTE
     key: str | None
     cache: Any
     started: float
@@ -419,7 +419,7 @@ class Client:
         max_tokens = req.params.get("max_tokens", req.params.get("max_completion_tokens"))
         window = self.context_window(req.model, req.cfg)
         tokens.check_context_window(req.prompt_tokens, max_tokens, req.model, context_window=window)
-        req.cost = req.prompt_tokens + (max_tokens or 0)
+        req.rate_tokens = req.prompt_tokens + (max_tokens or 0)
 
     def _lookup(self, req: _Request) -> Reply | None:
         if req.cache is None:
@@ -497,14 +497,14 @@ class Client:
             scope = self._scope(req)
 
             def attempt(n: int) -> tuple:
-                with self.queue.lease(cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                with self.queue.lease(cfg, req.rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
                     return otel.attempt(req.model, n, self._chat, req.messages, self._attempt_params(req, n), cfg)
         else:  # the same, without the parts that would do nothing
             def attempt(n: int) -> tuple:
                 return self._chat(req.messages, self._attempt_params(req, n), cfg)
 
         with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
-            with self.queue.slot(cfg, req.cost):
+            with self.queue.slot(cfg, req.rate_tokens):
                 result = self.retrying(cfg).call(attempt)
             return self._finish(req, result)
 
@@ -520,7 +520,7 @@ class Client:
             scope = self._scope(req)
 
             async def attempt(n: int) -> tuple:
-                async with self.queue.alease(cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                async with self.queue.alease(cfg, req.rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
                     with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt
                         return await self._achat(req.messages, self._attempt_params(req, n), cfg)
         else:  # the same, without the parts that would do nothing
@@ -528,7 +528,7 @@ class Client:
                 return await self._achat(req.messages, self._attempt_params(req, n), cfg)
 
         with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
-            async with self.queue.aslot(cfg, req.cost):
+            async with self.queue.aslot(cfg, req.rate_tokens):
                 result = await self.retrying(cfg).acall(attempt)
             return self._finish(req, result)
 
@@ -621,14 +621,14 @@ class Client:
             usage.record(calls=len(texts) - len(missing), cached_calls=len(texts) - len(missing))
         if missing:
             batch = [texts[i] for i in missing]
-            cost = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
+            rate_tokens = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
             scope = lambda: self.limit_scope(cfg, endpoint)  # noqa: E731
 
             def attempt(n: int) -> tuple[list[list[float]], dict]:
-                with self.queue.lease(cfg, cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                with self.queue.lease(cfg, rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
                     return self._embed(batch, model, cfg)
 
-            with self.queue.slot(cfg, cost):
+            with self.queue.slot(cfg, rate_tokens):
                 vectors, reply_usage = self.retrying(cfg).call(attempt)
             if len(vectors) != len(batch):
                 raise ResponseError(f"asked for {len(batch)} embeddings, got {len(vectors)}", raw=None)
@@ -765,12 +765,12 @@ class ReplyStream:
         acc = Accumulator()
         with contextlib.ExitStack() as stack:
             stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-            stack.enter_context(client.queue.slot(req.cfg, req.cost))
+            stack.enter_context(client.queue.slot(req.cfg, req.rate_tokens))
 
             def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
                 attempt = contextlib.ExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
                 try:
-                    attempt.enter_context(client.queue.lease(req.cfg, req.cost, client._scope(req)))
+                    attempt.enter_context(client.queue.lease(req.cfg, req.rate_tokens, client._scope(req)))
                     with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
                         chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
                         attempt.callback(_close, chunks)
@@ -832,12 +832,12 @@ class AsyncReplyStream:
         acc = Accumulator()
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(budget.hold(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-            await stack.enter_async_context(client.queue.aslot(req.cfg, req.cost))
+            await stack.enter_async_context(client.queue.aslot(req.cfg, req.rate_tokens))
 
             async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
                 attempt = contextlib.AsyncExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
                 try:
-                    await attempt.enter_async_context(client.queue.alease(req.cfg, req.cost, client._scope(req)))
+                    await attempt.enter_async_context(client.queue.alease(req.cfg, req.rate_tokens, client._scope(req)))
                     with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
                         chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
                         attempt.push_async_callback(_aclose, chunks)
