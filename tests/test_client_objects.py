@@ -218,3 +218,25 @@ def test_api_key_and_misspelled_parameters_are_refused_at_construction(prompts):
     with pytest.raises(ConfigError, match="did you mean 'max_tokens'"):
         LLMChat(system="s", max_token=5)
     LLMCall("ask.system.md", prompts_dir=prompts, top_k=5)  # a server-specific parameter is still sent as given
+
+
+def test_capabilities_defaults_claim_nothing():
+    assert Capabilities() == Capabilities(json_schema=False, json_grammar=False, grammar=False, tools=False,
+                                          streaming=False, embeddings=False)
+
+
+@pytest.mark.parametrize("cls", [OpenAIClient, tinyllm.OllamaClient, AzureClient, LlamaCppClient])
+def test_every_built_in_client_declares_its_capabilities(cls):
+    """Each built-in client sets its own declaration (not inherited from a parent, not the claim-nothing default)."""
+    assert "capabilities" in vars(cls)
+    caps = cls.capabilities
+    assert caps.tools and caps.streaming and caps.json_schema
+
+
+def test_a_plain_object_without_a_declaration_is_refused_tools(prompts):
+    def lookup(word: str) -> str:
+        """Look a word up."""
+        return word
+
+    with pytest.raises(ConfigError, match="tools=False"):
+        LLMCall("ask.system.md", prompts_dir=prompts, client=Scripted(), tools=[lookup]).call(question="q")

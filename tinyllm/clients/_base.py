@@ -60,6 +60,12 @@ _PLAIN = frozenset({str, int, float, bool, dict, list})  # parameter types that 
 class Capabilities:
     """What a client can do; the call layer asks this declaration instead of testing types.
 
+    The defaults claim nothing: ``Capabilities()`` is a client that takes plain chat
+    messages and nothing more (a typed output is asked for in the prompt, or as
+    ``response_format={"type": "json_object"}`` for ``dict`` and models, and checked
+    after; tools are refused with a ConfigError; ``stream=True`` is refused). Each
+    built-in client sets every field it supports explicitly.
+
     Attributes:
         json_schema: takes ``response_format={"type": "json_schema", ...}`` (OpenAI's structured output).
         json_grammar: enforces a JSON schema by a grammar while generating (llama.cpp), so
@@ -71,12 +77,12 @@ class Capabilities:
         embeddings: has an embeddings endpoint.
     """
 
-    json_schema: bool = True
+    json_schema: bool = False
     json_grammar: bool = False
     grammar: bool = False
-    tools: bool = True
+    tools: bool = False
     streaming: bool = False
-    embeddings: bool = True
+    embeddings: bool = False
 
 
 @dataclass

@@ -141,7 +141,7 @@ class OpenAIClient(Client):
     """
 
     api_type = "openai"
-    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True)
     api_key_secret = "OPENAI_API_KEY"
     preset_base_url: str | None = None
 
@@ -385,3 +385,5 @@ class OllamaClient(OpenAIClient):
 
     api_type = "ollama"
     preset_base_url = "http://localhost:11434/v1"
+    # Ollama's OpenAI-compatible API: structured output (json_schema) since 0.5, tools, streaming, /v1/embeddings
+    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True)
