@@ -168,6 +168,8 @@ def respond_with(sender: Client, response: Response, params: dict, output_type: 
         if tools and tools.asks(reply.message):
             conversation, params = _tool_round(tools, response, conversation, reply.message, params)
             continue
+        if tools:
+            tools.check_forced(params, reply.message, sender.api_type)
         try:
             conversation = turns.send((conversation, reply.message))
         except StopIteration as done:
@@ -188,6 +190,8 @@ async def arespond_with(sender: Client, response: Response, params: dict, output
         if tools and tools.asks(reply.message):
             conversation, params = await _atool_round(tools, response, conversation, reply.message, params)
             continue
+        if tools:
+            tools.check_forced(params, reply.message, sender.api_type)
         try:
             conversation = turns.send((conversation, reply.message))
         except StopIteration as done:
@@ -221,6 +225,7 @@ class _ToolRoundsStream:
             self._current = stream = self.sender.stream_request(conversation, accept=self.accept, **params)
             yield from stream
             if not self.tools.asks(stream.reply.message):
+                self.tools.check_forced(params, stream.reply.message, self.sender.api_type)
                 self.reply = stream.reply
                 return
             self.response.add_reply(stream.reply)
@@ -237,6 +242,7 @@ class _ToolRoundsStream:
             finally:
                 await stream.aclose()
             if not self.tools.asks(stream.reply.message):
+                self.tools.check_forced(params, stream.reply.message, self.sender.api_type)
                 self.reply = stream.reply
                 return
             self.response.add_reply(stream.reply)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from typing import Any, Callable, Iterable
 
 from ._fork import reset_in_child
 from .errors import ConfigError, ToolError, ToolRoundsExceededError
+
+log = logging.getLogger("tinyllm")
 
 __all__ = ["Tool", "ToolCall", "ToolRound", "Toolbox", "ToolRegistry", "registry", "tool", "as_tool", "plan_tools"]
 
@@ -393,6 +396,7 @@ class Toolbox:
         self.max_rounds = max_rounds
         self.raise_errors = raise_errors
         self.on_call = on_call
+        self._warned_unforced = False
 
     def __bool__(self) -> bool:
         return bool(self.tools)
@@ -415,6 +419,18 @@ class Toolbox:
         if choice is None or choice in ("auto", "none"):
             return params
         return {**params, "tool_choice": "auto"}
+
+    def check_forced(self, params: dict, message: dict, api_type: str = "") -> None:
+        """Log a WARNING (once per call) when a forced ``tool_choice`` (``required`` or a named tool)
+        came back with no tool call: the server ignored it. llama.cpp's server (``llama_cpp.server``)
+        does so, and so may other OpenAI-compatible servers; the reply is used as it is."""
+        choice = params.get("tool_choice")
+        if self._warned_unforced or choice is None or choice in ("auto", "none") or self.asks(message):
+            return
+        self._warned_unforced = True
+        shown = choice if isinstance(choice, str) else (choice.get("function") or {}).get("name", choice)
+        log.warning("tool_choice=%r was sent but the %s reply has no tool call: the server ignores a forced tool "
+                    "choice (llama.cpp's server does); the reply is used as it is", shown, api_type or "client's")
 
     def check(self, rounds: int, conversation: list[dict], message: dict, response: Any = None) -> None:
         """Raise ToolRoundsExceededError when ``rounds`` rounds ran already and ``message`` asks for more."""
