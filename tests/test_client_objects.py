@@ -240,3 +240,29 @@ def test_a_plain_object_without_a_declaration_is_refused_tools(prompts):
 
     with pytest.raises(ConfigError, match="tools=False"):
         LLMCall("ask.system.md", prompts_dir=prompts, client=Scripted(), tools=[lookup]).call(question="q")
+
+
+def test_close_closes_the_connection_pool_and_the_client_stays_usable(server):
+    with OpenAIClient(base_url=server.base_url, api_key=KEY_A) as mine:
+        mine.send_message(MESSAGES)
+        sdk = mine.sdk(mine.settings())
+        assert not sdk.is_closed()
+        mine.close()
+        assert sdk.is_closed()
+        assert mine.send_message(MESSAGES)["content"] == "echo: hello"  # a new pool
+        again = mine.sdk(mine.settings())
+    assert again is not sdk and again.is_closed()  # closed by the with block
+    assert len({r.peer for r in server.chat_requests()}) == 2  # two connections: the first one was closed
+
+
+def test_registry_reset_closes_the_clients_it_built_not_the_registered_ones(server):
+    tinyllm.configure(api_type="openai", base_url=server.base_url)
+    built = tinyllm.get_client()
+    built.send_message(MESSAGES)
+    mine = OpenAIClient(base_url=server.base_url, api_key=KEY_A)
+    mine.send_message(MESSAGES)
+    tinyllm.register_client("mine", mine)
+    built_sdk, mine_sdk = built.sdk(built.settings()), mine.sdk(mine.settings())
+    tinyllm.clients.default_registry.reset()
+    assert built_sdk.is_closed() and not mine_sdk.is_closed()
+    mine.close()

@@ -61,6 +61,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._clients: dict[str, Client] = {}
+        self._built: set[int] = set()  # id() of the clients built here from a factory (closed by reset())
         self._forced: str | None = None
         self._new_lock()
         reset_in_child(self._new_lock)  # a lock held at fork() is released in the child
@@ -74,7 +75,14 @@ class Registry:
             raise ConfigError("api_type must be a non-empty string")
         found = as_client(target, api_type.lower())
         with self._lock:
+            replaced = self._clients.get(api_type.lower())
             self._clients[api_type.lower()] = found
+            if replaced is not None and id(replaced) in self._built and replaced is not found:
+                self._built.discard(id(replaced))
+            else:
+                replaced = None
+        if replaced is not None:
+            replaced.close()  # a client built here and now replaced: nobody else holds it
         return found
 
     def force(self, api_type: str | None) -> None:
@@ -84,10 +92,15 @@ class Registry:
         self._forced = api_type.lower() if api_type else None
 
     def reset(self) -> None:
-        """Forget registered and built clients and any forced api_type."""
+        """Forget registered and built clients and any forced api_type; the built ones are closed
+        (their connection pools), the registered ones belong to their owner and are left open."""
         with self._lock:
+            built = [c for c in self._clients.values() if id(c) in self._built]
             self._clients.clear()
+            self._built.clear()
             self._forced = None
+        for found in built:
+            found.close()
 
     def _check_known(self, api_type: str) -> None:
         if api_type not in _factories and api_type not in self._clients:
@@ -107,7 +120,8 @@ class Registry:
         self._check_known(chosen)
         with self._lock:
             if chosen not in self._clients:
-                self._clients[chosen] = _factories[chosen]()
+                self._clients[chosen] = made = _factories[chosen]()
+                self._built.add(id(made))
             return self._clients[chosen]
 
 

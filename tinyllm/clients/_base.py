@@ -298,6 +298,16 @@ class Client:
     def _revive(self) -> None:
         """Rebuild what :attr:`_transient` left out (subclasses with SDK objects override it)."""
 
+    def close(self) -> None:
+        """Close the connections this client keeps open (its HTTP connection pools); the client stays
+        usable and opens new ones on its next request. The base class holds none."""
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def settings(self) -> Config:
         """This client's settings now: the layered configuration with the client's own on top.
 

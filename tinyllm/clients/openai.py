@@ -170,6 +170,16 @@ class OpenAIClient(Client):
         self._formats = FormatFallback()  # which response_format each endpoint takes: see _chat()
         self._last_sdk: tuple[Config | None, Any] = (None, None)  # (settings, their sync SDK client): see sdk()
 
+    def close(self) -> None:
+        """Close the synchronous SDK clients' connection pools (an async one is closed when its event
+        loop shuts down); the next request opens a new one."""
+        with self._sdk_lock:
+            sync = [k for k in self._sdks if k[0] is None]
+            closing = [self._sdks.pop(k) for k in sync]
+            self._last_sdk = (None, None)
+        for sdk in closing:
+            sdk.close()
+
     def base_url(self, cfg: Config) -> str | None:
         return cfg.base_url or cfg.secret("OPENAI_BASE_URL") or self.preset_base_url
 
