@@ -190,3 +190,14 @@ def test_a_cache_hit_does_not_load_the_model(tmp_path):
     assert first.stdout.split(" ", 2)[:2] == ["False", "True"]
     assert second.stdout.split(" ", 2)[:2] == ["True", "False"]
     assert first.stdout.split(" ", 2)[2] == second.stdout.split(" ", 2)[2]
+
+
+@pytest.mark.local
+def test_local_threads_setting_reaches_llama_cpp(embedded_model):
+    """LOCAL_THREADS (the tests set 1: see conftest) is the loaded model's thread count."""
+    from tinyllm.clients.llamacpp import LlamaCppClient
+
+    cfg = tinyllm.get_config()
+    llm, _ = LlamaCppClient().model(cfg)
+    assert cfg.local_threads == 1 and cfg.source("LOCAL_THREADS") == "environment"
+    assert llm.n_threads == 1

@@ -180,6 +180,7 @@ class Config:
     requests_per_minute: int = _setting(0, _nonneg(int), "0 = no limit")
     tokens_per_minute: int = _setting(0, _nonneg(int), "0 = no limit")
     local_model_path: str | None = _setting(None, _str)
+    local_threads: int = _setting(0, _nonneg(int), "CPU threads llama.cpp uses for the embedded model, read when the model loads; 0 = every CPU")
     prompts_dirs: list = _setting([], _parse_paths)
     max_tool_rounds: int = _setting(10, _nonneg(int), "tool rounds a call may take (a reply asking for tools, the tools run); then ToolRoundsExceededError")
     file_check_interval: float = _setting(1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use")

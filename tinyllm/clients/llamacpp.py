@@ -127,7 +127,9 @@ def _without_extra_buffer_types(llama_cpp: Any):
         module.llama_model_default_params = original
 
 
-def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
+def _load(path: Path, embedding: bool, threads: int = 0) -> tuple[Any, threading.Lock]:
+    """The loaded model (once per file and kind per process) and its lock; ``threads`` (LOCAL_THREADS,
+    0 = every CPU) counts only at the first load."""
     key = (str(path.resolve()), embedding)
     with _load_lock:
         if key not in _models:
@@ -136,9 +138,11 @@ def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
             except ImportError as exc:
                 raise ConfigError("api_type 'llamacpp' needs llama-cpp-python: pip install 'tinyllm[local]'") from exc
             extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+            n_threads = threads or os.cpu_count() or 1
             try:
                 with _without_extra_buffer_types(llama_cpp):
-                    _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=os.cpu_count() or 1, verbose=False, **extra)
+                    _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=n_threads,
+                                                   n_threads_batch=n_threads, verbose=False, **extra)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ConfigError(f"could not load the GGUF model {str(path)!r}: {exc}") from exc
             _locks[key] = threading.Lock()
@@ -166,7 +170,7 @@ class LlamaCppClient(Client):
 
     def model(self, cfg: Config, embedding: bool = False) -> tuple[Any, threading.Lock]:
         """The loaded ``llama_cpp.Llama`` for these settings and the lock that guards it."""
-        return _load(_model_path(cfg), embedding)
+        return _load(_model_path(cfg), embedding, cfg.local_threads)
 
     def default_model(self, cfg: Config) -> str:
         return _model_path(cfg).stem
