@@ -63,7 +63,8 @@ class Capabilities:
     The defaults claim nothing: ``Capabilities()`` is a client that takes plain chat
     messages and nothing more (a typed output is asked for in the prompt, or as
     ``response_format={"type": "json_object"}`` for ``dict`` and models, and checked
-    after; tools are refused with a ConfigError; ``stream=True`` is refused). Each
+    after; tools are refused with a ConfigError; ``LLMCall.stream()`` answers in one
+    piece). Each
     built-in client sets every field it supports explicitly.
 
     Attributes:
