@@ -64,8 +64,7 @@ class Capabilities:
     messages and nothing more (a typed output is asked for in the prompt, or as
     ``response_format={"type": "json_object"}`` for ``dict`` and models, and checked
     after; tools are refused with a ConfigError; ``LLMCall.stream()`` answers in one
-    piece). Each
-    built-in client sets every field it supports explicitly.
+    piece). Each built-in client sets every field it supports explicitly.
 
     Attributes:
         json_schema: takes ``response_format={"type": "json_schema", ...}`` (OpenAI's structured output).
