@@ -561,10 +561,10 @@ class LLMCall:
             list of results in input order.
 
         Raises:
-            The first failure's error when ``return_exceptions`` is False
-            (calls already running finish; the rest are cancelled).
-            KeyboardInterrupt on Ctrl-C: calls not yet started are cancelled,
-            running ones are not waited for.
+            TinyLLMError: the first failure's error when ``return_exceptions`` is False
+                (calls already running finish; the rest are cancelled).
+            KeyboardInterrupt: on Ctrl-C: calls not yet started are cancelled,
+                running ones are not waited for.
         """
         from .batch._runner import Runner
 

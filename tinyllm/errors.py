@@ -234,7 +234,9 @@ class ContextWindowExceededError(BadRequestError):
     from the server's ``context_length_exceeded`` error.
 
     Attributes:
-        prompt_tokens (int | None), max_tokens (int | None), context_window (int | None).
+        prompt_tokens (int | None): the prompt's tokens.
+        max_tokens (int | None): the reply's budget asked for.
+        context_window (int | None): the model's window, in tokens.
     """
 
     def __init__(

@@ -76,8 +76,11 @@ class Tool:
         description: what it does (default: the docstring's description).
 
     Attributes:
-        name (str), description (str), parameters (dict: the arguments' JSON schema),
-        is_async (bool), target (the function or model).
+        name (str): the tool's name.
+        description (str): what it does.
+        parameters (dict): the arguments' JSON schema.
+        is_async (bool): the function is a coroutine function.
+        target: the function or model.
 
     Raises:
         ConfigError: ``target`` is neither a function nor a pydantic model; it takes

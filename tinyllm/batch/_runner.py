@@ -387,9 +387,9 @@ class Runner:
                 instead of raising the first failure.
 
         Raises:
-            The first failure's exception when ``return_exceptions`` is False
-            (running calls finish, the rest are cancelled); KeyboardInterrupt
-            after the first Ctrl-C (see :meth:`results`).
+            Exception: the first failure's exception when ``return_exceptions`` is False
+                (running calls finish, the rest are cancelled).
+            KeyboardInterrupt: after the first Ctrl-C (see :meth:`results`).
         """
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         out: list[Any] = []

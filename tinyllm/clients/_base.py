@@ -489,8 +489,8 @@ class Client:
                 (nothing is sent); or a 4xx the server sent.
             ContextWindowExceededError: the prompt cannot fit (nothing was sent).
             QueueFullError: no request slot within QUEUE_TIMEOUT.
-            RateLimitError, ServerError, APIConnectionError, APITimeoutError,
-            ResponseError: after the retries the policy allows.
+            RateLimitError: (also ServerError, APIConnectionError, APITimeoutError,
+                ResponseError) after the retries the policy allows.
         """
         return self.request(messages, accept=accept, **params).message
 
