@@ -21,7 +21,9 @@ Markers: an HTML comment on the line just before a fence (invisible on the site 
   offline here (a real API key, an Azure endpoint, a Redis or Dask cluster, a long-running server);
   say why. Everything else must run.
 
-The pages need the ``local`` extra (the embedded model); without it they are skipped.
+The pages need the ``local`` extra (the embedded model); without it they are skipped. They run in the
+slow part (``pytest -m slow``, which .ci/run runs): ``pytest -m slow tests/test_docs.py`` checks the
+docs alone, ``-k prompts.md`` one page. The settings-table check and the block reader run in the quick part.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def docs_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow  # about 25 s of model calls for all pages: in the slow part, to keep the quick run under 45 s
 @pytest.mark.local
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_every_example_on_the_page_runs(page: Path, docs_dir: Path, embedded_model, monkeypatch, capsys):
