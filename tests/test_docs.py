@@ -74,7 +74,7 @@ def blocks(path: Path) -> list[Block]:
         body: list[str] = []
         j = i + 1
         while j < len(lines) and not (lines[j].strip().startswith(fence) and lines[j].strip().strip(fence[0]) == ""):
-            body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
+            body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
         found.append(Block(path, i + 2, lang, "\n".join(body) + "\n", bool(_SKIP.match(before))))
         i = j + 1
@@ -127,7 +127,9 @@ def run_shell(block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setenv(*args)
             continue
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
-        assert result.exit_code == 0, f"{block.where}: `tinyllm {shlex.join(args)}` exited {result.exit_code}:\n{result.output}"
+        assert result.exit_code == 0, (
+            f"{block.where}: `tinyllm {shlex.join(args)}` exited {result.exit_code}:\n{result.output}"
+        )
 
 
 @pytest.fixture
@@ -159,8 +161,11 @@ def test_every_example_on_the_page_runs(page: Path, docs_dir: Path, embedded_mod
 
 def test_the_block_reader(tmp_path: Path):
     page = tmp_path / "p.md"
-    page.write_text("text\n\n<!-- skip: needs a key -->\n```python\nx = 1\n```\n\n- item\n\n    ```bash\n    $ tinyllm prompts \\\n"
-                    "        --json  # list\n    pip install x | tee y\n    export A=b\n    ```\n", encoding="utf-8")
+    page.write_text(
+        "text\n\n<!-- skip: needs a key -->\n```python\nx = 1\n```\n\n- item\n\n    ```bash\n    $ tinyllm prompts \\\n"
+        "        --json  # list\n    pip install x | tee y\n    export A=b\n    ```\n",
+        encoding="utf-8",
+    )
     first, second = blocks(page)
     assert (first.lang, first.code, first.skip, first.line) == ("python", "x = 1\n", True, 5)
     assert second.lang == "bash" and not second.skip
