@@ -14,7 +14,6 @@ import multiprocessing
 import threading
 from types import SimpleNamespace
 
-import pytest
 from helpers import wait_until
 
 import tinyllm

@@ -7,7 +7,6 @@ import math
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 import click

@@ -34,7 +34,7 @@ from ..errors import (
 )
 from .._fork import reset_in_child
 from ._base import Capabilities, Client
-from ._replies import extract_message, extract_reply
+from ._replies import extract_reply
 from ._fallback import FormatFallback, structured
 from ..http._scrub import redact, redact_body
 from ..http._transport import http_client, scrub_credentials

@@ -57,7 +57,7 @@ _COLUMNS = ("id", "ts", "template", "template_path", "template_hash", "variables
 _TEXT_COLUMNS = ("template", "template_path", "variables", "messages", "response", "reply", "model_requested", "model",
                  "endpoint", "params", "usage", "error_message")
 _FTS_COLUMNS = ("template", "variables", "messages", "response", "error_message")
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
