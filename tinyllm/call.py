@@ -224,13 +224,15 @@ class _ToolRoundsStream:
         while True:
             self._current = stream = self.sender.stream_request(conversation, accept=self.accept, **params)
             yield from stream
-            if not self.tools.asks(stream.reply.message):
-                self.tools.check_forced(params, stream.reply.message, self.sender.api_type)
-                self.reply = stream.reply
+            done = stream.reply
+            assert done is not None  # a stream that ended has its reply
+            if not self.tools.asks(done.message):
+                self.tools.check_forced(params, done.message, self.sender.api_type)
+                self.reply = done
                 return
-            self.response.add_reply(stream.reply)
-            self.on_reply(stream.reply.message)
-            conversation, params = _tool_round(self.tools, self.response, conversation, stream.reply.message, params)
+            self.response.add_reply(done)
+            self.on_reply(done.message)
+            conversation, params = _tool_round(self.tools, self.response, conversation, done.message, params)
 
     async def _arun(self) -> Any:
         conversation, params = list(self.response.messages), self.params
@@ -241,13 +243,15 @@ class _ToolRoundsStream:
                     yield delta
             finally:
                 await stream.aclose()
-            if not self.tools.asks(stream.reply.message):
-                self.tools.check_forced(params, stream.reply.message, self.sender.api_type)
-                self.reply = stream.reply
+            done = stream.reply
+            assert done is not None  # a stream that ended has its reply
+            if not self.tools.asks(done.message):
+                self.tools.check_forced(params, done.message, self.sender.api_type)
+                self.reply = done
                 return
-            self.response.add_reply(stream.reply)
-            self.on_reply(stream.reply.message)
-            conversation, params = await _atool_round(self.tools, self.response, conversation, stream.reply.message, params)
+            self.response.add_reply(done)
+            self.on_reply(done.message)
+            conversation, params = await _atool_round(self.tools, self.response, conversation, done.message, params)
 
     def close(self) -> None:
         if self._iter is not None:

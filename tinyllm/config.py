@@ -246,7 +246,7 @@ class Config:
 _FIELDS = tuple(f.name for f in dataclasses.fields(Config) if "parse" in f.metadata)
 #: config key -> (parser of its text form, built-in default); the one table is :class:`Config`'s fields.
 KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
-    f.name.upper(): (f.metadata["parse"], f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+    f.name.upper(): (f.metadata["parse"], f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc, operator]
     for f in dataclasses.fields(Config) if "parse" in f.metadata
 }
 #: older key names still read, -> the key they mean

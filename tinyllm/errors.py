@@ -91,7 +91,7 @@ class TinyLLMError(Exception):
         return _rebuild, (type(self), self.args, self.__dict__)
 
 
-def _rebuild(cls: type, args: tuple, state: dict) -> TinyLLMError:
+def _rebuild(cls: type[TinyLLMError], args: tuple, state: dict) -> TinyLLMError:
     """An error of type ``cls`` with ``args`` and attributes ``state``, without calling its ``__init__``."""
     exc = cls.__new__(cls)
     exc.args = args

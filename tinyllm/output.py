@@ -285,7 +285,7 @@ def grammar_for(output_type: Any) -> str | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _model_response_format(model: type) -> dict:
+def _model_response_format(model: Any) -> dict:
     """The json_schema response_format of a pydantic model class, built once per class (~0.5 ms)."""
     try:
         from openai.lib._parsing._completions import type_to_response_format_param

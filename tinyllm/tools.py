@@ -445,7 +445,7 @@ class Toolbox:
 
     def _prepare(self, index: int, message: dict) -> tuple[ToolRound, list[tuple[ToolCall, Tool | None, Exception | None]]]:
         calls = message.get("tool_calls") or []
-        sent_back = {"role": "assistant", "content": message.get("content"), "tool_calls": []}
+        sent_back: dict[str, Any] = {"role": "assistant", "content": message.get("content"), "tool_calls": []}
         work = []
         for i, raw in enumerate(calls):
             function = raw.get("function") if isinstance(raw, dict) else None
@@ -589,9 +589,9 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
     if isinstance(choice, str) and choice not in ("auto", "none", "required"):
         choice = params["tool_choice"] = {"type": "function", "function": {"name": choice}}
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
-        if name not in box.tools:
-            raise ConfigError(f"tool_choice names {name!r}, which is not one of this call's tools: {', '.join(box.tools)}")
+        named = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if named not in box.tools:
+            raise ConfigError(f"tool_choice names {named!r}, which is not one of this call's tools: {', '.join(box.tools)}")
     return box
 
 

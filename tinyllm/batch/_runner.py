@@ -36,7 +36,7 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 from ..errors import BatchError, ConfigError
 
@@ -295,7 +295,7 @@ class Runner:
     # -- the engine -------------------------------------------------------------------
 
     def results(self, items: Iterable[tuple[Any, Any]], *, total: int | None = None,
-                initial: int = 0) -> Iterator[Outcome]:
+                initial: int = 0) -> Generator[Outcome, None, None]:
         """Run ``fn`` on each ``(tag, item)`` pair; yield an :class:`Outcome` per item as it finishes.
 
         Items are read from ``items`` only as the window has room. ``total`` and

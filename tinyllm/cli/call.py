@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -30,12 +31,14 @@ def render(ctx: click.Context, name: str, variables: dict, model: str | None, ap
     _, prompt = _resolve(name, _search_dirs(ctx))
     messages = prompt.render(variables)
     given = {"model": model} if model else {}
+    note: str | None = None
+    sender: Any = None
     try:
         sender = get_client(api_type)
     except ConfigError as exc:  # no backend configured: tiktoken's count for the configured model
         if api_type:
             raise
-        sender, note = None, f"no backend configured ({str(exc).split('.')[0]}); counted with tiktoken"
+        note = f"no backend configured ({str(exc).split('.')[0]}); counted with tiktoken"
     if sender is not None:
         cfg = sender.settings()
         params = sender.resolve_params(plan_output(prompt, sender, None, None, given)[1], cfg)
@@ -129,10 +132,11 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
 
     if name is not None and system is not None:
         raise CLIError("give a template NAME or --system, not both")
-    params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
+    params: dict[str, Any] = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens))
+                              if v is not None}
     template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
     conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type, **params)
-    if template is not None:
+    if template is not None and conversation.prompt is not None:
         # the system part only: each line typed is the user's message
         conversation.history = conversation.prompt.render(variables, include_user=False)
     if cache is not None:

@@ -375,10 +375,10 @@ class Client:
         info = models.model_info(model)
         return info.context_window if info else None
 
-    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         raise NotImplementedError
 
-    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         return await _to_thread(self._chat, messages, params, cfg)
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
@@ -456,7 +456,7 @@ class Client:
             raise ResponseError("the client returned no message dict", raw=message)
         cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, spent
         usage.record_reply(reply_usage, cost)  # counted (the process budget's spending)
-        if req.cache is not None and (req.accept is None or req.accept(message)):
+        if req.cache is not None and req.key is not None and (req.accept is None or req.accept(message)):
             _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
         return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
 

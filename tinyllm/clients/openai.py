@@ -285,7 +285,7 @@ class OpenAIClient(Client):
         """The key under which the response_format this server takes is remembered: address and model."""
         return f"{redact_url(self.where(cfg))} (model {params.get('model')})"
 
-    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         """One attempt; a json_schema request the server refuses (4xx/5xx) is sent again at once as
         json_object with the schema, then without response_format (never through the retry loop)."""
         if not structured(params):  # the usual request: nothing to fall back from
@@ -293,7 +293,7 @@ class OpenAIClient(Client):
         return self._formats.send(self._format_endpoint(cfg, params), messages, params,
                                   lambda m, p: self._chat_once(m, p, cfg))
 
-    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         """The asyncio twin of :meth:`_chat`."""
         if not structured(params):
             return await self._achat_once(messages, params, cfg)
@@ -301,7 +301,7 @@ class OpenAIClient(Client):
                                          lambda m, p: self._achat_once(m, p, cfg))
     # -- end of the structured-output fallback --------------------------------------------
 
-    def _chat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    def _chat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         sdk = self.sdk(cfg)
         try:
             response = sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
@@ -309,7 +309,7 @@ class OpenAIClient(Client):
             raise self._error(exc, cfg, params.get("timeout")) from exc
         return self._read(response, cfg)
 
-    async def _achat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    async def _achat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         sdk = self.sdk(cfg, is_async=True)
         try:
             response = await sdk.post("/chat/completions", **self._request_args(messages, params, cfg))

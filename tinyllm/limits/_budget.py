@@ -178,7 +178,7 @@ def hold(client: Any, req: Any) -> contextlib.AbstractContextManager:
     active = _active.get()
     if limit is None and not active:
         return _NOTHING_HELD
-    budgets = [(_process, limit)] if limit is not None else []
+    budgets: list[tuple[Budget, float]] = [(_process, limit)] if limit is not None else []
     budgets += [(b, b.limit) for b in active if b.limit is not None]
     return _held(client, req, budgets) if budgets else _NOTHING_HELD
 

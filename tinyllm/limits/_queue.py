@@ -111,7 +111,7 @@ class RequestQueue:
         deadline, waiter = self._begin(cfg, tokens, None)
         if waiter is not None:
             try:
-                got = waiter.event.wait(_remaining(deadline))
+                got = waiter.event.wait(_remaining(deadline))  # type: ignore[union-attr]  # a thread's waiter has an event
             except BaseException:  # KeyboardInterrupt while waiting
                 if self._leave_line(waiter):
                     self._release()
@@ -141,7 +141,7 @@ class RequestQueue:
         deadline, waiter = self._begin(cfg, tokens, asyncio.get_running_loop())
         if waiter is not None:
             try:
-                await asyncio.wait_for(waiter.future, _remaining(deadline))
+                await asyncio.wait_for(waiter.future, _remaining(deadline))  # type: ignore[arg-type]  # a task's waiter has a future
             except asyncio.TimeoutError:
                 if not self._leave_line(waiter):
                     raise self._timeout_error(cfg) from None
@@ -187,10 +187,10 @@ class RequestQueue:
         while self._waiters and self._in_flight < self._limit:
             waiter = self._waiters.popleft()
             if waiter.loop is None:
-                waiter.event.set()
+                waiter.event.set()  # type: ignore[union-attr]  # a thread's waiter has an event
             else:
                 try:
-                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)  # type: ignore[arg-type]
                 except RuntimeError:  # its loop is closed: nobody waits there any more
                     continue
             waiter.granted = True
