@@ -8,7 +8,7 @@ sequentially, to the loopback server of ``tests/fakeserver.py`` (no latency, a
 fixed two-word answer) through
 
 - ``openai`` raw: ``openai.OpenAI(base_url=..., api_key=..., max_retries=0).chat.completions.create``;
-- ``client().send_message``: tinyllm's pipeline (config, parameters, token count,
+- ``get_client().send_message``: tinyllm's pipeline (config, parameters, token count,
   context-window check, queue slot, retry loop, usage), cache off. It sends the
   request through the same SDK client's ``post("/chat/completions", ...)``, which
   skips ``create``'s parameter transform and the pydantic reply model;
@@ -74,7 +74,7 @@ def main() -> None:
     import openai
 
     import tinyllm
-    from tinyllm import LLMCall, client, configure, force_api_cache
+    from tinyllm import LLMCall, configure, force_api_cache, get_client
 
     server = start_server(args.server, latency=0.0, reply="ok then")
     workdir = tempfile.mkdtemp(prefix="tinyllm-bench-")
@@ -87,7 +87,7 @@ def main() -> None:
     messages = call.render(n=1)
     model = tinyllm.get_config().model
     raw = openai.OpenAI(base_url=server.base_url, api_key="no-key", max_retries=0)
-    sender = client()
+    sender = get_client()
 
     def run_raw() -> str:
         return raw.chat.completions.create(model=model, messages=messages).choices[0].message.content
@@ -98,7 +98,7 @@ def main() -> None:
     def run_call() -> str:
         return call.call(n=1)
 
-    variants = [("openai SDK, raw", run_raw), ("tinyllm client().send_message", run_send), ("tinyllm LLMCall.call", run_call)]
+    variants = [("openai SDK, raw", run_raw), ("tinyllm get_client().send_message", run_send), ("tinyllm LLMCall.call", run_call)]
     plain = plain_transport_call(server.base_url)
     if plain is not None:
         variants.append(("tinyllm LLMCall.call, httpx's own transport (no whole-attempt TIMEOUT)", lambda: plain.call(n=1)))
@@ -175,7 +175,7 @@ def stub_costs(sender, call, messages: list[dict], model: str, calls: int) -> li
     canned = sdk.post("/chat/completions", cast_to=object, body={"model": model, "messages": messages})
     sdk.post = lambda path, **kwargs: canned
     try:
-        paths = [("tinyllm client().send_message", lambda: sender.send_message(messages)),
+        paths = [("tinyllm get_client().send_message", lambda: sender.send_message(messages)),
                  ("tinyllm LLMCall.call", lambda: call.call(n=1))]
         out = [(name, min(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1e6) for name, fn in paths]
         with call_log_on():

@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 - ``server``: a started :class:`fakeserver.FakeOpenAIServer` per test.
-- ``_isolate_env`` (autouse): no TINYLLM_/OPENAI_/AZURE_OPENAI*/ANTHROPIC_ variables, the
+- ``_isolate_env`` (autouse): no TINYLLM_/OPENAI_/AZURE_OPENAI*/ANTHROPIC_ variables but TINYLLM_LOCAL_THREADS=1, the
   test runs inside its own ``tmp_path`` (so no developer ./config.ini or ./.env
   leaks in), XDG_DATA_HOME is under ``tmp_path`` (the call log's default place), and ``tinyllm.config`` overrides (``configure()``) are cleared
   before and after each test.
@@ -61,6 +61,10 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))  # the call log of `tinyllm call`/`map` goes here
+    # llama.cpp on one thread, in this process and in the child processes tests start: its threads
+    # spin while they wait for each other, so on a busy 2-core machine two threads ran ~10x slower
+    # than one (3 x 24 tokens: 17.6 s against 1.8 s at load 10; see .ci/run's timing note)
+    monkeypatch.setenv("TINYLLM_LOCAL_THREADS", "1")
     _clear_config_overrides()
     yield
     _clear_config_overrides()
@@ -101,7 +105,7 @@ def embedded_model() -> Path | None:
     if not llamacpp.local_available():
         return None
     path = llamacpp.default_model_path()
-    llamacpp._load(path, False)
+    llamacpp._load(path, False, threads=1)  # one thread: see _isolate_env
     return path
 
 

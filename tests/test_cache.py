@@ -325,7 +325,8 @@ def test_processes_writing_at_once_lose_nothing(tmp_path):
     go.touch()
     windows = []
     for p in procs:
-        windows.append(tuple(map(float, p.stdout.readline().split())))
+        with p.stdout:  # the pipe is closed, not left to the garbage collector (an unclosed-file warning)
+            windows.append(tuple(map(float, p.stdout.readline().split())))
         assert p.wait(timeout=120) == 0
     windows.sort()
     assert any(b[0] < a[1] for a, b in zip(windows, windows[1:]))  # some writers did run at the same time

@@ -20,7 +20,7 @@ from tinyllm import (
     OutputParseError,
     TemplateNotFoundError,
     TemplateVariableError,
-    client,
+    get_client,
     configure,
 )
 from tinyllm.chat import LLMChat
@@ -215,10 +215,10 @@ def test_token_count_reset_and_resume(wired):
     assert chat.token_count() == 0
     chat.say("Hello there")
     n1 = chat.token_count()
-    assert n1 == client().count_tokens(chat.history, "gpt-4o") > 0
+    assert n1 == get_client().count_tokens(chat.history, "gpt-4o") > 0
     chat.say("How are you today?")
     assert chat.token_count() > n1
-    assert chat.token_count(model="gpt-4") == client().count_tokens(chat.history, "gpt-4")
+    assert chat.token_count(model="gpt-4") == get_client().count_tokens(chat.history, "gpt-4")
     saved = list(chat.history)
     chat.reset()
     assert chat.history == [] and chat.variables == {} and chat.model_output is None
@@ -294,7 +294,7 @@ def families(server):
 
 @pytest.mark.parametrize("model", ["o3-mini", "gpt-5-mini", "o3-mini-2025-01-31", "o4-mini", "gpt-5", "o1"])
 def test_reasoning_models_get_adapted_params(families, model):
-    client().send_message([{"role": "user", "content": "hi"}], model=model)
+    get_client().send_message([{"role": "user", "content": "hi"}], model=model)
     body = families.chat_requests()[0].json
     assert body["model"] == model
     assert body["max_completion_tokens"] == 100
@@ -304,14 +304,14 @@ def test_reasoning_models_get_adapted_params(families, model):
 
 
 def test_o1_mini_gets_no_reasoning_effort(families):
-    client().send_message([{"role": "user", "content": "hi"}], model="o1-mini")
+    get_client().send_message([{"role": "user", "content": "hi"}], model="o1-mini")
     body = families.chat_requests()[0].json
     assert body["max_completion_tokens"] == 100 and "reasoning_effort" not in body and "temperature" not in body
 
 
 @pytest.mark.parametrize("model", ["gpt-4o", "gpt-4o-mini", "gpt-5-chat-latest", "my-local-llama", "omni-x"])
 def test_chat_and_unknown_models_pass_through(families, model):
-    client().send_message([{"role": "user", "content": "hi"}], model=model)
+    get_client().send_message([{"role": "user", "content": "hi"}], model=model)
     body = families.chat_requests()[0].json
     assert body["model"] == model
     assert body["max_tokens"] == 100

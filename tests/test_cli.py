@@ -109,7 +109,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("command", [[], ["prompts"], ["prompts", "show"], ["render"], ["call"], ["map"],
-                                     ["tokens"], ["cache"], ["cache", "stats"], ["cache", "clear"], ["config"]])
+                                     ["tokens"], ["cache"], ["cache", "stats"], ["cache", "clear"], ["config"], ["new"]])
 def test_help_on_every_command(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage: " in result.stdout
@@ -321,6 +321,48 @@ def test_config_shows_sources_and_masks_secrets(tmp_path, monkeypatch):
     data = run("config", "--json").stdout
     assert SECRET not in data and json.loads(data)["OPENAI_API_KEY"] == {"value": "****3456", "source": "environment"}
     assert SECRET not in run("--debug", "config").output
+
+
+def test_config_prints_the_local_model_file(tmp_path, monkeypatch):
+    from tinyllm.clients.llamacpp import default_model_path
+
+    bundled = default_model_path()
+    data = json.loads(run("config", "--json").stdout)["LOCAL_MODEL_FILE"]
+    if bundled is None:
+        assert data["value"] is None and "tinyllm[local]" in data["source"]
+    else:
+        assert Path(data["value"]).is_file() and data["value"].endswith(".gguf") and "bundled" in data["source"]
+        assert f"local model file: {bundled.resolve()}" in run("config").stdout
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("TINYLLM_LOCAL_MODEL_PATH", "mine.gguf")
+    data = json.loads(run("config", "--json").stdout)["LOCAL_MODEL_FILE"]
+    assert data == {"value": str(gguf), "source": "LOCAL_MODEL_PATH (environment)"}
+
+
+def test_new_scaffolds_a_prompt_pair_that_renders(tmp_path):
+    result = run("new", "greet")
+    assert result.exit_code == 0, result.output
+    system, user = tmp_path / "prompts" / "greet.system.md", tmp_path / "prompts" / "greet.user.md"
+    assert system.read_text(encoding="utf-8").startswith("---\ndescription: ")
+    assert "{{ text }}" in user.read_text(encoding="utf-8")
+    listed = json.loads(run("prompts", "--json").stdout)
+    assert [(p["name"], p["variables"]) for p in listed] == [("greet", ["text"])]
+    rendered = json.loads(run("render", "greet", "--var", "text=Hello there", "--api-type", "openai", "--json").stdout)
+    assert rendered["messages"][-1] == {"role": "user", "content": "Hello there"}
+    assert rendered["params"]["temperature"] == 0
+
+
+def test_new_refuses_to_overwrite_and_takes_a_prompts_dir(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "greet.user.md").write_text("mine", encoding="utf-8")
+    line = one_error_line(run("new", "greet"), 2)
+    assert "greet.user.md already exists" in line
+    assert not (tmp_path / "prompts" / "greet.system.md").exists()  # nothing half-written
+    assert (tmp_path / "prompts" / "greet.user.md").read_text(encoding="utf-8") == "mine"
+    assert run("new", "greet.system.md", "--prompts-dir", "elsewhere/p").exit_code == 0
+    assert sorted(os.listdir(tmp_path / "elsewhere" / "p")) == ["greet.system.md", "greet.user.md"]
+    assert "bad prompt name" in one_error_line(run("new", "../evil"), 2)
 
 
 def test_bad_configuration_exits_2(monkeypatch):
@@ -797,7 +839,7 @@ def test_cache_stats_counts_hits_of_every_process(server, tmp_path):
     code = (
         "import tinyllm\n"
         f"tinyllm.configure(api_type='openai', base_url={server.base_url!r}, cache_api_calls=True, cache_file_name={str(cache_file)!r})\n"
-        "tinyllm.client().send_message([{'role': 'user', 'content': 'hi'}])\n"
+        "tinyllm.get_client().send_message([{'role': 'user', 'content': 'hi'}])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(3):  # a miss, then two hits, each in its own process

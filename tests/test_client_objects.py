@@ -157,7 +157,7 @@ def test_register_client_with_a_plain_object(prompts):
     assert asyncio.run(call.acall(question="two")) == "plain saw two"
     assert plain.seen[0][1] == {"temperature": 0}  # accept= is not passed to a plain object
     assert LLMChat(system="s", api_type="scripted").say("three") == "plain saw three"
-    assert isinstance(tinyllm.client("scripted").capabilities, Capabilities)
+    assert isinstance(tinyllm.get_client("scripted").capabilities, Capabilities)
 
 
 def test_register_client_rejects_an_object_without_send_message():
@@ -199,7 +199,7 @@ def test_register_client_with_a_client_subclass_gets_the_pipeline(prompts):
     assert call.call(question="hi") == "HI"
     assert call.call(question="hi") == "HI"
     assert echo.sent == 1  # the second answer came from the client's own cache
-    assert tinyllm.client("echo") is echo
+    assert tinyllm.get_client("echo") is echo
     pydantic = pytest.importorskip("pydantic")
 
     class Answer(pydantic.BaseModel):
@@ -218,3 +218,51 @@ def test_api_key_and_misspelled_parameters_are_refused_at_construction(prompts):
     with pytest.raises(ConfigError, match="did you mean 'max_tokens'"):
         LLMChat(system="s", max_token=5)
     LLMCall("ask.system.md", prompts_dir=prompts, top_k=5)  # a server-specific parameter is still sent as given
+
+
+def test_capabilities_defaults_claim_nothing():
+    assert Capabilities() == Capabilities(json_schema=False, json_grammar=False, grammar=False, tools=False,
+                                          streaming=False, embeddings=False)
+
+
+@pytest.mark.parametrize("cls", [OpenAIClient, tinyllm.OllamaClient, AzureClient, LlamaCppClient])
+def test_every_built_in_client_declares_its_capabilities(cls):
+    """Each built-in client sets its own declaration (not inherited from a parent, not the claim-nothing default)."""
+    assert "capabilities" in vars(cls)
+    caps = cls.capabilities
+    assert caps.tools and caps.streaming and caps.json_schema
+
+
+def test_a_plain_object_without_a_declaration_is_refused_tools(prompts):
+    def lookup(word: str) -> str:
+        """Look a word up."""
+        return word
+
+    with pytest.raises(ConfigError, match="tools=False"):
+        LLMCall("ask.system.md", prompts_dir=prompts, client=Scripted(), tools=[lookup]).call(question="q")
+
+
+def test_close_closes_the_connection_pool_and_the_client_stays_usable(server):
+    with OpenAIClient(base_url=server.base_url, api_key=KEY_A) as mine:
+        mine.send_message(MESSAGES)
+        sdk = mine.sdk(mine.settings())
+        assert not sdk.is_closed()
+        mine.close()
+        assert sdk.is_closed()
+        assert mine.send_message(MESSAGES)["content"] == "echo: hello"  # a new pool
+        again = mine.sdk(mine.settings())
+    assert again is not sdk and again.is_closed()  # closed by the with block
+    assert len({r.peer for r in server.chat_requests()}) == 2  # two connections: the first one was closed
+
+
+def test_registry_reset_closes_the_clients_it_built_not_the_registered_ones(server):
+    tinyllm.configure(api_type="openai", base_url=server.base_url)
+    built = tinyllm.get_client()
+    built.send_message(MESSAGES)
+    mine = OpenAIClient(base_url=server.base_url, api_key=KEY_A)
+    mine.send_message(MESSAGES)
+    tinyllm.register_client("mine", mine)
+    built_sdk, mine_sdk = built.sdk(built.settings()), mine.sdk(mine.settings())
+    tinyllm.clients.default_registry.reset()
+    assert built_sdk.is_closed() and not mine_sdk.is_closed()
+    mine.close()

@@ -381,7 +381,8 @@ def test_reset_clears_script_and_records(server, client):
 
 def test_isolate_env_and_cwd(tmp_path):
     assert Path(os.getcwd()) == tmp_path
-    assert not [k for k in os.environ if k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))]
+    found = {k: v for k, v in os.environ.items() if k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
+    assert found == {"TINYLLM_LOCAL_THREADS": "1"}  # the one the fixture sets: llama.cpp on one thread
 
 
 def test_server_starts_and_stops_fast():

@@ -14,7 +14,6 @@ import multiprocessing
 import threading
 from types import SimpleNamespace
 
-import pytest
 from helpers import wait_until
 
 import tinyllm
@@ -28,7 +27,7 @@ def _calls(tag: str) -> list[tuple[str, str]]:
     out = []
     for i in range(CALLS):
         text = f"{tag}-{i}"
-        out.append((text, tinyllm.client().send_message([{"role": "user", "content": text}])["content"]))
+        out.append((text, tinyllm.get_client().send_message([{"role": "user", "content": text}])["content"]))
     return out
 
 
@@ -58,7 +57,7 @@ def _run(server) -> list[tuple[str, str]]:
     server.reply_with(reply)
     tinyllm.configure(api_type="openai", base_url=server.base_url, max_concurrent_requests=4,
                       queue_timeout=8, max_attempts=1, timeout=10)
-    pool = [threading.Thread(target=tinyllm.client().send_message, args=([{"role": "user", "content": f"warm-{i}"}],))
+    pool = [threading.Thread(target=tinyllm.get_client().send_message, args=([{"role": "user", "content": f"warm-{i}"}],))
             for i in range(4)]
     for t in pool:
         t.start()
@@ -66,7 +65,7 @@ def _run(server) -> list[tuple[str, str]]:
         t.join()
     assert len({r.peer for r in server.chat_requests()}) == 4
     tinyllm.configure(max_concurrent_requests=2)
-    holders = [threading.Thread(target=tinyllm.client().send_message, args=([{"role": "user", "content": f"hold-{i}"}],))
+    holders = [threading.Thread(target=tinyllm.get_client().send_message, args=([{"role": "user", "content": f"hold-{i}"}],))
                for i in range(2)]
     for t in holders:
         t.start()
@@ -110,7 +109,7 @@ def test_forked_children_get_their_own_replies_with_the_cache(server, tmp_path):
     before = len(server.chat_requests())
     tinyllm.cache._store._shared.clear()  # read the file afresh, as a new process would
     for sent, got in pairs:
-        assert tinyllm.client().send_message([{"role": "user", "content": sent}])["content"] == got
+        assert tinyllm.get_client().send_message([{"role": "user", "content": sent}])["content"] == got
     assert len(server.chat_requests()) == before
 
 

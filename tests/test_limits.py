@@ -441,16 +441,16 @@ def test_requests_per_minute_in_asyncio():
 def test_tokens_per_minute_is_enforced():
     cfg = settings(tokens_per_minute=1000, queue_timeout=5)
     queue, ran = RequestQueue("tpm"), []
-    for cost in (400, 400, 100):  # 900 of 1000: all fit
-        with queue.slot(cfg, cost_tokens=cost):
-            ran.append(cost)
+    for tokens in (400, 400, 100):  # 900 of 1000: all fit
+        with queue.slot(cfg, tokens=tokens):
+            ran.append(tokens)
     start = time.monotonic()
     with pytest.raises(QueueFullError, match="TOKENS_PER_MINUTE=1000"):
-        with queue.slot(cfg, cost_tokens=400):  # would need most of a minute
+        with queue.slot(cfg, tokens=400):  # would need most of a minute
             ran.append("over")
     assert time.monotonic() - start < 2.5  # refused without waiting out QUEUE_TIMEOUT
     assert ran == [400, 400, 100]
-    with queue.slot(cfg, cost_tokens=50):  # what still fits goes through
+    with queue.slot(cfg, tokens=50):  # what still fits goes through
         ran.append(50)
     assert queue.in_flight == 0
 
@@ -462,11 +462,11 @@ def test_a_cost_above_tokens_per_minute_is_a_bad_request_error(mode):
     # the request's fault, not the configuration's: not a ConfigError (which aborts a whole `tinyllm map`)
     with pytest.raises(BadRequestError, match="needs 1500 tokens.*TOKENS_PER_MINUTE is 1000"):
         if mode == "sync":
-            with queue.slot(cfg, cost_tokens=1500):
+            with queue.slot(cfg, tokens=1500):
                 pass
         else:
             async def main():
-                async with queue.aslot(cfg, cost_tokens=1500):
+                async with queue.aslot(cfg, tokens=1500):
                     pass
 
             asyncio.run(main())

@@ -24,11 +24,11 @@ HELLO = [{"role": "system", "content": "Answer in one word."}, {"role": "user", 
 @pytest.fixture
 def local():
     configure(api_type="llamacpp")
-    return tinyllm.client()
+    return tinyllm.get_client()
 
 
 def test_detected_when_nothing_else_is_configured():
-    assert type(tinyllm.client()).__name__ == "LlamaCppClient"
+    assert type(tinyllm.get_client()).__name__ == "LlamaCppClient"
 
 
 def test_send_message_returns_a_message_and_usage(local):
@@ -123,7 +123,7 @@ def test_chat_template_is_compiled_once_per_model(local, monkeypatch):
 def test_missing_model_file_is_a_config_error(tmp_path):
     configure(api_type="llamacpp", local_model_path=str(tmp_path / "nope.gguf"))
     with pytest.raises(ConfigError, match="LOCAL_MODEL_PATH"):
-        tinyllm.client().send_message(HELLO)
+        tinyllm.get_client().send_message(HELLO)
 
 
 def test_embeddings_from_the_local_model(local):
@@ -180,7 +180,7 @@ def test_a_cache_hit_does_not_load_the_model(tmp_path):
         "import sys, tinyllm\n"
         f"tinyllm.force_api_cache(True, {str(tmp_path / 'c.pickle')!r})\n"
         "tinyllm.configure(api_type='llamacpp')\n"
-        "m = tinyllm.client().send_message([{'role': 'user', 'content': 'Say hi.'}], max_tokens=4, temperature=0)\n"
+        "m = tinyllm.get_client().send_message([{'role': 'user', 'content': 'Say hi.'}], max_tokens=4, temperature=0)\n"
         "print(tinyllm.last_call_info().cached, 'llama_cpp' in sys.modules, m['content'])\n"
     )
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
@@ -190,3 +190,14 @@ def test_a_cache_hit_does_not_load_the_model(tmp_path):
     assert first.stdout.split(" ", 2)[:2] == ["False", "True"]
     assert second.stdout.split(" ", 2)[:2] == ["True", "False"]
     assert first.stdout.split(" ", 2)[2] == second.stdout.split(" ", 2)[2]
+
+
+@pytest.mark.local
+def test_local_threads_setting_reaches_llama_cpp(embedded_model):
+    """LOCAL_THREADS (the tests set 1: see conftest) is the loaded model's thread count."""
+    from tinyllm.clients.llamacpp import LlamaCppClient
+
+    cfg = tinyllm.get_config()
+    llm, _ = LlamaCppClient().model(cfg)
+    assert cfg.local_threads == 1 and cfg.source("LOCAL_THREADS") == "environment"
+    assert llm.n_threads == 1

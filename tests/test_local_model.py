@@ -58,6 +58,6 @@ def test_chat_counts_the_history_with_the_model_tokenizer():
     chat.say("And of Italy?")
     assert isinstance(first, str)
     assert [m["role"] for m in chat.history] == ["system", "user", "assistant", "user", "assistant"]
-    from tinyllm import client
+    from tinyllm import get_client
 
-    assert chat.token_count() == client("llamacpp").count_tokens(chat.history, "ignored") > 20
+    assert chat.token_count() == get_client("llamacpp").count_tokens(chat.history, "ignored") > 20

@@ -13,7 +13,7 @@ from helpers import write
 from fakeserver import Message, Reply
 from pydantic import BaseModel
 
-from tinyllm import LLMCall, OutputParseError, ResponseError, client, configure
+from tinyllm import LLMCall, OutputParseError, ResponseError, configure, get_client
 from tinyllm.output import extract_json, normalize_output_type, parse_output, response_format_for
 
 
@@ -400,10 +400,10 @@ TOOL_CALLS = [{"id": "call_1", "type": "function", "function": {"name": "lookup"
 def test_send_message_keeps_tool_calls_and_refusal(wired):
     wired.enqueue(Message({"content": None, "tool_calls": TOOL_CALLS}),
                   Message({"content": None, "refusal": "Not allowed."}))
-    message = client().send_message([{"role": "user", "content": "hi"}])
+    message = get_client().send_message([{"role": "user", "content": "hi"}])
     assert message["role"] == "assistant" and message["content"] is None
     assert message["tool_calls"] == TOOL_CALLS
-    message = client().send_message([{"role": "user", "content": "hi"}])
+    message = get_client().send_message([{"role": "user", "content": "hi"}])
     assert message["refusal"] == "Not allowed."
 
 

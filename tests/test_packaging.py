@@ -18,20 +18,21 @@ PACKAGE_INI = ROOT / "tinyllm" / "config.ini"
 
 
 def _setuptools_builds_wheels() -> bool:
-    """setuptools >= 70.1 (the dev extra) is installed: it builds wheels without the ``wheel`` package."""
+    """setuptools >= 77 (the dev extra) is installed: it builds wheels without the ``wheel`` package and
+    takes ``project.license`` as an SPDX string (the build-system's requirement)."""
     try:
         from importlib.metadata import version
 
-        return tuple(int(x) for x in version("setuptools").split(".")[:2]) >= (70, 1)
+        return tuple(int(x) for x in version("setuptools").split(".")[:2]) >= (77, 0)
     except Exception:
         return False
 
 
-def test_wheel_holds_config_ini_py_typed_and_encodings(tmp_path):
+def test_wheel_holds_config_ini_py_typed_and_encodings_and_builds_without_warnings(tmp_path):
     # Build from a copy, so the build's egg-info and build/ directories stay out of the worktree.
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(ROOT / "tinyllm", src / "tinyllm", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path / "dist"
@@ -41,10 +42,19 @@ def test_wheel_holds_config_ini_py_typed_and_encodings(tmp_path):
         cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)]
     result = subprocess.run(cmd, cwd=str(src), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    # no Python warning (SetuptoolsDeprecationWarning for a license table, "Package ... is absent from the
+    # `packages` configuration" for the encodings); setuptools' own "warning: byte-compiling is disabled"
+    # log lines (PYTHONDONTWRITEBYTECODE in the environment) are not warnings about this project
+    warnings = [line for line in (result.stdout + result.stderr).splitlines() if "Warning" in line or "would be ignored" in line]
+    assert not warnings, "\n".join(warnings)
     [wheel] = out.glob("tinyllm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"tinyllm/config.ini", "tinyllm/py.typed", "tinyllm/encodings/cl100k_base.tiktoken",
-            "tinyllm/encodings/o200k_base.tiktoken", "tinyllm/clients/openai.py"} <= names
+            "tinyllm/encodings/o200k_base.tiktoken", "tinyllm/clients/openai.py", "tinyllm/cli/prompts.py",
+            "tinyllm/limits/_queue.py", "tinyllm/observe/_calllog.py", "tinyllm-0.1.0.dist-info/licenses/LICENSE"} <= names
+    assert not any(n.startswith(("tests/", "prompts/", "examples/", "bench/", "docs/")) for n in names)
+    metadata = zipfile.ZipFile(wheel).read("tinyllm-0.1.0.dist-info/METADATA").decode()
+    assert "License-Expression: MIT" in metadata
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("tinyllm/config.ini") == PACKAGE_INI.read_bytes()
 

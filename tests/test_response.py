@@ -9,7 +9,6 @@ import pytest
 from helpers import question_prompts, wire
 from fakeserver import Reply, Status
 
-import tinyllm
 from tinyllm import LLMCall, LLMChat, Response
 from tinyllm.cache._store import MemoryCache
 from tinyllm.clients.openai import OpenAIClient

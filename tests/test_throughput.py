@@ -29,7 +29,7 @@ from tinyllm import (
     BadRequestError,
     LLMCall,
     QueueFullError,
-    client,
+    get_client,
     configure,
     force_api_cache,
     reset_usage_stats,
@@ -130,7 +130,7 @@ def test_map_with_200_threads_never_exceeds_the_limit(setup):
 @pytest.mark.slow  # the same rule as a quicker test in test_limits.py / test_throughput.py
 def test_200_threads_over_send_message_never_exceed_the_limit(setup):
     setup.latency = 0.02
-    sender = client()
+    sender = get_client()
 
     def one(i: int) -> str:
         return sender.send_message([{"role": "user", "content": f"q{i}"}])["content"]
@@ -198,7 +198,7 @@ def test_queue_size_zero_refuses_at_once_and_sends_nothing(setup):
     configure(max_concurrent_requests=1, queue_size=0)
     gate = Gate()
     setup.reply_with(gate)
-    sender = client()
+    sender = get_client()
     first = concurrent.futures.ThreadPoolExecutor(1)
     try:
         running = first.submit(sender.send_message, [{"role": "user", "content": "first"}])
@@ -219,7 +219,7 @@ def test_a_small_queue_refuses_the_request_that_does_not_fit(setup):
     configure(max_concurrent_requests=1, queue_size=2)
     gate = Gate()
     setup.reply_with(gate)
-    sender = client()
+    sender = get_client()
     pool = concurrent.futures.ThreadPoolExecutor(3)
     try:
         running = [pool.submit(sender.send_message, [{"role": "user", "content": "first"}])]
@@ -241,7 +241,7 @@ def test_queue_timeout_raises_and_the_request_is_never_sent(setup):
     configure(max_concurrent_requests=1, queue_timeout=0.3)
     gate = Gate()
     setup.reply_with(gate)
-    sender = client()
+    sender = get_client()
     first = concurrent.futures.ThreadPoolExecutor(1)
     try:
         running = first.submit(sender.send_message, [{"role": "user", "content": "first"}])
@@ -270,7 +270,7 @@ def test_queue_full_and_timeout_in_asyncio(setup):
         while setup.in_flight < 1:
             await asyncio.sleep(0.002)
         second = asyncio.create_task(call.acall(n=2))  # waits in line, then times out
-        while client().queue.waiting < 1:
+        while get_client().queue.waiting < 1:
             await asyncio.sleep(0.002)
         with pytest.raises(QueueFullError, match="full"):
             await call.acall(n=3)  # the line (QUEUE_SIZE=1) is full
@@ -293,7 +293,7 @@ def test_queue_full_inside_map_comes_back_in_place(setup):
     setup.reply_with(gate)
     blocker = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        running = blocker.submit(client().send_message, [{"role": "user", "content": "first"}])
+        running = blocker.submit(get_client().send_message, [{"role": "user", "content": "first"}])
         wait_until(lambda: setup.in_flight == 1)
         results = item_call().map([{"n": i} for i in range(4)], max_workers=4, progress=False, return_exceptions=True)
     finally:
@@ -312,7 +312,7 @@ def test_queue_full_inside_map_comes_back_in_place(setup):
 @pytest.mark.slow  # the same rule as a quicker test in test_limits.py / test_throughput.py
 def test_requests_per_minute_spreads_requests_over_time(setup):
     configure(requests_per_minute=120)  # 120/min, and so at most 2 per second
-    sender = client()
+    sender = get_client()
     started = time.monotonic()
     for i in range(5):
         sender.send_message([{"role": "user", "content": f"r{i}"}])
@@ -350,7 +350,7 @@ def test_tokens_per_minute_refuses_what_cannot_be_sent_in_time(setup):
     # each request costs its prompt tokens + max_tokens=400: two fit into 1000/min,
     # a third would wait many seconds, more than QUEUE_TIMEOUT, so it is refused unsent.
     configure(tokens_per_minute=1000, max_tokens=400, queue_timeout=1)
-    sender = client()
+    sender = get_client()
     for i in range(2):
         sender.send_message([{"role": "user", "content": f"t{i}"}])
     started = time.monotonic()

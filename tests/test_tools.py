@@ -236,6 +236,40 @@ def test_a_forced_tool_choice_passes_through_then_becomes_auto(wired, given, sen
     assert first["tool_choice"] == sent and second["tool_choice"] == "auto"
 
 
+def _unforced_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "no tool call" in r.getMessage()]
+
+
+@pytest.mark.parametrize("given", ["required", "get_weather"])
+def test_a_forced_tool_choice_answered_without_a_tool_call_warns_once(wired, caplog, given):
+    """llama.cpp's server ignores tool_choice=required: the reply has text only. One WARNING per call, naming it."""
+    wired.enqueue(Reply("not json"), Reply('{"a": 1}'))  # an output retry sends the forced choice again
+    with caplog.at_level("WARNING", logger="tinyllm"):
+        value = LLMCall("q.system.md", tools=[get_weather], tool_choice=given, output_type=dict,
+                        output_retries=1).call(question="?")
+    assert value == {"a": 1} and len(wired.chat_requests()) == 2
+    warned = _unforced_warnings(caplog)
+    assert len(warned) == 1 and "openai" in warned[0] and repr(given) in warned[0]
+
+
+def test_a_forced_tool_choice_that_is_obeyed_or_not_forced_does_not_warn(wired, caplog):
+    wired.enqueue(asks(call("get_weather", {"city": "Paris"})), Reply("ok"), Reply("ok"))
+    with caplog.at_level("WARNING", logger="tinyllm"):
+        LLMCall("q.system.md", tools=[get_weather], tool_choice="required").call(question="?")
+        LLMCall("q.system.md", tools=[get_weather], tool_choice="auto").call(question="?")
+    assert _unforced_warnings(caplog) == []
+
+
+def test_a_forced_tool_choice_ignored_warns_async_and_streamed(wired, caplog):
+    wired.enqueue(Reply("plain"), Reply("plain"))
+    call_ = LLMCall("q.system.md", tools=[get_weather], tool_choice="required")
+    with caplog.at_level("WARNING", logger="tinyllm"):
+        assert asyncio.run(call_.acall(question="?")) == "plain"
+        response = call_.stream(question="?")
+        assert "".join(response) == "plain"
+    assert len(_unforced_warnings(caplog)) == 2
+
+
 @pytest.mark.parametrize("choice", ["auto", "none"])
 def test_auto_and_none_pass_through_unchanged(wired, choice):
     wired.enqueue(Reply("ok"))

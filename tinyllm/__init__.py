@@ -13,7 +13,17 @@ from __future__ import annotations
 from .cache._store import force_api_cache
 from .call import LLMCall
 from .chat import LLMChat
-from .clients import CallInfo, Capabilities, Client, PlainClient, client, force_api_type, last_call_info, register_client
+from .clients import (
+    CallInfo,
+    Capabilities,
+    Client,
+    PlainClient,
+    client,
+    force_api_type,
+    get_client,
+    last_call_info,
+    register_client,
+)
 from .config import configure, get_config
 from .media import Audio, File, Image
 from .response import Choice, Response
@@ -49,6 +59,7 @@ __all__ = [
     "LlamaCppClient",
     "AnthropicClient",
     "CallInfo",
+    "get_client",
     "client",
     "register_client",
     "load_plugins",
@@ -107,11 +118,11 @@ def load_plugins() -> list:
 
 
 def get_embedding(text: str, model: str | None = None) -> list[float]:
-    """Embed ``text`` with the current client (see :func:`client`); returns ``list[float]``.
+    """Embed ``text`` with the current client (see :func:`get_client`); returns ``list[float]``.
 
     Raises: the errors of :meth:`Client.get_embeddings`.
     """
-    return client().get_embedding(text, model)
+    return get_client().get_embedding(text, model)
 
 
 def get_embeddings(texts: list[str], model: str | None = None) -> list[list[float]]:
@@ -120,4 +131,4 @@ def get_embeddings(texts: list[str], model: str | None = None) -> list[list[floa
     Returns ``list[list[float]]`` in input order (cached texts are not sent again).
     Raises: the errors of :meth:`Client.get_embeddings` (BadRequestError for non-str input).
     """
-    return client().get_embeddings(texts, model)
+    return get_client().get_embeddings(texts, model)

@@ -72,7 +72,7 @@ def connect(url: str) -> Any:
         try:
             client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
                                           retry=Retry(NoBackoff(), 1), health_check_interval=30)
-        except ValueError as exc:  # the message of a bad URL may quote the URL: not chained
+        except ValueError:  # the message of a bad URL may quote the URL: not chained
             raise ConfigError(f"REDIS_URL {shown!r} is not a Redis URL (redis://[:password@]host:port/db)") from None
         try:
             client.ping()

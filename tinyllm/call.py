@@ -12,7 +12,7 @@ from .observe._calllog import aobserved, observed, watch_stream  # the call log 
 from .clients import Client, as_client
 from .clients._chain import Fallbacks, check_fallbacks
 from ._mcp import FrontServers, tool_sources
-from .clients import client as get_client
+from .clients import get_client
 from .errors import (ConfigError, ContentFilterFinishReasonError, LengthFinishReasonError, OutputParseError, RefusalError,
                      ResponseError)
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
@@ -213,6 +213,8 @@ def respond_with(sender: Client, response: Response, params: dict, output_type: 
         if tools and tools.asks(reply.message):
             conversation, params = _tool_round(tools, response, conversation, reply.message, params)
             continue
+        if tools:
+            tools.check_forced(params, reply.message, sender.api_type)
         try:
             conversation = turns.send((conversation, reply.message))
         except StopIteration as done:
@@ -234,6 +236,8 @@ async def arespond_with(sender: Client, response: Response, params: dict, output
         if tools and tools.asks(reply.message):
             conversation, params = await _atool_round(tools, response, conversation, reply.message, params)
             continue
+        if tools:
+            tools.check_forced(params, reply.message, sender.api_type)
         try:
             conversation = turns.send((conversation, reply.message))
         except StopIteration as done:
@@ -248,6 +252,8 @@ def _closing(tools: Toolbox | None) -> Iterator[None]:
     finally:
         if tools is not None:
             tools.close()
+
+
 class _RoundsState:
     """What a :class:`_ToolRoundsStream` shares with its generator: the last reply, and the round's stream
     (to give its slot back when the whole stream is dropped unfinished). The generator refers to the
@@ -317,6 +323,7 @@ def _stream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dic
             state.current = stream = sender.stream_request(conversation, accept=accept, **params)
             yield from stream
             if not tools.asks(stream.reply.message):
+                tools.check_forced(params, stream.reply.message, sender.api_type)
                 state.reply = stream.reply
                 return
             response = ref()
@@ -343,6 +350,7 @@ async def _astream_rounds(sender: Client, ref: Any, params: dict, accept: Callab
             finally:
                 await stream.aclose()
             if not tools.asks(stream.reply.message):
+                tools.check_forced(params, stream.reply.message, sender.api_type)
                 state.reply = stream.reply
                 return
             response = ref()
@@ -723,10 +731,10 @@ class LLMCall:
             list of results in input order.
 
         Raises:
-            The first failure's error when ``return_exceptions`` is False
-            (calls already running finish; the rest are cancelled).
-            KeyboardInterrupt on Ctrl-C: calls not yet started are cancelled,
-            running ones are not waited for.
+            TinyLLMError: the first failure's error when ``return_exceptions`` is False
+                (calls already running finish; the rest are cancelled).
+            KeyboardInterrupt: on Ctrl-C: calls not yet started are cancelled,
+                running ones are not waited for.
         """
         if batch_api:
             from .batch._batch_api import BatchAPIRunner

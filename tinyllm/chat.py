@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from .call import _closing, _open_stream, _streaming, arespond_with, check_model_params, plan_output, respond_with
 from .clients import Client, as_client
 from .clients._chain import Fallbacks, check_fallbacks
-from .clients import client as get_client
+from .clients import get_client
 from .errors import ConfigError
 from .output import normalize_output_type
 from .response import Response

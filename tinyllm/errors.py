@@ -103,7 +103,7 @@ class TinyLLMError(Exception):
         return _rebuild, (type(self), self.args, self.__dict__)
 
 
-def _rebuild(cls: type, args: tuple, state: dict) -> TinyLLMError:
+def _rebuild(cls: type[TinyLLMError], args: tuple, state: dict) -> TinyLLMError:
     """An error of type ``cls`` with ``args`` and attributes ``state``, without calling its ``__init__``."""
     exc = cls.__new__(cls)
     exc.args = args
@@ -268,7 +268,9 @@ class ContextWindowExceededError(BadRequestError):
     from the server's ``context_length_exceeded`` error.
 
     Attributes:
-        prompt_tokens (int | None), max_tokens (int | None), context_window (int | None).
+        prompt_tokens (int | None): the prompt's tokens.
+        max_tokens (int | None): the reply's budget asked for.
+        context_window (int | None): the model's window, in tokens.
     """
 
     def __init__(

@@ -311,7 +311,7 @@ def grammar_for(output_type: Any) -> str | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _model_response_format(model: type) -> dict:
+def _model_response_format(model: Any) -> dict:
     """The json_schema response_format of a pydantic model class, a dataclass or a TypedDict, built
     once per class (~0.5 ms): the openai SDK's strict schema (``openai.lib._pydantic.to_strict_json_schema``,
     what ``client.chat.completions.parse`` sends), named after the class."""
@@ -348,7 +348,7 @@ def _decode_at(decoder: json.JSONDecoder, text: str, i: int) -> tuple[Any, int, 
     O(window), not O(i) (a JSONDecodeError counts the lines before its position).
 
     Raises:
-        json.JSONDecodeError: no valid value starts there; its ``cost`` attribute
+        json.JSONDecodeError: no valid value starts there; its ``work`` attribute
             is the work done, in about one decoded character per unit.
         RecursionError: nested deeper than the interpreter's recursion limit.
     """
@@ -359,12 +359,12 @@ def _decode_at(decoder: json.JSONDecoder, text: str, i: int) -> tuple[Any, int, 
     except json.JSONDecodeError as exc:
         # a failure inside the window stands whatever follows, unless the window's end caused it
         if len(window) < _WINDOW or (exc.pos < len(window) and not exc.msg.startswith("Unterminated string")):
-            exc.cost = 500 + 2 * exc.pos  # type: ignore[attr-defined]
+            exc.work = 500 + 2 * exc.pos  # type: ignore[attr-defined]
             raise
     try:
         value, end = decoder.raw_decode(text, i)
     except json.JSONDecodeError as exc:
-        exc.cost = 500 + 2 * _WINDOW + exc.pos - i + exc.pos // 8  # type: ignore[attr-defined]
+        exc.work = 500 + 2 * _WINDOW + exc.pos - i + exc.pos // 8  # type: ignore[attr-defined]
         raise
     return value, end, 500 + 2 * _WINDOW + end - i
 
@@ -403,14 +403,14 @@ def extract_json(text: str, expect: type | None = None) -> Any:
             i = start.start()
             pos = i + 1  # next, a value nested in this one, or after it
             try:
-                value, _, cost = _decode_at(decoder, candidate, i)
+                value, _, work = _decode_at(decoder, candidate, i)
             except json.JSONDecodeError as exc:
-                budget -= exc.cost  # type: ignore[attr-defined]
+                budget -= exc.work  # type: ignore[attr-defined]
                 continue
             except RecursionError:
                 too_deep = True
                 break
-            budget -= cost
+            budget -= work
             if _fits(value, expect):
                 return value
             if not first:

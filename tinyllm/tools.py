@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from typing import Any, Callable, Iterable
 
 from ._fork import reset_in_child
 from .errors import ConfigError, ToolError, ToolRoundsExceededError
+
+log = logging.getLogger("tinyllm")
 
 __all__ = ["Tool", "ToolCall", "ToolRound", "Toolbox", "ToolRegistry", "ToolSource", "registry", "tool", "as_tool",
            "plan_tools", "DEFAULT_TOOL_TIMEOUT", "DEFAULT_TOOL_CONCURRENCY"]
@@ -89,8 +92,12 @@ class Tool:
             (strict mode would make parameters with defaults required).
 
     Attributes:
-        name (str), description (str), parameters (dict: the arguments' JSON schema),
-        strict (bool), is_async (bool), target (the function or model).
+        name (str): the tool's name.
+        description (str): what it does.
+        parameters (dict): the arguments' JSON schema.
+        strict (bool): sent with ``strict: true`` (its schema made strict-compatible).
+        is_async (bool): the function is a coroutine function.
+        target: the function or model.
 
     Raises:
         ConfigError: ``target`` is neither a function nor a pydantic model; it takes
@@ -486,6 +493,7 @@ class Toolbox:
             raise
         self.raise_errors = raise_errors
         self.on_call = on_call
+        self._warned_unforced = False
 
     def _add(self, tools: Iterable[Tool]) -> None:
         for found in tools:
@@ -521,6 +529,18 @@ class Toolbox:
             return params
         return {**params, "tool_choice": "auto"}
 
+    def check_forced(self, params: dict, message: dict, api_type: str = "") -> None:
+        """Log a WARNING (once per call) when a forced ``tool_choice`` (``required`` or a named tool)
+        came back with no tool call: the server ignored it. llama.cpp's server (``llama_cpp.server``)
+        does so, and so may other OpenAI-compatible servers; the reply is used as it is."""
+        choice = params.get("tool_choice")
+        if self._warned_unforced or choice is None or choice in ("auto", "none") or self.asks(message):
+            return
+        self._warned_unforced = True
+        shown = choice if isinstance(choice, str) else (choice.get("function") or {}).get("name", choice)
+        log.warning("tool_choice=%r was sent but the %s reply has no tool call: the server ignores a forced tool "
+                    "choice (llama.cpp's server does); the reply is used as it is", shown, api_type or "client's")
+
     def check(self, rounds: int, conversation: list[dict], message: dict, response: Any = None) -> None:
         """Raise ToolRoundsExceededError when ``rounds`` rounds ran already and ``message`` asks for more."""
         if rounds >= self.max_rounds:
@@ -531,7 +551,7 @@ class Toolbox:
 
     def _prepare(self, index: int, message: dict) -> tuple[ToolRound, list[tuple[ToolCall, Tool | None, Exception | None]]]:
         calls = message.get("tool_calls") or []
-        sent_back = {"role": "assistant", "content": message.get("content"), "tool_calls": []}
+        sent_back: dict[str, Any] = {"role": "assistant", "content": message.get("content"), "tool_calls": []}
         work = []
         for i, raw in enumerate(calls):
             function = raw.get("function") if isinstance(raw, dict) else None

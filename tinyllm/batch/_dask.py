@@ -15,7 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import re
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..errors import ConfigError
 
@@ -53,7 +53,7 @@ def dask_executor(address: str, *, connect_timeout: float = 30.0) -> Iterator[tu
                 raise ConfigError(f"--dask local:N needs N >= 1 worker processes, got {address!r}")
             cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
                                                dashboard_address=None)
-            target = cluster
+            target: Any = cluster
         elif address.strip().startswith("local:"):
             raise ConfigError(f"--dask local:N takes a number of worker processes, got {address!r}")
         else:

@@ -37,7 +37,7 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 from ..errors import BatchError, ConfigError
 
@@ -318,7 +318,7 @@ class Runner:
     # -- the engine -------------------------------------------------------------------
 
     def results(self, items: Iterable[tuple[Any, Any]], *, total: int | None = None,
-                initial: int = 0, not_sent: tuple[type[BaseException], ...] = ()) -> Iterator[Outcome]:
+                initial: int = 0, not_sent: tuple[type[BaseException], ...] = ()) -> Generator[Outcome, None, None]:
         """Run ``fn`` on each ``(tag, item)`` pair; yield an :class:`Outcome` per item as it finishes.
 
         Items are read from ``items`` only as the window has room. ``total`` and
@@ -416,9 +416,9 @@ class Runner:
                 instead of raising the first failure.
 
         Raises:
-            The first failure's exception when ``return_exceptions`` is False
-            (running calls finish, the rest are cancelled); KeyboardInterrupt
-            after the first Ctrl-C (see :meth:`results`).
+            Exception: the first failure's exception when ``return_exceptions`` is False
+                (running calls finish, the rest are cancelled).
+            KeyboardInterrupt: after the first Ctrl-C (see :meth:`results`).
         """
         total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
         out: list[Any] = []

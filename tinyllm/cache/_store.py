@@ -101,7 +101,7 @@ class Cache(Protocol):
 
     def get(self, key: str, default: Any = None) -> Any: ...
     def set(self, key: str, value: Any) -> None: ...
-    def clear(self) -> None: ...
+    def clear(self) -> object: ...  # some return the number of entries removed
     def len(self) -> int: ...
     def __len__(self) -> int: ...
     def __contains__(self, key: object) -> bool: ...
@@ -171,7 +171,7 @@ def _plain(value: Any, limit: int | None = MAX_DEPTH) -> Any:
     memo: dict[int, Any] = {id(value): _BUSY}
     alive = []
     kind = _kind(value)
-    stack = [(value, kind, _children(value, kind), [])]
+    stack: list[tuple[Any, Any, Any, list]] = [(value, kind, _children(value, kind), [])]
     while True:
         node, kind, children, items = stack[-1]
         for child in children:
@@ -396,6 +396,8 @@ class PickleCache(_IndexedCache):
         ConfigError: the file is tampered with, or is neither a tinyllm cache nor a dict pickle.
         OSError: the file or its directory cannot be created or read.
     """
+
+    path: str  # absolute, always set (a MemoryCache has none)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()

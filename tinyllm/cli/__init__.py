@@ -1,6 +1,6 @@
 """The ``tinyllm`` command: list, render and call prompt templates; map a prompt over a file.
 
-Subcommands: ``prompts`` (and ``prompts show``), ``render``, ``call``, ``chat``, ``map``, ``batches status|fetch|cancel``,
+Subcommands: ``prompts`` (and ``prompts show``), ``new``, ``render``, ``call``, ``chat``, ``map``, ``batches status|fetch|cancel``,
 ``tokens``, ``cache stats|clear``, ``config``, ``logs`` (and ``logs show|stats``), ``plugins``, ``eval``, ``ui``, one module
 per command group; the root group and the shared options are in ``_common``.
 ``call`` and ``map`` write every call to the call log unless ``--no-log`` or

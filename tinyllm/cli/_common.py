@@ -7,7 +7,6 @@ import math
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -24,7 +23,7 @@ class CLIError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it on the class; each error has its own
 
 
 def _error(message: str) -> None:
@@ -231,7 +230,7 @@ def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None,
          max_tokens: int | None, cache: bool | None, **extra: Any) -> Any:
     """An LLMCall for the command-line options; checks the template and the backend before anything is sent.
     ``extra``: more LLMCall arguments (tools, tool_choice, on_tool_call), None ones left out."""
-    from .. import client, force_api_cache
+    from .. import force_api_cache, get_client
     from ..call import LLMCall
 
     template, _ = _resolve(name, _search_dirs(ctx))
@@ -241,7 +240,7 @@ def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None,
     if cache is not None:
         force_api_cache(cache)
     _turn_on_log(ctx)
-    client(api_type)  # ConfigError (exit 2) now: unknown api_type, or no backend configured
+    get_client(api_type)  # ConfigError (exit 2) now: unknown api_type, or no backend configured
     return llm
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -87,22 +86,23 @@ def render(ctx: click.Context, name: str, variables: dict, images: list, audios:
     tokens as the answering backend counts them (its model name and tokenizer), sending nothing.
     Images, audio and files are shown as their type, sha256 and size."""
     from ..call import plan_output
-    from ..media import redacted
-
-    variables = _merge_media(variables, images, audios, files)
-    from ..clients import client
+    from ..clients import get_client
     from ..config import get_config
+    from ..media import redacted
     from ..tokens import count_tokens
 
+    variables = _merge_media(variables, images, audios, files)
     _, prompt = _resolve(name, _search_dirs(ctx))
     messages = prompt.render(variables)
     given = {"model": model} if model else {}
+    note: str | None = None
+    sender: Any = None
     try:
-        sender = client(api_type)
+        sender = get_client(api_type)
     except ConfigError as exc:  # no backend configured: tiktoken's count for the configured model
         if api_type:
             raise
-        sender, note = None, f"no backend configured ({str(exc).split('.')[0]}); counted with tiktoken"
+        note = f"no backend configured ({str(exc).split('.')[0]}); counted with tiktoken"
     if sender is not None:
         cfg = sender.settings()
         params = sender.resolve_params(plan_output(prompt, sender, None, None, given)[1], cfg)
@@ -200,23 +200,24 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
     or Ctrl-D ends the conversation; Ctrl-C stops the current answer (the
     turn is dropped) without leaving.
     """
-    from .. import client, force_api_cache
+    from .. import force_api_cache, get_client
     from ..chat import LLMChat
 
     if name is not None and system is not None:
         raise CLIError("give a template NAME or --system, not both")
-    params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None}
+    params: dict[str, Any] = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens))
+                              if v is not None}
     template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
     if mcp_servers:
         params.update(tools=mcp_servers, on_tool_call=_print_tool_call)
     conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type,
                            fallbacks=_fallbacks(ctx), **params)
-    if template is not None:
+    if template is not None and conversation.prompt is not None:
         # the system part only: each line typed is the user's message
         conversation.history = conversation.prompt.render(variables, include_user=False)
     if cache is not None:
         force_api_cache(cache)
-    client(api_type)  # ConfigError (exit 2) now
+    get_client(api_type)  # ConfigError (exit 2) now
     with conversation:  # MCP servers started at the first turn that uses them stay open until the end
         _converse(conversation)
 

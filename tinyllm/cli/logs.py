@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -139,7 +137,7 @@ def logs_show(ctx: click.Context, call_id: str, as_json: bool, db: str | None) -
     """
     from ..observe import _calllog as calllog
 
-    conn, path = _open_log(db or ctx.parent.params.get("db"))
+    conn, path = _open_log(db or (ctx.parent.params.get("db") if ctx.parent else None))
     try:
         rec = calllog.get(conn, call_id)
     except LookupError as exc:
@@ -221,7 +219,7 @@ def logs_stats(ctx: click.Context, since: float | None, template: str | None, mo
     """Sum calls, tokens, cost (USD) and errors by model, by template and by day."""
     from ..observe import _calllog as calllog
 
-    conn, _ = _open_log(db or ctx.parent.params.get("db"))
+    conn, _ = _open_log(db or (ctx.parent.params.get("db") if ctx.parent else None))
     try:
         sums = calllog.stats(conn, since=since, template=template, model=model, batch_id=batch_id)
     finally:

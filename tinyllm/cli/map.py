@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import sys
 from contextlib import suppress
@@ -208,7 +207,7 @@ def map_(ctx: click.Context, name: str, input_path: str, output_path: str, concu
     from_cache = stats_after["cached_calls"] - cached_before
     note = f" ({from_cache} from the cache)" if from_cache else ""
     unpriced = stats_after["unpriced_calls"] - stats_before["unpriced_calls"]
-    over_budget = s.stopped_by
+    over_budget: Any = s.stopped_by  # a BudgetExceededError (limit, estimate) or None
     left = f", {s.total - s.done_before - s.done_now - s.failed} not sent (budget)" if over_budget is not None else ""
     cost = _cost_text(run_budget.spent, unpriced) if dask_address is None else "on the Dask workers (not summed here)"
     click.echo(f"{s.total} rows: {s.done_now} done now{note}, {s.done_before} done before, {s.failed} failed{left} "

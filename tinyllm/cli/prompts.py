@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +70,51 @@ def prompts_show(ctx: click.Context, name: str, prompts_dirs: tuple[str, ...]) -
     fm = yaml.safe_dump(prompt.front_matter, sort_keys=False, allow_unicode=True).rstrip("\n")
     click.echo("  (none)" if not prompt.front_matter else "\n".join("  " + line for line in fm.split("\n")))
     click.echo(f"variables: {', '.join(sorted(prompt.variables)) or '(none)'}")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+_SYSTEM = """---
+description: {name}, in one line (shown by `tinyllm prompts`)
+temperature: 0
+max_tokens: 256
+# output_type: str       # or int, float, bool, list, dict, [label, label]; see docs/typed-output.md
+---
+You are a careful assistant. Answer in one short paragraph.
+"""
+
+_USER = """{{{{ text }}}}
+"""
+
+
+@cli.command("new")
+@click.argument("name")
+@click.option("--prompts-dir", "directory", default="prompts", show_default=True, metavar="DIR",
+              type=click.Path(file_okay=False), help="Directory to write the pair into (created if missing).")
+def new(name: str, directory: str) -> None:
+    """Write a new prompt pair: NAME.system.md (with front matter) and NAME.user.md.
+
+    NAME is letters, digits, '-' and '_' (a trailing .system.md is dropped).
+    Refuses to overwrite: exits 2 when either file exists. Then try
+    `tinyllm render NAME --var text=...` and `tinyllm call NAME --var text=...`.
+    """
+    name = name.removesuffix(".system.md").removesuffix(".user.md")
+    if not _NAME.fullmatch(name):
+        raise CLIError(f"bad prompt name {name!r}: use letters, digits, '-' and '_' (e.g. summarize)", EXIT_USAGE)
+    folder = Path(directory)
+    paths = {folder / f"{name}.system.md": _SYSTEM.format(name=name), folder / f"{name}.user.md": _USER.format()}
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise CLIError(f"{' and '.join(existing)} already {verb}; not overwriting (pick another NAME or delete it)", EXIT_USAGE)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, text in paths.items():
+            with path.open("x", encoding="utf-8") as f:  # "x": never overwrite, even in a race
+                f.write(text)
+    except OSError as exc:
+        raise CLIError(f"cannot write the prompt pair in {folder}: {exc}", EXIT_USAGE) from exc
+    for path in paths:
+        click.echo(f"wrote {path}")
+    hint = "" if folder == Path("prompts") else f" --prompts-dir {folder}"
+    click.echo(f"next: tinyllm{hint} render {name} --var text='Hello'")

@@ -14,6 +14,7 @@ then is looked up again.
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Callable
 
 from .._fork import reset_in_child
@@ -21,8 +22,8 @@ from ..config import Config, get_config
 from ..errors import ConfigError
 from ._base import CallInfo, Capabilities, Client, PlainClient, as_client, last_call_info
 
-__all__ = ["Client", "Capabilities", "PlainClient", "CallInfo", "Registry", "default_registry", "client", "register_client",
-           "force_api_type", "detect_api_type", "last_call_info", "as_client"]
+__all__ = ["Client", "Capabilities", "PlainClient", "CallInfo", "Registry", "default_registry", "get_client", "client",
+           "register_client", "force_api_type", "detect_api_type", "last_call_info", "as_client"]
 
 
 def _openai() -> Client:
@@ -65,13 +66,14 @@ class Registry:
     Built-in clients (``openai``, ``ollama``, ``azure``, ``llamacpp``, ``anthropic``) are built on
     first use with no settings of their own (so they follow the configuration);
     :meth:`register` replaces or adds one; :meth:`force` sends every call to one.
-    The package keeps one, :data:`default_registry`, behind :func:`client`,
+    The package keeps one, :data:`default_registry`, behind :func:`get_client`,
     :func:`register_client` and :func:`force_api_type`.
     """
 
     def __init__(self) -> None:
         self._clients: dict[str, Client] = {}
         self._classes: dict[str, type] = {}  # registered Client subclasses, built on first use
+        self._built: set[int] = set()  # id() of the clients built here from a factory (closed by reset())
         self._forced: str | None = None
         self._new_lock()
         reset_in_child(self._new_lock)  # a lock held at fork() is released in the child
@@ -95,7 +97,14 @@ class Registry:
         found = as_client(target, name)
         with self._lock:
             self._classes.pop(name, None)
+            replaced = self._clients.get(name)
             self._clients[name] = found
+            if replaced is not None and id(replaced) in self._built and replaced is not found:
+                self._built.discard(id(replaced))
+            else:
+                replaced = None
+        if replaced is not None:
+            replaced.close()  # a client built here and now replaced: nobody else holds it
         return found
 
     def registered(self) -> list[str]:
@@ -114,11 +123,16 @@ class Registry:
         self._forced = api_type.lower() if api_type else None
 
     def reset(self) -> None:
-        """Forget registered and built clients and any forced api_type."""
+        """Forget registered and built clients and any forced api_type; the built ones are closed
+        (their connection pools), the registered ones belong to their owner and are left open."""
         with self._lock:
+            built = [c for c in self._clients.values() if id(c) in self._built]
             self._clients.clear()
             self._classes.clear()
+            self._built.clear()
             self._forced = None
+        for found in built:
+            found.close()
 
     def _check_known(self, api_type: str, plugins: bool = False) -> None:
         if self._known(api_type):
@@ -146,7 +160,7 @@ class Registry:
         return sorted(set(_factories) | set(self._clients))
 
     def client(self, api_type: str | None = None) -> Client:
-        """See :func:`client`."""
+        """See :func:`get_client`."""
         forced = self._forced
         cfg = get_config() if forced is None and api_type is None else None
         chosen = forced or (api_type.lower() if api_type else None) or (cfg.api_type if cfg else None)
@@ -159,11 +173,12 @@ class Registry:
         with self._lock:
             if chosen not in self._clients:
                 cls = self._classes.get(chosen)
-                self._clients[chosen] = cls() if cls is not None else _factories[chosen]()
+                self._clients[chosen] = made = cls() if cls is not None else _factories[chosen]()
+                self._built.add(id(made))
             return self._clients[chosen]
 
 
-#: the registry behind :func:`client`, :func:`register_client` and :func:`force_api_type`
+#: the registry behind :func:`get_client`, :func:`register_client` and :func:`force_api_type`
 default_registry = Registry()
 
 
@@ -216,10 +231,23 @@ def detect_api_type(cfg: Config) -> str:
     )
 
 
-def client(api_type: str | None = None) -> Client:
+def get_client(api_type: str | None = None) -> Client:
     """The client that answers for ``api_type`` (or the forced, configured or detected one).
+
+    The choice, first match wins: :func:`force_api_type` > ``api_type`` > the
+    ``API_TYPE`` setting > auto-detection (see :func:`detect_api_type`). The
+    same object is returned on every call for the same api_type (it holds the
+    queue and the cache of the default client).
 
     Raises:
         ConfigError: unknown api_type, or nothing configured (see :func:`detect_api_type`).
     """
+    return default_registry.client(api_type)
+
+
+def client(api_type: str | None = None) -> Client:
+    """Deprecated alias of :func:`get_client` (renamed in 0.2: a module-level ``client`` was shadowed
+    by every local variable of that name). Warns with ``DeprecationWarning``; returns the same object.
+    """
+    warnings.warn("tinyllm.client() is deprecated; use tinyllm.get_client()", DeprecationWarning, stacklevel=2)
     return default_registry.client(api_type)

@@ -64,6 +64,12 @@ MAX_PLAUSIBLE_TOKENS = 10_000_000
 class Capabilities:
     """What a client can do; the call layer asks this declaration instead of testing types.
 
+    The defaults claim nothing: ``Capabilities()`` is a client that takes plain chat
+    messages and nothing more (a typed output is asked for in the prompt, or as
+    ``response_format={"type": "json_object"}`` for ``dict`` and models, and checked
+    after; tools are refused with a ConfigError; ``LLMCall.stream()`` answers in one
+    piece). Each built-in client sets every field it supports explicitly.
+
     Attributes:
         json_schema: takes ``response_format={"type": "json_schema", ...}`` (OpenAI's structured output).
         json_grammar: enforces a JSON schema by a grammar while generating (llama.cpp), so
@@ -82,15 +88,15 @@ class Capabilities:
     behind an OpenAI-compatible server sees images is the server's business: it answers 400 if not.
     """
 
-    json_schema: bool = True
+    json_schema: bool = False
     json_grammar: bool = False
     grammar: bool = False
-    tools: bool = True
+    tools: bool = False
     streaming: bool = False
-    embeddings: bool = True
-    images: bool = True
-    audio: bool = True
-    files: bool = True
+    embeddings: bool = False
+    images: bool = False
+    audio: bool = False
+    files: bool = False
 
 
 @dataclass
@@ -131,7 +137,7 @@ class _Request:
     params: dict
     model: str
     prompt_tokens: int
-    cost: int
+    rate_tokens: int  # prompt + max_tokens: what counts against TOKENS_PER_MINUTE
     key: str | None
     cache: Any
     started: float
@@ -330,6 +336,16 @@ class Client:
     def _revive(self) -> None:
         """Rebuild what :attr:`_transient` left out (subclasses with SDK objects override it)."""
 
+    def close(self) -> None:
+        """Close the connections this client keeps open (its HTTP connection pools); the client stays
+        usable and opens new ones on its next request. The base class holds none."""
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def settings(self) -> Config:
         """This client's settings now: the layered configuration with the client's own on top.
 
@@ -397,10 +413,10 @@ class Client:
         info = models.model_info(model)
         return info.context_window if info else None
 
-    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         raise NotImplementedError
 
-    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         return await _to_thread(self._chat, messages, params, cfg)
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
@@ -476,7 +492,7 @@ class Client:
         max_tokens = req.params.get("max_tokens", req.params.get("max_completion_tokens"))
         window = self.context_window(req.model, req.cfg)
         tokens.check_context_window(req.prompt_tokens, max_tokens, req.model, context_window=window)
-        req.cost = req.prompt_tokens + (max_tokens or 0)
+        req.rate_tokens = req.prompt_tokens + (max_tokens or 0)
 
     def _lookup(self, req: _Request) -> Reply | None:
         if req.cache is None:
@@ -506,7 +522,7 @@ class Client:
         self._check_usage(req, reply_usage)
         cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, spent
         usage.record_reply(reply_usage, cost, req.model)  # counted (the process budget's spending; the longest reply)
-        if req.cache is not None and (req.accept is None or req.accept(message)):
+        if req.cache is not None and req.key is not None and (req.accept is None or req.accept(message)):
             _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
         return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
 
@@ -566,8 +582,8 @@ class Client:
                 (nothing is sent); or a 4xx the server sent.
             ContextWindowExceededError: the prompt cannot fit (nothing was sent).
             QueueFullError: no request slot within QUEUE_TIMEOUT.
-            RateLimitError, ServerError, APIConnectionError, APITimeoutError,
-            ResponseError: after the retries the policy allows.
+            RateLimitError: (also ServerError, APIConnectionError, APITimeoutError,
+                ResponseError) after the retries the policy allows.
         """
         return self.request(messages, accept=accept, **params).message
 
@@ -590,14 +606,14 @@ class Client:
             scope = self._scope(req)
 
             def attempt(n: int) -> tuple:
-                with self.queue.lease(cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                with self.queue.lease(cfg, req.rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
                     return otel.attempt(req.model, n, self._chat, req.messages, self._attempt_params(req, n), cfg)
         else:  # the same, without the parts that would do nothing
             def attempt(n: int) -> tuple:
                 return self._chat(req.messages, self._attempt_params(req, n), cfg)
 
         with budget.hold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
-            with self.queue.slot(cfg, req.cost):
+            with self.queue.slot(cfg, req.rate_tokens):
                 result = self.retrying(cfg).call(attempt)
             return self._finish(req, result)
 
@@ -613,7 +629,7 @@ class Client:
             scope = self._scope(req)
 
             async def attempt(n: int) -> tuple:
-                async with self.queue.alease(cfg, req.cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                async with self.queue.alease(cfg, req.rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
                     with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt
                         return await self._achat(req.messages, self._attempt_params(req, n), cfg)
         else:  # the same, without the parts that would do nothing
@@ -621,7 +637,7 @@ class Client:
                 return await self._achat(req.messages, self._attempt_params(req, n), cfg)
 
         async with budget.ahold(self, req):  # budget: refused before sending when MAX_COST could be exceeded
-            async with self.queue.aslot(cfg, req.cost):
+            async with self.queue.aslot(cfg, req.rate_tokens):
                 result = await self.retrying(cfg).acall(attempt)
             return self._finish(req, result)
 
@@ -719,14 +735,14 @@ class Client:
             usage.record(calls=len(texts) - len(missing), cached_calls=len(texts) - len(missing))
         if missing:
             batch = [texts[i] for i in missing]
-            cost = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
+            rate_tokens = sum(tokens.count_tokens(t, model) for t in batch) if cfg.tokens_per_minute else 0
             scope = lambda: self.limit_scope(cfg, endpoint)  # noqa: E731
 
             def attempt(n: int) -> tuple[list[list[float]], dict]:
-                with self.queue.lease(cfg, cost, scope):  # cluster-wide limits: one slot per HTTP attempt
+                with self.queue.lease(cfg, rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
                     return self._embed(batch, model, cfg)
 
-            with self.queue.slot(cfg, cost):
+            with self.queue.slot(cfg, rate_tokens):
                 vectors, reply_usage = self.retrying(cfg).call(attempt)
             if len(vectors) != len(batch):
                 raise ResponseError(f"asked for {len(batch)} embeddings, got {len(vectors)}", raw=None)
@@ -993,12 +1009,12 @@ def _stream(client: Client, req: _Request, state: _StreamState) -> Iterator[str]
     with contextlib.ExitStack() as stack:
         stack.callback(state.release)  # last: after the connection is closed
         state.releases.append(budget.reserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-        state.releases.append(client.queue.acquire(req.cfg, req.cost))
+        state.releases.append(client.queue.acquire(req.cfg, req.rate_tokens))
 
         def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
             attempt = contextlib.ExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
             try:
-                attempt.enter_context(client.queue.lease(req.cfg, req.cost, client._scope(req)))
+                attempt.enter_context(client.queue.lease(req.cfg, req.rate_tokens, client._scope(req)))
                 with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
                     chunks = client._chat_stream(req.messages, client._attempt_params(req, n), req.cfg)
                     attempt.callback(_close, chunks)
@@ -1038,12 +1054,12 @@ async def _astream(client: Client, req: _Request, state: _StreamState) -> AsyncI
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(state.release)  # last: after the connection is closed
         state.releases.append(await budget.areserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
-        state.releases.append(await client.queue.aacquire(req.cfg, req.cost))
+        state.releases.append(await client.queue.aacquire(req.cfg, req.rate_tokens))
 
         async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:
             attempt = contextlib.AsyncExitStack()  # the attempt's cluster-wide slot (Redis) and its connection
             try:
-                await attempt.enter_async_context(client.queue.alease(req.cfg, req.cost, client._scope(req)))
+                await attempt.enter_async_context(client.queue.alease(req.cfg, req.rate_tokens, client._scope(req)))
                 with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt, to its first chunk
                     chunks = client._achat_stream(req.messages, client._attempt_params(req, n), req.cfg)
                     attempt.push_async_callback(_aclose, chunks)

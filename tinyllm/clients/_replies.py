@@ -27,7 +27,7 @@ def _message(raw: dict, response: Any) -> dict:
         raise _malformed(f"message role is {type(role).__name__}, not a string", response)
     if content is not None and not isinstance(content, str):
         raise _malformed(f"message content is {type(content).__name__}, not a string or null", response)
-    message = {"role": role, "content": content}
+    message: dict[str, Any] = {"role": role, "content": content}
     for key, kind in (("refusal", str), ("tool_calls", list), ("function_call", dict)):
         value = raw.get(key)
         if value:

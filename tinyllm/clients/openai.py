@@ -34,7 +34,7 @@ from ..errors import (
 )
 from .._fork import reset_in_child
 from ._base import Capabilities, Client
-from ._replies import extract_message, extract_reply
+from ._replies import extract_reply
 from ._fallback import FormatFallback, structured
 from ..http._scrub import redact, redact_body
 from ..http._transport import http_client, scrub_credentials
@@ -154,7 +154,7 @@ class OpenAIClient(Client):
     """
 
     api_type = "openai"
-    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True)
     api_key_secret = "OPENAI_API_KEY"
     preset_base_url: str | None = None
 
@@ -182,6 +182,16 @@ class OpenAIClient(Client):
         self._closers: dict[tuple, Any] = {}  # per async SDK client: see sdk()
         self._formats = FormatFallback()  # which response_format each endpoint takes: see _chat()
         self._last_sdk: tuple[Config | None, Any] = (None, None)  # (settings, their sync SDK client): see sdk()
+
+    def close(self) -> None:
+        """Close the synchronous SDK clients' connection pools (an async one is closed when its event
+        loop shuts down); the next request opens a new one."""
+        with self._sdk_lock:
+            sync = [k for k in self._sdks if k[0] is None]
+            closing = [self._sdks.pop(k) for k in sync]
+            self._last_sdk = (None, None)
+        for sdk in closing:
+            sdk.close()
 
     def base_url(self, cfg: Config) -> str | None:
         return cfg.base_url or cfg.secret("OPENAI_BASE_URL") or self.preset_base_url
@@ -288,7 +298,7 @@ class OpenAIClient(Client):
         """The key under which the response_format this server takes is remembered: address and model."""
         return f"{redact_url(self.where(cfg))} (model {params.get('model')})"
 
-    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         """One attempt; a json_schema request the server refuses (4xx/5xx) is sent again at once as
         json_object with the schema, then without response_format (never through the retry loop)."""
         if not structured(params):  # the usual request: nothing to fall back from
@@ -296,7 +306,7 @@ class OpenAIClient(Client):
         return self._formats.send(self._format_endpoint(cfg, params), messages, params,
                                   lambda m, p: self._chat_once(m, p, cfg))
 
-    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         """The asyncio twin of :meth:`_chat`."""
         if not structured(params):
             return await self._achat_once(messages, params, cfg)
@@ -304,7 +314,7 @@ class OpenAIClient(Client):
                                          lambda m, p: self._achat_once(m, p, cfg))
     # -- end of the structured-output fallback --------------------------------------------
 
-    def _chat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    def _chat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         sdk = self.sdk(cfg)
         try:
             response = sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
@@ -312,7 +322,7 @@ class OpenAIClient(Client):
             raise self._error(exc, cfg, params.get("timeout")) from exc
         return self._read(response, cfg)
 
-    async def _achat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict]:
+    async def _achat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         sdk = self.sdk(cfg, is_async=True)
         try:
             response = await sdk.post("/chat/completions", **self._request_args(messages, params, cfg))
@@ -398,3 +408,5 @@ class OllamaClient(OpenAIClient):
 
     api_type = "ollama"
     preset_base_url = "http://localhost:11434/v1"
+    # Ollama's OpenAI-compatible API: structured output (json_schema) since 0.5, tools, streaming, /v1/embeddings
+    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True)

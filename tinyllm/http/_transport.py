@@ -134,7 +134,7 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
         headers = [(k, redact(v, secrets)) for k, v in response.headers.multi_items()
                    if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
         try:  # a JSON body stays JSON: redact its strings (a "Bearer ..." match must not eat quotes)
-            text = json.dumps(redact_body(json.loads(decoded.text), secrets))
+            text = json.dumps(redact_body(json.loads(decoded.text), tuple(secrets)))
         except ValueError:
             text = redact(decoded.text, secrets)
         body = text.encode(decoded.encoding or "utf-8", "replace")
@@ -207,7 +207,7 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
         if deadline is not None and time.monotonic() >= deadline:
             raise httpx.ReadTimeout("TIMEOUT reached: the whole attempt may take no longer", request=request)
 
-    class Body(httpx.SyncByteStream):
+    class Body(httpx.SyncByteStream):  # type: ignore[name-defined]  # httpx (or httpx2) is the SDK's, found at run time
         """The response body, read under the request's deadline."""
 
         def __init__(self, stream: Any, deadline: float | None, request: Any) -> None:
@@ -229,7 +229,7 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
         def close(self) -> None:
             self._stream.close()
 
-    class AsyncBody(httpx.AsyncByteStream):
+    class AsyncBody(httpx.AsyncByteStream):  # type: ignore[name-defined]  # httpx (or httpx2) is the SDK's, found at run time
         """The response body, read under the request's deadline."""
 
         def __init__(self, stream: Any, deadline: float | None, request: Any) -> None:
@@ -251,7 +251,7 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
         async def aclose(self) -> None:
             await self._stream.aclose()
 
-    class Transport(httpx.BaseTransport):
+    class Transport(httpx.BaseTransport):  # type: ignore[name-defined]  # httpx (or httpx2) is the SDK's, found at run time
         def __init__(self, inner: Any) -> None:
             self._inner = inner
             self._hooked = install(inner, SyncBackend)
@@ -281,7 +281,7 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
         def close(self) -> None:
             self._inner.close()
 
-    class AsyncTransport(httpx.AsyncBaseTransport):
+    class AsyncTransport(httpx.AsyncBaseTransport):  # type: ignore[name-defined]  # httpx (or httpx2) is the SDK's, found at run time
         def __init__(self, inner: Any) -> None:
             self._inner = inner
             self._hooked = install(inner, AsyncBackend)

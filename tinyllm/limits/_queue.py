@@ -58,8 +58,8 @@ def _wake(future: asyncio.Future) -> None:
 class RequestQueue:
     """A FIFO request queue with a concurrency limit, plus client-side rate limits.
 
-    ``name`` (str) is shown in error messages. Use ``with queue.slot(cfg, cost): ...``
-    in threads and ``async with queue.aslot(cfg, cost): ...`` in asyncio.
+    ``name`` (str) is shown in error messages. Use ``with queue.slot(cfg, tokens): ...``
+    in threads and ``async with queue.aslot(cfg, tokens): ...`` in asyncio.
     """
 
     def __init__(self, name: str = "") -> None:
@@ -89,52 +89,52 @@ class RequestQueue:
         return len(self._waiters)
 
     @contextlib.contextmanager
-    def slot(self, cfg: Any, cost_tokens: int = 0) -> Iterator[None]:
+    def slot(self, cfg: Any, tokens: int = 0) -> Iterator[None]:
         """Block until this request may be sent; hold its slot for the ``with`` body.
 
         Args:
             cfg (tinyllm.config.Config): settings read now: ``max_concurrent_requests``,
                 ``queue_size``, ``queue_timeout`` (seconds, 0 = no bound),
                 ``requests_per_minute`` and ``tokens_per_minute`` (0 = off).
-            cost_tokens (int): tokens this request counts against
+            tokens (int): tokens this request counts against
                 TOKENS_PER_MINUTE (prompt tokens + max_tokens).
 
         Raises:
             QueueFullError: QUEUE_SIZE requests are already waiting, or the wait
                 for a slot and the rate limits exceeds QUEUE_TIMEOUT seconds.
                 The request was not sent and never will be.
-            BadRequestError: ``cost_tokens`` alone exceeds TOKENS_PER_MINUTE (nothing is sent).
+            BadRequestError: ``tokens`` alone exceeds TOKENS_PER_MINUTE (nothing is sent).
         """
-        release = self.acquire(cfg, cost_tokens)
+        release = self.acquire(cfg, tokens)
         try:
             yield
         finally:
             release()
 
     @contextlib.asynccontextmanager
-    async def aslot(self, cfg: Any, cost_tokens: int = 0) -> AsyncIterator[None]:
+    async def aslot(self, cfg: Any, tokens: int = 0) -> AsyncIterator[None]:
         """Await until this request may be sent; hold its slot for the ``async with`` body.
 
         The asyncio twin of :meth:`slot` (same arguments, same errors); it never
         blocks the event loop. Cancelling the task, while it waits or while it
         holds the slot, gives the slot back.
         """
-        release = await self.aacquire(cfg, cost_tokens)
+        release = await self.aacquire(cfg, tokens)
         try:
             yield
         finally:
             release()
 
-    def acquire(self, cfg: Any, cost_tokens: int = 0) -> Callable[[], None]:
+    def acquire(self, cfg: Any, tokens: int = 0) -> Callable[[], None]:
         """Block until this request may be sent and take its slot; returns ``release()``, which gives
         the slot back (safe to call more than once, from any thread, without awaiting: a stream
         dropped unfinished frees its slot from a finalizer). Arguments and errors as :meth:`slot`."""
         if self._cluster(cfg) is not None:  # cluster-wide limits: lease() around each HTTP attempt does it all
             return _no_release
-        deadline, waiter = self._begin(cfg, cost_tokens, None)
+        deadline, waiter = self._begin(cfg, tokens, None)
         if waiter is not None:
             try:
-                got = waiter.event.wait(_remaining(deadline))
+                got = waiter.event.wait(_remaining(deadline))  # type: ignore[union-attr]  # a thread's waiter has an event
             except BaseException:  # KeyboardInterrupt while waiting
                 if self._leave_line(waiter):
                     self._release()
@@ -142,23 +142,23 @@ class RequestQueue:
             if not got and not self._leave_line(waiter):  # granted in the race: keep it
                 raise self._timeout_error(cfg)
         try:
-            while (wait := self._rate_wait(cfg, cost_tokens, deadline)) > 0:
+            while (wait := self._rate_wait(cfg, tokens, deadline)) > 0:
                 time.sleep(wait)
         except BaseException:
             self._release()
             raise
         return _Release(self._release)
 
-    async def aacquire(self, cfg: Any, cost_tokens: int = 0) -> Callable[[], None]:
+    async def aacquire(self, cfg: Any, tokens: int = 0) -> Callable[[], None]:
         """The asyncio twin of :meth:`acquire`: awaits its turn; returns the same kind of ``release()``."""
         import asyncio  # here, not at the top: `import tinyllm` does not import asyncio
 
         if self._cluster(cfg) is not None:  # cluster-wide limits: alease() around each HTTP attempt does it all
             return _no_release
-        deadline, waiter = self._begin(cfg, cost_tokens, asyncio.get_running_loop())
+        deadline, waiter = self._begin(cfg, tokens, asyncio.get_running_loop())
         if waiter is not None:
             try:
-                await asyncio.wait_for(waiter.future, _remaining(deadline))
+                await asyncio.wait_for(waiter.future, _remaining(deadline))  # type: ignore[arg-type]  # a task's waiter has a future
             except asyncio.TimeoutError:
                 if not self._leave_line(waiter):
                     raise self._timeout_error(cfg) from None
@@ -167,7 +167,7 @@ class RequestQueue:
                     self._release()
                 raise
         try:
-            while (wait := self._rate_wait(cfg, cost_tokens, deadline)) > 0:
+            while (wait := self._rate_wait(cfg, tokens, deadline)) > 0:
                 await asyncio.sleep(wait)
         except BaseException:
             self._release()
@@ -176,11 +176,11 @@ class RequestQueue:
 
     # -- the line -----------------------------------------------------------
 
-    def _begin(self, cfg: Any, cost: int, loop: Any) -> tuple[float | None, _Waiter | None]:
-        """Check the cost; take a free slot (waiter None) or join the end of the line."""
-        if cfg.tokens_per_minute and cost > cfg.tokens_per_minute:
+    def _begin(self, cfg: Any, tokens: int, loop: Any) -> tuple[float | None, _Waiter | None]:
+        """Check the tokens against TOKENS_PER_MINUTE; take a free slot (waiter None) or join the end of the line."""
+        if cfg.tokens_per_minute and tokens > cfg.tokens_per_minute:
             raise BadRequestError(  # this request's fault, not the settings': the next one may fit
-                f"the request needs {cost} tokens (prompt + max_tokens) but TOKENS_PER_MINUTE is "
+                f"the request needs {tokens} tokens (prompt + max_tokens) but TOKENS_PER_MINUTE is "
                 f"{cfg.tokens_per_minute}; lower max_tokens, shorten the input or raise TOKENS_PER_MINUTE"
             )
         deadline = time.monotonic() + cfg.queue_timeout if cfg.queue_timeout else None
@@ -205,10 +205,10 @@ class RequestQueue:
         while self._waiters and self._in_flight < self._limit:
             waiter = self._waiters.popleft()
             if waiter.loop is None:
-                waiter.event.set()
+                waiter.event.set()  # type: ignore[union-attr]  # a thread's waiter has an event
             else:
                 try:
-                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)
+                    waiter.loop.call_soon_threadsafe(_wake, waiter.future)  # type: ignore[arg-type]
                 except RuntimeError:  # its loop is closed: nobody waits there any more
                     continue
             waiter.granted = True
@@ -257,13 +257,13 @@ class RequestQueue:
         with self._rate_lock:
             self._limiters()[1].hit(PerMinute(cfg.tokens_per_minute), cost=tokens)
 
-    def _rate_wait(self, cfg: Any, cost: int, deadline: float | None) -> float:
+    def _rate_wait(self, cfg: Any, tokens: int, deadline: float | None) -> float:
         """Use up this request's allowance and return 0, or return seconds to wait first.
 
         Raises QueueFullError if that wait would pass the deadline (time.monotonic()).
         """
         rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
-        if not rpm and not (tpm and cost > 0):
+        if not rpm and not (tpm and tokens > 0):
             return 0.0
         from limits import RateLimitItemPerMinute as PerMinute, RateLimitItemPerSecond as PerSecond
 
@@ -272,8 +272,8 @@ class RequestQueue:
             checks = []
             if rpm:
                 checks += [(moving, PerMinute(rpm), 1), (moving, PerSecond(math.ceil(rpm / 60)), 1)]
-            if tpm and cost > 0:
-                checks.append((sliding, PerMinute(tpm), cost))
+            if tpm and tokens > 0:
+                checks.append((sliding, PerMinute(tpm), tokens))
             wait = max(time_to_room(limiter, item, n, limiter is sliding) for limiter, item, n in checks)
             if wait <= 0:
                 for limiter, item, n in checks:
@@ -318,7 +318,7 @@ class RequestQueue:
         """
         return self._cluster(cfg) is not None
 
-    def lease(self, cfg: Any, cost_tokens: int = 0, scope: Callable[[], str] = str) -> Any:
+    def lease(self, cfg: Any, tokens: int = 0, scope: Callable[[], str] = str) -> Any:
         """A context manager around ONE HTTP attempt: with cluster-wide limits, it holds a slot and
         passes the rate limits for that attempt only (see :meth:`RedisLimiter.lease`); else it does nothing
         (:meth:`slot` around the whole retry loop does the work).
@@ -327,12 +327,12 @@ class RequestQueue:
         called only with cluster-wide limits. Errors: as :meth:`RedisLimiter.lease`.
         """
         limiter = self._cluster(cfg)
-        return _NO_LEASE if limiter is None else limiter.lease(cfg, cost_tokens, scope())
+        return _NO_LEASE if limiter is None else limiter.lease(cfg, tokens, scope())
 
-    def alease(self, cfg: Any, cost_tokens: int = 0, scope: Callable[[], str] = str) -> Any:
+    def alease(self, cfg: Any, tokens: int = 0, scope: Callable[[], str] = str) -> Any:
         """The asyncio twin of :meth:`lease`: use with ``async with``."""
         limiter = self._cluster(cfg)
-        return _NO_LEASE if limiter is None else limiter.alease(cfg, cost_tokens, scope())
+        return _NO_LEASE if limiter is None else limiter.alease(cfg, tokens, scope())
 
 
 _NO_LEASE = contextlib.nullcontext()  # reusable, and an async context manager too

@@ -126,31 +126,31 @@ class RedisLimiter:
 
     # -- the lease of one HTTP attempt ---------------------------------------
     @contextlib.contextmanager
-    def lease(self, cfg: Config, cost_tokens: int, scope: str) -> Iterator[None]:
+    def lease(self, cfg: Config, tokens: int, scope: str) -> Iterator[None]:
         """Hold a cluster-wide slot, and pass the rate limits, for the ``with`` body (one HTTP attempt).
 
         Args:
             cfg: the request's settings (``max_concurrent_requests``, ``queue_size``,
                 ``queue_timeout``, ``requests_per_minute``, ``tokens_per_minute``,
                 ``redis_slot_lease``, ``timeout``).
-            cost_tokens: tokens counted against TOKENS_PER_MINUTE.
+            tokens: tokens counted against TOKENS_PER_MINUTE.
             scope: :func:`scope_id` of the endpoint and key.
 
         Raises:
             QueueFullError: QUEUE_SIZE attempts of this process already wait, or the
                 slot and the rates take longer than QUEUE_TIMEOUT (nothing was sent).
-            BadRequestError: ``cost_tokens`` alone exceeds TOKENS_PER_MINUTE.
+            BadRequestError: ``tokens`` alone exceeds TOKENS_PER_MINUTE.
             ConfigError: REDIS_SLOT_LEASE is not above TIMEOUT.
             APIConnectionError: Redis failed (the limits cannot be checked: nothing is sent).
         """
-        token = self._enter(cfg, cost_tokens, scope)
+        token = self._enter(cfg, tokens, scope)
         try:
             yield
         finally:
             self._exit(cfg, scope, token)
 
     @contextlib.asynccontextmanager
-    async def alease(self, cfg: Config, cost_tokens: int, scope: str) -> AsyncIterator[None]:
+    async def alease(self, cfg: Config, tokens: int, scope: str) -> AsyncIterator[None]:
         """The asyncio twin of :meth:`lease` (same arguments and errors); never blocks the event loop.
 
         The wait runs in a thread of this limiter's own pool; cancelling the task
@@ -158,7 +158,7 @@ class RedisLimiter:
         """
         waits, releases = self._executors()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(waits, self._enter, cfg, cost_tokens, scope)
+        future = loop.run_in_executor(waits, self._enter, cfg, tokens, scope)
         try:
             token = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -177,11 +177,11 @@ class RedisLimiter:
                                concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tinyllm-redis-release"))
             return self._pools
 
-    def _enter(self, cfg: Config, cost: int, scope: str) -> str:
+    def _enter(self, cfg: Config, tokens: int, scope: str) -> str:
         """Take a slot, then pass the rates while holding it; return the lease's token."""
-        if cfg.tokens_per_minute and cost > cfg.tokens_per_minute:
+        if cfg.tokens_per_minute and tokens > cfg.tokens_per_minute:
             raise BadRequestError(
-                f"the request needs {cost} tokens (prompt + max_tokens) but TOKENS_PER_MINUTE is "
+                f"the request needs {tokens} tokens (prompt + max_tokens) but TOKENS_PER_MINUTE is "
                 f"{cfg.tokens_per_minute}; lower max_tokens, shorten the input or raise TOKENS_PER_MINUTE")
         if cfg.redis_slot_lease <= cfg.timeout:
             raise ConfigError(f"REDIS_SLOT_LEASE ({cfg.redis_slot_lease:g} s) must be longer than TIMEOUT "
@@ -189,7 +189,7 @@ class RedisLimiter:
         deadline = time.monotonic() + cfg.queue_timeout if cfg.queue_timeout else None
         token = self._take_slot(cfg, scope, deadline)
         try:
-            self._pass_rates(cfg, cost, scope, deadline)
+            self._pass_rates(cfg, tokens, scope, deadline)
         except BaseException:
             self._exit(cfg, scope, token)
             raise
@@ -254,10 +254,10 @@ class RedisLimiter:
                 self._rates = (MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage))
             return self._rates
 
-    def _pass_rates(self, cfg: Config, cost: int, scope: str, deadline: float | None) -> None:
+    def _pass_rates(self, cfg: Config, tokens: int, scope: str, deadline: float | None) -> None:
         """Consume this attempt's share of RPM and TPM, sleeping until there is room."""
         rpm, tpm = cfg.requests_per_minute, cfg.tokens_per_minute
-        if not rpm and not (tpm and cost > 0):
+        if not rpm and not (tpm and tokens > 0):
             return
         from limits import RateLimitItemPerMinute as PerMinute, RateLimitItemPerSecond as PerSecond
 
@@ -268,8 +268,8 @@ class RedisLimiter:
         if rpm:
             checks += [(moving, PerSecond(math.ceil(rpm / 60), namespace=namespace), 1),
                        (moving, PerMinute(rpm, namespace=namespace), 1)]
-        if tpm and cost > 0:
-            checks.append((sliding, PerMinute(tpm, namespace=namespace), cost))
+        if tpm and tokens > 0:
+            checks.append((sliding, PerMinute(tpm, namespace=namespace), tokens))
         try:  # optimistic: while there is room, one atomic hit per limit and nothing else
             if all(limiter.hit(item, cost=n) for limiter, item, n in checks):
                 return

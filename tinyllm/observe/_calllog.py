@@ -63,7 +63,7 @@ _COLUMNS = ("id", "ts", "template", "template_path", "template_hash", "variables
 _TEXT_COLUMNS = ("template", "template_path", "variables", "messages", "response", "reply", "model_requested", "model",
                  "endpoint", "params", "usage", "error_message", "tool_rounds")
 _FTS_COLUMNS = ("template", "variables", "messages", "response", "error_message")
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -438,7 +438,7 @@ def _template_info(prompt: Any) -> tuple[str | None, str | None]:
                 with open(path, "rb") as f:
                     digest.update(f.read())
                 digest.update(b"\0")
-        info = (str(prompt.system_path), digest.hexdigest()[:16])
+        info: tuple[str | None, str | None] = (str(prompt.system_path), digest.hexdigest()[:16])
     except (OSError, AttributeError):
         info = (str(getattr(prompt, "system_path", "")) or None, None)
     with contextlib.suppress(TypeError):
@@ -831,7 +831,8 @@ def record_of(row: Any) -> dict[str, Any]:
 
 def _filters(template: str | None, model: str | None, since: float | None, errors: bool, batch_id: str | None,
              text: str | None, has_fts: bool) -> tuple[str, list[Any]]:
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if template:
         where.append("(template = ? OR template LIKE ? ESCAPE '\\')")
         args += [template, template.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ".system.%"]

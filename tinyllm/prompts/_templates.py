@@ -281,7 +281,7 @@ def _render(template: jinja2.Template, variables: dict, where: str, dirs: tuple[
         hint = f"pass {var}=... or write {{{{ {var} | default(...) }}}} in the template" if var else "check the value"
         raise TemplateVariableError(f"{at}: {exc}; {hint}", variable=var, template=file) from exc
     except jinja2.TemplateNotFound as exc:
-        raise TemplateNotFoundError(exc.name or str(exc), list(dirs)) from exc
+        raise TemplateNotFoundError(str(exc.name or exc), list(dirs)) from exc
     except jinja2.TemplateSyntaxError as exc:  # in an included file
         raise TemplateError(f"{exc.filename or where}: Jinja syntax error on line {exc.lineno}: {exc.message}") from exc
     except TemplateError:
@@ -378,7 +378,8 @@ class Prompt:
         self._includes = includes
         self._sources: list[str] = []  # the Jinja sources compiled, for the includes a pickle carries
         env = self._env = _environment(dirs, None if includes is None else tuple(sorted(includes.items())), loader)
-        self.front_matter, self._parts, self.variables = {}, [], set()
+        self.front_matter, self._parts = {}, []
+        self.variables: set[str] = set()
         origin: dict[str, Path] = {}  # front-matter key -> the file it came from, for error messages
         for role, path in [("system", system_path), ("user", user_path)]:
             if path is not None:
