@@ -237,7 +237,7 @@ def test_cost_is_the_batch_price_and_the_call_log_has_the_batch(fake, prompts, t
     out = tmp_path / "out.jsonl"
     summary = tinyllm.BatchAPIRunner(llm).to_jsonl(lambda: enumerate([{"question": "price me"}]), out)
     assert summary.price == "batch" and summary.cost == pytest.approx(live.cost / 2)  # claude-haiku-4-5: half price
-    client = tinyllm.client("anthropic")
+    client = tinyllm.get_client("anthropic")
     assert pricing.batch_price_kind(client, client.settings(), MODEL) == "batch"
     (batch,) = fake.new()
     calllog.flush_all()
@@ -286,7 +286,7 @@ def test_stopped_while_creating_the_batch(fake, prompts, tmp_path, created):
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
     rows = [{"question": "a"}, {"question": "b"}]
     planned = [batch_request(llm, row) for row in rows]
-    api = api_for(tinyllm.client())
+    api = api_for(tinyllm.get_client())
     since = time.time()
     if created:
         path = write(tmp_path / "req.jsonl", "".join(api.line(f"i{i}", p.body).decode() for i, p in enumerate(planned)))

@@ -98,7 +98,7 @@ def test_api_type_anthropic_from_the_environment(fake, monkeypatch, tmp_path):
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
     monkeypatch.setenv("TINYLLM_API_TYPE", "anthropic")
-    assert isinstance(tinyllm.client(), AnthropicClient)
+    assert isinstance(tinyllm.get_client(), AnthropicClient)
     assert tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS).call(text="hi") == "echo: Summarize this text:\n\nhi"
     assert bodies(fake)[0]["model"] == "claude-sonnet-5-5"  # ANTHROPIC_MODEL while MODEL is at its default
     monkeypatch.delenv("TINYLLM_API_TYPE")
@@ -407,7 +407,7 @@ def test_images_become_image_blocks(fake, claude):
 
 
 def test_unmappable_content_is_refused_before_sending(fake, claude):
-    with pytest.raises(tinyllm.BadRequestError, match="input_audio"):
+    with pytest.raises(tinyllm.MediaError, match="takes no audio"):  # its capabilities: images only
         claude.send_message([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], max_tokens=5)
     assert fake.requests == []
 

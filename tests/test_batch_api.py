@@ -460,7 +460,7 @@ def test_stopped_between_upload_and_recording_the_batch(fake, prompts, tmp_path,
     planned = [batch_request(llm, row) for row in rows]
     data = "".join(json.dumps({"custom_id": f"i{i}", "method": "POST", "url": "/v1/chat/completions", "body": p.body}) + "\n"
                    for i, p in enumerate(planned))
-    api = BatchAPI(tinyllm.client())
+    api = BatchAPI(tinyllm.get_client())
     file_id = api.upload(write(tmp_path / "req.jsonl", data))
     if batch_exists:
         api.create(file_id)

@@ -180,7 +180,7 @@ def test_bad_fallbacks_are_refused_at_construction(prompts):
 
 def test_the_chain_plans_for_what_every_client_can_do(server):
     class NoTools:
-        capabilities = tinyllm.Capabilities(tools=False)
+        capabilities = tinyllm.Capabilities(json_schema=True, tools=False)
 
         def send_message(self, messages, **params):
             return {"role": "assistant", "content": "x"}

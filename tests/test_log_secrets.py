@@ -90,7 +90,7 @@ def test_httpx_request_lines_show_no_password_or_query_value(server, monkeypatch
     tinyllm.configure(api_type="openai", base_url=base, waiting_time=0.001, model="gpt-4o-mini")
     server.enqueue(Reply("fine"))
     with caplog.at_level(logging.DEBUG):
-        tinyllm.client().send_message([{"role": "user", "content": "q"}], extra_query={"key": QUERY_SECRET},
+        tinyllm.get_client().send_message([{"role": "user", "content": "q"}], extra_query={"key": QUERY_SECRET},
                                       extra_headers={"X-Credential": CREDENTIAL})
     lines = [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore", "openai"))]
     request_lines = [line for line in lines if line.startswith("HTTP Request:")]

@@ -201,7 +201,7 @@ def test_audio_and_files_reach_the_server(wired, files, tmp_path):
 def test_the_server_refuses_a_bad_part(wired):
     bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(PDF)}}]}]
     with pytest.raises(BadRequestError, match="the bytes are not image/png"):
-        tinyllm.client().request(bad)
+        tinyllm.get_client().request(bad)
 
 
 def test_the_cache_key_covers_the_bytes(wired, files):

@@ -28,7 +28,7 @@ class EchoClient(tinyllm.Client):
     """Answers with the last user message, reversed."""
 
     api_type = "{name}"
-    capabilities = tinyllm.Capabilities(json_schema=False)
+    capabilities = tinyllm.Capabilities(json_schema=False, tools=True)
 
     def endpoint(self, cfg, model):
         return {{"plugin": "{name}"}}
@@ -80,7 +80,7 @@ def plugin_site(tmp_path, monkeypatch):
 def test_an_unknown_api_type_loads_the_plugins_and_a_broken_one_is_named(plugin_site):
     assert "tinyllm_echoq" not in sys.modules  # nothing imported before first use
     with pytest.warns(tinyllm.PluginWarning, match="zz_broken.*tinyllm_brokenq.*broken on purpose"):
-        found = tinyllm.client("echoq")
+        found = tinyllm.get_client("echoq")
     assert type(found).__name__ == "EchoClient" and "tinyllm_echoq" in sys.modules
     assert found.send_message([{"role": "user", "content": "abc"}]) == {"role": "assistant", "content": "cba"}
     records = {p.name: p for p in tinyllm.load_plugins()}
@@ -102,9 +102,9 @@ def test_api_type_setting_and_a_front_matter_tool_from_a_plugin(plugin_site, tmp
 def test_a_registry_reset_keeps_plugin_clients_available(plugin_site):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tinyllm.PluginWarning)
-        first = tinyllm.client("echoq")
+        first = tinyllm.get_client("echoq")
     tinyllm.clients.default_registry.reset()  # the plugin module is not imported again, yet its client comes back
-    again = tinyllm.client("echoq")
+    again = tinyllm.get_client("echoq")
     assert type(again) is type(first) and again is not first
 
 
@@ -112,14 +112,14 @@ def test_an_unknown_api_type_still_fails_clearly_after_loading_plugins(plugin_si
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tinyllm.PluginWarning)
         with pytest.raises(tinyllm.ConfigError, match="unknown api_type 'nosuch'.*plugin"):
-            tinyllm.client("nosuch")
+            tinyllm.get_client("nosuch")
 
 
 def test_register_client_takes_a_client_class_and_refuses_other_classes():
     from tinyllm.clients.openai import OpenAIClient
 
     tinyllm.register_client("mine", OpenAIClient)
-    assert type(tinyllm.client("mine")) is OpenAIClient
+    assert type(tinyllm.get_client("mine")) is OpenAIClient
     with pytest.raises(tinyllm.ConfigError, match="Client subclass"):
         tinyllm.register_client("bad", dict)
 
@@ -176,7 +176,7 @@ def test_a_plugin_installed_by_pip_answers_by_api_type(tmp_path):
     code = textwrap.dedent("""
         import sys, tinyllm
         assert "tinyllm_echopip" not in sys.modules
-        print(tinyllm.client().send_message([{"role": "user", "content": "!nigulp"}])["content"])
+        print(tinyllm.get_client().send_message([{"role": "user", "content": "!nigulp"}])["content"])
     """)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr

@@ -61,7 +61,7 @@ MESSAGES = [{"role": "user", "content": "capital of France?"}]
 ], ids=["message-5", "a-list", "a-string", "usage-zzz", "usage-count-text", "content-object", "tool-calls-text",
         "deep-nesting"])
 def test_an_entry_of_the_wrong_shape_is_a_logged_miss(wired, raw, caplog, bad):
-    client = tinyllm.client()
+    client = tinyllm.get_client()
     wired.enqueue(Reply("Paris."))
     assert client.send_message(MESSAGES)["content"] == "Paris."
     (key,) = entries(raw)
@@ -77,7 +77,7 @@ def test_an_entry_of_the_wrong_shape_is_a_logged_miss(wired, raw, caplog, bad):
 
 
 def test_a_streamed_call_treats_a_bad_entry_as_a_miss_too(wired, raw):
-    client = tinyllm.client()
+    client = tinyllm.get_client()
     wired.enqueue(Reply("Paris."))
     client.send_message(MESSAGES)
     (key,) = entries(raw)
@@ -87,7 +87,7 @@ def test_a_streamed_call_treats_a_bad_entry_as_a_miss_too(wired, raw):
 
 
 def test_an_embedding_entry_of_the_wrong_shape_is_a_logged_miss(wired, raw, caplog):
-    client = tinyllm.client()
+    client = tinyllm.get_client()
     first = client.get_embedding("hello")
     (key,) = entries(raw)
     raw.set(key, json.dumps({"vector": "nope"}))

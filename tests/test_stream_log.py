@@ -61,7 +61,7 @@ def rows(db: Path) -> list[dict]:
 
 
 def in_flight() -> int:
-    return tinyllm.clients.client().queue.in_flight
+    return tinyllm.clients.get_client().queue.in_flight
 
 
 # -- complete, failed, closed, dropped (sync) ----------------------------------------------

@@ -164,7 +164,7 @@ class BatchAPIRunner:
     # -- the client ---------------------------------------------------------------------
     def client(self) -> Any:
         """The live client of the call (ConfigError unless it is the openai, azure or anthropic one)."""
-        from ..clients import client as get_client
+        from ..clients import get_client
         from ._replay import check_batch_client
 
         return check_batch_client(self.llm.client or get_client(self.llm.api_type))

@@ -35,10 +35,10 @@ def _recorded_api_type(state: Any) -> str | None:
 def _api(state: Any, api_type: str | None) -> Any:
     from ..batch._batch_files import api_for
     from ..batch._replay import check_batch_client
-    from ..clients import client
+    from ..clients import get_client
 
     kinds = {b.get("api", "openai") for b in state.unfinished()}
-    api = api_for(check_batch_client(client(api_type or _recorded_api_type(state))))
+    api = api_for(check_batch_client(get_client(api_type or _recorded_api_type(state))))
     if kinds - {api.kind}:
         raise CLIError(f"these batches were sent through the {', '.join(sorted(kinds))} batch API; this client is "
                        f"{api.kind!r} (give --api-type)")

@@ -26,9 +26,9 @@ def tokens(file: str, model: str | None, exact: bool) -> None:
 
     text = _read_text(file, "the file")
     if exact:
-        from ..clients import client
+        from ..clients import get_client
 
-        sender = client()
+        sender = get_client()
         if not callable(getattr(sender, "token_count", None)):
             raise ConfigError(f"--exact needs a client with a token-counting endpoint (api_type anthropic); "
                               f"the {sender.api_type!r} client counts locally: leave out --exact")

@@ -407,7 +407,7 @@ def _entry(spec: Any, first: Client | None, *, primary: bool) -> _Entry:
         ConfigError: ``spec`` is an empty str, or an object that is no client.
     """
     if isinstance(spec, str):
-        from . import client as registered
+        from . import get_client as registered
         from . import default_registry
 
         if not spec:

@@ -188,7 +188,9 @@ class AnthropicClient(Client):
     """
 
     api_type = "anthropic"
-    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=True, embeddings=False)
+    # images (image_url parts become image blocks); audio and PDF file parts are not mapped
+    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=True, embeddings=False,
+                                images=True, audio=False, files=False)
     api_key_secret = "ANTHROPIC_API_KEY"
 
     def __init__(self, *, api_key: str | None = None, base_url: str | None = None, cache: Any = None, **settings: Any) -> None:

@@ -39,7 +39,8 @@ class AzureClient(OpenAIClient):
     api_type = "azure"
     api_key_secret = "AZURE_OPENAI_KEY"
     # structured output needs API version 2024-08-01-preview or later (AZURE_API_VERSION)
-    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True,
+                                images=True, audio=True, files=True)
 
     def __init__(self, *, endpoint: str | None = None, api_key: str | None = None, api_version: str | None = None,
                  deployments: dict[str, str] | None = None, cache: Any = None, **settings: Any) -> None:

@@ -154,7 +154,8 @@ class OpenAIClient(Client):
     """
 
     api_type = "openai"
-    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True)
+    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True,
+                                images=True, audio=True, files=True)
     api_key_secret = "OPENAI_API_KEY"
     preset_base_url: str | None = None
 
@@ -408,5 +409,7 @@ class OllamaClient(OpenAIClient):
 
     api_type = "ollama"
     preset_base_url = "http://localhost:11434/v1"
-    # Ollama's OpenAI-compatible API: structured output (json_schema) since 0.5, tools, streaming, /v1/embeddings
-    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True)
+    # Ollama's OpenAI-compatible API: structured output (json_schema) since 0.5, tools, streaming, /v1/embeddings,
+    # images (image_url parts, for vision models); no input_audio or file parts
+    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True,
+                                images=True, audio=False, files=False)

@@ -64,7 +64,7 @@ def judge_for(client: Any = None, model: str | None = None) -> Judge:
     Raises:
         ConfigError: no judge configured (refused before anything is sent), or an unknown client name.
     """
-    from ..clients import client as get_client
+    from ..clients import get_client
     from ..config import get_config
 
     cfg = get_config()

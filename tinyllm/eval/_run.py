@@ -20,6 +20,8 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,7 @@ class _Cells:
             return self._run(item)
 
     def _sender(self, plan: _PromptPlan, target: Target) -> Any:
-        from ..clients import client as get_client
+        from ..clients import get_client
 
         if target.client is not None:
             return target.client
@@ -266,7 +268,7 @@ def _plans(call_or_name: Any, cases: Any, revs: Sequence[str], prompts_dir: Any,
 
 
 def _targets(plans: list[_PromptPlan], models: Sequence[str] | None, clients: Sequence[Any] | None) -> list[Target]:
-    from ..clients import client as get_client
+    from ..clients import get_client
 
     out: list[Target] = []
     for m in models or ():
@@ -422,6 +424,8 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
         path = db_path(db)
     else:
         keep = tempfile.TemporaryDirectory(prefix="tinyllm-eval-")
+        keep._finalizer.detach()  # type: ignore[attr-defined]  # removed, quietly, when the last report using it goes
+        weakref.finalize(keep, shutil.rmtree, keep.name, ignore_errors=True)
         path = os.path.join(keep.name, "eval.db")
     with Store(path) as st:
         found = None if fresh else st.resumable(fingerprint)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..clients import client
+from ..clients import get_client
 from ..config import get_config
 from ..errors import ConfigError, TemplateVariableError, TinyLLMError
 from ..models import model_info
@@ -98,7 +98,7 @@ def preview(files: PromptFiles, front_matter: str, system: str, user: str, varia
         out.messages = [{**m, "tokens": None} for m in messages]
         return out
     try:
-        sender = client(api_type or None)
+        sender = get_client(api_type or None)
     except ConfigError:
         sender = None  # no backend configured: tiktoken's count, the model table's window
     out.model = model or out.prompt.params.get("model") or (sender.settings() if sender else get_config()).model
