@@ -84,7 +84,8 @@ def test_map_batch_api_writes_what_a_live_map_writes(fake, prompts, tmp_path):
     (batch,) = fake.new()
     assert batch["batch"]["processing_status"] == "ended" and batch["batch"]["request_counts"]["succeeded"] == 5
     assert [r["custom_id"] for r in batch["requests"]] == ["s0", "s1", "s2", "s3", "s4"]
-    canonical = lambda bodies: sorted(json.dumps(b, sort_keys=True) for b in bodies)  # the live run is concurrent
+    def canonical(bodies):
+        return sorted(json.dumps(b, sort_keys=True) for b in bodies)  # the live run is concurrent
     assert canonical(r["params"] for r in batch["requests"]) == canonical(live_bodies(fake))  # what it sent, row for row
     state = json.loads((tmp_path / "batch.jsonl.batches.json").read_text())
     (entry,) = state["batches"]
@@ -134,10 +135,12 @@ def test_status_moves_from_in_progress_to_ended_and_resumes(fake, prompts, tmp_p
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
     out = tmp_path / "out.jsonl"
     runner = tinyllm.BatchAPIRunner(llm)
-    rows = lambda: enumerate([{"question": "a"}, {"question": "b"}])
+    def rows():
+        return enumerate([{"question": "a"}, {"question": "b"}])
     summary = runner.to_jsonl(rows, out, wait=False)
     assert summary.submitted == 2 and summary.waiting == 2 and len(summary.running) == 1
-    record = lambda: json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]
+    def record():
+        return json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]
     seen = [record()["status"]]
     while not record().get("fetched"):
         summary = runner.to_jsonl(rows, out, wait=False)

@@ -168,10 +168,12 @@ def test_status_moves_through_validating_in_progress_finalizing_completed(fake, 
     seen = []
     out = tmp_path / "out.jsonl"
     runner = tinyllm.BatchAPIRunner(llm)
-    rows = lambda: enumerate([{"question": "a"}, {"question": "b"}])
+    def rows():
+        return enumerate([{"question": "a"}, {"question": "b"}])
     summary = runner.to_jsonl(rows, out, wait=False)
     assert summary.submitted == 2 and summary.waiting == 2 and len(summary.running) == 1
-    state = lambda: json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]
+    def state():
+        return json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]
     seen.append(state()["status"])
     while not state().get("fetched"):
         summary = runner.to_jsonl(rows, out, wait=False)

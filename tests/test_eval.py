@@ -336,7 +336,8 @@ def test_resume_after_ctrl_c_sends_only_the_cells_not_done(server, monkeypatch, 
 def test_rev_reads_the_template_from_git(srv, tmp_path):
     repo = tmp_path / "repo"
     folder = prompts(repo, system="Answer. v1", tests="- {id: cap, vars: {question: capital}, assert: [{type: starts-with, value: Paris}]}\n")
-    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
     git("init", "-q")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
     git("add", ".")
@@ -361,7 +362,8 @@ def test_rev_reads_the_included_files_from_git_too(srv, tmp_path):
     write(folder / "style.md", "---\ndescription: the style\n---\nStyle {% include 'parts/tone.md' %}\n")
     write(folder / "parts" / "tone.md", "v1, brief.\n")
     write(folder / "old.md", "Be kind.\n")
-    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
     git("init", "-q")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")

@@ -740,8 +740,6 @@ class LLMCall:
             from .batch._batch_api import BatchAPIRunner
 
             return BatchAPIRunner(self, progress=progress).map(inputs, path=batch_output, return_exceptions=return_exceptions)
-        from .batch._runner import Runner
-
         cached_before = usage.usage_stats()["cached_calls"]
         with contextlib.ExitStack() as held:  # the MCP servers of the call stay open for the whole batch
             for source in self._tool_sources():

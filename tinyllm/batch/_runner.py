@@ -101,7 +101,8 @@ def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1,
     can travel (see :func:`_sendable`); local threads keep every value as it is. ``context``: the
     caller's context (its active budgets, call-log batch id, ...), each item run in a copy of it."""
     if context is not None:
-        one = lambda item: context.copy().run(_call_one, fn, item)
+        def one(item):
+            return context.copy().run(_call_one, fn, item)
     else:
         one = (lambda item: _sendable(_call_one(fn, item))) if remote else (lambda item: _call_one(fn, item))
     threads = min(threads, len(items))
