@@ -45,8 +45,20 @@ def entries(n: int, seed: int = 0) -> list[tuple[str, dict]]:
         content = " ".join(rnd.choice(WORDS) for _ in range(70))[:400]
         messages = [{"role": "user", "content": f"question {i}"}]
         key = cache_key({"api_type": "openai"}, "gpt-4o-mini", messages, {"temperature": 0})
-        out.append((key, {"role": "assistant", "content": content, "refusal": None, "annotations": [],
-                          "audio": None, "function_call": None, "tool_calls": None}))
+        out.append(
+            (
+                key,
+                {
+                    "role": "assistant",
+                    "content": content,
+                    "refusal": None,
+                    "annotations": [],
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": None,
+                },
+            )
+        )
     return out
 
 
@@ -86,8 +98,13 @@ def bench_tinyllm(folder: str, data: list[tuple[str, dict]]) -> dict:
     load = median_of(lambda: PickleCache(path).close())
     fresh = PickleCache(path)
     assert len(fresh) == len(data)
-    return {"write_all": f"{end - t:.2f}", "per_write": (end - t_tail) / len(tail) * 1e6, "load": load * 1e3,
-            "hit": hit_median_us(fresh.get, [k for k, _ in data]), "mb": os.path.getsize(path) / 1e6}
+    return {
+        "write_all": f"{end - t:.2f}",
+        "per_write": (end - t_tail) / len(tail) * 1e6,
+        "load": load * 1e3,
+        "hit": hit_median_us(fresh.get, [k for k, _ in data]),
+        "mb": os.path.getsize(path) / 1e6,
+    }
 
 
 def bench_baseline(folder: str, data: list[tuple[str, dict]]) -> dict:
@@ -120,8 +137,13 @@ def bench_baseline(folder: str, data: list[tuple[str, dict]]) -> dict:
 
     load_s = median_of(load)
     loaded = load()
-    return {"write_all": write_all, "per_write": per_write * 1e6, "load": load_s * 1e3,
-            "hit": hit_median_us(loaded.get, list(loaded)), "mb": os.path.getsize(path) / 1e6}
+    return {
+        "write_all": write_all,
+        "per_write": per_write * 1e6,
+        "load": load_s * 1e3,
+        "hit": hit_median_us(loaded.get, list(loaded)),
+        "mb": os.path.getsize(path) / 1e6,
+    }
 
 
 def main() -> None:
@@ -134,12 +156,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for n in sizes:
             data = entries(n)
-            for name, bench in (("tinyllm PickleCache", bench_tinyllm), ("re-pickle whole dict (TinyTroupe)", bench_baseline)):
+            for name, bench in (
+                ("tinyllm PickleCache", bench_tinyllm),
+                ("re-pickle whole dict (TinyTroupe)", bench_baseline),
+            ):
                 r = bench(folder, data)
-                print(f"| {n:,} | {name} | {r['write_all']} | {r['per_write']:,.0f} | {r['load']:,.1f} | "
-                      f"{r['hit']:.2f} | {r['mb']:.1f} |", flush=True)
-    print("\n≈: estimated from the last 100 writes (the baseline's full run is quadratic); "
-          "tinyllm's hit returns a fresh copy of the value, the baseline's returns the stored dict itself.")
+                print(
+                    f"| {n:,} | {name} | {r['write_all']} | {r['per_write']:,.0f} | {r['load']:,.1f} | "
+                    f"{r['hit']:.2f} | {r['mb']:.1f} |",
+                    flush=True,
+                )
+    print(
+        "\n≈: estimated from the last 100 writes (the baseline's full run is quadratic); "
+        "tinyllm's hit returns a fresh copy of the value, the baseline's returns the stored dict itself."
+    )
 
 
 if __name__ == "__main__":

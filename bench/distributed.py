@@ -53,8 +53,14 @@ def _bench_module(name: str):
 def _configure(base_url: str, limit: int, redis_url: str | None) -> None:
     from tinyllm import configure
 
-    configure(base_url=base_url, max_concurrent_requests=limit, queue_size=10_000, cache_api_calls=False,
-              redis_url=redis_url, redis_prefix="tinyllm-bench-dist")
+    configure(
+        base_url=base_url,
+        max_concurrent_requests=limit,
+        queue_size=10_000,
+        cache_api_calls=False,
+        redis_url=redis_url,
+        redis_prefix="tinyllm-bench-dist",
+    )
 
 
 def _warm(_: int = 0) -> int:
@@ -73,7 +79,9 @@ def _process_part(base_url: str, limit: int, redis_url: str, folder: str, start:
 
     _configure(base_url, limit, redis_url)
     call = LLMCall("bench", prompts_dir=folder)
-    results = call.map([{"n": i} for i in range(start, stop)], max_workers=limit, progress=False, return_exceptions=True)
+    results = call.map(
+        [{"n": i} for i in range(start, stop)], max_workers=limit, progress=False, return_exceptions=True
+    )
     return sum(isinstance(r, BaseException) for r in results)
 
 
@@ -93,6 +101,7 @@ def main() -> None:
         server = throughput.start_server("process", latency=args.latency)
         proc, redis_url = redis_bench.start_redis(folder)
         try:
+
             def measure(label: str, run) -> None:
                 server.reset()
                 started = time.perf_counter()
@@ -104,50 +113,85 @@ def main() -> None:
             _configure(server.base_url, args.limit, None)
             call = LLMCall("bench", prompts_dir=folder)
             inputs = [{"n": i} for i in range(args.calls)]
-            call.map(inputs[:args.limit], max_workers=args.limit, progress=False)  # warm: imports, connections
-            measure("1 process, in-memory limits", lambda: sum(isinstance(r, BaseException) for r in call.map(
-                inputs, max_workers=args.limit, progress=False, return_exceptions=True)))
+            call.map(inputs[: args.limit], max_workers=args.limit, progress=False)  # warm: imports, connections
+            measure(
+                "1 process, in-memory limits",
+                lambda: sum(
+                    isinstance(r, BaseException)
+                    for r in call.map(inputs, max_workers=args.limit, progress=False, return_exceptions=True)
+                ),
+            )
 
             _configure(server.base_url, args.limit, redis_url)  # the same process, the limit in Redis: what Redis costs
-            measure("1 process, Redis limits", lambda: sum(isinstance(r, BaseException) for r in call.map(
-                inputs, max_workers=args.limit, progress=False, return_exceptions=True)))
+            measure(
+                "1 process, Redis limits",
+                lambda: sum(
+                    isinstance(r, BaseException)
+                    for r in call.map(inputs, max_workers=args.limit, progress=False, return_exceptions=True)
+                ),
+            )
 
             ctx = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(4, mp_context=ctx) as pool:
                 list(pool.map(_warm, range(4)))
                 quarter = -(-args.calls // 4)
                 parts = [(i * quarter, min(args.calls, (i + 1) * quarter)) for i in range(4)]
-                measure("4 processes, Redis limits", lambda: sum(pool.map(
-                    _process_part, *zip(*[(server.base_url, args.limit, redis_url, folder, a, b) for a, b in parts]))))
+                measure(
+                    "4 processes, Redis limits",
+                    lambda: sum(
+                        pool.map(
+                            _process_part,
+                            *zip(*[(server.base_url, args.limit, redis_url, folder, a, b) for a, b in parts]),
+                        )
+                    ),
+                )
 
             saved = dict(os.environ)
-            os.environ.update(TINYLLM_BASE_URL=server.base_url, TINYLLM_MAX_CONCURRENT_REQUESTS=str(args.limit),
-                              TINYLLM_QUEUE_SIZE="10000", TINYLLM_REDIS_URL=redis_url,
-                              TINYLLM_REDIS_PREFIX="tinyllm-bench-dist", TINYLLM_CACHE_API_CALLS="false")
+            os.environ.update(
+                TINYLLM_BASE_URL=server.base_url,
+                TINYLLM_MAX_CONCURRENT_REQUESTS=str(args.limit),
+                TINYLLM_QUEUE_SIZE="10000",
+                TINYLLM_REDIS_URL=redis_url,
+                TINYLLM_REDIS_PREFIX="tinyllm-bench-dist",
+                TINYLLM_CACHE_API_CALLS="false",
+            )
             try:
-                cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                                   dashboard_address=None)
+                cluster = distributed.LocalCluster(
+                    n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                )
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
             with cluster, distributed.Client(cluster) as client:
                 executor = client.get_executor()
                 client.run(_warm)
-                measure("Dask LocalCluster, 2 workers, Redis limits", lambda: sum(
-                    isinstance(r, BaseException) for r in call.map(inputs, executor=executor, max_workers=args.limit,
-                                                                    progress=False, return_exceptions=True)))
+                measure(
+                    "Dask LocalCluster, 2 workers, Redis limits",
+                    lambda: sum(
+                        isinstance(r, BaseException)
+                        for r in call.map(
+                            inputs, executor=executor, max_workers=args.limit, progress=False, return_exceptions=True
+                        )
+                    ),
+                )
         finally:
             server.stop()
             proc.kill()
             proc.wait()
 
-    print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, dask {distributed.__version__}; "
-          f"{args.calls} calls, server latency {args.latency:g} s (server in a child process), "
-          f"global limit {args.limit}\n")
-    print("| how | wall s | ideal s | over ideal | server peak in flight | requests | failed |\n"
-          "|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs, dask {distributed.__version__}; "
+        f"{args.calls} calls, server latency {args.latency:g} s (server in a child process), "
+        f"global limit {args.limit}\n"
+    )
+    print(
+        "| how | wall s | ideal s | over ideal | server peak in flight | requests | failed |\n"
+        "|---|---:|---:|---:|---:|---:|---:|"
+    )
     for label, wall, peak, requests, failed in rows:
-        print(f"| {label} | {wall:.2f} | {ideal:.2f} | {100 * (wall / ideal - 1):+.0f}% | {peak} | {requests} | {failed} |")
+        print(
+            f"| {label} | {wall:.2f} | {ideal:.2f} | {100 * (wall / ideal - 1):+.0f}% | {peak} | {requests} | {failed} |"
+        )
 
 
 if __name__ == "__main__":

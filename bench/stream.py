@@ -69,7 +69,9 @@ def server_table(rounds: int, delay: float) -> None:
         Path(folder, "s.system.md").write_text("You are terse.\n", encoding="utf-8")
         Path(folder, "s.user.md").write_text("Say forty words.\n", encoding="utf-8")
         sdk = openai.OpenAI(base_url=server.base_url, api_key="sk-bench-000000000000", max_retries=0)
-        call = LLMCall("s", prompts_dir=folder, client=OpenAIClient(base_url=server.base_url, api_key="sk-bench-000000000000"))
+        call = LLMCall(
+            "s", prompts_dir=folder, client=OpenAIClient(base_url=server.base_url, api_key="sk-bench-000000000000")
+        )
         paths = {"raw openai SDK": lambda: raw_sdk(sdk), "tinyllm LLMCall.stream": lambda: call.stream()}
         results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in paths}
         for i in range(rounds + 5):
@@ -101,8 +103,13 @@ def local_table(rounds: int, tokens: int) -> None:
 
         def raw():
             with lock:
-                for chunk in llm.create_chat_completion(messages=MESSAGES, stream=True, max_tokens=tokens, temperature=0,
-                                                        repeat_penalty=DEFAULT_PARAMS["repeat_penalty"]):
+                for chunk in llm.create_chat_completion(
+                    messages=MESSAGES,
+                    stream=True,
+                    max_tokens=tokens,
+                    temperature=0,
+                    repeat_penalty=DEFAULT_PARAMS["repeat_penalty"],
+                ):
                     delta = chunk["choices"][0]["delta"].get("content")
                     if delta:
                         yield delta
@@ -110,7 +117,7 @@ def local_table(rounds: int, tokens: int) -> None:
         paths = {"raw llama-cpp-python": raw, "tinyllm LLMCall.stream": lambda: call.stream()}
         results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in paths}
         for i in range(rounds + 1):
-            for name in (list(paths) if i % 2 == 0 else list(reversed(paths))):
+            for name in list(paths) if i % 2 == 0 else list(reversed(paths)):
                 first, total = timed(paths[name]())
                 if i >= 1:
                     results[name][0].append(first)

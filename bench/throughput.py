@@ -217,8 +217,10 @@ def run_raw_async(base_url: str, calls: int, concurrency: int) -> tuple[float, i
 
 
 def _raw_messages(i: int) -> list[dict]:
-    return [{"role": "system", "content": "You are a terse assistant. Answer in one word."},
-            {"role": "user", "content": f"Item {i}: say ok."}]
+    return [
+        {"role": "system", "content": "You are a terse assistant. Answer in one word."},
+        {"role": "user", "content": f"Item {i}: say ok."},
+    ]
 
 
 def main() -> None:
@@ -226,8 +228,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="calls per row (default 1000)")
     parser.add_argument("--latency", type=float, default=0.1, help="server latency per request, seconds (default 0.1)")
     parser.add_argument("--concurrency", default="5,20,50", help="MAX_CONCURRENT_REQUESTS values (default 5,20,50)")
-    parser.add_argument("--server", choices=("process", "inproc"), default="process",
-                        help="run the fake server in a child process (default) or in this process")
+    parser.add_argument(
+        "--server",
+        choices=("process", "inproc"),
+        default="process",
+        help="run the fake server in a child process (default) or in this process",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the raw openai SDK rows")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -240,8 +246,9 @@ def main() -> None:
     os.chdir(workdir)  # no stray config.ini / .env
     write_prompt(os.path.join(workdir, "prompts"))
     force_api_cache(False)
-    configure(api_type="openai", base_url=server.base_url, queue_size=max(args.calls, 100), queue_timeout=0,
-              max_attempts=1)
+    configure(
+        api_type="openai", base_url=server.base_url, queue_size=max(args.calls, 100), queue_timeout=0, max_attempts=1
+    )
     call = LLMCall("bench.system.md")
     # warm-up: token encoding, templates, both SDK clients
     call.call(n=-1)
@@ -250,11 +257,15 @@ def main() -> None:
     import openai
 
     raw = openai.OpenAI(base_url=server.base_url, api_key="no-key", max_retries=0)
-    runners = [("tinyllm `map` (threads)", lambda n, c: run_map(call, n, c)),
-               ("tinyllm `acall` + gather", lambda n, c: run_gather(call, n, c))]
+    runners = [
+        ("tinyllm `map` (threads)", lambda n, c: run_map(call, n, c)),
+        ("tinyllm `acall` + gather", lambda n, c: run_gather(call, n, c)),
+    ]
     if not args.no_baseline:
-        runners += [("raw SDK, thread pool", lambda n, c: run_raw_threads(raw, n, c)),
-                    ("raw SDK, AsyncOpenAI + semaphore", lambda n, c: run_raw_async(server.base_url, n, c))]
+        runners += [
+            ("raw SDK, thread pool", lambda n, c: run_raw_threads(raw, n, c)),
+            ("raw SDK, AsyncOpenAI + semaphore", lambda n, c: run_raw_async(server.base_url, n, c)),
+        ]
     rows = []
     for concurrency in levels:
         configure(max_concurrent_requests=concurrency)
@@ -267,12 +278,18 @@ def main() -> None:
     server.stop()
 
     print(f"### Throughput: {args.calls} calls, server latency {args.latency:g} s, server in {server.where}\n")
-    print(f"Python {platform.python_version()}, tinyllm {tinyllm.__version__}, {os.cpu_count()} CPUs, {platform.system()}\n")
-    print("| MAX_CONCURRENT_REQUESTS | path | wall (s) | ideal (s) | over ideal | server max in flight | requests | failures |")
+    print(
+        f"Python {platform.python_version()}, tinyllm {tinyllm.__version__}, {os.cpu_count()} CPUs, {platform.system()}\n"
+    )
+    print(
+        "| MAX_CONCURRENT_REQUESTS | path | wall (s) | ideal (s) | over ideal | server max in flight | requests | failures |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for concurrency, label, wall, ideal, peak, requests, failures in rows:
         flag = "" if peak <= concurrency else " **over the limit**"
-        print(f"| {concurrency} | {label} | {wall:.2f} | {ideal:.2f} | {(wall / ideal - 1) * 100:+.1f}% | {peak}{flag} | {requests} | {failures} |")
+        print(
+            f"| {concurrency} | {label} | {wall:.2f} | {ideal:.2f} | {(wall / ideal - 1) * 100:+.1f}% | {peak}{flag} | {requests} | {failures} |"
+        )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,46 @@ from fakeserver import FakeOpenAIServer, Stream
 from uiserver import Page, UIServer
 
 CHROMIUM = os.environ.get("TINYLLM_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu", "summary", "invoice", "meeting", "contract"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+    "summary",
+    "invoice",
+    "meeting",
+    "contract",
+]
 
 
 def fill_log(path: str, rows: int) -> list[str]:
@@ -64,14 +101,30 @@ def fill_log(path: str, rows: int) -> list[str]:
         error = rng.random() < 0.02
         model = rng.choice(models)
         row = {c: None for c in calllog._COLUMNS}
-        row.update(id=call_id, ts=ts, template=rng.choice(templates), variables=json.dumps({"text": text}),
-                   messages=json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]),
-                   response=None if error else reply, reply=None if error else json.dumps({"content": reply}),
-                   model_requested=model, model=model, api_type="openai", prompt_tokens=60, completion_tokens=80,
-                   total_tokens=140, cost=None if model == "smollm2" else 0.00012, latency=rng.uniform(0.2, 3.0),
-                   cached=0, retries=0, output_retries=0, finish_reason=None if error else "stop",
-                   error_type="RateLimitError" if error else None, error_message="429 slow down" if error else None,
-                   pid=1)
+        row.update(
+            id=call_id,
+            ts=ts,
+            template=rng.choice(templates),
+            variables=json.dumps({"text": text}),
+            messages=json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]),
+            response=None if error else reply,
+            reply=None if error else json.dumps({"content": reply}),
+            model_requested=model,
+            model=model,
+            api_type="openai",
+            prompt_tokens=60,
+            completion_tokens=80,
+            total_tokens=140,
+            cost=None if model == "smollm2" else 0.00012,
+            latency=rng.uniform(0.2, 3.0),
+            cached=0,
+            retries=0,
+            output_retries=0,
+            finish_reason=None if error else "stop",
+            error_type="RateLimitError" if error else None,
+            error_message="429 slow down" if error else None,
+            pid=1,
+        )
         batch.append(tuple(row[c] for c in calllog._COLUMNS))
         if len(batch) == 5000:
             conn.executemany(calllog._INSERT, batch)
@@ -110,8 +163,9 @@ def page_times(ui: UIServer, paths: list[tuple[str, str]], rounds: int, browser:
         print(f"| {label} | {shown} | {_median_ms(http)} | {_median_ms(loads) if loads else '-'} |")
 
 
-def ttft(ui: UIServer, prompts: Path, rounds: int, browser: object | None, api_type: str, model: str,
-         before: object) -> None:
+def ttft(
+    ui: UIServer, prompts: Path, rounds: int, browser: object | None, api_type: str, model: str, before: object
+) -> None:
     """Median time to the first token of one streamed call, from Python and from the page; ``before()``
     runs before each call (it scripts the fake server's answer)."""
     import tinyllm
@@ -178,8 +232,10 @@ def main() -> None:
     db = str(tmp / "calls.db")
     t = time.perf_counter()
     ids = fill_log(db, args.rows)
-    print(f"call log: {args.rows:,} rows written in {time.perf_counter() - t:.1f} s "
-          f"({os.path.getsize(db) / 1e6:.0f} MB)\n")
+    print(
+        f"call log: {args.rows:,} rows written in {time.perf_counter() - t:.1f} s "
+        f"({os.path.getsize(db) / 1e6:.0f} MB)\n"
+    )
 
     browser = pw = None
     if not args.no_browser and os.path.exists(CHROMIUM):
@@ -193,21 +249,35 @@ def main() -> None:
         day = time.strftime("%Y-%m-%d", time.localtime(time.time() - 10 * 86400))
         with UIServer(prompts_dirs=[str(prompts)], log_db=db) as ui:
             deep = ids[min(len(ids) - 1, 50 * 1000)]
-            page_times(ui, [("first page (50 newest calls)", "/logs"),
-                            ("its charts (cost and latency per day, 30 days; loaded after the page)", "/logs/charts"),
-                            ("full-text search, a rare word: `customer4242`", "/logs?q=customer4242"),
-                            ("full-text search, words in most calls: `invoice meeting`", "/logs?q=invoice+meeting"),
-                            ("template filter", "/logs?template=classify"),
-                            ("model + errors only", "/logs?model=gpt-4.1-nano&errors=1"),
-                            ("one day", f"/logs?since={day}&until={day}"),
-                            ("page 1,001 (keyset: before=...)", f"/logs?before={deep}"),
-                            ("one call's record", f"/logs/{ids[len(ids) // 2]}")], args.rounds, browser)
+            page_times(
+                ui,
+                [
+                    ("first page (50 newest calls)", "/logs"),
+                    ("its charts (cost and latency per day, 30 days; loaded after the page)", "/logs/charts"),
+                    ("full-text search, a rare word: `customer4242`", "/logs?q=customer4242"),
+                    ("full-text search, words in most calls: `invoice meeting`", "/logs?q=invoice+meeting"),
+                    ("template filter", "/logs?template=classify"),
+                    ("model + errors only", "/logs?model=gpt-4.1-nano&errors=1"),
+                    ("one day", f"/logs?since={day}&until={day}"),
+                    ("page 1,001 (keyset: before=...)", f"/logs?before={deep}"),
+                    ("one call's record", f"/logs/{ids[len(ids) // 2]}"),
+                ],
+                args.rounds,
+                browser,
+            )
             print()
             print("| time to first token | Python `LLMCall.stream`, median ms | page Run to first text, median ms |")
             print("|---|---:|---:|")
             fake.reply_with(" ".join(f"word{i}" for i in range(40)))
-            ttft(ui, prompts, args.rounds, browser, "openai", "gpt-4o-mini",
-                 lambda: fake.enqueue(Stream(pieces=40, delay=args.delay)))
+            ttft(
+                ui,
+                prompts,
+                args.rounds,
+                browser,
+                "openai",
+                "gpt-4o-mini",
+                lambda: fake.enqueue(Stream(pieces=40, delay=args.delay)),
+            )
             if args.local:
                 ttft(ui, prompts, max(3, args.rounds // 4), browser, "llamacpp", "", lambda: None)
     if browser is not None:

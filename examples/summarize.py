@@ -34,8 +34,11 @@ def main() -> int:
     print(summary)
     info = last_call_info()
     if info is not None:
-        print(f"\n[{info.model}: {info.usage.get('prompt_tokens', '?')} prompt tokens, "
-              f"{info.usage.get('completion_tokens', '?')} completion tokens, {info.latency:.1f} s]", file=sys.stderr)
+        print(
+            f"\n[{info.model}: {info.usage.get('prompt_tokens', '?')} prompt tokens, "
+            f"{info.usage.get('completion_tokens', '?')} completion tokens, {info.latency:.1f} s]",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -59,14 +59,21 @@ def main() -> int:
     common = {"prompts_dir": PROMPTS, "api_type": args.api_type}
     try:
         show("summarize -> str", LLMCall("summarize.system.md", max_tokens=60, **common), text=TEXT, max_words=20)
-        show("translate -> str", LLMCall("translate.system.md", max_tokens=30, **common),
-             text="Good morning.", target_language="French")
+        show(
+            "translate -> str",
+            LLMCall("translate.system.md", max_tokens=30, **common),
+            text="Good morning.",
+            target_language="French",
+        )
         classify = LLMCall("classify.system.md", **common)
         for text in ("I love this phone, the battery lasts for days!", "The train leaves at 9 am."):
             show("classify -> label", classify, text=text)
         show("extract_facts -> dict", LLMCall("extract_facts.system.md", max_tokens=120, **common), text=TEXT)
-        show("extract_facts -> Facts", LLMCall("extract_facts.system.md", output_type=Facts, max_tokens=120, **common),
-             text="Mount Everest is 8,849 metres high. It lies on the border of Nepal and China.")
+        show(
+            "extract_facts -> Facts",
+            LLMCall("extract_facts.system.md", output_type=Facts, max_tokens=120, **common),
+            text="Mount Everest is 8,849 metres high. It lies on the border of Nepal and China.",
+        )
     except TinyLLMError as exc:  # e.g. no backend installed or configured
         print(f"error: {exc}", file=sys.stderr)
         return 1

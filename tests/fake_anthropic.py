@@ -85,7 +85,12 @@ __all__ = [
 
 def text(content: str, *, stop_reason: str = "end_turn", model: str | None = None) -> dict:
     """A reply with one text block."""
-    return {"kind": "message", "content": [{"type": "text", "text": content}], "stop_reason": stop_reason, "model": model}
+    return {
+        "kind": "message",
+        "content": [{"type": "text", "text": content}],
+        "stop_reason": stop_reason,
+        "model": model,
+    }
 
 
 def tool_use(name: str, input: dict, *, id: str | None = None, text: str | None = None) -> dict:
@@ -136,7 +141,9 @@ def _units(body: dict) -> list[tuple[int, bool]]:
     """(words, has a cache breakpoint) per cacheable unit, in the API's order: tools, system, messages."""
     out: list[tuple[int, bool]] = []
     for tool in body.get("tools") or []:
-        out.append((_words(json.dumps({k: v for k, v in tool.items() if k != "cache_control"})), "cache_control" in tool))
+        out.append(
+            (_words(json.dumps({k: v for k, v in tool.items() if k != "cache_control"})), "cache_control" in tool)
+        )
     system = body.get("system")
     for block in [system] if isinstance(system, str) else system or []:
         out.append((_block_words(block), isinstance(block, dict) and "cache_control" in block))
@@ -191,7 +198,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
-            self._json(400, {"type": "error", "error": {"type": "invalid_request_error", "message": "body is not JSON"}})
+            self._json(
+                400, {"type": "error", "error": {"type": "invalid_request_error", "message": "body is not JSON"}}
+            )
             return
         self.server.fake._handle(self, self.path.split("?", 1)[0], body)
 
@@ -249,8 +258,16 @@ class _Batches:
             h._json(200, b["batch"])
 
     def _create_batch(self, h: _Handler, body: Any, size: int) -> None:
-        plan = {"hold": False, "polls": 1, "end": "ended", "run_before_end": 0, "errored": {}, "reply": None,
-                "limits": {}, **self.batch_plan}
+        plan = {
+            "hold": False,
+            "polls": 1,
+            "end": "ended",
+            "run_before_end": 0,
+            "errored": {},
+            "reply": None,
+            "limits": {},
+            **self.batch_plan,
+        }
         requests = body.get("requests") if isinstance(body, dict) else None
         if not isinstance(requests, list) or not requests:
             self._invalid(h, "requests: a non-empty list is required")
@@ -270,18 +287,38 @@ class _Batches:
                 return
         limits = plan["limits"]
         if len(requests) > limits.get("max_requests", 100_000) or size > limits.get("max_bytes", 256_000_000):
-            h._json(413, {"type": "error", "error": {"type": "request_too_large",
-                                                     "message": f"{len(requests)} requests, {size} bytes: over the limit"}})
+            h._json(
+                413,
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "request_too_large",
+                        "message": f"{len(requests)} requests, {size} bytes: over the limit",
+                    },
+                },
+            )
             return
         with self._lock:
             bid = f"msgbatch_{len(self.batches) + 1:04d}{time.time_ns() % 10**6:06d}"
             created = datetime.now(timezone.utc)
-            batch = {"id": bid, "type": "message_batch", "processing_status": "in_progress",
-                     "request_counts": {"processing": len(requests), "succeeded": 0, "errored": 0, "canceled": 0,
-                                        "expired": 0},
-                     "created_at": created.isoformat().replace("+00:00", "Z"),
-                     "expires_at": (created + timedelta(hours=24)).isoformat().replace("+00:00", "Z"),
-                     "ended_at": None, "archived_at": None, "cancel_initiated_at": None, "results_url": None}
+            batch = {
+                "id": bid,
+                "type": "message_batch",
+                "processing_status": "in_progress",
+                "request_counts": {
+                    "processing": len(requests),
+                    "succeeded": 0,
+                    "errored": 0,
+                    "canceled": 0,
+                    "expired": 0,
+                },
+                "created_at": created.isoformat().replace("+00:00", "Z"),
+                "expires_at": (created + timedelta(hours=24)).isoformat().replace("+00:00", "Z"),
+                "ended_at": None,
+                "archived_at": None,
+                "cancel_initiated_at": None,
+                "results_url": None,
+            }
             self.batches[bid] = {"batch": batch, "requests": requests, "plan": plan, "polls": 0, "results": b""}
         h._json(200, batch)
 
@@ -290,8 +327,15 @@ class _Batches:
         if not parts:
             with self._lock:
                 data = sorted((b["batch"] for b in self.batches.values()), key=lambda b: b["created_at"], reverse=True)
-            h._json(200, {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
-                          "last_id": data[-1]["id"] if data else None})
+            h._json(
+                200,
+                {
+                    "data": data,
+                    "has_more": False,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                },
+            )
             return
         b = self.batches.get(parts[0])
         if b is None or parts[1:] not in ([], ["results"]):
@@ -324,16 +368,26 @@ class _Batches:
                 result = {"type": stop}
             elif cid in plan["errored"]:
                 kind = plan["errored"][cid]
-                result = {"type": "errored", "error": {"type": "error", "request_id": f"req_b{n}",
-                                                       "error": {"type": kind, "message": f"{kind} in the batch"}}}
+                result = {
+                    "type": "errored",
+                    "error": {
+                        "type": "error",
+                        "request_id": f"req_b{n}",
+                        "error": {"type": kind, "message": f"{kind} in the batch"},
+                    },
+                }
             else:
                 item = plan["reply"] or text(f"echo: {_last_user_text(r['params'])}")
                 result = {"type": "succeeded", "message": self._reply(r["params"], item)}  # type: ignore[attr-defined]
             counts[result["type"]] += 1
             lines.append({"custom_id": cid, "result": result})
         b["results"] = "".join(json.dumps(x) + "\n" for x in reversed(lines)).encode()
-        batch.update(processing_status="ended", request_counts=counts, ended_at=_now(),
-                     results_url=f"{base}/v1/messages/batches/{batch['id']}/results")
+        batch.update(
+            processing_status="ended",
+            request_counts=counts,
+            ended_at=_now(),
+            results_url=f"{base}/v1/messages/batches/{batch['id']}/results",
+        )
 
 
 def _now() -> str:
@@ -418,8 +472,9 @@ class FakeAnthropicServer(_Batches):
             h._json(200, {"ok": True})
             return
         with self._lock:
-            self.requests.append({"method": "POST", "path": path, "headers": {k.lower(): v for k, v in h.headers.items()},
-                                  "body": body})
+            self.requests.append(
+                {"method": "POST", "path": path, "headers": {k.lower(): v for k, v in h.headers.items()}, "body": body}
+            )
         if path == "/v1/messages/count_tokens":
             h._json(200, {"input_tokens": fake_tokens(body)})
             return
@@ -430,7 +485,10 @@ class FakeAnthropicServer(_Batches):
             h._json(404, {"type": "error", "error": {"type": "not_found_error", "message": f"no route {path}"}})
             return
         if not isinstance(body.get("max_tokens"), int):
-            h._json(400, {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}})
+            h._json(
+                400,
+                {"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}},
+            )
             return
         with self._lock:
             item = self._script.pop(0) if self._script else None
@@ -438,8 +496,11 @@ class FakeAnthropicServer(_Batches):
             item = text(f"echo: {_last_user_text(body)}")
         kind = item["kind"]
         if kind == "error":
-            h._json(item["status"], {"type": "error", "error": {"type": item["type"], "message": item["message"]}},
-                    item["headers"])
+            h._json(
+                item["status"],
+                {"type": "error", "error": {"type": item["type"], "message": item["message"]}},
+                item["headers"],
+            )
             return
         if kind == "drop" and not body.get("stream"):
             h.close_connection = True
@@ -465,8 +526,12 @@ class FakeAnthropicServer(_Batches):
                 else:
                     self._cached.add(key)
                     written = size
-        return {"input_tokens": total - read - written, "cache_read_input_tokens": read,
-                "cache_creation_input_tokens": written, "output_tokens": output_words}
+        return {
+            "input_tokens": total - read - written,
+            "cache_read_input_tokens": read,
+            "cache_creation_input_tokens": written,
+            "output_tokens": output_words,
+        }
 
     @staticmethod
     def _prefix_key(body: dict, last: int) -> str:
@@ -482,37 +547,74 @@ class FakeAnthropicServer(_Batches):
 
     def _reply(self, body: dict, item: dict) -> dict:
         words = sum(_block_words(b) for b in item["content"])
-        return {"id": f"msg_{len(self.requests)}", "type": "message", "role": "assistant",
-                "model": item.get("model") or body.get("model"), "content": item["content"],
-                "stop_reason": item["stop_reason"], "stop_sequence": None, "usage": self._usage(body, words)}
+        return {
+            "id": f"msg_{len(self.requests)}",
+            "type": "message",
+            "role": "assistant",
+            "model": item.get("model") or body.get("model"),
+            "content": item["content"],
+            "stop_reason": item["stop_reason"],
+            "stop_sequence": None,
+            "usage": self._usage(body, words),
+        }
 
     @staticmethod
     def _events(reply: dict) -> list[tuple[str, dict]]:
         usage = reply["usage"]
-        start = {**reply, "content": [], "stop_reason": None,
-                 "usage": {**{k: v for k, v in usage.items() if k != "output_tokens"}, "output_tokens": 1}}
+        start = {
+            **reply,
+            "content": [],
+            "stop_reason": None,
+            "usage": {**{k: v for k, v in usage.items() if k != "output_tokens"}, "output_tokens": 1},
+        }
         events = [("message_start", {"type": "message_start", "message": start}), ("ping", {"type": "ping"})]
         for i, block in enumerate(reply["content"]):
             if block["type"] == "text":
-                events.append(("content_block_start", {"type": "content_block_start", "index": i,
-                                                       "content_block": {"type": "text", "text": ""}}))
+                events.append(
+                    (
+                        "content_block_start",
+                        {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                    )
+                )
                 words = block["text"].split(" ")
                 for j, word in enumerate(words):
                     piece = word if j == 0 else " " + word
-                    events.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                           "delta": {"type": "text_delta", "text": piece}}))
+                    events.append(
+                        (
+                            "content_block_delta",
+                            {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": piece}},
+                        )
+                    )
             else:
-                events.append(("content_block_start", {"type": "content_block_start", "index": i,
-                                                       "content_block": {**block, "input": {}}}))
+                events.append(
+                    (
+                        "content_block_start",
+                        {"type": "content_block_start", "index": i, "content_block": {**block, "input": {}}},
+                    )
+                )
                 arguments = json.dumps(block["input"])
                 for j in range(0, len(arguments), 7):
-                    events.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                           "delta": {"type": "input_json_delta",
-                                                                     "partial_json": arguments[j:j + 7]}}))
+                    events.append(
+                        (
+                            "content_block_delta",
+                            {
+                                "type": "content_block_delta",
+                                "index": i,
+                                "delta": {"type": "input_json_delta", "partial_json": arguments[j : j + 7]},
+                            },
+                        )
+                    )
             events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
-        events.append(("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": reply["stop_reason"], "stop_sequence": None},
-                                         "usage": {"output_tokens": usage["output_tokens"]}}))
+        events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": reply["stop_reason"], "stop_sequence": None},
+                    "usage": {"output_tokens": usage["output_tokens"]},
+                },
+            )
+        )
         events.append(("message_stop", {"type": "message_stop"}))
         return events
 
@@ -555,8 +657,9 @@ class RemoteFakeAnthropic:
 
     def _call(self, method: str, path: str, value: Any = None) -> Any:
         data = json.dumps(value).encode() if value is not None else None
-        request = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                         headers={"content-type": "application/json"})
+        request = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={"content-type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 

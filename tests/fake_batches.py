@@ -83,7 +83,7 @@ class FakeBatchServer(FakeOpenAIServer):
         path = path.rstrip("/")
         for prefix in ("/v1/", "/openai/"):
             if path.startswith(prefix):
-                rest = path[len(prefix):]
+                rest = path[len(prefix) :]
                 if rest.startswith(("files", "batches")):
                     return "batchapi", None
         if path.startswith("/_fake/"):
@@ -119,8 +119,14 @@ class FakeBatchServer(FakeOpenAIServer):
             return 200, {"ok": True}, {}
         if what == "state":
             with self._blk:
-                files = {k: {"purpose": v["purpose"], "filename": v["filename"], "bytes": v["data"].decode("utf-8", "replace")}
-                         for k, v in self.files.items()}
+                files = {
+                    k: {
+                        "purpose": v["purpose"],
+                        "filename": v["filename"],
+                        "bytes": v["data"].decode("utf-8", "replace"),
+                    }
+                    for k, v in self.files.items()
+                }
                 chat = [r.json for r in self.requests if r.route == "chat"]
                 return 200, {"files": files, "batches": self.batches, "chat": chat}, {}
         return 404, _error_body(404), {}
@@ -148,8 +154,17 @@ class FakeBatchServer(FakeOpenAIServer):
             return self._create(rec.json if isinstance(rec.json, dict) else {})
         if rec.method == "GET" and len(parts) == 1:
             data = sorted(self.batches.values(), key=lambda b: b["id"], reverse=True)
-            return 200, {"object": "list", "data": data, "has_more": False,
-                         "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}, {}
+            return (
+                200,
+                {
+                    "object": "list",
+                    "data": data,
+                    "has_more": False,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                },
+                {},
+            )
         batch = self.batches.get(parts[1]) if len(parts) > 1 else None
         if batch is None:
             return 404, _error_body(404, "No such batch"), {}
@@ -165,8 +180,15 @@ class FakeBatchServer(FakeOpenAIServer):
 
     def _add_file(self, data: bytes, purpose: str, filename: str) -> dict:
         fid = self._new_id("file")
-        obj = {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename,
-               "purpose": purpose, "status": "processed"}
+        obj = {
+            "id": fid,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
         self.files[fid] = {"object": obj, "data": data, "purpose": purpose, "filename": filename}
         return obj
 
@@ -174,18 +196,43 @@ class FakeBatchServer(FakeOpenAIServer):
         fid = req.get("input_file_id")
         if fid not in self.files or self.files[fid]["purpose"] != "batch":
             return 400, _error_body(400, f"input_file_id {fid!r} is not a batch file"), {}
-        if req.get("endpoint") not in ("/v1/chat/completions", "/chat/completions") or req.get("completion_window") != "24h":
+        if (
+            req.get("endpoint") not in ("/v1/chat/completions", "/chat/completions")
+            or req.get("completion_window") != "24h"
+        ):
             return 400, _error_body(400, "bad endpoint or completion_window"), {}
         bid = self._new_id("batch")
-        batch = {"id": bid, "object": "batch", "endpoint": req["endpoint"], "errors": None, "input_file_id": fid,
-                 "completion_window": "24h", "status": "validating", "output_file_id": None, "error_file_id": None,
-                 "created_at": int(time.time()), "in_progress_at": None, "expires_at": None, "finalizing_at": None,
-                 "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
-                 "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
-                 "metadata": req.get("metadata")}
+        batch = {
+            "id": bid,
+            "object": "batch",
+            "endpoint": req["endpoint"],
+            "errors": None,
+            "input_file_id": fid,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": int(time.time()),
+            "in_progress_at": None,
+            "expires_at": None,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": req.get("metadata"),
+        }
         self.batches[bid] = batch
-        self._batch_plans[bid] = {"end": "completed", "hold": False, "error_ids": [], "run_before_end": 0,
-                                  "limits": {}, **self.plan}
+        self._batch_plans[bid] = {
+            "end": "completed",
+            "hold": False,
+            "error_ids": [],
+            "run_before_end": 0,
+            "limits": {},
+            **self.plan,
+        }
         return 200, batch, {}
 
     def _lines(self, batch: dict) -> tuple[list[dict], str | None]:
@@ -201,8 +248,13 @@ class FakeBatchServer(FakeOpenAIServer):
                 line = json.loads(raw)
             except ValueError:
                 return [], f"line {n} is not JSON"
-            if not isinstance(line, dict) or line.get("method") != "POST" or line.get("url") != batch["endpoint"] \
-                    or not isinstance(line.get("custom_id"), str) or not isinstance(line.get("body"), dict):
+            if (
+                not isinstance(line, dict)
+                or line.get("method") != "POST"
+                or line.get("url") != batch["endpoint"]
+                or not isinstance(line.get("custom_id"), str)
+                or not isinstance(line.get("body"), dict)
+            ):
                 return [], f"line {n} is not a request line for {batch['endpoint']}"
             if line["custom_id"] in seen:
                 return [], f"line {n}: duplicate custom_id {line['custom_id']!r}"
@@ -224,11 +276,17 @@ class FakeBatchServer(FakeOpenAIServer):
         lines, problem = self._lines(batch)
         if status == "validating":
             if problem:
-                batch.update(status="failed", failed_at=int(time.time()),
-                             errors={"object": "list", "data": [{"code": "invalid_request", "message": problem, "line": None}]})
+                batch.update(
+                    status="failed",
+                    failed_at=int(time.time()),
+                    errors={"object": "list", "data": [{"code": "invalid_request", "message": problem, "line": None}]},
+                )
                 return
-            batch.update(status="in_progress", in_progress_at=int(time.time()),
-                         request_counts={"total": len(lines), "completed": 0, "failed": 0})
+            batch.update(
+                status="in_progress",
+                in_progress_at=int(time.time()),
+                request_counts={"total": len(lines), "completed": 0, "failed": 0},
+            )
             return
         if status == "in_progress" and plan["end"] in ("completed", "failed"):
             done = len(lines) // 2
@@ -236,27 +294,61 @@ class FakeBatchServer(FakeOpenAIServer):
             batch.update(status="finalizing", finalizing_at=int(time.time()))
             return
         end = plan["end"] if status != "cancelling" else "cancelled"
-        run = lines if end in ("completed", "failed") else lines[:plan["run_before_end"]]
+        run = lines if end in ("completed", "failed") else lines[: plan["run_before_end"]]
         if end == "failed":
-            batch.update(status="failed", failed_at=int(time.time()),
-                         errors={"object": "list", "data": [{"code": "server_error", "message": "the batch failed", "line": None}]})
+            batch.update(
+                status="failed",
+                failed_at=int(time.time()),
+                errors={
+                    "object": "list",
+                    "data": [{"code": "server_error", "message": "the batch failed", "line": None}],
+                },
+            )
             return
         out, err = [], []
         for n, line in enumerate(lines):
             cid = line["custom_id"]
             if line in run and cid in plan["error_ids"]:
-                err.append({"id": f"batch_req_{n}", "custom_id": cid, "error": None,
-                            "response": {"status_code": 500, "request_id": f"req_b{n}", "body": _error_body(500)}})
+                err.append(
+                    {
+                        "id": f"batch_req_{n}",
+                        "custom_id": cid,
+                        "error": None,
+                        "response": {"status_code": 500, "request_id": f"req_b{n}", "body": _error_body(500)},
+                    }
+                )
             elif line in run:
-                rec = Recorded("POST", "/v1/chat/completions", {}, {}, line["body"], b"", None, time.monotonic(),
-                               route="batch", request_id=f"req_b{n}")
+                rec = Recorded(
+                    "POST",
+                    "/v1/chat/completions",
+                    {},
+                    {},
+                    line["body"],
+                    b"",
+                    None,
+                    time.monotonic(),
+                    route="batch",
+                    request_id=f"req_b{n}",
+                )
                 code, answer, _ = self._chat(rec, None)
-                out.append({"id": f"batch_req_{n}", "custom_id": cid, "error": None,
-                            "response": {"status_code": code, "request_id": f"req_b{n}", "body": answer}})
+                out.append(
+                    {
+                        "id": f"batch_req_{n}",
+                        "custom_id": cid,
+                        "error": None,
+                        "response": {"status_code": code, "request_id": f"req_b{n}", "body": answer},
+                    }
+                )
             else:
                 code = "batch_expired" if end == "expired" else "batch_cancelled"
-                err.append({"id": f"batch_req_{n}", "custom_id": cid, "response": None,
-                            "error": {"code": code, "message": f"This request was not executed: the batch was {end}."}})
+                err.append(
+                    {
+                        "id": f"batch_req_{n}",
+                        "custom_id": cid,
+                        "response": None,
+                        "error": {"code": code, "message": f"This request was not executed: the batch was {end}."},
+                    }
+                )
         for key, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
                 data = "".join(json.dumps(r) + "\n" for r in rows).encode()

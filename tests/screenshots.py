@@ -90,10 +90,12 @@ def take_screenshots(page: Any, out: Path, root: Path, fake: Any, log_db: str) -
     except ImportError:
         ev = None
     if ev is not None and hasattr(ev, "evaluate"):
-        cases = [{"id": "happy", "vars": {"text": "Best purchase all year, I adore it."}, "expected": "positive"},
-                 {"id": "angry", "vars": {"text": "Awful food, rude staff."}, "expected": "negative"},
-                 {"id": "fact", "vars": {"text": "The train leaves at 9 am."}, "expected": "neutral"},
-                 {"id": "mixed", "vars": {"text": "Great screen, terrible battery."}, "expected": "neutral"}]
+        cases = [
+            {"id": "happy", "vars": {"text": "Best purchase all year, I adore it."}, "expected": "positive"},
+            {"id": "angry", "vars": {"text": "Awful food, rude staff."}, "expected": "negative"},
+            {"id": "fact", "vars": {"text": "The train leaves at 9 am."}, "expected": "neutral"},
+            {"id": "mixed", "vars": {"text": "Great screen, terrible battery."}, "expected": "neutral"},
+        ]
 
         def sentiment(req: dict) -> str:
             text = req["messages"][-1]["content"]
@@ -103,8 +105,15 @@ def take_screenshots(page: Any, out: Path, root: Path, fake: Any, log_db: str) -
 
         fake.reply_with(sentiment)
         ev.evaluate("classify", cases=cases, models=["gpt-4o-mini", "gpt-4.1-mini"], prompts_dir=prompts, db=log_db)
-        report = ev.evaluate("classify", cases=cases, models=["gpt-4o-mini", "gpt-4.1-mini"], prompts_dir=prompts,
-                             db=log_db, repeat=2, fresh=True)
+        report = ev.evaluate(
+            "classify",
+            cases=cases,
+            models=["gpt-4o-mini", "gpt-4.1-mini"],
+            prompts_dir=prompts,
+            db=log_db,
+            repeat=2,
+            fresh=True,
+        )
         page.goto(f"/evals/{report.run_id}")
         page.wait_for_selector("table.matrix")
     else:
@@ -133,9 +142,17 @@ def main() -> None:
             tinyllm.configure(api_type="openai", base_url=fake.base_url, model="gpt-4o-mini")
             log_db = str(tmp / "calls.db")
             with UIServer(prompts_dirs=[str(tmp / "prompts")], log_db=log_db) as ui, sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=os.environ.get("TINYLLM_CHROMIUM", "/usr/bin/chromium"),
-                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                   "--disable-component-update", "--disable-sync", "--no-first-run"])
+                browser = pw.chromium.launch(
+                    executable_path=os.environ.get("TINYLLM_CHROMIUM", "/usr/bin/chromium"),
+                    args=[
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--disable-background-networking",
+                        "--disable-component-update",
+                        "--disable-sync",
+                        "--no-first-run",
+                    ],
+                )
                 page = browser.new_context(base_url=ui.url, viewport={"width": 1400, "height": 900}).new_page()
                 for path in take_screenshots(page, ROOT / "docs" / "images", tmp, fake, log_db):
                     print(path.relative_to(ROOT))

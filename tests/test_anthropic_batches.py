@@ -84,9 +84,13 @@ def test_map_batch_api_writes_what_a_live_map_writes(fake, prompts, tmp_path):
     (batch,) = fake.new()
     assert batch["batch"]["processing_status"] == "ended" and batch["batch"]["request_counts"]["succeeded"] == 5
     assert [r["custom_id"] for r in batch["requests"]] == ["s0", "s1", "s2", "s3", "s4"]
+
     def canonical(bodies):
         return sorted(json.dumps(b, sort_keys=True) for b in bodies)  # the live run is concurrent
-    assert canonical(r["params"] for r in batch["requests"]) == canonical(live_bodies(fake))  # what it sent, row for row
+
+    assert canonical(r["params"] for r in batch["requests"]) == canonical(
+        live_bodies(fake)
+    )  # what it sent, row for row
     state = json.loads((tmp_path / "batch.jsonl.batches.json").read_text())
     (entry,) = state["batches"]
     assert entry["id"] == batch["batch"]["id"] and entry["api"] == "anthropic" and entry["fetched"]
@@ -111,8 +115,9 @@ def test_request_params_are_the_live_request_bodies(fake, prompts, tmp_path):
     reply = fa.tool_use("Verdict", {"label": "ok", "score": 3})
     fake.enqueue(reply, reply)
     fake.plan_batches(reply=reply)
-    llm = tinyllm.LLMCall("ask", prompts_dir=prompts, output_type=Verdict, tools=[lookup], max_tokens=50,
-                          cache="system")
+    llm = tinyllm.LLMCall(
+        "ask", prompts_dir=prompts, output_type=Verdict, tools=[lookup], max_tokens=50, cache="system"
+    )
     rows = [{"question": "first"}, {"question": "second \u00e9"}]
     live = [llm.call(**row) for row in rows]
     sent = live_bodies(fake)[-2:]
@@ -135,20 +140,32 @@ def test_status_moves_from_in_progress_to_ended_and_resumes(fake, prompts, tmp_p
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
     out = tmp_path / "out.jsonl"
     runner = tinyllm.BatchAPIRunner(llm)
+
     def rows():
         return enumerate([{"question": "a"}, {"question": "b"}])
+
     summary = runner.to_jsonl(rows, out, wait=False)
     assert summary.submitted == 2 and summary.waiting == 2 and len(summary.running) == 1
+
     def record():
         return json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]
+
     seen = [record()["status"]]
     while not record().get("fetched"):
         summary = runner.to_jsonl(rows, out, wait=False)
         assert summary.submitted == 0  # never the same rows twice
         seen.append(record()["status"])
     assert seen == ["in_progress", "in_progress", "in_progress", "ended"]
-    assert record()["request_counts"] == {"total": 2, "completed": 2, "failed": 0, "processing": 0, "succeeded": 2,
-                                          "errored": 0, "canceled": 0, "expired": 0}
+    assert record()["request_counts"] == {
+        "total": 2,
+        "completed": 2,
+        "failed": 0,
+        "processing": 0,
+        "succeeded": 2,
+        "errored": 0,
+        "canceled": 0,
+        "expired": 0,
+    }
     assert [x["content"] for x in lines(out)] == ["echo: a", "echo: b"]
     assert len(fake.new()) == 1
 
@@ -210,7 +227,9 @@ def test_a_batch_canceled_from_outside(fake, prompts, tmp_path):
     assert fetched.exit_code == 1, fetched.output
     got = lines(out)
     assert got[0]["content"] == "echo: question 0"
-    assert [x["error"]["type"] for x in got[1:]] == ["BatchError", "BatchError"] and "canceled" in got[1]["error"]["message"]
+    assert [x["error"]["type"] for x in got[1:]] == ["BatchError", "BatchError"] and "canceled" in got[1]["error"][
+        "message"
+    ]
     status = CliRunner().invoke(cli, ["batches", "status", str(out)])
     assert "ended" in status.output and "in the output" in status.output
 
@@ -247,14 +266,18 @@ def test_cost_is_the_batch_price_and_the_call_log_has_the_batch(fake, prompts, t
     rows = calllog.query(calllog.connect(calllog.default_path()), limit=20)
     (mine,) = [r for r in rows if r["batch_id"] == batch["batch"]["id"]]
     assert mine["usage"]["batch"] == {"id": batch["batch"]["id"], "price": "batch"}
-    assert mine["cost"] == pytest.approx(live.cost / 2) and mine["usage"]["prompt_tokens"] == live.usage["prompt_tokens"]
+    assert (
+        mine["cost"] == pytest.approx(live.cost / 2) and mine["usage"]["prompt_tokens"] == live.usage["prompt_tokens"]
+    )
 
 
 def test_max_cost_limits_what_is_submitted(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 6)
     out = tmp_path / "out.jsonl"
     # claude-haiku-4-5 at the batch price: $0.50 / $2.50 per Mtok; a row's worst case ~ 12 prompt + 100 output tokens
-    first = run_map("ask", "-i", str(rows), "-o", str(out), "--batch-api", "--max-tokens", "100", "--max-cost", "0.0007")
+    first = run_map(
+        "ask", "-i", str(rows), "-o", str(out), "--batch-api", "--max-tokens", "100", "--max-cost", "0.0007"
+    )
     assert first.exit_code == 1
     submitted = len(fake.new()[0]["requests"])
     assert 0 < submitted < 6 and f"{6 - submitted} row(s) not submitted" in first.stderr
@@ -295,9 +318,21 @@ def test_stopped_while_creating_the_batch(fake, prompts, tmp_path, created):
         path = write(tmp_path / "req.jsonl", "".join(api.line(f"i{i}", p.body).decode() for i, p in enumerate(planned)))
         api.create(path, 2, since=since, exclude=set())
     out = tmp_path / "out.jsonl"
-    BatchState(state_path(out), [{"id": None, "api": "anthropic", "input_file_id": None, "model": MODEL,
-                                  "rows": {f"i{i}": body_hash(p.body) for i, p in enumerate(planned)},
-                                  "status": None, "fetched": False, "created": since}]).save()
+    BatchState(
+        state_path(out),
+        [
+            {
+                "id": None,
+                "api": "anthropic",
+                "input_file_id": None,
+                "model": MODEL,
+                "rows": {f"i{i}": body_hash(p.body) for i, p in enumerate(planned)},
+                "status": None,
+                "fetched": False,
+                "created": since,
+            }
+        ],
+    ).save()
     assert llm.map(rows, batch_api=True, batch_output=out, progress=False) == ["echo: a", "echo: b"]
     assert len(fake.new()) == 1
 
@@ -307,8 +342,19 @@ def test_batches_of_one_provider_are_not_collected_through_another(fake, prompts
     from tinyllm.batch._batch_files import BatchState, state_path
 
     out = tmp_path / "out.jsonl"
-    BatchState(state_path(out), [{"id": "batch-1", "input_file_id": "file-1", "model": "gpt-4o-mini",
-                                  "rows": {"i0": "0" * 16}, "status": "in_progress", "fetched": False}]).save()
+    BatchState(
+        state_path(out),
+        [
+            {
+                "id": "batch-1",
+                "input_file_id": "file-1",
+                "model": "gpt-4o-mini",
+                "rows": {"i0": "0" * 16},
+                "status": "in_progress",
+                "fetched": False,
+            }
+        ],
+    ).save()
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
     with pytest.raises(tinyllm.ConfigError, match="openai batch API; this call uses the anthropic one"):
         llm.map([{"question": "a"}], batch_api=True, batch_output=out, progress=False)
@@ -326,10 +372,27 @@ def test_killed_while_waiting_then_resumed(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 3)
     out = tmp_path / "out.jsonl"
     fake.plan_batches(hold=True)
-    env = child_env(ANTHROPIC_API_KEY=KEY, ANTHROPIC_BASE_URL=fake.base_url, TINYLLM_API_TYPE="anthropic",
-                    TINYLLM_MODEL=MODEL, TINYLLM_BATCH_POLL_INTERVAL="0.05")
-    args = [sys.executable, "-m", "tinyllm", "map", "ask", "-i", str(rows), "-o", str(out), "--batch-api",
-            "--prompts-dir", str(prompts)]
+    env = child_env(
+        ANTHROPIC_API_KEY=KEY,
+        ANTHROPIC_BASE_URL=fake.base_url,
+        TINYLLM_API_TYPE="anthropic",
+        TINYLLM_MODEL=MODEL,
+        TINYLLM_BATCH_POLL_INTERVAL="0.05",
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "tinyllm",
+        "map",
+        "ask",
+        "-i",
+        str(rows),
+        "-o",
+        str(out),
+        "--batch-api",
+        "--prompts-dir",
+        str(prompts),
+    ]
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state = tmp_path / "out.jsonl.batches.json"
     try:

@@ -55,14 +55,20 @@ def bodies(fake) -> list[dict]:
 
 def test_summarize_prompt_file(fake, claude):
     fake.enqueue(fa.text("A short summary."))
-    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude).respond(text="Some long text.")
+    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude).respond(
+        text="Some long text."
+    )
     assert response.value == "A short summary."
-    assert response.finish_reason == "stop" and response.api_type == "anthropic" and response.model == "claude-sonnet-4-5"
+    assert (
+        response.finish_reason == "stop" and response.api_type == "anthropic" and response.model == "claude-sonnet-4-5"
+    )
     (body,) = bodies(fake)
     assert body["max_tokens"] == 256  # the front matter's
     assert "temperature" not in body  # API version 2026-10-21 refuses it
     assert body["system"][0]["type"] == "text" and body["system"][0]["text"].startswith("You write short summaries.")
-    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Summarize this text:\n\nSome long text."}]}]
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Summarize this text:\n\nSome long text."}]}
+    ]
     headers = fake.requests[0]["headers"]
     assert headers["authorization"] == f"Bearer {KEY}" or headers.get("x-api-key") == KEY
 
@@ -77,7 +83,9 @@ def test_classify_prompt_file_few_shot_turns(fake, claude):
 
 def test_extract_facts_prompt_file_json(fake, claude):
     fake.enqueue(fa.text('Here: {"facts": ["Paris is in France."]}'))
-    value = tinyllm.LLMCall("extract_facts.system.md", prompts_dir=PROMPTS, client=claude).call(text="Paris is in France.")
+    value = tinyllm.LLMCall("extract_facts.system.md", prompts_dir=PROMPTS, client=claude).call(
+        text="Paris is in France."
+    )
     assert value == {"facts": ["Paris is in France."]}
     body = bodies(fake)[0]
     assert "tools" not in body and "response_format" not in body  # json_object has no Anthropic counterpart
@@ -99,7 +107,10 @@ def test_api_type_anthropic_from_the_environment(fake, monkeypatch, tmp_path):
     monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.base_url)
     monkeypatch.setenv("TINYLLM_API_TYPE", "anthropic")
     assert isinstance(tinyllm.get_client(), AnthropicClient)
-    assert tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS).call(text="hi") == "echo: Summarize this text:\n\nhi"
+    assert (
+        tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS).call(text="hi")
+        == "echo: Summarize this text:\n\nhi"
+    )
     assert bodies(fake)[0]["model"] == "claude-sonnet-5-5"  # ANTHROPIC_MODEL while MODEL is at its default
     monkeypatch.delenv("TINYLLM_API_TYPE")
     from tinyllm.clients import detect_api_type
@@ -140,32 +151,49 @@ def get_weather(city: str) -> str:
 
 
 def test_tool_loop_runs_unchanged(fake, claude):
-    fake.enqueue(fa.tool_use("get_weather", {"city": "Paris"}, id="toolu_1", text="Let me look."), fa.text("It is sunny."))
-    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, tools=[get_weather]).respond(text="x")
+    fake.enqueue(
+        fa.tool_use("get_weather", {"city": "Paris"}, id="toolu_1", text="Let me look."), fa.text("It is sunny.")
+    )
+    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, tools=[get_weather]).respond(
+        text="x"
+    )
     assert response.value == "It is sunny."
-    assert [c.name for c in response.tool_calls] == ["get_weather"] and response.tool_calls[0].content == "sunny in Paris"
+    assert [c.name for c in response.tool_calls] == ["get_weather"] and response.tool_calls[
+        0
+    ].content == "sunny in Paris"
     first, second = bodies(fake)
     (spec,) = first["tools"]
     assert spec["name"] == "get_weather" and spec["description"].startswith("The weather in a city")
     assert spec["input_schema"]["properties"]["city"]["type"] == "string"
     assert "tool_choice" not in first
     assistant, results = second["messages"][1], second["messages"][2]
-    assert assistant == {"role": "assistant", "content": [
-        {"type": "text", "text": "Let me look."},
-        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]}
-    assert results == {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny in Paris"}]}
+    assert assistant == {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+    }
+    assert results == {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny in Paris"}],
+    }
     assert response.usage["prompt_tokens"] == sum(fa.fake_tokens(b) for b in (first, second))
 
 
-@pytest.mark.parametrize(("given", "sent"), [
-    ("required", {"type": "any"}),
-    ("get_weather", {"type": "tool", "name": "get_weather"}),
-    ("auto", {"type": "auto"}),
-])
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ("required", {"type": "any"}),
+        ("get_weather", {"type": "tool", "name": "get_weather"}),
+        ("auto", {"type": "auto"}),
+    ],
+)
 def test_tool_choice_mapping(fake, claude, given, sent):
     fake.enqueue(fa.tool_use("get_weather", {"city": "Oslo"}), fa.text("done"))
-    tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, tools=[get_weather],
-                    tool_choice=given).call(text="x")
+    tinyllm.LLMCall(
+        "summarize.system.md", prompts_dir=PROMPTS, client=claude, tools=[get_weather], tool_choice=given
+    ).call(text="x")
     first, second = bodies(fake)
     assert first["tool_choice"] == sent
     if given != "auto":
@@ -173,10 +201,16 @@ def test_tool_choice_mapping(fake, claude, given, sent):
 
 
 def test_parallel_tool_calls_false_disables_parallel_use():
-    body, _ = wire.request_body([{"role": "user", "content": "x"}],
-                                {"model": "m", "tool_choice": "required", "parallel_tool_calls": False,
-                                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
-                                10)
+    body, _ = wire.request_body(
+        [{"role": "user", "content": "x"}],
+        {
+            "model": "m",
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        },
+        10,
+    )
     assert body["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
 
 
@@ -191,7 +225,9 @@ def test_typed_output_through_a_forced_tool_call(fake, claude):
         population: int
 
     fake.enqueue(fa.tool_use("City", {"name": "Paris", "population": 2100000}))
-    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, output_type=City).respond(text="x")
+    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, output_type=City).respond(
+        text="x"
+    )
     assert response.value == City(name="Paris", population=2100000)
     assert response.finish_reason == "stop" and json.loads(response.text) == {"name": "Paris", "population": 2100000}
     (body,) = bodies(fake)
@@ -207,8 +243,9 @@ def test_typed_output_with_tools_offers_both(fake, claude):
         summary: str
 
     fake.enqueue(fa.tool_use("get_weather", {"city": "Rome"}), fa.tool_use("Weather", {"summary": "sunny"}))
-    value = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, output_type=Weather,
-                            tools=[get_weather]).call(text="x")
+    value = tinyllm.LLMCall(
+        "summarize.system.md", prompts_dir=PROMPTS, client=claude, output_type=Weather, tools=[get_weather]
+    ).call(text="x")
     assert value == Weather(summary="sunny")
     first, second = bodies(fake)
     assert [t["name"] for t in first["tools"]] == ["get_weather", "Weather"]
@@ -223,7 +260,9 @@ def test_typed_output_streams_as_json_text(fake, claude):
         population: int
 
     fake.enqueue(fa.tool_use("City", {"name": "Lyon", "population": 520000}))
-    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, output_type=City).stream(text="x")
+    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, output_type=City).stream(
+        text="x"
+    )
     partials = []
     for _ in response:
         partials.append(response.partial)
@@ -246,7 +285,9 @@ def test_streaming_text_deltas_and_usage(fake, claude):
 
 def test_streaming_tool_rounds(fake, claude):
     fake.enqueue(fa.tool_use("get_weather", {"city": "Bern"}), fa.text("sunny there"))
-    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, tools=[get_weather]).stream(text="x")
+    response = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=claude, tools=[get_weather]).stream(
+        text="x"
+    )
     assert "".join(response) == "sunny there"
     assert response.tool_calls[0].arguments == {"city": "Bern"}
     assert bodies(fake)[1]["messages"][2]["content"][0]["content"] == "sunny in Bern"
@@ -276,8 +317,14 @@ def test_an_error_event_midway_is_typed(fake, claude):
 
 
 def test_closing_a_stream_early_frees_the_slot(fake):
-    one = AnthropicClient(base_url=fake.base_url, api_key=KEY, cache=False, model="claude-haiku-4-5",
-                          max_concurrent_requests=1, queue_timeout=2)
+    one = AnthropicClient(
+        base_url=fake.base_url,
+        api_key=KEY,
+        cache=False,
+        model="claude-haiku-4-5",
+        max_concurrent_requests=1,
+        queue_timeout=2,
+    )
     fake.enqueue(fa.text(" ".join(f"w{i}" for i in range(50))))
     with one.stream_request([{"role": "user", "content": "hi"}]) as stream:
         assert next(iter(stream)) == "w0"
@@ -289,8 +336,11 @@ def test_closing_a_stream_early_frees_the_slot(fake):
 
 
 def test_429_and_529_are_retried_honouring_retry_after(fake, claude, sleeps):
-    fake.enqueue(fa.error(429, "rate_limit_error", headers={"retry-after": "3"}),
-                 fa.error(529, "overloaded_error", headers={"retry-after": "2"}), fa.text("ok"))
+    fake.enqueue(
+        fa.error(429, "rate_limit_error", headers={"retry-after": "3"}),
+        fa.error(529, "overloaded_error", headers={"retry-after": "2"}),
+        fa.text("ok"),
+    )
     reply = claude.request([{"role": "user", "content": "hi"}])
     assert reply.message["content"] == "ok" and reply.retries == 2
     assert sleeps == [3.0, 2.0]
@@ -304,14 +354,19 @@ def test_sdk_retries_are_off_and_400_is_not_retried(fake, claude, sleeps):
     assert info.value.status_code == 400 and len(fake.requests) == 1 and sleeps == []
 
 
-@pytest.mark.parametrize(("status", "kind", "error"), [
-    (401, "authentication_error", tinyllm.AuthenticationError),
-    (403, "permission_error", tinyllm.PermissionDeniedError),
-    (404, "not_found_error", tinyllm.NotFoundError),
-    (400, "invalid_request_error", tinyllm.ContextWindowExceededError),
-])
+@pytest.mark.parametrize(
+    ("status", "kind", "error"),
+    [
+        (401, "authentication_error", tinyllm.AuthenticationError),
+        (403, "permission_error", tinyllm.PermissionDeniedError),
+        (404, "not_found_error", tinyllm.NotFoundError),
+        (400, "invalid_request_error", tinyllm.ContextWindowExceededError),
+    ],
+)
 def test_error_statuses_map_to_the_tree(fake, claude, status, kind, error):
-    message = "prompt is too long: 250000 tokens > 200000 maximum" if error is tinyllm.ContextWindowExceededError else kind
+    message = (
+        "prompt is too long: 250000 tokens > 200000 maximum" if error is tinyllm.ContextWindowExceededError else kind
+    )
     fake.enqueue(fa.error(status, kind, message))
     with pytest.raises(error):
         claude.send_message([{"role": "user", "content": "hi"}])
@@ -365,8 +420,11 @@ def test_usage_details_of_a_cached_reply(fake, claude):
 
 
 def test_cache_ttl_and_bad_cache_values():
-    body, _ = wire.request_body([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-                                {"model": "m", "cache": {"system": "1h"}}, 5)
+    body, _ = wire.request_body(
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        {"model": "m", "cache": {"system": "1h"}},
+        5,
+    )
     assert body["system"][-1]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     with pytest.raises(tinyllm.BadRequestError, match="cache names 'everything'"):
         wire.request_body([{"role": "user", "content": "u"}], {"model": "m", "cache": "everything"}, 5)
@@ -397,10 +455,19 @@ def test_token_count_exact_from_the_endpoint_else_estimated(fake, claude):
 
 def test_images_become_image_blocks(fake, claude):
     data = base64.b64encode(b"\x89PNG fake").decode()
-    claude.send_message([{"role": "user", "content": [
-        {"type": "text", "text": "What is in these?"},
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}]}], max_tokens=5)
+    claude.send_message(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in these?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+                ],
+            }
+        ],
+        max_tokens=5,
+    )
     blocks = bodies(fake)[0]["messages"][0]["content"]
     assert blocks[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
     assert blocks[2] == {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}
@@ -412,8 +479,16 @@ def test_unmappable_content_is_refused_before_sending(fake, claude):
     assert fake.requests == []
 
 
-@pytest.mark.parametrize(("stop", "finish"), [("end_turn", "stop"), ("max_tokens", "length"), ("tool_use", "tool_calls"),
-                                              ("stop_sequence", "stop"), ("refusal", "content_filter")])
+@pytest.mark.parametrize(
+    ("stop", "finish"),
+    [
+        ("end_turn", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("stop_sequence", "stop"),
+        ("refusal", "content_filter"),
+    ],
+)
 def test_stop_reason_to_finish_reason(stop, finish):
     message, _, info = wire.read_message({"content": [{"type": "text", "text": "x"}], "stop_reason": stop, "usage": {}})
     assert info["finish_reason"] == finish and message["content"] == "x"
@@ -454,14 +529,21 @@ def test_prompt_files_through_a_fake_in_its_own_process():
         facts: list[str]
 
     with fa.spawn() as remote:
-        client = AnthropicClient(base_url=remote.base_url, api_key=KEY, cache=False, model="claude-haiku-4-5",
-                                 waiting_time=0.001)
-        remote.enqueue(fa.text("Brief."), fa.text("negative"), fa.error(529, "overloaded_error", headers={"retry-after": "0"}),
-                       fa.tool_use("Facts", {"facts": ["a", "b"]}), fa.text("streamed reply here"))
+        client = AnthropicClient(
+            base_url=remote.base_url, api_key=KEY, cache=False, model="claude-haiku-4-5", waiting_time=0.001
+        )
+        remote.enqueue(
+            fa.text("Brief."),
+            fa.text("negative"),
+            fa.error(529, "overloaded_error", headers={"retry-after": "0"}),
+            fa.tool_use("Facts", {"facts": ["a", "b"]}),
+            fa.text("streamed reply here"),
+        )
         assert tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=client).call(text="t") == "Brief."
         assert tinyllm.LLMCall("classify.system.md", prompts_dir=PROMPTS, client=client).call(text="bad") == "negative"
-        response = tinyllm.LLMCall("extract_facts.system.md", prompts_dir=PROMPTS, client=client,
-                                   output_type=Facts).respond(text="t")
+        response = tinyllm.LLMCall(
+            "extract_facts.system.md", prompts_dir=PROMPTS, client=client, output_type=Facts
+        ).respond(text="t")
         assert response.value == Facts(facts=["a", "b"]) and response.retries == 1 and response.cost > 0
         streamed = tinyllm.LLMCall("summarize.system.md", prompts_dir=PROMPTS, client=client).stream(text="t")
         assert "".join(streamed) == "streamed reply here"
@@ -504,8 +586,16 @@ def test_cli_tokens_exact_asks_the_endpoint(fake, monkeypatch, tmp_path):
 
 
 def test_prices_setting_prices_cache_writes_and_reads(fake, claude):
-    tinyllm.configure(prices={"claude-sonnet-4-5": {"input_per_mtok": 1, "output_per_mtok": 10, "cached_input_per_mtok": 0.1,
-                                                    "cache_write_per_mtok": 2}})
+    tinyllm.configure(
+        prices={
+            "claude-sonnet-4-5": {
+                "input_per_mtok": 1,
+                "output_per_mtok": 10,
+                "cached_input_per_mtok": 0.1,
+                "cache_write_per_mtok": 2,
+            }
+        }
+    )
     messages = [{"role": "system", "content": "word " * 100}, {"role": "user", "content": "hi"}]
     first = claude.request(messages, cache="system", max_tokens=5)
     second = claude.request(messages, cache="system", max_tokens=5)
@@ -515,16 +605,25 @@ def test_prices_setting_prices_cache_writes_and_reads(fake, claude):
 
 
 def test_tool_results_come_first_in_a_merged_user_turn():
-    body, _ = wire.request_body([
-        {"role": "developer", "content": "d"},
-        {"role": "user", "content": "q"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
-            {"id": "b", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
-        {"role": "tool", "tool_call_id": "a", "content": "ra"},
-        {"role": "tool", "tool_call_id": "b", "content": "rb"},
-        {"role": "user", "content": "Your previous reply could not be used"},
-    ], {"model": "m"}, 5)
+    body, _ = wire.request_body(
+        [
+            {"role": "developer", "content": "d"},
+            {"role": "user", "content": "q"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                    {"id": "b", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "a", "content": "ra"},
+            {"role": "tool", "tool_call_id": "b", "content": "rb"},
+            {"role": "user", "content": "Your previous reply could not be used"},
+        ],
+        {"model": "m"},
+        5,
+    )
     assert body["system"] == [{"type": "text", "text": "d"}]
     last = body["messages"][-1]
     assert [b["type"] for b in last["content"]] == ["tool_result", "tool_result", "text"]

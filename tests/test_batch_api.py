@@ -28,8 +28,13 @@ def _own_cache_folder(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def fake_process():
     """tests/fake_batches.py in a child process, for the whole session; yields its base URL (http://127.0.0.1:N)."""
-    proc = subprocess.Popen([sys.executable, str(HERE / "fake_batches.py")], cwd=HERE, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "fake_batches.py")],
+        cwd=HERE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("PORT "), line
@@ -51,8 +56,12 @@ class Fake:
 
     def _control(self, what: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"{self.url}/_fake/{what}", data=data, method="POST" if data else "GET",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}/_fake/{what}",
+            data=data,
+            method="POST" if data else "GET",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=10) as answer:
             return json.loads(answer.read())
 
@@ -87,8 +96,9 @@ def fake(fake_process, monkeypatch):
     before = {b["id"] for b in f.batches()}
     f.new = lambda: [b for b in f.batches() if b["id"] not in before]  # the batches this test created
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-batches")
-    tinyllm.configure(api_type="openai", base_url=f.base_url, waiting_time=0.001, model="gpt-4o-mini",
-                      batch_poll_interval=0.01)
+    tinyllm.configure(
+        api_type="openai", base_url=f.base_url, waiting_time=0.001, model="gpt-4o-mini", batch_poll_interval=0.01
+    )
     return f
 
 
@@ -145,8 +155,9 @@ def test_request_lines_are_the_live_requests(fake, prompts, tmp_path):
         return word
 
     fake.reply('{"label": "ok", "score": 3}')
-    llm = tinyllm.LLMCall("ask", prompts_dir=prompts, output_type=Verdict, tools=[lookup], temperature=0.25,
-                          max_tokens=50)
+    llm = tinyllm.LLMCall(
+        "ask", prompts_dir=prompts, output_type=Verdict, tools=[lookup], temperature=0.25, max_tokens=50
+    )
     rows = [{"question": "first"}, {"question": "second \u00e9"}]
     live = [llm.call(**row) for row in rows]
     sent = fake.state()["chat"][-2:]
@@ -168,12 +179,16 @@ def test_status_moves_through_validating_in_progress_finalizing_completed(fake, 
     seen = []
     out = tmp_path / "out.jsonl"
     runner = tinyllm.BatchAPIRunner(llm)
+
     def rows():
         return enumerate([{"question": "a"}, {"question": "b"}])
+
     summary = runner.to_jsonl(rows, out, wait=False)
     assert summary.submitted == 2 and summary.waiting == 2 and len(summary.running) == 1
+
     def state():
         return json.loads((tmp_path / "out.jsonl.batches.json").read_text())["batches"][0]
+
     seen.append(state()["status"])
     while not state().get("fetched"):
         summary = runner.to_jsonl(rows, out, wait=False)
@@ -251,7 +266,9 @@ def test_a_batch_cancelled_from_outside(fake, prompts, tmp_path):
     assert fetched.exit_code == 1, fetched.output
     got = lines(out)
     assert got[0]["content"] == "echo: question 0"
-    assert [x["error"]["type"] for x in got[1:]] == ["BatchError", "BatchError"] and "cancelled" in got[1]["error"]["message"]
+    assert [x["error"]["type"] for x in got[1:]] == ["BatchError", "BatchError"] and "cancelled" in got[1]["error"][
+        "message"
+    ]
     status = CliRunner().invoke(cli, ["batches", "status", str(out)])
     assert "cancelled" in status.output and "in the output" in status.output
 
@@ -327,7 +344,9 @@ def test_max_cost_limits_what_is_submitted(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 6)
     out = tmp_path / "out.jsonl"
     # gpt-4o-mini at the batch price: $0.075 / $0.30 per Mtok; a row's worst case here is ~ 11 prompt + 100 output tokens
-    first = run_map("ask", "-i", str(rows), "-o", str(out), "--batch-api", "--max-tokens", "100", "--max-cost", "0.00007")
+    first = run_map(
+        "ask", "-i", str(rows), "-o", str(out), "--batch-api", "--max-tokens", "100", "--max-cost", "0.00007"
+    )
     assert first.exit_code == 1
     submitted = len(fake.request_lines(fake.new()[0]))
     assert 0 < submitted < 6 and f"{6 - submitted} row(s) not submitted" in first.stderr
@@ -374,10 +393,26 @@ def test_killed_while_waiting_then_resumed(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 3)
     out = tmp_path / "out.jsonl"
     fake.plan(hold=True)
-    env = child_env(OPENAI_API_KEY="sk-test", TINYLLM_BASE_URL=fake.base_url, TINYLLM_API_TYPE="openai",
-                    TINYLLM_BATCH_POLL_INTERVAL="0.05")
-    args = [sys.executable, "-m", "tinyllm", "map", "ask", "-i", str(rows), "-o", str(out), "--batch-api",
-            "--prompts-dir", str(prompts)]
+    env = child_env(
+        OPENAI_API_KEY="sk-test",
+        TINYLLM_BASE_URL=fake.base_url,
+        TINYLLM_API_TYPE="openai",
+        TINYLLM_BATCH_POLL_INTERVAL="0.05",
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "tinyllm",
+        "map",
+        "ask",
+        "-i",
+        str(rows),
+        "-o",
+        str(out),
+        "--batch-api",
+        "--prompts-dir",
+        str(prompts),
+    ]
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state = tmp_path / "out.jsonl.batches.json"
     try:
@@ -399,8 +434,9 @@ def test_azure_global_batch_through_the_same_code(fake, prompts, tmp_path):
     """Azure OpenAI: /openai/files and /openai/batches, lines with url /chat/completions and the deployment as model."""
     import tinyllm
 
-    client = tinyllm.AzureClient(endpoint=fake.url, api_key="azure-key-123456", deployments={"gpt-4o-mini": "dep-batch"},
-                                 model="gpt-4o-mini")
+    client = tinyllm.AzureClient(
+        endpoint=fake.url, api_key="azure-key-123456", deployments={"gpt-4o-mini": "dep-batch"}, model="gpt-4o-mini"
+    )
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts, client=client)
     live = llm.call(question="hi")
     sent = fake.state()["chat"][-1]
@@ -460,16 +496,28 @@ def test_stopped_between_upload_and_recording_the_batch(fake, prompts, tmp_path,
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
     rows = [{"question": "a"}, {"question": "b"}]
     planned = [batch_request(llm, row) for row in rows]
-    data = "".join(json.dumps({"custom_id": f"i{i}", "method": "POST", "url": "/v1/chat/completions", "body": p.body}) + "\n"
-                   for i, p in enumerate(planned))
+    data = "".join(
+        json.dumps({"custom_id": f"i{i}", "method": "POST", "url": "/v1/chat/completions", "body": p.body}) + "\n"
+        for i, p in enumerate(planned)
+    )
     api = BatchAPI(tinyllm.get_client())
     file_id = api.upload(write(tmp_path / "req.jsonl", data))
     if batch_exists:
         api.create(file_id)
     out = tmp_path / "out.jsonl"
-    state = BatchState(state_path(out), [{"id": None, "input_file_id": file_id, "model": "gpt-4o-mini",
-                                          "rows": {f"i{i}": body_hash(p.body) for i, p in enumerate(planned)},
-                                          "status": None, "fetched": False}])
+    state = BatchState(
+        state_path(out),
+        [
+            {
+                "id": None,
+                "input_file_id": file_id,
+                "model": "gpt-4o-mini",
+                "rows": {f"i{i}": body_hash(p.body) for i, p in enumerate(planned)},
+                "status": None,
+                "fetched": False,
+            }
+        ],
+    )
     state.save()
     assert llm.map(rows, batch_api=True, batch_output=out, progress=False) == ["echo: a", "echo: b"]
     assert len(fake.new()) == 1 and fake.new()[0]["input_file_id"] == file_id
@@ -492,8 +540,19 @@ def test_a_recorded_file_that_cannot_become_a_batch_frees_its_rows(fake, prompts
     from tinyllm.batch._batch_files import BatchState, state_path
 
     out = tmp_path / "out.jsonl"
-    BatchState(state_path(out), [{"id": None, "input_file_id": "file-gone", "model": "gpt-4o-mini",
-                                  "rows": {"i0": "0" * 16}, "status": None, "fetched": False}]).save()
+    BatchState(
+        state_path(out),
+        [
+            {
+                "id": None,
+                "input_file_id": "file-gone",
+                "model": "gpt-4o-mini",
+                "rows": {"i0": "0" * 16},
+                "status": None,
+                "fetched": False,
+            }
+        ],
+    ).save()
     llm = tinyllm.LLMCall("ask", prompts_dir=prompts)
     assert llm.map([{"question": "a"}], batch_api=True, batch_output=out, progress=False) == ["echo: a"]
     assert "file-gone could not be made a batch" in caplog.text
@@ -505,10 +564,26 @@ def test_ctrl_c_while_waiting_keeps_the_batches(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 2)
     out = tmp_path / "out.jsonl"
     fake.plan(hold=True)
-    env = child_env(OPENAI_API_KEY="sk-test", TINYLLM_BASE_URL=fake.base_url, TINYLLM_API_TYPE="openai",
-                    TINYLLM_BATCH_POLL_INTERVAL="0.05")
-    args = [sys.executable, "-m", "tinyllm", "map", "ask", "-i", str(rows), "-o", str(out), "--batch-api",
-            "--prompts-dir", str(prompts)]
+    env = child_env(
+        OPENAI_API_KEY="sk-test",
+        TINYLLM_BASE_URL=fake.base_url,
+        TINYLLM_API_TYPE="openai",
+        TINYLLM_BATCH_POLL_INTERVAL="0.05",
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "tinyllm",
+        "map",
+        "ask",
+        "-i",
+        str(rows),
+        "-o",
+        str(out),
+        "--batch-api",
+        "--prompts-dir",
+        str(prompts),
+    ]
     proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "out.jsonl.batches.json"
     wait_until(lambda: state.exists() and json.loads(state.read_text())["batches"][0]["id"], timeout=30)

@@ -40,7 +40,9 @@ def test_a_budget_activated_around_map_holds_its_calls(wired, prompts):
     wired.enqueue(*[Reply(f"a{i}", usage=TEN) for i in range(5)])
     llm = LLMCall("ask.system.md", prompts_dir=prompts)
     with Budget(25).activate() as run:
-        results = llm.map([{"question": str(i)} for i in range(5)], max_workers=1, progress=False, return_exceptions=True)
+        results = llm.map(
+            [{"question": str(i)} for i in range(5)], max_workers=1, progress=False, return_exceptions=True
+        )
     refused = [r for r in results if isinstance(r, BudgetExceededError)]
     assert len(refused) == 3 and run.refused == 3
     assert run.spent == 20 and len(wired.chat_requests()) == 2
@@ -64,7 +66,9 @@ def test_twenty_threads_without_max_tokens_use_the_budget_instead_of_being_refus
     twenty = {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25}
     wired.enqueue(*[Delay(0.01, Reply(f"r{i}", usage=twenty)) for i in range(100)])
     llm = LLMCall("ask.system.md", prompts_dir=prompts)
-    results = llm.map([{"question": str(i)} for i in range(100)], max_workers=20, progress=False, return_exceptions=True)
+    results = llm.map(
+        [{"question": str(i)} for i in range(100)], max_workers=20, progress=False, return_exceptions=True
+    )
     answered = [r for r in results if isinstance(r, str)]
     refused = [r for r in results if isinstance(r, BudgetExceededError)]
     assert len(answered) + len(refused) == 100
@@ -101,7 +105,9 @@ def test_an_async_call_waits_without_blocking_the_loop():
 
 def test_async_calls_under_max_cost_wait_their_turn(wired, prompts):
     tinyllm.configure(prices=DOLLAR_PER_OUTPUT_TOKEN, max_cost=25, max_tokens=10)
-    wired.enqueue(*[Reply(f"a{i}", usage={"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}) for i in range(4)])
+    wired.enqueue(
+        *[Reply(f"a{i}", usage={"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}) for i in range(4)]
+    )
     llm = LLMCall("ask.system.md", prompts_dir=prompts)
 
     async def main():
@@ -112,10 +118,14 @@ def test_async_calls_under_max_cost_wait_their_turn(wired, prompts):
     assert sum(isinstance(r, BudgetExceededError) for r in results) == 1
 
 
-@pytest.mark.parametrize("usage", [
-    {"prompt_tokens": 10**15, "completion_tokens": 1, "total_tokens": 10**15 + 1},
-    {"prompt_tokens": 5, "completion_tokens": 300_000, "total_tokens": 300_005},  # gpt-4o-mini: a 128k window
-], ids=["huge-prompt", "completion-above-window"])
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 10**15, "completion_tokens": 1, "total_tokens": 10**15 + 1},
+        {"prompt_tokens": 5, "completion_tokens": 300_000, "total_tokens": 300_005},  # gpt-4o-mini: a 128k window
+    ],
+    ids=["huge-prompt", "completion-above-window"],
+)
 def test_impossible_usage_is_refused_not_counted(wired, prompts, usage):
     tinyllm.configure(prices=DOLLAR_PER_OUTPUT_TOKEN, max_tokens=10)
     wired.enqueue(Reply("x", usage=usage))
@@ -126,7 +136,9 @@ def test_impossible_usage_is_refused_not_counted(wired, prompts, usage):
 
 
 def test_impossible_usage_in_a_stream_is_refused_too(wired, prompts):
-    wired.enqueue(Stream(Reply("x", usage={"prompt_tokens": 10**15, "completion_tokens": 1, "total_tokens": 10**15 + 1})))
+    wired.enqueue(
+        Stream(Reply("x", usage={"prompt_tokens": 10**15, "completion_tokens": 1, "total_tokens": 10**15 + 1}))
+    )
     response = LLMCall("ask.system.md", prompts_dir=prompts).stream(question="q")
     with pytest.raises(ResponseError, match="prompt_tokens=1000000000000000"):
         list(response)
@@ -144,9 +156,27 @@ def test_map_progress_shows_budget_refusals_as_not_sent_like_the_summary(wired, 
     rows, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
     rows.write_text("".join(json.dumps({"id": f"r{i}", "question": f"q{i}"}) + "\n" for i in range(20)))
     wired.enqueue(*[Reply(f"answer {i}", usage=TEN) for i in range(20)])
-    result = CliRunner().invoke(cli, ["map", "ask", "--prompts-dir", str(prompts), "-i", str(rows), "-o", str(out),
-                                      "-c", "4", "--max-tokens", "10", "--max-cost", "50", "--progress"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "map",
+            "ask",
+            "--prompts-dir",
+            str(prompts),
+            "-i",
+            str(rows),
+            "-o",
+            str(out),
+            "-c",
+            "4",
+            "--max-tokens",
+            "10",
+            "--max-cost",
+            "50",
+            "--progress",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 1
     progress = [line for line in result.stderr.splitlines() if " rows done" in line]
     assert progress and "failed=" not in result.stderr

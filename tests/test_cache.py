@@ -51,8 +51,13 @@ def frame_offsets(path: Path) -> list[tuple[int, int]]:
     pos, out = len(MAGIC), []
     while pos + HEAD.size <= len(data):
         mark, length, crc = HEAD.unpack_from(data, pos)
-        payload = data[pos + HEAD.size: pos + HEAD.size + length]
-        if mark != MARK or length == 0 or len(payload) < length or frame(pos, payload) != data[pos:pos + HEAD.size + length]:
+        payload = data[pos + HEAD.size : pos + HEAD.size + length]
+        if (
+            mark != MARK
+            or length == 0
+            or len(payload) < length
+            or frame(pos, payload) != data[pos : pos + HEAD.size + length]
+        ):
             break
         out.append((pos, pos + HEAD.size + length))
         pos += HEAD.size + length
@@ -63,7 +68,7 @@ def raw_records(path: Path) -> tuple[list[tuple[str, object]], int]:
     """Parse the file independently of the module: (complete records in order, bytes left after them)."""
     data = path.read_bytes()
     frames = frame_offsets(path)
-    out = [pickle.loads(data[start + HEAD.size:end]) for start, end in frames]
+    out = [pickle.loads(data[start + HEAD.size : end]) for start, end in frames]
     return out, len(data) - (frames[-1][1] if frames else len(MAGIC))
 
 
@@ -74,8 +79,9 @@ def child_env() -> dict:
 
 
 def spawn(code: str, *args: object) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=child_env(),
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
 
 
 class Evil:
@@ -129,8 +135,18 @@ def test_values_are_copied_in_and_out(cache):
 
 
 def test_plain_data_kinds_round_trip(cache, tmp_path):
-    value = {"s": "é", "i": 3, "f": 1.5, "b": True, "n": None, "l": [1, (2, 3)], "set": {1, 2}, "fs": frozenset({"a"}),
-             "c": 1 + 2j, "bytes": b"\x00"}
+    value = {
+        "s": "é",
+        "i": 3,
+        "f": 1.5,
+        "b": True,
+        "n": None,
+        "l": [1, (2, 3)],
+        "set": {1, 2},
+        "fs": frozenset({"a"}),
+        "c": 1 + 2j,
+        "bytes": b"\x00",
+    }
     cache.set("k", value)
     assert cache.get("k") == value
     if isinstance(cache, PickleCache):
@@ -275,22 +291,29 @@ def test_cache_key_is_sha256_hex_and_stable_across_key_order():
     key = cache_key(ENDPOINT, "gpt-4o-mini", MESSAGES, PARAMS)
     assert len(key) == 64 and int(key, 16) >= 0
     reordered = cache_key(
-        dict(reversed(ENDPOINT.items())), "gpt-4o-mini",
-        [dict(reversed(m.items())) for m in MESSAGES], dict(reversed(PARAMS.items())),
+        dict(reversed(ENDPOINT.items())),
+        "gpt-4o-mini",
+        [dict(reversed(m.items())) for m in MESSAGES],
+        dict(reversed(PARAMS.items())),
     )
     assert reordered == key
 
 
-@pytest.mark.parametrize("change", [
-    lambda e, m, ms, p: ({**e, "base_url": "http://localhost:8000/v1"}, m, ms, p),
-    lambda e, m, ms, p: (e, "gpt-4o", ms, p),
-    lambda e, m, ms, p: (e, m, ms + [{"role": "user", "content": "more"}], p),
-    lambda e, m, ms, p: (e, m, [{**ms[0], "content": "be long"}] + ms[1:], p),
-    lambda e, m, ms, p: (e, m, ms, {**p, "temperature": 0.5}),
-    lambda e, m, ms, p: (e, m, ms, {**p, "seed": 1}),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e, m, ms, p: ({**e, "base_url": "http://localhost:8000/v1"}, m, ms, p),
+        lambda e, m, ms, p: (e, "gpt-4o", ms, p),
+        lambda e, m, ms, p: (e, m, ms + [{"role": "user", "content": "more"}], p),
+        lambda e, m, ms, p: (e, m, [{**ms[0], "content": "be long"}] + ms[1:], p),
+        lambda e, m, ms, p: (e, m, ms, {**p, "temperature": 0.5}),
+        lambda e, m, ms, p: (e, m, ms, {**p, "seed": 1}),
+    ],
+)
 def test_cache_key_differs_by_each_input(change):
-    assert cache_key(*change(ENDPOINT, "gpt-4o-mini", MESSAGES, PARAMS)) != cache_key(ENDPOINT, "gpt-4o-mini", MESSAGES, PARAMS)
+    assert cache_key(*change(ENDPOINT, "gpt-4o-mini", MESSAGES, PARAMS)) != cache_key(
+        ENDPOINT, "gpt-4o-mini", MESSAGES, PARAMS
+    )
 
 
 def test_cache_key_ignores_timeout_api_key_and_extra_headers():
@@ -427,8 +450,9 @@ def test_truncated_last_record_is_skipped_then_cut_off(tmp_path):
     assert reader.get("new") == 1  # an instance that saw the torn tail reads on correctly
 
 
-@pytest.mark.parametrize("garbage", [b"\x00" * 64, os.urandom(1000), b"\xff\xff\xff\xff\x00\x00"],
-                         ids=["zeros", "random", "huge-length"])
+@pytest.mark.parametrize(
+    "garbage", [b"\x00" * 64, os.urandom(1000), b"\xff\xff\xff\xff\x00\x00"], ids=["zeros", "random", "huge-length"]
+)
 def test_garbage_after_last_record_is_skipped_then_cut_off(tmp_path, garbage):
     path = tmp_path / "c.pickle"
     c = PickleCache(path)
@@ -515,12 +539,12 @@ def test_damage_then_torn_tail_keeps_the_records_between(tmp_path):
     frames = frame_offsets(path)
     data = bytearray(path.read_bytes())
     data[frames[100][0] + 20] ^= 0x40  # damage record 100
-    data = data[:frames[999][0] + 30]  # and tear the last record
+    data = data[: frames[999][0] + 30]  # and tear the last record
     path.write_bytes(bytes(data))
     c = PickleCache(path)
     assert len(c) == 998 and "k0100" not in c and "k0999" not in c and c.get("k0998") == entries["k0998"]
     c.set("new", 1)  # cuts the torn tail, and only it, then appends
-    assert path.read_bytes().startswith(bytes(data[:frames[999][0]]))
+    assert path.read_bytes().startswith(bytes(data[: frames[999][0]]))
     assert path.stat().st_size == frames[999][0] + len(frame(0, pickle.dumps(("new", 1), protocol=5)))
     assert len(PickleCache(path)) == 999
 
@@ -564,7 +588,10 @@ def test_frame_bytes_inside_a_value_are_never_taken_for_records(tmp_path):
         f.seek(start + 5)
         f.write(b"\xff")
     again = PickleCache(path)
-    assert sorted(k for k in ["before", "blob", "after"] + [f"inner{i}" for i in range(5)] if k in again) == ["after", "before"]
+    assert sorted(k for k in ["before", "blob", "after"] + [f"inner{i}" for i in range(5)] if k in again) == [
+        "after",
+        "before",
+    ]
 
 
 def test_version_1_file_is_read_then_converted_by_the_first_write(tmp_path, caplog):
@@ -609,7 +636,7 @@ def evil_record(marker: Path, offset: int = 0) -> bytes:
 def test_evil_pickle_would_run_with_plain_pickle(tmp_path):
     # control: proves the payload used below really executes code when loaded without restriction
     marker = tmp_path / "control"
-    pickle.loads(evil_record(marker)[HEAD.size:])
+    pickle.loads(evil_record(marker)[HEAD.size :])
     assert marker.exists()
 
 
@@ -714,15 +741,14 @@ print(PickleCache(os.path.join(folder, "c5.pickle")).stats()["hits"])  # saved w
 
 
 def test_switching_through_many_cache_files_keeps_few_files_open(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SWITCHER, str(tmp_path)], env=child_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SWITCHER, str(tmp_path)], env=child_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.split("\n")
     opened, limit = map(int, lines[0].split())
     assert opened <= limit
     assert int(lines[1]) == 1
-
-
 
 
 def test_active_cache_follows_config_and_force(tmp_path):

@@ -43,8 +43,9 @@ def db(tmp_path):
 @pytest.fixture
 def wired(server, monkeypatch, db):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini",
-                      log_calls=True, log_db=db)
+    tinyllm.configure(
+        api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini", log_calls=True, log_db=db
+    )
     return server
 
 
@@ -95,7 +96,9 @@ def test_a_call_and_a_failed_call_are_logged_whole_and_the_key_never(wired, prom
 
 def test_a_key_in_the_parameters_or_the_reply_is_masked(wired, prompts, db):
     wired.enqueue(Reply(f"your key is {KEY}"))
-    LLMCall("ask.system.md", prompts_dir=prompts, extra_headers={"Authorization": f"Bearer {KEY}"}).call(question="key?")
+    LLMCall("ask.system.md", prompts_dir=prompts, extra_headers={"Authorization": f"Bearer {KEY}"}).call(
+        question="key?"
+    )
     (row,) = rows(db)
     assert row["params"]["extra_headers"] == {"Authorization": "****"}
     assert KEY not in row["response"] and row["response"].startswith("your key is ****")
@@ -167,14 +170,25 @@ def test_four_processes_log_500_calls_each_into_one_file_with_none_lost(prompts,
     script.write_text(WRITER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.time() + 2.0  # all four start writing at once
-    procs = [subprocess.Popen([sys.executable, str(script), str(db), str(prompts), str(start), "500"], env=env,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(db), str(prompts), str(start), "500"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         assert "WARNING" not in err and "cannot write" not in err, err
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT id), COUNT(DISTINCT pid) FROM calls").fetchone() == (2000, 2000, 4)
+    assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT id), COUNT(DISTINCT pid) FROM calls").fetchone() == (
+        2000,
+        2000,
+        4,
+    )
     assert conn.execute("SELECT COUNT(DISTINCT variables) FROM calls").fetchone() == (500,)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -287,21 +301,31 @@ def json_lines(result) -> list[dict]:
 def test_logs_lists_newest_first_with_filters(filled):
     db = str(filled)
     every = json_lines(run("logs", "--db", db, "--json"))
-    assert [r["variables"]["question"] for r in every] == ["broken?", "6 x 7?", "Capital of Germany?", "Capital of France?"]
+    assert [r["variables"]["question"] for r in every] == [
+        "broken?",
+        "6 x 7?",
+        "Capital of Germany?",
+        "Capital of France?",
+    ]
     for r in every:
         assert {"id", "model", "response", "usage", "cost", "error"} <= set(r)
     assert every[2]["model"] == "gpt-4o" and every[2]["response"] == "Berlin."
     assert every[0]["error"]["type"] == "BadRequestError" and every[0]["response"] is None
     assert len(json_lines(run("logs", "--db", db, "--json", "-n", "2"))) == 2
-    assert [r["template"] for r in json_lines(run("logs", "--db", db, "--json", "--template", "num"))] == ["num.system.md"]
+    assert [r["template"] for r in json_lines(run("logs", "--db", db, "--json", "--template", "num"))] == [
+        "num.system.md"
+    ]
     assert len(json_lines(run("logs", "--db", db, "--json", "--template", "ask.system.md"))) == 3
     assert [r["model"] for r in json_lines(run("logs", "--db", db, "--json", "--model", "gpt-4o"))] == ["gpt-4o"]
     assert len(json_lines(run("logs", "--db", db, "--json", "--model", "gpt-4o*"))) == 4
-    assert [r["error"]["type"] for r in json_lines(run("logs", "--db", db, "--json", "--errors"))] == ["BadRequestError"]
+    assert [r["error"]["type"] for r in json_lines(run("logs", "--db", db, "--json", "--errors"))] == [
+        "BadRequestError"
+    ]
     assert [r["response"] for r in json_lines(run("logs", "--db", db, "--json", "--batch", "batch-one"))] == ["42"]
     assert [r["response"] for r in json_lines(run("logs", "--db", db, "--json", "-q", "Germany"))] == ["Berlin."]
     assert [r["response"] for r in json_lines(run("logs", "--db", db, "--json", "-q", "capital AND paris"))] == [
-        "Paris is the capital."]
+        "Paris is the capital."
+    ]
     assert len(json_lines(run("logs", "--db", db, "--json", "--since", "1h"))) == 4
     assert json_lines(run("logs", "--db", db, "--json", "--since", "2999-01-01")) == []
     table = run("logs", "--db", db)
@@ -339,7 +363,9 @@ def test_logs_stats_sums_by_model_template_and_day(filled):
     assert len(sums["by_day"]) == 1 and sums["by_day"][0]["calls"] == 4
     total = sums["total"][0]
     assert total["calls"] == 4 and total["errors"] == 1
-    assert total["cost"] == pytest.approx(sum(r["cost"] or 0 for r in json_lines(run("logs", "--db", str(filled), "--json"))))
+    assert total["cost"] == pytest.approx(
+        sum(r["cost"] or 0 for r in json_lines(run("logs", "--db", str(filled), "--json")))
+    )
     text = run("logs", "stats", "--db", str(filled)).stdout
     assert "MODEL" in text and "TEMPLATE" in text and "DAY" in text and "total: 4 calls" in text and "1 errors" in text
 

@@ -26,8 +26,9 @@ def db(tmp_path):
 @pytest.fixture
 def llm(server, monkeypatch, db, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini",
-                      log_calls=True, log_db=db)
+    tinyllm.configure(
+        api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini", log_calls=True, log_db=db
+    )
     return LLMCall("ask.system.md", prompts_dir=question_prompts(tmp_path, ask="Be brief.\n"))
 
 

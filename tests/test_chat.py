@@ -67,8 +67,11 @@ def test_chat_without_system_message(wired):
 
 def test_template_chat_renders_system_once_and_user_each_turn(wired, tmp_path):
     d = tmp_path / "prompts"
-    write(d / "tr.system.md", "---\ntemperature: 0.1\nmessages:\n  - user: 'Example: {{ example }}'\n"
-          "  - assistant: 'Exemple'\n---\nTranslate into {{ language }}.")
+    write(
+        d / "tr.system.md",
+        "---\ntemperature: 0.1\nmessages:\n  - user: 'Example: {{ example }}'\n"
+        "  - assistant: 'Exemple'\n---\nTranslate into {{ language }}.",
+    )
     write(d / "tr.user.md", "Text: {{ text }}")
     chat = LLMChat("tr.system.md", max_tokens=50)
     chat.say(text="Good morning", language="French", example="Example")
@@ -96,12 +99,16 @@ def test_chat_sends_the_user_files_few_shot_messages_like_llmcall(wired, tmp_pat
     chat.say(text="Good night")
     chat.say("And good morning")  # the few-shot messages open the conversation once
     call, first, second = wired.chat_requests()
-    assert first.messages == call.messages == [
-        {"role": "system", "content": "You translate."},
-        {"role": "user", "content": "Hello"},
-        {"role": "assistant", "content": "Bonjour"},
-        {"role": "user", "content": "Good night"},
-    ]
+    assert (
+        first.messages
+        == call.messages
+        == [
+            {"role": "system", "content": "You translate."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Bonjour"},
+            {"role": "user", "content": "Good night"},
+        ]
+    )
     assert roles(second.messages) == ["system", "user", "assistant", "user", "assistant", "user"]
 
 
@@ -246,8 +253,11 @@ def test_context_window_exceeded_before_sending(wired):
 
 def test_few_shot_messages_arrive_in_order(wired, tmp_path):
     d = tmp_path / "prompts"
-    write(d / "fs.system.md", "---\nmessages:\n  - user: 'Text: {{ example }}'\n  - assistant: positive\n"
-          "  - user: 'Text: awful'\n  - assistant: negative\n---\nClassify the text.\n")
+    write(
+        d / "fs.system.md",
+        "---\nmessages:\n  - user: 'Text: {{ example }}'\n  - assistant: positive\n"
+        "  - user: 'Text: awful'\n  - assistant: negative\n---\nClassify the text.\n",
+    )
     write(d / "fs.user.md", "Text: {{ text }}")
     LLMCall("fs.system.md").call(text="lovely", example="great")
     assert wired.chat_requests()[0].messages == [
@@ -287,8 +297,17 @@ def test_values_cannot_create_messages_on_the_wire(wired, tmp_path, value):
 
 @pytest.fixture
 def families(server):
-    configure(api_type="openai", base_url=server.base_url, max_attempts=1, reasoning_effort="low",
-              temperature=0.5, max_tokens=100, top_p=0.9, freq_penalty=0.1, presence_penalty=0.2)
+    configure(
+        api_type="openai",
+        base_url=server.base_url,
+        max_attempts=1,
+        reasoning_effort="low",
+        temperature=0.5,
+        max_tokens=100,
+        top_p=0.9,
+        freq_penalty=0.1,
+        presence_penalty=0.2,
+    )
     return server
 
 

@@ -66,13 +66,17 @@ def wired(server, tmp_path):
 
 # --- n choices -----------------------------------------------------------------------------------------------
 
+
 def test_n_returns_every_choice(wired):
     wired.enqueue(Choices(Reply("7"), Reply("8", finish_reason="length"), Reply("9")))
     r = LLMCall("q", n=3).respond(question="?")
     assert wired.chat_requests()[0].json["n"] == 3
     assert r.value == ["7", "8", "9"] and r.text == "7"
     assert [(c.index, c.text, c.finish_reason, c.value) for c in r.choices] == [
-        (0, "7", "stop", "7"), (1, "8", "length", "8"), (2, "9", "stop", "9")]
+        (0, "7", "stop", "7"),
+        (1, "8", "length", "8"),
+        (2, "9", "stop", "9"),
+    ]
     assert r.as_dict()["choices"][1]["message"]["content"] == "8"
 
 
@@ -125,6 +129,7 @@ def test_async_streamed_choices(wired):
 
 # --- logprobs -------------------------------------------------------------------------------------------------
 
+
 def test_logprobs_are_kept(wired):
     r = LLMCall("q", logprobs=True, top_logprobs=2).respond(question="hi there")
     sent = wired.chat_requests()[0].json
@@ -149,11 +154,14 @@ def test_label_probability(wired):
     r = LLMCall("q", output_type=["happy", "sad"], logprobs=True).respond(question="?")
     # tokens "I", " think:", " SAD." : only " SAD." covers the label
     assert r.value == "sad" and r.label_probability == pytest.approx(math.exp(-0.5))
-    assert LLMCall("q", output_type=Literal["happy", "sad"]).respond(question="?").label_probability is None  # no logprobs
+    assert (
+        LLMCall("q", output_type=Literal["happy", "sad"]).respond(question="?").label_probability is None
+    )  # no logprobs
     assert LLMCall("q", logprobs=True).respond(question="?").label_probability is None  # not a label type
 
 
 # --- finish reasons and refusals ----------------------------------------------------------------------------
+
 
 def test_a_typed_reply_cut_at_max_tokens(wired):
     usage = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
@@ -204,6 +212,7 @@ def test_chat_refusal(wired):
 
 # --- dataclasses and TypedDict ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", [Point, City, Movie])
 def test_record_types_get_a_strict_schema(kind):
     assert normalize_output_type(kind) is kind
@@ -248,6 +257,7 @@ def test_record_types_over_the_server(wired):
 
 # --- the embedded model ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.local
 def test_n_and_logprobs_on_the_embedded_model(embedded_model):
     if embedded_model is None:
@@ -256,7 +266,9 @@ def test_n_and_logprobs_on_the_embedded_model(embedded_model):
 
     chat = LLMChat(system="Answer briefly.", client=LlamaCppClient(cache=False), n=2, max_tokens=6, temperature=1.0)
     r = chat.respond("Name a colour.")
-    assert isinstance(r.value, list) and len(r.value) == 2 == len(r.choices) and all(isinstance(v, str) for v in r.value)
+    assert (
+        isinstance(r.value, list) and len(r.value) == 2 == len(r.choices) and all(isinstance(v, str) for v in r.value)
+    )
     assert r.usage["completion_tokens"] <= 12
     with pytest.raises(BadRequestError, match="no logprobs"):
         LLMChat(system="x", client=LlamaCppClient(cache=False), logprobs=True).say("hi")
@@ -291,7 +303,9 @@ def test_stored_choices_of_the_wrong_shape_are_ignored(wired):
 
 def test_a_stop_before_any_content(wired):
     # a reasoning model that spent max_completion_tokens on reasoning; Azure's filter with null content
-    wired.enqueue(Message({"content": None}, finish_reason="length"), Message({"content": None}, finish_reason="content_filter"))
+    wired.enqueue(
+        Message({"content": None}, finish_reason="length"), Message({"content": None}, finish_reason="content_filter")
+    )
     with pytest.raises(LengthFinishReasonError):
         LLMCall("q").call(question="?")
     with pytest.raises(ContentFilterFinishReasonError):

@@ -54,7 +54,9 @@ def prompts(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "greet.system.md").write_text(
         "---\ndescription: Greet someone by name.\ntemperature: 0\nmax_tokens: 20\n---\n"
-        "You greet people in {{ language | default('English') }}.\n", encoding="utf-8")
+        "You greet people in {{ language | default('English') }}.\n",
+        encoding="utf-8",
+    )
     (d / "greet.user.md").write_text("Greet {{ name }}.\n", encoding="utf-8")
     (d / "echo.system.md").write_text("Repeat: {{ text }}\n", encoding="utf-8")
     return d
@@ -82,8 +84,13 @@ def fake_env(server, monkeypatch):
 
 def sub_env(server) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
-    env.update(PYTHONPATH=str(ROOT), TINYLLM_BASE_URL=server.base_url, TINYLLM_API_TYPE="openai",
-               TINYLLM_WAITING_TIME="0", PYTHONUNBUFFERED="1")
+    env.update(
+        PYTHONPATH=str(ROOT),
+        TINYLLM_BASE_URL=server.base_url,
+        TINYLLM_API_TYPE="openai",
+        TINYLLM_WAITING_TIME="0",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -108,15 +115,32 @@ def read_jsonl(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("command", [[], ["prompts"], ["prompts", "show"], ["render"], ["call"], ["map"],
-                                     ["tokens"], ["cache"], ["cache", "stats"], ["cache", "clear"], ["config"], ["new"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["prompts"],
+        ["prompts", "show"],
+        ["render"],
+        ["call"],
+        ["map"],
+        ["tokens"],
+        ["cache"],
+        ["cache", "stats"],
+        ["cache", "clear"],
+        ["config"],
+        ["new"],
+    ],
+)
 def test_help_on_every_command(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Usage: " in result.stdout
 
 
 def test_python_dash_m_runs_the_command():
-    out = subprocess.run(tinyllm_cmd("--version"), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        tinyllm_cmd("--version"), capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert out.returncode == 0 and tinyllm.__version__ in out.stdout
 
 
@@ -141,8 +165,10 @@ def test_prompts_lists_a_broken_template_and_exits_2(prompts):
 
 
 def test_prompts_show_prints_files_and_front_matter(prompts):
-    for args in (["prompts", "show", "greet", "--prompts-dir", str(prompts)],
-                 ["--prompts-dir", str(prompts), "prompts", "show", "greet.system.md"]):
+    for args in (
+        ["prompts", "show", "greet", "--prompts-dir", str(prompts)],
+        ["--prompts-dir", str(prompts), "prompts", "show", "greet.system.md"],
+    ):
         result = run(*args)
         assert result.exit_code == 0, result.output
         out = result.stdout
@@ -158,11 +184,24 @@ def test_render_prints_messages_and_token_count(prompts, monkeypatch):
     assert result.exit_code == 0, result.output
     messages = [{"role": "system", "content": "You greet people in French."}, {"role": "user", "content": "Greet Ada."}]
     n = tinyllm.count_tokens(messages, "gpt-4o-mini")
-    assert result.stdout == ("--- system ---\nYou greet people in French.\n\n--- user ---\nGreet Ada.\n\n"
-                             '--- parameters: {"max_tokens": 20, "temperature": 0} ---\n'  # the front matter's
-                             f"--- {n} prompt tokens (openai, gpt-4o-mini) ---\n")
-    data = json.loads(run("render", "greet.system.md", "--prompts-dir", str(prompts), "--var", "name=Ada",
-                          "--model", "gpt-4", "--json").stdout)
+    assert result.stdout == (
+        "--- system ---\nYou greet people in French.\n\n--- user ---\nGreet Ada.\n\n"
+        '--- parameters: {"max_tokens": 20, "temperature": 0} ---\n'  # the front matter's
+        f"--- {n} prompt tokens (openai, gpt-4o-mini) ---\n"
+    )
+    data = json.loads(
+        run(
+            "render",
+            "greet.system.md",
+            "--prompts-dir",
+            str(prompts),
+            "--var",
+            "name=Ada",
+            "--model",
+            "gpt-4",
+            "--json",
+        ).stdout
+    )
     assert data["messages"][1] == {"role": "user", "content": "Greet Ada."} and data["model"] == "gpt-4"
     assert data["prompt_tokens"] == tinyllm.count_tokens(data["messages"], "gpt-4")
 
@@ -184,8 +223,17 @@ def test_render_uses_the_answering_backend_and_shows_parameters():
 
 def test_render_reads_variables_from_a_file_and_stdin(prompts, tmp_path):
     (tmp_path / "name.txt").write_text("Grace Hopper\n", encoding="utf-8")
-    result = run("render", "greet", "--prompts-dir", str(prompts), "--var", "name=@name.txt", "--var", "language=@-",
-                 input="Latin")
+    result = run(
+        "render",
+        "greet",
+        "--prompts-dir",
+        str(prompts),
+        "--var",
+        "name=@name.txt",
+        "--var",
+        "language=@-",
+        input="Latin",
+    )
     assert result.exit_code == 0, result.output
     assert "You greet people in Latin." in result.stdout and "Greet Grace Hopper." in result.stdout
     result = run("render", "echo", "--prompts-dir", str(prompts), "--var", "text=@@literal")
@@ -220,8 +268,20 @@ def test_debug_shows_the_traceback(prompts):
 
 
 def test_call_prints_content(fake_env, prompts):
-    result = run("call", "greet", "--prompts-dir", str(prompts), "--var", "name=Ada", "--temperature", "0.5",
-                 "--max-tokens", "7", "--model", "gpt-4o")
+    result = run(
+        "call",
+        "greet",
+        "--prompts-dir",
+        str(prompts),
+        "--var",
+        "name=Ada",
+        "--temperature",
+        "0.5",
+        "--max-tokens",
+        "7",
+        "--model",
+        "gpt-4o",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout == "done Greet Ada.\n"
     sent = fake_env.chat_requests()[0].json
@@ -232,7 +292,9 @@ def test_call_json_shape(fake_env, prompts):
     result = run("call", "greet", "--prompts-dir", str(prompts), "--var", "name=Ada", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {"content", "model", "usage", "cached", "latency", "finish_reason", "messages", "retries", "cost"} <= set(data)  # the whole record
+    assert {"content", "model", "usage", "cached", "latency", "finish_reason", "messages", "retries", "cost"} <= set(
+        data
+    )  # the whole record
     assert data["content"] == "done Greet Ada." and data["model"] == "gpt-4o-mini" and data["cached"] is False
     assert data["usage"]["total_tokens"] > 0 and data["latency"] >= 0
 
@@ -251,7 +313,9 @@ def test_call_api_error_exits_1_with_one_line(fake_env, prompts):
 
 
 def test_call_unknown_api_type_exits_2(prompts):
-    line = one_error_line(run("call", "greet", "--prompts-dir", str(prompts), "--var", "name=A", "--api-type", "nope"), 2)
+    line = one_error_line(
+        run("call", "greet", "--prompts-dir", str(prompts), "--var", "name=A", "--api-type", "nope"), 2
+    )
     assert "unknown api_type 'nope'" in line
 
 
@@ -259,10 +323,14 @@ def test_call_unknown_api_type_exits_2(prompts):
 def test_call_in_a_subprocess(server, prompts, tmp_path):
     server.reply_with("Bonjour Ada !")
     args = ["call", "greet", "--prompts-dir", str(prompts), "--var", "name=Ada"]
-    out = subprocess.run(tinyllm_cmd(*args), capture_output=True, text=True, env=sub_env(server), cwd=tmp_path, timeout=60)
+    out = subprocess.run(
+        tinyllm_cmd(*args), capture_output=True, text=True, env=sub_env(server), cwd=tmp_path, timeout=60
+    )
     assert (out.returncode, out.stdout, out.stderr) == (0, "Bonjour Ada !\n", "")
     server.enqueue(Status(401))
-    out = subprocess.run(tinyllm_cmd(*args), capture_output=True, text=True, env=sub_env(server), cwd=tmp_path, timeout=60)
+    out = subprocess.run(
+        tinyllm_cmd(*args), capture_output=True, text=True, env=sub_env(server), cwd=tmp_path, timeout=60
+    )
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("error: AuthenticationError") and len(out.stderr.splitlines()) == 1
 
@@ -393,7 +461,9 @@ def test_map_csv_uses_columns_and_ids(fake_env, rows_prompt, tmp_path):
 
 def test_map_row_numbers_errors_and_retry(fake_env, tmp_path):
     (tmp_path / "p.system.md").write_text("Say {{ text }}", encoding="utf-8")
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(10)), encoding="utf-8"
+    )
     fake_env.enqueue(Status(400), Status(400))
     result = run("map", "p.system.md", "--prompts-dir", str(tmp_path), "-i", "in.jsonl", "-o", "out.jsonl", "-c", "1")
     assert result.exit_code == 1
@@ -434,7 +504,9 @@ def test_map_a_row_above_tokens_per_minute_fails_alone(fake_env, rows_prompt, tm
 def test_map_resumes_after_a_torn_last_line(fake_env, tmp_path):
     """A run killed mid-write may leave half a line: the resumed run starts on a fresh line and redoes that row."""
     (tmp_path / "p.system.md").write_text("Say {{ text }}", encoding="utf-8")
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(10)), encoding="utf-8"
+    )
     good = "".join(json.dumps({"id": i, "content": f"done Say t{i}"}) + "\n" for i in range(3))
     (tmp_path / "out.jsonl").write_text(good + '{"id": 3, "cont', encoding="utf-8")
     result = run("map", "p", "--prompts-dir", str(tmp_path), "-i", "in.jsonl", "-o", "out.jsonl", "-c", "2")
@@ -475,8 +547,9 @@ def test_map_500_rows_with_failures_interrupted_and_resumed(server, rows_prompt,
     the rows that have no content line yet; the final file has 500 lines in input order."""
     n = 500
     ids = [f"r{i:03d}" for i in range(n)]
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"id": k, "text": f"t{i}"}) + "\n" for i, k in enumerate(ids)),
-                                         encoding="utf-8")
+    (tmp_path / "data.jsonl").write_text(
+        "".join(json.dumps({"id": k, "text": f"t{i}"}) + "\n" for i, k in enumerate(ids)), encoding="utf-8"
+    )
     out = tmp_path / "out.jsonl"
     server.reply_with(lambda req: "done " + req["messages"][-1]["content"])
     cmd = tinyllm_cmd("map", "row", "--input", "data.jsonl", "--output", "out.jsonl", "--concurrency", "4")
@@ -490,7 +563,9 @@ def test_map_500_rows_with_failures_interrupted_and_resumed(server, rows_prompt,
     # 1: five failures, then Ctrl-C: every finished row is kept (in the order rows finished)
     server.latency = 0.02
     server.enqueue(*[Status(400)] * 5)
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=sub_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        cmd, cwd=tmp_path, env=sub_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_lines(out, p, 100)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=30)
@@ -504,7 +579,9 @@ def test_map_500_rows_with_failures_interrupted_and_resumed(server, rows_prompt,
 
     # 2: resumed, then killed outright; finished rows are appended, nothing is sent twice
     before = sent()
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=sub_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        cmd, cwd=tmp_path, env=sub_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_lines(out, p, len(lines) + 100)
     p.kill()
     p.communicate(timeout=30)
@@ -564,8 +641,14 @@ class MapProcess:
     """`tinyllm map` in a subprocess; its stderr lines are collected as they come."""
 
     def __init__(self, server, cwd: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(tinyllm_cmd("map", *args), cwd=cwd, env=sub_env(server),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            tinyllm_cmd("map", *args),
+            cwd=cwd,
+            env=sub_env(server),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -601,8 +684,9 @@ def _use_server_here(server, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_map_killed_keeps_every_reported_row_and_the_rerun_sends_only_the_rest(server, rows_prompt, tmp_path,
-                                                                                 monkeypatch):
+def test_map_killed_keeps_every_reported_row_and_the_rerun_sends_only_the_rest(
+    server, rows_prompt, tmp_path, monkeypatch
+):
     """The first row is held by the server; the rows after it finish. SIGKILL: every row the progress
     reported finished is in the file (none waits behind the held row); the rerun sends only the others."""
     ids = _rows_file(tmp_path / "in.jsonl", 40)
@@ -657,7 +741,9 @@ def test_map_first_ctrl_c_exits_at_once_keeping_finished_rows(server, rows_promp
     lines = read_jsonl(out)
     got = [r["id"] for r in lines]
     assert len(got) >= reported and len(got) == len(set(got)) and "r003" not in got
-    m = re.search(r"interrupted: (\d+) of 200 rows done \(0 failed\) and kept in out.jsonl; (\d+) call\(s\) in flight", err)
+    m = re.search(
+        r"interrupted: (\d+) of 200 rows done \(0 failed\) and kept in out.jsonl; (\d+) call\(s\) in flight", err
+    )
     assert m and int(m.group(1)) == len(got), err
     assert 1 <= int(m.group(2)) <= 4
     assert len(got) <= len(server.chat_requests()) <= len(got) + int(m.group(2))  # nothing sent after Ctrl-C
@@ -706,14 +792,20 @@ def test_map_progress_without_a_terminal_is_plain_lines(fake_env, rows_prompt, t
     assert "\r" not in result.stderr
 
 
-@pytest.mark.parametrize("text, where", [
-    ('id,text\na1,"I love this phone\na2,fine\na3,ok\n', "line 2 (read on to line 4): bad CSV: unexpected end of data"),
-    ('id,text\na1,"stray\na2,fine\na3,"ok"\n', "line 2 (read on to line 4): bad CSV"),
-    ('id,text\na1,"quoted" then more\n', "line 2: bad CSV"),
-    ('id,text\na1,x\na2,x,extra\n', "line 3: 3 field(s), but the header has 2"),
-    ('id,text\na1,x\n\na2\n', "line 4: 1 field(s), but the header has 2"),
-    ('id,text,id\na1,x,y\n', "line 1: the header names 'id' more than once"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        (
+            'id,text\na1,"I love this phone\na2,fine\na3,ok\n',
+            "line 2 (read on to line 4): bad CSV: unexpected end of data",
+        ),
+        ('id,text\na1,"stray\na2,fine\na3,"ok"\n', "line 2 (read on to line 4): bad CSV"),
+        ('id,text\na1,"quoted" then more\n', "line 2: bad CSV"),
+        ("id,text\na1,x\na2,x,extra\n", "line 3: 3 field(s), but the header has 2"),
+        ("id,text\na1,x\n\na2\n", "line 4: 1 field(s), but the header has 2"),
+        ("id,text,id\na1,x,y\n", "line 1: the header names 'id' more than once"),
+    ],
+)
 def test_map_refuses_malformed_csv_before_sending(fake_env, rows_prompt, tmp_path, text, where):
     (tmp_path / "in.csv").write_text(text, encoding="utf-8")
     line = one_error_line(run("map", "row", "-i", "in.csv", "-o", "out.jsonl"), 2)
@@ -725,14 +817,19 @@ def test_map_csv_with_a_quoted_multiline_field_and_crlf(fake_env, rows_prompt, t
     (tmp_path / "in.csv").write_bytes(b'\xef\xbb\xbfid,text\r\na1,"two\r\nlines"\r\n\r\na2,"say ""hi"""\r\n')
     result = run("map", "row", "-i", "in.csv", "-o", "out.jsonl", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert read_jsonl(tmp_path / "out.jsonl") == [{"id": "a1", "content": "done row a1: two\r\nlines"},
-                                                   {"id": "a2", "content": 'done row a2: say "hi"'}]
+    assert read_jsonl(tmp_path / "out.jsonl") == [
+        {"id": "a1", "content": "done row a1: two\r\nlines"},
+        {"id": "a2", "content": 'done row a2: say "hi"'},
+    ]
 
 
 def test_map_refuses_nan_ids_and_writes_strict_json(fake_env, tmp_path):
     (tmp_path / "p.system.md").write_text("---\noutput_type: json\n---\nSay {{ text }}", encoding="utf-8")
-    for bad, what in (('{"id": NaN, "text": "x"}', "NaN"), ('{"id": 1, "text": -Infinity}', "-Infinity"),
-                      ('{"id": 1e999, "text": "x"}', "1e999")):
+    for bad, what in (
+        ('{"id": NaN, "text": "x"}', "NaN"),
+        ('{"id": 1, "text": -Infinity}', "-Infinity"),
+        ('{"id": 1e999, "text": "x"}', "1e999"),
+    ):
         (tmp_path / "in.jsonl").write_text('{"id": 0, "text": "x"}\n' + bad + "\n", encoding="utf-8")
         line = one_error_line(run("map", "p", "--prompts-dir", str(tmp_path), "-i", "in.jsonl", "-o", "out.jsonl"), 2)
         assert "line 2 is not valid JSON" in line and what in line
@@ -743,14 +840,19 @@ def test_map_refuses_nan_ids_and_writes_strict_json(fake_env, tmp_path):
     result = run("map", "p", "--prompts-dir", str(tmp_path), "-i", "in.jsonl", "-o", "out.jsonl", "--no-progress")
     assert result.exit_code == 0, result.output
     text = (tmp_path / "out.jsonl").read_text(encoding="utf-8")
-    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the output")) == \
-        {"id": 0.5, "content": {"a": "nan", "b": ["inf"]}}
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the output")) == {
+        "id": 0.5,
+        "content": {"a": "nan", "b": ["inf"]},
+    }
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
 def test_bad_temperature_is_a_usage_error(fake_env, rows_prompt, tmp_path, value):
     (tmp_path / "in.jsonl").write_text('{"id": 1, "text": "x"}\n', encoding="utf-8")
-    for args in (["call", "row", "--var", "id=1", "--var", "text=x"], ["map", "row", "-i", "in.jsonl", "-o", "out.jsonl"]):
+    for args in (
+        ["call", "row", "--var", "id=1", "--var", "text=x"],
+        ["map", "row", "-i", "in.jsonl", "-o", "out.jsonl"],
+    ):
         line = one_error_line(run(*args, "--temperature", value), 2)
         assert "--temperature" in line
     assert fake_env.chat_requests() == []
@@ -780,9 +882,25 @@ def test_call_smoke_with_the_embedded_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
-        tinyllm_cmd("--prompts-dir", str(ROOT / "prompts"), "call", "summarize", "--var", "text=The cat sat on the mat.",
-                    "--api-type", "llamacpp", "--max-tokens", "8", "--json"),
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        tinyllm_cmd(
+            "--prompts-dir",
+            str(ROOT / "prompts"),
+            "call",
+            "summarize",
+            "--var",
+            "text=The cat sat on the mat.",
+            "--api-type",
+            "llamacpp",
+            "--max-tokens",
+            "8",
+            "--json",
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert isinstance(data["content"], str) and data["content"].strip()
@@ -802,9 +920,27 @@ def test_interrupting_map_on_the_embedded_model_exits_without_a_crash(tmp_path):
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TINYLLM_API_TYPE": "llamacpp"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tinyllm", "--prompts-dir", str(ROOT / "prompts"), "map", "summarize",
-         "-i", str(rows), "-o", str(out), "-c", "2", "--var", "max_words=300"],
-        stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "tinyllm",
+            "--prompts-dir",
+            str(ROOT / "prompts"),
+            "map",
+            "summarize",
+            "-i",
+            str(rows),
+            "-o",
+            str(out),
+            "-c",
+            "2",
+            "--var",
+            "max_words=300",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):
@@ -814,7 +950,9 @@ def test_interrupting_map_on_the_embedded_model_exits_without_a_crash(tmp_path):
     assert proc.returncode == 130, err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     got = [line["id"] for line in lines]
-    assert lines and len(got) == len(set(got)) and set(got) <= set(range(20)) and all("content" in line for line in lines)
+    assert (
+        lines and len(got) == len(set(got)) and set(got) <= set(range(20)) and all("content" in line for line in lines)
+    )
 
 
 def test_cache_stats_never_changes_the_file(tmp_path):

@@ -130,8 +130,9 @@ def test_each_client_has_its_own_concurrency_limit(two):
 
 
 def test_azure_client_object(server):
-    mine = AzureClient(endpoint=server.azure_endpoint, api_key=KEY_A, api_version="2024-06-01",
-                       deployments={"gpt-4o-mini": "dep-mini"})
+    mine = AzureClient(
+        endpoint=server.azure_endpoint, api_key=KEY_A, api_version="2024-06-01", deployments={"gpt-4o-mini": "dep-mini"}
+    )
     mine.send_message(MESSAGES, model="gpt-4o-mini")
     rec = server.chat_requests()[0]
     assert "/deployments/dep-mini/" in rec.path and rec.query.get("api-version") == "2024-06-01"
@@ -189,7 +190,11 @@ class Echo(Client):
 
     def _chat(self, messages, params, cfg):
         self.sent += 1
-        return {"role": "assistant", "content": messages[-1]["content"].upper()}, {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        return {"role": "assistant", "content": messages[-1]["content"].upper()}, {
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "total_tokens": 2,
+        }
 
 
 def test_register_client_with_a_client_subclass_gets_the_pipeline(prompts):
@@ -221,8 +226,9 @@ def test_api_key_and_misspelled_parameters_are_refused_at_construction(prompts):
 
 
 def test_capabilities_defaults_claim_nothing():
-    assert Capabilities() == Capabilities(json_schema=False, json_grammar=False, grammar=False, tools=False,
-                                          streaming=False, embeddings=False)
+    assert Capabilities() == Capabilities(
+        json_schema=False, json_grammar=False, grammar=False, tools=False, streaming=False, embeddings=False
+    )
 
 
 @pytest.mark.parametrize("cls", [OpenAIClient, tinyllm.OllamaClient, AzureClient, LlamaCppClient])

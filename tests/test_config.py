@@ -62,8 +62,14 @@ def test_read_at_call_time_not_import(tmp_path):
 
 @pytest.mark.parametrize(
     "key,value",
-    [("MAX_ATTEMPTS", "abc"), ("MAX_ATTEMPTS", "0"), ("TIMEOUT", "-1"), ("TIMEOUT", "0"), ("CACHE_API_CALLS", "maybe"),
-     ("AZURE_DEPLOYMENTS", "nokey")],
+    [
+        ("MAX_ATTEMPTS", "abc"),
+        ("MAX_ATTEMPTS", "0"),
+        ("TIMEOUT", "-1"),
+        ("TIMEOUT", "0"),
+        ("CACHE_API_CALLS", "maybe"),
+        ("AZURE_DEPLOYMENTS", "nokey"),
+    ],
 )
 def test_bad_value_names_key_and_source(monkeypatch, key, value):
     monkeypatch.setenv(f"TINYLLM_{key}", value)
@@ -95,8 +101,16 @@ def test_timeout_must_be_positive():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("max_attempts", [3]), ("cache_api_calls", []), ("temperature", {"a": 1}), ("model", b"gpt"),
-     ("max_attempts", Path("3")), ("prompts_dirs", [3]), ("prompts_dirs", {"a": "b"}), ("azure_deployments", {"m": 1})],
+    [
+        ("max_attempts", [3]),
+        ("cache_api_calls", []),
+        ("temperature", {"a": 1}),
+        ("model", b"gpt"),
+        ("max_attempts", Path("3")),
+        ("prompts_dirs", [3]),
+        ("prompts_dirs", {"a": "b"}),
+        ("azure_deployments", {"m": 1}),
+    ],
 )
 def test_configure_rejects_values_of_the_wrong_type(key, value):
     with pytest.raises(ConfigError, match=key.upper()):

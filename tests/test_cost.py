@@ -45,8 +45,13 @@ def wired(server, monkeypatch):
     return wire(server, monkeypatch, KEY)
 
 
-USAGE = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500,
-         "prompt_tokens_details": {"cached_tokens": 400}, "completion_tokens_details": {"reasoning_tokens": 100}}
+USAGE = {
+    "prompt_tokens": 1000,
+    "completion_tokens": 500,
+    "total_tokens": 1500,
+    "prompt_tokens_details": {"cached_tokens": 400},
+    "completion_tokens_details": {"reasoning_tokens": 100},
+}
 
 
 def test_a_priced_model_costs_what_the_table_says_with_cached_input(wired, prompts):
@@ -64,11 +69,18 @@ def test_reasoning_tokens_are_priced_where_the_table_has_a_price_for_them():
     client = OpenAIClient(base_url="https://api.perplexity.ai")
     cfg = client.settings()
     with_reasoning = pricing.reply_cost(client, cfg, USAGE, "sonar-deep-research")
-    expected = table("sonar-deep-research", "perplexity", input_tokens=1000, cache_read_tokens=400, output_tokens=500,
-                     output_reasoning_tokens=100)
+    expected = table(
+        "sonar-deep-research",
+        "perplexity",
+        input_tokens=1000,
+        cache_read_tokens=400,
+        output_tokens=500,
+        output_reasoning_tokens=100,
+    )
     assert with_reasoning == pytest.approx(expected)
-    assert with_reasoning != pytest.approx(table("sonar-deep-research", "perplexity", input_tokens=1000,
-                                                 cache_read_tokens=400, output_tokens=500))
+    assert with_reasoning != pytest.approx(
+        table("sonar-deep-research", "perplexity", input_tokens=1000, cache_read_tokens=400, output_tokens=500)
+    )
 
 
 def test_unknown_and_local_models_cost_none_never_zero(wired, prompts):
@@ -79,7 +91,9 @@ def test_unknown_and_local_models_cost_none_never_zero(wired, prompts):
     assert response.cost is None
     assert usage_stats()["cost"] is None and usage_stats()["unpriced_calls"] == 1
     local = LlamaCppClient()
-    assert pricing.reply_cost(local, local.settings(), USAGE, "gpt-4o-mini") is None  # a local model is free of a table price
+    assert (
+        pricing.reply_cost(local, local.settings(), USAGE, "gpt-4o-mini") is None
+    )  # a local model is free of a table price
     ollama = OpenAIClient(base_url="http://127.0.0.1:11434/v1")
     ollama.api_type = "ollama"
     assert pricing.reply_cost(ollama, ollama.settings(), USAGE, "gpt-4o-mini") is None
@@ -97,9 +111,15 @@ def test_the_embedded_model_costs_none():
 
 
 def test_the_prices_setting_wins_over_the_table_and_prices_private_models(wired, prompts, monkeypatch):
-    monkeypatch.setenv("TINYLLM_PRICES", json.dumps({
-        "my-own-finetune": {"input_per_mtok": 2, "output_per_mtok": 10, "cached_input_per_mtok": 1},
-        "gpt-4o-mini": {"input_per_mtok": 1, "output_per_mtok": 1}}))
+    monkeypatch.setenv(
+        "TINYLLM_PRICES",
+        json.dumps(
+            {
+                "my-own-finetune": {"input_per_mtok": 2, "output_per_mtok": 10, "cached_input_per_mtok": 1},
+                "gpt-4o-mini": {"input_per_mtok": 1, "output_per_mtok": 1},
+            }
+        ),
+    )
     wired.enqueue(Reply("ok", usage=USAGE), Reply("ok", usage=USAGE))
     private = LLMCall("ask.system.md", prompts_dir=prompts, model="my-own-finetune").respond(question="q")
     assert private.cost == pytest.approx((600 * 2 + 400 * 1 + 500 * 10) / 1e6)
@@ -109,8 +129,16 @@ def test_the_prices_setting_wins_over_the_table_and_prices_private_models(wired,
     assert tinyllm.get_config().prices == {"x": {"input_per_mtok": 0.0, "output_per_mtok": 0.5}}
 
 
-@pytest.mark.parametrize("bad", ['{"m": {"input_per_mtok": 1}}', '{"m": {"input_per_mtok": -1, "output_per_mtok": 1}}',
-                                 '{"m": {"input_per_mtok": 1, "output_per_mtok": 1, "per_call": 2}}', "[1]", "{"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"m": {"input_per_mtok": 1}}',
+        '{"m": {"input_per_mtok": -1, "output_per_mtok": 1}}',
+        '{"m": {"input_per_mtok": 1, "output_per_mtok": 1, "per_call": 2}}',
+        "[1]",
+        "{",
+    ],
+)
 def test_a_bad_prices_setting_is_a_config_error(bad, monkeypatch):
     monkeypatch.setenv("TINYLLM_PRICES", bad)
     with pytest.raises(tinyllm.ConfigError, match="PRICES"):
@@ -208,7 +236,8 @@ def test_an_unpriced_model_is_not_held_to_the_budget_and_says_so_once(wired, pro
         llm.call(question="1")
         llm.call(question="2")
     assert [r.getMessage() for r in caplog.records if "no price" in r.getMessage()] == [
-        "no price is known for my-own-finetune: its calls are not held to the budget (set PRICES to price it)"]
+        "no price is known for my-own-finetune: its calls are not held to the budget (set PRICES to price it)"
+    ]
 
 
 def write_rows(path: Path, n: int) -> None:
@@ -221,8 +250,22 @@ def test_map_stops_at_max_cost_midway_and_a_rerun_finishes(wired, prompts, tmp_p
     rows, out = tmp_path / "rows.jsonl", tmp_path / "out.jsonl"
     write_rows(rows, 10)
     wired.enqueue(*[Reply(f"answer {i}", usage=TEN) for i in range(10)])
-    args = ["map", "ask", "--prompts-dir", str(prompts), "-i", str(rows), "-o", str(out), "-c", "1",
-            "--max-tokens", "10", "--max-cost", "50"]
+    args = [
+        "map",
+        "ask",
+        "--prompts-dir",
+        str(prompts),
+        "-i",
+        str(rows),
+        "-o",
+        str(out),
+        "-c",
+        "1",
+        "--max-tokens",
+        "10",
+        "--max-cost",
+        "50",
+    ]
     first = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert first.exit_code == 1, first.output
     done = [json.loads(line) for line in out.read_text().splitlines()]
@@ -250,11 +293,35 @@ def test_map_summary_says_when_the_cost_is_unknown(server, tmp_path, monkeypatch
     write_rows(rows, 3)
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "ask.system.md").write_text("{{ question }}\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": KEY, "TINYLLM_API_TYPE": "openai",
-           "TINYLLM_BASE_URL": server.base_url, "TINYLLM_MODEL": "my-own-finetune"}
-    result = subprocess.run([sys.executable, "-m", "tinyllm", "map", "ask", "--prompts-dir", str(tmp_path / "p"),
-                             "-i", str(rows), "-o", str(out), "--no-log"], env=env, capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OPENAI_API_KEY": KEY,
+        "TINYLLM_API_TYPE": "openai",
+        "TINYLLM_BASE_URL": server.base_url,
+        "TINYLLM_MODEL": "my-own-finetune",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyllm",
+            "map",
+            "ask",
+            "--prompts-dir",
+            str(tmp_path / "p"),
+            "-i",
+            str(rows),
+            "-o",
+            str(out),
+            "--no-log",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "3 rows: 3 done now, 0 done before, 0 failed -> " in result.stderr
     assert "cost unknown (3 call(s) to a model without a price)" in result.stderr

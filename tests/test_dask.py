@@ -51,12 +51,17 @@ def dask_env(tmp_path_factory):
     for name in list(os.environ):
         if name.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI")):
             del os.environ[name]
-    os.environ.update(TINYLLM_REDIS_URL=url, TINYLLM_REDIS_PREFIX=PREFIX, TINYLLM_BASE_URL=server.base_url,
-                      TINYLLM_CACHE_API_CALLS="true")
+    os.environ.update(
+        TINYLLM_REDIS_URL=url,
+        TINYLLM_REDIS_PREFIX=PREFIX,
+        TINYLLM_BASE_URL=server.base_url,
+        TINYLLM_CACHE_API_CALLS="true",
+    )
     os.chdir(folder)  # the workers' working directory: no prompts/, no .env
     try:
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
-                                           dashboard_address=None)
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=None
+        )
         client = distributed.Client(cluster)
     finally:
         os.environ.clear()
@@ -136,17 +141,22 @@ def test_an_llmcall_unpickled_in_a_fresh_process_needs_no_prompts_directory(tmp_
         shutil.rmtree(prompts)  # gone from this machine too: only the pickle has the templates
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
-        script = ("import json, pickle, sys\n"
-                  "call = pickle.loads(sys.stdin.buffer.read())\n"
-                  "print(json.dumps({'messages': call.render(text='hi'), 'reply': call.call(text='hi'),\n"
-                  "                  'params': call.prompt.params}))\n")
+        script = (
+            "import json, pickle, sys\n"
+            "call = pickle.loads(sys.stdin.buffer.read())\n"
+            "print(json.dumps({'messages': call.render(text='hi'), 'reply': call.call(text='hi'),\n"
+            "                  'params': call.prompt.params}))\n"
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
-        done = subprocess.run([sys.executable, "-c", script], input=data, cwd=elsewhere, env=env,
-                              capture_output=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", script], input=data, cwd=elsewhere, env=env, capture_output=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr.decode()
         out = json.loads(done.stdout)
-        assert out["messages"] == [{"role": "system", "content": "You echo. Rules for hi."},
-                                   {"role": "user", "content": "hi"}]
+        assert out["messages"] == [
+            {"role": "system", "content": "You echo. Rules for hi."},
+            {"role": "user", "content": "hi"},
+        ]
         assert out["reply"] == "echo: hi" and out["params"] == {"temperature": 0.25}
         assert server.chat_requests()[0].json["max_tokens"] == 7
 
@@ -175,8 +185,9 @@ def test_the_api_key_is_never_pickled_and_the_unpickling_side_supplies_it(tmp_pa
 def test_a_key_given_in_code_is_refused_per_row_on_workers_without_one(cluster, tmp_path):
     _echo_prompt(tmp_path)
     call = LLMCall("echo", client=OpenAIClient(base_url=cluster.server.base_url, api_key=KEY, cache=False))
-    results = call.map([{"text": "a"}, {"text": "b"}], executor=cluster.client.get_executor(), return_exceptions=True,
-                       progress=False)
+    results = call.map(
+        [{"text": "a"}, {"text": "b"}], executor=cluster.client.get_executor(), return_exceptions=True, progress=False
+    )
     assert all(isinstance(r, ConfigError) and "OPENAI_API_KEY" in str(r) for r in results)
     assert cluster.server.chat_requests() == []
 
@@ -192,21 +203,49 @@ def test_cli_map_on_a_running_scheduler_resumes_in_order(cluster, tmp_path):
     rows = _rows_file(tmp_path, 30)
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"id": "r5", "content": "done before"}) + "\n")  # an earlier run's row
-    result = CliRunner().invoke(cli, ["map", "echo", "--input", str(rows), "--output", str(out), "--no-progress",
-                                      "--no-log", "--dask", cluster.address])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "map",
+            "echo",
+            "--input",
+            str(rows),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--no-log",
+            "--dask",
+            cluster.address,
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == [f"r{i}" for i in range(30)]
     assert lines[5]["content"] == "done before"
-    assert [line["content"] for i, line in enumerate(lines) if i != 5] == [f"echo: row {i}" for i in range(30) if i != 5]
+    assert [line["content"] for i, line in enumerate(lines) if i != 5] == [
+        f"echo: row {i}" for i in range(30) if i != 5
+    ]
     assert len(cluster.server.chat_requests()) == 29
 
 
 def test_cli_refuses_settings_that_would_not_reach_the_workers(tmp_path):
     _echo_prompt(tmp_path)
     rows = _rows_file(tmp_path, 1)
-    result = CliRunner().invoke(cli, ["map", "echo", "--input", str(rows), "--output", str(tmp_path / "o.jsonl"),
-                                      "--max-cost", "1", "--dask", "local:1"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "map",
+            "echo",
+            "--input",
+            str(rows),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--max-cost",
+            "1",
+            "--dask",
+            "local:1",
+        ],
+    )
     assert result.exit_code == 2 and "do not reach Dask workers" in result.output
 
 
@@ -219,9 +258,28 @@ def test_cli_map_dask_local_2(tmp_path):
     with FakeOpenAIServer() as server:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
         env["OPENAI_BASE_URL"] = server.base_url
-        done = subprocess.run([sys.executable, "-m", "tinyllm", "map", "echo", "--input", str(rows), "--output", str(out),
-                               "--no-progress", "--no-log", "--dask", "local:2"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tinyllm",
+                "map",
+                "echo",
+                "--input",
+                str(rows),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--no-log",
+                "--dask",
+                "local:2",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 1, done.stderr  # one row failed
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert [line["id"] for line in lines] == [f"r{i}" for i in range(12)] + ["bad"]
@@ -250,7 +308,6 @@ def test_a_call_while_another_thread_imports_opentelemetry_sends_no_span(monkeyp
         assert LLMCall("echo", client=OpenAIClient(base_url=server.base_url)).call(text="x") == "echo: x"
 
 
-
 def test_a_result_the_worker_cannot_send_back_is_an_error_in_its_place(cluster):
     """Dask only logs a task result it cannot pickle, and the caller would wait for it for ever: such a value
     (or error) becomes a BatchError in the row's place, and the other rows of the chunk arrive."""
@@ -259,8 +316,9 @@ def test_a_result_the_worker_cannot_send_back_is_an_error_in_its_place(cluster):
     from tinyllm import Runner
     from tinyllm.errors import BatchError
 
-    runner = Runner(lambda row: threading.Lock() if row == 1 else row * 10, executor=cluster.client.get_executor(),
-                    progress=False)
+    runner = Runner(
+        lambda row: threading.Lock() if row == 1 else row * 10, executor=cluster.client.get_executor(), progress=False
+    )
     out = runner.map([0, 1, 2], return_exceptions=True)
     assert out[0] == 0 and out[2] == 20
     assert isinstance(out[1], BatchError) and "the row's value (a lock)" in str(out[1])

@@ -11,8 +11,11 @@ from pytest_examples import CodeExample, EvalExample, find_examples
 from tinyllm.clients.llamacpp import local_available
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "logging.md"
-EXAMPLES = [pytest.param(e, id=str(e), marks=[pytest.mark.local] if "LlamaCppClient" in e.source else [])
-            for e in find_examples(DOC) if e.prefix == "python"]
+EXAMPLES = [
+    pytest.param(e, id=str(e), marks=[pytest.mark.local] if "LlamaCppClient" in e.source else [])
+    for e in find_examples(DOC)
+    if e.prefix == "python"
+]
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -14,8 +14,10 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "multimodal-and-choices.
 LINES = DOC.read_text(encoding="utf-8").splitlines()
 
 
-EXAMPLES = [pytest.param(e, id=str(e), marks=[pytest.mark.local] if "LlamaCppClient" in e.source else [])
-            for e in find_examples(DOC)]
+EXAMPLES = [
+    pytest.param(e, id=str(e), marks=[pytest.mark.local] if "LlamaCppClient" in e.source else [])
+    for e in find_examples(DOC)
+]
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

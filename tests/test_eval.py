@@ -70,35 +70,37 @@ def test_every_text_assertion_passes_and_fails(srv, tmp_path):
     folder = prompts(tmp_path)
     q = {"question": "capital"}
     cases = []
-    for i, (spec, ok) in enumerate([
-        ({"type": "equals", "value": "Paris is the capital of France."}, True),
-        ({"type": "equals", "value": "Paris"}, False),
-        ({"type": "contains", "value": "capital"}, True),
-        ({"type": "contains", "value": "CAPITAL"}, False),
-        ({"type": "icontains", "value": "CAPITAL"}, True),
-        ({"type": "icontains", "value": "berlin"}, False),
-        ({"type": "contains-any", "value": ["Rome", "Paris"]}, True),
-        ({"type": "contains-any", "value": ["Rome", "Berlin"]}, False),
-        ({"type": "contains-all", "value": ["Paris", "France"]}, True),
-        ({"type": "contains-all", "value": ["Paris", "Spain"]}, False),
-        ({"type": "icontains-all", "value": "paris, france"}, True),
-        ({"type": "icontains-any", "value": ["rome"]}, False),
-        ({"type": "starts-with", "value": "Paris"}, True),
-        ({"type": "starts-with", "value": "France"}, False),
-        ({"type": "regex", "value": r"capital of \w+\.$"}, True),
-        ({"type": "regex", "value": r"^\d+$"}, False),
-        ({"type": "not-contains", "value": "Berlin"}, True),
-        ({"type": "not-contains", "value": "Paris"}, False),
-        ({"type": "is-json"}, False),
-        ({"type": "finish-reason", "value": "stop"}, True),
-        ({"type": "finish-reason", "value": "length"}, False),
-        ({"type": "latency", "threshold": 60}, True),
-        ({"type": "not-latency", "threshold": 60}, False),
-        ({"type": "cost", "threshold": 1}, True),  # gpt-4o-mini has a price
-        ({"type": "cost", "threshold": 0}, False),
-        ({"type": "similar", "value": "Paris is the capital of France.", "threshold": 0.999}, True),
-        ({"type": "similar", "value": "Bananas are yellow and curved.", "threshold": 0.999}, False),
-    ]):
+    for i, (spec, ok) in enumerate(
+        [
+            ({"type": "equals", "value": "Paris is the capital of France."}, True),
+            ({"type": "equals", "value": "Paris"}, False),
+            ({"type": "contains", "value": "capital"}, True),
+            ({"type": "contains", "value": "CAPITAL"}, False),
+            ({"type": "icontains", "value": "CAPITAL"}, True),
+            ({"type": "icontains", "value": "berlin"}, False),
+            ({"type": "contains-any", "value": ["Rome", "Paris"]}, True),
+            ({"type": "contains-any", "value": ["Rome", "Berlin"]}, False),
+            ({"type": "contains-all", "value": ["Paris", "France"]}, True),
+            ({"type": "contains-all", "value": ["Paris", "Spain"]}, False),
+            ({"type": "icontains-all", "value": "paris, france"}, True),
+            ({"type": "icontains-any", "value": ["rome"]}, False),
+            ({"type": "starts-with", "value": "Paris"}, True),
+            ({"type": "starts-with", "value": "France"}, False),
+            ({"type": "regex", "value": r"capital of \w+\.$"}, True),
+            ({"type": "regex", "value": r"^\d+$"}, False),
+            ({"type": "not-contains", "value": "Berlin"}, True),
+            ({"type": "not-contains", "value": "Paris"}, False),
+            ({"type": "is-json"}, False),
+            ({"type": "finish-reason", "value": "stop"}, True),
+            ({"type": "finish-reason", "value": "length"}, False),
+            ({"type": "latency", "threshold": 60}, True),
+            ({"type": "not-latency", "threshold": 60}, False),
+            ({"type": "cost", "threshold": 1}, True),  # gpt-4o-mini has a price
+            ({"type": "cost", "threshold": 0}, False),
+            ({"type": "similar", "value": "Paris is the capital of France.", "threshold": 0.999}, True),
+            ({"type": "similar", "value": "Bananas are yellow and curved.", "threshold": 0.999}, False),
+        ]
+    ):
         cases.append({"id": f"{i}-{spec['type']}-{ok}", "vars": q, "assert": [spec]})
     report = evaluate("qa", cases=cases, prompts_dir=folder)
     got = statuses(report)
@@ -115,38 +117,62 @@ def test_json_and_output_type_assertions(srv, tmp_path):
     cases = [
         {"id": "is-json", "vars": {"question": "json"}, "assert": [{"type": "is-json", "value": schema}]},
         {"id": "schema", "vars": {"question": "json"}, "assert": [{"type": "json-schema", "value": schema}]},
-        {"id": "schema-bad", "vars": {"question": "json"},
-         "assert": [{"type": "json-schema", "value": {"type": "object", "required": ["email"]}}]},
+        {
+            "id": "schema-bad",
+            "vars": {"question": "json"},
+            "assert": [{"type": "json-schema", "value": {"type": "object", "required": ["email"]}}],
+        },
         {"id": "typed-equals", "vars": {"question": "json"}, "expected": {"name": "Ada", "age": 36}},
         {"id": "output-type", "vars": {"question": "json"}, "assert": [{"type": "output-type"}]},
         {"id": "not-json", "vars": {"question": "capital"}, "assert": [{"type": "output-type"}]},
         {"id": "not-json-expected-failure", "vars": {"question": "capital"}, "assert": [{"type": "not-output-type"}]},
-        {"id": "unparsed-implicit", "vars": {"question": "capital"}, "assert": [{"type": "contains", "value": "Paris"}]},
+        {
+            "id": "unparsed-implicit",
+            "vars": {"question": "capital"},
+            "assert": [{"type": "contains", "value": "Paris"}],
+        },
     ]
     report = evaluate("qa", cases=cases, prompts_dir=folder)
-    assert statuses(report) == {"is-json": "pass", "schema": "pass", "schema-bad": "fail", "typed-equals": "pass",
-                                "output-type": "pass", "not-json": "fail", "not-json-expected-failure": "pass",
-                                "unparsed-implicit": "fail"}
+    assert statuses(report) == {
+        "is-json": "pass",
+        "schema": "pass",
+        "schema-bad": "fail",
+        "typed-equals": "pass",
+        "output-type": "pass",
+        "not-json": "fail",
+        "not-json-expected-failure": "pass",
+        "unparsed-implicit": "fail",
+    }
     unparsed = next(r for r in report.rows if r.case_id == "unparsed-implicit")
     assert [a.type for a in unparsed.failed_assertions()] == ["output-type"]  # a reply that does not parse fails
     assert unparsed.output == "Paris is the capital of France."
 
 
 def test_labels_equal_a_dataset_column(srv, tmp_path):
-    folder = prompts(tmp_path, front="output_type: [yes, no, perhaps]\n", tests="""
+    folder = prompts(
+        tmp_path,
+        front="output_type: [yes, no, perhaps]\n",
+        tests="""
 - dataset: rows.csv
   assert:
     - {type: equals, value: "{{ label }}"}
-""")
+""",
+    )
     write(folder / "rows.csv", "id,question,label\nr1,label,yes\nr2,nolabel,yes\nr3,nolabel,perhaps\n")
     report = evaluate("qa", prompts_dir=folder)
     assert statuses(report) == {"qa#1:r1": "pass", "qa#1:r2": "fail", "qa#1:r3": "pass"}
-    assert next(r for r in report.rows if r.case_id == "qa#1:r2").vars == {"id": "r2", "question": "nolabel", "label": "yes"}
+    assert next(r for r in report.rows if r.case_id == "qa#1:r2").vars == {
+        "id": "r2",
+        "question": "nolabel",
+        "label": "yes",
+    }
 
 
 def test_python_assertion_bool_score_and_reason(srv, tmp_path):
     folder = prompts(tmp_path)
-    write(tmp_path / "evalchecks_py.py", """
+    write(
+        tmp_path / "evalchecks_py.py",
+        """
 def short(output, value, vars, response):
     return len(output) < 100
 def score(output, value, vars, response):
@@ -155,14 +181,27 @@ def verdict(output, value, vars, response):
     return {"pass": "Paris" in output, "score": 1.0, "reason": f"asked {vars['question']} of {response.model}"}
 def broken(output, value, vars, response):
     raise RuntimeError("the check itself is broken")
-""")
-    cases = [{"id": name, "vars": {"question": "capital"}, "assert": [{"type": "python", "value": f"evalchecks_py:{name}"}]}
-             for name in ("short", "score", "verdict", "broken")]
-    cases.append({"id": "score-threshold", "vars": {"question": "capital"},
-                  "assert": [{"type": "python", "value": "evalchecks_py:score", "threshold": 0.2}]})
+""",
+    )
+    cases = [
+        {"id": name, "vars": {"question": "capital"}, "assert": [{"type": "python", "value": f"evalchecks_py:{name}"}]}
+        for name in ("short", "score", "verdict", "broken")
+    ]
+    cases.append(
+        {
+            "id": "score-threshold",
+            "vars": {"question": "capital"},
+            "assert": [{"type": "python", "value": "evalchecks_py:score", "threshold": 0.2}],
+        }
+    )
     report = evaluate("qa", cases=cases, prompts_dir=folder)
-    assert statuses(report) == {"short": "pass", "score": "fail", "verdict": "pass", "broken": "error",
-                                "score-threshold": "pass"}
+    assert statuses(report) == {
+        "short": "pass",
+        "score": "fail",
+        "verdict": "pass",
+        "broken": "error",
+        "score-threshold": "pass",
+    }
     rows = {r.case_id: r for r in report.rows}
     assert rows["verdict"].assertions[0].reason == "asked capital of gpt-4o-mini"
     assert rows["broken"].error == "RuntimeError: the check itself is broken"
@@ -173,11 +212,19 @@ def test_tool_called(srv, tmp_path):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     for _ in range(3):
         srv.enqueue(Message({"content": None, "tool_calls": [call]}))
-    cases = [{"id": "name", "vars": {"question": "weather"}, "assert": [{"type": "tool-called", "value": "get_weather"}]},
-             {"id": "args", "vars": {"question": "weather"},
-              "assert": [{"type": "tool-called", "value": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-             {"id": "wrong-args", "vars": {"question": "weather"},
-              "assert": [{"type": "tool-called", "value": {"name": "get_weather", "arguments": {"city": "Rome"}}}]}]
+    cases = [
+        {"id": "name", "vars": {"question": "weather"}, "assert": [{"type": "tool-called", "value": "get_weather"}]},
+        {
+            "id": "args",
+            "vars": {"question": "weather"},
+            "assert": [{"type": "tool-called", "value": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {
+            "id": "wrong-args",
+            "vars": {"question": "weather"},
+            "assert": [{"type": "tool-called", "value": {"name": "get_weather", "arguments": {"city": "Rome"}}}],
+        },
+    ]
     report = evaluate("qa", cases=cases, prompts_dir=folder, max_workers=1)
     assert statuses(report) == {"name": "pass", "args": "pass", "wrong-args": "fail"}
 
@@ -185,11 +232,20 @@ def test_tool_called(srv, tmp_path):
 def test_llm_rubric_with_a_judge(srv, tmp_path):
     folder = prompts(tmp_path)
     tinyllm.configure(judge_model="gpt-4o")
-    cases = [{"id": "ok", "vars": {"question": "capital"}, "assert": [{"type": "llm-rubric", "value": "names Paris"}]},
-             {"id": "no", "vars": {"question": "capital"}, "assert": [{"type": "llm-rubric", "value": "names Rome"}]},
-             {"id": "strict", "vars": {"question": "capital"},
-              "assert": [{"type": "llm-rubric", "value": "names Paris", "threshold": 0.95}]},
-             {"id": "unreadable", "vars": {"question": "capital"}, "assert": [{"type": "llm-rubric", "value": "UNREADABLE"}]}]
+    cases = [
+        {"id": "ok", "vars": {"question": "capital"}, "assert": [{"type": "llm-rubric", "value": "names Paris"}]},
+        {"id": "no", "vars": {"question": "capital"}, "assert": [{"type": "llm-rubric", "value": "names Rome"}]},
+        {
+            "id": "strict",
+            "vars": {"question": "capital"},
+            "assert": [{"type": "llm-rubric", "value": "names Paris", "threshold": 0.95}],
+        },
+        {
+            "id": "unreadable",
+            "vars": {"question": "capital"},
+            "assert": [{"type": "llm-rubric", "value": "UNREADABLE"}],
+        },
+    ]
     report = evaluate("qa", cases=cases, prompts_dir=folder)
     assert statuses(report) == {"ok": "pass", "no": "fail", "strict": "fail", "unreadable": "error"}
     rows = {r.case_id: r for r in report.rows}
@@ -202,8 +258,11 @@ def test_llm_rubric_with_a_judge(srv, tmp_path):
 def test_llm_rubric_without_a_judge_is_refused_before_sending(srv, tmp_path):
     folder = prompts(tmp_path)
     with pytest.raises(ConfigError, match="JUDGE_MODEL"):
-        evaluate("qa", cases=[{"vars": {"question": "capital"}, "assert": [{"type": "llm-rubric", "value": "x"}]}],
-                 prompts_dir=folder)
+        evaluate(
+            "qa",
+            cases=[{"vars": {"question": "capital"}, "assert": [{"type": "llm-rubric", "value": "x"}]}],
+            prompts_dir=folder,
+        )
     assert srv.requests == []
 
 
@@ -211,12 +270,29 @@ def test_negation_weights_and_case_threshold(srv, tmp_path):
     folder = prompts(tmp_path)
     q = {"question": "capital"}
     cases = [
-        {"id": "weighted", "vars": q, "threshold": 0.7, "assert": [
-            {"type": "contains", "value": "Paris", "weight": 3}, {"type": "contains", "value": "Rome", "weight": 1}]},
-        {"id": "weighted-low", "vars": q, "threshold": 0.8, "assert": [
-            {"type": "contains", "value": "Paris", "weight": 3}, {"type": "contains", "value": "Rome", "weight": 1}]},
-        {"id": "informative", "vars": q, "assert": [
-            {"type": "contains", "value": "Paris"}, {"type": "contains", "value": "Rome", "weight": 0}]},
+        {
+            "id": "weighted",
+            "vars": q,
+            "threshold": 0.7,
+            "assert": [
+                {"type": "contains", "value": "Paris", "weight": 3},
+                {"type": "contains", "value": "Rome", "weight": 1},
+            ],
+        },
+        {
+            "id": "weighted-low",
+            "vars": q,
+            "threshold": 0.8,
+            "assert": [
+                {"type": "contains", "value": "Paris", "weight": 3},
+                {"type": "contains", "value": "Rome", "weight": 1},
+            ],
+        },
+        {
+            "id": "informative",
+            "vars": q,
+            "assert": [{"type": "contains", "value": "Paris"}, {"type": "contains", "value": "Rome", "weight": 0}],
+        },
     ]
     report = evaluate("qa", cases=cases, prompts_dir=folder)
     assert statuses(report) == {"weighted": "pass", "weighted-low": "fail", "informative": "pass"}
@@ -225,7 +301,9 @@ def test_negation_weights_and_case_threshold(srv, tmp_path):
 
 def test_unknown_assertion_type_names_the_closest(srv, tmp_path):
     folder = prompts(tmp_path, tests="- vars: {question: capital}\n  assert:\n    - {type: contans, value: Paris}\n")
-    with pytest.raises(InputFileError, match=r"qa.tests.yaml, line 1.*unknown assertion type 'contans'; did you mean 'contains'"):
+    with pytest.raises(
+        InputFileError, match=r"qa.tests.yaml, line 1.*unknown assertion type 'contans'; did you mean 'contains'"
+    ):
         evaluate("qa", prompts_dir=folder)
     assert srv.requests == []
 
@@ -244,9 +322,14 @@ def test_malformed_yaml_and_csv_name_the_file_and_line(srv, tmp_path):
 
 def test_missing_variable_is_an_error_cell_and_the_run_goes_on(srv, tmp_path):
     folder = prompts(tmp_path)
-    report = evaluate("qa", cases=[{"id": "a", "vars": {}, "expected": "x"},
-                                   {"id": "b", "vars": {"question": "capital"}, "assert": [{"type": "contains", "value": "Paris"}]}],
-                      prompts_dir=folder)
+    report = evaluate(
+        "qa",
+        cases=[
+            {"id": "a", "vars": {}, "expected": "x"},
+            {"id": "b", "vars": {"question": "capital"}, "assert": [{"type": "contains", "value": "Paris"}]},
+        ],
+        prompts_dir=folder,
+    )
     assert statuses(report) == {"a": "error", "b": "pass"}
     assert "question" in report.rows[0].error and report.rows[0].passed is None
     (s,) = report.summary()
@@ -254,7 +337,9 @@ def test_missing_variable_is_an_error_cell_and_the_run_goes_on(srv, tmp_path):
 
 
 def test_front_matter_tests(srv, tmp_path):
-    folder = prompts(tmp_path, front="tests:\n  - vars: {question: capital}\n    assert: [{type: icontains, value: paris}]\n")
+    folder = prompts(
+        tmp_path, front="tests:\n  - vars: {question: capital}\n    assert: [{type: icontains, value: paris}]\n"
+    )
     report = evaluate("qa", prompts_dir=folder)
     assert statuses(report) == {"qa#1": "pass"}
     assert "tests" not in srv.chat_requests()[0].json  # not sent as a model parameter
@@ -264,15 +349,20 @@ def test_front_matter_tests(srv, tmp_path):
 
 
 def test_two_models_compared_and_logged_with_the_run_id(srv, tmp_path):
-    folder = prompts(tmp_path, tests="".join(f"- vars: {{question: capital}}\n  id: c{i}\n  assert: [{{type: contains, value: Paris}}]\n"
-                                             for i in range(8)))
+    folder = prompts(
+        tmp_path,
+        tests="".join(
+            f"- vars: {{question: capital}}\n  id: c{i}\n  assert: [{{type: contains, value: Paris}}]\n"
+            for i in range(8)
+        ),
+    )
     tinyllm.configure(log_calls=True, log_db=str(tmp_path / "calls.db"))
     report = evaluate("qa", models=["gpt-4o-mini", "gpt-4o"], prompts_dir=folder)
     assert len(report.rows) == 16
     by_model = {s.model: s for s in report.summary()}
     assert by_model["gpt-4o-mini"].passed == 8 and by_model["gpt-4o"].passed == 0
     (c,) = report.comparisons()
-    assert (c.only_a, c.only_b, c.p_value) == (8, 0, pytest.approx(2 * 0.5 ** 8))
+    assert (c.only_a, c.only_b, c.p_value) == (8, 0, pytest.approx(2 * 0.5**8))
     assert c.text.startswith("working/gpt-4o-mini passes 8 more of 8 cases than working/gpt-4o")
     from tinyllm.observe._calllog import connect, flush_all
 
@@ -280,8 +370,13 @@ def test_two_models_compared_and_logged_with_the_run_id(srv, tmp_path):
     conn = connect(str(tmp_path / "calls.db"))
     assert conn.execute("SELECT count(*) FROM calls WHERE batch_id = ?", [report.run_id]).fetchone()[0] == 16
     (info,) = list_runs(tmp_path / "calls.db")
-    assert (info.run_id, info.status, info.cells, info.passed, info.models) == (report.run_id, "complete", 16, 8,
-                                                                               ["gpt-4o-mini", "gpt-4o"])
+    assert (info.run_id, info.status, info.cells, info.passed, info.models) == (
+        report.run_id,
+        "complete",
+        16,
+        8,
+        ["gpt-4o-mini", "gpt-4o"],
+    )
     assert load_run(report.run_id[:14], db=tmp_path / "calls.db").summary() == report.summary()
 
 
@@ -300,8 +395,11 @@ def test_api_errors_are_retried_by_a_rerun(srv, tmp_path):
     from fakeserver import Status
 
     tinyllm.configure(max_attempts=1)
-    folder = prompts(tmp_path, tests="- {id: a, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n"
-                                     "- {id: b, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n")
+    folder = prompts(
+        tmp_path,
+        tests="- {id: a, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n"
+        "- {id: b, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n",
+    )
     srv.enqueue(Status(500))
     first = evaluate("qa", prompts_dir=folder, max_workers=1)
     assert first.info.status == "incomplete" and sorted(statuses(first).values()) == ["error", "pass"]
@@ -322,7 +420,9 @@ def test_resume_after_ctrl_c_sends_only_the_cells_not_done(server, monkeypatch, 
         return "ok"
 
     server.reply_with(reply)
-    folder = prompts(tmp_path, tests="".join(f"- {{id: c{i}, vars: {{question: q{i}}}, expected: ok}}\n" for i in range(30)))
+    folder = prompts(
+        tmp_path, tests="".join(f"- {{id: c{i}, vars: {{question: q{i}}}, expected: ok}}\n" for i in range(30))
+    )
     with pytest.raises(KeyboardInterrupt):
         evaluate("qa", prompts_dir=folder, max_workers=2)
     (info,) = list_runs()
@@ -335,9 +435,15 @@ def test_resume_after_ctrl_c_sends_only_the_cells_not_done(server, monkeypatch, 
 
 def test_rev_reads_the_template_from_git(srv, tmp_path):
     repo = tmp_path / "repo"
-    folder = prompts(repo, system="Answer. v1", tests="- {id: cap, vars: {question: capital}, assert: [{type: starts-with, value: Paris}]}\n")
+    folder = prompts(
+        repo,
+        system="Answer. v1",
+        tests="- {id: cap, vars: {question: capital}, assert: [{type: starts-with, value: Paris}]}\n",
+    )
+
     def git(*a):
         return subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+
     git("init", "-q")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
     git("add", ".")
@@ -362,8 +468,10 @@ def test_rev_reads_the_included_files_from_git_too(srv, tmp_path):
     write(folder / "style.md", "---\ndescription: the style\n---\nStyle {% include 'parts/tone.md' %}\n")
     write(folder / "parts" / "tone.md", "v1, brief.\n")
     write(folder / "old.md", "Be kind.\n")
+
     def git(*a):
         return subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)
+
     git("init", "-q")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v1")
@@ -405,10 +513,25 @@ def run_cli(*args: str):
 
 
 def test_cli_exit_codes_json_and_junit(srv, tmp_path):
-    folder = prompts(tmp_path, tests="- {id: a, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n"
-                                     "- {id: b, vars: {question: capital}, assert: [{type: contains, value: Rome}]}\n")
-    result = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--json", "--junit", str(tmp_path / "j.xml"),
-                     "-m", "gpt-4o-mini", "-m", "gpt-4o")
+    folder = prompts(
+        tmp_path,
+        tests="- {id: a, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n"
+        "- {id: b, vars: {question: capital}, assert: [{type: contains, value: Rome}]}\n",
+    )
+    result = run_cli(
+        "eval",
+        "qa",
+        "--prompts-dir",
+        str(folder),
+        "--no-progress",
+        "--json",
+        "--junit",
+        str(tmp_path / "j.xml"),
+        "-m",
+        "gpt-4o-mini",
+        "-m",
+        "gpt-4o",
+    )
     assert result.exit_code == 1
     lines = [json.loads(x) for x in result.stdout.splitlines()]
     assert len(lines) == 4 and {x["status"] for x in lines} == {"pass", "fail"}
@@ -431,8 +554,13 @@ def test_cli_exit_codes_json_and_junit(srv, tmp_path):
 
 
 def test_cli_compare_list_and_show_send_nothing(srv, tmp_path):
-    folder = prompts(tmp_path, tests="".join(f"- {{id: c{i}, vars: {{question: capital}}, assert: [{{type: contains, value: Paris}}]}}\n"
-                                             for i in range(8)))
+    folder = prompts(
+        tmp_path,
+        tests="".join(
+            f"- {{id: c{i}, vars: {{question: capital}}, assert: [{{type: contains, value: Paris}}]}}\n"
+            for i in range(8)
+        ),
+    )
     run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "-m", "gpt-4o")
     run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "-m", "gpt-4o-mini")
     sent = len(srv.requests)
@@ -450,8 +578,10 @@ def test_cli_compare_list_and_show_send_nothing(srv, tmp_path):
 
 
 def test_import_tinyllm_loads_neither_scipy_nor_eval():
-    code = ("import sys, tinyllm, tinyllm.eval\n"
-            "assert 'scipy' not in sys.modules and 'tinyllm.eval._run' not in sys.modules, sorted(sys.modules)\n")
+    code = (
+        "import sys, tinyllm, tinyllm.eval\n"
+        "assert 'scipy' not in sys.modules and 'tinyllm.eval._run' not in sys.modules, sorted(sys.modules)\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=child_env())
 
 
@@ -464,8 +594,12 @@ def test_evaluate_is_public_and_lazy():
 def test_matrix_across_two_loopback_models_and_the_embedded_model(srv, tmp_path, embedded_model):
     if embedded_model is None:
         pytest.skip("the local extra is not installed")
-    folder = prompts(tmp_path, front="max_tokens: 8\n", tests="- {id: cap, vars: {question: capital}, assert: [{type: icontains, value: paris}]}\n"
-                                     "- {id: any, vars: {question: 'Say hello.'}, assert: [{type: latency, threshold: 120}]}\n")
+    folder = prompts(
+        tmp_path,
+        front="max_tokens: 8\n",
+        tests="- {id: cap, vars: {question: capital}, assert: [{type: icontains, value: paris}]}\n"
+        "- {id: any, vars: {question: 'Say hello.'}, assert: [{type: latency, threshold: 120}]}\n",
+    )
     report = evaluate("qa", models=["gpt-4o-mini", "gpt-4o"], clients=["llamacpp"], prompts_dir=folder)
     assert [(s.model, s.n) for s in report.summary()] == [("gpt-4o-mini", 2), ("gpt-4o", 2), ("llamacpp", 2)]
     local = [r for r in report.rows if r.model == "llamacpp"]
@@ -485,14 +619,33 @@ def test_shipped_prompts_pass_their_tests_on_the_embedded_model(tmp_path, embedd
 
     env = child_env(TINYLLM_LOG_DB=str(tmp_path / "calls.db"))
     for names, extra in ((["summarize", "translate", "extract_facts"], []), (["classify"], ["--threshold", "0.6"])):
-        done = subprocess.run([sys.executable, "-m", "tinyllm", "--prompts-dir", str(ROOT / "prompts"), "eval", *names,
-                               "--client", "llamacpp", "--no-progress", *extra], env=env, capture_output=True, text=True,
-                              timeout=900, check=False)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tinyllm",
+                "--prompts-dir",
+                str(ROOT / "prompts"),
+                "eval",
+                *names,
+                "--client",
+                "llamacpp",
+                "--no-progress",
+                *extra,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_client_targets_name_a_model(srv, tmp_path):
-    folder = prompts(tmp_path, tests="- {id: cap, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n")
+    folder = prompts(
+        tmp_path, tests="- {id: cap, vars: {question: capital}, assert: [{type: contains, value: Paris}]}\n"
+    )
     report = evaluate("qa", clients=["openai=gpt-4o", ("openai", "o3-mini")], prompts_dir=folder)
     assert [s.model for s in report.summary()] == ["openai=gpt-4o", "openai=o3-mini"]
     assert sorted(r.model for r in srv.chat_requests()) == ["gpt-4o", "o3-mini"]
@@ -507,7 +660,9 @@ def test_a_budget_is_refused_on_an_executor_of_other_processes(srv, tmp_path):
     with concurrent.futures.ProcessPoolExecutor(1) as pool:  # no process starts: nothing is submitted
         with pytest.raises(ConfigError, match="MAX_COST in the workers' environment"):
             evaluate("qa", prompts_dir=folder, executor=pool, max_cost=1.0, store=False)
-    result = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--max-cost", "1")
+    result = run_cli(
+        "eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--max-cost", "1"
+    )
     assert result.exit_code == 2 and "do not reach Dask workers" in result.output
     cached = run_cli("eval", "qa", "--prompts-dir", str(folder), "--no-progress", "--dask", "local:1", "--no-cache")
     assert cached.exit_code == 2 and "do not reach Dask workers" in cached.output
@@ -533,18 +688,46 @@ def test_the_pytest_plugin_is_declared_and_light():
 def test_the_tinyllm_eval_fixture_in_a_projects_test_suite(server, tmp_path):
     server.reply_with(lambda req: "Paris" if req.get("model") == "gpt-4o" else "Rome")
     prompts(tmp_path, tests="- {vars: {question: capital}, expected: Paris}\n")
-    write(tmp_path / "test_prompts.py", (
-        "def test_passes_on_the_model_given_on_the_command_line(tinyllm_eval):\n"
-        "    report = tinyllm_eval('qa', prompts_dir='prompts', models=['gpt-4o-mini'])\n"
-        "    assert [row.model for row in report.rows] == ['gpt-4o']\n"
-        "\n"
-        "def test_fails_with_the_table(tinyllm_eval):\n"
-        "    tinyllm_eval('qa', prompts_dir='prompts', cases=[{'vars': {'question': 'capital'}, 'expected': 'Rome'}])\n"))
-    env = child_env(OPENAI_API_KEY="sk-test-plugin", TINYLLM_API_TYPE="openai", TINYLLM_BASE_URL=server.base_url,
-                    TINYLLM_MODEL="gpt-4o-mini")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:tinyllm",
-                           "-p", "tinyllm.eval.pytest_plugin", "--tinyllm-model", "gpt-4o", "test_prompts.py"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    write(
+        tmp_path / "test_prompts.py",
+        (
+            "def test_passes_on_the_model_given_on_the_command_line(tinyllm_eval):\n"
+            "    report = tinyllm_eval('qa', prompts_dir='prompts', models=['gpt-4o-mini'])\n"
+            "    assert [row.model for row in report.rows] == ['gpt-4o']\n"
+            "\n"
+            "def test_fails_with_the_table(tinyllm_eval):\n"
+            "    tinyllm_eval('qa', prompts_dir='prompts', cases=[{'vars': {'question': 'capital'}, 'expected': 'Rome'}])\n"
+        ),
+    )
+    env = child_env(
+        OPENAI_API_KEY="sk-test-plugin",
+        TINYLLM_API_TYPE="openai",
+        TINYLLM_BASE_URL=server.base_url,
+        TINYLLM_MODEL="gpt-4o-mini",
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:tinyllm",
+            "-p",
+            "tinyllm.eval.pytest_plugin",
+            "--tinyllm-model",
+            "gpt-4o",
+            "test_prompts.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "1 failed, 1 passed" in done.stdout
     assert "prompt evaluation below every case to pass" in done.stdout and "FAIL qa" in done.stdout

@@ -38,10 +38,18 @@ KEY = "sk-eval-cluster-0123456789"
 
 
 def _worker_env(server: FakeOpenAIServer, redis_url: str, log_db: Path) -> dict[str, str]:
-    return {"OPENAI_API_KEY": KEY, "TINYLLM_API_TYPE": "openai", "TINYLLM_BASE_URL": server.base_url,
-            "TINYLLM_MODEL": "gpt-4o-mini", "TINYLLM_WAITING_TIME": "0.001", "TINYLLM_REDIS_URL": redis_url,
-            "TINYLLM_REDIS_PREFIX": PREFIX, "TINYLLM_CACHE_API_CALLS": "true", "TINYLLM_LOG_CALLS": "true",
-            "TINYLLM_LOG_DB": str(log_db)}
+    return {
+        "OPENAI_API_KEY": KEY,
+        "TINYLLM_API_TYPE": "openai",
+        "TINYLLM_BASE_URL": server.base_url,
+        "TINYLLM_MODEL": "gpt-4o-mini",
+        "TINYLLM_WAITING_TIME": "0.001",
+        "TINYLLM_REDIS_URL": redis_url,
+        "TINYLLM_REDIS_PREFIX": PREFIX,
+        "TINYLLM_CACHE_API_CALLS": "true",
+        "TINYLLM_LOG_CALLS": "true",
+        "TINYLLM_LOG_DB": str(log_db),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +64,17 @@ def env(tmp_path_factory):
     os.environ.update(_worker_env(server, url, log_db))
     os.chdir(folder)  # the workers' working directory: no prompts/
     try:
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
-                                           dashboard_address=None)
+        cluster = distributed.LocalCluster(
+            n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=None
+        )
         client = distributed.Client(cluster)
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
-    yield SimpleNamespace(client=client, address=cluster.scheduler_address, server=server, redis_url=url,
-                          log_db=log_db, folder=folder)
+    yield SimpleNamespace(
+        client=client, address=cluster.scheduler_address, server=server, redis_url=url, log_db=log_db, folder=folder
+    )
     client.close()
     cluster.close()
     server.stop()
@@ -97,8 +107,10 @@ def _prompts(root: Path, cases: int = 6) -> Path:
     write(folder / "echo.system.md", "---\ntemperature: 0.5\n---\nYou echo. {% include 'rules.md' %}\n")
     write(folder / "rules.md", "Rules for {{ text }}.\n")
     write(folder / "echo.user.md", "{{ text }}\n")
-    tests = [{"vars": {"text": f"case {i}"}, "assert": [{"type": "contains", "value": f"case {i}"}]}
-             for i in range(cases - 1)]
+    tests = [
+        {"vars": {"text": f"case {i}"}, "assert": [{"type": "contains", "value": f"case {i}"}]}
+        for i in range(cases - 1)
+    ]
     tests.append({"vars": {"text": "last"}, "expected": "something else"})
     write(folder / "echo.tests.yaml", json.dumps(tests))  # JSON is YAML
     return folder
@@ -114,8 +126,9 @@ def _worker_log(env) -> list[tuple]:
 def test_evaluate_runs_its_cells_on_the_workers_tagged_with_the_run_id(cluster, tmp_path):
     folder = _prompts(tmp_path)
     before = len(_worker_log(cluster)) if cluster.log_db.exists() else 0
-    report = evaluate("echo", prompts_dir=folder, db=tmp_path / "runs.db", executor=cluster.client.get_executor(),
-                      max_workers=2)
+    report = evaluate(
+        "echo", prompts_dir=folder, db=tmp_path / "runs.db", executor=cluster.client.get_executor(), max_workers=2
+    )
     assert report.info.status == "complete"
     assert sorted(r.status for r in report.rows) == ["fail"] + ["pass"] * 5
     sent = cluster.server.chat_requests()
@@ -178,9 +191,15 @@ def test_a_second_eval_process_is_answered_from_the_redis_cache(env, tmp_path):
     extra["TINYLLM_REDIS_PREFIX"] = PREFIX + "-processes"
     runs = []
     for i in range(2):  # two processes, two run databases: the second run is new, its calls hit Redis
-        done = subprocess.run([sys.executable, "-m", "tinyllm", "eval", "echo", "--no-progress", "--json"],
-                              cwd=tmp_path, env=child_env(**{**extra, "TINYLLM_LOG_DB": str(tmp_path / f"calls{i}.db")}),
-                              capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "tinyllm", "eval", "echo", "--no-progress", "--json"],
+            cwd=tmp_path,
+            env=child_env(**{**extra, "TINYLLM_LOG_DB": str(tmp_path / f"calls{i}.db")}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert done.returncode == 1, done.stderr  # the last case fails
         runs.append([json.loads(line) for line in done.stdout.splitlines()])
         assert len(env.server.chat_requests()) == 3  # only the first process sent anything

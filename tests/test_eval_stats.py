@@ -35,8 +35,8 @@ def test_wilson_refuses_an_empty_table():
 
 
 def test_exact_mcnemar_by_hand():
-    assert mcnemar(0, 7) == pytest.approx(2 * 0.5 ** 7)  # 0.015625
-    assert mcnemar(7, 0) == pytest.approx(2 * 0.5 ** 7)
+    assert mcnemar(0, 7) == pytest.approx(2 * 0.5**7)  # 0.015625
+    assert mcnemar(7, 0) == pytest.approx(2 * 0.5**7)
     assert mcnemar(3, 5) == pytest.approx(2 * (1 + 8 + 28 + 56) / 256)  # 2 * P(X <= 3), X ~ Bin(8, 1/2)
     assert mcnemar(4, 4) == 1.0
     assert mcnemar(0, 0) == 1.0
@@ -61,15 +61,33 @@ def _store_run(db: Path, run_id: str, rows: list[dict], *, versions=("working",)
 
 
 def _row(case: str, passed, *, version="working", model="m", repeat=0, latency=None, cost=None) -> dict:
-    return {"prompt": "p", "version": version, "model": model, "case_id": case, "repeat": repeat, "vars": {},
-            "output": None if passed is None else "x", "passed": passed, "latency": latency, "cost": cost,
-            "prompt_tokens": 3, "completion_tokens": 2, "assertions": [], "error": "E: x" if passed is None else None}
+    return {
+        "prompt": "p",
+        "version": version,
+        "model": model,
+        "case_id": case,
+        "repeat": repeat,
+        "vars": {},
+        "output": None if passed is None else "x",
+        "passed": passed,
+        "latency": latency,
+        "cost": cost,
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "assertions": [],
+        "error": "E: x" if passed is None else None,
+    }
 
 
 def test_summary_of_a_small_table(tmp_path):
     db = tmp_path / "runs.db"
-    rows = [_row("a", True, latency=1.0, cost=0.5), _row("b", True, latency=2.0, cost=0.25), _row("c", False, latency=3.0),
-            _row("d", True, latency=4.0), _row("e", None)]
+    rows = [
+        _row("a", True, latency=1.0, cost=0.5),
+        _row("b", True, latency=2.0, cost=0.25),
+        _row("c", False, latency=3.0),
+        _row("d", True, latency=4.0),
+        _row("e", None),
+    ]
     _store_run(db, "r1", rows)
     (s,) = load_run("r1", db=db).summary()
     assert (s.n, s.passed, s.failed, s.errors) == (5, 3, 1, 1)
@@ -81,8 +99,14 @@ def test_summary_of_a_small_table(tmp_path):
 
 def test_flaky_cases_are_those_that_pass_in_some_repeats(tmp_path):
     db = tmp_path / "runs.db"
-    rows = [_row("a", True, repeat=0), _row("a", True, repeat=1), _row("b", True, repeat=0), _row("b", False, repeat=1),
-            _row("c", False, repeat=0), _row("c", None, repeat=1)]
+    rows = [
+        _row("a", True, repeat=0),
+        _row("a", True, repeat=1),
+        _row("b", True, repeat=0),
+        _row("b", False, repeat=1),
+        _row("c", False, repeat=0),
+        _row("c", None, repeat=1),
+    ]
     _store_run(db, "r1", rows)
     (s,) = load_run("r1", db=db).summary()
     assert s.flaky == ["b"]

@@ -36,9 +36,7 @@ def client(server):
 
 @pytest.fixture
 def azure(server):
-    c = openai.AzureOpenAI(
-        azure_endpoint=server.azure_endpoint, api_key="k", api_version="2024-10-21", max_retries=0
-    )
+    c = openai.AzureOpenAI(azure_endpoint=server.azure_endpoint, api_key="k", api_version="2024-10-21", max_retries=0)
     yield c
     c.close()
 

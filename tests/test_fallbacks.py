@@ -21,7 +21,9 @@ def backup():
 
 
 def _client(srv, model="gpt-4o-mini", **kw):
-    return OpenAIClient(base_url=srv.base_url, api_key="sk-test-fallbacks", model=model, max_attempts=1, cache=False, **kw)
+    return OpenAIClient(
+        base_url=srv.base_url, api_key="sk-test-fallbacks", model=model, max_attempts=1, cache=False, **kw
+    )
 
 
 @pytest.fixture
@@ -39,7 +41,11 @@ def test_a_rate_limit_moves_the_call_to_the_fallback(server, backup, prompts):
     assert len(server.chat_requests()) == 1 and len(backup.chat_requests()) == 1
     assert backup.chat_requests()[0].model == "gpt-4o"  # the fallback's own model, not the primary's
     [attempt] = response.attempts
-    assert attempt.client is primary and isinstance(attempt.error, tinyllm.RateLimitError) and attempt.model == "gpt-4o-mini"
+    assert (
+        attempt.client is primary
+        and isinstance(attempt.error, tinyllm.RateLimitError)
+        and attempt.model == "gpt-4o-mini"
+    )
     assert response.as_dict()["attempts"][0]["error"]["type"] == "RateLimitError"
 
 
@@ -53,7 +59,9 @@ def test_errors_that_would_fail_anywhere_do_not_fall_through(server, backup, pro
 
 
 def test_a_budget_stop_does_not_fall_through(server, backup, prompts):
-    call = LLMCall("ask.system.md", prompts_dir=prompts, client=_client(server), fallbacks=[_client(backup)], max_tokens=100)
+    call = LLMCall(
+        "ask.system.md", prompts_dir=prompts, client=_client(server), fallbacks=[_client(backup)], max_tokens=100
+    )
     with tinyllm.limits.Budget(0.0000001).activate(), pytest.raises(tinyllm.BudgetExceededError):
         call.call(question="hi")
     assert server.chat_requests() == [] and backup.chat_requests() == []
@@ -69,8 +77,12 @@ def test_every_client_failing_raises_the_last_error_with_every_attempt(server, b
 
 
 def test_a_context_window_error_moves_on_and_a_model_name_is_the_same_client(server, prompts):
-    server.enqueue(Status(400, body={"error": {"message": "too long", "type": "invalid_request_error",
-                                               "code": "context_length_exceeded"}}))
+    server.enqueue(
+        Status(
+            400,
+            body={"error": {"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded"}},
+        )
+    )
     call = LLMCall("ask.system.md", prompts_dir=prompts, client=_client(server), fallbacks=["gpt-4o"])
     response = call.respond(question="hi")
     assert [r.model for r in server.chat_requests()] == ["gpt-4o-mini", "gpt-4o"]
@@ -104,13 +116,17 @@ def test_allowed_fails_counts_failures_before_a_cooldown(server, backup, prompts
 def test_the_call_log_records_every_attempt(server, backup, prompts, tmp_path):
     tinyllm.configure(log_calls=True, log_db=str(tmp_path / "calls.db"))
     server.enqueue(Status(429))
-    LLMCall("ask.system.md", prompts_dir=prompts, client=_client(server), fallbacks=[_client(backup, model="gpt-4o")]
-            ).call(question="logged?")
+    LLMCall(
+        "ask.system.md", prompts_dir=prompts, client=_client(server), fallbacks=[_client(backup, model="gpt-4o")]
+    ).call(question="logged?")
     from tinyllm.observe._calllog import flush_all
 
     assert flush_all(10)
-    rows = sqlite3.connect(tmp_path / "calls.db").execute(
-        "SELECT model, error_type, endpoint, template, params FROM calls ORDER BY seq").fetchall()
+    rows = (
+        sqlite3.connect(tmp_path / "calls.db")
+        .execute("SELECT model, error_type, endpoint, template, params FROM calls ORDER BY seq")
+        .fetchall()
+    )
     assert [(r[0], r[1]) for r in rows] == [("gpt-4o-mini", "RateLimitError"), ("gpt-4o", None)]
     assert server.base_url.rstrip("/") in rows[0][2] and backup.base_url.rstrip("/") in rows[1][2]
     assert rows[0][3] == rows[1][3] == "ask.system.md" and json.loads(rows[1][4])["model"] == "gpt-4o"
@@ -152,11 +168,21 @@ def test_the_tool_loop_keeps_its_rounds_when_a_request_moves_on(server, backup, 
         runs.append(city)
         return "18 C"
 
-    server.enqueue(Message({"content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "Paris"}'}}]}), Status(500))
+    server.enqueue(
+        Message(
+            {
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"city": "Paris"}'}}
+                ],
+            }
+        ),
+        Status(500),
+    )
     backup.reply_with("It is 18 C.")
-    response = LLMCall("ask.system.md", prompts_dir=prompts, client=_client(server), fallbacks=[_client(backup)],
-                       tools=[lookup]).respond(question="weather?")
+    response = LLMCall(
+        "ask.system.md", prompts_dir=prompts, client=_client(server), fallbacks=[_client(backup)], tools=[lookup]
+    ).respond(question="weather?")
     assert response.value == "It is 18 C." and runs == ["Paris"]  # the tool ran once
     assert backup.chat_requests()[0].messages[-1] == {"role": "tool", "tool_call_id": "c1", "content": "18 C"}
 
@@ -199,8 +225,27 @@ def test_the_command_line_takes_fallbacks(server, backup, prompts, monkeypatch):
     tinyllm.register_client("backup", _client(backup, model="gpt-4o"))
     server.enqueue(Status(429))
     backup.reply_with("cli backup")
-    result = CliRunner().invoke(cli, ["call", "ask", "--prompts-dir", str(prompts), "--var", "question=hi",
-                                      "--fallback", "backup", "--json", "--no-log", "--api-type", "openai"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "call",
+            "ask",
+            "--prompts-dir",
+            str(prompts),
+            "--var",
+            "question=hi",
+            "--fallback",
+            "backup",
+            "--json",
+            "--no-log",
+            "--api-type",
+            "openai",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output)
-    assert record["content"] == "cli backup" and record["model"] == "gpt-4o" and record["attempts"][0]["api_type"] == "openai"
+    assert (
+        record["content"] == "cli backup"
+        and record["model"] == "gpt-4o"
+        and record["attempts"][0]["api_type"] == "openai"
+    )

@@ -55,18 +55,28 @@ def _run(server) -> list[tuple[str, str]]:
         return "echo: " + text
 
     server.reply_with(reply)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, max_concurrent_requests=4,
-                      queue_timeout=8, max_attempts=1, timeout=10)
-    pool = [threading.Thread(target=tinyllm.get_client().send_message, args=([{"role": "user", "content": f"warm-{i}"}],))
-            for i in range(4)]
+    tinyllm.configure(
+        api_type="openai",
+        base_url=server.base_url,
+        max_concurrent_requests=4,
+        queue_timeout=8,
+        max_attempts=1,
+        timeout=10,
+    )
+    pool = [
+        threading.Thread(target=tinyllm.get_client().send_message, args=([{"role": "user", "content": f"warm-{i}"}],))
+        for i in range(4)
+    ]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
     assert len({r.peer for r in server.chat_requests()}) == 4
     tinyllm.configure(max_concurrent_requests=2)
-    holders = [threading.Thread(target=tinyllm.get_client().send_message, args=([{"role": "user", "content": f"hold-{i}"}],))
-               for i in range(2)]
+    holders = [
+        threading.Thread(target=tinyllm.get_client().send_message, args=([{"role": "user", "content": f"hold-{i}"}],))
+        for i in range(2)
+    ]
     for t in holders:
         t.start()
     wait_until(lambda: server.in_flight == 2)  # both slots taken by parent threads
@@ -126,9 +136,18 @@ def test_locks_held_at_fork_are_free_in_the_child():
     from tinyllm.clients import llamacpp
 
     llamacpp._locks[("a-model.gguf", False)] = threading.Lock()  # a loaded model's lock, held while it generates
-    named = [(config, "_lock"), (usage, "_lock"), (tokens, "_lock"), (templates, "_lock"), (templates, "_carried_lock"),
-             (cache, "_shared_lock"), (clients.default_registry, "_lock"), (tools.registry, "_lock"),
-             (llamacpp, "_load_lock"), (SimpleNamespace(lock=lambda: llamacpp._locks[("a-model.gguf", False)]), "lock")]
+    named = [
+        (config, "_lock"),
+        (usage, "_lock"),
+        (tokens, "_lock"),
+        (templates, "_lock"),
+        (templates, "_carried_lock"),
+        (cache, "_shared_lock"),
+        (clients.default_registry, "_lock"),
+        (tools.registry, "_lock"),
+        (llamacpp, "_load_lock"),
+        (SimpleNamespace(lock=lambda: llamacpp._locks[("a-model.gguf", False)]), "lock"),
+    ]
     locks = [_lock_of(owner, name) for owner, name in named]
     taken, done = threading.Event(), threading.Event()
 

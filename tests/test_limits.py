@@ -26,8 +26,7 @@ def _reset_overrides():
 
 def settings(**overrides):
     """configure() the queue settings, then return the Config snapshot a client would read."""
-    base = dict(max_concurrent_requests=5, queue_size=100, queue_timeout=30,
-                requests_per_minute=0, tokens_per_minute=0)
+    base = dict(max_concurrent_requests=5, queue_size=100, queue_timeout=30, requests_per_minute=0, tokens_per_minute=0)
     base.update(overrides)
     config.configure(**base)
     return config.get_config()
@@ -230,7 +229,7 @@ def test_queue_timeout_raises_and_the_request_never_runs():
         thread.join(5)
         assert queue.waiting == 0
     time.sleep(0.05)
-    (exc, waited), = errors
+    ((exc, waited),) = errors
     assert waited >= 0.25
     assert "QUEUE_TIMEOUT=0.3" in str(exc)
     assert ran == []
@@ -368,6 +367,7 @@ def test_an_exception_inside_the_slot_releases_it(mode):
             with queue.slot(cfg):
                 raise ValueError("boom")
     else:
+
         async def main():
             async with queue.aslot(cfg):
                 raise ValueError("boom")
@@ -465,6 +465,7 @@ def test_a_cost_above_tokens_per_minute_is_a_bad_request_error(mode):
             with queue.slot(cfg, tokens=1500):
                 pass
         else:
+
             async def main():
                 async with queue.aslot(cfg, tokens=1500):
                     pass
@@ -485,6 +486,7 @@ def test_a_rate_wait_longer_than_the_queue_timeout_fails_promptly(mode):
             with queue.slot(cfg):
                 ran.append(2)
         else:
+
             async def main():
                 async with queue.aslot(cfg):
                     ran.append(2)

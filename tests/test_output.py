@@ -129,8 +129,11 @@ PARSE = [
     ('Answer: {"a": 1} and ["x"]', list, ["x"]),  # an array is preferred over an earlier object
     # pydantic
     ('{"facts": ["a", "b"]}', Facts, Facts(facts=["a", "b"])),
-    ('```json\n{"id": 7, "items": [{"name": "pen", "tags": ["blue"]}]}\n```', Order,
-     Order(id=7, items=[Item(name="pen", tags=["blue"])])),
+    (
+        '```json\n{"id": 7, "items": [{"name": "pen", "tags": ["blue"]}]}\n```',
+        Order,
+        Order(id=7, items=[Item(name="pen", tags=["blue"])]),
+    ),
 ]
 
 
@@ -210,11 +213,14 @@ def test_extract_json_too_deep_is_an_output_parse_error(text):
 
 
 @pytest.mark.timeout(60)  # a hang guard: the search used to be quadratic (hours on these)
-@pytest.mark.parametrize("text", [
-    '{"a" ' * 400_000,  # 2.4 MB: an object start everywhere, each broken
-    "[1, " * 500_000,  # 2 MB: unbalanced and deep
-    "[" + "[1]," * 500_000,  # 2 MB: an unclosed list of lists
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a" ' * 400_000,  # 2.4 MB: an object start everywhere, each broken
+        "[1, " * 500_000,  # 2 MB: unbalanced and deep
+        "[" + "[1]," * 500_000,  # 2 MB: an unclosed list of lists
+    ],
+)
 def test_extract_json_on_megabytes_of_broken_json_is_bounded(text):
     try:
         value = extract_json(text, expect=dict)
@@ -231,6 +237,7 @@ def test_extract_json_still_finds_a_value_after_much_prose():
 
 
 # --- response_format_for ------------------------------------------------------------------------------
+
 
 def test_response_format_for():
     assert response_format_for(dict) == {"type": "json_object"}
@@ -252,7 +259,9 @@ def test_response_format_for_a_model_is_built_once_and_returned_as_a_copy(monkey
 
     built = []
     real = Ticket.model_json_schema.__func__
-    monkeypatch.setattr(Ticket, "model_json_schema", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
+    monkeypatch.setattr(
+        Ticket, "model_json_schema", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k))
+    )
     first = response_format_for(Ticket)
     first["json_schema"]["schema"]["properties"].clear()  # a caller changing its dict changes no later one
     second = response_format_for(Ticket)
@@ -280,8 +289,11 @@ WIRE = [
     ("The answer is 42.", int, 42),
     ("It costs 9.99 dollars.", float, 9.99),
     ('["a", "b"]', list, ["a", "b"]),
-    ('{"id": 3, "items": [{"name": "pen", "tags": ["red", "cheap"]}, {"name": "ink", "tags": []}]}', Order,
-     Order(id=3, items=[Item(name="pen", tags=["red", "cheap"]), Item(name="ink", tags=[])])),
+    (
+        '{"id": 3, "items": [{"name": "pen", "tags": ["red", "cheap"]}, {"name": "ink", "tags": []}]}',
+        Order,
+        Order(id=3, items=[Item(name="pen", tags=["red", "cheap"]), Item(name="ink", tags=[])]),
+    ),
     ("plain text", None, "plain text"),
 ]
 
@@ -398,8 +410,9 @@ TOOL_CALLS = [{"id": "call_1", "type": "function", "function": {"name": "lookup"
 
 
 def test_send_message_keeps_tool_calls_and_refusal(wired):
-    wired.enqueue(Message({"content": None, "tool_calls": TOOL_CALLS}),
-                  Message({"content": None, "refusal": "Not allowed."}))
+    wired.enqueue(
+        Message({"content": None, "tool_calls": TOOL_CALLS}), Message({"content": None, "refusal": "Not allowed."})
+    )
     message = get_client().send_message([{"role": "user", "content": "hi"}])
     assert message["role"] == "assistant" and message["content"] is None
     assert message["tool_calls"] == TOOL_CALLS
@@ -418,23 +431,54 @@ def test_tool_calls_only_reply_is_a_response_error_from_llmcall(wired):
 
 COLORS = ("red", "blue", "green")
 TINYTROUPE = [
-    ("True", bool, True), ("true", bool, True), ("TRUE", bool, True), ("Yes", bool, True), ("yes", bool, True),
-    ("Positive", bool, True), ("positive", bool, True),
-    ("False", bool, False), ("false", bool, False), ("FALSE", bool, False), ("No", bool, False), ("no", bool, False),
-    ("Negative", bool, False), ("negative", bool, False),
-    ("Yes, that is correct", bool, True), ("No, that is wrong", bool, False),
+    ("True", bool, True),
+    ("true", bool, True),
+    ("TRUE", bool, True),
+    ("Yes", bool, True),
+    ("yes", bool, True),
+    ("Positive", bool, True),
+    ("positive", bool, True),
+    ("False", bool, False),
+    ("false", bool, False),
+    ("FALSE", bool, False),
+    ("No", bool, False),
+    ("no", bool, False),
+    ("Negative", bool, False),
+    ("negative", bool, False),
+    ("Yes, that is correct", bool, True),
+    ("No, that is wrong", bool, False),
     ("The sentiment is positive.", bool, True),
-    ("42", int, 42), ("-17", int, -17), ("0", int, 0), ("  123  ", int, 123), ("The answer is 42", int, 42),
-    ("3.14", float, 3.14), ("42", float, 42.0), ("-17.5", float, -17.5), ("0.0", float, 0.0), ("  2.5  ", float, 2.5),
+    ("42", int, 42),
+    ("-17", int, -17),
+    ("0", int, 0),
+    ("  123  ", int, 123),
+    ("The answer is 42", int, 42),
+    ("3.14", float, 3.14),
+    ("42", float, 42.0),
+    ("-17.5", float, -17.5),
+    ("0.0", float, 0.0),
+    ("  2.5  ", float, 2.5),
     ("The value is 3.14", float, 3.14),
-    ("red", COLORS, "red"), ("RED", COLORS, "red"), ("Blue", COLORS, "blue"), ("I choose green", COLORS, "green"),
+    ("red", COLORS, "red"),
+    ("RED", COLORS, "red"),
+    ("Blue", COLORS, "blue"),
+    ("I choose green", COLORS, "green"),
 ]
 TINYTROUPE_ERRORS = [
-    ("maybe", bool), ("123", bool), ("", bool),
-    ("not a number", int), ("3.14", int), ("", int),
-    ("not a number", float), ("", float),
-    ("yellow", COLORS), ("", COLORS),
-    ("not json", dict), ("42", dict), ("not json", list), ('{"key": "value"}', list),
+    ("maybe", bool),
+    ("123", bool),
+    ("", bool),
+    ("not a number", int),
+    ("3.14", int),
+    ("", int),
+    ("not a number", float),
+    ("", float),
+    ("yellow", COLORS),
+    ("", COLORS),
+    ("not json", dict),
+    ("42", dict),
+    ("not json", list),
+    ('{"key": "value"}', list),
 ]
 
 

@@ -45,13 +45,23 @@ def test_wheel_holds_config_ini_py_typed_and_encodings_and_builds_without_warnin
     # no Python warning (SetuptoolsDeprecationWarning for a license table, "Package ... is absent from the
     # `packages` configuration" for the encodings); setuptools' own "warning: byte-compiling is disabled"
     # log lines (PYTHONDONTWRITEBYTECODE in the environment) are not warnings about this project
-    warnings = [line for line in (result.stdout + result.stderr).splitlines() if "Warning" in line or "would be ignored" in line]
+    warnings = [
+        line for line in (result.stdout + result.stderr).splitlines() if "Warning" in line or "would be ignored" in line
+    ]
     assert not warnings, "\n".join(warnings)
     [wheel] = out.glob("tinyllm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"tinyllm/config.ini", "tinyllm/py.typed", "tinyllm/encodings/cl100k_base.tiktoken",
-            "tinyllm/encodings/o200k_base.tiktoken", "tinyllm/clients/openai.py", "tinyllm/cli/prompts.py",
-            "tinyllm/limits/_queue.py", "tinyllm/observe/_calllog.py", "tinyllm-0.1.0.dist-info/licenses/LICENSE"} <= names
+    assert {
+        "tinyllm/config.ini",
+        "tinyllm/py.typed",
+        "tinyllm/encodings/cl100k_base.tiktoken",
+        "tinyllm/encodings/o200k_base.tiktoken",
+        "tinyllm/clients/openai.py",
+        "tinyllm/cli/prompts.py",
+        "tinyllm/limits/_queue.py",
+        "tinyllm/observe/_calllog.py",
+        "tinyllm-0.1.0.dist-info/licenses/LICENSE",
+    } <= names
     assert not any(n.startswith(("tests/", "prompts/", "examples/", "bench/", "docs/")) for n in names)
     metadata = zipfile.ZipFile(wheel).read("tinyllm-0.1.0.dist-info/METADATA").decode()
     assert "License-Expression: MIT" in metadata
@@ -72,8 +82,10 @@ def test_package_config_ini_sets_nothing_and_documents_every_key():
 
 def test_package_config_ini_layer_is_read(tmp_path, monkeypatch):
     ini = tmp_path / "package-config.ini"
-    ini.write_text(PACKAGE_INI.read_text(encoding="utf-8").replace("# MODEL = gpt-4o-mini", "MODEL = from-package"),
-                   encoding="utf-8")
+    ini.write_text(
+        PACKAGE_INI.read_text(encoding="utf-8").replace("# MODEL = gpt-4o-mini", "MODEL = from-package"),
+        encoding="utf-8",
+    )
     monkeypatch.setattr(config, "_PACKAGE_INI", str(ini))
     config.configure(file_check_interval=0)
     cfg = config.get_config()
@@ -91,11 +103,13 @@ def test_import_tinyllm_loads_no_sdk_and_no_asyncio():
     """``import tinyllm`` stays light (bench/import_time.py): none of the SDKs, tokenizers or models, and
     neither asyncio, backoff (which imports asyncio), email nor the batch runner until they are used;
     ``tinyllm.Runner`` is still there, imported on first use."""
-    code = ("import sys, tinyllm\n"
-            "heavy = ('openai', 'httpx', 'tiktoken', 'llama_cpp', 'asyncio', 'backoff', 'email', 'concurrent')\n"
-            "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
-            "assert not loaded and 'tinyllm.batch._runner' not in sys.modules, loaded\n"
-            "assert tinyllm.Runner.__module__ == 'tinyllm.batch._runner'\n"
-            "print('ok')\n")
+    code = (
+        "import sys, tinyllm\n"
+        "heavy = ('openai', 'httpx', 'tiktoken', 'llama_cpp', 'asyncio', 'backoff', 'email', 'concurrent')\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+        "assert not loaded and 'tinyllm.batch._runner' not in sys.modules, loaded\n"
+        "assert tinyllm.Runner.__module__ == 'tinyllm.batch._runner'\n"
+        "print('ok')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -66,8 +66,12 @@ def _distribution(site: Path, dist: str, entry_points: dict[str, str], modules: 
 @pytest.fixture
 def plugin_site(tmp_path, monkeypatch):
     """A site folder holding a working plugin (``echoq``: a client and a tool) and a broken one, on sys.path."""
-    site = _distribution(tmp_path / "site", "tinyllm-echoq", {"echoq": "tinyllm_echoq", "zz_broken": "tinyllm_brokenq"},
-                         {"tinyllm_echoq": ECHO_MODULE.format(name="echoq"), "tinyllm_brokenq": BROKEN_MODULE})
+    site = _distribution(
+        tmp_path / "site",
+        "tinyllm-echoq",
+        {"echoq": "tinyllm_echoq", "zz_broken": "tinyllm_brokenq"},
+        {"tinyllm_echoq": ECHO_MODULE.format(name="echoq"), "tinyllm_brokenq": BROKEN_MODULE},
+    )
     monkeypatch.syspath_prepend(str(site))
     _plugins._reset_for_tests()
     yield site
@@ -84,9 +88,14 @@ def test_an_unknown_api_type_loads_the_plugins_and_a_broken_one_is_named(plugin_
     assert type(found).__name__ == "EchoClient" and "tinyllm_echoq" in sys.modules
     assert found.send_message([{"role": "user", "content": "abc"}]) == {"role": "assistant", "content": "cba"}
     records = {p.name: p for p in tinyllm.load_plugins()}
-    assert records["echoq"].loaded and records["echoq"].clients == ["echoq"] and records["echoq"].tools == ["echoq_shout"]
+    assert (
+        records["echoq"].loaded and records["echoq"].clients == ["echoq"] and records["echoq"].tools == ["echoq_shout"]
+    )
     assert records["echoq"].distribution == "tinyllm-echoq" and records["echoq"].version == "1.0"
-    assert not records["zz_broken"].loaded and "RuntimeError: this plugin is broken on purpose" in records["zz_broken"].error
+    assert (
+        not records["zz_broken"].loaded
+        and "RuntimeError: this plugin is broken on purpose" in records["zz_broken"].error
+    )
 
 
 def test_api_type_setting_and_a_front_matter_tool_from_a_plugin(plugin_site, tmp_path, monkeypatch):
@@ -139,12 +148,17 @@ def test_the_plugins_command_lists_them(plugin_site):
 
 def test_import_tinyllm_reads_no_entry_points(plugin_site):
     code = "import sys, tinyllm; print('tinyllm_echoq' in sys.modules, 'tinyllm.clients._plugins' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(PYTHONPATH=f"{plugin_site}:{ROOT}"),
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(PYTHONPATH=f"{plugin_site}:{ROOT}"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split() == ["False", "False"]
 
 
-PYPROJECT = '''
+PYPROJECT = """
 [build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
@@ -159,7 +173,7 @@ broken = "tinyllm_echopip_broken"
 
 [tool.setuptools]
 py-modules = ["tinyllm_echopip", "tinyllm_echopip_broken"]
-'''
+"""
 
 
 @pytest.mark.slow
@@ -169,8 +183,23 @@ def test_a_plugin_installed_by_pip_answers_by_api_type(tmp_path):
     write(source / "tinyllm_echopip.py", ECHO_MODULE.format(name="echopip"))
     write(source / "tinyllm_echopip_broken.py", BROKEN_MODULE)
     env_dir = tmp_path / "env"  # a throwaway environment: pip installs the built wheel there
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(env_dir), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(env_dir),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert (env_dir / "tinyllm_echopip-0.3.dist-info" / "entry_points.txt").exists()
     env = child_env(PYTHONPATH=f"{env_dir}:{ROOT}", TINYLLM_API_TYPE="echopip")
     code = textwrap.dedent("""
@@ -178,12 +207,20 @@ def test_a_plugin_installed_by_pip_answers_by_api_type(tmp_path):
         assert "tinyllm_echopip" not in sys.modules
         print(tinyllm.get_client().send_message([{"role": "user", "content": "!nigulp"}])["content"])
     """)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "plugin!"
     assert "PluginWarning" in done.stderr and "'broken' (tinyllm_echopip_broken) failed to load" in done.stderr
-    listed = subprocess.run([sys.executable, "-m", "tinyllm", "plugins", "--json"], env=env, capture_output=True,
-                            text=True, cwd=tmp_path, check=False)
+    listed = subprocess.run(
+        [sys.executable, "-m", "tinyllm", "plugins", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
     plugins = {p["name"]: p for p in json.loads(listed.stdout)}
     assert plugins["echopip"]["distribution"] == "tinyllm-echopip" and plugins["echopip"]["version"] == "0.3"
     assert listed.returncode == 1 and plugins["broken"]["loaded"] is False

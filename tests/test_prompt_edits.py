@@ -24,7 +24,9 @@ def test_with_texts_renders_the_edit_and_leaves_the_files_and_prompt_alone(folde
     prompt = load_prompt("greet", prompts_dir=folder)
     edited = prompt.with_texts("---\ntemperature: 0.5\n---\nYou are terse.\n", "Greet {{ name }} in {{ lang }}.")
     assert edited.render({"name": "Ada", "lang": "Latin"}) == [
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Greet Ada in Latin."}]
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Greet Ada in Latin."},
+    ]
     assert edited.variables == {"name", "lang"} and edited.params == {"temperature": 0.5}
     assert edited.system_path == prompt.system_path and edited.user_path == prompt.user_path
     assert prompt.render({"name": "Ada"})[0]["content"] == "You are friendly." and prompt.variables == {"name"}
@@ -53,8 +55,10 @@ def test_llmcall_takes_a_prompt_object_and_sends_its_texts(folder, server, monke
     edited = load_prompt("greet", prompts_dir=folder).with_texts("Be brief.", "Hi {{ name }}!")
     call = tinyllm.LLMCall(edited)
     assert call.call(name="Bo") == "echo: Hi Bo!"
-    assert server.chat_requests()[-1].json["messages"] == [{"role": "system", "content": "Be brief."},
-                                                          {"role": "user", "content": "Hi Bo!"}]
+    assert server.chat_requests()[-1].json["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi Bo!"},
+    ]
     assert call.respond(name="Bo").template == "greet"
     again = pickle.loads(pickle.dumps(call))  # the edited texts travel with it
     assert again.render(name="Cy")[1]["content"] == "Hi Cy!"

@@ -12,12 +12,38 @@ import tinyllm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tinyllm.__file__)))
 
 DESIGN_NAMES = {
-    "LLMCall", "get_client", "client", "register_client", "force_api_type", "force_api_cache", "configure", "get_config",
-    "count_tokens", "get_embedding", "usage_stats", "reset_usage_stats", "Client",
-    "TinyLLMError", "ConfigError", "TemplateError", "TemplateNotFoundError", "TemplateVariableError",
-    "TemplateSecurityError", "APIError", "BadRequestError", "AuthenticationError", "PermissionDeniedError",
-    "NotFoundError", "ContextWindowExceededError", "RateLimitError", "ServerError", "APIConnectionError",
-    "APITimeoutError", "ResponseError", "OutputParseError", "QueueFullError",
+    "LLMCall",
+    "get_client",
+    "client",
+    "register_client",
+    "force_api_type",
+    "force_api_cache",
+    "configure",
+    "get_config",
+    "count_tokens",
+    "get_embedding",
+    "usage_stats",
+    "reset_usage_stats",
+    "Client",
+    "TinyLLMError",
+    "ConfigError",
+    "TemplateError",
+    "TemplateNotFoundError",
+    "TemplateVariableError",
+    "TemplateSecurityError",
+    "APIError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ContextWindowExceededError",
+    "RateLimitError",
+    "ServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "ResponseError",
+    "OutputParseError",
+    "QueueFullError",
 }
 
 
@@ -54,14 +80,29 @@ def test_every_public_name_has_a_docstring():
 def test_error_tree():
     t = tinyllm
     assert issubclass(t.TemplateNotFoundError, LookupError) and issubclass(t.TemplateNotFoundError, t.TemplateError)
-    for name in ("BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
-                 "ContextWindowExceededError", "RateLimitError", "ServerError"):
+    for name in (
+        "BadRequestError",
+        "AuthenticationError",
+        "PermissionDeniedError",
+        "NotFoundError",
+        "ContextWindowExceededError",
+        "RateLimitError",
+        "ServerError",
+    ):
         assert issubclass(getattr(t, name), t.APIError)
     assert issubclass(t.APITimeoutError, t.APIConnectionError)
     # the shape of openai-python's tree where the names coincide
     assert issubclass(t.APIConnectionError, t.APIError) and not issubclass(t.APIConnectionError, t.APIStatusError)
-    for name in ("BadRequestError", "AuthenticationError", "PermissionDeniedError", "NotFoundError", "ConflictError",
-                 "UnprocessableEntityError", "RateLimitError", "InternalServerError"):
+    for name in (
+        "BadRequestError",
+        "AuthenticationError",
+        "PermissionDeniedError",
+        "NotFoundError",
+        "ConflictError",
+        "UnprocessableEntityError",
+        "RateLimitError",
+        "InternalServerError",
+    ):
         assert issubclass(getattr(t, name), t.APIStatusError), name
     assert t.InternalServerError is t.ServerError and issubclass(t.ContextWindowExceededError, t.BadRequestError)
     for name in t.__all__:
@@ -73,7 +114,9 @@ def test_error_tree():
 def test_import_is_light():
     code = "import tinyllm, sys; print(','.join(m for m in ('openai', 'tiktoken', 'llama_cpp', 'anthropic') if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout.strip()
     assert out == ""
 
 
@@ -86,14 +129,19 @@ def test_every_error_survives_pickling_with_its_attributes():
 
     special = {
         "TemplateNotFoundError": lambda cls: cls("summarize", ["prompts", "/etc/prompts"]),
-        "BudgetExceededError": lambda cls: cls("over budget", limit=1.0, spent=0.75, in_flight=0.1, estimate=0.3,
-                                               model="gpt-4o-mini"),
-        "ContextWindowExceededError": lambda cls: cls("too long", prompt_tokens=9000, max_tokens=100,
-                                                      context_window=8192, status_code=400),
+        "BudgetExceededError": lambda cls: cls(
+            "over budget", limit=1.0, spent=0.75, in_flight=0.1, estimate=0.3, model="gpt-4o-mini"
+        ),
+        "ContextWindowExceededError": lambda cls: cls(
+            "too long", prompt_tokens=9000, max_tokens=100, context_window=8192, status_code=400
+        ),
         "TemplateVariableError": lambda cls: cls("missing", variable="text", template="a.md"),
     }
-    classes = [getattr(errors, name) for name in errors.__all__
-               if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), errors.TinyLLMError)]
+    classes = [
+        getattr(errors, name)
+        for name in errors.__all__
+        if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), errors.TinyLLMError)
+    ]
     assert len(classes) > 20
     for cls in classes:
         made = special.get(cls.__name__, lambda c: c("it failed"))(cls)

@@ -79,8 +79,12 @@ def raw(redis_server):
 @pytest.fixture(scope="session")
 def _zygote():
     """A warm process (tests/redis_worker.py) that forks worker processes on request."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("redis_worker.py"))],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("redis_worker.py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     yield proc
     proc.stdin.close()
@@ -100,15 +104,29 @@ def zygote(_zygote):
 class Workers:
     """``n`` worker processes, started together; :meth:`reports` waits for what each did."""
 
-    def __init__(self, zygote, n: int, server, redis_url: str, *, calls: list[list[str]], threads: int = 1,
-                 settings: dict | None = None) -> None:
+    def __init__(
+        self,
+        zygote,
+        n: int,
+        server,
+        redis_url: str,
+        *,
+        calls: list[list[str]],
+        threads: int = 1,
+        settings: dict | None = None,
+    ) -> None:
         listener = socket.create_server(("127.0.0.1", 0))
         listener.settimeout(30)
         port = listener.getsockname()[1]
         self.pids = []
         for i in range(n):
-            args = {"base_url": server.base_url, "api_key": KEY, "threads": threads, "messages": calls[i],
-                    "settings": {"redis_url": redis_url, "redis_prefix": PREFIX, **(settings or {})}}
+            args = {
+                "base_url": server.base_url,
+                "api_key": KEY,
+                "threads": threads,
+                "messages": calls[i],
+                "settings": {"redis_url": redis_url, "redis_prefix": PREFIX, **(settings or {})},
+            }
             zygote.stdin.write(json.dumps({"port": port, "args": args}) + "\n")
             zygote.stdin.flush()
             self.pids.append(int(zygote.stdout.readline()))
@@ -153,10 +171,14 @@ def _msg(text: str) -> list[dict]:
 
 
 @pytest.mark.slow  # several processes at once
-def test_four_processes_share_one_cache_no_entry_lost_and_stats_count_every_process(zygote, server, redis_url, raw, monkeypatch):
+def test_four_processes_share_one_cache_no_entry_lost_and_stats_count_every_process(
+    zygote, server, redis_url, raw, monkeypatch
+):
     shared = [f"shared-{i}" for i in range(5)]
     calls = [[f"p{k}-{i}" for i in range(20)] + shared for k in range(4)]
-    results = Workers(zygote, 4, server, redis_url, calls=calls, threads=4, settings={"cache_api_calls": True}).reports()
+    results = Workers(
+        zygote, 4, server, redis_url, calls=calls, threads=4, settings={"cache_api_calls": True}
+    ).reports()
     assert all(status == "ok" for r in results for status, _ in r["calls"])
     distinct = {m for c in calls for m in c}
     assert len(distinct) == 85
@@ -189,11 +211,15 @@ def test_four_processes_share_one_cache_no_entry_lost_and_stats_count_every_proc
 def test_cache_values_are_json_never_pickle_ttl_and_clear_by_prefix(redis_url, raw, tmp_path, caplog):
     cache = RedisCache(redis_url, PREFIX, ttl=100)
     cache.set("k1", {"message": {"role": "assistant", "content": "hi"}, "usage": {"total_tokens": 3}})
-    assert json.loads(raw.get(f"{PREFIX}:cache:v1:e:k1")) == {"message": {"role": "assistant", "content": "hi"},
-                                                             "usage": {"total_tokens": 3}}
+    assert json.loads(raw.get(f"{PREFIX}:cache:v1:e:k1")) == {
+        "message": {"role": "assistant", "content": "hi"},
+        "usage": {"total_tokens": 3},
+    }
     assert 0 < raw.pttl(f"{PREFIX}:cache:v1:e:k1") <= 100_000
-    assert cache.get_many(["k1", "nope"], "D") == [{"message": {"role": "assistant", "content": "hi"},
-                                                   "usage": {"total_tokens": 3}}, "D"]
+    assert cache.get_many(["k1", "nope"], "D") == [
+        {"message": {"role": "assistant", "content": "hi"}, "usage": {"total_tokens": 3}},
+        "D",
+    ]
     with pytest.raises(TypeError):
         cache.set("k2", b"bytes are not JSON")
 
@@ -221,7 +247,9 @@ def test_cache_values_are_json_never_pickle_ttl_and_clear_by_prefix(redis_url, r
 def test_cluster_wide_concurrency_limit_holds_across_three_processes(zygote, server, redis_url):
     server.latency = 0.05
     calls = [[f"p{k}-{i}" for i in range(10)] for k in range(3)]
-    results = Workers(zygote, 3, server, redis_url, calls=calls, threads=6, settings={"max_concurrent_requests": 3}).reports()
+    results = Workers(
+        zygote, 3, server, redis_url, calls=calls, threads=6, settings={"max_concurrent_requests": 3}
+    ).reports()
     assert [status for r in results for status, _ in r["calls"]] == ["ok"] * 30
     assert len(server.chat_requests()) == 30
     assert server.max_in_flight == 3  # never above N (each process alone would allow 3: 9 in all)
@@ -229,8 +257,9 @@ def test_cluster_wide_concurrency_limit_holds_across_three_processes(zygote, ser
 
 @pytest.mark.slow
 def test_requests_per_minute_held_exactly_across_processes(zygote, server, redis_url):
-    results = Workers(zygote, 3, server, redis_url, calls=[["a", "b"]] * 3,
-                      settings={"requests_per_minute": 3, "queue_timeout": 10}).reports()
+    results = Workers(
+        zygote, 3, server, redis_url, calls=[["a", "b"]] * 3, settings={"requests_per_minute": 3, "queue_timeout": 10}
+    ).reports()
     statuses = sorted(status for r in results for status, _ in r["calls"])
     assert statuses == ["QueueFullError"] * 3 + ["ok"] * 3
     assert len(server.chat_requests()) == 3  # one minute's worth, from all processes together
@@ -241,7 +270,9 @@ def test_requests_per_minute_held_exactly_across_processes(zygote, server, redis
 @pytest.mark.slow
 def test_a_killed_process_slot_comes_back_after_its_lease(zygote, server, redis_url):
     settings = {"max_concurrent_requests": 1, "redis_slot_lease": 2.0, "timeout": 1.5, "max_attempts": 1}
-    impatient = _client(server, redis_url=redis_url, queue_timeout=0.1, **settings)  # warm: it tries well within the lease
+    impatient = _client(
+        server, redis_url=redis_url, queue_timeout=0.1, **settings
+    )  # warm: it tries well within the lease
     server.enqueue(Hang(30))
     worker = Workers(zygote, 1, server, redis_url, calls=[["hang"]], settings=settings)
     deadline = time.monotonic() + 10
@@ -287,8 +318,13 @@ def test_async_calls_share_the_cluster_limit(server, redis_url):
 def test_limits_are_per_api_key_and_keys_are_hashed(server, redis_url, raw):
     server.latency = 0.2
     a = _client(server, redis_url=redis_url, max_concurrent_requests=1, requests_per_minute=100)
-    b = _client(server, api_key="sk-other-key-999999999", redis_url=redis_url, max_concurrent_requests=1,
-                requests_per_minute=100)
+    b = _client(
+        server,
+        api_key="sk-other-key-999999999",
+        redis_url=redis_url,
+        max_concurrent_requests=1,
+        requests_per_minute=100,
+    )
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda c: c.send_message(_msg("x")), [a, b]))
     assert server.max_in_flight == 2  # two keys: two budgets
@@ -354,11 +390,13 @@ def test_embeddings_use_one_redis_lookup_for_the_whole_batch(server, redis_url):
 
 
 def test_without_redis_url_nothing_imports_redis(tmp_path):
-    code = ("import sys, tinyllm\n"
-            "from tinyllm.limits import RequestQueue\n"
-            "from tinyllm.config import get_config\n"
-            "cfg = get_config().replace({'requests_per_minute': 60})\n"
-            "with RequestQueue('q').slot(cfg), RequestQueue('q').lease(cfg):\n"
-            "    pass\n"
-            "assert 'redis' not in sys.modules, 'redis imported'\n")
+    code = (
+        "import sys, tinyllm\n"
+        "from tinyllm.limits import RequestQueue\n"
+        "from tinyllm.config import get_config\n"
+        "cfg = get_config().replace({'requests_per_minute': 60})\n"
+        "with RequestQueue('q').slot(cfg), RequestQueue('q').lease(cfg):\n"
+        "    pass\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

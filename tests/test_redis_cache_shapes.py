@@ -37,8 +37,13 @@ def raw(redis_port):
 @pytest.fixture
 def wired(server, monkeypatch, redis_port, raw):
     wire(server, monkeypatch, KEY)
-    tinyllm.configure(redis_url=f"redis://127.0.0.1:{redis_port}/0", redis_prefix=PREFIX, cache_api_calls=True,
-                      cache_backend="redis", limits_backend="local")
+    tinyllm.configure(
+        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        redis_prefix=PREFIX,
+        cache_api_calls=True,
+        cache_backend="redis",
+        limits_backend="local",
+    )
     return server
 
 
@@ -49,17 +54,29 @@ def entries(raw) -> list[bytes]:
 MESSAGES = [{"role": "user", "content": "capital of France?"}]
 
 
-@pytest.mark.parametrize("bad", [
-    json.dumps({"message": 5}),
-    json.dumps([1, 2, 3]),
-    json.dumps("just text"),
-    json.dumps({"message": {"role": "assistant", "content": "cached"}, "usage": "zzz"}),
-    json.dumps({"message": {"role": "assistant", "content": "cached"}, "usage": {"prompt_tokens": "many"}}),
-    json.dumps({"message": {"role": "assistant", "content": {"an": "object"}}}),
-    json.dumps({"message": {"role": "assistant", "content": "x", "tool_calls": "nope"}}),
-    "[" * 100_000 + "]" * 100_000,
-], ids=["message-5", "a-list", "a-string", "usage-zzz", "usage-count-text", "content-object", "tool-calls-text",
-        "deep-nesting"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        json.dumps({"message": 5}),
+        json.dumps([1, 2, 3]),
+        json.dumps("just text"),
+        json.dumps({"message": {"role": "assistant", "content": "cached"}, "usage": "zzz"}),
+        json.dumps({"message": {"role": "assistant", "content": "cached"}, "usage": {"prompt_tokens": "many"}}),
+        json.dumps({"message": {"role": "assistant", "content": {"an": "object"}}}),
+        json.dumps({"message": {"role": "assistant", "content": "x", "tool_calls": "nope"}}),
+        "[" * 100_000 + "]" * 100_000,
+    ],
+    ids=[
+        "message-5",
+        "a-list",
+        "a-string",
+        "usage-zzz",
+        "usage-count-text",
+        "content-object",
+        "tool-calls-text",
+        "deep-nesting",
+    ],
+)
 def test_an_entry_of_the_wrong_shape_is_a_logged_miss(wired, raw, caplog, bad):
     client = tinyllm.get_client()
     wired.enqueue(Reply("Paris."))

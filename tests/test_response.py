@@ -35,7 +35,10 @@ def test_respond_returns_the_whole_record(wired, prompts, sleeps):
     response = LLMCall("num.system.md", prompts_dir=prompts).respond(question="6 x 7?")
     assert isinstance(response, Response)
     assert response.value == 42 and response.text == "42" and response.message["role"] == "assistant"
-    assert response.messages == [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "6 x 7?"}]
+    assert response.messages == [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "6 x 7?"},
+    ]
     assert response.retries == 1 and response.output_retries == 1
     sent = wired.chat_requests()
     assert len(sent) == 3
@@ -62,7 +65,10 @@ def test_arespond_and_chat_respond(wired, prompts):
     assert response.text == "echo async"
     chat = LLMChat(system="be brief")
     turn = chat.respond("one")
-    assert turn.text == "echo one" and turn.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"}]
+    assert turn.text == "echo one" and turn.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "one"},
+    ]
     assert chat.history[-1]["content"] == "echo one"
     assert asyncio.run(chat.arespond("two")).messages[-1] == {"role": "user", "content": "two"}
 

@@ -173,7 +173,14 @@ def test_to_jsonl_resumes_retries_errors_and_orders_the_file(tmp_path: Path):
     rows = lambda: ((f"k{i}", i) for i in range(8))  # noqa: E731
     out.write_text('{"id": "k1", "content": -1}\n{"id": "gone", "content": 0}\n{"id": "k2", "cont', encoding="utf-8")
     s = Runner(fn, max_workers=3).to_jsonl(rows, out, line=line_of)
-    assert (s.total, s.done_before, s.done_now, s.failed, s.dropped, s.failed_kinds) == (8, 1, 5, 2, 1, {"ValueError": 2})
+    assert (s.total, s.done_before, s.done_now, s.failed, s.dropped, s.failed_kinds) == (
+        8,
+        1,
+        5,
+        2,
+        1,
+        {"ValueError": 2},
+    )
     assert sorted(calls) == [0, 2, 3, 4, 5, 6, 7]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in lines] == [f"k{i}" for i in range(8)] and lines[3] == {"id": "k3", "error": "no 3"}
@@ -182,7 +189,9 @@ def test_to_jsonl_resumes_retries_errors_and_orders_the_file(tmp_path: Path):
     calls.clear()
     s = Runner(fn).to_jsonl(rows, out, line=line_of)
     assert sorted(calls) == [3, 5] and (s.done_now, s.done_before, s.failed) == (2, 6, 0)
-    assert [json.loads(line) for line in out.read_text().splitlines()] == [{"id": f"k{i}", "content": -i} for i in range(8)]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"id": f"k{i}", "content": -i} for i in range(8)
+    ]
 
 
 def test_to_jsonl_a_fatal_error_stops_the_run_keeping_finished_rows(tmp_path: Path):
@@ -194,7 +203,9 @@ def test_to_jsonl_a_fatal_error_stops_the_run_keeping_finished_rows(tmp_path: Pa
         return x
 
     with pytest.raises(ConfigError):
-        Runner(fn, max_workers=1).to_jsonl(lambda: ((i, i) for i in range(1000)), out, line=line_of, fatal=(ConfigError,))
+        Runner(fn, max_workers=1).to_jsonl(
+            lambda: ((i, i) for i in range(1000)), out, line=line_of, fatal=(ConfigError,)
+        )
     kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
     assert kept == list(range(50))  # one worker: in order up to the fatal row, which is not written
 

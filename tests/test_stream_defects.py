@@ -21,8 +21,14 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
 
 @pytest.fixture
 def mine(server):
-    return OpenAIClient(base_url=server.base_url, api_key=KEY, waiting_time=0.001, cache=False,
-                        max_concurrent_requests=1, queue_timeout=0.5)
+    return OpenAIClient(
+        base_url=server.base_url,
+        api_key=KEY,
+        waiting_time=0.001,
+        cache=False,
+        max_concurrent_requests=1,
+        queue_timeout=0.5,
+    )
 
 
 @pytest.fixture
@@ -30,10 +36,14 @@ def prompts(tmp_path):
     return question_prompts(tmp_path, ask="You answer briefly.\n")
 
 
-@pytest.mark.parametrize("message", [
-    {"content": None, "refusal": "I can't help with that request, sorry."},
-    {"content": None, "tool_calls": [CALL]},
-], ids=["refusal", "tool-calls-only"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"content": None, "refusal": "I can't help with that request, sorry."},
+        {"content": None, "tool_calls": [CALL]},
+    ],
+    ids=["refusal", "tool-calls-only"],
+)
 def test_null_content_stays_none_when_streamed(server, mine, message):
     server.enqueue(Message(dict(message)))
     plain = mine.request([{"role": "user", "content": "q"}])
@@ -98,8 +108,10 @@ def test_a_dropped_stream_with_tools_frees_its_slot_at_once(server, mine, prompt
         """The weather in a city."""
         return "sunny"
 
-    server.enqueue(Stream(Message({"content": None, "tool_calls": [CALL]})),
-                   Stream(Reply("it is sunny in Paris today"), delay=0.02))
+    server.enqueue(
+        Stream(Message({"content": None, "tool_calls": [CALL]})),
+        Stream(Reply("it is sunny in Paris today"), delay=0.02),
+    )
     response = LLMCall("ask", prompts_dir=prompts, client=mine, tools=[get_weather]).stream(question="q")
     next(iter(response))
     assert mine.queue.in_flight == 1
@@ -141,8 +153,10 @@ def test_a_dropped_async_stream_with_tools_frees_its_slot_at_once(server, mine, 
 
     async def main():
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
-        server.enqueue(Stream(Message({"content": None, "tool_calls": [CALL]})),
-                       Stream(Reply("it is sunny in Paris today"), delay=0.02))
+        server.enqueue(
+            Stream(Message({"content": None, "tool_calls": [CALL]})),
+            Stream(Reply("it is sunny in Paris today"), delay=0.02),
+        )
         response = await call.astream(question="q")
         async for _ in response:
             break
@@ -173,7 +187,9 @@ def test_a_dropped_async_client_stream_frees_its_slot_at_once(server, mine, no_g
 
 
 def test_closing_explicitly_still_works_and_a_complete_stream_is_cached(server, prompts):
-    client = OpenAIClient(base_url=server.base_url, api_key=KEY, waiting_time=0.001, cache=True, max_concurrent_requests=1)
+    client = OpenAIClient(
+        base_url=server.base_url, api_key=KEY, waiting_time=0.001, cache=True, max_concurrent_requests=1
+    )
     call = LLMCall("ask", prompts_dir=prompts, client=client)
     server.enqueue(Stream(Reply("stored once")))
     with warnings.catch_warnings():

@@ -44,8 +44,16 @@ def db(tmp_path):
 @pytest.fixture
 def wired(server, monkeypatch, db):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    tinyllm.configure(api_type="openai", base_url=server.base_url, waiting_time=0.001, model="gpt-4o-mini",
-                      log_calls=True, log_db=db, max_concurrent_requests=1, queue_timeout=0.5)
+    tinyllm.configure(
+        api_type="openai",
+        base_url=server.base_url,
+        waiting_time=0.001,
+        model="gpt-4o-mini",
+        log_calls=True,
+        log_db=db,
+        max_concurrent_requests=1,
+        queue_timeout=0.5,
+    )
     return server
 
 
@@ -251,8 +259,10 @@ def test_a_tool_round_stream_is_one_row_with_its_tool_rounds(wired, prompts, db)
 
 
 def test_a_tool_round_stream_dropped_in_its_second_reply_keeps_the_round(wired, prompts, db):
-    wired.enqueue(Stream(Message({"content": None, "tool_calls": [CALL]})),
-                  Stream(Reply("it is sunny in Paris today"), delay=0.02))
+    wired.enqueue(
+        Stream(Message({"content": None, "tool_calls": [CALL]})),
+        Stream(Reply("it is sunny in Paris today"), delay=0.02),
+    )
     response = LLMCall("ask", prompts_dir=prompts, tools=[get_weather]).stream(question="weather?")
     gc.disable()
     try:
@@ -271,15 +281,23 @@ def test_a_failed_tool_call_is_in_the_row_of_a_plain_call(wired, prompts, db):
         """Always fails."""
         raise RuntimeError("no forecast for " + city)
 
-    wired.enqueue(Message({"content": None, "tool_calls": [dict(CALL, function={"name": "broken", "arguments": '{"city": "Oslo"}'})]}),
-                  Reply("I could not get it."))
+    wired.enqueue(
+        Message(
+            {"content": None, "tool_calls": [dict(CALL, function={"name": "broken", "arguments": '{"city": "Oslo"}'})]}
+        ),
+        Reply("I could not get it."),
+    )
     LLMCall("ask", prompts_dir=prompts, tools=[broken]).call(question="weather?")
     (row,) = rows(db)
     (call,) = row["tool_rounds"][0]["calls"]
-    assert call["name"] == "broken" and call["arguments"] == {"city": "Oslo"} and "no forecast for Oslo" in call["error"]
+    assert (
+        call["name"] == "broken" and call["arguments"] == {"city": "Oslo"} and "no forecast for Oslo" in call["error"]
+    )
     result = CliRunner().invoke(cli, ["logs", "--db", str(db), "show", row["id"]])
     assert result.exit_code == 0, result.output
-    assert "--- tool round 1 (" in result.output and "broken" in result.output and "no forecast for Oslo" in result.output
+    assert (
+        "--- tool round 1 (" in result.output and "broken" in result.output and "no forecast for Oslo" in result.output
+    )
 
 
 def test_logs_show_prints_the_partial_text_of_a_failed_stream(wired, prompts, db):
@@ -344,7 +362,9 @@ def test_a_log_of_the_old_schema_is_read_as_is_then_migrated_on_the_first_write(
     assert len(rows(db)) == 3
     conn = calllog.connect(str(db))
     try:
-        assert [r["template"] for r in calllog.query(conn, text="old")] == ["old.system.md"]  # full-text search still works
+        assert [r["template"] for r in calllog.query(conn, text="old")] == [
+            "old.system.md"
+        ]  # full-text search still works
     finally:
         conn.close()
 

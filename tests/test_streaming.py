@@ -195,8 +195,13 @@ def test_a_client_that_cannot_stream_answers_in_one_piece(prompts):
 
 
 def _env(server):
-    return {**os.environ, "OPENAI_API_KEY": KEY, "TINYLLM_BASE_URL": server.base_url, "TINYLLM_API_TYPE": "openai",
-            "PYTHONPATH": ROOT}
+    return {
+        **os.environ,
+        "OPENAI_API_KEY": KEY,
+        "TINYLLM_BASE_URL": server.base_url,
+        "TINYLLM_API_TYPE": "openai",
+        "PYTHONPATH": ROOT,
+    }
 
 
 @pytest.mark.slow
@@ -207,7 +212,7 @@ def test_call_streams_with_stream_and_prints_the_record_with_json(server, prompt
     assert out.returncode == 0, out.stderr
     assert out.stdout == "streamed to the shell\n" and server.chat_requests()[-1].json["stream"] is True
     out = subprocess.run([*cmd, "--stream", "--json"], capture_output=True, text=True, env=_env(server), timeout=60)
-    record = json.loads(out.stdout.splitlines()[-1][len("streamed to the shell"):])
+    record = json.loads(out.stdout.splitlines()[-1][len("streamed to the shell") :])
     assert record["content"] == "streamed to the shell" and record["time_to_first_token"] is not None
     out = subprocess.run([*cmd], capture_output=True, text=True, env=_env(server), timeout=60)  # not a terminal
     assert out.stdout == "streamed to the shell\n" and "stream" not in server.chat_requests()[-1].json
@@ -322,8 +327,10 @@ def test_a_stream_longer_than_timeout_runs_while_chunks_keep_coming(server, prom
     if mode == "sync":
         text = "".join(call.stream(question="q"))
     else:
+
         async def read() -> str:
             return "".join([delta async for delta in await call.astream(question="q")])
+
         text = asyncio.run(read())
     assert text == words
 

@@ -136,8 +136,11 @@ def test_explicit_user_template_overrides_sibling(tmp_path):
 
 def test_front_matter_parsed_merged_and_stripped(tmp_path):
     d = tmp_path / "prompts"
-    write(d / "f.system.md", "---\ndescription: Does f.\nmodel: m1\ntemperature: 0.5\nmax_tokens: 20\n"
-          "output_type: json\noutput_retries: 2\nstop: ['##']\n---\nSystem {{ a }}\n")
+    write(
+        d / "f.system.md",
+        "---\ndescription: Does f.\nmodel: m1\ntemperature: 0.5\nmax_tokens: 20\n"
+        "output_type: json\noutput_retries: 2\nstop: ['##']\n---\nSystem {{ a }}\n",
+    )
     write(d / "f.user.md", "---\ntemperature: 0\nseed: 7\n---\nUser {{ b }}\n")
     p = load_prompt("f.system.md")
     assert p.description == "Does f." and p.output_type == "json" and p.output_retries == 2
@@ -276,8 +279,11 @@ def test_include_within_search_path(tmp_path):
 
 def test_variables_detected_across_all_parts(tmp_path):
     d = tmp_path / "prompts"
-    write(d / "m.system.md", "---\nmessages:\n  - user: 'Example about {{ topic }}'\n  - assistant: ok\n---\n"
-          "{% set local = 1 %}{{ a }} {{ local }} {% for i in items %}{{ i }}{% endfor %}")
+    write(
+        d / "m.system.md",
+        "---\nmessages:\n  - user: 'Example about {{ topic }}'\n  - assistant: ok\n---\n"
+        "{% set local = 1 %}{{ a }} {{ local }} {% for i in items %}{{ i }}{% endfor %}",
+    )
     write(d / "m.user.md", "{{ b | default('x') }} {{ a }}")
     assert load_prompt("m.system.md").variables == {"a", "b", "items", "topic"}
 
@@ -287,8 +293,11 @@ def test_variables_detected_across_all_parts(tmp_path):
 
 def test_multi_message_order(tmp_path):
     d = tmp_path / "prompts"
-    write(d / "fs.system.md", "---\nmessages:\n  - user: 'Q: {{ example }}'\n  - assistant: |\n      A: 42\n"
-          "  - developer: note\n---\nYou answer.\n")
+    write(
+        d / "fs.system.md",
+        "---\nmessages:\n  - user: 'Q: {{ example }}'\n  - assistant: |\n      A: 42\n"
+        "  - developer: note\n---\nYou answer.\n",
+    )
     write(d / "fs.user.md", "Q: {{ question }}")
     p = load_prompt("fs.system.md")
     assert "messages" not in p.params
@@ -305,8 +314,11 @@ def test_render_without_the_user_body(tmp_path):
     d = tmp_path / "prompts"
     write(d / "u.system.md", "System {{ a }}.")
     write(d / "u.user.md", "---\nmessages:\n  - user: 'shot {{ a }}'\n  - assistant: ok\n---\nBody {{ b }}")
-    expected = [{"role": "system", "content": "System 1."}, {"role": "user", "content": "shot 1"},
-                {"role": "assistant", "content": "ok"}]
+    expected = [
+        {"role": "system", "content": "System 1."},
+        {"role": "user", "content": "shot 1"},
+        {"role": "assistant", "content": "ok"},
+    ]
     p = load_prompt("u.system.md")
     assert p.render({"a": 1}, include_user=False) == expected  # b, used only by the user body, not needed
     assert p.render({"a": 1, "b": 2}) == [*expected, {"role": "user", "content": "Body 2"}]
@@ -378,7 +390,9 @@ def test_files_are_looked_at_most_every_file_check_interval(tmp_path):
     bump(f, "two")
     write(tmp_path / "prompts" / "d.user.md", "a new sibling")
     assert load_prompt("d.system.md") is p1  # not looked at again within 30 s
-    assert load_prompt("d.system.md", prompts_dir=tmp_path / "prompts").render({})[0]["content"] == "two"  # other arguments: looked up
+    assert (
+        load_prompt("d.system.md", prompts_dir=tmp_path / "prompts").render({})[0]["content"] == "two"
+    )  # other arguments: looked up
     configure(file_check_interval=0)
     p2 = load_prompt("d.system.md")
     assert [m["content"] for m in p2.render({})] == ["two", "a new sibling"]
@@ -561,13 +575,23 @@ def test_yaml_nested_too_deeply_is_template_error(tmp_path):
 
 
 def test_yes_no_and_on_off_stay_strings_only_true_false_are_booleans(tmp_path):
-    write(tmp_path / "prompts" / "yn.system.md",
-          "---\noutput_type: [yes, no, Yes, NO, on, off, y, n]\ntemperature: 0\ntop_p: 0.5\nstream: true\n"
-          "store: False\nlogprobs: TRUE\nseed: null\nstop: [yes]\nmetadata: {on: off}\n---\nbody")
+    write(
+        tmp_path / "prompts" / "yn.system.md",
+        "---\noutput_type: [yes, no, Yes, NO, on, off, y, n]\ntemperature: 0\ntop_p: 0.5\nstream: true\n"
+        "store: False\nlogprobs: TRUE\nseed: null\nstop: [yes]\nmetadata: {on: off}\n---\nbody",
+    )
     p = load_prompt("yn.system.md")
     assert p.output_type == ["yes", "no", "Yes", "NO", "on", "off", "y", "n"]
-    assert p.params == {"temperature": 0, "top_p": 0.5, "stream": True, "store": False, "logprobs": True,
-                        "seed": None, "stop": ["yes"], "metadata": {"on": "off"}}
+    assert p.params == {
+        "temperature": 0,
+        "top_p": 0.5,
+        "stream": True,
+        "store": False,
+        "logprobs": True,
+        "seed": None,
+        "stop": ["yes"],
+        "metadata": {"on": "off"},
+    }
     assert type(p.params["temperature"]) is int and type(p.params["stream"]) is bool
 
 
@@ -639,8 +663,10 @@ def test_short_names_in_the_library(tmp_path):
     write(a / "y.user.txt", "y user")
     write(a / "plain", "a file named plain")
     assert load_prompt("x", prompts_dir=[a, b]).render() == [{"role": "system", "content": "x md"}]
-    assert load_prompt("y", prompts_dir=[a, b]).render() == [{"role": "system", "content": "y txt"},
-                                                             {"role": "user", "content": "y user"}]
+    assert load_prompt("y", prompts_dir=[a, b]).render() == [
+        {"role": "system", "content": "y txt"},
+        {"role": "user", "content": "y user"},
+    ]
     assert load_prompt("plain", prompts_dir=[a]).render()[0]["content"] == "a file named plain"
     assert load_prompt(str(a / "y")).system_path == a / "y.system.txt"  # a path without .system.
     with pytest.raises(TemplateNotFoundError) as info:
@@ -648,11 +674,18 @@ def test_short_names_in_the_library(tmp_path):
     assert info.value.name == "nosuch.system.md" and str(a) in info.value.searched
 
 
-@pytest.mark.parametrize("key, suggestion", [
-    ("temprature", "temperature"), ("max_token", "max_tokens"), ("top-p", "top_p"),
-    ("freq_penalty", "frequency_penalty"), ("respone_format", "response_format"), ("output_types", "output_type"),
-    ("extra_bdy", "extra_body"),
-])
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("temprature", "temperature"),
+        ("max_token", "max_tokens"),
+        ("top-p", "top_p"),
+        ("freq_penalty", "frequency_penalty"),
+        ("respone_format", "response_format"),
+        ("output_types", "output_type"),
+        ("extra_bdy", "extra_body"),
+    ],
+)
 def test_misspelled_parameter_is_refused_with_the_right_name(tmp_path, key, suggestion):
     write(tmp_path / "prompts" / "t.system.md", "sys")
     user = write(tmp_path / "prompts" / "t.user.md", f"---\n{key}: 0\n---\nuser")
@@ -663,12 +696,20 @@ def test_misspelled_parameter_is_refused_with_the_right_name(tmp_path, key, sugg
 
 
 def test_known_server_and_custom_parameters_are_kept(tmp_path):
-    write(tmp_path / "prompts" / "k.system.md",
-          "---\ntop_k: 40\nmin_p: 0.1\nmin_tokens: 2\nmodels: [a, b]\nnum_ctx: 4096\ncache_prompt: true\n"
-          "extra_body: {temprature_like_custom: 1, top_k: 5}\n---\nsys")
+    write(
+        tmp_path / "prompts" / "k.system.md",
+        "---\ntop_k: 40\nmin_p: 0.1\nmin_tokens: 2\nmodels: [a, b]\nnum_ctx: 4096\ncache_prompt: true\n"
+        "extra_body: {temprature_like_custom: 1, top_k: 5}\n---\nsys",
+    )
     assert load_prompt("k.system.md").params == {
-        "top_k": 40, "min_p": 0.1, "min_tokens": 2, "models": ["a", "b"], "num_ctx": 4096, "cache_prompt": True,
-        "extra_body": {"temprature_like_custom": 1, "top_k": 5}}
+        "top_k": 40,
+        "min_p": 0.1,
+        "min_tokens": 2,
+        "models": ["a", "b"],
+        "num_ctx": 4096,
+        "cache_prompt": True,
+        "extra_body": {"temprature_like_custom": 1, "top_k": 5},
+    }
 
 
 @pytest.mark.parametrize("value", ["[1, 2]", "text", "{1: x}"])
@@ -688,7 +729,9 @@ def test_extra_body_from_front_matter_reaches_the_server(tmp_path, server):
     from tinyllm import LLMCall
 
     configure(api_type="openai", base_url=server.base_url, max_attempts=1)
-    write(tmp_path / "prompts" / "x.system.md", "---\ntemperature: 0\nextra_body:\n  top_k: 5\n  my_flag: yes\n---\nsys")
+    write(
+        tmp_path / "prompts" / "x.system.md", "---\ntemperature: 0\nextra_body:\n  top_k: 5\n  my_flag: yes\n---\nsys"
+    )
     LLMCall("x", model="some-local-model").call()
     body = server.chat_requests()[0].json
     assert body["top_k"] == 5 and body["my_flag"] == "yes" and body["temperature"] == 0

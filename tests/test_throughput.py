@@ -182,6 +182,7 @@ def test_threads_and_tasks_share_one_limit(setup):
 def test_acall_works_in_successive_event_loops(setup):
     call = item_call()
     for round_ in range(3):  # each asyncio.run has its own loop; the SDK's pool must not leak across
+
         async def main():
             return await asyncio.gather(*(call.acall(n=i) for i in range(10)))
 
@@ -534,7 +535,11 @@ def test_usage_record_is_thread_safe():
         t.join()
     stats = usage_stats()
     assert (stats["calls"], stats["prompt_tokens"], stats["completion_tokens"], stats["total_tokens"]) == (
-        40000, 120000, 80000, 200000)
+        40000,
+        120000,
+        80000,
+        200000,
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -553,7 +558,9 @@ def test_import_tinyllm_leaves_the_optional_helpers_unloaded():
     # each is loaded where it is used: tqdm by map(progress=True), limits when a rate limit
     # is set, filelock by the persistent cache, yaml by the first front matter
     root = str(Path(tinyllm.__file__).resolve().parents[1])
-    code = ("import tinyllm, sys; bad=[m for m in ('tqdm','limits','filelock','yaml') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import tinyllm, sys; bad=[m for m in ('tqdm','limits','filelock','yaml') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

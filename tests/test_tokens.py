@@ -148,8 +148,14 @@ def test_counts_with_an_unwritable_tiktoken_cache_dir(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a regular file")
     env = dict(os.environ, PYTHONPATH=str(ROOT), TIKTOKEN_CACHE_DIR=str(blocker / "cache"))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_COUNT_BOTH)], env=env, cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_COUNT_BOTH)],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok"]
 
@@ -160,8 +166,14 @@ def test_counting_writes_no_file(tmp_path):
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
     env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_COUNT_BOTH)], env=env, cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_COUNT_BOTH)],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert list(tmp.rglob("*")) == []
 
@@ -311,7 +323,9 @@ def test_count_unknown_model_uses_o200k():
     assert count_tokens(EXAMPLE_MESSAGES, "my-local-model") == count_tokens(EXAMPLE_MESSAGES, "gpt-4o")
 
 
-@pytest.mark.parametrize("bad", [42, None, {"role": "user", "content": "hi"}, ["hi"], [{"role": "user", "content": [3]}]])
+@pytest.mark.parametrize(
+    "bad", [42, None, {"role": "user", "content": "hi"}, ["hi"], [{"role": "user", "content": [3]}]]
+)
 def test_count_bad_input_type(bad):
     with pytest.raises(TypeError):
         count_tokens(bad, "gpt-4o")

@@ -98,7 +98,9 @@ def hang(seconds: float) -> str:
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_a_hanging_tool_is_cut_off_and_the_model_told(wired, asynchronous):
-    wired.enqueue(asks(call("hang", {"seconds": 30}, "call_slow"), call("hang", {"seconds": 0}, "call_quick")), Reply("ok"))
+    wired.enqueue(
+        asks(call("hang", {"seconds": 30}, "call_slow"), call("hang", {"seconds": 0}, "call_quick")), Reply("ok")
+    )
     llm = LLMCall("q.system.md", tools=[hang], tool_timeout=0.2)
     started = time.monotonic()
     response = asyncio.run(llm.arespond(question="?")) if asynchronous else llm.respond(question="?")

@@ -66,7 +66,9 @@ def test_functions_are_not_strict_unless_asked():
     assert "strict" not in loose and loose["parameters"]["required"] == ["city"]
     strict = Tool(lookup, strict=True).spec()["function"]
     assert strict["strict"] is True and strict["description"] == "The weather."
-    assert strict["parameters"]["required"] == ["city", "unit"] and strict["parameters"]["additionalProperties"] is False
+    assert (
+        strict["parameters"]["required"] == ["city", "unit"] and strict["parameters"]["additionalProperties"] is False
+    )
     assert "strict" not in Tool(Order, strict=False).spec()["function"]
 
 
@@ -74,8 +76,14 @@ def test_the_server_receives_the_sdk_spec(server, tmp_path):
     configure(api_type="openai", base_url=server.base_url, waiting_time=0, model="gpt-4o-mini")
     write(tmp_path / "prompts" / "q.system.md", "Answer.")
     write(tmp_path / "prompts" / "q.user.md", "{{ question }}")
-    call = {"id": "c1", "type": "function", "function": {"name": "Order", "arguments": '{"item": "tea", "quantity": 2, '
-                                                                                      '"ship_to": {"street": "x", "zip_code": null}}'}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {
+            "name": "Order",
+            "arguments": '{"item": "tea", "quantity": 2, "ship_to": {"street": "x", "zip_code": null}}',
+        },
+    }
     server.enqueue(Message({"content": None, "tool_calls": [call]}), Reply("ordered"))
     r = LLMCall("q", tools=[Order]).respond(question="?")
     assert r.value == "ordered" and r.tool_calls[0].result.item == "tea"

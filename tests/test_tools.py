@@ -15,8 +15,17 @@ from fakeserver import Message, Reply
 from pydantic import BaseModel, Field
 
 import tinyllm
-from tinyllm import (Capabilities, ConfigError, LLMCall, LLMChat, ResponseError, TemplateError, ToolError,
-                     ToolRoundsExceededError, configure)
+from tinyllm import (
+    Capabilities,
+    ConfigError,
+    LLMCall,
+    LLMChat,
+    ResponseError,
+    TemplateError,
+    ToolError,
+    ToolRoundsExceededError,
+    configure,
+)
 from tinyllm.tools import Tool, registry
 
 
@@ -107,17 +116,31 @@ def test_client_without_tools_capability_is_refused(wired):
 
 
 def test_single_tool_call_runs_and_its_result_goes_back(wired):
-    wired.enqueue(asks(call("get_weather", {"city": "Paris"}), usage={"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}),
-                  Reply("It is sunny.", usage={"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}))
+    wired.enqueue(
+        asks(
+            call("get_weather", {"city": "Paris"}),
+            usage={"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        ),
+        Reply("It is sunny.", usage={"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}),
+    )
     response = LLMCall("q.system.md", tools=[get_weather]).respond(question="Weather in Paris?")
     assert response.value == "It is sunny."
     first, second = (r.json for r in wired.chat_requests())
     assert first["tools"][0]["function"]["name"] == "get_weather"
     assert second["messages"][-2]["tool_calls"][0]["id"] == "call_get_weather"
-    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_get_weather", "content": "18 C and sunny in Paris"}
+    assert second["messages"][-1] == {
+        "role": "tool",
+        "tool_call_id": "call_get_weather",
+        "content": "18 C and sunny in Paris",
+    }
     [record] = response.tool_calls
     assert (record.name, record.arguments, record.result, record.error, record.round) == (
-        "get_weather", {"city": "Paris"}, "18 C and sunny in Paris", None, 0)
+        "get_weather",
+        {"city": "Paris"},
+        "18 C and sunny in Paris",
+        None,
+        0,
+    )
     assert record.duration >= 0 and len(response.tool_rounds) == 1
     assert response.usage == {"prompt_tokens": 30, "completion_tokens": 8, "total_tokens": 38}
     assert response.output_retries == 0
@@ -149,9 +172,17 @@ def test_parallel_async_calls_run_as_concurrent_tasks(wired):
             await asyncio.sleep(0)
         return who
 
-    wired.enqueue(asks(call("ping", {"who": "a"}, "c1"), call("ping", {"who": "b"}, "c2"), call("get_weather", {"city": "Rome"}, "c3")),
-                  Reply("done"))
-    response = asyncio.run(asyncio.wait_for(LLMCall("q.system.md", tools=[ping, get_weather]).arespond(question="?"), 10))
+    wired.enqueue(
+        asks(
+            call("ping", {"who": "a"}, "c1"),
+            call("ping", {"who": "b"}, "c2"),
+            call("get_weather", {"city": "Rome"}, "c3"),
+        ),
+        Reply("done"),
+    )
+    response = asyncio.run(
+        asyncio.wait_for(LLMCall("q.system.md", tools=[ping, get_weather]).arespond(question="?"), 10)
+    )
     assert [c.content for c in response.tool_calls] == ["a", "b", "18 C and sunny in Rome"]
 
 
@@ -162,11 +193,14 @@ def test_async_tool_from_sync_call(wired):
     assert json.loads(response.tool_calls[0].content) == {"city": "Tokyo", "time": "14:05"}
 
 
-@pytest.mark.parametrize("arguments, expect", [
-    ({"city": "Paris", "unit": "K"}, "invalid arguments for get_weather: unit: Input should be 'C' or 'F'"),
-    ({"town": "Paris"}, "invalid arguments for get_weather: city: Field required"),
-    ('{"city": "Par', "invalid arguments for get_weather: the arguments are not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "arguments, expect",
+    [
+        ({"city": "Paris", "unit": "K"}, "invalid arguments for get_weather: unit: Input should be 'C' or 'F'"),
+        ({"town": "Paris"}, "invalid arguments for get_weather: city: Field required"),
+        ('{"city": "Par', "invalid arguments for get_weather: the arguments are not valid JSON"),
+    ],
+)
 def test_invalid_arguments_go_back_to_the_model(wired, arguments, expect):
     ran = []
     wired.enqueue(asks(call("get_weather", arguments)), asks(call("get_weather", {"city": "Paris"})), Reply("fixed"))
@@ -189,7 +223,9 @@ def test_unknown_tool_and_a_tool_that_raises_go_back_to_the_model(wired):
     assert nope.error == "there is no tool named 'nope'; the tools are: explode"
     assert boom.error == "explode raised RuntimeError: boom 3"
     assert [m["content"] for m in wired.chat_requests()[1].json["messages"][-2:]] == [
-        "Error: there is no tool named 'nope'; the tools are: explode", "Error: explode raised RuntimeError: boom 3"]
+        "Error: there is no tool named 'nope'; the tools are: explode",
+        "Error: explode raised RuntimeError: boom 3",
+    ]
 
 
 def test_raise_tool_errors(wired):
@@ -224,11 +260,17 @@ def test_max_tool_rounds_setting(wired):
         LLMCall("q.system.md", tools=[get_weather]).call(question="?")
 
 
-@pytest.mark.parametrize("given, sent", [
-    ("required", "required"),
-    ("get_weather", {"type": "function", "function": {"name": "get_weather"}}),
-    ({"type": "function", "function": {"name": "get_weather"}}, {"type": "function", "function": {"name": "get_weather"}}),
-])
+@pytest.mark.parametrize(
+    "given, sent",
+    [
+        ("required", "required"),
+        ("get_weather", {"type": "function", "function": {"name": "get_weather"}}),
+        (
+            {"type": "function", "function": {"name": "get_weather"}},
+            {"type": "function", "function": {"name": "get_weather"}},
+        ),
+    ],
+)
 def test_a_forced_tool_choice_passes_through_then_becomes_auto(wired, given, sent):
     wired.enqueue(asks(call("get_weather", {"city": "Paris"})), Reply("ok"))
     LLMCall("q.system.md", tools=[get_weather], tool_choice=given).call(question="?")
@@ -245,8 +287,9 @@ def test_a_forced_tool_choice_answered_without_a_tool_call_warns_once(wired, cap
     """llama.cpp's server ignores tool_choice=required: the reply has text only. One WARNING per call, naming it."""
     wired.enqueue(Reply("not json"), Reply('{"a": 1}'))  # an output retry sends the forced choice again
     with caplog.at_level("WARNING", logger="tinyllm"):
-        value = LLMCall("q.system.md", tools=[get_weather], tool_choice=given, output_type=dict,
-                        output_retries=1).call(question="?")
+        value = LLMCall("q.system.md", tools=[get_weather], tool_choice=given, output_type=dict, output_retries=1).call(
+            question="?"
+        )
     assert value == {"a": 1} and len(wired.chat_requests()) == 2
     warned = _unforced_warnings(caplog)
     assert len(warned) == 1 and "openai" in warned[0] and repr(given) in warned[0]
@@ -309,7 +352,14 @@ def test_chat_keeps_tool_rounds_in_the_history(wired):
     assert chat.say("Weather in Paris?") == "Sunny."
     assert [m["role"] for m in chat.history] == ["system", "user", "assistant", "tool", "assistant"]
     chat.say("Thanks")
-    assert [m["role"] for m in wired.chat_requests()[2].json["messages"]] == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert [m["role"] for m in wired.chat_requests()[2].json["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
 
 
 # --- front matter and the registry ---------------------------------------------------------------------
@@ -375,9 +425,33 @@ def test_streaming_runs_the_tools_and_streams_the_next_round(tmp_path):
             self.sent.append((messages, params))
             yield from self.script.pop(0)
 
-    tool_chunks = [{"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "get_weather", "arguments": '{"ci'}}]}}]},
-                   {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]}, "finish_reason": "tool_calls"}]}]
-    text_chunks = [{"choices": [{"index": 0, "delta": {"content": "Sun"}}]}, {"choices": [{"index": 0, "delta": {"content": "ny."}, "finish_reason": "stop"}]}]
+    tool_chunks = [
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": 0, "id": "c1", "function": {"name": "get_weather", "arguments": '{"ci'}}
+                        ]
+                    },
+                }
+            ]
+        },
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}]},
+                    "finish_reason": "tool_calls",
+                }
+            ]
+        },
+    ]
+    text_chunks = [
+        {"choices": [{"index": 0, "delta": {"content": "Sun"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "ny."}, "finish_reason": "stop"}]},
+    ]
     write(tmp_path / "prompts" / "q.system.md", "Answer.")
     sender = Scripted([tool_chunks, text_chunks])
     response = LLMCall("q.system.md", client=sender, tools=[get_weather], tool_choice="required").stream()
@@ -403,11 +477,26 @@ def test_streaming_runs_the_tools_and_streams_the_next_round(tmp_path):
 def test_cli_call_with_tools_prints_each_call_on_stderr(wired, tmp_path, monkeypatch):
     from tinyllm.cli import cli
 
-    write(tmp_path / "weather_tools.py", "def get_weather(city: str) -> str:\n    '''Weather.'''\n    return f'rain in {city}'\n")
+    write(
+        tmp_path / "weather_tools.py",
+        "def get_weather(city: str) -> str:\n    '''Weather.'''\n    return f'rain in {city}'\n",
+    )
     monkeypatch.setattr(sys, "path", list(sys.path))
     wired.enqueue(asks(call("get_weather", {"city": "Bergen"})), Reply("Bring an umbrella."))
-    result = CliRunner().invoke(cli, ["call", "q", "--var", "question=Bergen?", "--tool", "weather_tools:get_weather",
-                                      "--tool-choice", "required", "--no-stream"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "call",
+            "q",
+            "--var",
+            "question=Bergen?",
+            "--tool",
+            "weather_tools:get_weather",
+            "--tool-choice",
+            "required",
+            "--no-stream",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "Bring an umbrella."
     assert 'tool get_weather({"city": "Bergen"}) -> rain in Bergen' in result.stderr

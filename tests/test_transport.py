@@ -292,8 +292,14 @@ def test_client_errors_are_not_retried(api, sleeps, code, error):
 
 
 def test_context_length_exceeded_from_server(api, sleeps):
-    body = {"error": {"message": "This model's maximum context length is 8192 tokens.", "type": "invalid_request_error",
-                      "param": "messages", "code": "context_length_exceeded"}}
+    body = {
+        "error": {
+            "message": "This model's maximum context length is 8192 tokens.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    }
     api.enqueue(Status(400, body=body), Reply("never sent"))
     with pytest.raises(ContextWindowExceededError) as info:
         send()
@@ -449,7 +455,9 @@ print("CHILD-OK")
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYLLM_", "OPENAI_", "AZURE_OPENAI"))}
     env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run([sys.executable, "-c", code], cwd=path.parent, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=path.parent, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "CHILD-OK" in done.stdout
     assert chat_count(api) == 1
@@ -461,10 +469,22 @@ print("CHILD-OK")
 def test_api_key_never_in_errors_reprs_or_logs(api, sleeps, caplog, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     caplog.set_level(logging.DEBUG)  # the root logger: tinyllm, openai, httpx, httpcore
-    echo = {"error": {"message": f"Incorrect API key provided: {SECRET}", "type": "invalid_request_error",
-                      "param": None, "code": "invalid_api_key"}}
-    overloaded = {"error": {"message": f"overloaded for key {SECRET} (Bearer {SECRET})", "type": "server_error",
-                            "param": None, "code": None}}
+    echo = {
+        "error": {
+            "message": f"Incorrect API key provided: {SECRET}",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    overloaded = {
+        "error": {
+            "message": f"overloaded for key {SECRET} (Bearer {SECRET})",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
     api.enqueue(Status(503, body=overloaded), Status(401, body=echo))
     with pytest.raises(AuthenticationError) as info:
         send()
@@ -488,8 +508,14 @@ def test_api_key_never_in_errors_reprs_or_logs(api, sleeps, caplog, monkeypatch)
 def test_key_shaped_strings_are_redacted_from_errors(api, sleeps, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     other = "sk-proj-someoneelse0123456789"
-    body = {"error": {"message": f"key {other} is not valid here; got header Bearer {other}", "type": "x",
-                      "param": None, "code": None}}
+    body = {
+        "error": {
+            "message": f"key {other} is not valid here; got header Bearer {other}",
+            "type": "x",
+            "param": None,
+            "code": None,
+        }
+    }
     api.enqueue(Status(403, body=body))
     with pytest.raises(PermissionDeniedError) as info:
         send()
@@ -576,7 +602,9 @@ def test_async_uses_the_cache(cached_api):
 def test_unparseable_reply_is_not_cached_so_a_rerun_asks_again(api, tmp_path):
     tinyllm.configure(cache_api_calls=True, cache_file_name=str(tmp_path / "c.pickle"))
     (tmp_path / "prompts").mkdir()
-    (tmp_path / "prompts" / "label.system.md").write_text("---\noutput_type: [positive, negative]\n---\nLabel: {{ text }}")
+    (tmp_path / "prompts" / "label.system.md").write_text(
+        "---\noutput_type: [positive, negative]\n---\nLabel: {{ text }}"
+    )
     call = tinyllm.LLMCall("label.system.md")
     api.enqueue(Reply("I am not sure"))
     with pytest.raises(tinyllm.OutputParseError):
@@ -667,8 +695,12 @@ def _everything_shown(exc: BaseException) -> str:
     shown = ["".join(traceback.format_exception(exc))]
     cause = exc
     while cause is not None:
-        shown += [repr(cause), str(cause), repr(getattr(cause, "body", None)),
-                  repr(getattr(cause, "response_headers", None))]
+        shown += [
+            repr(cause),
+            str(cause),
+            repr(getattr(cause, "body", None)),
+            repr(getattr(cause, "response_headers", None)),
+        ]
         for name in ("response", "request"):
             obj = getattr(cause, name, None)
             if obj is not None:
@@ -774,10 +806,16 @@ def test_stream_true_is_refused_before_sending(api, params):
 # --------------------------------------------------------------------------- TIMEOUT bounds the whole attempt
 
 
-@pytest.mark.parametrize("mode,headers", [
-    ("sync", False), ("async", True),
-    pytest.param("async", False, marks=pytest.mark.slow), pytest.param("sync", True, marks=pytest.mark.slow),
-], ids=["sync-body-drip", "async-header-drip", "async-body-drip", "sync-header-drip"])
+@pytest.mark.parametrize(
+    "mode,headers",
+    [
+        ("sync", False),
+        ("async", True),
+        pytest.param("async", False, marks=pytest.mark.slow),
+        pytest.param("sync", True, marks=pytest.mark.slow),
+    ],
+    ids=["sync-body-drip", "async-header-drip", "async-body-drip", "sync-header-drip"],
+)
 def test_timeout_bounds_the_whole_attempt_against_a_drip(api, mode, headers):
     # one byte every 100 ms: no single read ever waits TIMEOUT, yet the whole reply would take ~30 s
     tinyllm.configure(timeout=1, max_attempts=1)
@@ -807,8 +845,16 @@ def test_a_slow_reply_within_timeout_is_read_whole(api):
     assert send()["content"] == "slow but in time"
 
 
-@pytest.mark.parametrize("code,cls", [(408, "APIStatusError"), (409, "ConflictError"), (422, "UnprocessableEntityError"),
-                                      (418, "BadRequestError"), (503, "ServerError")])
+@pytest.mark.parametrize(
+    "code,cls",
+    [
+        (408, "APIStatusError"),
+        (409, "ConflictError"),
+        (422, "UnprocessableEntityError"),
+        (418, "BadRequestError"),
+        (503, "ServerError"),
+    ],
+)
 def test_status_codes_map_to_openai_python_names(api, sleeps, code, cls):
     tinyllm.configure(max_attempts=1)
     api.enqueue(Status(code))

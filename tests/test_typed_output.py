@@ -54,18 +54,35 @@ class Item(BaseModel):
     qty: int
 
 
-PERSON = {"title": "Person", "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-          "required": ["name", "age"]}
+PERSON = {
+    "title": "Person",
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
 
 
 # --- normalize_output_type ---------------------------------------------------------------------------
+
 
 def test_literal_of_strings_is_a_label_tuple():
     assert normalize_output_type(Literal["yes", "no", "maybe"]) == ("yes", "no", "maybe")
 
 
-@pytest.mark.parametrize("given", [Sentiment, Priority, Literal[1, 2, 3], list[str], dict[str, int], list[Item],
-                                   tuple[int, int], set[str], list[Literal["a", "b"]]])
+@pytest.mark.parametrize(
+    "given",
+    [
+        Sentiment,
+        Priority,
+        Literal[1, 2, 3],
+        list[str],
+        dict[str, int],
+        list[Item],
+        tuple[int, int],
+        set[str],
+        list[Literal["a", "b"]],
+    ],
+)
 def test_richer_types_are_supported(given):
     assert normalize_output_type(given) == given
 
@@ -153,7 +170,7 @@ GRAMMARS = [
     (Sentiment, 'root ::= "positive" | "negative" | "neutral"'),
     (Priority, 'root ::= "LOW" | "HIGH"'),
     (Literal[1, 2], 'root ::= "1" | "2"'),
-    (("say \"hi\"", "back\\slash", "été"), 'root ::= "say \\"hi\\"" | "back\\\\slash" | "été"'),
+    (('say "hi"', "back\\slash", "été"), 'root ::= "say \\"hi\\"" | "back\\\\slash" | "été"'),
     (bool, 'root ::= [Yy] "es" | [Nn] "o" | [Tt] "rue" | [Ff] "alse"'),
     (int, 'root ::= "-"? [0-9]{1,18}'),
     (float, 'root ::= "-"? [0-9]{1,15} ("." [0-9]{1,15})?'),
@@ -200,6 +217,7 @@ def test_plan_output_gives_a_grammar_where_the_client_takes_one():
 
 # --- LLMCall over the loopback server ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def wired(server, tmp_path):
     configure(api_type="openai", base_url=server.base_url, max_attempts=5, waiting_time=0)
@@ -235,14 +253,18 @@ def test_response_format_and_a_different_output_type_are_refused(wired):
 
 
 def test_front_matter_output_schema(wired, tmp_path):
-    write(tmp_path / "prompts" / "p.system.md",
-          "---\noutput_schema:\n  title: Person\n  type: object\n  properties:\n    name: {type: string}\n"
-          "    age: {type: integer}\n  required: [name, age]\n---\nDescribe {{ who }} as JSON.")
+    write(
+        tmp_path / "prompts" / "p.system.md",
+        "---\noutput_schema:\n  title: Person\n  type: object\n  properties:\n    name: {type: string}\n"
+        "    age: {type: integer}\n  required: [name, age]\n---\nDescribe {{ who }} as JSON.",
+    )
     wired.enqueue(Reply('{"name": "Ada", "age": 36}'), Reply('{"name": "Ada"}'))
     call = LLMCall("p.system.md")
     assert call.call(who="Ada") == {"name": "Ada", "age": 36}
     assert wired.chat_requests()[0].json["response_format"] == {
-        "type": "json_schema", "json_schema": {"name": "Person", "schema": PERSON}}
+        "type": "json_schema",
+        "json_schema": {"name": "Person", "schema": PERSON},
+    }
     assert "output_schema" not in wired.chat_requests()[0].json
     with pytest.raises(OutputParseError, match="required property"):
         call.call(who="Ada")
@@ -255,7 +277,9 @@ def test_front_matter_output_schema_must_be_a_mapping(tmp_path):
 
 
 def test_the_command_prints_schema_valid_json(wired, tmp_path):
-    write(tmp_path / "prompts" / "p.system.md", "---\noutput_schema: " + json.dumps(PERSON) + "\n---\nDescribe {{ who }}.")
+    write(
+        tmp_path / "prompts" / "p.system.md", "---\noutput_schema: " + json.dumps(PERSON) + "\n---\nDescribe {{ who }}."
+    )
     wired.enqueue(Reply('Here you go: {"name": "Ada", "age": 36}'))
     result = CliRunner().invoke(cli, ["call", "p", "--var", "who=Ada"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -263,6 +287,7 @@ def test_the_command_prints_schema_valid_json(wired, tmp_path):
 
 
 # --- the json_schema fallback (loopback server scripted to refuse it) ----------------------------------------
+
 
 def kinds(server) -> list:
     """The response_format type of each chat request received (None: none sent)."""
@@ -293,7 +318,9 @@ def test_then_plain_prompting_with_the_schema_stated(wired, sleeps):
     assert LLMCall("q.system.md", client=client, output_type=Facts).call(question="?") == Facts(facts=["a"])
     assert kinds(wired) == ["json_schema", "json_object", None]
     plain = wired.chat_requests()[2].messages
-    assert plain[0]["role"] == "system" and plain[0]["content"].startswith("Answer the question.\n\nReply with only a JSON")
+    assert plain[0]["role"] == "system" and plain[0]["content"].startswith(
+        "Answer the question.\n\nReply with only a JSON"
+    )
     assert '"facts"' in plain[0]["content"]
     assert LLMCall("q.system.md", client=client, output_type=Facts).call(question="?") == Facts(facts=["b"])
     assert LLMCall("q.system.md", client=client, output_type=dict).call(question="?") == {"k": 1}
@@ -326,7 +353,9 @@ def test_a_json_object_request_is_not_demoted_by_its_own_refusal(wired, sleeps):
     # OpenAI answers 400 to json_object when no message says "JSON": the prompt's fault, raised as before
     wired.enqueue(Status(400))
     with pytest.raises(BadRequestError):
-        LLMCall("q.system.md", client=OpenAIClient(base_url=wired.base_url, max_attempts=1), output_type=dict).call(question="?")
+        LLMCall("q.system.md", client=OpenAIClient(base_url=wired.base_url, max_attempts=1), output_type=dict).call(
+            question="?"
+        )
     assert kinds(wired) == ["json_object"]
 
 
@@ -383,8 +412,11 @@ def test_sentiment_with_three_labels_never_fails_to_parse(embedded):
 @pytest.mark.local
 def test_a_bare_sentiment_prompt_is_answered_with_a_label(embedded, tmp_path):
     # without few-shot examples the 135M model echoed 'I love this wonderful day!' and the call failed
-    write(tmp_path / "prompts" / "s.system.md", "---\ntemperature: 0\nmax_tokens: 10\noutput_type: [positive, negative, neutral]\n"
-          "---\nWhat is the sentiment of this text: positive, negative or neutral?")
+    write(
+        tmp_path / "prompts" / "s.system.md",
+        "---\ntemperature: 0\nmax_tokens: 10\noutput_type: [positive, negative, neutral]\n"
+        "---\nWhat is the sentiment of this text: positive, negative or neutral?",
+    )
     write(tmp_path / "prompts" / "s.user.md", "{{ text }}")
     sentiment = LLMCall("s.system.md", client=embedded)
     assert sentiment.call(text=TEXTS[0]) in ("positive", "negative", "neutral")
@@ -402,17 +434,28 @@ def test_bool_and_int_on_the_embedded_model(embedded):
 
 @pytest.mark.local
 def test_list_of_str_on_the_embedded_model(embedded):
-    chat = LLMChat(system="Answer with a JSON array of strings.", client=embedded, output_type=list[str],
-                   max_tokens=60, temperature=0)
+    chat = LLMChat(
+        system="Answer with a JSON array of strings.",
+        client=embedded,
+        output_type=list[str],
+        max_tokens=60,
+        temperature=0,
+    )
     value = chat.say("Name three colours.")
     assert isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 @pytest.mark.local
 def test_the_command_prints_schema_valid_json_from_the_embedded_model(embedded, tmp_path):
-    write(tmp_path / "prompts" / "p.system.md", "---\nmax_tokens: 60\ntemperature: 0\noutput_schema: " + json.dumps(PERSON)
-          + "\n---\nDescribe {{ who }} as a JSON object with a name and an age.")
-    result = CliRunner().invoke(cli, ["call", "p", "--api-type", "llamacpp", "--var", "who=Ada, 36"], catch_exceptions=False)
+    write(
+        tmp_path / "prompts" / "p.system.md",
+        "---\nmax_tokens: 60\ntemperature: 0\noutput_schema: "
+        + json.dumps(PERSON)
+        + "\n---\nDescribe {{ who }} as a JSON object with a name and an age.",
+    )
+    result = CliRunner().invoke(
+        cli, ["call", "p", "--api-type", "llamacpp", "--var", "who=Ada, 36"], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     value = json.loads(result.stdout)
     assert isinstance(value["name"], str) and isinstance(value["age"], int)

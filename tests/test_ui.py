@@ -39,8 +39,10 @@ def root(tmp_path_factory):
 
 
 def _greet(folder: Path) -> None:
-    write(folder / "greet.system.md", "---\ndescription: Greets <b>people</b>\nmodel: gpt-4o-mini\ntemperature: 0\n---\n"
-                                      "You are friendly.\n")
+    write(
+        folder / "greet.system.md",
+        "---\ndescription: Greets <b>people</b>\nmodel: gpt-4o-mini\ntemperature: 0\n---\nYou are friendly.\n",
+    )
     write(folder / "greet.user.md", "Say hello to {{ name }} from {{ place }}.\n")
 
 
@@ -70,6 +72,7 @@ def page(ui):
 
 def _editor_form(text: str, **extra: str) -> dict[str, str]:
     """The editor's fields as the page posts them, from the page's HTML."""
+
     def field(name: str) -> str:
         m = re.search(rf'<textarea id="{name}" name="{name}"[^>]*>(.*?)</textarea>', text, re.DOTALL)
         return _unescape(m.group(1)) if m else ""
@@ -78,8 +81,14 @@ def _editor_form(text: str, **extra: str) -> dict[str, str]:
         m = re.search(rf'id="{name}" name="{name}" value="([^"]*)"', text)
         return m.group(1) if m else ""
 
-    return {"front_matter": field("front_matter"), "system": field("system"), "user": field("user"),
-            "system_version": hidden("system_version"), "user_version": hidden("user_version"), **extra}
+    return {
+        "front_matter": field("front_matter"),
+        "system": field("system"),
+        "user": field("user"),
+        "system_version": hidden("system_version"),
+        "user_version": hidden("user_version"),
+        **extra,
+    }
 
 
 def _unescape(s: str) -> str:
@@ -94,8 +103,8 @@ def _unescape(s: str) -> str:
 def test_prompts_page_lists_prompts_with_their_facts(page):
     status, _, text = page.get("/prompts")
     assert status == 200
-    row = text[text.index('data-name="greet"'):]
-    row = row[:row.index("</tr>")]
+    row = text[text.index('data-name="greet"') :]
+    row = row[: row.index("</tr>")]
     assert "Greets &lt;b&gt;people&lt;/b&gt;" in row  # the description, escaped
     assert "name, place" in row and "temperature=0" in row and "model=gpt-4o-mini" in row
     assert 'data-name="broken"' in text and "broken:" in text  # a broken prompt is listed with its error
@@ -121,12 +130,16 @@ def test_render_shows_messages_and_token_counts(page, wired):
     from tinyllm import count_tokens
 
     _, _, text = page.get("/prompts/greet")
-    status, _, frag = page.post("/prompts/greet/render", _editor_form(text, **{"var-name": "Ada", "var-place": "<Paris>",
-                                                                                "api_type": "openai", "model": "gpt-4o"}))
+    status, _, frag = page.post(
+        "/prompts/greet/render",
+        _editor_form(text, **{"var-name": "Ada", "var-place": "<Paris>", "api_type": "openai", "model": "gpt-4o"}),
+    )
     assert status == 200
     assert "Say hello to Ada from &lt;Paris&gt;." in frag  # the value, escaped
-    messages = [{"role": "system", "content": "You are friendly."},
-                {"role": "user", "content": "Say hello to Ada from <Paris>."}]
+    messages = [
+        {"role": "system", "content": "You are friendly."},
+        {"role": "user", "content": "Say hello to Ada from <Paris>."},
+    ]
     total = count_tokens(messages, "gpt-4o")
     assert f'<strong id="total-tokens">{total}</strong>' in frag
     assert f"{100 * total / 128_000:.1f}%" in frag  # share of gpt-4o's 128,000-token window
@@ -166,8 +179,11 @@ def _start(page, path: str, form: dict) -> list[str]:
 
 def test_run_streams_the_answer_as_server_sent_events(page, wired):
     _, _, text = page.get("/prompts/greet")
-    [stream] = _start(page, "/prompts/greet/run", _editor_form(text, **{"var-name": "Ada", "var-place": "Rome",
-                                                                          "api_type": "openai", "model": "gpt-4o-mini"}))
+    [stream] = _start(
+        page,
+        "/prompts/greet/run",
+        _editor_form(text, **{"var-name": "Ada", "var-place": "Rome", "api_type": "openai", "model": "gpt-4o-mini"}),
+    )
     events = page.events(stream)
     assert events[0][0] == "start"
     text_out = "".join(json.loads(d) for e, d in events if e == "delta")
@@ -192,9 +208,23 @@ def test_a_run_is_only_readable_by_its_session(page, ui, wired):
 def test_compare_runs_each_model(page, wired):
     wired.reply_with(lambda req: f"I am {req['model']}")
     _, _, text = page.get("/prompts/greet")
-    streams = _start(page, "/prompts/greet/compare", _editor_form(
-        text, **{"var-name": "A", "var-place": "B", "cmp_api_type_0": "openai", "cmp_model_0": "gpt-4o-mini",
-                 "cmp_api_type_1": "openai", "cmp_model_1": "gpt-4.1-nano", "cmp_model_2": "", "cmp_model_3": ""}))
+    streams = _start(
+        page,
+        "/prompts/greet/compare",
+        _editor_form(
+            text,
+            **{
+                "var-name": "A",
+                "var-place": "B",
+                "cmp_api_type_0": "openai",
+                "cmp_model_0": "gpt-4o-mini",
+                "cmp_api_type_1": "openai",
+                "cmp_model_1": "gpt-4.1-nano",
+                "cmp_model_2": "",
+                "cmp_model_3": "",
+            },
+        ),
+    )
     assert len(streams) == 2
     answers = ["".join(json.loads(d) for e, d in page.events(s) if e == "delta") for s in streams]
     assert answers == ["I am gpt-4o-mini", "I am gpt-4.1-nano"]
@@ -254,8 +284,10 @@ def test_save_outside_the_prompts_directories_is_refused(page, root, wired):
     outside = root / "outside.system.md"
     write(outside, "outside\n")
     for name in ("..%2Foutside", "../outside", "%2E%2E%2Foutside.system.md", str(outside).replace("/", "%2F")):
-        status, _, _ = page.post(f"/prompts/{name}/save", {"system": "pwned", "front_matter": "", "user": "",
-                                                           "system_version": "", "user_version": ""})
+        status, _, _ = page.post(
+            f"/prompts/{name}/save",
+            {"system": "pwned", "front_matter": "", "user": "", "system_version": "", "user_version": ""},
+        )
         assert status in (403, 404), name
     assert outside.read_text() == "outside\n"
     assert not (root / "outside.user.md").exists()
@@ -351,7 +383,10 @@ def test_a_non_loopback_host_without_a_token_is_refused():
 
 def test_pages_carry_a_strict_content_security_policy(page):
     _, headers, text = page.get("/prompts")
-    assert "script-src 'self'" in headers["content-security-policy"] and "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert (
+        "script-src 'self'" in headers["content-security-policy"]
+        and "frame-ancestors 'none'" in headers["content-security-policy"]
+    )
     assert "<script>" not in text and "onclick" not in text  # no inline script at all
 
 
@@ -447,8 +482,10 @@ def test_the_api_key_is_in_no_page(page, root, fake, monkeypatch):
 
 
 def test_import_tinyllm_imports_nothing_of_the_ui():
-    code = ("import sys, tinyllm, tinyllm.cli; bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('starlette', 'uvicorn', 'sse_starlette', 'multipart') or m.startswith('tinyllm.ui')]; print(bad)")
+    code = (
+        "import sys, tinyllm, tinyllm.cli; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'uvicorn', 'sse_starlette', 'multipart') or m.startswith('tinyllm.ui')]; print(bad)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), check=True)
     assert out.stdout.strip() == "[]"
 
@@ -458,8 +495,14 @@ def test_tinyllm_ui_command_serves_and_prints_its_address(tmp_path):
     import signal
 
     _greet(tmp_path / "prompts")
-    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "ui", "--port", "0"], cwd=tmp_path, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyllm", "ui", "--port", "0"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
@@ -477,8 +520,14 @@ def test_tinyllm_ui_command_serves_and_prints_its_address(tmp_path):
 def test_tinyllm_ui_with_host_prints_a_token(tmp_path):
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "ui", "--port", "0", "--host", "127.0.0.1"], cwd=tmp_path,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyllm", "ui", "--port", "0", "--host", "127.0.0.1"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/\?token=([\w-]+)", line)
@@ -534,13 +583,16 @@ def test_evaluations_pages(page, root, fake, monkeypatch):
     fake.reply_with(None)
     wire(fake, monkeypatch, KEY)
     db = str(root / "calls.db")
-    cases = [{"id": "ada", "vars": {"name": "Ada", "place": "Rome"}, "assert": [{"type": "contains", "value": "Ada"}]},
-             {"id": "bob", "vars": {"name": "Bob", "place": "Oslo"}, "expected": "<b>never</b> this"}]
+    cases = [
+        {"id": "ada", "vars": {"name": "Ada", "place": "Rome"}, "assert": [{"type": "contains", "value": "Ada"}]},
+        {"id": "bob", "vars": {"name": "Bob", "place": "Oslo"}, "expected": "<b>never</b> this"},
+    ]
     prompts = str(root / "prompts")
     first = ev.evaluate("greet", cases=cases, models=["gpt-4o-mini", "gpt-4.1-mini"], prompts_dir=prompts, db=db)
     fake.reply_with(lambda req: "Hello Ada and Bob: <b>never</b> this")
-    second = ev.evaluate("greet", cases=cases, models=["gpt-4o-mini", "gpt-4.1-mini"], prompts_dir=prompts, db=db,
-                         fresh=True)
+    second = ev.evaluate(
+        "greet", cases=cases, models=["gpt-4o-mini", "gpt-4.1-mini"], prompts_dir=prompts, db=db, fresh=True
+    )
     status, _, text = page.get("/evals")
     assert status == 200 and first.run_id in text and second.run_id in text
     status, _, text = page.get(f"/evals/{first.run_id}")
@@ -583,17 +635,37 @@ def test_run_and_compare_are_logged_and_shown_in_the_call_log(page, root, wired)
     tinyllm.configure(log_calls=True, log_db=str(root / "calls.db"))
     before = {r["id"] for r in _rows(root / "calls.db")} if (root / "calls.db").exists() else set()
     _, _, text = page.get("/prompts/greet")
-    [stream] = _start(page, "/prompts/greet/run", _editor_form(text, **{"var-name": "Logged", "var-place": "Run",
-                                                                          "api_type": "openai", "model": "gpt-4o-mini"}))
+    [stream] = _start(
+        page,
+        "/prompts/greet/run",
+        _editor_form(text, **{"var-name": "Logged", "var-place": "Run", "api_type": "openai", "model": "gpt-4o-mini"}),
+    )
     assert page.events(stream)[-1][0] == "done"
-    streams = _start(page, "/prompts/greet/compare", _editor_form(
-        text, **{"var-name": "Logged", "var-place": "Compare", "cmp_api_type_0": "openai", "cmp_model_0": "gpt-4o-mini",
-                 "cmp_api_type_1": "openai", "cmp_model_1": "gpt-4.1-nano", "cmp_model_2": "", "cmp_model_3": ""}))
+    streams = _start(
+        page,
+        "/prompts/greet/compare",
+        _editor_form(
+            text,
+            **{
+                "var-name": "Logged",
+                "var-place": "Compare",
+                "cmp_api_type_0": "openai",
+                "cmp_model_0": "gpt-4o-mini",
+                "cmp_api_type_1": "openai",
+                "cmp_model_1": "gpt-4.1-nano",
+                "cmp_model_2": "",
+                "cmp_model_3": "",
+            },
+        ),
+    )
     for s in streams:
         assert page.events(s)[-1][0] == "done"
     new = [r for r in _rows(root / "calls.db") if r["id"] not in before]
     assert sorted((r["variables"]["place"], r["model"]) for r in new) == [
-        ("Compare", "gpt-4.1-nano"), ("Compare", "gpt-4o-mini"), ("Run", "gpt-4o-mini")]
+        ("Compare", "gpt-4.1-nano"),
+        ("Compare", "gpt-4o-mini"),
+        ("Run", "gpt-4o-mini"),
+    ]
     assert all(r["error"] is None and r["ttft"] is not None and r["completion_tokens"] > 0 for r in new)
     run = next(r for r in new if r["variables"]["place"] == "Run")
     assert run["response"] == "echo: Say hello to Logged from Run."
@@ -659,10 +731,14 @@ def test_tinyllm_ui_logs_page_runs_to_its_db_unless_no_log(tmp_path, fake, no_lo
     fake.reply_with(None)
     _greet(tmp_path / "prompts")
     db = tmp_path / "page.db"
-    proc = subprocess.Popen([sys.executable, "-m", "tinyllm", "ui", "--port", "0", "--db", str(db),
-                             *(["--no-log"] if no_log else [])], cwd=tmp_path,
-                            env=child_env(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=fake.base_url, TINYLLM_API_TYPE="openai"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyllm", "ui", "--port", "0", "--db", str(db), *(["--no-log"] if no_log else [])],
+        cwd=tmp_path,
+        env=child_env(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=fake.base_url, TINYLLM_API_TYPE="openai"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)

@@ -23,8 +23,14 @@ from uiserver import UIServer
 pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("TINYLLM_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 KEY = "sk-ui-browser-SECRET-abcdef0123456789"
 expect = playwright_api.expect
 
@@ -158,7 +164,7 @@ def test_save_an_edit_and_a_conflicting_edit_is_refused(page, root, wired):
 
 
 def test_a_reply_with_html_is_shown_as_text(page, wired):
-    reply = "<script>window.pwned = 1</script><b>bold?</b><img src=x onerror=\"window.pwned = 2\">"
+    reply = '<script>window.pwned = 1</script><b>bold?</b><img src=x onerror="window.pwned = 2">'
     wired.enqueue(Stream(then=Reply(reply), pieces=3))
     page.goto("/prompts/greet")
     page.fill("#var-name", "<i>Eve</i>")
@@ -225,7 +231,9 @@ def test_screenshots_of_every_page(browser, fake, monkeypatch, tmp_path):
     with UIServer(prompts_dirs=[str(tmp_path / "prompts")], log_db=str(tmp_path / "calls.db")) as server:
         context = browser.new_context(base_url=server.url, viewport={"width": 1400, "height": 900})
         try:
-            written = take_screenshots(context.new_page(), tmp_path / "shots", tmp_path, fake, str(tmp_path / "calls.db"))
+            written = take_screenshots(
+                context.new_page(), tmp_path / "shots", tmp_path, fake, str(tmp_path / "calls.db")
+            )
         finally:
             context.close()
     assert sorted(p.name for p in written) == sorted(SHOTS)

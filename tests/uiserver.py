@@ -31,8 +31,16 @@ class UIServer:
 
         self.port = _free_port()
         self.app = create_app(port=self.port, **options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off", timeout_graceful_shutdown=1))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="off",
+                timeout_graceful_shutdown=1,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, name="tinyllm-ui-test", daemon=True)
 
     @property
@@ -68,16 +76,26 @@ class Page:
         self.cookies: dict[str, str] = {}
         self.csrf = ""
 
-    def request(self, method: str, path: str, form: dict[str, Any] | list[tuple[str, Any]] | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        form: dict[str, Any] | list[tuple[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         h = {"Host": self.host}
         if self.cookies:
             h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         body = None
         if method != "GET":
-            h.update({"Origin": f"http://{self.host}", "X-CSRF-Token": self.csrf,
-                      "Content-Type": "application/x-www-form-urlencoded"})
+            h.update(
+                {
+                    "Origin": f"http://{self.host}",
+                    "X-CSRF-Token": self.csrf,
+                    "Content-Type": "application/x-www-form-urlencoded",
+                }
+            )
             body = urlencode(form or {})
         h.update(headers or {})
         h = {k: v for k, v in h.items() if v is not None}

@@ -64,7 +64,9 @@ class MCPTool(Tool):
         self.remote_name = remote_name
         self.name = f"{server.prefix}{remote_name}" if server.prefix else remote_name
         self.description = description
-        self.parameters = parameters if isinstance(parameters, dict) and parameters else {"type": "object", "properties": {}}
+        self.parameters = (
+            parameters if isinstance(parameters, dict) and parameters else {"type": "object", "properties": {}}
+        )
         self.target = None
         self.is_model = False
         self.is_async = False
@@ -131,8 +133,10 @@ class _Connection:
             raise ToolError(f"MCP server {server.name!r} did not start within {server.startup_timeout:g} s")
         if self._startup_error is not None:
             self._thread.join(5)
-            raise ToolError(f"MCP server {server.name!r} could not be started: "
-                            f"{type(self._startup_error).__name__}: {_message(self._startup_error)}") from self._startup_error
+            raise ToolError(
+                f"MCP server {server.name!r} could not be started: "
+                f"{type(self._startup_error).__name__}: {_message(self._startup_error)}"
+            ) from self._startup_error
 
     def _run(self) -> None:
         import asyncio
@@ -173,8 +177,9 @@ class _Connection:
                 from mcp.client.streamable_http import streamable_http_client as opener
             except ImportError:  # mcp 1.x
                 from mcp.client.streamable_http import streamablehttp_client as opener  # type: ignore[no-redef]
-            streams = await stack.enter_async_context(opener(server.url, **({"headers": server.headers} if server.headers and
-                                                                                _takes_headers(opener) else {})))
+            streams = await stack.enter_async_context(
+                opener(server.url, **({"headers": server.headers} if server.headers and _takes_headers(opener) else {}))
+            )
         else:
             from mcp.client.stdio import StdioServerParameters, stdio_client
 
@@ -194,8 +199,13 @@ class _Connection:
 
                 page = await self.session.list_tools(params=types.PaginatedRequestParams(cursor=cursor))
             for t in page.tools:
-                out.append({"name": t.name, "description": t.description or "",
-                            "parameters": _field(t, "input_schema", "inputSchema") or {}})
+                out.append(
+                    {
+                        "name": t.name,
+                        "description": t.description or "",
+                        "parameters": _field(t, "input_schema", "inputSchema") or {},
+                    }
+                )
             cursor = _field(page, "next_cursor", "nextCursor")
             if not cursor:
                 break
@@ -210,7 +220,9 @@ class _Connection:
             return future.result(self.server.timeout + 5)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise ToolError(f"MCP server {self.server.name!r}: {name} did not answer within {self.server.timeout:g} s") from None
+            raise ToolError(
+                f"MCP server {self.server.name!r}: {name} did not answer within {self.server.timeout:g} s"
+            ) from None
 
     async def acall(self, name: str, arguments: dict) -> Any:
         import asyncio
@@ -228,7 +240,9 @@ class _Connection:
         except asyncio.TimeoutError:
             raise ToolError(f"MCP server {server.name!r}: {name} did not answer within {server.timeout:g} s") from None
         except Exception as exc:  # the SDK's McpError / MCPError (e.g. "Connection closed"), a broken stream, ...
-            raise ToolError(f"MCP server {server.name!r} failed on {name}: {type(exc).__name__}: {_message(exc)}") from exc
+            raise ToolError(
+                f"MCP server {server.name!r} failed on {name}: {type(exc).__name__}: {_message(exc)}"
+            ) from exc
         return _result(server, name, result)
 
     def close(self) -> None:
@@ -313,11 +327,23 @@ class MCPServer(ToolSource):
             server cannot be started or reached, and ConfigError when the ``mcp`` package is missing.
     """
 
-    def __init__(self, command: list[str] | str | None = None, *, url: str | None = None, env: dict[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None, headers: dict[str, str] | None = None, name: str | None = None,
-                 prefix: str | None = None, timeout: float = TIMEOUT, startup_timeout: float = STARTUP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        command: list[str] | str | None = None,
+        *,
+        url: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        headers: dict[str, str] | None = None,
+        name: str | None = None,
+        prefix: str | None = None,
+        timeout: float = TIMEOUT,
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
         if (command is None) == (url is None):
-            raise ConfigError("MCPServer needs either command=[...] (a stdio server) or url='http://...' (streamable HTTP)")
+            raise ConfigError(
+                "MCPServer needs either command=[...] (a stdio server) or url='http://...' (streamable HTTP)"
+            )
         if command is not None:
             command = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
             if not command:
@@ -337,8 +363,11 @@ class MCPServer(ToolSource):
         self.startup_timeout = float(startup_timeout)
         if name is None:
             if command is not None:
-                name = os.path.basename(command[-1] if os.path.basename(command[0]).startswith("python") and len(command) > 1
-                                        else command[0])
+                name = os.path.basename(
+                    command[-1]
+                    if os.path.basename(command[0]).startswith("python") and len(command) > 1
+                    else command[0]
+                )
             else:
                 from urllib.parse import urlsplit
 
@@ -415,7 +444,9 @@ class MCPServer(ToolSource):
         """
         conn = self._conn
         if conn is None:
-            raise ToolError(f"MCP server {self.name!r} is not open (use it in tools=[...], or open it with `with server:`)")
+            raise ToolError(
+                f"MCP server {self.name!r} is not open (use it in tools=[...], or open it with `with server:`)"
+            )
         return [MCPTool(self, t["name"], t["description"], t["parameters"]) for t in conn.tools]
 
     # -- calls ------------------------------------------------------------------------------------
@@ -450,7 +481,9 @@ def from_front_matter(spec: Any, origin: str = "front matter") -> MCPServer:
     known = {"command", "url", "env", "cwd", "name", "prefix", "timeout", "startup_timeout"}
     unknown = sorted(set(spec) - known)
     if unknown:
-        raise ConfigError(f"{origin}: unknown mcp_servers key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{origin}: unknown mcp_servers key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     return MCPServer(spec.get("command"), **{k: v for k, v in spec.items() if k != "command"})
 
 
@@ -491,7 +524,9 @@ class FrontServers:
                     found = self._made.get(key)
                     if found is None:
                         try:
-                            found = self._made[key] = from_front_matter(spec, str(getattr(prompt, "system_path", "front matter")))
+                            found = self._made[key] = from_front_matter(
+                                spec, str(getattr(prompt, "system_path", "front matter"))
+                            )
                         except ConfigError as exc:
                             from .errors import TemplateError
 

@@ -36,8 +36,9 @@ def _redis_module() -> Any:
     try:
         import redis
     except ImportError as exc:
-        raise ConfigError("REDIS_URL is set but the redis package is not installed: "
-                          "pip install 'tinyllm[redis]' (or unset REDIS_URL)") from exc
+        raise ConfigError(
+            "REDIS_URL is set but the redis package is not installed: pip install 'tinyllm[redis]' (or unset REDIS_URL)"
+        ) from exc
     return redis
 
 
@@ -70,16 +71,23 @@ def connect(url: str) -> Any:
         if client is not None:
             return client
         try:
-            client = redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
-                                          retry=Retry(NoBackoff(), 1), health_check_interval=30)
+            client = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                socket_timeout=SOCKET_TIMEOUT,
+                retry=Retry(NoBackoff(), 1),
+                health_check_interval=30,
+            )
         except ValueError:  # the message of a bad URL may quote the URL: not chained
             raise ConfigError(f"REDIS_URL {shown!r} is not a Redis URL (redis://[:password@]host:port/db)") from None
         try:
             client.ping()
         except (redis.RedisError, OSError) as exc:
             client.close()
-            raise ConfigError(f"cannot use Redis at {shown} (REDIS_URL): {_reason(exc)}; "
-                              "start Redis there, fix REDIS_URL, or unset it") from exc
+            raise ConfigError(
+                f"cannot use Redis at {shown} (REDIS_URL): {_reason(exc)}; "
+                "start Redis there, fix REDIS_URL, or unset it"
+            ) from exc
         _clients[url] = client
         return client
 

@@ -104,7 +104,9 @@ class Accumulator:
         if not isinstance(piece, dict):
             raise ResponseError("stream chunk has a malformed tool call", raw=chunk)
         index = piece.get("index", len(self._tool_calls))
-        call = self._tool_calls.setdefault(index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        call = self._tool_calls.setdefault(
+            index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        )
         if piece.get("id"):
             call["id"] = piece["id"]
         if piece.get("type"):
@@ -132,7 +134,6 @@ class Accumulator:
             message["refusal"] = "".join(self._refusal)
         return message
 
-
     def choices(self) -> list[dict] | None:
         """Every choice, ``[{"index", "message", "finish_reason", "logprobs"}, ...]`` in index order,
         when the stream carried more than one (``n``); None for one.
@@ -145,8 +146,14 @@ class Accumulator:
         out = [{"index": 0, "message": self.message(), "finish_reason": self.finish_reason, "logprobs": self.logprobs}]
         for index in sorted(self._others):
             other = self._others[index]
-            out.append({"index": index, "message": other.message(), "finish_reason": other.finish_reason,
-                        "logprobs": other.logprobs})
+            out.append(
+                {
+                    "index": index,
+                    "message": other.message(),
+                    "finish_reason": other.finish_reason,
+                    "logprobs": other.logprobs,
+                }
+            )
         return out
 
 

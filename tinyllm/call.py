@@ -13,8 +13,14 @@ from .clients import Client, as_client
 from .clients._chain import Fallbacks, check_fallbacks
 from ._mcp import FrontServers, tool_sources
 from .clients import get_client
-from .errors import (ConfigError, ContentFilterFinishReasonError, LengthFinishReasonError, OutputParseError, RefusalError,
-                     ResponseError)
+from .errors import (
+    ConfigError,
+    ContentFilterFinishReasonError,
+    LengthFinishReasonError,
+    OutputParseError,
+    RefusalError,
+    ResponseError,
+)
 from .output import grammar_for, normalize_output_type, parse_output, response_format_for
 from .response import Response
 from .prompts._templates import Prompt, load_prompt
@@ -27,13 +33,13 @@ if TYPE_CHECKING:
 __all__ = ["LLMCall", "plan_output", "content_of", "respond_with", "arespond_with", "RETRY_PROMPT"]
 
 RETRY_PROMPT = (
-    "Your previous reply could not be used: {error}\n"
-    "Answer again with only the requested output and nothing else."
+    "Your previous reply could not be used: {error}\nAnswer again with only the requested output and nothing else."
 )
 
 
-def plan_output(prompt: Prompt | None, sender: Any, output_type: Any, output_retries: int | None,
-                model_params: dict) -> tuple[Any, dict, int]:
+def plan_output(
+    prompt: Prompt | None, sender: Any, output_type: Any, output_retries: int | None, model_params: dict
+) -> tuple[Any, dict, int]:
     """(normalized output_type, request params, output retries) for a call of ``prompt`` through ``sender``.
 
     ``output_type`` and ``output_retries`` given in code win over the front
@@ -54,8 +60,10 @@ def plan_output(prompt: Prompt | None, sender: Any, output_type: Any, output_ret
     as_format = params.get("response_format")
     if as_format is not None and not isinstance(as_format, (dict, str)):  # a type, e.g. a pydantic model
         if output_type is not None and output_type != as_format:
-            raise OutputParseError(f"response_format={as_format!r} and output_type={output_type!r} disagree; give one of them",
-                                   output_type=output_type)
+            raise OutputParseError(
+                f"response_format={as_format!r} and output_type={output_type!r} disagree; give one of them",
+                output_type=output_type,
+            )
         output_type = as_format
         del params["response_format"]
     front_type = None
@@ -96,12 +104,20 @@ def content_of(message: dict, finish_reason: str | None = None, output_type: Any
         usage = getattr(response, "usage", None) or {}
         raise LengthFinishReasonError(
             f"the reply was cut at max_tokens (finish_reason 'length', {usage.get('completion_tokens', '?')} completion "
-            "tokens) before the typed output was complete; raise max_tokens", response=response, raw=message)
+            "tokens) before the typed output was complete; raise max_tokens",
+            response=response,
+            raw=message,
+        )
     if finish_reason == "content_filter":
-        raise ContentFilterFinishReasonError("the server's content filter stopped the reply (finish_reason "
-                                             "'content_filter')", response=response, raw=message)
+        raise ContentFilterFinishReasonError(
+            "the server's content filter stopped the reply (finish_reason 'content_filter')",
+            response=response,
+            raw=message,
+        )
     if message.get("refusal") and not message.get("content"):
-        raise RefusalError(f"the model refused: {message['refusal']}", refusal=message["refusal"], response=response, raw=message)
+        raise RefusalError(
+            f"the model refused: {message['refusal']}", refusal=message["refusal"], response=response, raw=message
+        )
     if message.get("content") is None:
         raise ResponseError("the reply has no text content (tool calls only?)", raw=message)
     return message["content"]
@@ -117,7 +133,9 @@ def _value(response: Response, output_type: Any, many: bool) -> Any:
     """
     choices = response.choices if many else response.choices[:1]
     for choice in choices:
-        choice.value = parse_output(content_of(choice.message, choice.finish_reason, output_type, response), output_type)
+        choice.value = parse_output(
+            content_of(choice.message, choice.finish_reason, output_type, response), output_type
+        )
     return [c.value for c in choices] if many else choices[0].value
 
 
@@ -160,8 +178,9 @@ def _fits(output_type: Any, tools: Toolbox | None = None) -> Callable[[dict], bo
 
 # -- tool rounds (tinyllm/tools.py): a reply that asks for tools is one more turn of the conversation,
 # before and apart from the output turns: the tools run, their results go back, the next reply is asked for.
-def _tool_round(tools: Toolbox, response: Response, conversation: list[dict], message: dict,
-                params: dict) -> tuple[list[dict], dict]:
+def _tool_round(
+    tools: Toolbox, response: Response, conversation: list[dict], message: dict, params: dict
+) -> tuple[list[dict], dict]:
     """Run the tools ``message`` asks for; (the next conversation, the next params). Raises
     ToolRoundsExceededError past ``max_tool_rounds``, ToolError with ``raise_tool_errors``."""
     tools.check(len(response.tool_rounds), conversation, message, response)
@@ -170,19 +189,29 @@ def _tool_round(tools: Toolbox, response: Response, conversation: list[dict], me
     return conversation + record.messages, tools.next_params(params)
 
 
-async def _atool_round(tools: Toolbox, response: Response, conversation: list[dict], message: dict,
-                       params: dict) -> tuple[list[dict], dict]:
+async def _atool_round(
+    tools: Toolbox, response: Response, conversation: list[dict], message: dict, params: dict
+) -> tuple[list[dict], dict]:
     """The asyncio twin of :func:`_tool_round` (the calls run as tasks)."""
     tools.check(len(response.tool_rounds), conversation, message, response)
     record = await tools.arun_round(len(response.tool_rounds), message)
     response.tool_rounds.append(record)
     return conversation + record.messages, tools.next_params(params)
+
+
 # -- end of tool rounds
 
 
 @observed  # calllog: a span per call and a log row, failed calls too
-def respond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
-                 on_reply: Callable[[dict], None] = lambda message: None, tools: Toolbox | None = None) -> Response:
+def respond_with(
+    sender: Client,
+    response: Response,
+    params: dict,
+    output_type: Any,
+    retries: int,
+    on_reply: Callable[[dict], None] = lambda message: None,
+    tools: Toolbox | None = None,
+) -> Response:
     """Send ``response.messages`` through ``sender.request`` until a reply fits ``output_type``.
 
     Every reply is folded into ``response`` (usage summed, retries counted) and
@@ -222,8 +251,15 @@ def respond_with(sender: Client, response: Response, params: dict, output_type: 
 
 
 @aobserved  # calllog: a span per call and a log row, failed calls too
-async def arespond_with(sender: Client, response: Response, params: dict, output_type: Any, retries: int,
-                        on_reply: Callable[[dict], None] = lambda message: None, tools: Toolbox | None = None) -> Response:
+async def arespond_with(
+    sender: Client,
+    response: Response,
+    params: dict,
+    output_type: Any,
+    retries: int,
+    on_reply: Callable[[dict], None] = lambda message: None,
+    tools: Toolbox | None = None,
+) -> Response:
     """The asyncio twin of :func:`respond_with`, through ``sender.arequest``."""
     response._output_type = output_type
     turns = _output_turns(list(response.messages), output_type, retries, response, params.get("n") is not None)
@@ -275,8 +311,15 @@ class _ToolRoundsStream:
     """Streams round after round: when a streamed reply asks for tools, they run and the next reply
     streams on (its text deltas follow). ``reply`` is the last reply once the iteration ends."""
 
-    def __init__(self, sender: Client, response: Response, params: dict, accept: Callable[[dict], bool],
-                 tools: Toolbox, on_reply: Callable[[dict], None]) -> None:
+    def __init__(
+        self,
+        sender: Client,
+        response: Response,
+        params: dict,
+        accept: Callable[[dict], bool],
+        tools: Toolbox,
+        on_reply: Callable[[dict], None],
+    ) -> None:
         self._args = (sender, weakref.ref(response), params, accept, tools, on_reply)
         self._state = _RoundsState()
         self._iter: Any = None
@@ -313,8 +356,15 @@ class _ToolRoundsStream:
         self._state.abandon()
 
 
-def _stream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dict], bool], tools: Toolbox,
-                   on_reply: Callable[[dict], None], state: _RoundsState) -> Any:
+def _stream_rounds(
+    sender: Client,
+    ref: Any,
+    params: dict,
+    accept: Callable[[dict], bool],
+    tools: Toolbox,
+    on_reply: Callable[[dict], None],
+    state: _RoundsState,
+) -> Any:
     """The generator behind :class:`_ToolRoundsStream`; ``ref`` is a weak reference to the Response
     (no strong one is kept across a ``yield``)."""
     conversation = list(ref().messages)
@@ -337,8 +387,15 @@ def _stream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dic
         tools.close()  # its MCP servers: the call ends with its stream
 
 
-async def _astream_rounds(sender: Client, ref: Any, params: dict, accept: Callable[[dict], bool], tools: Toolbox,
-                          on_reply: Callable[[dict], None], state: _RoundsState) -> Any:
+async def _astream_rounds(
+    sender: Client,
+    ref: Any,
+    params: dict,
+    accept: Callable[[dict], bool],
+    tools: Toolbox,
+    on_reply: Callable[[dict], None],
+    state: _RoundsState,
+) -> Any:
     """The asyncio twin of :func:`_stream_rounds`."""
     conversation = list(ref().messages)
     try:
@@ -364,8 +421,15 @@ async def _astream_rounds(sender: Client, ref: Any, params: dict, accept: Callab
         tools.close()
 
 
-def _open_stream(sender: Client, response: Response, params: dict, output_type: Any, tools: Toolbox | None,
-                 on_reply: Callable[[dict], None], asynchronous: bool) -> Any:
+def _open_stream(
+    sender: Client,
+    response: Response,
+    params: dict,
+    output_type: Any,
+    tools: Toolbox | None,
+    on_reply: Callable[[dict], None],
+    asynchronous: bool,
+) -> Any:
     """The stream of a streamed call: one request, or with tools round after round; the call log
     watches it when LOG_CALLS is on (one row when it ends, fails, is closed or dropped)."""
     watch_stream(sender, response, params)
@@ -380,8 +444,14 @@ def _open_stream(sender: Client, response: Response, params: dict, output_type: 
         raise
 
 
-def _streaming(response: Response, stream: Any, output_type: Any, on_reply: Callable[[dict], None] = lambda m: None,
-               on_done: Callable[[Response], None] = lambda r: None, many: bool = False) -> Response:
+def _streaming(
+    response: Response,
+    stream: Any,
+    output_type: Any,
+    on_reply: Callable[[dict], None] = lambda m: None,
+    on_done: Callable[[Response], None] = lambda r: None,
+    many: bool = False,
+) -> Response:
     """``response`` set to read ``stream``. When it ends: ``on_reply(message)``, the value is
     parsed (OutputParseError if it does not fit; with ``many``, the list of every choice's
     value), ``on_done(response)``, then it is complete."""
@@ -408,13 +478,17 @@ def check_model_params(model_params: dict) -> None:
     from .prompts._templates import misspelled
 
     if "api_key" in model_params:
-        raise ConfigError("api_key is a client setting, not an API parameter: pass client=OpenAIClient(api_key=...) "
-                          "or set OPENAI_API_KEY")
+        raise ConfigError(
+            "api_key is a client setting, not an API parameter: pass client=OpenAIClient(api_key=...) "
+            "or set OPENAI_API_KEY"
+        )
     for key in model_params:
         close = misspelled(key) if isinstance(key, str) else None
         if close:
-            raise ConfigError(f"{key!r} is not a parameter tinyllm knows; did you mean {close!r}? "
-                              "(A server-specific parameter goes in extra_body={...}.)")
+            raise ConfigError(
+                f"{key!r} is not a parameter tinyllm knows; did you mean {close!r}? "
+                "(A server-specific parameter goes in extra_body={...}.)"
+            )
 
 
 class _LastCall(threading.local):
@@ -578,12 +652,26 @@ class LLMCall:
         prompt = self.prompt
         messages = prompt.render(variables)
         sender = self._sender()
-        output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
+        output_type, params, retries = plan_output(
+            prompt, sender, self.output_type, self.output_retries, self.model_params
+        )
         servers = self._servers.of(prompt)
-        tools = None if self.tools is None and not prompt.tools and not servers else plan_tools(
-            self.tools, prompt.tools, self.system_template_name, sender, params, max_rounds=self.max_tool_rounds,
-            raise_errors=self.raise_tool_errors, on_call=self.on_tool_call, front_sources=servers,
-            timeout=self.tool_timeout)
+        tools = (
+            None
+            if self.tools is None and not prompt.tools and not servers
+            else plan_tools(
+                self.tools,
+                prompt.tools,
+                self.system_template_name,
+                sender,
+                params,
+                max_rounds=self.max_tool_rounds,
+                raise_errors=self.raise_tool_errors,
+                on_call=self.on_tool_call,
+                front_sources=servers,
+                timeout=self.tool_timeout,
+            )
+        )
         response = Response(messages, template=self.system_template_name, variables=dict(variables), prompt=prompt)
         return sender, response, params, output_type, retries, tools
 
@@ -636,13 +724,17 @@ class LLMCall:
         """
         sender, response, params, output_type, retries, tools = self._plan(variables)
         with _closing(tools):
-            return respond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
+            return respond_with(
+                sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools
+            )
 
     async def arespond(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`respond`."""
         sender, response, params, output_type, retries, tools = self._plan(variables)
         with _closing(tools):
-            return await arespond_with(sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools)
+            return await arespond_with(
+                sender, response, params, output_type, retries, lambda m: self._last.set(response.messages, m), tools
+            )
 
     def stream(self, **variables: Any) -> Response:
         """Render and send as a streamed request; iterate the Response for text deltas (``str``).
@@ -666,8 +758,13 @@ class LLMCall:
         if not sender.capabilities.streaming:
             with _closing(tools):
                 return respond_with(sender, response, params, output_type, 0, on_reply, tools)
-        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, False), output_type, on_reply,
-                          many=params.get("n") is not None)
+        return _streaming(
+            response,
+            _open_stream(sender, response, params, output_type, tools, on_reply, False),
+            output_type,
+            on_reply,
+            many=params.get("n") is not None,
+        )
 
     async def astream(self, **variables: Any) -> Response:
         """The asyncio twin of :meth:`stream`: ``async for delta in await call.astream(...)``."""
@@ -676,8 +773,13 @@ class LLMCall:
         if not sender.capabilities.streaming:
             with _closing(tools):
                 return await arespond_with(sender, response, params, output_type, 0, on_reply, tools)
-        return _streaming(response, _open_stream(sender, response, params, output_type, tools, on_reply, True), output_type, on_reply,
-                          many=params.get("n") is not None)
+        return _streaming(
+            response,
+            _open_stream(sender, response, params, output_type, tools, on_reply, True),
+            output_type,
+            on_reply,
+            many=params.get("n") is not None,
+        )
 
     def _recorder(self, messages: list[dict]) -> Callable[[dict], None]:
         """``on_reply`` of a streamed call: records the last exchange. It holds the messages, not the
@@ -739,7 +841,9 @@ class LLMCall:
         if batch_api:
             from .batch._batch_api import BatchAPIRunner
 
-            return BatchAPIRunner(self, progress=progress).map(inputs, path=batch_output, return_exceptions=return_exceptions)
+            return BatchAPIRunner(self, progress=progress).map(
+                inputs, path=batch_output, return_exceptions=return_exceptions
+            )
         cached_before = usage.usage_stats()["cached_calls"]
         with contextlib.ExitStack() as held:  # the MCP servers of the call stay open for the whole batch
             for source in self._tool_sources():
@@ -751,11 +855,26 @@ class LLMCall:
         prompt = self.prompt
         return tool_sources(self.tools) if self.tools is not None else self._servers.of(prompt)
 
-    def _map(self, inputs: Iterable[dict], max_workers: int | None, progress: bool, return_exceptions: bool,
-             executor: Any, chunk_size: int | None, cached_before: int) -> list[Any]:
+    def _map(
+        self,
+        inputs: Iterable[dict],
+        max_workers: int | None,
+        progress: bool,
+        return_exceptions: bool,
+        executor: Any,
+        chunk_size: int | None,
+        cached_before: int,
+    ) -> list[Any]:
         from .batch._runner import Runner
 
-        runner = Runner(self._call_with, executor=executor, max_workers=max_workers, chunk_size=chunk_size, progress=progress,
-                        desc=self.system_template_name, unit="call",
-                        counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before})
+        runner = Runner(
+            self._call_with,
+            executor=executor,
+            max_workers=max_workers,
+            chunk_size=chunk_size,
+            progress=progress,
+            desc=self.system_template_name,
+            unit="call",
+            counters=lambda: {"cached": usage.usage_stats()["cached_calls"] - cached_before},
+        )
         return runner.map(inputs, return_exceptions=return_exceptions)

@@ -132,7 +132,9 @@ class LLMChat:
 
     def __repr__(self) -> str:
         source = repr(self.system_template_name) if self.system_template_name else f"system={self.system!r:.40}"
-        return f"LLMChat({source}, turns={sum(m.get('role') == 'user' for m in self.history)}, api_type={self.api_type!r})"
+        return (
+            f"LLMChat({source}, turns={sum(m.get('role') == 'user' for m in self.history)}, api_type={self.api_type!r})"
+        )
 
     @property
     def prompt(self) -> Prompt | None:
@@ -160,20 +162,34 @@ class LLMChat:
         user = load_prompt(str(prompt.user_path), prompts_dir=self.prompts_dir)  # the user file on its own
         return {"role": "user", "content": user.render(variables)[0]["content"]}
 
-    def _plan(self, text: str | None, variables: dict) -> tuple[Any, Response, list[dict], dict, dict, Any, int, dict, Any]:
+    def _plan(
+        self, text: str | None, variables: dict
+    ) -> tuple[Any, Response, list[dict], dict, dict, Any, int, dict, Any]:
         merged = {**self.variables, **variables}
         prompt = self.prompt
         opening = self._seed(prompt, merged) if not self.history else []
         user = self._user(prompt, text, merged)
         sender = self._sender()
-        output_type, params, retries = plan_output(prompt, sender, self.output_type, self.output_retries, self.model_params)
+        output_type, params, retries = plan_output(
+            prompt, sender, self.output_type, self.output_retries, self.model_params
+        )
         servers = self._servers.of(prompt)
         self._hold(tool_sources(self.tools) if self.tools is not None else servers)
-        tools = plan_tools(self.tools, prompt.tools if prompt is not None else None, self.system_template_name, sender, params,
-                           max_rounds=self.max_tool_rounds, raise_errors=self.raise_tool_errors, on_call=self.on_tool_call,
-                           front_sources=servers, timeout=self.tool_timeout)
-        response = Response([*self.history, *opening, user], template=self.system_template_name, variables=merged,
-                            prompt=prompt)
+        tools = plan_tools(
+            self.tools,
+            prompt.tools if prompt is not None else None,
+            self.system_template_name,
+            sender,
+            params,
+            max_rounds=self.max_tool_rounds,
+            raise_errors=self.raise_tool_errors,
+            on_call=self.on_tool_call,
+            front_sources=servers,
+            timeout=self.tool_timeout,
+        )
+        response = Response(
+            [*self.history, *opening, user], template=self.system_template_name, variables=merged, prompt=prompt
+        )
         return sender, response, opening, user, params, output_type, retries, merged, tools
 
     def _commit(self, opening: list[dict], user: dict, response: Response, merged: dict) -> None:
@@ -242,7 +258,9 @@ class LLMChat:
             self._commit(opening, user, response, merged)
             return response
         stream = _open_stream(sender, response, params, output_type, tools, self._on_reply, False)
-        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r, merged))
+        return _streaming(
+            response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r, merged)
+        )
 
     async def astream(self, text: str | None = None, /, **variables: Any) -> Response:
         """The asyncio twin of :meth:`stream`."""
@@ -253,7 +271,9 @@ class LLMChat:
             self._commit(opening, user, response, merged)
             return response
         stream = _open_stream(sender, response, params, output_type, tools, self._on_reply, True)
-        return _streaming(response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r, merged))
+        return _streaming(
+            response, stream, output_type, self._on_reply, lambda r: self._commit(opening, user, r, merged)
+        )
 
     def _on_reply(self, message: dict) -> None:
         self.model_output = message

@@ -79,7 +79,9 @@ def _check_prices(value: Any) -> dict[str, dict[str, float]]:
             raise ValueError(f"the price of {model!r} needs input_per_mtok and output_per_mtok")
         unknown = set(price) - set(_PRICE_KEYS)
         if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)} in the price of {model!r}; known: {', '.join(_PRICE_KEYS)}")
+            raise ValueError(
+                f"unknown key(s) {sorted(unknown)} in the price of {model!r}; known: {', '.join(_PRICE_KEYS)}"
+            )
         numbers = {}
         for key, number in price.items():
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
@@ -155,52 +157,130 @@ class Config:
     and the server's default applies.
     """
 
-    api_type: str | None = _setting(None, lambda s: s.strip().lower() or None, "client: openai, ollama, azure, llamacpp, anthropic or a registered one")
+    api_type: str | None = _setting(
+        None,
+        lambda s: s.strip().lower() or None,
+        "client: openai, ollama, azure, llamacpp, anthropic or a registered one",
+    )
     model: str = _setting("gpt-4o-mini", _str, "model asked for")
-    anthropic_model: str = _setting("claude-sonnet-5-5", _str, "model the anthropic client asks for while MODEL is left at its default")
+    anthropic_model: str = _setting(
+        "claude-sonnet-5-5", _str, "model the anthropic client asks for while MODEL is left at its default"
+    )
     max_tokens: int | None = _setting(None, _positive_int, "tokens the reply may have")
-    temperature: float | None = _setting(None, _nonneg(float), "sampling temperature; unset: not sent (the server's default)")
+    temperature: float | None = _setting(
+        None, _nonneg(float), "sampling temperature; unset: not sent (the server's default)"
+    )
     top_p: float | None = _setting(None, _nonneg(float), "nucleus sampling; unset: not sent")
     frequency_penalty: float | None = _setting(None, float, "also read as FREQ_PENALTY (TinyTroupe's name)")
     presence_penalty: float | None = _setting(None, float, "unset: not sent")
     reasoning_effort: str | None = _setting(None, _str, "for reasoning models: low, medium, high")
-    timeout: float = _setting(60.0, _positive_float, "seconds per HTTP attempt, the whole attempt (a stream: up to its headers, then each wait between chunks)")
-    max_attempts: int = _setting(5, _positive_int, "attempts per request, the first included; a retry is a new attempt. One attempt may send up to three HTTP requests while the structured-output fallback (json_schema -> json_object -> prompt) learns what an endpoint takes")
+    timeout: float = _setting(
+        60.0,
+        _positive_float,
+        "seconds per HTTP attempt, the whole attempt (a stream: up to its headers, then each wait between chunks)",
+    )
+    max_attempts: int = _setting(
+        5,
+        _positive_int,
+        "attempts per request, the first included; a retry is a new attempt. One attempt may send up to three HTTP requests while the structured-output fallback (json_schema -> json_object -> prompt) learns what an endpoint takes",
+    )
     waiting_time: float = _setting(1.0, _nonneg(float), "seconds, first backoff wait")
-    exponential_backoff_factor: float = _setting(2.0, _nonneg(float), "each backoff wait is the previous one times this (jittered); a Retry-After header wins")
+    exponential_backoff_factor: float = _setting(
+        2.0, _nonneg(float), "each backoff wait is the previous one times this (jittered); a Retry-After header wins"
+    )
     max_waiting_time: float = _setting(60.0, _nonneg(float), "seconds, cap on any one wait")
     embedding_model: str = _setting("text-embedding-3-small", _str, "model of get_embedding(s) (ignored by llamacpp)")
-    cache_api_calls: bool = _setting(False, _parse_bool, "keep replies in the cache (CACHE_BACKEND) and answer repeats from it")
-    cache_file_name: str = _setting("tinyllm_cache.pickle", _str, "the pickle cache's file, relative to the working directory")
-    base_url: str | None = _setting(None, _str, "an OpenAI-compatible server (vLLM, llama.cpp server, LM Studio, Ollama), e.g. http://localhost:8000/v1")
-    azure_api_version: str = _setting("2024-10-21", _str, "Azure OpenAI API version (AZURE_OPENAI_VERSION in the environment wins)")
+    cache_api_calls: bool = _setting(
+        False, _parse_bool, "keep replies in the cache (CACHE_BACKEND) and answer repeats from it"
+    )
+    cache_file_name: str = _setting(
+        "tinyllm_cache.pickle", _str, "the pickle cache's file, relative to the working directory"
+    )
+    base_url: str | None = _setting(
+        None,
+        _str,
+        "an OpenAI-compatible server (vLLM, llama.cpp server, LM Studio, Ollama), e.g. http://localhost:8000/v1",
+    )
+    azure_api_version: str = _setting(
+        "2024-10-21", _str, "Azure OpenAI API version (AZURE_OPENAI_VERSION in the environment wins)"
+    )
     azure_deployments: dict = _setting({}, _parse_mapping, "model name -> Azure deployment name")
     max_concurrent_requests: int = _setting(5, _positive_int, "requests one client sends at once (its queue's slots)")
     queue_size: int = _setting(100, _nonneg(int), "requests that may wait for a slot")
     queue_timeout: float = _setting(300.0, _nonneg(float), "seconds a request may wait for a slot; 0 = no limit")
     requests_per_minute: int = _setting(0, _nonneg(int), "0 = no limit")
     tokens_per_minute: int = _setting(0, _nonneg(int), "0 = no limit")
-    local_model_path: str | None = _setting(None, _str, "a GGUF file for llamacpp; unset: the bundled SmolLM2 (tinyllm config prints the path)")
-    local_threads: int = _setting(0, _nonneg(int), "CPU threads llama.cpp uses for the embedded model, read when the model loads; 0 = every CPU")
-    prompts_dirs: list = _setting([], _parse_paths, "template directories searched after prompts_dir= and before ./prompts, separated by os.pathsep")
-    max_tool_rounds: int = _setting(10, _nonneg(int), "tool rounds a call may take (a reply asking for tools, the tools run); then ToolRoundsExceededError")
-    tool_timeout: float = _setting(60.0, _nonneg(float), "seconds one tool call may run; then the model gets an error result (the call is abandoned); 0 = no limit")
-    tool_concurrency: int = _setting(8, _positive_int, "tool calls of one reply that run at once (threads or tasks); the rest wait their turn")
-    file_check_interval: float = _setting(1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use")
+    local_model_path: str | None = _setting(
+        None, _str, "a GGUF file for llamacpp; unset: the bundled SmolLM2 (tinyllm config prints the path)"
+    )
+    local_threads: int = _setting(
+        0, _nonneg(int), "CPU threads llama.cpp uses for the embedded model, read when the model loads; 0 = every CPU"
+    )
+    prompts_dirs: list = _setting(
+        [],
+        _parse_paths,
+        "template directories searched after prompts_dir= and before ./prompts, separated by os.pathsep",
+    )
+    max_tool_rounds: int = _setting(
+        10,
+        _nonneg(int),
+        "tool rounds a call may take (a reply asking for tools, the tools run); then ToolRoundsExceededError",
+    )
+    tool_timeout: float = _setting(
+        60.0,
+        _nonneg(float),
+        "seconds one tool call may run; then the model gets an error result (the call is abandoned); 0 = no limit",
+    )
+    tool_concurrency: int = _setting(
+        8, _positive_int, "tool calls of one reply that run at once (threads or tasks); the rest wait their turn"
+    )
+    file_check_interval: float = _setting(
+        1.0, _nonneg(float), "seconds between checks of config.ini, .env and template files; 0 = every use"
+    )
     # -- shared state through Redis (tinyllm/cache/_redis.py, tinyllm/limits/_redis.py) --
-    redis_url: str | None = _setting(None, _str, "redis://[:password@]host:6379/0: share the cache and the limits across processes and machines")
-    cache_backend: str = _setting("auto", _choice("auto", "pickle", "redis", "memory"), "auto: redis when REDIS_URL is set, else pickle")
-    limits_backend: str = _setting("auto", _choice("auto", "local", "redis"), "auto: redis when REDIS_URL is set, else local (this client object)")
+    redis_url: str | None = _setting(
+        None, _str, "redis://[:password@]host:6379/0: share the cache and the limits across processes and machines"
+    )
+    cache_backend: str = _setting(
+        "auto", _choice("auto", "pickle", "redis", "memory"), "auto: redis when REDIS_URL is set, else pickle"
+    )
+    limits_backend: str = _setting(
+        "auto", _choice("auto", "local", "redis"), "auto: redis when REDIS_URL is set, else local (this client object)"
+    )
     redis_prefix: str = _setting("tinyllm", _str, "prefix of every Redis key tinyllm writes")
     redis_cache_ttl: float = _setting(0.0, _nonneg(float), "seconds a Redis cache entry lives; 0 = no expiry")
-    redis_slot_lease: float = _setting(600.0, _positive_float, "seconds a cluster-wide request slot is held at most when its holder dies; above TIMEOUT")
-    log_calls: bool = _setting(False, _parse_bool, "write one row per call to the call log (LOG_DB); the tinyllm command turns it on unless --no-log")
-    log_db: str | None = _setting(None, _str, "the call log's SQLite file; default: calls.db in the user's data directory")
-    max_cost: float | None = _setting(None, _nonneg(float), "USD this process may spend; a call that could exceed it is refused before sending")
-    judge_api_type: str | None = _setting(None, lambda s: s.strip().lower() or None, "the client of tinyllm eval's llm-rubric judge (a registered name); default: the usual client")
-    judge_model: str | None = _setting(None, _str, "the model of tinyllm eval's llm-rubric judge; an llm-rubric needs this or JUDGE_API_TYPE")
-    batch_poll_interval: float = _setting(30.0, _positive_float, "seconds between looks at the status of Batch API batches (tinyllm map --batch-api)")
-    prices: dict = _setting({}, _parse_prices, 'USD per million tokens over the genai-prices table: {"model": {"input_per_mtok": 1, "output_per_mtok": 2}}')
+    redis_slot_lease: float = _setting(
+        600.0,
+        _positive_float,
+        "seconds a cluster-wide request slot is held at most when its holder dies; above TIMEOUT",
+    )
+    log_calls: bool = _setting(
+        False,
+        _parse_bool,
+        "write one row per call to the call log (LOG_DB); the tinyllm command turns it on unless --no-log",
+    )
+    log_db: str | None = _setting(
+        None, _str, "the call log's SQLite file; default: calls.db in the user's data directory"
+    )
+    max_cost: float | None = _setting(
+        None, _nonneg(float), "USD this process may spend; a call that could exceed it is refused before sending"
+    )
+    judge_api_type: str | None = _setting(
+        None,
+        lambda s: s.strip().lower() or None,
+        "the client of tinyllm eval's llm-rubric judge (a registered name); default: the usual client",
+    )
+    judge_model: str | None = _setting(
+        None, _str, "the model of tinyllm eval's llm-rubric judge; an llm-rubric needs this or JUDGE_API_TYPE"
+    )
+    batch_poll_interval: float = _setting(
+        30.0, _positive_float, "seconds between looks at the status of Batch API batches (tinyllm map --batch-api)"
+    )
+    prices: dict = _setting(
+        {},
+        _parse_prices,
+        'USD per million tokens over the genai-prices table: {"model": {"input_per_mtok": 1, "output_per_mtok": 2}}',
+    )
     secrets: dict = field(default_factory=dict, repr=False, compare=False)
     sources: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -253,7 +333,8 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(Config) if "parse" in f.metad
 #: config key -> (parser of its text form, built-in default); the one table is :class:`Config`'s fields.
 KEYS: dict[str, tuple[Callable[[str], Any], Any]] = {
     f.name.upper(): (f.metadata["parse"], f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc, operator]
-    for f in dataclasses.fields(Config) if "parse" in f.metadata
+    for f in dataclasses.fields(Config)
+    if "parse" in f.metadata
 }
 #: older key names still read, -> the key they mean
 ALIASES = {"FREQ_PENALTY": "FREQUENCY_PENALTY"}
@@ -266,6 +347,7 @@ def _setting_name(key: str) -> str:
     if upper not in KEYS:
         raise ConfigError(f"unknown setting {key!r}; known: {', '.join(k.lower() for k in KEYS)}")
     return upper.lower()
+
 
 # Secrets and endpoints read only from the environment or .env.
 SECRET_NAMES = (
@@ -280,7 +362,12 @@ SECRET_NAMES = (
     "ANTHROPIC_API_KEY",
     "ANTHROPIC_BASE_URL",
 )
-API_KEY_NAMES = ("OPENAI_API_KEY", "AZURE_OPENAI_KEY", "AZURE_OPENAI_API_KEY", "ANTHROPIC_API_KEY")  # masked wherever shown
+API_KEY_NAMES = (
+    "OPENAI_API_KEY",
+    "AZURE_OPENAI_KEY",
+    "AZURE_OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+)  # masked wherever shown
 
 
 _URL_NAMES = ("BASE_URL", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT", "ANTHROPIC_BASE_URL", "REDIS_URL")
@@ -349,7 +436,7 @@ def _layers(cwd: Path, dotenv: dict[str, str]) -> list[tuple[str, dict[str, str]
         if raw:
             layers.append((str(path), raw))
     for name, env in ((".env", dotenv), ("environment", os.environ)):
-        raw = {k[len(ENV_PREFIX):]: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        raw = {k[len(ENV_PREFIX) :]: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
         if raw:
             layers.append((name, raw))
     return layers
@@ -383,10 +470,11 @@ def _parse(key: str, raw: Any, source: str) -> Any:
     elif isinstance(raw, (bool, int, float)):
         raw = str(raw)
     if not isinstance(raw, str):
-        expected = {"PROMPTS_DIRS": "a string, a path or a list of paths",
-                    "AZURE_DEPLOYMENTS": "a string or a dict of str -> str",
-                    "PRICES": "a JSON string or a dict"}.get(
-                        key, "a string or a path" if parser is _str else "a string or a number")
+        expected = {
+            "PROMPTS_DIRS": "a string, a path or a list of paths",
+            "AZURE_DEPLOYMENTS": "a string or a dict of str -> str",
+            "PRICES": "a JSON string or a dict",
+        }.get(key, "a string or a path" if parser is _str else "a string or a number")
         raise _bad(key, raw, source, f"expected {expected}, not {type(raw).__name__}")
     if raw.strip() == "":
         return default
@@ -443,7 +531,12 @@ def get_config() -> Config:
                 return cfg
     with _lock:
         overrides, version = dict(_overrides), _overrides_version
-    inputs = (cwd, _file_mtimes(cwd), dict(env), version)  # taken before building: a change meanwhile rebuilds next time
+    inputs = (
+        cwd,
+        _file_mtimes(cwd),
+        dict(env),
+        version,
+    )  # taken before building: a change meanwhile rebuilds next time
     cfg = _build_config(Path(cwd), overrides)
     _snapshot = (inputs, cfg)
     _files_checked_at = time.monotonic()
@@ -465,8 +558,11 @@ def _build_config(cwd: Path, overrides: dict[str, Any]) -> Config:
         value = os.environ.get(name) or dotenv.get(name)
         if value:
             secrets[name] = value
-    return Config(**{k.lower(): v for k, (v, _) in values.items()}, secrets=secrets,
-                  sources={k: source for k, (_, source) in values.items()})
+    return Config(
+        **{k.lower(): v for k, (v, _) in values.items()},
+        secrets=secrets,
+        sources={k: source for k, (_, source) in values.items()},
+    )
 
 
 def configure(**overrides: Any) -> None:

@@ -222,8 +222,13 @@ class Audio(Media):
 
     def part(self) -> dict:
         """``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav" | "mp3"}}``."""
-        return {"type": "input_audio", "input_audio": {"data": base64.b64encode(self.data or b"").decode("ascii"),
-                                                       "format": AUDIO_TYPES[self.media_type or ""]}}
+        return {
+            "type": "input_audio",
+            "input_audio": {
+                "data": base64.b64encode(self.data or b"").decode("ascii"),
+                "format": AUDIO_TYPES[self.media_type or ""],
+            },
+        }
 
 
 class File(Media):
@@ -260,6 +265,7 @@ def _data_url_bytes(url: str) -> bytes:
 
 
 # -- sizes and tokens ---------------------------------------------------------------------------------
+
 
 def image_size(data: bytes) -> tuple[int | None, int | None]:
     """(width, height) in pixels from an image's header (the ``imagesize`` package); (None, None) when unreadable."""
@@ -323,8 +329,10 @@ _MARK = "\u27e6tinyllm-media:"  # ⟦
 def markers(variables: dict) -> tuple[dict, dict[str, dict]] | None:
     """``(variables with each media value replaced by a placeholder, {placeholder: content part})``, or
     None when no variable holds media (a Media, or a list/tuple of them, one placeholder each)."""
-    if not any(isinstance(v, Media) or (isinstance(v, (list, tuple)) and v and any(isinstance(x, Media) for x in v))
-               for v in variables.values()):
+    if not any(
+        isinstance(v, Media) or (isinstance(v, (list, tuple)) and v and any(isinstance(x, Media) for x in v))
+        for v in variables.values()
+    ):
         return None
     token = secrets.token_hex(16)
     parts: dict[str, dict] = {}
@@ -352,7 +360,7 @@ def split(text: str, parts: dict[str, dict]) -> str | list[dict]:
         TemplateError: the text holds a placeholder the template changed (a filter applied to a
             media variable), whose medium would otherwise be dropped silently.
     """
-    token = next(iter(parts))[len(_MARK):].split(":")[0] if parts else ""
+    token = next(iter(parts))[len(_MARK) :].split(":")[0] if parts else ""
     if _MARK not in text:
         _check_unchanged(text, token)
         return text
@@ -378,8 +386,10 @@ def _check_unchanged(text: str, token: str) -> None:
     if token and token in text.lower():
         from .errors import TemplateError
 
-        raise TemplateError("the template changed an image, audio or file variable (a filter or slice applied to it?); "
-                            "place it alone, as {{ name }}, so it can be sent")
+        raise TemplateError(
+            "the template changed an image, audio or file variable (a filter or slice applied to it?); "
+            "place it alone, as {{ name }}, so it can be sent"
+        )
 
 
 # -- what needs a capability, what the call log keeps --------------------------------------------------
@@ -408,7 +418,9 @@ def _digest(data: str) -> str:
 def redacted(messages: Any) -> Any:
     """``messages`` with each inline medium (a data URL or base64 audio) replaced by ``"sha256:<hex>, <n> bytes"``;
     URLs and text kept. The messages themselves when none has content parts (no copy)."""
-    if not isinstance(messages, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
+    if not isinstance(messages, list) or not any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages
+    ):
         return messages
     out = []
     for m in messages:
@@ -420,10 +432,17 @@ def redacted(messages: Any) -> Any:
         for part in content:
             part = dict(part) if isinstance(part, dict) else part
             try:
-                if isinstance(part, dict) and isinstance(part.get("image_url"), dict) and str(part["image_url"].get("url", "")).startswith("data:"):
+                if (
+                    isinstance(part, dict)
+                    and isinstance(part.get("image_url"), dict)
+                    and str(part["image_url"].get("url", "")).startswith("data:")
+                ):
                     part["image_url"] = {**part["image_url"], "url": _digest(part["image_url"]["url"])}
                 elif isinstance(part, dict) and isinstance(part.get("input_audio"), dict):
-                    part["input_audio"] = {**part["input_audio"], "data": _digest(str(part["input_audio"].get("data", "")))}
+                    part["input_audio"] = {
+                        **part["input_audio"],
+                        "data": _digest(str(part["input_audio"].get("data", ""))),
+                    }
                 elif isinstance(part, dict) and isinstance(part.get("file"), dict) and part["file"].get("file_data"):
                     part["file"] = {**part["file"], "file_data": _digest(str(part["file"]["file_data"]))}
             except (MediaError, ValueError, binascii.Error):

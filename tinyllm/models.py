@@ -155,7 +155,7 @@ def _normalize(model: str) -> str:
     name = model.strip().lower()
     for prefix in _STRIP:
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 

@@ -52,7 +52,15 @@ from .errors import OutputParseError
 
 __all__ = ["normalize_output_type", "response_format_for", "grammar_for", "parse_output", "extract_json", "JsonSchema"]
 
-_NAMES: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float, "json": dict, "dict": dict, "list": list}
+_NAMES: dict[str, type] = {
+    "str": str,
+    "bool": bool,
+    "int": int,
+    "float": float,
+    "json": dict,
+    "dict": dict,
+    "list": list,
+}
 _TRUE = {"true", "yes", "y", "1", "positive"}
 _FALSE = {"false", "no", "n", "0", "negative"}
 _YES_WORDS, _NO_WORDS = {"true", "yes", "positive"}, {"false", "no", "negative"}
@@ -65,7 +73,9 @@ _GBNF = {
 }
 # 1,234,567.5 (thousands separators) | 3.14 / 3,14 (decimal comma) / 42. | .5 ; optional exponent;
 # a sign only when not glued to a word ("gpt-4" is 4)
-_NUMBER = re.compile(r"(?:(?<!\w)[-+])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d*|,\d+(?![\d,]))?|\.\d+)(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(
+    r"(?:(?<!\w)[-+])?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|\d+(?:\.\d*|,\d+(?![\d,]))?|\.\d+)(?:[eE][-+]?\d+)?"
+)
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\n?(.*?)```", re.S)
 
@@ -123,7 +133,9 @@ class JsonSchema:
         try:
             cls.check_schema(schema)
         except SchemaError as exc:
-            raise OutputParseError(f"the output schema is not a valid JSON schema: {exc.message}", output_type=schema) from exc
+            raise OutputParseError(
+                f"the output schema is not a valid JSON schema: {exc.message}", output_type=schema
+            ) from exc
         self.schema = schema
         self.name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(schema.get("title") or "output"))[:64]
         self._validator = cls(schema)
@@ -146,7 +158,9 @@ class JsonSchema:
 
         error = best_match(self._validator.iter_errors(value))
         if error is not None:
-            raise OutputParseError(f"reply does not fit the output schema: {error.message} (at {error.json_path})", output_type=self.schema)
+            raise OutputParseError(
+                f"reply does not fit the output schema: {error.message} (at {error.json_path})", output_type=self.schema
+            )
         return value
 
 
@@ -159,8 +173,9 @@ def _adapter(t: Any) -> Any:
         adapter = TypeAdapter(t)
         adapter.json_schema()
     except (PydanticUserError, TypeError, ValueError) as exc:
-        raise OutputParseError(f"unsupported output_type {t!r}: pydantic cannot validate it or describe it as JSON ({exc})",
-                               output_type=t) from exc
+        raise OutputParseError(
+            f"unsupported output_type {t!r}: pydantic cannot validate it or describe it as JSON ({exc})", output_type=t
+        ) from exc
     return adapter
 
 
@@ -219,17 +234,24 @@ def normalize_output_type(output_type: Any) -> Any:
         return JsonSchema(output_type)
     if isinstance(output_type, str):
         if output_type.lower() not in _NAMES:
-            raise OutputParseError(f"unknown output_type {output_type!r}; use one of {sorted(_NAMES)} or a list of labels", output_type=output_type)
+            raise OutputParseError(
+                f"unknown output_type {output_type!r}; use one of {sorted(_NAMES)} or a list of labels",
+                output_type=output_type,
+            )
         found = _NAMES[output_type.lower()]
         return None if found is str else found
     if isinstance(output_type, (list, tuple)):
         if any(isinstance(x, bool) for x in output_type):
             raise OutputParseError(
                 f"labels {list(output_type)!r} contain a bool: YAML reads yes/no/on/off/true/false as booleans; "
-                "quote them in the front matter, e.g. output_type: ['yes', 'no']", output_type=output_type)
+                "quote them in the front matter, e.g. output_type: ['yes', 'no']",
+                output_type=output_type,
+            )
         labels = tuple(str(x) if isinstance(x, (int, float)) else x for x in output_type)
         if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise OutputParseError("a label output_type must be a non-empty list of non-empty strings", output_type=output_type)
+            raise OutputParseError(
+                "a label output_type must be a non-empty list of non-empty strings", output_type=output_type
+            )
         return labels
     if output_type in (bool, int, float, dict, list) or _is_model(output_type):
         return output_type
@@ -238,7 +260,9 @@ def normalize_output_type(output_type: Any) -> Any:
         return output_type
     if _is_enum(output_type):
         if not len(output_type):
-            raise OutputParseError(f"the Enum {output_type.__name__} has no members to choose from", output_type=output_type)
+            raise OutputParseError(
+                f"the Enum {output_type.__name__} has no members to choose from", output_type=output_type
+            )
         return output_type
     if typing.get_origin(output_type) is Literal:
         values = typing.get_args(output_type)
@@ -319,9 +343,14 @@ def _model_response_format(model: Any) -> dict:
         try:
             from openai.lib._pydantic import to_strict_json_schema
         except ImportError:  # the SDK moved its private helper: a plain (non-strict) schema still works
-            return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": _adapter(model).json_schema()}}
-        return {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": to_strict_json_schema(_adapter(model)),
-                                                       "strict": True}}
+            return {
+                "type": "json_schema",
+                "json_schema": {"name": model.__name__, "schema": _adapter(model).json_schema()},
+            }
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": model.__name__, "schema": to_strict_json_schema(_adapter(model)), "strict": True},
+        }
     try:
         from openai.lib._parsing._completions import type_to_response_format_param
     except ImportError:  # the SDK moved its private helper: a plain (non-strict) schema still works
@@ -333,7 +362,9 @@ def _fits(value: Any, expect: type | None) -> bool:
     if expect is None or isinstance(value, expect):
         return True
     # a list inside a one-key object: JSON mode forces an object, e.g. {"items": [...]}
-    return expect is list and isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list)
+    return (
+        expect is list and isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list)
+    )
 
 
 #: where a JSON object or array can begin: "{" before a key or "}", "[" before a value or "]"
@@ -352,7 +383,7 @@ def _decode_at(decoder: json.JSONDecoder, text: str, i: int) -> tuple[Any, int, 
             is the work done, in about one decoded character per unit.
         RecursionError: nested deeper than the interpreter's recursion limit.
     """
-    window = text[i:i + _WINDOW]
+    window = text[i : i + _WINDOW]
     try:
         value, end = decoder.raw_decode(window)
         return value, i + end, 500 + end
@@ -417,7 +448,9 @@ def extract_json(text: str, expect: type | None = None) -> Any:
                 first.append(value)
     if first:
         return first[0]
-    why = " (nested too deeply)" if too_deep else " (the search gave up: too large or too broken)" if budget <= 0 else ""
+    why = (
+        " (nested too deeply)" if too_deep else " (the search gave up: too large or too broken)" if budget <= 0 else ""
+    )
     raise OutputParseError(f"no JSON found in the reply{why}: {text[:200]!r}", raw=text)
 
 
@@ -431,7 +464,9 @@ def _label(text: str, labels: tuple[str, ...]) -> str:
     found = [a for a in found if not any(a != b and a.lower() in b.lower() for b in found)]
     if len(found) == 1:
         return found[0]
-    raise OutputParseError(f"reply {text[:200]!r} is not exactly one of {list(labels)}", raw=text, output_type=list(labels))
+    raise OutputParseError(
+        f"reply {text[:200]!r} is not exactly one of {list(labels)}", raw=text, output_type=list(labels)
+    )
 
 
 def label_span(content: str, output_type: Any) -> tuple[int, int] | None:
@@ -531,7 +566,9 @@ def parse_output(content: str, output_type: Any) -> Any:
         if output_type is list:
             value = _unwrapped(value)
             if not isinstance(value, list):
-                raise OutputParseError(f"expected a JSON array, got {type(value).__name__}", raw=content, output_type=list)
+                raise OutputParseError(
+                    f"expected a JSON array, got {type(value).__name__}", raw=content, output_type=list
+                )
         if _is_model(output_type):
             return output_type.model_validate(value)
         return value
@@ -541,4 +578,8 @@ def parse_output(content: str, output_type: Any) -> Any:
             exc.output_type = output_type
         raise
     except ValueError as exc:  # pydantic.ValidationError is a ValueError
-        raise OutputParseError(f"reply does not fit {getattr(output_type, '__name__', output_type)}: {exc}", raw=content, output_type=output_type) from exc
+        raise OutputParseError(
+            f"reply does not fit {getattr(output_type, '__name__', output_type)}: {exc}",
+            raw=content,
+            output_type=output_type,
+        ) from exc

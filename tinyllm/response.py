@@ -296,8 +296,9 @@ class Response:
         self.model = reply.model
         self.finish_reason = reply.finish_reason
         self.logprobs = reply.logprobs
-        found = reply.choices or [{"index": 0, "message": reply.message, "finish_reason": reply.finish_reason,
-                                   "logprobs": reply.logprobs}]
+        found = reply.choices or [
+            {"index": 0, "message": reply.message, "finish_reason": reply.finish_reason, "logprobs": reply.logprobs}
+        ]
         self.choices = [Choice(c["index"], c["message"], c.get("finish_reason"), c.get("logprobs")) for c in found]
         self.retries += reply.retries
         self.api_type = reply.api_type
@@ -317,17 +318,38 @@ class Response:
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
         return {
-            "text": self.text, "value": value, "message": self.message, "messages": self.messages,
-            "usage": dict(self.usage), "model": self.model, "finish_reason": self.finish_reason,
-            "cached": self.cached, "latency": self.latency, "time_to_first_token": self.time_to_first_token,
-            "retries": self.retries, "output_retries": self.output_retries, "api_type": self.api_type,
+            "text": self.text,
+            "value": value,
+            "message": self.message,
+            "messages": self.messages,
+            "usage": dict(self.usage),
+            "model": self.model,
+            "finish_reason": self.finish_reason,
+            "cached": self.cached,
+            "latency": self.latency,
+            "time_to_first_token": self.time_to_first_token,
+            "retries": self.retries,
+            "output_retries": self.output_retries,
+            "api_type": self.api_type,
             "usage_counted_locally": self.usage_counted_locally,
-            "tool_rounds": [r.as_dict() for r in self.tool_rounds], "attempts": [a.as_dict() for a in self.attempts],
-            "choices": [{"index": c.index, "message": c.message, "finish_reason": c.finish_reason, "logprobs": c.logprobs,
-                         "value": c.value.model_dump(mode="json") if hasattr(c.value, "model_dump") else c.value}
-                        for c in self.choices] if len(self.choices) > 1 else None,
+            "tool_rounds": [r.as_dict() for r in self.tool_rounds],
+            "attempts": [a.as_dict() for a in self.attempts],
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": c.message,
+                    "finish_reason": c.finish_reason,
+                    "logprobs": c.logprobs,
+                    "value": c.value.model_dump(mode="json") if hasattr(c.value, "model_dump") else c.value,
+                }
+                for c in self.choices
+            ]
+            if len(self.choices) > 1
+            else None,
             "logprobs": self.logprobs,
-            "template": self.template, "variables": _plain_variables(self.variables), "cost": self.cost,
+            "template": self.template,
+            "variables": _plain_variables(self.variables),
+            "cost": self.cost,
         }
 
 

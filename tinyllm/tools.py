@@ -51,8 +51,20 @@ from .errors import ConfigError, ToolError, ToolRoundsExceededError
 
 log = logging.getLogger("tinyllm")
 
-__all__ = ["Tool", "ToolCall", "ToolRound", "Toolbox", "ToolRegistry", "ToolSource", "registry", "tool", "as_tool",
-           "plan_tools", "DEFAULT_TOOL_TIMEOUT", "DEFAULT_TOOL_CONCURRENCY"]
+__all__ = [
+    "Tool",
+    "ToolCall",
+    "ToolRound",
+    "Toolbox",
+    "ToolRegistry",
+    "ToolSource",
+    "registry",
+    "tool",
+    "as_tool",
+    "plan_tools",
+    "DEFAULT_TOOL_TIMEOUT",
+    "DEFAULT_TOOL_CONCURRENCY",
+]
 
 
 def _is_model(obj: Any) -> bool:
@@ -107,15 +119,20 @@ class Tool:
     A Tool is callable like its target (``@tinyllm.tool`` leaves the function usable).
     """
 
-    def __init__(self, target: Any, *, name: str | None = None, description: str | None = None,
-                 strict: bool | None = None) -> None:
+    def __init__(
+        self, target: Any, *, name: str | None = None, description: str | None = None, strict: bool | None = None
+    ) -> None:
         self.target = target
         self.is_model = _is_model(target)
         if not self.is_model and not callable(target):
             raise ConfigError(f"a tool must be a function or a pydantic model, not {type(target).__name__}")
         self.name = name or getattr(target, "__name__", None) or type(target).__name__
-        if not (isinstance(self.name, str) and 0 < len(self.name) <= 64 and all(c.isalnum() or c in "_-" for c in self.name)
-                and self.name.isascii()):
+        if not (
+            isinstance(self.name, str)
+            and 0 < len(self.name) <= 64
+            and all(c.isalnum() or c in "_-" for c in self.name)
+            and self.name.isascii()
+        ):
             raise ConfigError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
         doc, params_doc = _docstring(target)
         if self.is_model and description is None:  # the SDK's description: the model's own docstring as written
@@ -123,8 +140,9 @@ class Tool:
             doc = own if isinstance(own, str) else ""
         self.description = description if description is not None else doc
         self.strict = self.is_model if strict is None else bool(strict)
-        self.is_async = not self.is_model and (inspect.iscoroutinefunction(target)
-                                              or inspect.iscoroutinefunction(getattr(target, "__call__", None)))
+        self.is_async = not self.is_model and (
+            inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(getattr(target, "__call__", None))
+        )
         if self.is_model:
             self._args_model = target
             self.parameters = self._model_schema(target)
@@ -140,7 +158,9 @@ class Tool:
         functools.update_wrapper(self, target, updated=())  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
-        return f"<Tool {self.name!r} ({'model' if self.is_model else 'async function' if self.is_async else 'function'})>"
+        return (
+            f"<Tool {self.name!r} ({'model' if self.is_model else 'async function' if self.is_async else 'function'})>"
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.target(*args, **kwargs)
@@ -165,14 +185,17 @@ class Tool:
         fields: dict[str, Any] = {}
         for pname, param in signature.parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
-                raise ConfigError(f"tool {self.name!r}: parameter {pname!r} is {param.kind.description}; "
-                                  "a tool's parameters must be passable by name")
+                raise ConfigError(
+                    f"tool {self.name!r}: parameter {pname!r} is {param.kind.description}; "
+                    "a tool's parameters must be passable by name"
+                )
             annotation = hints.get(pname, Any)
             default = ... if param.default is param.empty else param.default
             fields[pname] = (annotation, Field(default, description=params_doc.get(pname)))
         try:
-            model = create_model(f"{self.name}_arguments", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=False),
-                                 **fields)
+            model = create_model(
+                f"{self.name}_arguments", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=False), **fields
+            )
             model.model_json_schema()
         except (PydanticUserError, TypeError, ValueError, NameError) as exc:
             raise ConfigError(f"tool {self.name!r}: pydantic cannot describe its parameters as JSON: {exc}") from exc
@@ -276,8 +299,10 @@ def as_tool(obj: Any, names: "ToolRegistry | None" = None) -> Any:
     if isinstance(obj, str):
         return (names or registry).get(obj)
     if isinstance(obj, dict):
-        raise ConfigError("tools must be functions, pydantic models, Tool objects or registered tool names; "
-                          "a raw tool dict has nothing to run (send it with Client.request(tools=[...]) instead)")
+        raise ConfigError(
+            "tools must be functions, pydantic models, Tool objects or registered tool names; "
+            "a raw tool dict has nothing to run (send it with Client.request(tools=[...]) instead)"
+        )
     return Tool(obj)
 
 
@@ -292,11 +317,15 @@ class ToolRegistry:
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
 
-    def register(self, obj: Any, *, name: str | None = None, description: str | None = None,
-                 strict: bool | None = None) -> Tool:
+    def register(
+        self, obj: Any, *, name: str | None = None, description: str | None = None, strict: bool | None = None
+    ) -> Tool:
         """Register ``obj`` (a function, a pydantic model or a Tool) and return its Tool; a name given again is replaced."""
-        found = obj if isinstance(obj, Tool) and name is None and description is None and strict is None else Tool(
-            obj.target if isinstance(obj, Tool) else obj, name=name, description=description, strict=strict)
+        found = (
+            obj
+            if isinstance(obj, Tool) and name is None and description is None and strict is None
+            else Tool(obj.target if isinstance(obj, Tool) else obj, name=name, description=description, strict=strict)
+        )
         with self._lock:
             self._tools[found.name] = found
         return found
@@ -318,7 +347,9 @@ class ToolRegistry:
                 load_plugins()
                 return self.get(name)
         if found is None:
-            raise ConfigError(f"no tool named {name!r} is registered (with @tinyllm.tool); registered: {', '.join(known) or 'none'}")
+            raise ConfigError(
+                f"no tool named {name!r} is registered (with @tinyllm.tool); registered: {', '.join(known) or 'none'}"
+            )
         return found
 
     def unregister(self, name: str) -> None:
@@ -336,7 +367,9 @@ class ToolRegistry:
 registry = ToolRegistry()
 
 
-def tool(target: Any = None, *, name: str | None = None, description: str | None = None, strict: bool | None = None) -> Any:
+def tool(
+    target: Any = None, *, name: str | None = None, description: str | None = None, strict: bool | None = None
+) -> Any:
     """Decorator: make a function (or pydantic model) a :class:`Tool` and register it by name.
 
     ``@tool`` or ``@tool(name="weather", description="...", strict=True)`` (see :class:`Tool`).
@@ -378,8 +411,16 @@ class ToolCall:
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON-ready data (the result as its text, ``content``)."""
-        return {"id": self.id, "name": self.name, "arguments": self.arguments, "raw_arguments": self.raw_arguments,
-                "content": self.content, "error": self.error, "duration": self.duration, "round": self.round}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "arguments": self.arguments,
+            "raw_arguments": self.raw_arguments,
+            "content": self.content,
+            "error": self.error,
+            "duration": self.duration,
+            "round": self.round,
+        }
 
 
 @dataclass
@@ -433,7 +474,9 @@ def _validation_text(exc: Exception) -> str:
     errors = getattr(exc, "errors", None)
     if callable(errors):
         try:
-            return "; ".join(f"{'.'.join(map(str, e.get('loc', ()))) or '(arguments)'}: {e.get('msg')}" for e in errors())
+            return "; ".join(
+                f"{'.'.join(map(str, e.get('loc', ()))) or '(arguments)'}: {e.get('msg')}" for e in errors()
+            )
         except (TypeError, AttributeError):  # a ValidationError raised by hand
             pass
     return str(exc)
@@ -470,9 +513,16 @@ class Toolbox:
             a number >= 0, ``concurrency`` not an int >= 1; what :func:`as_tool` raises.
     """
 
-    def __init__(self, tools: Iterable[Any], *, max_rounds: int = 10, raise_errors: bool = False,
-                 on_call: Callable[[ToolCall], None] | None = None, timeout: float = DEFAULT_TOOL_TIMEOUT,
-                 concurrency: int = DEFAULT_TOOL_CONCURRENCY) -> None:
+    def __init__(
+        self,
+        tools: Iterable[Any],
+        *,
+        max_rounds: int = 10,
+        raise_errors: bool = False,
+        on_call: Callable[[ToolCall], None] | None = None,
+        timeout: float = DEFAULT_TOOL_TIMEOUT,
+        concurrency: int = DEFAULT_TOOL_CONCURRENCY,
+    ) -> None:
         self.tools: dict[str, Tool] = {}
         self.max_rounds = check_max_tool_rounds(max_rounds)
         self.timeout = check_tool_timeout(timeout)
@@ -538,8 +588,12 @@ class Toolbox:
             return
         self._warned_unforced = True
         shown = choice if isinstance(choice, str) else (choice.get("function") or {}).get("name", choice)
-        log.warning("tool_choice=%r was sent but the %s reply has no tool call: the server ignores a forced tool "
-                    "choice (llama.cpp's server does); the reply is used as it is", shown, api_type or "client's")
+        log.warning(
+            "tool_choice=%r was sent but the %s reply has no tool call: the server ignores a forced tool "
+            "choice (llama.cpp's server does); the reply is used as it is",
+            shown,
+            api_type or "client's",
+        )
 
     def check(self, rounds: int, conversation: list[dict], message: dict, response: Any = None) -> None:
         """Raise ToolRoundsExceededError when ``rounds`` rounds ran already and ``message`` asks for more."""
@@ -547,9 +601,14 @@ class Toolbox:
             raise ToolRoundsExceededError(
                 f"the model still asked for tools after {rounds} tool rounds (max_tool_rounds={self.max_rounds}); "
                 f"it asked for: {', '.join(_call_name(c) for c in message.get('tool_calls') or [])}",
-                messages=[*conversation, message], rounds=rounds, response=response)
+                messages=[*conversation, message],
+                rounds=rounds,
+                response=response,
+            )
 
-    def _prepare(self, index: int, message: dict) -> tuple[ToolRound, list[tuple[ToolCall, Tool | None, Exception | None]]]:
+    def _prepare(
+        self, index: int, message: dict
+    ) -> tuple[ToolRound, list[tuple[ToolCall, Tool | None, Exception | None]]]:
         calls = message.get("tool_calls") or []
         sent_back: dict[str, Any] = {"role": "assistant", "content": message.get("content"), "tool_calls": []}
         work = []
@@ -560,7 +619,9 @@ class Toolbox:
             text = function.get("arguments")
             text = text if isinstance(text, str) else json.dumps(text if text is not None else {})
             call_id = (raw.get("id") if isinstance(raw, dict) else None) or f"call_{index}_{i}"
-            sent_back["tool_calls"].append({"id": call_id, "type": "function", "function": {"name": name, "arguments": text}})
+            sent_back["tool_calls"].append(
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
+            )
             record = ToolCall(id=call_id, name=name, arguments=None, raw_arguments=text, round=index)
             problem: Exception | None = None
             try:
@@ -574,8 +635,9 @@ class Toolbox:
             work.append((record, found, problem))
         return ToolRound(index=index, message=sent_back), work
 
-    def _done(self, record: ToolCall, duration: float, value: Any = None, exc: BaseException | None = None,
-              text: str = "") -> ToolCall:
+    def _done(
+        self, record: ToolCall, duration: float, value: Any = None, exc: BaseException | None = None, text: str = ""
+    ) -> ToolCall:
         record.duration = duration
         if exc is None:
             record.result, record.content = value, _result_text(value)
@@ -584,14 +646,25 @@ class Toolbox:
         if self.on_call is not None:
             self.on_call(record)
         if exc is not None and self.raise_errors:
-            raise ToolError(f"tool call {record.name}({record.raw_arguments[:200]}) failed: {record.error}", call=record) from exc
+            raise ToolError(
+                f"tool call {record.name}({record.raw_arguments[:200]}) failed: {record.error}", call=record
+            ) from exc
         return record
 
-    def _validate(self, record: ToolCall, found: Tool | None, problem: Exception | None) -> tuple[Any, Exception | None, str]:
+    def _validate(
+        self, record: ToolCall, found: Tool | None, problem: Exception | None
+    ) -> tuple[Any, Exception | None, str]:
         """(validated arguments, the exception, its text for the model) before running."""
         if problem is not None:
-            return None, problem, (str(problem) if isinstance(problem, LookupError)
-                                   else f"invalid arguments for {record.name}: {problem}")
+            return (
+                None,
+                problem,
+                (
+                    str(problem)
+                    if isinstance(problem, LookupError)
+                    else f"invalid arguments for {record.name}: {problem}"
+                ),
+            )
         try:
             return found.validate(record.raw_arguments), None, ""  # type: ignore[union-attr]
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -728,10 +801,19 @@ def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return future
 
 
-def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, template: str | None, sender: Any,
-               params: dict, *, max_rounds: int | None = None, raise_errors: bool = False,
-               on_call: Callable[[ToolCall], None] | None = None, front_sources: list | None = None,
-               timeout: float | None = None) -> Toolbox | None:
+def plan_tools(
+    given: Iterable[Any] | None,
+    front_names: list[str] | None,
+    template: str | None,
+    sender: Any,
+    params: dict,
+    *,
+    max_rounds: int | None = None,
+    raise_errors: bool = False,
+    on_call: Callable[[ToolCall], None] | None = None,
+    front_sources: list | None = None,
+    timeout: float | None = None,
+) -> Toolbox | None:
     """The :class:`Toolbox` of one call, and its ``tools`` / ``tool_choice`` request parameters set in ``params``.
 
     Args:
@@ -775,8 +857,14 @@ def plan_tools(given: Iterable[Any] | None, front_names: list[str] | None, templ
     cfg = sender.settings()
     if max_rounds is None:
         max_rounds = cfg.max_tool_rounds
-    box = Toolbox(chosen, max_rounds=max_rounds, raise_errors=raise_errors, on_call=on_call,
-                  timeout=cfg.tool_timeout if timeout is None else timeout, concurrency=cfg.tool_concurrency)
+    box = Toolbox(
+        chosen,
+        max_rounds=max_rounds,
+        raise_errors=raise_errors,
+        on_call=on_call,
+        timeout=cfg.tool_timeout if timeout is None else timeout,
+        concurrency=cfg.tool_concurrency,
+    )
     if not box:  # sources with no tools: nothing to offer
         box.close()
         return None
@@ -796,7 +884,9 @@ def _set_tool_params(box: Toolbox, params: dict) -> None:
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
         if name not in box.tools:
-            raise ConfigError(f"tool_choice names {name!r}, which is not one of this call's tools: {', '.join(box.tools)}")
+            raise ConfigError(
+                f"tool_choice names {name!r}, which is not one of this call's tools: {', '.join(box.tools)}"
+            )
 
 
 def _call_name(call: Any) -> str:

@@ -10,12 +10,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Runner", "BatchSummary", "Outcome", "JsonlOutput", "read_rows", "readable_twice", "dask_executor",
-           "BatchAPIRunner", "BatchAPISummary"]
+__all__ = [
+    "Runner",
+    "BatchSummary",
+    "Outcome",
+    "JsonlOutput",
+    "read_rows",
+    "readable_twice",
+    "dask_executor",
+    "BatchAPIRunner",
+    "BatchAPISummary",
+]
 
-_WHERE = {"Runner": "._runner", "BatchSummary": "._runner", "Outcome": "._runner", "JsonlOutput": "._runner",
-          "read_rows": "._readers", "readable_twice": "._readers", "dask_executor": "._dask",
-          "BatchAPIRunner": "._batch_api", "BatchAPISummary": "._batch_api"}
+_WHERE = {
+    "Runner": "._runner",
+    "BatchSummary": "._runner",
+    "Outcome": "._runner",
+    "JsonlOutput": "._runner",
+    "read_rows": "._readers",
+    "readable_twice": "._readers",
+    "dask_executor": "._dask",
+    "BatchAPIRunner": "._batch_api",
+    "BatchAPISummary": "._batch_api",
+}
 
 
 def __getattr__(name: str) -> Any:

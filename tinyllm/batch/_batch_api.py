@@ -86,8 +86,11 @@ def _plain(value: Any) -> Any:
 
 def default_line(row_id: Any, value: Any, exc: BaseException | None) -> str:
     """A row's output line, as ``tinyllm map`` writes it: ``{"id", "content"}`` or ``{"id", "error": {"type", "message"}}``."""
-    rec = ({"id": row_id, "content": _plain(value)} if exc is None
-           else {"id": row_id, "error": {"type": type(exc).__name__, "message": str(exc)}})
+    rec = (
+        {"id": row_id, "content": _plain(value)}
+        if exc is None
+        else {"id": row_id, "error": {"type": type(exc).__name__, "message": str(exc)}}
+    )
     try:
         return json.dumps(rec, ensure_ascii=False, allow_nan=False, default=str)
     except ValueError:
@@ -110,9 +113,11 @@ class _Progress:
             statuses[b.get("status") or "submitting"] = statuses.get(b.get("status") or "submitting", 0) + 1
             for k in counts:
                 counts[k] += int((b.get("request_counts") or {}).get(k) or 0)
-        text = (f"{self.desc + ': ' if self.desc else ''}{len(running)} batch(es) "
-                f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}): "
-                f"{counts['completed']}/{counts['total'] or '?'} requests done, {counts['failed']} failed")
+        text = (
+            f"{self.desc + ': ' if self.desc else ''}{len(running)} batch(es) "
+            f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}): "
+            f"{counts['completed']}/{counts['total'] or '?'} requests done, {counts['failed']} failed"
+        )
         if text != self.last:
             self.last = text
             print(text, file=sys.stderr, flush=True)
@@ -141,9 +146,19 @@ class BatchAPIRunner:
         ConfigError: ``poll_interval`` not > 0, ``max_requests`` / ``max_bytes`` not >= 1.
     """
 
-    def __init__(self, llm: Any, *, variables: dict | None = None, max_cost: float | None = None,
-                 poll_interval: float | None = None, progress: bool = False, max_requests: int | None = None,
-                 max_bytes: int | None = None, command: dict | None = None, desc: str = "") -> None:
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        variables: dict | None = None,
+        max_cost: float | None = None,
+        poll_interval: float | None = None,
+        progress: bool = False,
+        max_requests: int | None = None,
+        max_bytes: int | None = None,
+        command: dict | None = None,
+        desc: str = "",
+    ) -> None:
         if poll_interval is not None and not poll_interval > 0:
             raise ConfigError(f"poll_interval must be a number of seconds > 0, got {poll_interval!r}")
         for name, value in (("max_requests", max_requests), ("max_bytes", max_bytes)):
@@ -170,9 +185,16 @@ class BatchAPIRunner:
         return check_batch_client(self.llm.client or get_client(self.llm.api_type))
 
     # -- one run ------------------------------------------------------------------------
-    def to_jsonl(self, rows: Callable[[], Iterable[tuple[Any, dict]]], path: str | os.PathLike[str], *,
-                 line: Callable[[Any, Any, BaseException | None], str] = default_line, submit: bool = True,
-                 wait: bool = True, fatal: tuple[type[BaseException], ...] = (ConfigError,)) -> BatchAPISummary:
+    def to_jsonl(
+        self,
+        rows: Callable[[], Iterable[tuple[Any, dict]]],
+        path: str | os.PathLike[str],
+        *,
+        line: Callable[[Any, Any, BaseException | None], str] = default_line,
+        submit: bool = True,
+        wait: bool = True,
+        fatal: tuple[type[BaseException], ...] = (ConfigError,),
+    ) -> BatchAPISummary:
         """Submit, wait for and collect the batches of ``rows`` into the JSONL output ``path``.
 
         Args:
@@ -206,8 +228,9 @@ class BatchAPIRunner:
             twice = out.expect(row_id for row_id, _ in rows())
             if twice is not None:
                 row_id = next(r for i, (r, _) in enumerate(rows()) if i == twice[1])
-                raise BatchError(f"rows {twice[0]} and {twice[1]} (counted from 0) have the same id {row_id!r}; "
-                                 "ids must be unique")
+                raise BatchError(
+                    f"rows {twice[0]} and {twice[1]} (counted from 0) have the same id {row_id!r}; ids must be unique"
+                )
             summary.total = out.expected
             summary.done_before = out.load()
             todo = set(out.pending())  # positions without a content line, kept up to date below
@@ -238,8 +261,9 @@ class BatchAPIRunner:
         return summary
 
     # -- in memory ------------------------------------------------------------------------
-    def map(self, inputs: Iterable[dict], *, path: str | os.PathLike[str] | None = None,
-            return_exceptions: bool = False) -> list[Any]:
+    def map(
+        self, inputs: Iterable[dict], *, path: str | os.PathLike[str] | None = None, return_exceptions: bool = False
+    ) -> list[Any]:
         """``[llm.call(**row) for row in inputs]`` through the Batch API; waits until every batch ended.
 
         The rows' ids are their positions. The batches are recorded beside ``path`` (default: a file
@@ -299,10 +323,19 @@ class BatchAPIRunner:
         import platformdirs
 
         prompt = self.llm.prompt
-        sources = [hashlib.sha256(p.read_bytes()).hexdigest() if p is not None and p.exists() else None
-                   for p in (getattr(prompt, "system_path", None), getattr(prompt, "user_path", None))]
-        what = [self.llm.system_template_name, self.llm.user_template_name, sources, self.llm.model_params,
-                repr(self.llm.output_type), self.variables, items]
+        sources = [
+            hashlib.sha256(p.read_bytes()).hexdigest() if p is not None and p.exists() else None
+            for p in (getattr(prompt, "system_path", None), getattr(prompt, "user_path", None))
+        ]
+        what = [
+            self.llm.system_template_name,
+            self.llm.user_template_name,
+            sources,
+            self.llm.model_params,
+            repr(self.llm.output_type),
+            self.variables,
+            items,
+        ]
         digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode()).hexdigest()[:24]
         folder = Path(platformdirs.user_cache_dir("tinyllm", appauthor=False)) / "batches"
         folder.mkdir(parents=True, exist_ok=True)
@@ -318,8 +351,11 @@ def _read_lines(path: Path) -> dict[Any, dict]:
                     rec = json.loads(raw)
                 except ValueError:
                     continue
-                if isinstance(rec, dict) and "id" in rec and (
-                        rec["id"] not in out or ("content" in rec and "error" not in rec)):
+                if (
+                    isinstance(rec, dict)
+                    and "id" in rec
+                    and (rec["id"] not in out or ("content" in rec and "error" not in rec))
+                ):
                     out[rec["id"]] = rec
     except FileNotFoundError:
         pass
@@ -329,9 +365,19 @@ def _read_lines(path: Path) -> dict[Any, dict]:
 class _Run:
     """The state of one :meth:`BatchAPIRunner.to_jsonl` call."""
 
-    def __init__(self, runner: BatchAPIRunner, sender: Any, api: Any, out: JsonlOutput, state: BatchState,
-                 rows: Callable[[], Iterable[tuple[Any, dict]]], line: Callable, todo: set[int],
-                 summary: BatchAPISummary, fatal: tuple[type[BaseException], ...]) -> None:
+    def __init__(
+        self,
+        runner: BatchAPIRunner,
+        sender: Any,
+        api: Any,
+        out: JsonlOutput,
+        state: BatchState,
+        rows: Callable[[], Iterable[tuple[Any, dict]]],
+        line: Callable,
+        todo: set[int],
+        summary: BatchAPISummary,
+        fatal: tuple[type[BaseException], ...],
+    ) -> None:
         from ._replay import ReplayClient
 
         self.runner, self.sender, self.api, self.out, self.state = runner, sender, api, out, state
@@ -376,8 +422,11 @@ class _Run:
                 except Exception as exc:
                     if not creation_failed(exc):
                         raise
-                    log.warning("the recorded request file %s could not be made a batch (%s); its rows will be "
-                                "submitted again", entry["input_file_id"], exc)
+                    log.warning(
+                        "the recorded request file %s could not be made a batch (%s); its rows will be submitted again",
+                        entry["input_file_id"],
+                        exc,
+                    )
                     continue  # _create dropped the record: the rows are free to go again
             changed = _update(entry, self.api.retrieve(entry["id"])) or changed
             if entry["status"] in TERMINAL:
@@ -396,8 +445,11 @@ class _Run:
         are free to go again (False)."""
         batch = self.api.find(entry["created"], len(entry.get("rows") or {}), self._claimed())
         if batch is None:
-            log.warning("the batch of %d row(s) being created when a run stopped was not created; its rows will be "
-                        "submitted again", len(entry.get("rows") or {}))
+            log.warning(
+                "the batch of %d row(s) being created when a run stopped was not created; its rows will be "
+                "submitted again",
+                len(entry.get("rows") or {}),
+            )
             self.state.batches.remove(entry)
             self.state.save()
             return False
@@ -449,8 +501,10 @@ class _Run:
                 entry, results = found
                 result = results.get(cid)
                 if result is None:
-                    result = BatchError(f"batch {entry['id']} {entry['status']}: {_why_missing(entry)}; "
-                                        "run again to submit this row anew")
+                    result = BatchError(
+                        f"batch {entry['id']} {entry['status']}: {_why_missing(entry)}; "
+                        "run again to submit this row anew"
+                    )
                 with calllog.batch(entry["id"]):  # the call log's batch_id: the provider's batch id
                     value, exc, cost = self._replay(self.variables(row), entry["rows"][cid], result, entry["_note"])
                 self._cost(cost)
@@ -488,8 +542,12 @@ class _Run:
         waiting = self.state.waiting_rows()
         max_cost = self.runner.max_cost
         with scratch_folder() as folder:
-            files = RequestFiles(folder, self._send, max_requests=self.runner.max_requests or self.api.max_requests,
-                                 max_bytes=self.runner.max_bytes or self.api.max_bytes)
+            files = RequestFiles(
+                folder,
+                self._send,
+                max_requests=self.runner.max_requests or self.api.max_requests,
+                max_bytes=self.runner.max_bytes or self.api.max_bytes,
+            )
             try:
                 for position, (row_id, row) in enumerate(self.rows()):
                     if position not in self.todo:
@@ -517,8 +575,14 @@ class _Run:
                         self.summary.submitted_estimate += estimate or 0.0
                     data = self.api.line(cid, planned.body)
                     if not files.fits(data):
-                        self.write(position, row_id, None, BatchError(
-                            f"the row's request is {len(data)} bytes, more than a batch file may hold ({files.max_bytes})"))
+                        self.write(
+                            position,
+                            row_id,
+                            None,
+                            BatchError(
+                                f"the row's request is {len(data)} bytes, more than a batch file may hold ({files.max_bytes})"
+                            ),
+                        )
                         continue
                     files.add(cid, body_hash(planned.body), data, planned.model)
                     self.summary.submitted += 1
@@ -532,10 +596,14 @@ class _Run:
         if not output:
             window = self.sender.context_window(planned.model, planned.cfg)
             output = max(1, window - planned.prompt_tokens) if window else default_output
-        estimate = pricing.estimate_cost(self.sender, planned.cfg, planned.model, planned.prompt_tokens, output, batch=True)
+        estimate = pricing.estimate_cost(
+            self.sender, planned.cfg, planned.model, planned.prompt_tokens, output, batch=True
+        )
         if estimate is None and planned.model not in self._warned_unpriced:
             self._warned_unpriced.add(planned.model)
-            log.warning("no price is known for %s: its rows are not held to max_cost (set PRICES to price it)", planned.model)
+            log.warning(
+                "no price is known for %s: its rows are not held to max_cost (set PRICES to price it)", planned.model
+            )
         return estimate
 
     def _live(self, position: int, row_id: Any, variables: dict) -> None:
@@ -554,9 +622,19 @@ class _Run:
             self._send_requests(path, rows, model)
             return
         file_id = self.api.upload(path)
-        entry = {"id": None, "input_file_id": file_id, "model": model, "rows": rows, "status": None,
-                 "request_counts": None, "output_file_id": None, "error_file_id": None, "errors": None,
-                 "fetched": False, "created": now()}
+        entry = {
+            "id": None,
+            "input_file_id": file_id,
+            "model": model,
+            "rows": rows,
+            "status": None,
+            "request_counts": None,
+            "output_file_id": None,
+            "error_file_id": None,
+            "errors": None,
+            "fetched": False,
+            "created": now(),
+        }
         self.state.batches.append(entry)
         self.state.save()  # the file is recorded before its batch exists: a rerun finds or creates the batch
         self._create(entry)
@@ -565,9 +643,20 @@ class _Run:
     def _send_requests(self, path: Path, rows: dict, model: str) -> None:
         """Create a Message Batch of one request file's lines, its rows recorded before (``id`` None: a
         rerun looks for the batch, see :meth:`_adopt`) and the batch after."""
-        entry = {"id": None, "api": self.api.kind, "input_file_id": None, "model": model, "rows": rows, "status": None,
-                 "request_counts": None, "output_file_id": None, "error_file_id": None, "errors": None,
-                 "fetched": False, "created": now()}
+        entry = {
+            "id": None,
+            "api": self.api.kind,
+            "input_file_id": None,
+            "model": model,
+            "rows": rows,
+            "status": None,
+            "request_counts": None,
+            "output_file_id": None,
+            "error_file_id": None,
+            "errors": None,
+            "fetched": False,
+            "created": now(),
+        }
         claimed = self._claimed()
         self.state.batches.append(entry)
         self.state.save()
@@ -601,8 +690,10 @@ def _check_api(state: BatchState, api: Any, path: Any) -> None:
     for entry in state.unfinished():
         recorded = entry.get("api", "openai")
         if recorded != api.kind:
-            raise ConfigError(f"the batches recorded beside {str(path)!r} were sent through the {recorded} batch API; "
-                              f"this call uses the {api.kind} one (use the client they were sent with)")
+            raise ConfigError(
+                f"the batches recorded beside {str(path)!r} were sent through the {recorded} batch API; "
+                f"this call uses the {api.kind} one (use the client they were sent with)"
+            )
 
 
 def _why_missing(entry: dict) -> str:

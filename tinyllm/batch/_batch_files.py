@@ -95,7 +95,11 @@ class BatchState:
             return cls(path)
         except (OSError, ValueError) as exc:
             raise BatchError(f"cannot read the batch record {str(path)!r}: {exc}") from exc
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION or not isinstance(data.get("batches"), list):
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != STATE_VERSION
+            or not isinstance(data.get("batches"), list)
+        ):
             raise BatchError(f"{str(path)!r} is not a batch record of this tinyllm (version {STATE_VERSION})")
         return cls(path, data["batches"], data.get("command"))
 
@@ -105,8 +109,9 @@ class BatchState:
         Raises:
             BatchError: the file cannot be written.
         """
-        data = json.dumps({"version": STATE_VERSION, "command": self.command, "batches": self.batches},
-                          ensure_ascii=False, indent=1)
+        data = json.dumps(
+            {"version": STATE_VERSION, "command": self.command, "batches": self.batches}, ensure_ascii=False, indent=1
+        )
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -138,8 +143,14 @@ class RequestFiles:
             digest); :meth:`close` sends the last one.
     """
 
-    def __init__(self, folder: str, on_full: Callable[[Path, dict, str], None], *, max_requests: int | None = None,
-                 max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: str,
+        on_full: Callable[[Path, dict, str], None],
+        *,
+        max_requests: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.folder, self.on_full = Path(folder), on_full
         self.max_requests = max_requests or MAX_REQUESTS_PER_FILE
         self.max_bytes = max_bytes or MAX_BYTES_PER_FILE
@@ -157,8 +168,9 @@ class RequestFiles:
     def add(self, cid: str, digest: str, data: bytes, model: str) -> None:
         """Add one request line (``data``, newline included); starts a new file when this one is full
         or holds another model's requests."""
-        if self._file is not None and (len(self._rows) >= self.max_requests or self._bytes + len(data) > self.max_bytes
-                                       or model != self._model):
+        if self._file is not None and (
+            len(self._rows) >= self.max_requests or self._bytes + len(data) > self.max_bytes or model != self._model
+        ):
             self._send()
         if self._file is None:
             self._count += 1
@@ -206,8 +218,10 @@ def result_of(rec: Any, secrets: tuple[str, ...] = ()) -> tuple[str | None, Any]
         return cid, status_error(code, response.get("body"), request_id=response.get("request_id"), secrets=secrets)
     if isinstance(error, dict):
         code = error.get("code")
-        return cid, BatchError(f"{error.get('message') or 'the request was not run'}{f' ({code})' if code else ''}; "
-                               "run again to submit this row anew")
+        return cid, BatchError(
+            f"{error.get('message') or 'the request was not run'}{f' ({code})' if code else ''}; "
+            "run again to submit this row anew"
+        )
     return cid, ResponseError("malformed batch result line: neither a response nor an error", raw=rec)
 
 
@@ -246,8 +260,10 @@ class BatchAPI:
 
     def line(self, cid: str, body: dict) -> bytes:
         """One line of a request file: ``{"custom_id", "method": "POST", "url", "body"}``."""
-        return (json.dumps({"custom_id": cid, "method": "POST", "url": self.endpoint, "body": body},
-                           ensure_ascii=False) + "\n").encode("utf-8")
+        return (
+            json.dumps({"custom_id": cid, "method": "POST", "url": self.endpoint, "body": body}, ensure_ascii=False)
+            + "\n"
+        ).encode("utf-8")
 
     def results(self, entry: dict, secrets: tuple[str, ...] = ()) -> Iterator[tuple[str | None, Any]]:
         """``(custom_id, result)`` of each line of an ended batch's output and error files (:func:`result_of`)."""
@@ -275,17 +291,26 @@ class BatchAPI:
 
     def upload(self, path: Path) -> str:
         """Upload a request file (purpose ``batch``); returns its file id."""
+
         def send(sdk: Any) -> Any:
             with open(path, "rb") as f:
-                return sdk.files.create(file=(path.name, f, "application/jsonl"), purpose="batch", timeout=self._timeout())
+                return sdk.files.create(
+                    file=(path.name, f, "application/jsonl"), purpose="batch", timeout=self._timeout()
+                )
+
         return self._call(send).id
 
     def create(self, file_id: str) -> dict:
         """Create the batch of an uploaded file (``completion_window`` 24h). A retried attempt first
         looks for a batch of that file the earlier attempt may have created (never two batches)."""
+
         def send(sdk: Any) -> Any:
-            return sdk.batches.create(input_file_id=file_id, endpoint=self.endpoint, completion_window="24h",
-                                      metadata={"tinyllm_input_file": file_id})
+            return sdk.batches.create(
+                input_file_id=file_id,
+                endpoint=self.endpoint,
+                completion_window="24h",
+                metadata={"tinyllm_input_file": file_id},
+            )
 
         cfg = self.client.settings()
 
@@ -302,6 +327,7 @@ class BatchAPI:
 
     def find(self, file_id: str, scan: int = 1000) -> dict | None:
         """The batch created from ``file_id`` among the ``scan`` most recent ones, or None."""
+
         def look(sdk: Any) -> dict | None:
             for i, batch in enumerate(sdk.batches.list(limit=100)):
                 if batch.input_file_id == file_id:
@@ -309,6 +335,7 @@ class BatchAPI:
                 if i + 1 >= scan:
                     break
             return None
+
         return self._call(look)
 
     def retrieve(self, batch_id: str) -> dict:
@@ -324,6 +351,7 @@ class BatchAPI:
         yielded as its text, which :func:`result_of` reports). The file is streamed to a temporary
         file first (a result file can be hundreds of MB), then read line by line."""
         with tempfile.TemporaryFile() as tmp:
+
             def download(sdk: Any) -> None:
                 tmp.seek(0)
                 tmp.truncate()

@@ -51,8 +51,9 @@ def dask_executor(address: str, *, connect_timeout: float = 30.0) -> Iterator[tu
             n = int(local.group(1))
             if n < 1:
                 raise ConfigError(f"--dask local:N needs N >= 1 worker processes, got {address!r}")
-            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                               dashboard_address=None)
+            cluster = distributed.LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            )
             target: Any = cluster
         elif address.strip().startswith("local:"):
             raise ConfigError(f"--dask local:N takes a number of worker processes, got {address!r}")
@@ -61,7 +62,9 @@ def dask_executor(address: str, *, connect_timeout: float = 30.0) -> Iterator[tu
         try:
             client = distributed.Client(target, timeout=connect_timeout)
         except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the Dask scheduler at {address!r} within {connect_timeout:g} s: {exc}") from exc
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {address!r} within {connect_timeout:g} s: {exc}"
+            ) from exc
         try:
             threads = max(1, sum(client.nthreads().values()))
             yield client.get_executor(), threads

@@ -69,11 +69,21 @@ def normalize(batch: Any) -> dict:
     raw = batch.model_dump(mode="json") if hasattr(batch, "model_dump") else dict(batch)
     counts = raw.get("request_counts") or {}
     c = {k: int(counts.get(k) or 0) for k in _COUNTS}
-    return {"id": raw.get("id"), "status": raw.get("processing_status"),
-            "request_counts": {"total": sum(c.values()), "completed": c["succeeded"],
-                               "failed": c["errored"] + c["canceled"] + c["expired"], **c},
-            "created_at": raw.get("created_at"), "results_url": raw.get("results_url"),
-            "output_file_id": None, "error_file_id": None, "errors": None}
+    return {
+        "id": raw.get("id"),
+        "status": raw.get("processing_status"),
+        "request_counts": {
+            "total": sum(c.values()),
+            "completed": c["succeeded"],
+            "failed": c["errored"] + c["canceled"] + c["expired"],
+            **c,
+        },
+        "created_at": raw.get("created_at"),
+        "results_url": raw.get("results_url"),
+        "output_file_id": None,
+        "error_file_id": None,
+        "errors": None,
+    }
 
 
 def message_result_of(rec: Any, secrets: tuple[str, ...] = ()) -> tuple[str | None, Any]:
@@ -92,7 +102,9 @@ def message_result_of(rec: Any, secrets: tuple[str, ...] = ()) -> tuple[str | No
         return cid, result["message"]
     if kind == "errored":
         error = result.get("error")
-        return cid, error_of(error, request_id=error.get("request_id") if isinstance(error, dict) else None, secrets=secrets)
+        return cid, error_of(
+            error, request_id=error.get("request_id") if isinstance(error, dict) else None, secrets=secrets
+        )
     if kind == "canceled":
         return cid, BatchError("the batch was canceled before this request ran; run again to submit this row anew")
     if kind == "expired":
@@ -158,8 +170,12 @@ class MessageBatchesAPI:
             if found is not None:
                 return found
             try:
-                reply = self.client.sdk(cfg).post("/v1/messages/batches", cast_to=object, body={"requests": requests},
-                                                  options={"timeout": self._timeout()})
+                reply = self.client.sdk(cfg).post(
+                    "/v1/messages/batches",
+                    cast_to=object,
+                    body={"requests": requests},
+                    options={"timeout": self._timeout()},
+                )
             except Exception as exc:
                 raise self.client._error(exc, cfg) from exc
             if not isinstance(reply, dict) or not reply.get("id"):
@@ -204,10 +220,13 @@ class MessageBatchesAPI:
         """``(custom_id, result)`` of each line of an ended batch's results (:func:`message_result_of`).
         The file is streamed to a temporary file first (it can be hundreds of MB), then read line by line."""
         with tempfile.TemporaryFile() as tmp:
+
             def download(sdk: Any) -> None:
                 tmp.seek(0)
                 tmp.truncate()
-                with sdk.messages.batches.with_streaming_response.results(entry["id"], timeout=self._timeout()) as response:
+                with sdk.messages.batches.with_streaming_response.results(
+                    entry["id"], timeout=self._timeout()
+                ) as response:
                     for chunk in response.iter_bytes():
                         tmp.write(chunk)
 

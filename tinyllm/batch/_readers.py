@@ -42,11 +42,13 @@ def _lines(f: Any, shown: str) -> Iterator[str]:
     """The lines of a binary file as text (each with its ending), decoded one by one so a bad byte names its line."""
     for lineno, raw in enumerate(f, 1):
         if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8):]
+            raw = raw[len(codecs.BOM_UTF8) :]
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InputFileError(f"{shown}: line {lineno} is not UTF-8 text (byte {exc.start} of the line)", path=shown, line=lineno) from exc
+            raise InputFileError(
+                f"{shown}: line {lineno} is not UTF-8 text (byte {exc.start} of the line)", path=shown, line=lineno
+            ) from exc
 
 
 def _no_constant(name: str) -> Any:
@@ -73,7 +75,11 @@ def _jsonl_rows(lines: Iterator[str], shown: str, id_field: str) -> Iterator[tup
         except ValueError as exc:
             raise InputFileError(f"{shown}: line {lineno} is not valid JSON: {exc}", path=shown, line=lineno) from exc
         if not isinstance(rec, dict):
-            raise InputFileError(f"{shown}: line {lineno} is not a JSON object (one object of variables per line)", path=shown, line=lineno)
+            raise InputFileError(
+                f"{shown}: line {lineno} is not a JSON object (one object of variables per line)",
+                path=shown,
+                line=lineno,
+            )
         rid = rec.get(id_field)
         yield (rid if rid not in (None, "") else n), rec
         n += 1
@@ -91,19 +97,30 @@ def _csv_rows(lines: Iterator[str], shown: str, id_field: str) -> Iterator[tuple
             return
         except csv.Error as exc:
             where = f"line {start}" + (f" (read on to line {reader.line_num})" if reader.line_num > start else "")
-            hint = "; a quote that is never closed takes the lines after it into one field" \
-                if reader.line_num > start else ""
+            hint = (
+                "; a quote that is never closed takes the lines after it into one field"
+                if reader.line_num > start
+                else ""
+            )
             raise InputFileError(f"{shown}: {where}: bad CSV: {exc}{hint}", path=shown, line=start) from exc
         if not fields:  # a blank line
             continue
         if header is None:
             twice = sorted({name for name in fields if fields.count(name) > 1})
             if twice:
-                raise InputFileError(f"{shown}: line {start}: the header names {', '.join(map(repr, twice))} more than once", path=shown, line=start)
+                raise InputFileError(
+                    f"{shown}: line {start}: the header names {', '.join(map(repr, twice))} more than once",
+                    path=shown,
+                    line=start,
+                )
             header = fields
             continue
         if len(fields) != len(header):
-            raise InputFileError(f"{shown}: line {start}: {len(fields)} field(s), but the header has {len(header)}", path=shown, line=start)
+            raise InputFileError(
+                f"{shown}: line {start}: {len(fields)} field(s), but the header has {len(header)}",
+                path=shown,
+                line=start,
+            )
         rec = dict(zip(header, fields))
         rid = rec.get(id_field)
         yield (rid if rid not in (None, "") else n), rec

@@ -41,10 +41,16 @@ def check_batch_client(sender: Any) -> Any:
         ConfigError: another client (the embedded model, Ollama, a plain ``send_message`` object).
     """
     api_type = getattr(sender, "api_type", None)
-    if not (api_type in ("openai", "azure") and hasattr(sender, "_request_args")
-            or api_type == "anthropic" and hasattr(sender, "_args")):
-        raise ConfigError(f"the Batch API needs the openai, azure or anthropic client; this call uses "
-                          f"{getattr(sender, 'api_type', sender)!r}")
+    if not (
+        api_type in ("openai", "azure")
+        and hasattr(sender, "_request_args")
+        or api_type == "anthropic"
+        and hasattr(sender, "_args")
+    ):
+        raise ConfigError(
+            f"the Batch API needs the openai, azure or anthropic client; this call uses "
+            f"{getattr(sender, 'api_type', sender)!r}"
+        )
     return sender
 
 
@@ -154,8 +160,15 @@ class ReplayClient(Client):
         memo = self._cfg_memo
         if memo[0] is base:
             return memo[1]  # type: ignore[return-value]
-        cfg = dataclasses.replace(base, max_attempts=1, max_cost=None, requests_per_minute=0, tokens_per_minute=0,
-                                  limits_backend="local", queue_timeout=0.0)
+        cfg = dataclasses.replace(
+            base,
+            max_attempts=1,
+            max_cost=None,
+            requests_per_minute=0,
+            tokens_per_minute=0,
+            limits_backend="local",
+            queue_timeout=0.0,
+        )
         self._cfg_memo = (base, cfg)
         return cfg
 
@@ -186,15 +199,19 @@ class ReplayClient(Client):
         self._row, self._pending = self._pending, None
         return super().request(messages, accept=accept, **params)
 
-    async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Any:
+    async def arequest(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> Any:
         raise BatchError("batch results are answered synchronously")  # never used: the runner replays in one thread
 
     def _chat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, dict, dict]:
         row = self._row
         real_cfg = self.real.settings()
         if body_hash(_body(self.real, messages, params, real_cfg)) != row.expected:
-            raise BatchError("the row's request is not the one its batch sent (the template, the row or the "
-                             "parameters changed since it was submitted); run again to submit it anew")
+            raise BatchError(
+                "the row's request is not the one its batch sent (the template, the row or the "
+                "parameters changed since it was submitted); run again to submit it anew"
+            )
         if isinstance(row.result, BaseException):
             raise row.result
         if self.real.api_type == "anthropic":  # the reply is a Messages API message; typed output came as a tool call

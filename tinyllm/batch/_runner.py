@@ -93,14 +93,20 @@ def _call_one(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException |
         return None, exc
 
 
-def _call_chunk(fn: Callable[[Any], Any], items: list, threads: int = 1,
-                remote: bool = False, context: contextvars.Context | None = None) -> list[tuple[Any, BaseException | None]]:
+def _call_chunk(
+    fn: Callable[[Any], Any],
+    items: list,
+    threads: int = 1,
+    remote: bool = False,
+    context: contextvars.Context | None = None,
+) -> list[tuple[Any, BaseException | None]]:
     """Run ``fn`` on each item of a chunk (in the executor, e.g. on a Dask worker): (value, None) or
     (None, exception) per item, in the chunk's order; on up to ``threads`` threads at once.
     ``remote``: the executor sends results back to another process, so each pair is made one that
     can travel (see :func:`_sendable`); local threads keep every value as it is. ``context``: the
     caller's context (its active budgets, call-log batch id, ...), each item run in a copy of it."""
     if context is not None:
+
         def one(item):
             return context.copy().run(_call_one, fn, item)
     else:
@@ -122,8 +128,11 @@ def _sendable(pair: tuple[Any, BaseException | None]) -> tuple[Any, BaseExceptio
         return pair
     except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the row gets an error instead
         value, error = pair
-        what = f"the row's error ({type(error).__name__}: {error})" if error is not None else \
-            f"the row's value (a {type(value).__name__})"
+        what = (
+            f"the row's error ({type(error).__name__}: {error})"
+            if error is not None
+            else f"the row's value (a {type(value).__name__})"
+        )
         return None, BatchError(f"{what} cannot be sent back from the executor's worker: {type(exc).__name__}: {exc}")
 
 
@@ -142,8 +151,10 @@ def _first_sigint_sets(flag: threading.Event) -> Iterator[None]:
 
     Only in the main thread, and only over Python's default handler (a program's own handler is left alone).
     """
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
 
@@ -178,8 +189,16 @@ class _Progress:
     least every 30 s while items finish, and a last one at the end) or "off".
     """
 
-    def __init__(self, mode: str, total: int | None, initial: int, desc: str, unit: str,
-                 counters: Callable[[], dict] | None, file: Any) -> None:
+    def __init__(
+        self,
+        mode: str,
+        total: int | None,
+        initial: int,
+        desc: str,
+        unit: str,
+        counters: Callable[[], dict] | None,
+        file: Any,
+    ) -> None:
         self.mode, self.total, self.n, self.desc, self.unit = mode, total, initial, desc, unit
         self.counters, self.file, self.failed, self.not_sent = counters, file, 0, 0
         self.started = self._last = time.monotonic()
@@ -225,8 +244,12 @@ class _Progress:
         self._next = (self.n // self._step + 1) * self._step
         extra = ", ".join(f"{k}={v}" for k, v in self._extra().items() if v)
         total = f"/{self.total}" if self.total is not None else ""
-        print(f"{self.desc + ': ' if self.desc else ''}{self.n}{total} {self.unit}s done{f' ({extra})' if extra else ''}, "
-              f"{now - self.started:.1f} s", file=self.file, flush=True)
+        print(
+            f"{self.desc + ': ' if self.desc else ''}{self.n}{total} {self.unit}s done{f' ({extra})' if extra else ''}, "
+            f"{now - self.started:.1f} s",
+            file=self.file,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -290,12 +313,26 @@ class Runner:
     running when Ctrl-C stopped it (0 otherwise).
     """
 
-    def __init__(self, fn: Callable[[Any], Any], *, executor: concurrent.futures.Executor | None = None,
-                 max_workers: int | None = None, window: int | None = None, chunk_size: int | None = None,
-                 chunk_threads: int | None = None, progress: bool = False, desc: str = "", unit: str = "row",
-                 counters: Callable[[], dict] | None = None) -> None:
-        for name, value in (("max_workers", max_workers), ("window", window), ("chunk_size", chunk_size),
-                            ("chunk_threads", chunk_threads)):
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        executor: concurrent.futures.Executor | None = None,
+        max_workers: int | None = None,
+        window: int | None = None,
+        chunk_size: int | None = None,
+        chunk_threads: int | None = None,
+        progress: bool = False,
+        desc: str = "",
+        unit: str = "row",
+        counters: Callable[[], dict] | None = None,
+    ) -> None:
+        for name, value in (
+            ("max_workers", max_workers),
+            ("window", window),
+            ("chunk_size", chunk_size),
+            ("chunk_threads", chunk_threads),
+        ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"Runner: {name} must be an int >= 1, got {value!r}")
         if max_workers is None:
@@ -318,8 +355,14 @@ class Runner:
 
     # -- the engine -------------------------------------------------------------------
 
-    def results(self, items: Iterable[tuple[Any, Any]], *, total: int | None = None,
-                initial: int = 0, not_sent: tuple[type[BaseException], ...] = ()) -> Generator[Outcome, None, None]:
+    def results(
+        self,
+        items: Iterable[tuple[Any, Any]],
+        *,
+        total: int | None = None,
+        initial: int = 0,
+        not_sent: tuple[type[BaseException], ...] = (),
+    ) -> Generator[Outcome, None, None]:
         """Run ``fn`` on each ``(tag, item)`` pair; yield an :class:`Outcome` per item as it finishes.
 
         Items are read from ``items`` only as the window has room. ``total`` and
@@ -341,7 +384,9 @@ class Runner:
         self._halt.clear()
         owned = self.executor is None
         remote = not _is_local_threads(self.executor)  # results come back pickled from another process
-        pool = self.executor or concurrent.futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="tinyllm-run")
+        pool = self.executor or concurrent.futures.ThreadPoolExecutor(
+            self.max_workers, thread_name_prefix="tinyllm-run"
+        )
         # the caller's context goes with each item to local threads (a Budget activated around map() holds its calls)
         context = None if remote else contextvars.copy_context()
         finished: queue.Queue = queue.Queue()
@@ -349,17 +394,22 @@ class Runner:
         stop = threading.Event()
         source = iter(items)
         exhausted = interrupted = False
-        progress = _Progress(_progress_mode(self.progress, sys.stderr), total, initial, self.desc, self.unit,
-                             self.counters, sys.stderr)
+        progress = _Progress(
+            _progress_mode(self.progress, sys.stderr), total, initial, self.desc, self.unit, self.counters, sys.stderr
+        )
         try:
             with _first_sigint_sets(stop):
                 while True:
-                    while not exhausted and not stop.is_set() and not self._halt.is_set() and len(pending) < self.window:
+                    while (
+                        not exhausted and not stop.is_set() and not self._halt.is_set() and len(pending) < self.window
+                    ):
                         chunk = [pair for _, pair in zip(range(self.chunk_size), source)]
                         if not chunk:
                             exhausted = True
                             break
-                        future = pool.submit(_call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads, remote, context)
+                        future = pool.submit(
+                            _call_chunk, self.fn, [item for _, item in chunk], self.chunk_threads, remote, context
+                        )
                         pending[future] = [tag for tag, _ in chunk]
                         future.add_done_callback(finished.put)
                     if stop.is_set() or not pending:
@@ -437,10 +487,15 @@ class Runner:
 
     # -- to a JSONL file, durable and resumable ---------------------------------------
 
-    def to_jsonl(self, rows: Callable[[], Iterable[tuple[Any, Any]]], path: str | os.PathLike[str], *,
-                 line: Callable[[Any, Any, BaseException | None], str],
-                 fatal: tuple[type[BaseException], ...] = (),
-                 stop_on: tuple[type[BaseException], ...] = ()) -> BatchSummary:
+    def to_jsonl(
+        self,
+        rows: Callable[[], Iterable[tuple[Any, Any]]],
+        path: str | os.PathLike[str],
+        *,
+        line: Callable[[Any, Any, BaseException | None], str],
+        fatal: tuple[type[BaseException], ...] = (),
+        stop_on: tuple[type[BaseException], ...] = (),
+    ) -> BatchSummary:
         """Run ``fn`` on each row and keep one JSON line per row in the file ``path``.
 
         Args:
@@ -476,12 +531,14 @@ class Runner:
             twice = out.expect(row_id for row_id, _ in rows())
             if twice is not None:
                 row_id = next(r for i, (r, _) in enumerate(rows()) if i == twice[1])
-                raise BatchError(f"rows {twice[0]} and {twice[1]} (counted from 0) have the same id {row_id!r}; "
-                                 "ids must be unique")
+                raise BatchError(
+                    f"rows {twice[0]} and {twice[1]} (counted from 0) have the same id {row_id!r}; ids must be unique"
+                )
             summary.total = out.expected
             summary.done_before = out.load()
-            run = self.results(_pick(rows(), out.pending()), total=summary.total, initial=summary.done_before,
-                               not_sent=stop_on)
+            run = self.results(
+                _pick(rows(), out.pending()), total=summary.total, initial=summary.done_before, not_sent=stop_on
+            )
             try:
                 for outcome in run:
                     if fatal and isinstance(outcome.error, fatal):
@@ -579,8 +636,10 @@ class JsonlOutput:
         try:
             lock.acquire()
         except Timeout as exc:
-            raise BatchError(f"another run is writing {str(self.path)!r} (it holds {lock.lock_file!r}); "
-                             "wait for it to end, or write to another file") from exc
+            raise BatchError(
+                f"another run is writing {str(self.path)!r} (it holds {lock.lock_file!r}); "
+                "wait for it to end, or write to another file"
+            ) from exc
         self._lock = lock
         import sqlite3
 
@@ -592,7 +651,8 @@ class JsonlOutput:
                 "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
                 "CREATE TABLE inp (i INTEGER PRIMARY KEY, k BLOB NOT NULL);"
                 "CREATE TABLE lines (k BLOB NOT NULL, off INTEGER, n INTEGER, ok INTEGER);"
-                "CREATE TABLE done (k BLOB PRIMARY KEY, off INTEGER, n INTEGER, ok INTEGER) WITHOUT ROWID;")
+                "CREATE TABLE done (k BLOB PRIMARY KEY, off INTEGER, n INTEGER, ok INTEGER) WITHOUT ROWID;"
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -625,21 +685,26 @@ class JsonlOutput:
         """
         start = self.expected
         self.db.executemany("INSERT INTO inp (k) VALUES (?)", ((_digest(r),) for r in row_ids))
-        (self.expected,), = self.db.execute("SELECT count(*) FROM inp")
+        ((self.expected,),) = self.db.execute("SELECT count(*) FROM inp")
         self.db.execute("CREATE INDEX IF NOT EXISTS inp_k ON inp (k)")
         if not self.db.execute("SELECT 1 FROM inp GROUP BY k HAVING count(*) > 1 LIMIT 1").fetchone():
             return None
-        twice = self.db.execute("SELECT a.i - 1, b.i - 1 FROM inp b JOIN inp a ON a.k = b.k AND a.i < b.i "
-                                "WHERE b.i > ? ORDER BY b.i LIMIT 1", (start,)).fetchone()
+        twice = self.db.execute(
+            "SELECT a.i - 1, b.i - 1 FROM inp b JOIN inp a ON a.k = b.k AND a.i < b.i "
+            "WHERE b.i > ? ORDER BY b.i LIMIT 1",
+            (start,),
+        ).fetchone()
         return None if twice is None else (twice[0], twice[1])
 
     def _index(self) -> None:
         # per key: its first content line, else its last error line
         self._flush_appended()
         self.db.execute("DELETE FROM done")
-        self.db.execute("INSERT INTO done SELECT k, off, n, ok FROM lines WHERE true ORDER BY k, ok, rowid "
-                        "ON CONFLICT (k) DO UPDATE SET off = excluded.off, n = excluded.n, ok = excluded.ok "
-                        "WHERE done.ok = 0")
+        self.db.execute(
+            "INSERT INTO done SELECT k, off, n, ok FROM lines WHERE true ORDER BY k, ok, rowid "
+            "ON CONFLICT (k) DO UPDATE SET off = excluded.off, n = excluded.n, ok = excluded.ok "
+            "WHERE done.ok = 0"
+        )
 
     def load(self) -> int:
         """Index the lines of the existing file (if any) and open it for appending.
@@ -650,6 +715,7 @@ class JsonlOutput:
         Raises:
             BatchError: the file cannot be read or is not UTF-8 text.
         """
+
         def records(f: Any) -> Iterator[tuple[bytes, int, int, int]]:
             off = 0
             for raw in f:
@@ -657,8 +723,10 @@ class JsonlOutput:
                     rec = _JSON.decode(raw.decode("utf-8"))
                 except ValueError as exc:  # a torn line (a killed run's last); or not UTF-8 at all
                     if isinstance(exc, UnicodeDecodeError) and raw.endswith(b"\n"):
-                        raise BatchError(f"the output file {str(self.path)!r} is not UTF-8 text (near byte "
-                                         f"{off + exc.start}); is it really an earlier output?") from exc
+                        raise BatchError(
+                            f"the output file {str(self.path)!r} is not UTF-8 text (near byte "
+                            f"{off + exc.start}); is it really an earlier output?"
+                        ) from exc
                     rec = None
                 if isinstance(rec, dict) and "id" in rec:
                     with suppress(BatchError):
@@ -683,22 +751,23 @@ class JsonlOutput:
                 f.seek(self._end - 1)
                 if f.read(1) != b"\n":
                     self._write(b"\n")
-        (done,), = self.db.execute("SELECT count(*) FROM inp JOIN done USING (k) WHERE ok")
+        ((done,),) = self.db.execute("SELECT count(*) FROM inp JOIN done USING (k) WHERE ok")
         return done
 
     def pending(self) -> Iterator[int]:
         """The 0-based positions of the expected rows without a content line, in increasing order."""
         if not self.db.execute("SELECT 1 FROM done WHERE ok LIMIT 1").fetchone():
             return iter(range(self.expected))
-        cursor = self.db.execute("SELECT i - 1 FROM inp WHERE NOT EXISTS "
-                                 "(SELECT 1 FROM done WHERE done.k = inp.k AND done.ok) ORDER BY i")
+        cursor = self.db.execute(
+            "SELECT i - 1 FROM inp WHERE NOT EXISTS (SELECT 1 FROM done WHERE done.k = inp.k AND done.ok) ORDER BY i"
+        )
         return (i for (i,) in cursor)
 
     def _write(self, data: bytes) -> int:
         off = self._end
         view = memoryview(data)
         while view:
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         self._end += len(data)
         return off
 
@@ -717,14 +786,15 @@ class JsonlOutput:
         """Rewrite the file atomically in input order: each expected row's line (content, else its
         last error), nothing else. Returns the number of ids dropped (lines of ids not in the input)."""
         self._index()
-        (ids,), = self.db.execute("SELECT count(*) FROM done")
+        ((ids,),) = self.db.execute("SELECT count(*) FROM done")
         written = 0
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             with open(self.path, "rb") as src, open(tmp, "wb") as dst:
                 fd = src.fileno()
-                for off, n in self.db.execute("SELECT d.off, d.n FROM inp CROSS JOIN done d ON d.k = inp.k "
-                                              "ORDER BY inp.i"):
+                for off, n in self.db.execute(
+                    "SELECT d.off, d.n FROM inp CROSS JOIN done d ON d.k = inp.k ORDER BY inp.i"
+                ):
                     written += 1
                     data = os.pread(fd, n, off)
                     dst.write(data if data.endswith(b"\n") else data + b"\n")

@@ -17,8 +17,16 @@ from ._store import (
     force_api_cache,
 )
 
-__all__ = ["Cache", "PickleCache", "MemoryCache", "RedisCache", "cache_key", "force_api_cache", "active_cache",
-           "cache_backend"]
+__all__ = [
+    "Cache",
+    "PickleCache",
+    "MemoryCache",
+    "RedisCache",
+    "cache_key",
+    "force_api_cache",
+    "active_cache",
+    "cache_backend",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -102,7 +102,7 @@ class RedisCache:
         keys = list(keys)
         out: list[Any] = []
         for start in range(0, len(keys), _BATCH):
-            chunk = keys[start:start + _BATCH]
+            chunk = keys[start : start + _BATCH]
             try:
                 raw = self._get(keys=[self._stats_key, *(self._entry + k for k in chunk)])
             except redis_errors() as exc:
@@ -117,8 +117,11 @@ class RedisCache:
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested too deep to read
-            log.warning("Redis cache entry %s%s is not JSON that can be read (written by something else?); treated as a miss",
-                        self._entry, key)
+            log.warning(
+                "Redis cache entry %s%s is not JSON that can be read (written by something else?); treated as a miss",
+                self._entry,
+                key,
+            )
             return default
 
     def __contains__(self, key: object) -> bool:
@@ -157,7 +160,9 @@ class RedisCache:
                     pipe.set(name, data, px=ttl_ms)
                 pipe.execute()
         except redis_errors() as exc:
-            raise OSError(f"Redis at {redact_url(self.url)} failed while writing the cache: {type(exc).__name__}: {exc}") from exc
+            raise OSError(
+                f"Redis at {redact_url(self.url)} failed while writing the cache: {type(exc).__name__}: {exc}"
+            ) from exc
         self._failing = False
         return len(encoded)
 
@@ -178,7 +183,9 @@ class RedisCache:
             if batch:
                 removed += self._redis.unlink(*batch)
         except redis_errors() as exc:
-            raise OSError(f"Redis at {redact_url(self.url)} failed while clearing the cache: {type(exc).__name__}: {exc}") from exc
+            raise OSError(
+                f"Redis at {redact_url(self.url)} failed while clearing the cache: {type(exc).__name__}: {exc}"
+            ) from exc
         return removed
 
     # -- sizes --------------------------------------------------------------
@@ -224,14 +231,27 @@ class RedisCache:
             counts = self._redis.hgetall(self._stats_key)
         except redis_errors() as exc:
             raise OSError(f"Redis at {redact_url(self.url)} failed while reading the cache stats: {exc}") from exc
-        return {"entries": entries, "size_bytes": size, "hits": int(counts.get(b"hits", 0)),
-                "misses": int(counts.get(b"misses", 0)), "path": self.path, "backend": "redis"}
+        return {
+            "entries": entries,
+            "size_bytes": size,
+            "hits": int(counts.get(b"hits", 0)),
+            "misses": int(counts.get(b"misses", 0)),
+            "path": self.path,
+            "backend": "redis",
+        }
 
     def _warn(self, doing: str, exc: BaseException, more: str, *args: Any) -> None:
         level = logging.DEBUG if self._failing else logging.WARNING
         self._failing = True
-        log.log(level, "Redis at %s failed while %s the cache (%s: %s)" + ("; " + more if more else ""),
-                redact_url(self.url), doing, type(exc).__name__, exc, *args)
+        log.log(
+            level,
+            "Redis at %s failed while %s the cache (%s: %s)" + ("; " + more if more else ""),
+            redact_url(self.url),
+            doing,
+            type(exc).__name__,
+            exc,
+            *args,
+        )
 
 
 def _encode(value: Any) -> str:

@@ -72,8 +72,18 @@ from .._fork import fresh_locks_in_child, reset_in_child
 from ..config import Config, get_config
 from ..errors import CacheValueError, ConfigError
 
-__all__ = ["Cache", "PickleCache", "MemoryCache", "cache_key", "force_api_cache", "active_cache", "cache_backend", "DROPPED_PARAMS",
-           "MAX_DEPTH", "MAX_SHARED_CACHES"]
+__all__ = [
+    "Cache",
+    "PickleCache",
+    "MemoryCache",
+    "cache_key",
+    "force_api_cache",
+    "active_cache",
+    "cache_backend",
+    "DROPPED_PARAMS",
+    "MAX_DEPTH",
+    "MAX_SHARED_CACHES",
+]
 
 log = logging.getLogger("tinyllm.cache")  # the logger name users filter on
 
@@ -135,8 +145,10 @@ def _kind(value: Any) -> type:
     for base in _CONTAINERS:
         if isinstance(value, base):
             return base
-    raise CacheValueError("cache values must be plain data (dict, list, tuple, set, frozenset of str, int, float, "
-                          f"bool, None, bytes, complex), got {kind.__name__}")
+    raise CacheValueError(
+        "cache values must be plain data (dict, list, tuple, set, frozenset of str, int, float, "
+        f"bool, None, bytes, complex), got {kind.__name__}"
+    )
 
 
 def _children(value: Any, kind: type) -> Iterator[Any]:
@@ -261,7 +273,7 @@ def _frames(data: bytes, base: int, version: int = 2) -> Iterator[tuple[int, int
         end = pos + size + length
         if length < 2 or end > n or data[pos + size] != 0x80 or data[end - 1] != 0x2E:  # PROTO ... STOP
             return -1
-        return end if zlib.crc32(view[pos + size:end], seed) == crc else -1
+        return end if zlib.crc32(view[pos + size : end], seed) == crc else -1
 
     pos = 0
     while pos < n:
@@ -372,8 +384,13 @@ class _IndexedCache:
     def stats(self) -> dict[str, Any]:
         """``{"entries": int, "size_bytes": int (file size, 0 in memory), "hits": int, "misses": int, "path": str | None}``."""
         with self._lock:
-            return {"entries": len(self), "size_bytes": self._size(), "hits": self.hits,
-                    "misses": self.misses, "path": self.path}
+            return {
+                "entries": len(self),
+                "size_bytes": self._size(),
+                "hits": self.hits,
+                "misses": self.misses,
+                "path": self.path,
+            }
 
 
 class MemoryCache(_IndexedCache):
@@ -517,7 +534,9 @@ class PickleCache(_IndexedCache):
         if skipped:
             self._report(skipped)
         if done < len(data) and truncate:
-            log.warning("%s: dropping %d bytes after the last complete record (torn write)", self.path, len(data) - done)
+            log.warning(
+                "%s: dropping %d bytes after the last complete record (torn write)", self.path, len(data) - done
+            )
             os.ftruncate(self._fd, self._offset)
 
     def _report(self, skipped: list[tuple[int, int]]) -> None:
@@ -527,9 +546,14 @@ class PickleCache(_IndexedCache):
             return
         _reported.update((*(self._ident or ()), *s) for s in new)
         where = ", ".join(f"{n} bytes at offset {o}" for o, n in new[:5]) + (", ..." if len(new) > 5 else "")
-        log.warning("%s is damaged: skipped %d bytes in %d place(s) (%s); the records there are lost, the others "
-                    "are read. clear() or deleting the file removes the damage.",
-                    self.path, sum(n for _, n in new), len(new), where)
+        log.warning(
+            "%s is damaged: skipped %d bytes in %d place(s) (%s); the records there are lost, the others "
+            "are read. clear() or deleting the file removes the damage.",
+            self.path,
+            sum(n for _, n in new),
+            len(new),
+            where,
+        )
 
     def _sync(self, writing: bool) -> None:
         """Bring the index up to date with the file. Caller holds ``self._lock`` (and the file lock if writing)."""
@@ -563,7 +587,7 @@ class PickleCache(_IndexedCache):
                 offset += len(frames[-1])
             view = memoryview(b"".join(frames))
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             self._offset = offset
             self._index.update(items)
 

@@ -33,8 +33,10 @@ def _error(message: str) -> None:
 def _describe(exc: TinyLLMError) -> str:
     """The one-line message for a tinyllm error, worded for the command line."""
     if isinstance(exc, TemplateNotFoundError):
-        return (f"template {exc.name!r} not found; searched: {', '.join(exc.searched) or '(nothing)'}. "
-                "Put the file in one of these directories, or pass --prompts-dir, or set TINYLLM_PROMPTS_DIRS.")
+        return (
+            f"template {exc.name!r} not found; searched: {', '.join(exc.searched) or '(nothing)'}. "
+            "Put the file in one of these directories, or pass --prompts-dir, or set TINYLLM_PROMPTS_DIRS."
+        )
     if isinstance(exc, TemplateVariableError) and exc.variable:
         return f"{exc} (on the command line: --var {exc.variable}=VALUE)"
     if isinstance(exc, (ConfigError, TemplateError)):
@@ -69,8 +71,14 @@ class _TinyLLM(click.Group):
                 traceback.print_exc()
             raise CLIError(str(exc), EXIT_FAILED) from exc
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -95,7 +103,10 @@ class _TinyLLM(click.Group):
 
 def _prompts_dir_option(f: Callable) -> Callable:
     return click.option(
-        "--prompts-dir", "prompts_dirs", multiple=True, metavar="DIR",
+        "--prompts-dir",
+        "prompts_dirs",
+        multiple=True,
+        metavar="DIR",
         type=click.Path(exists=True, file_okay=False),
         help="Directory searched for templates before TINYLLM_PROMPTS_DIRS and ./prompts (repeatable).",
     )(f)
@@ -152,9 +163,13 @@ def _parse_vars(ctx: click.Context, param: click.Parameter, values: tuple[str, .
 
 def _var_option(f: Callable) -> Callable:
     return click.option(
-        "--var", "variables", multiple=True, metavar="KEY=VALUE", callback=_parse_vars,
+        "--var",
+        "variables",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_parse_vars,
         help="A template variable (repeatable). KEY=@FILE reads the value from FILE, KEY=@- from "
-             "standard input (without the final newline); KEY=@@TEXT is the literal text @TEXT.",
+        "standard input (without the final newline); KEY=@@TEXT is the literal text @TEXT.",
     )(f)
 
 
@@ -169,20 +184,34 @@ class _FiniteFloat(click.FloatRange):
 
 
 def _model_options(f: Callable) -> Callable:
-    for option in reversed([
-        click.option("--model", "-m", help="Model name (default: the front matter's, else the MODEL setting)."),
-        click.option("--api-type", help="Backend: openai, ollama, azure, llamacpp or a registered one "
-                                        "(default: API_TYPE, else auto-detected)."),
-        click.option("--temperature", type=_FiniteFloat(min=0), help="Sampling temperature."),
-        click.option("--max-tokens", type=click.IntRange(min=1), help="Maximum tokens in the reply."),
-        click.option("--cache/--no-cache", default=None,
-                     help="Cache API replies on disk (default: the CACHE_API_CALLS setting)."),
-        click.option("--fallback", multiple=True, metavar="API_TYPE_OR_MODEL", expose_value=False, callback=_set_fallbacks,
-                     help="Where a request goes when the backend fails after its retries with a rate limit, 5xx, "
-                          "timeout, connection error or context window exceeded (repeatable, tried in order): a "
-                          "registered api_type (ollama), API_TYPE:MODEL (openai:gpt-4o-mini), or a model name "
-                          "(the same backend, that model)."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--model", "-m", help="Model name (default: the front matter's, else the MODEL setting)."),
+            click.option(
+                "--api-type",
+                help="Backend: openai, ollama, azure, llamacpp or a registered one "
+                "(default: API_TYPE, else auto-detected).",
+            ),
+            click.option("--temperature", type=_FiniteFloat(min=0), help="Sampling temperature."),
+            click.option("--max-tokens", type=click.IntRange(min=1), help="Maximum tokens in the reply."),
+            click.option(
+                "--cache/--no-cache",
+                default=None,
+                help="Cache API replies on disk (default: the CACHE_API_CALLS setting).",
+            ),
+            click.option(
+                "--fallback",
+                multiple=True,
+                metavar="API_TYPE_OR_MODEL",
+                expose_value=False,
+                callback=_set_fallbacks,
+                help="Where a request goes when the backend fails after its retries with a rate limit, 5xx, "
+                "timeout, connection error or context window exceeded (repeatable, tried in order): a "
+                "registered api_type (ollama), API_TYPE:MODEL (openai:gpt-4o-mini), or a model name "
+                "(the same backend, that model).",
+            ),
+        ]
+    ):
         f = option(f)
     return f
 
@@ -203,8 +232,13 @@ def _set_no_log(ctx: click.Context, param: click.Parameter, value: bool) -> None
 
 
 def _log_option(f: Callable) -> Callable:
-    return click.option("--no-log", is_flag=True, expose_value=False, callback=_set_no_log,
-                        help="Do not write these calls to the call log (default: logged, unless LOG_CALLS=false).")(f)
+    return click.option(
+        "--no-log",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_no_log,
+        help="Do not write these calls to the call log (default: logged, unless LOG_CALLS=false).",
+    )(f)
 
 
 def _turn_on_log(ctx: click.Context) -> None:
@@ -226,16 +260,27 @@ def _resolve(name: str, dirs: list[str]) -> tuple[str, Any]:
     return name, load_prompt(name, prompts_dir=dirs)
 
 
-def _llm(ctx: click.Context, name: str, model: str | None, api_type: str | None, temperature: float | None,
-         max_tokens: int | None, cache: bool | None, **extra: Any) -> Any:
+def _llm(
+    ctx: click.Context,
+    name: str,
+    model: str | None,
+    api_type: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    cache: bool | None,
+    **extra: Any,
+) -> Any:
     """An LLMCall for the command-line options; checks the template and the backend before anything is sent.
     ``extra``: more LLMCall arguments (tools, tool_choice, on_tool_call), None ones left out."""
     from .. import force_api_cache, get_client
     from ..call import LLMCall
 
     template, _ = _resolve(name, _search_dirs(ctx))
-    params = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens), *extra.items())
-              if v is not None}
+    params = {
+        k: v
+        for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens), *extra.items())
+        if v is not None
+    }
     llm = LLMCall(template, prompts_dir=_search_dirs(ctx), api_type=api_type, fallbacks=_fallbacks(ctx), **params)
     if cache is not None:
         force_api_cache(cache)
@@ -293,11 +338,16 @@ def _parse_mcp(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 
 def _mcp_option(f: Callable) -> Callable:
     return click.option(
-        "--mcp", "mcp_servers", multiple=True, metavar="[NAME=]COMMAND_OR_URL", callback=_parse_mcp,
+        "--mcp",
+        "mcp_servers",
+        multiple=True,
+        metavar="[NAME=]COMMAND_OR_URL",
+        callback=_parse_mcp,
         help="An MCP server whose tools the model may call (repeatable): a command line started over stdio "
-             "(quoted: \"python server.py\"), or a streamable-HTTP URL (http://127.0.0.1:8000/mcp); NAME= puts "
-             "NAME_ before its tools' names (for servers whose tools share names). Needs the mcp "
-             "extra. Like --tool (and tools= in code), it replaces the tools the front matter names.")(f)
+        '(quoted: "python server.py"), or a streamable-HTTP URL (http://127.0.0.1:8000/mcp); NAME= puts '
+        "NAME_ before its tools' names (for servers whose tools share names). Needs the mcp "
+        "extra. Like --tool (and tools= in code), it replaces the tools the front matter names.",
+    )(f)
 
 
 def _print_tool_call(call: Any) -> None:
@@ -315,7 +365,9 @@ def _plain(value: Any) -> Any:
 
 
 def _dumps(value: Any, **kw: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=lambda v: _plain(v) if hasattr(v, "model_dump") else str(v), **kw)
+    return json.dumps(
+        value, ensure_ascii=False, default=lambda v: _plain(v) if hasattr(v, "model_dump") else str(v), **kw
+    )
 
 
 def _show(value: Any) -> str:

@@ -16,7 +16,9 @@ def _state(output: str) -> Any:
 
     path = state_path(output)
     if not path.exists():
-        raise CLIError(f"no batches are recorded for {output!r} (no {path.name}); run tinyllm map ... --batch-api first")
+        raise CLIError(
+            f"no batches are recorded for {output!r} (no {path.name}); run tinyllm map ... --batch-api first"
+        )
     try:
         return BatchState.load(path)
     except BatchError as exc:
@@ -40,13 +42,17 @@ def _api(state: Any, api_type: str | None) -> Any:
     kinds = {b.get("api", "openai") for b in state.unfinished()}
     api = api_for(check_batch_client(get_client(api_type or _recorded_api_type(state))))
     if kinds - {api.kind}:
-        raise CLIError(f"these batches were sent through the {', '.join(sorted(kinds))} batch API; this client is "
-                       f"{api.kind!r} (give --api-type)")
+        raise CLIError(
+            f"these batches were sent through the {', '.join(sorted(kinds))} batch API; this client is "
+            f"{api.kind!r} (give --api-type)"
+        )
     return api
 
 
-_api_type_option = click.option("--api-type", help="The client the batches were sent with (default: the one recorded, "
-                                                   "else API_TYPE or auto-detected).")
+_api_type_option = click.option(
+    "--api-type",
+    help="The client the batches were sent with (default: the one recorded, else API_TYPE or auto-detected).",
+)
 
 
 @cli.group("batches")
@@ -75,9 +81,11 @@ def status(output: str, api_type: str | None) -> None:
         counts = entry.get("request_counts") or {}
         where = "in the output" if entry.get("fetched") else "not collected yet"
         rows = f", {len(entry.get('rows') or {})} rows" if not entry.get("fetched") else ""
-        click.echo(f"{entry.get('id') or '(being created from ' + entry['input_file_id'] + ')'}  "
-                   f"{entry.get('status') or 'submitting'}  {counts.get('completed', 0)}/{counts.get('total', 0)} done, "
-                   f"{counts.get('failed', 0)} failed{rows}; {where}")
+        click.echo(
+            f"{entry.get('id') or '(being created from ' + entry['input_file_id'] + ')'}  "
+            f"{entry.get('status') or 'submitting'}  {counts.get('completed', 0)}/{counts.get('total', 0)} done, "
+            f"{counts.get('failed', 0)} failed{rows}; {where}"
+        )
 
 
 @batches.command("cancel")
@@ -104,7 +112,9 @@ def cancel(output: str, api_type: str | None) -> None:
 
 @batches.command("fetch")
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--wait", is_flag=True, help="Wait until every recorded batch has ended (polling every BATCH_POLL_INTERVAL s).")
+@click.option(
+    "--wait", is_flag=True, help="Wait until every recorded batch has ended (polling every BATCH_POLL_INTERVAL s)."
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress on stderr while waiting.")
 @click.pass_context
 def fetch(ctx: click.Context, output: str, wait: bool, progress: bool) -> None:
@@ -117,8 +127,10 @@ def fetch(ctx: click.Context, output: str, wait: bool, progress: bool) -> None:
     state = _state(output)
     cmd = state.command
     if not cmd or not cmd.get("input"):
-        raise CLIError("these batches were not submitted by `tinyllm map ... --input FILE` (no command recorded); "
-                       "collect them by running the same LLMCall.map(..., batch_api=True) again")
+        raise CLIError(
+            "these batches were not submitted by `tinyllm map ... --input FILE` (no command recorded); "
+            "collect them by running the same LLMCall.map(..., batch_api=True) again"
+        )
     if not Path(cmd["input"]).is_file():
         raise CLIError(f"the recorded input {cmd['input']!r} is gone; the rows are needed to collect the results")
     params = {k: cmd.get(k) for k in ("model", "temperature", "max_tokens") if cmd.get(k) is not None}
@@ -129,6 +141,17 @@ def fetch(ctx: click.Context, output: str, wait: bool, progress: bool) -> None:
     if cmd.get("cache") is not None:
         force_api_cache(cmd["cache"])
     _turn_on_log(ctx)
-    run_batches(ctx, llm, cmd["input"], cmd.get("input_format") or "jsonl", cmd.get("id_field") or "id",
-                cmd.get("variables") or {}, Path(output), max_cost=None, progress=progress, submit=False, wait=wait,
-                command=None)
+    run_batches(
+        ctx,
+        llm,
+        cmd["input"],
+        cmd.get("input_format") or "jsonl",
+        cmd.get("id_field") or "id",
+        cmd.get("variables") or {},
+        Path(output),
+        max_cost=None,
+        progress=progress,
+        submit=False,
+        wait=wait,
+        command=None,
+    )

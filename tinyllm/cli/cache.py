@@ -17,8 +17,9 @@ def cache() -> None:
 
 
 def _cache_file_option(f: Callable) -> Callable:
-    return click.option("--file", "file", type=click.Path(dir_okay=False),
-                        help="The cache file (default: the CACHE_FILE_NAME setting).")(f)
+    return click.option(
+        "--file", "file", type=click.Path(dir_okay=False), help="The cache file (default: the CACHE_FILE_NAME setting)."
+    )(f)
 
 
 def _cache_path(file: str | None) -> Path:
@@ -77,8 +78,10 @@ def cache_stats(file: str | None, as_json: bool) -> None:
     if path.exists():
         with open(path, "rb") as f:
             if f.read(len(MAGIC)) not in (MAGIC, MAGIC_V1):  # opening it as a cache would convert or initialise it
-                raise CLIError(f"{str(path)!r} is not a tinyllm cache file (a TinyTroupe cache is converted "
-                               "the first time a call uses it)")
+                raise CLIError(
+                    f"{str(path)!r} is not a tinyllm cache file (a TinyTroupe cache is converted "
+                    "the first time a call uses it)"
+                )
         c = PickleCache(path)
         try:
             info = c.stats()

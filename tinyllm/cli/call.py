@@ -8,7 +8,25 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, TinyLLMError
-from ._common import CLIError, _describe, _dumps, _fallbacks, _llm, _log_option, _mcp_option, _model_options, _parse_tools, _plain, _print_tool_call, _prompts_dir_option, _resolve, _search_dirs, _show, _var_option, cli
+from ._common import (
+    CLIError,
+    _describe,
+    _dumps,
+    _fallbacks,
+    _llm,
+    _log_option,
+    _mcp_option,
+    _model_options,
+    _parse_tools,
+    _plain,
+    _print_tool_call,
+    _prompts_dir_option,
+    _resolve,
+    _search_dirs,
+    _show,
+    _var_option,
+    cli,
+)
 
 
 def _parse_media(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list:
@@ -32,11 +50,20 @@ def _parse_media(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 
 def _media_options(f: Any) -> Any:
     """``--image``, ``--audio``, ``--file``: media template variables from the shell."""
-    for flag, dest, what in (("--file", "files", "a PDF file"), ("--audio", "audios", "a WAV or MP3 file"),
-                             ("--image", "images", "a PNG, JPEG, GIF or WebP file, or an http(s) URL")):
-        f = click.option(flag, dest, multiple=True, metavar="NAME=PATH", callback=_parse_media,
-                         help=f"A template variable holding {what}, placed where the template writes "
-                              "{{ NAME }} (repeatable; a NAME given twice is a list).")(f)
+    for flag, dest, what in (
+        ("--file", "files", "a PDF file"),
+        ("--audio", "audios", "a WAV or MP3 file"),
+        ("--image", "images", "a PNG, JPEG, GIF or WebP file, or an http(s) URL"),
+    ):
+        f = click.option(
+            flag,
+            dest,
+            multiple=True,
+            metavar="NAME=PATH",
+            callback=_parse_media,
+            help=f"A template variable holding {what}, placed where the template writes "
+            "{{ NAME }} (repeatable; a NAME given twice is a list).",
+        )(f)
     return f
 
 
@@ -76,12 +103,26 @@ def _shown_content(content: Any) -> str:
 @_var_option
 @_media_options
 @click.option("--model", "-m", help="Model to ask (default: the front matter's, else the MODEL setting).")
-@click.option("--api-type", help="Backend whose model name and tokenizer apply (default: API_TYPE, else auto-detected).")
-@click.option("--json", "as_json", is_flag=True, help="Print {messages, model, api_type, params, prompt_tokens} as JSON.")
+@click.option(
+    "--api-type", help="Backend whose model name and tokenizer apply (default: API_TYPE, else auto-detected)."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print {messages, model, api_type, params, prompt_tokens} as JSON."
+)
 @_prompts_dir_option
 @click.pass_context
-def render(ctx: click.Context, name: str, variables: dict, images: list, audios: list, files: list, model: str | None,
-           api_type: str | None, as_json: bool, prompts_dirs: tuple[str, ...]) -> None:
+def render(
+    ctx: click.Context,
+    name: str,
+    variables: dict,
+    images: list,
+    audios: list,
+    files: list,
+    model: str | None,
+    api_type: str | None,
+    as_json: bool,
+    prompts_dirs: tuple[str, ...],
+) -> None:
     """Print the messages NAME renders to, the parameters that would be sent, and the prompt's
     tokens as the answering backend counts them (its model name and tokenizer), sending nothing.
     Images, audio and files are shown as their type, sha256 and size."""
@@ -115,8 +156,18 @@ def render(ctx: click.Context, name: str, variables: dict, images: list, audios:
         n, backend = count_tokens(messages, used_model), None
     params = {k: v for k, v in params.items() if k != "model"}
     if as_json:
-        click.echo(_dumps({"messages": redacted(messages), "model": used_model, "api_type": backend, "params": params,
-                           "prompt_tokens": n}, indent=2))
+        click.echo(
+            _dumps(
+                {
+                    "messages": redacted(messages),
+                    "model": used_model,
+                    "api_type": backend,
+                    "params": params,
+                    "prompt_tokens": n,
+                },
+                indent=2,
+            )
+        )
         return
     for m in messages:
         click.echo(f"--- {m['role']} ---")
@@ -133,21 +184,50 @@ def render(ctx: click.Context, name: str, variables: dict, images: list, audios:
 @_var_option
 @_media_options
 @_model_options
-@click.option("--stream/--no-stream", default=None,
-              help="Print the reply as it is written (default: when stdout is a terminal and not --json).")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the complete call record (content, model, usage, cost in USD or null, cached, latency, ...) as JSON at the end.")
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Print the reply as it is written (default: when stdout is a terminal and not --json).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the complete call record (content, model, usage, cost in USD or null, cached, latency, ...) as JSON at the end.",
+)
 @_log_option
-@click.option("--tool", "tool_paths", multiple=True, metavar="MODULE:FUNCTION", callback=_parse_tools,
-              help="A Python function the model may call (repeatable), imported from MODULE (the working "
-                   "directory is searched first); each call it runs is printed on stderr.")
+@click.option(
+    "--tool",
+    "tool_paths",
+    multiple=True,
+    metavar="MODULE:FUNCTION",
+    callback=_parse_tools,
+    help="A Python function the model may call (repeatable), imported from MODULE (the working "
+    "directory is searched first); each call it runs is printed on stderr.",
+)
 @_mcp_option
 @click.option("--tool-choice", help="auto, required, none, or a tool's name (default: the front matter's, else auto).")
 @_prompts_dir_option
 @click.pass_context
-def call(ctx: click.Context, name: str, variables: dict, images: list, audios: list, files: list, model: str | None,
-         api_type: str | None, temperature: float | None, max_tokens: int | None, cache: bool | None, stream: bool | None,
-         as_json: bool, tool_paths: list, mcp_servers: list, tool_choice: str | None, prompts_dirs: tuple[str, ...]) -> None:
+def call(
+    ctx: click.Context,
+    name: str,
+    variables: dict,
+    images: list,
+    audios: list,
+    files: list,
+    model: str | None,
+    api_type: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    cache: bool | None,
+    stream: bool | None,
+    as_json: bool,
+    tool_paths: list,
+    mcp_servers: list,
+    tool_choice: str | None,
+    prompts_dirs: tuple[str, ...],
+) -> None:
     """Render NAME with the variables, send it, print the reply's content.
 
     A reply coerced to another output type than str (the front matter's
@@ -159,8 +239,18 @@ def call(ctx: click.Context, name: str, variables: dict, images: list, audios: l
     from ..media import redacted
 
     variables = _merge_media(variables, images, audios, files)
-    llm = _llm(ctx, name, model, api_type, temperature, max_tokens, cache, tools=[*tool_paths, *mcp_servers] or None,
-               tool_choice=tool_choice, on_tool_call=_print_tool_call)
+    llm = _llm(
+        ctx,
+        name,
+        model,
+        api_type,
+        temperature,
+        max_tokens,
+        cache,
+        tools=[*tool_paths, *mcp_servers] or None,
+        tool_choice=tool_choice,
+        on_tool_call=_print_tool_call,
+    )
     if stream is None:
         stream = not as_json and sys.stdout.isatty()
     if stream:
@@ -190,9 +280,19 @@ def call(ctx: click.Context, name: str, variables: dict, images: list, audios: l
 @_mcp_option
 @_prompts_dir_option
 @click.pass_context
-def chat(ctx: click.Context, name: str | None, variables: dict, model: str | None, api_type: str | None,
-         temperature: float | None, max_tokens: int | None, cache: bool | None, system: str | None,
-         mcp_servers: list, prompts_dirs: tuple[str, ...]) -> None:
+def chat(
+    ctx: click.Context,
+    name: str | None,
+    variables: dict,
+    model: str | None,
+    api_type: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    cache: bool | None,
+    system: str | None,
+    mcp_servers: list,
+    prompts_dirs: tuple[str, ...],
+) -> None:
     """An interactive conversation, each answer streamed as it is written.
 
     NAME (optional) is a template whose system part opens the conversation
@@ -205,13 +305,15 @@ def chat(ctx: click.Context, name: str | None, variables: dict, model: str | Non
 
     if name is not None and system is not None:
         raise CLIError("give a template NAME or --system, not both")
-    params: dict[str, Any] = {k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens))
-                              if v is not None}
+    params: dict[str, Any] = {
+        k: v for k, v in (("model", model), ("temperature", temperature), ("max_tokens", max_tokens)) if v is not None
+    }
     template = _resolve(name, _search_dirs(ctx))[0] if name is not None else None
     if mcp_servers:
         params.update(tools=mcp_servers, on_tool_call=_print_tool_call)
-    conversation = LLMChat(template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type,
-                           fallbacks=_fallbacks(ctx), **params)
+    conversation = LLMChat(
+        template, system=system, prompts_dir=_search_dirs(ctx), api_type=api_type, fallbacks=_fallbacks(ctx), **params
+    )
     if template is not None and conversation.prompt is not None:
         # the system part only: each line typed is the user's message
         conversation.history = conversation.prompt.render(variables, include_user=False)

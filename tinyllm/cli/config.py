@@ -17,8 +17,12 @@ from ._common import _dumps, _read_text, cli
 @cli.command()
 @click.argument("file", metavar="FILE|-")
 @click.option("--model", "-m", help="Model whose tokenizer counts (default: the MODEL setting).")
-@click.option("--exact", is_flag=True, help="Ask the API's token-counting endpoint (API_TYPE=anthropic) for the "
-              "text as one user message, instead of the local count.")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Ask the API's token-counting endpoint (API_TYPE=anthropic) for the "
+    "text as one user message, instead of the local count.",
+)
 def tokens(file: str, model: str | None, exact: bool) -> None:
     """Count the tokens of the text in FILE (- for standard input)."""
     from ..config import get_config
@@ -30,8 +34,10 @@ def tokens(file: str, model: str | None, exact: bool) -> None:
 
         sender = get_client()
         if not callable(getattr(sender, "token_count", None)):
-            raise ConfigError(f"--exact needs a client with a token-counting endpoint (api_type anthropic); "
-                              f"the {sender.api_type!r} client counts locally: leave out --exact")
+            raise ConfigError(
+                f"--exact needs a client with a token-counting endpoint (api_type anthropic); "
+                f"the {sender.api_type!r} client counts locally: leave out --exact"
+            )
         click.echo(sender.token_count([{"role": "user", "content": text}], model=model).tokens)
         return
     click.echo(count_tokens(text, model or get_config().model))

@@ -29,8 +29,10 @@ def _print_runs(runs: list) -> None:
         return
     for r in runs:
         when = datetime.datetime.fromtimestamp(r.started).strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{r.run_id}  {when}  {r.status:<11}  {','.join(r.prompts)}  versions={','.join(r.versions)}  "
-                   f"models={','.join(r.models)}  {r.passed}/{r.cells} passed, {r.errors} errors")
+        click.echo(
+            f"{r.run_id}  {when}  {r.status:<11}  {','.join(r.prompts)}  versions={','.join(r.versions)}  "
+            f"models={','.join(r.models)}  {r.passed}/{r.cells} passed, {r.errors} errors"
+        )
 
 
 def _compare_runs(a: Any, b: Any) -> list:
@@ -50,7 +52,9 @@ def _compare_runs(a: Any, b: Any) -> list:
         else:
             pairs = [(g, g) for g in side_a if g in side_b]
         for (va, ma), (vb, mb) in pairs:
-            out.append(compare(a.select(prompt=prompt, version=va, model=ma), b.select(prompt=prompt, version=vb, model=mb)))
+            out.append(
+                compare(a.select(prompt=prompt, version=va, model=ma), b.select(prompt=prompt, version=vb, model=mb))
+            )
     if not out:
         raise CLIError(f"runs {a.run_id} and {b.run_id} share no prompt (or no version/model of one) to compare")
     return out
@@ -58,45 +62,120 @@ def _compare_runs(a: Any, b: Any) -> list:
 
 @cli.command("eval")
 @click.argument("names", nargs=-1)
-@click.option("--model", "-m", "models", multiple=True, metavar="MODEL",
-              help="Run the cases on this model of the default client (repeatable: one column each).")
-@click.option("--client", "clients", multiple=True, metavar="NAME[=MODEL]",
-              help="Run the cases on this client (a registered name: openai, ollama, azure, llamacpp, ...), "
-                   "optionally with a model (repeatable).")
-@click.option("--rev", "revs", multiple=True, metavar="GITREV",
-              help="Also evaluate the template as it was at this git revision (read with git show; repeatable).")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Run each cell N times; cases that pass in some runs and fail in others are listed as flaky.")
-@click.option("--threshold", type=_FiniteFloat(min=0, max=1), metavar="RATE",
-              help="Exit 1 when a prompt version x model passes fewer than this share of its cells "
-                   "(default: exit 1 when any cell fails).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per cell on stdout (the table goes to stderr).")
-@click.option("--junit", "junit", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Write JUnit XML: one test case per case x version x model.")
-@click.option("--compare", "compare_ids", nargs=2, metavar="RUN_A RUN_B",
-              help="Compare two stored runs (paired, exact McNemar); nothing is sent.")
+@click.option(
+    "--model",
+    "-m",
+    "models",
+    multiple=True,
+    metavar="MODEL",
+    help="Run the cases on this model of the default client (repeatable: one column each).",
+)
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    metavar="NAME[=MODEL]",
+    help="Run the cases on this client (a registered name: openai, ollama, azure, llamacpp, ...), "
+    "optionally with a model (repeatable).",
+)
+@click.option(
+    "--rev",
+    "revs",
+    multiple=True,
+    metavar="GITREV",
+    help="Also evaluate the template as it was at this git revision (read with git show; repeatable).",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run each cell N times; cases that pass in some runs and fail in others are listed as flaky.",
+)
+@click.option(
+    "--threshold",
+    type=_FiniteFloat(min=0, max=1),
+    metavar="RATE",
+    help="Exit 1 when a prompt version x model passes fewer than this share of its cells "
+    "(default: exit 1 when any cell fails).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per cell on stdout (the table goes to stderr)."
+)
+@click.option(
+    "--junit",
+    "junit",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Write JUnit XML: one test case per case x version x model.",
+)
+@click.option(
+    "--compare",
+    "compare_ids",
+    nargs=2,
+    metavar="RUN_A RUN_B",
+    help="Compare two stored runs (paired, exact McNemar); nothing is sent.",
+)
 @click.option("--show", "show_id", metavar="RUN", help="Report a stored run again (an id, a prefix of one, or 'last').")
 @click.option("--list", "list_runs", is_flag=True, help="List the stored runs, newest first.")
-@click.option("--fresh", is_flag=True, help="Start a new run even if the same matrix was run before "
-                                            "(default: resume it, or report it again when it is complete).")
-@click.option("--concurrency", "-c", type=click.IntRange(min=1), help="Cells in flight at once (default: MAX_CONCURRENT_REQUESTS).")
-@click.option("--max-cost", type=click.FloatRange(min=0), metavar="USD",
-              help="Stop sending once the next call could take this run past USD; rerun to resume.")
-@click.option("--dask", "dask_address", metavar="ADDRESS",
-              help="Run the cells on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N worker "
-                   "processes on 127.0.0.1. Needs the dask extra.")
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Start a new run even if the same matrix was run before "
+    "(default: resume it, or report it again when it is complete).",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    help="Cells in flight at once (default: MAX_CONCURRENT_REQUESTS).",
+)
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    metavar="USD",
+    help="Stop sending once the next call could take this run past USD; rerun to resume.",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    help="Run the cells on a Dask cluster: a scheduler address (tcp://host:8786), or local:N for N worker "
+    "processes on 127.0.0.1. Needs the dask extra.",
+)
 @click.option("--temperature", type=_FiniteFloat(min=0), help="Sampling temperature (over the front matter's).")
-@click.option("--cache/--no-cache", default=None, help="Cache API replies (default: the CACHE_API_CALLS setting). "
-                                                       "With --repeat, --no-cache gives each repeat its own reply.")
+@click.option(
+    "--cache/--no-cache",
+    default=None,
+    help="Cache API replies (default: the CACHE_API_CALLS setting). "
+    "With --repeat, --no-cache gives each repeat its own reply.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress on stderr.")
 @_log_option
 @_prompts_dir_option
 @click.pass_context
-def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], clients: tuple[str, ...],
-          revs: tuple[str, ...], repeat: int, threshold: float | None, as_json: bool, junit: str | None,
-          compare_ids: tuple[str, str] | None, show_id: str | None, list_runs: bool, fresh: bool,
-          concurrency: int | None, max_cost: float | None, dask_address: str | None, temperature: float | None,
-          cache: bool | None, progress: bool, prompts_dirs: tuple[str, ...]) -> None:
+def eval_(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    models: tuple[str, ...],
+    clients: tuple[str, ...],
+    revs: tuple[str, ...],
+    repeat: int,
+    threshold: float | None,
+    as_json: bool,
+    junit: str | None,
+    compare_ids: tuple[str, str] | None,
+    show_id: str | None,
+    list_runs: bool,
+    fresh: bool,
+    concurrency: int | None,
+    max_cost: float | None,
+    dask_address: str | None,
+    temperature: float | None,
+    cache: bool | None,
+    progress: bool,
+    prompts_dirs: tuple[str, ...],
+) -> None:
     """Run the test cases of the prompts NAME... and report how well each version and model passes.
 
     Cases come from NAME.tests.yaml beside the template (or a tests: list in its front matter).
@@ -141,8 +220,10 @@ def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], c
         if not names:
             raise CLIError("name at least one prompt (tinyllm eval NAME), or give --compare, --show or --list")
         if dask_address is not None and (max_cost is not None or cache is not None):
-            raise CLIError("--max-cost and --cache/--no-cache hold in this process only and do not reach Dask workers; "
-                           "set MAX_COST or CACHE_API_CALLS in the workers' environment instead")
+            raise CLIError(
+                "--max-cost and --cache/--no-cache hold in this process only and do not reach Dask workers; "
+                "set MAX_COST or CACHE_API_CALLS in the workers' environment instead"
+            )
         if cache is not None:
             from .. import force_api_cache
 
@@ -162,15 +243,26 @@ def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], c
                     from ..batch._dask import dask_executor
 
                     executor = stack.enter_context(dask_executor(dask_address))[0]
-                report = evaluate(calls, models=list(models) or None, clients=list(clients) or None, revs=list(revs),
-                                  repeat=repeat, prompts_dir=dirs, fresh=fresh, max_cost=max_cost, executor=executor,
-                                  progress=progress and not as_json or progress and sys.stderr.isatty())
+                report = evaluate(
+                    calls,
+                    models=list(models) or None,
+                    clients=list(clients) or None,
+                    revs=list(revs),
+                    repeat=repeat,
+                    prompts_dir=dirs,
+                    fresh=fresh,
+                    max_cost=max_cost,
+                    executor=executor,
+                    progress=progress and not as_json or progress and sys.stderr.isatty(),
+                )
         except KeyboardInterrupt:
             click.echo("interrupted: the finished cells are stored; run the same command again to resume", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         if report.resumed == "complete":
-            click.echo(f"note: this matrix was evaluated before (run {report.run_id}); nothing sent. "
-                       "--fresh runs it again", err=True)
+            click.echo(
+                f"note: this matrix was evaluated before (run {report.run_id}); nothing sent. --fresh runs it again",
+                err=True,
+            )
         elif report.resumed == "resumed":
             click.echo(f"note: resumed run {report.run_id}", err=True)
     summary = report.summary()
@@ -188,17 +280,25 @@ def eval_(ctx: click.Context, names: tuple[str, ...], models: tuple[str, ...], c
             raise CLIError(f"cannot write {junit!r}: {exc.strerror or exc}") from exc
     info = report.info
     if info.status == "interrupted":
-        click.echo(f"run {report.run_id} stopped before its end (budget); run the same command again to go on", err=True)
+        click.echo(
+            f"run {report.run_id} stopped before its end (budget); run the same command again to go on", err=True
+        )
         ctx.exit(EXIT_FAILED)
     if info.status == "incomplete":
-        click.echo(f"some cells of run {report.run_id} failed on the way (API errors); run the same command again "
-                   "to retry them", err=True)
+        click.echo(
+            f"some cells of run {report.run_id} failed on the way (API errors); run the same command again "
+            "to retry them",
+            err=True,
+        )
     if threshold is not None:
         low = [s for s in summary if (s.pass_rate or 0.0) < threshold]
         if low:
             worst = min(low, key=lambda s: s.pass_rate or 0.0)
-            click.echo(f"error: {len(low)} version/model pass rate(s) below {threshold:.0%} (lowest: {worst.prompt} "
-                       f"{worst.version}/{worst.model} at {100 * (worst.pass_rate or 0):.1f}%)", err=True)
+            click.echo(
+                f"error: {len(low)} version/model pass rate(s) below {threshold:.0%} (lowest: {worst.prompt} "
+                f"{worst.version}/{worst.model} at {100 * (worst.pass_rate or 0):.1f}%)",
+                err=True,
+            )
             ctx.exit(EXIT_FAILED)
     elif any(s.passed < s.n for s in summary):
         bad = sum(s.n - s.passed for s in summary)

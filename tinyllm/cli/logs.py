@@ -14,8 +14,12 @@ from ._common import CLIError, EXIT_FAILED, _dumps, _usd, cli
 
 
 def _db_option(f: Callable) -> Callable:
-    return click.option("--db", "db", type=click.Path(dir_okay=False),
-                        help="The call log file (default: the LOG_DB setting, else calls.db in the user's data directory).")(f)
+    return click.option(
+        "--db",
+        "db",
+        type=click.Path(dir_okay=False),
+        help="The call log file (default: the LOG_DB setting, else calls.db in the user's data directory).",
+    )(f)
 
 
 def _open_log(db: str | None) -> tuple[Any, str]:
@@ -29,11 +33,20 @@ def _open_log(db: str | None) -> tuple[Any, str]:
     try:
         return calllog.connect(path), path
     except FileNotFoundError:
-        raise CLIError(f"no call log at {path} yet: calls are logged by `tinyllm call` and `tinyllm map`, "
-                       "and by the library with LOG_CALLS=true", EXIT_FAILED) from None
+        raise CLIError(
+            f"no call log at {path} yet: calls are logged by `tinyllm call` and `tinyllm map`, "
+            "and by the library with LOG_CALLS=true",
+            EXIT_FAILED,
+        ) from None
     except sqlite3.Error as exc:
-        hint = (f"; the file is damaged: the next logged call moves it aside to {path}.damaged-<time> and starts a "
-                f"new log (or move it yourself: mv {path} {path}.damaged)") if calllog.damaged(exc) else ""
+        hint = (
+            (
+                f"; the file is damaged: the next logged call moves it aside to {path}.damaged-<time> and starts a "
+                f"new log (or move it yourself: mv {path} {path}.damaged)"
+            )
+            if calllog.damaged(exc)
+            else ""
+        )
         raise CLIError(f"cannot read the call log {path}: {exc}{hint}", EXIT_FAILED) from exc
 
 
@@ -51,13 +64,18 @@ def _parse_since(ctx: click.Context, param: click.Parameter, value: str | None) 
     try:
         return datetime.fromisoformat(value.strip()).timestamp()
     except ValueError:
-        raise click.BadParameter(f"expected a duration such as 30m, 2h, 7d, or a date such as 2026-11-30, got {value!r}",
-                                 ctx, param) from None
+        raise click.BadParameter(
+            f"expected a duration such as 30m, 2h, 7d, or a date such as 2026-11-30, got {value!r}", ctx, param
+        ) from None
 
 
 def _since_option(f: Callable) -> Callable:
-    return click.option("--since", callback=_parse_since, metavar="WHEN",
-                        help="Only calls since WHEN: 30m, 2h, 7d, 1w ago, or a date/time such as 2026-11-30.")(f)
+    return click.option(
+        "--since",
+        callback=_parse_since,
+        metavar="WHEN",
+        help="Only calls since WHEN: 30m, 2h, 7d, 1w ago, or a date/time such as 2026-11-30.",
+    )(f)
 
 
 def _when(ts: float) -> str:
@@ -78,13 +96,27 @@ def _one_line(text: Any, width: int) -> str:
 @_since_option
 @click.option("--errors", is_flag=True, help="Only failed calls.")
 @click.option("--batch", "batch_id", metavar="ID", help="Only the calls of one map run (its batch id, or its start).")
-@click.option("-q", "text", metavar="QUERY", help="Full-text search (SQLite FTS5 syntax) in templates, variables, "
-                                                  "messages, replies and errors.")
+@click.option(
+    "-q",
+    "text",
+    metavar="QUERY",
+    help="Full-text search (SQLite FTS5 syntax) in templates, variables, messages, replies and errors.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per call and line.")
 @_db_option
 @click.pass_context
-def logs(ctx: click.Context, limit: int, template: str | None, model: str | None, since: float | None, errors: bool,
-         batch_id: str | None, text: str | None, as_json: bool, db: str | None) -> None:
+def logs(
+    ctx: click.Context,
+    limit: int,
+    template: str | None,
+    model: str | None,
+    since: float | None,
+    errors: bool,
+    batch_id: str | None,
+    text: str | None,
+    as_json: bool,
+    db: str | None,
+) -> None:
     """List recent calls from the call log, newest first.
 
     `tinyllm logs show ID` prints one call whole; `tinyllm logs stats` sums calls,
@@ -99,10 +131,13 @@ def logs(ctx: click.Context, limit: int, template: str | None, model: str | None
         return
     conn, path = _open_log(db)
     try:
-        found = calllog.query(conn, limit=limit, template=template, model=model, since=since, errors=errors,
-                              batch_id=batch_id, text=text)
+        found = calllog.query(
+            conn, limit=limit, template=template, model=model, since=since, errors=errors, batch_id=batch_id, text=text
+        )
     except sqlite3.OperationalError as exc:
-        raise CLIError(f"bad search query {text!r}: {exc}" if text else f"cannot read the call log {path}: {exc}") from exc
+        raise CLIError(
+            f"bad search query {text!r}: {exc}" if text else f"cannot read the call log {path}: {exc}"
+        ) from exc
     finally:
         conn.close()
     if as_json:
@@ -114,15 +149,19 @@ def logs(ctx: click.Context, limit: int, template: str | None, model: str | None
         return
     statuses = [rec["error"]["type"] if rec["error"] else ("cached" if rec["cached"] else "ok") for rec in found]
     sw = min(24, max(len("STATUS"), *map(len, statuses)))
-    click.echo(f"{'ID':<22}  {'TIME':<19}  {'TEMPLATE':<16}  {'MODEL':<22}  {'TOKENS':>11}  {'COST':>10}  "
-               f"{'LATENCY':>7}  {'STATUS':<{sw}}  RESPONSE")
+    click.echo(
+        f"{'ID':<22}  {'TIME':<19}  {'TEMPLATE':<16}  {'MODEL':<22}  {'TOKENS':>11}  {'COST':>10}  "
+        f"{'LATENCY':>7}  {'STATUS':<{sw}}  RESPONSE"
+    )
     for rec, status in zip(found, statuses):
         tokens = f"{rec['prompt_tokens'] or 0}+{rec['completion_tokens'] or 0}" if rec["prompt_tokens"] else "-"
         latency = f"{rec['latency']:.2f}s" if rec["latency"] is not None else "-"
         tname = _one_line(rec["template"] and rec["template"].replace(".system.md", ""), 16)
         shown = rec["error"]["message"] if rec["error"] else rec["response"]
-        click.echo(f"{rec['id']:<22}  {_when(rec['ts'])}  {tname or '-':<16}  {_one_line(rec['model'], 22):<22}  "
-                   f"{tokens:>11}  {_usd(rec['cost']):>10}  {latency:>7}  {_one_line(status, sw):<{sw}}  {_one_line(shown, 60)}")
+        click.echo(
+            f"{rec['id']:<22}  {_when(rec['ts'])}  {tname or '-':<16}  {_one_line(rec['model'], 22):<22}  "
+            f"{tokens:>11}  {_usd(rec['cost']):>10}  {latency:>7}  {_one_line(status, sw):<{sw}}  {_one_line(shown, 60)}"
+        )
 
 
 @logs.command("show")
@@ -153,19 +192,46 @@ def logs_show(ctx: click.Context, call_id: str, as_json: bool, db: str | None) -
     endpoint = rec["endpoint"] or {}
     where = endpoint.get("base_url") or endpoint.get("endpoint") or endpoint.get("model_file") or ""
     fields = [
-        ("id", rec["id"]), ("time", _when(rec["ts"])),
-        ("template", " ".join(filter(None, [rec["template"] or "(none)", rec["template_path"] and f"({rec['template_path']})",
-                                            rec["template_hash"] and f"sha256 {rec['template_hash']}"]))),
-        ("model", f"{rec['model']}" + (f" (asked {rec['model_requested']})" if rec["model_requested"] not in (None, rec["model"]) else "")),
+        ("id", rec["id"]),
+        ("time", _when(rec["ts"])),
+        (
+            "template",
+            " ".join(
+                filter(
+                    None,
+                    [
+                        rec["template"] or "(none)",
+                        rec["template_path"] and f"({rec['template_path']})",
+                        rec["template_hash"] and f"sha256 {rec['template_hash']}",
+                    ],
+                )
+            ),
+        ),
+        (
+            "model",
+            f"{rec['model']}"
+            + (f" (asked {rec['model_requested']})" if rec["model_requested"] not in (None, rec["model"]) else ""),
+        ),
         ("backend", f"{rec['api_type']} {where}".strip()),
-        ("params", _dumps(rec["params"])), ("variables", _dumps(rec["variables"])),
-        ("usage", f"{usage_.get('prompt_tokens', 0)} prompt + {usage_.get('completion_tokens', 0)} completion = "
-                  f"{usage_.get('total_tokens', 0)} tokens" if usage_ else "-"),
+        ("params", _dumps(rec["params"])),
+        ("variables", _dumps(rec["variables"])),
+        (
+            "usage",
+            f"{usage_.get('prompt_tokens', 0)} prompt + {usage_.get('completion_tokens', 0)} completion = "
+            f"{usage_.get('total_tokens', 0)} tokens"
+            if usage_
+            else "-",
+        ),
         ("cost", _usd(rec["cost"])),
-        ("latency", (f"{rec['latency']:.3f} s" if rec["latency"] is not None else "-")
-         + (f", first token after {rec['ttft']:.3f} s" if rec["ttft"] is not None else "")),
-        ("cached", "yes" if rec["cached"] else "no"), ("retries", f"{rec['retries']} (output retries: {rec['output_retries']})"),
-        ("finish", rec["finish_reason"] or "-"), ("batch", rec["batch_id"] or "-"),
+        (
+            "latency",
+            (f"{rec['latency']:.3f} s" if rec["latency"] is not None else "-")
+            + (f", first token after {rec['ttft']:.3f} s" if rec["ttft"] is not None else ""),
+        ),
+        ("cached", "yes" if rec["cached"] else "no"),
+        ("retries", f"{rec['retries']} (output retries: {rec['output_retries']})"),
+        ("finish", rec["finish_reason"] or "-"),
+        ("batch", rec["batch_id"] or "-"),
     ]
     if rec["error"]:
         fields.append(("error", f"{rec['error']['type']}: {rec['error']['message']}"))
@@ -193,8 +259,11 @@ def logs_show(ctx: click.Context, call_id: str, as_json: bool, db: str | None) -
 def _echo_round(round_: dict) -> None:
     """One tool round of a row: each call's name and arguments, its duration, its result or error."""
     duration = round_.get("duration")
-    click.echo(f"\n--- tool round {int(round_.get('index') or 0) + 1}"
-               + (f" ({duration:.3f} s)" if isinstance(duration, (int, float)) else "") + " ---")
+    click.echo(
+        f"\n--- tool round {int(round_.get('index') or 0) + 1}"
+        + (f" ({duration:.3f} s)" if isinstance(duration, (int, float)) else "")
+        + " ---"
+    )
     for call in round_.get("calls") or []:
         arguments = call.get("arguments")
         shown = _dumps(arguments) if arguments is not None else call.get("raw_arguments", "")
@@ -214,8 +283,15 @@ def _echo_round(round_: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help='Print {"by_model", "by_template", "by_day", "total"} as JSON.')
 @_db_option
 @click.pass_context
-def logs_stats(ctx: click.Context, since: float | None, template: str | None, model: str | None,
-               batch_id: str | None, as_json: bool, db: str | None) -> None:
+def logs_stats(
+    ctx: click.Context,
+    since: float | None,
+    template: str | None,
+    model: str | None,
+    batch_id: str | None,
+    as_json: bool,
+    db: str | None,
+) -> None:
     """Sum calls, tokens, cost (USD) and errors by model, by template and by day."""
     from ..observe import _calllog as calllog
 
@@ -229,16 +305,28 @@ def logs_stats(ctx: click.Context, since: float | None, template: str | None, mo
         return
     header = ("CALLS", "PROMPT TOK", "COMPL TOK", "COST", "UNPRICED", "ERRORS", "CACHED")
     for group, label in (("by_model", "model"), ("by_template", "template"), ("by_day", "day")):
-        rows = [(str(r[label]), str(r["calls"]), str(r["prompt_tokens"]), str(r["completion_tokens"]),
-                 _usd(r["cost"]) if r["cost"] is not None or not r["unpriced"] else "unknown",
-                 str(r["unpriced"] or 0), str(r["errors"] or 0), str(r["cached"] or 0)) for r in sums[group]]
+        rows = [
+            (
+                str(r[label]),
+                str(r["calls"]),
+                str(r["prompt_tokens"]),
+                str(r["completion_tokens"]),
+                _usd(r["cost"]) if r["cost"] is not None or not r["unpriced"] else "unknown",
+                str(r["unpriced"] or 0),
+                str(r["errors"] or 0),
+                str(r["cached"] or 0),
+            )
+            for r in sums[group]
+        ]
         width = max([len(label)] + [len(r[0]) for r in rows])
         click.echo(f"{label.upper():<{width}}  " + "  ".join(f"{h:>10}" for h in header))
         for r in rows:
             click.echo(f"{r[0]:<{width}}  " + "  ".join(f"{v:>10}" for v in r[1:]))
         click.echo()
     t = sums["total"][0]
-    click.echo(f"total: {t['calls']} calls, {t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens, "
-               f"cost {_usd(t['cost']) if t['cost'] is not None or not t['unpriced'] else 'unknown'}"
-               + (f" (+ {t['unpriced']} call(s) without a price)" if t["unpriced"] and t["cost"] is not None else "")
-               + f", {t['errors'] or 0} errors")
+    click.echo(
+        f"total: {t['calls']} calls, {t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens, "
+        f"cost {_usd(t['cost']) if t['cost'] is not None or not t['unpriced'] else 'unknown'}"
+        + (f" (+ {t['unpriced']} call(s) without a price)" if t["unpriced"] and t["cost"] is not None else "")
+        + f", {t['errors'] or 0} errors"
+    )

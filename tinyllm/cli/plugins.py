@@ -29,7 +29,10 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
     for p in found if not as_json else ():
         package = f"{p.distribution} {p.version}" if p.distribution else "?"
         if p.loaded:
-            adds = ", ".join([*(f"client {c}" for c in p.clients), *(f"tool {t}" for t in p.tools)]) or "nothing registered"
+            adds = (
+                ", ".join([*(f"client {c}" for c in p.clients), *(f"tool {t}" for t in p.tools)])
+                or "nothing registered"
+            )
             click.echo(f"{p.name}\t{package}\t{p.value}\t{adds}")
         else:
             click.echo(f"{p.name}\t{package}\t{p.value}\tFAILED: {p.error}")

@@ -9,7 +9,17 @@ from typing import Any
 import click
 
 from ..errors import TemplateError
-from ._common import CLIError, EXIT_USAGE, _dumps, _prompts_dir_option, _read_text, _resolve, _search_dirs, _short_name, cli
+from ._common import (
+    CLIError,
+    EXIT_USAGE,
+    _dumps,
+    _prompts_dir_option,
+    _read_text,
+    _resolve,
+    _search_dirs,
+    _short_name,
+    cli,
+)
 
 
 @cli.group(invoke_without_command=True)
@@ -32,17 +42,32 @@ def prompts(ctx: click.Context, prompts_dirs: tuple[str, ...], as_json: bool) ->
     found: dict[str, Any] = {**{p.name: p for p in loaded}, **{path.name: exc for path, exc in errors}}
     broken = [exc for _, exc in errors]
     if as_json:
-        click.echo(_dumps([
-            {"name": _short_name(p), "system": str(p.system_path), "user": str(p.user_path) if p.user_path else None,
-             "description": p.description, "variables": sorted(p.variables)}
-            if not isinstance(p, TemplateError) else {"name": name, "error": str(p)}
-            for name, p in found.items()], indent=2))
+        click.echo(
+            _dumps(
+                [
+                    {
+                        "name": _short_name(p),
+                        "system": str(p.system_path),
+                        "user": str(p.user_path) if p.user_path else None,
+                        "description": p.description,
+                        "variables": sorted(p.variables),
+                    }
+                    if not isinstance(p, TemplateError)
+                    else {"name": name, "error": str(p)}
+                    for name, p in found.items()
+                ],
+                indent=2,
+            )
+        )
     elif not found:
         click.echo(f"no templates found; searched: {', '.join(str(d) for d in search_path(dirs))}", err=True)
     else:
-        rows = [(_short_name(p), p.description or "", ", ".join(sorted(p.variables)) or "-")
-                if not isinstance(p, TemplateError) else (name, f"(broken: {' '.join(str(p).split())})", "")
-                for name, p in found.items()]
+        rows = [
+            (_short_name(p), p.description or "", ", ".join(sorted(p.variables)) or "-")
+            if not isinstance(p, TemplateError)
+            else (name, f"(broken: {' '.join(str(p).split())})", "")
+            for name, p in found.items()
+        ]
         width = max(len("NAME"), *(len(r[0]) for r in rows))
         dwidth = max(len("DESCRIPTION"), *(len(r[1]) for r in rows))
         click.echo(f"{'NAME':<{width}}  {'DESCRIPTION':<{dwidth}}  VARIABLES")
@@ -89,8 +114,15 @@ _USER = """{{{{ text }}}}
 
 @cli.command("new")
 @click.argument("name")
-@click.option("--prompts-dir", "directory", default="prompts", show_default=True, metavar="DIR",
-              type=click.Path(file_okay=False), help="Directory to write the pair into (created if missing).")
+@click.option(
+    "--prompts-dir",
+    "directory",
+    default="prompts",
+    show_default=True,
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Directory to write the pair into (created if missing).",
+)
 def new(name: str, directory: str) -> None:
     """Write a new prompt pair: NAME.system.md (with front matter) and NAME.user.md.
 
@@ -106,7 +138,9 @@ def new(name: str, directory: str) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         verb = "exists" if len(existing) == 1 else "exist"
-        raise CLIError(f"{' and '.join(existing)} already {verb}; not overwriting (pick another NAME or delete it)", EXIT_USAGE)
+        raise CLIError(
+            f"{' and '.join(existing)} already {verb}; not overwriting (pick another NAME or delete it)", EXIT_USAGE
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for path, text in paths.items():

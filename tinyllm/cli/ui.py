@@ -8,19 +8,31 @@ from ._common import _log_option, _prompts_dir_option, _search_dirs, _turn_on_lo
 
 
 @cli.command()
-@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="TCP port (0: any free one).")
-@click.option("--host", default=None, metavar="ADDRESS",
-              help="Listen on ADDRESS instead of 127.0.0.1 (e.g. 0.0.0.0); then every request needs the token "
-                   "printed at start (it is in the URL to open).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="TCP port (0: any free one)."
+)
+@click.option(
+    "--host",
+    default=None,
+    metavar="ADDRESS",
+    help="Listen on ADDRESS instead of 127.0.0.1 (e.g. 0.0.0.0); then every request needs the token "
+    "printed at start (it is in the URL to open).",
+)
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default web browser.")
-@click.option("--db", "db", type=click.Path(dir_okay=False), help="The call log file the page shows and its runs are "
-                                                                   "logged to (default: LOG_DB, else calls.db in the "
-                                                                   "user's data directory).")
+@click.option(
+    "--db",
+    "db",
+    type=click.Path(dir_okay=False),
+    help="The call log file the page shows and its runs are "
+    "logged to (default: LOG_DB, else calls.db in the "
+    "user's data directory).",
+)
 @_prompts_dir_option
 @_log_option
 @click.pass_context
-def ui(ctx: click.Context, port: int, host: str | None, open_browser: bool, db: str | None,
-       prompts_dirs: tuple[str, ...]) -> None:
+def ui(
+    ctx: click.Context, port: int, host: str | None, open_browser: bool, db: str | None, prompts_dirs: tuple[str, ...]
+) -> None:
     """Serve the workbench page: edit prompts and see them rendered, run and compare models,
     read evaluations and the call log. Needs `pip install 'tinyllm[ui]'`.
 

@@ -22,8 +22,21 @@ from ..config import Config, get_config
 from ..errors import ConfigError
 from ._base import CallInfo, Capabilities, Client, PlainClient, as_client, last_call_info
 
-__all__ = ["Client", "Capabilities", "PlainClient", "CallInfo", "Registry", "default_registry", "get_client", "client",
-           "register_client", "force_api_type", "detect_api_type", "last_call_info", "as_client"]
+__all__ = [
+    "Client",
+    "Capabilities",
+    "PlainClient",
+    "CallInfo",
+    "Registry",
+    "default_registry",
+    "get_client",
+    "client",
+    "register_client",
+    "force_api_type",
+    "detect_api_type",
+    "last_call_info",
+    "as_client",
+]
 
 
 def _openai() -> Client:
@@ -56,8 +69,13 @@ def _llamacpp() -> Client:
     return LlamaCppClient()
 
 
-_factories: dict[str, Callable[[], Client]] = {"openai": _openai, "ollama": _ollama, "azure": _azure, "llamacpp": _llamacpp,
-                                               "anthropic": _anthropic}
+_factories: dict[str, Callable[[], Client]] = {
+    "openai": _openai,
+    "ollama": _ollama,
+    "azure": _azure,
+    "llamacpp": _llamacpp,
+    "anthropic": _anthropic,
+}
 
 
 class Registry:
@@ -88,8 +106,10 @@ class Registry:
         name = api_type.lower()
         if isinstance(target, type):
             if not issubclass(target, Client):
-                raise ConfigError(f"register_client({api_type!r}, ...) takes a Client subclass, a client object or an "
-                                  f"object with send_message(); {target.__name__} is a class of neither kind")
+                raise ConfigError(
+                    f"register_client({api_type!r}, ...) takes a Client subclass, a client object or an "
+                    f"object with send_message(); {target.__name__} is a class of neither kind"
+                )
             with self._lock:
                 self._clients.pop(name, None)
                 self._classes[name] = target
@@ -142,8 +162,10 @@ class Registry:
             if self._known(api_type):
                 return
         known = sorted(set(_factories) | set(self._clients) | set(self._classes))
-        raise ConfigError(f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own, "
-                          "or install a tinyllm plugin that adds it)")
+        raise ConfigError(
+            f"unknown api_type {api_type!r}; known: {', '.join(known)} (or register_client() your own, "
+            "or install a tinyllm plugin that adds it)"
+        )
 
     def _from_plugins(self, api_type: str) -> None:
         """Load the installed plugins (once per process); a client a plugin registered that this registry

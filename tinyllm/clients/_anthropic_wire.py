@@ -73,13 +73,44 @@ FINISH_REASONS = {
     "refusal": "content_filter",
 }
 #: OpenAI chat parameters that mean nothing to the Messages API (or that it refuses): never sent
-DROPPED_PARAMS = frozenset({
-    "temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty", "seed", "n", "logprobs",
-    "top_logprobs", "logit_bias", "store", "modalities", "audio", "prediction", "stream_options",
-    "reasoning_effort", "verbosity", "response_format", "parallel_tool_calls", "functions", "function_call",
-    "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier", "web_search_options",
-    "max_completion_tokens", "stop", "user", "cache", "tools", "tool_choice", "messages", "stream",
-})
+DROPPED_PARAMS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "frequency_penalty",
+        "presence_penalty",
+        "seed",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "store",
+        "modalities",
+        "audio",
+        "prediction",
+        "stream_options",
+        "reasoning_effort",
+        "verbosity",
+        "response_format",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "safety_identifier",
+        "web_search_options",
+        "max_completion_tokens",
+        "stop",
+        "user",
+        "cache",
+        "tools",
+        "tool_choice",
+        "messages",
+        "stream",
+    }
+)
 #: request options, not body fields
 OPTION_PARAMS = frozenset({"timeout", "extra_headers", "extra_query", "extra_body"})
 _CACHE_PARTS = ("system", "tools", "messages")
@@ -108,10 +139,17 @@ def output_tool(params: dict) -> dict | None:
     if schema.get("type") != "object":  # input_schema must be an object: wrap anything else
         schema = {"type": "object", "properties": {"value": schema}, "required": ["value"]}
         name = str(spec.get("name") or "output")
-        return {"name": name, "description": "Give the answer as this tool's input, under 'value'.",
-                "input_schema": schema, "wrapped": True}
-    return {"name": str(spec.get("name") or "output"),
-            "description": spec.get("description") or "Give the answer as this tool's input.", "input_schema": schema}
+        return {
+            "name": name,
+            "description": "Give the answer as this tool's input, under 'value'.",
+            "input_schema": schema,
+            "wrapped": True,
+        }
+    return {
+        "name": str(spec.get("name") or "output"),
+        "description": spec.get("description") or "Give the answer as this tool's input.",
+        "input_schema": schema,
+    }
 
 
 def _image(part: dict) -> dict:
@@ -279,8 +317,10 @@ def _tool_choice(choice: Any, parallel: Any) -> dict | None:
     elif isinstance(choice, dict) and choice.get("type") in ("auto", "any", "none", "tool"):
         out = dict(choice)  # already Anthropic's
     else:
-        raise _bad(f"tool_choice must be auto, required, none or {{'type': 'function', 'function': {{'name': ...}}}}, "
-                   f"not {choice!r}")
+        raise _bad(
+            f"tool_choice must be auto, required, none or {{'type': 'function', 'function': {{'name': ...}}}}, "
+            f"not {choice!r}"
+        )
     if parallel is False and out is not None and out["type"] != "none":
         out["disable_parallel_tool_use"] = True
     elif parallel is False:
@@ -334,7 +374,9 @@ def request_body(messages: list[dict], params: dict, max_tokens: int) -> tuple[d
     for key, value in params.items():
         if key not in DROPPED_PARAMS and key not in OPTION_PARAMS and key not in body:
             body[key] = value
-    dropped = sorted(k for k in params if k in ("temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty", "seed"))
+    dropped = sorted(
+        k for k in params if k in ("temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty", "seed")
+    )
     if dropped:
         log.debug("not sent to the Messages API (it refuses or ignores them): %s", ", ".join(dropped))
     cache = _cache_parts(params.get("cache"))
@@ -365,8 +407,12 @@ def usage_of(raw: Any) -> dict:
     written = int(raw.get("cache_creation_input_tokens") or 0)
     completion = int(raw.get("output_tokens") or 0)
     prompt = fresh + read + written
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": written}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": read, "cache_creation_tokens": written},
+    }
 
 
 def _unwrap(value: Any, tool: dict) -> str:
@@ -399,9 +445,16 @@ def read_message(reply: Any, out_tool: dict | None = None) -> tuple[dict, dict, 
             if out_tool is not None and block.get("name") == out_tool["name"]:
                 output = _unwrap(block.get("input"), out_tool)
             else:
-                calls.append({"id": block.get("id"), "type": "function",
-                              "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {},
-                                                                                               ensure_ascii=False)}})
+                calls.append(
+                    {
+                        "id": block.get("id"),
+                        "type": "function",
+                        "function": {
+                            "name": block.get("name"),
+                            "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False),
+                        },
+                    }
+                )
     stop = reply.get("stop_reason")
     finish = FINISH_REASONS.get(stop, stop)
     message: dict[str, Any] = {"role": "assistant"}
@@ -464,8 +517,20 @@ class StreamTranslator:
                     return []
                 self._kinds[index] = "tool"
                 n = self._calls[index] = len(self._calls)
-                return [self._chunk({"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
-                                                     "function": {"name": block.get("name"), "arguments": ""}}]})]
+                return [
+                    self._chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": n,
+                                    "id": block.get("id"),
+                                    "type": "function",
+                                    "function": {"name": block.get("name"), "arguments": ""},
+                                }
+                            ]
+                        }
+                    )
+                ]
             self._kinds[index] = "other"  # thinking and server tool blocks: not part of the message
             return []
         if kind == "content_block_delta":
@@ -478,7 +543,9 @@ class StreamTranslator:
                 if what == "output":
                     return [self._chunk({"content": piece})] if piece else []
                 if what == "tool":
-                    return [self._chunk({"tool_calls": [{"index": self._calls[index], "function": {"arguments": piece}}]})]
+                    return [
+                        self._chunk({"tool_calls": [{"index": self._calls[index], "function": {"arguments": piece}}]})
+                    ]
             return []
         if kind == "message_delta":
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if isinstance(v, int)})

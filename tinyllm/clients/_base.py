@@ -44,11 +44,28 @@ from ..limits import _budget as budget  # cost, budgets, spans (tinyllm/budget.p
 from ..observe import _otel as otel
 from ..observe import _pricing as pricing
 from ..config import Config, get_config, redact_url
-from ..errors import APIConnectionError, BadRequestError, CacheValueError, ConfigError, MediaError, ResponseError, TinyLLMError
+from ..errors import (
+    APIConnectionError,
+    BadRequestError,
+    CacheValueError,
+    ConfigError,
+    MediaError,
+    ResponseError,
+    TinyLLMError,
+)
 from ..limits._queue import RequestQueue
 from .._streaming import Accumulator
 
-__all__ = ["Client", "Capabilities", "Reply", "ReplyStream", "AsyncReplyStream", "CallInfo", "last_call_info", "PlainClient"]
+__all__ = [
+    "Client",
+    "Capabilities",
+    "Reply",
+    "ReplyStream",
+    "AsyncReplyStream",
+    "CallInfo",
+    "last_call_info",
+    "PlainClient",
+]
 
 # API parameters whose default is the setting of the same name; a parameter left unset is not sent.
 CONFIG_PARAMS = ("max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty")
@@ -115,7 +132,9 @@ class CallInfo:
 
 
 # (the model asked for, the Reply) of the last request in this thread or task; CallInfo is built when asked for
-_last_call: contextvars.ContextVar[tuple[str, "Reply"] | None] = contextvars.ContextVar("tinyllm_last_call", default=None)
+_last_call: contextvars.ContextVar[tuple[str, "Reply"] | None] = contextvars.ContextVar(
+    "tinyllm_last_call", default=None
+)
 
 
 def last_call_info() -> CallInfo | None:
@@ -192,8 +211,9 @@ def _list_of_dicts(value: Any) -> list | None:
 
 def _stored_choices(value: Any) -> list | None:
     """A stored reply's ``choices`` when each is ``{"index": int, "message": dict, ...}``, else None (choice 0 only)."""
-    if not isinstance(value, list) or not all(isinstance(c, dict) and isinstance(c.get("index"), int)
-                                              and isinstance(c.get("message"), dict) for c in value):
+    if not isinstance(value, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("index"), int) and isinstance(c.get("message"), dict) for c in value
+    ):
         return None
     return value
 
@@ -238,10 +258,13 @@ def _refuse_unsendable(params: dict) -> None:
         if source.get("api_key") is not None:
             raise BadRequestError(
                 "api_key is a client setting, not a request parameter, and was not sent: pass it to the client "
-                "(OpenAIClient(api_key=...)) or set OPENAI_API_KEY (or AZURE_OPENAI_KEY) in the environment or .env")
+                "(OpenAIClient(api_key=...)) or set OPENAI_API_KEY (or AZURE_OPENAI_KEY) in the environment or .env"
+            )
         if source.get("stream"):
-            raise BadRequestError("stream=True is not a request parameter: use LLMCall.stream() / "
-                                  "client.stream_request() to stream (nothing was sent)")
+            raise BadRequestError(
+                "stream=True is not a request parameter: use LLMCall.stream() / "
+                "client.stream_request() to stream (nothing was sent)"
+            )
 
 
 class Client:
@@ -281,8 +304,11 @@ class Client:
         settings = {k: v for k, v in settings.items() if v is not None}
         Config().replace(settings)  # ConfigError now for an unknown name or a bad value
         if api_key is not None and (not self.api_key_secret or not isinstance(api_key, str) or not api_key):
-            raise ConfigError(f"{type(self).__name__} takes no api_key" if not self.api_key_secret
-                              else "api_key must be a non-empty str")
+            raise ConfigError(
+                f"{type(self).__name__} takes no api_key"
+                if not self.api_key_secret
+                else "api_key must be a non-empty str"
+            )
         self._settings = settings
         self._secrets = {self.api_key_secret: api_key} if api_key else {}
         self._cache = cache
@@ -315,8 +341,10 @@ class Client:
                 connections): give ``cache=True`` / a path, or share a cache with REDIS_URL.
         """
         if not (self._cache is None or isinstance(self._cache, (bool, str, os.PathLike))):
-            raise ConfigError(f"a {type(self).__name__} with a cache object ({type(self._cache).__name__}) cannot be sent "
-                              "to another process; give cache=True or a file path, or set REDIS_URL to share a cache")
+            raise ConfigError(
+                f"a {type(self).__name__} with a cache object ({type(self._cache).__name__}) cannot be sent "
+                "to another process; give cache=True or a file path, or set REDIS_URL to share a cache"
+            )
         from ..config import API_KEY_NAMES
 
         keys = {self.api_key_secret, *API_KEY_NAMES}
@@ -359,8 +387,10 @@ class Client:
         if self._secrets:
             merged = dataclasses.replace(merged, secrets={**merged.secrets, **self._secrets})
         if self._key_withheld is not None and not merged.secret(self._key_withheld):
-            raise ConfigError(f"this {type(self).__name__} was given api_key= in the process that pickled it; API keys "
-                              f"are never pickled: set {self._key_withheld} in this process's environment (or .env)")
+            raise ConfigError(
+                f"this {type(self).__name__} was given api_key= in the process that pickled it; API keys "
+                f"are never pickled: set {self._key_withheld} in this process's environment (or .env)"
+            )
         self._memo = (base, merged)
         return merged
 
@@ -388,7 +418,10 @@ class Client:
         if chosen is True or isinstance(chosen, (str, os.PathLike)):
             name = cfg.cache_file_name if chosen is True else os.fspath(chosen)
             backend = cfg.cache_backend if chosen is True else "pickle"  # a path is a pickle file
-            return _open_cache(dataclasses.replace(cfg, cache_api_calls=True, cache_file_name=name, cache_backend=backend), forced=False)
+            return _open_cache(
+                dataclasses.replace(cfg, cache_api_calls=True, cache_file_name=name, cache_backend=backend),
+                forced=False,
+            )
         return chosen
 
     # -- what subclasses provide -------------------------------------------------
@@ -449,7 +482,11 @@ class Client:
             out[name] = getattr(cfg, name)
         out.update(params)
         # a generator (e.g. tools=(t for t in ...)) is read once, here: the cache key and the request see a list
-        out = {k: v if type(v) in _PLAIN or not isinstance(v, Iterator) else list(v) for k, v in out.items() if v is not None}
+        out = {
+            k: v if type(v) in _PLAIN or not isinstance(v, Iterator) else list(v)
+            for k, v in out.items()
+            if v is not None
+        }
         _refuse_unsendable(out)
         out.setdefault("model", self.default_model(cfg))  # model=None means the default, not "no model"
         if not isinstance(out["model"], str) or not out["model"]:
@@ -468,7 +505,9 @@ class Client:
 
         missing = sorted(k for k in kinds_in(messages) if not getattr(self.capabilities, k, True))
         if missing:
-            raise MediaError(f"the {self.api_type!r} client takes no {' or '.join(missing)}: {self.media_refusal(missing)}")
+            raise MediaError(
+                f"the {self.api_type!r} client takes no {' or '.join(missing)}: {self.media_refusal(missing)}"
+            )
 
     def media_refusal(self, missing: list[str]) -> str:
         """Why this client takes none of ``missing`` and what to do instead (for :meth:`check_media`'s error)."""
@@ -509,10 +548,20 @@ class Client:
         usage.record(calls=1, cached_calls=1)
         hit_usage = dict(hit.get("usage") or {})
         cost = pricing.reply_cost(self, req.cfg, hit_usage, hit.get("model"), req.model, cached=True)  # cost
-        return self._reply(req, hit["message"], hit_usage, {"model": hit.get("model"), "finish_reason": hit.get("finish_reason"),
-                                                            "logprobs": _list_of_dicts(hit.get("logprobs")),
-                                                            "choices": _stored_choices(hit.get("choices"))},
-                           cached=True, prompt_tokens=int(hit_usage.get("prompt_tokens") or 0), cost=cost)  # the cache hands out copies
+        return self._reply(
+            req,
+            hit["message"],
+            hit_usage,
+            {
+                "model": hit.get("model"),
+                "finish_reason": hit.get("finish_reason"),
+                "logprobs": _list_of_dicts(hit.get("logprobs")),
+                "choices": _stored_choices(hit.get("choices")),
+            },
+            cached=True,
+            prompt_tokens=int(hit_usage.get("prompt_tokens") or 0),
+            cost=cost,
+        )  # the cache hands out copies
 
     def _finish(self, req: _Request, result: tuple) -> Reply:
         message, reply_usage = result[0], result[1]
@@ -523,8 +572,14 @@ class Client:
         cost = budget.charge(self, req.cfg, reply_usage, info.get("model"), req.model)  # cost: priced, spent
         usage.record_reply(reply_usage, cost, req.model)  # counted (the process budget's spending; the longest reply)
         if req.cache is not None and req.key is not None and (req.accept is None or req.accept(message)):
-            _store(req.cache, req.key, {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}})
-        return self._reply(req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost)
+            _store(
+                req.cache,
+                req.key,
+                {"message": message, "usage": reply_usage, **{k: v for k, v in info.items() if v is not None}},
+            )
+        return self._reply(
+            req, message, dict(reply_usage), info, cached=False, prompt_tokens=req.prompt_tokens, cost=cost
+        )
 
     def _check_usage(self, req: _Request, reply_usage: Any) -> None:
         """Refuse token counts no reply can have before they are counted or charged: negative, a prompt or
@@ -547,20 +602,49 @@ class Client:
         for name, most in (("prompt_tokens", bound), ("completion_tokens", bound), ("total_tokens", 2 * bound)):
             value = reply_usage.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= most:
-                what = (f"{most // window} times the context window of {req.model} ({window} tokens)"
-                        if window else f"{most} tokens")
-                raise ResponseError(f"the server reported {name}={value}, which no reply can have (more than {what}, "
-                                    "or below 0); the usage was not counted or charged", raw=reply_usage)
+                what = (
+                    f"{most // window} times the context window of {req.model} ({window} tokens)"
+                    if window
+                    else f"{most} tokens"
+                )
+                raise ResponseError(
+                    f"the server reported {name}={value}, which no reply can have (more than {what}, "
+                    "or below 0); the usage was not counted or charged",
+                    raw=reply_usage,
+                )
 
-    def _reply(self, req: _Request, message: dict, reply_usage: dict, info: dict, *, cached: bool, prompt_tokens: int,
-               cost: float | None = None) -> Reply:
-        reply = Reply(message, reply_usage, info.get("model") or req.model, info.get("finish_reason"), cached,
-                      time.perf_counter() - req.started, req.retries, prompt_tokens, self.api_type, cost, self,
-                      logprobs=info.get("logprobs"), choices=info.get("choices"))
+    def _reply(
+        self,
+        req: _Request,
+        message: dict,
+        reply_usage: dict,
+        info: dict,
+        *,
+        cached: bool,
+        prompt_tokens: int,
+        cost: float | None = None,
+    ) -> Reply:
+        reply = Reply(
+            message,
+            reply_usage,
+            info.get("model") or req.model,
+            info.get("finish_reason"),
+            cached,
+            time.perf_counter() - req.started,
+            req.retries,
+            prompt_tokens,
+            self.api_type,
+            cost,
+            self,
+            logprobs=info.get("logprobs"),
+            choices=info.get("choices"),
+        )
         _last_call.set((req.model, reply))
         return reply
 
-    def send_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
+    def send_message(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> dict:
         """Send chat ``messages`` and return the reply's message dict (``request(...).message``).
 
         Args:
@@ -587,7 +671,9 @@ class Client:
         """
         return self.request(messages, accept=accept, **params).message
 
-    async def asend_message(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> dict:
+    async def asend_message(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> dict:
         """The asyncio twin of :meth:`send_message`: same cache, queue, retries and errors."""
         return (await self.arequest(messages, accept=accept, **params)).message
 
@@ -609,6 +695,7 @@ class Client:
                 with self.queue.lease(cfg, req.rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
                     return otel.attempt(req.model, n, self._chat, req.messages, self._attempt_params(req, n), cfg)
         else:  # the same, without the parts that would do nothing
+
             def attempt(n: int) -> tuple:
                 return self._chat(req.messages, self._attempt_params(req, n), cfg)
 
@@ -617,7 +704,9 @@ class Client:
                 result = self.retrying(cfg).call(attempt)
             return self._finish(req, result)
 
-    async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
+    async def arequest(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> Reply:
         """The asyncio twin of :meth:`request`."""
         req = self._prepare(messages, params, accept)
         hit = self._lookup(req)
@@ -629,10 +718,13 @@ class Client:
             scope = self._scope(req)
 
             async def attempt(n: int) -> tuple:
-                async with self.queue.alease(cfg, req.rate_tokens, scope):  # cluster-wide limits: one slot per HTTP attempt
+                async with self.queue.alease(
+                    cfg, req.rate_tokens, scope
+                ):  # cluster-wide limits: one slot per HTTP attempt
                     with otel.attempt_span(req.model, n):  # otel: one span per HTTP attempt
                         return await self._achat(req.messages, self._attempt_params(req, n), cfg)
         else:  # the same, without the parts that would do nothing
+
             async def attempt(n: int) -> tuple:
                 return await self._achat(req.messages, self._attempt_params(req, n), cfg)
 
@@ -665,7 +757,9 @@ class Client:
         """The asyncio twin of :meth:`_chat_stream`; by default the sync stream, read in a worker thread."""
         return _in_thread(lambda: self._chat_stream(messages, params, cfg))
 
-    def stream_request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> "ReplyStream":
+    def stream_request(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> "ReplyStream":
         """Send chat ``messages`` as a streamed request: iterate the result for text deltas (str);
         its ``reply`` is the complete :class:`Reply` once the iteration ends.
 
@@ -678,7 +772,9 @@ class Client:
         req = self._prepare(messages, _without_stream(params), accept)
         return ReplyStream(self, req, self._lookup(req))
 
-    def astream_request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> "AsyncReplyStream":
+    def astream_request(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> "AsyncReplyStream":
         """The asyncio twin of :meth:`stream_request` (``async for delta in ...``)."""
         req = self._prepare(messages, _without_stream(params), accept)
         return AsyncReplyStream(self, req, self._lookup(req))
@@ -690,14 +786,33 @@ class Client:
         if req.params.get("max_tokens", req.params.get("max_completion_tokens")) is None:
             # TPM reserved only the prompt: count the completion now that it is known
             completion = (reply_usage or {}).get("completion_tokens")
-            self.queue.count_tokens(req.cfg, completion if isinstance(completion, int) else
-                                    (tokens.count_tokens(acc.text, req.model) if acc.text else 0))
+            self.queue.count_tokens(
+                req.cfg,
+                completion
+                if isinstance(completion, int)
+                else (tokens.count_tokens(acc.text, req.model) if acc.text else 0),
+            )
         if reply_usage is None:
             completion = tokens.count_tokens(acc.text, req.model) if acc.text else 0
-            reply_usage = {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion,
-                           "total_tokens": req.prompt_tokens + completion, "counted_locally": True}
-        return self._finish(req, (message, reply_usage, {"model": acc.model, "finish_reason": acc.finish_reason,
-                                                          "logprobs": acc.logprobs, "choices": acc.choices()}))
+            reply_usage = {
+                "prompt_tokens": req.prompt_tokens,
+                "completion_tokens": completion,
+                "total_tokens": req.prompt_tokens + completion,
+                "counted_locally": True,
+            }
+        return self._finish(
+            req,
+            (
+                message,
+                reply_usage,
+                {
+                    "model": acc.model,
+                    "finish_reason": acc.finish_reason,
+                    "logprobs": acc.logprobs,
+                    "choices": acc.choices(),
+                },
+            ),
+        )
 
     # -- embeddings ----------------------------------------------------------------
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
@@ -723,9 +838,15 @@ class Client:
         model = model or self.default_embedding_model(cfg)
         cache = self.cache(cfg)
         endpoint = self.embedding_endpoint(cfg, model)
-        keys = [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
+        keys = (
+            [cache_mod.cache_key(endpoint, model, [{"embedding": t}], {}) for t in texts] if cache is not None else []
+        )
         get_many = getattr(cache, "get_many", None)  # RedisCache: one round trip for all
-        out: list[list[float] | None] = (get_many(keys) if get_many is not None else [cache.get(k) for k in keys]) if cache is not None else [None] * len(texts)
+        out: list[list[float] | None] = (
+            (get_many(keys) if get_many is not None else [cache.get(k) for k in keys])
+            if cache is not None
+            else [None] * len(texts)
+        )
         for i, v in enumerate(out):
             if v is not None and (problem := _cached_vector_problem(v)) is not None:
                 log.warning("cache entry %s is not a stored embedding (%s); treated as a miss", keys[i], problem)
@@ -746,7 +867,11 @@ class Client:
                 vectors, reply_usage = self.retrying(cfg).call(attempt)
             if len(vectors) != len(batch):
                 raise ResponseError(f"asked for {len(batch)} embeddings, got {len(vectors)}", raw=None)
-            usage.record(calls=1, prompt_tokens=int(reply_usage.get("prompt_tokens") or 0), total_tokens=int(reply_usage.get("total_tokens") or 0))
+            usage.record(
+                calls=1,
+                prompt_tokens=int(reply_usage.get("prompt_tokens") or 0),
+                total_tokens=int(reply_usage.get("total_tokens") or 0),
+            )
             for i, vector in zip(missing, vectors):
                 out[i] = vector
                 if cache is not None:
@@ -764,7 +889,9 @@ def _open_cache(cfg: Config, forced: bool = True) -> Any:
     try:
         return cache_mod.active_cache(cfg, forced=forced)
     except OSError as exc:
-        raise ConfigError(f"cannot open the cache file: {exc}; fix CACHE_FILE_NAME or set CACHE_API_CALLS=false") from exc
+        raise ConfigError(
+            f"cannot open the cache file: {exc}; fix CACHE_FILE_NAME or set CACHE_API_CALLS=false"
+        ) from exc
 
 
 def _cached_reply_problem(hit: Any) -> str | None:
@@ -784,9 +911,16 @@ def _cached_reply_problem(hit: Any) -> str | None:
     if message.get("refusal") is not None and not isinstance(message["refusal"], str):
         return "its refusal is not text"
     calls = message.get("tool_calls")
-    if calls is not None and not (isinstance(calls, list) and all(
-            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
-            and isinstance(c["function"].get("arguments", ""), str) for c in calls)):
+    if calls is not None and not (
+        isinstance(calls, list)
+        and all(
+            isinstance(c, dict)
+            and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", ""), str)
+            for c in calls
+        )
+    ):
         return "its tool_calls are malformed"
     usage_ = hit.get("usage")
     if usage_ is not None:
@@ -795,8 +929,13 @@ def _cached_reply_problem(hit: Any) -> str | None:
         for name, value in usage_.items():
             if name.endswith("_tokens") and value is not None and not (type(value) is int and value >= 0):
                 return f"its usage.{name} is not a token count"
-            if name.endswith("_details") and value is not None and not (isinstance(value, dict) and all(
-                    v is None or type(v) is int and v >= 0 for v in value.values())):
+            if (
+                name.endswith("_details")
+                and value is not None
+                and not (
+                    isinstance(value, dict) and all(v is None or type(v) is int and v >= 0 for v in value.values())
+                )
+            ):
                 return f"its usage.{name} is not an object of token counts"
     for name in ("model", "finish_reason"):
         if hit.get(name) is not None and not isinstance(hit[name], str):
@@ -847,7 +986,9 @@ class PlainClient(Client):
         self.check_media(messages)
         return self._wrap(self.target.send_message(messages, **params), params, started)
 
-    async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
+    async def arequest(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> Reply:
         """``target.asend_message`` if it has one, else ``send_message`` in a worker thread."""
         started = time.perf_counter()
         self.check_media(messages)
@@ -859,8 +1000,14 @@ class PlainClient(Client):
     def _wrap(self, message: Any, params: dict, started: float) -> Reply:
         if not isinstance(message, dict) or "role" not in message:
             raise ResponseError(f"the client returned {type(message).__name__}, not a message dict", raw=message)
-        return Reply(message=message, usage={}, model=str(params.get("model") or ""), latency=time.perf_counter() - started,
-                     api_type=self.api_type, client=self)
+        return Reply(
+            message=message,
+            usage={},
+            model=str(params.get("model") or ""),
+            latency=time.perf_counter() - started,
+            api_type=self.api_type,
+            client=self,
+        )
 
     def get_embeddings(self, texts: list[str], model: str | None = None) -> list[list[float]]:
         """``target.get_embeddings``; ConfigError when the object has none."""
@@ -884,7 +1031,9 @@ def as_client(target: Any, api_type: str = "plain") -> Client:
     if isinstance(target, Client):
         return target
     if not callable(getattr(target, "send_message", None)):
-        raise ConfigError(f"a client must have a send_message(messages, **params) method; {type(target).__name__} has none")
+        raise ConfigError(
+            f"a client must have a send_message(messages, **params) method; {type(target).__name__} has none"
+        )
     return PlainClient(target, api_type)
 
 
@@ -996,8 +1145,6 @@ class AsyncReplyStream:
         self._state.release()
 
 
-
-
 def _stream(client: Client, req: _Request, state: _StreamState) -> Iterator[str]:
     """The generator behind :class:`ReplyStream` (it refers to the state, never to the stream)."""
     if state.reply is not None:  # a cache hit: the stored text at once
@@ -1008,7 +1155,9 @@ def _stream(client: Client, req: _Request, state: _StreamState) -> Iterator[str]
     acc = Accumulator()
     with contextlib.ExitStack() as stack:
         stack.callback(state.release)  # last: after the connection is closed
-        state.releases.append(budget.reserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
+        state.releases.append(
+            budget.reserve(client, req)
+        )  # budget: refused before sending when MAX_COST could be exceeded
         state.releases.append(client.queue.acquire(req.cfg, req.rate_tokens))
 
         def open_(n: int) -> tuple[contextlib.ExitStack, Iterator[dict], dict]:
@@ -1053,7 +1202,9 @@ async def _astream(client: Client, req: _Request, state: _StreamState) -> AsyncI
     acc = Accumulator()
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(state.release)  # last: after the connection is closed
-        state.releases.append(await budget.areserve(client, req))  # budget: refused before sending when MAX_COST could be exceeded
+        state.releases.append(
+            await budget.areserve(client, req)
+        )  # budget: refused before sending when MAX_COST could be exceeded
         state.releases.append(await client.queue.aacquire(req.cfg, req.rate_tokens))
 
         async def open_(n: int) -> tuple[contextlib.AsyncExitStack, AsyncIterator[dict], dict]:

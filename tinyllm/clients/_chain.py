@@ -37,8 +37,12 @@ from ._base import Capabilities, Client, Reply, as_client
 __all__ = ["ALLOWED_FAILS", "COOLDOWN", "FALLBACK_ERRORS", "Attempt", "FallbackChain", "Fallbacks", "check_fallbacks"]
 
 #: the errors that move a request to the next client (APITimeoutError is an APIConnectionError)
-FALLBACK_ERRORS: tuple[type[BaseException], ...] = (RateLimitError, ServerError, APIConnectionError,
-                                                   ContextWindowExceededError)
+FALLBACK_ERRORS: tuple[type[BaseException], ...] = (
+    RateLimitError,
+    ServerError,
+    APIConnectionError,
+    ContextWindowExceededError,
+)
 #: seconds a failing client is skipped (LiteLLM's Router: ``cooldown_time``; its default is 5 s, per
 #: deployment attempt; here a failure comes after the client's own retries, so it weighs more)
 COOLDOWN = 30.0
@@ -70,9 +74,16 @@ class Attempt:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: api_type, model, error ``{"type", "message"}`` or None, latency, time, skipped."""
-        return {"api_type": self.api_type, "model": self.model, "latency": self.latency, "time": self.time,
-                "skipped": self.skipped,
-                "error": {"type": type(self.error).__name__, "message": str(self.error)} if self.error is not None else None}
+        return {
+            "api_type": self.api_type,
+            "model": self.model,
+            "latency": self.latency,
+            "time": self.time,
+            "skipped": self.skipped,
+            "error": {"type": type(self.error).__name__, "message": str(self.error)}
+            if self.error is not None
+            else None,
+        }
 
 
 @dataclass
@@ -121,8 +132,14 @@ class FallbackChain(Client):
 
     api_type = "fallbacks"
 
-    def __init__(self, primary: Any, *fallbacks: Any, cooldown: float = COOLDOWN, allowed_fails: int = ALLOWED_FAILS,
-                 fallback_on: Iterable[type[BaseException]] = FALLBACK_ERRORS) -> None:
+    def __init__(
+        self,
+        primary: Any,
+        *fallbacks: Any,
+        cooldown: float = COOLDOWN,
+        allowed_fails: int = ALLOWED_FAILS,
+        fallback_on: Iterable[type[BaseException]] = FALLBACK_ERRORS,
+    ) -> None:
         if cooldown < 0 or allowed_fails < 0:
             raise ConfigError("cooldown and allowed_fails must be >= 0")
         first = _entry(primary, None, primary=True)
@@ -134,8 +151,9 @@ class FallbackChain(Client):
         self.queue = first.client.queue
         self._lock = threading.Lock()
         caps = [e.client.capabilities for e in self.entries]
-        self.capabilities = Capabilities(**{name: all(getattr(c, name) for c in caps)
-                                            for name in Capabilities.__dataclass_fields__})
+        self.capabilities = Capabilities(
+            **{name: all(getattr(c, name) for c in caps) for name in Capabilities.__dataclass_fields__}
+        )
 
     def __repr__(self) -> str:
         return f"<FallbackChain {' -> '.join(e.label() for e in self.entries)}>"
@@ -231,7 +249,9 @@ class FallbackChain(Client):
                 e.failures.clear()
                 e.cool_until = 0.0
 
-    def _attempt(self, entry: _Entry, exc: BaseException | None, started: float, params: dict, skipped: bool = False) -> Attempt:
+    def _attempt(
+        self, entry: _Entry, exc: BaseException | None, started: float, params: dict, skipped: bool = False
+    ) -> Attempt:
         latency = time.perf_counter() - started
         try:  # the model the client asked for (its own default when the params name none)
             model = entry.client.resolve_params(params, entry.client.settings()).get("model")
@@ -278,7 +298,9 @@ class FallbackChain(Client):
             return _answered(reply, entry, attempts)
         raise AssertionError("unreachable")
 
-    async def arequest(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> Reply:
+    async def arequest(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> Reply:
         """The asyncio twin of :meth:`request`."""
         order, attempts = self._plan()
         for i, entry in enumerate(order):
@@ -299,12 +321,16 @@ class FallbackChain(Client):
             return _answered(reply, entry, attempts)
         raise AssertionError("unreachable")
 
-    def stream_request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> _ChainStream:
+    def stream_request(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> _ChainStream:
         """A streamed request that moves to the next client when one fails before its first text delta
         (after that, the error is raised with ``.partial`` as for any stream)."""
         return _ChainStream(self, messages, accept, params)
 
-    def astream_request(self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any) -> _ChainStream:
+    def astream_request(
+        self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
+    ) -> _ChainStream:
         """The asyncio twin of :meth:`stream_request`."""
         return _ChainStream(self, messages, accept, params)
 

@@ -80,8 +80,11 @@ def variant(messages: list[dict], params: dict, level: int) -> tuple[list[dict],
         params["response_format"] = {"type": "json_object", **({"schema": schema} if schema is not None else {})}
     elif level == PLAIN:
         del params["response_format"]
-        note = ("Reply with only a JSON value that matches this JSON schema, and nothing else:\n" + json.dumps(schema)
-                if schema is not None else "Reply with only a JSON object, and nothing else.")
+        note = (
+            "Reply with only a JSON value that matches this JSON schema, and nothing else:\n" + json.dumps(schema)
+            if schema is not None
+            else "Reply with only a JSON object, and nothing else."
+        )
         messages = _with_note(messages, note)
     return list(messages), params
 
@@ -115,11 +118,11 @@ class FormatFallback:
             if self._levels.get(endpoint, JSON_SCHEMA) >= level:
                 return
             self._levels[endpoint] = level
-        log.warning("%s refused a structured-output request (%s); sending %s from now on",
-                    endpoint, error, _NAMES[level])
+        log.warning(
+            "%s refused a structured-output request (%s); sending %s from now on", endpoint, error, _NAMES[level]
+        )
 
-    def send(self, endpoint: str, messages: list[dict], params: dict,
-             send: Callable[[list[dict], dict], Any]) -> Any:
+    def send(self, endpoint: str, messages: list[dict], params: dict, send: Callable[[list[dict], dict], Any]) -> Any:
         """``send(messages, params)``, falling back to lower levels on errors :func:`format_refused` accepts.
 
         Returns what ``send`` returns. Raises the last level's error, or any other
@@ -143,8 +146,9 @@ class FormatFallback:
             return result
         raise AssertionError("unreachable")
 
-    async def asend(self, endpoint: str, messages: list[dict], params: dict,
-                    send: Callable[[list[dict], dict], Awaitable[Any]]) -> Any:
+    async def asend(
+        self, endpoint: str, messages: list[dict], params: dict, send: Callable[[list[dict], dict], Awaitable[Any]]
+    ) -> Any:
         """The asyncio twin of :meth:`send` (``send`` returns an awaitable)."""
         levels = self._plan(endpoint, params)
         if not levels:

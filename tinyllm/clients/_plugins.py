@@ -68,8 +68,16 @@ class Plugin:
 
     def as_dict(self) -> dict[str, Any]:
         """The record as JSON-ready data."""
-        return {"name": self.name, "value": self.value, "distribution": self.distribution, "version": self.version,
-                "loaded": self.loaded, "error": self.error, "clients": list(self.clients), "tools": list(self.tools)}
+        return {
+            "name": self.name,
+            "value": self.value,
+            "distribution": self.distribution,
+            "version": self.version,
+            "loaded": self.loaded,
+            "error": self.error,
+            "clients": list(self.clients),
+            "tools": list(self.tools),
+        }
 
 
 _lock = threading.RLock()  # re-entrant: a plugin's import may ask for a client, which asks for the plugins
@@ -134,8 +142,9 @@ def _load(ep: Any) -> Plugin:
         record.loaded = True
     record.clients = sorted(set(default_registry.registered()) - clients_before)
     with default_registry._lock:
-        record._targets = {name: default_registry._clients.get(name) or default_registry._classes.get(name)
-                           for name in record.clients}
+        record._targets = {
+            name: default_registry._clients.get(name) or default_registry._classes.get(name) for name in record.clients
+        }
     record.tools = sorted(set(tool_registry.names()) - tools_before)
     return record
 

@@ -70,7 +70,12 @@ def extract_message(response: Any) -> tuple[dict, dict]:
     if not isinstance(response, dict):
         raise ResponseError(f"reply is not a JSON object: {str(response)[:200]!r}", raw=response)
     choices = response.get("choices") or []
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
+    if (
+        not isinstance(choices, list)
+        or not choices
+        or not isinstance(choices[0], dict)
+        or not isinstance(choices[0].get("message"), dict)
+    ):
         raise ResponseError("reply has no choices", raw=response)
     message = _message(choices[0]["message"], response)
     stopped = choices[0].get("finish_reason") in ("length", "content_filter")  # no content yet: the call layer says why
@@ -110,8 +115,12 @@ def extract_reply(response: Any) -> tuple[dict, dict, dict]:
     message, usage = extract_message(response)
     choice = response["choices"][0]
     model, finish = response.get("model"), choice.get("finish_reason")
-    info = {"model": model if isinstance(model, str) and model else None,
-            "finish_reason": finish if isinstance(finish, str) else None, "logprobs": _logprobs(choice), "choices": None}
+    info = {
+        "model": model if isinstance(model, str) and model else None,
+        "finish_reason": finish if isinstance(finish, str) else None,
+        "logprobs": _logprobs(choice),
+        "choices": None,
+    }
     if len(response["choices"]) > 1:
         info["choices"] = _choices(response)
     return message, usage, info
@@ -124,6 +133,12 @@ def _choices(response: dict) -> list[dict]:
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             raise _malformed(f"choices[{i}] has no message", response)
         index, finish = choice.get("index", i), choice.get("finish_reason")
-        out.append({"index": index if isinstance(index, int) else i, "message": _message(choice["message"], response),
-                    "finish_reason": finish if isinstance(finish, str) else None, "logprobs": _logprobs(choice)})
+        out.append(
+            {
+                "index": index if isinstance(index, int) else i,
+                "message": _message(choice["message"], response),
+                "finish_reason": finish if isinstance(finish, str) else None,
+                "logprobs": _logprobs(choice),
+            }
+        )
     return sorted(out, key=lambda c: c["index"])

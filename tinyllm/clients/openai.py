@@ -56,7 +56,9 @@ _STATUS_ERRORS: dict[int, type[APIError]] = {
 }
 
 
-def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: float | None = None, where: str = "") -> TinyLLMError:
+def map_error(
+    exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: float | None = None, where: str = ""
+) -> TinyLLMError:
     """Translate an openai SDK (or httpx/JSON) exception into the tinyllm error tree.
 
     Status codes: 400/422 and other 4xx -> BadRequestError (``context_length_exceeded``
@@ -71,25 +73,43 @@ def map_error(exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: flo
     if isinstance(exc, TinyLLMError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
-        return APITimeoutError(f"no response from {where or 'the server'} within {timeout:g} s" if timeout else "request timed out")
+        return APITimeoutError(
+            f"no response from {where or 'the server'} within {timeout:g} s" if timeout else "request timed out"
+        )
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
-        return APIConnectionError(redact(f"could not reach {where or 'the server'}: {type(cause).__name__}: {cause}", secrets))
+        return APIConnectionError(
+            redact(f"could not reach {where or 'the server'}: {type(cause).__name__}: {cause}", secrets)
+        )
     if isinstance(exc, openai.APIStatusError):
         headers = dict(exc.response.headers.items()) if exc.response is not None else {}
-        return status_error(exc.status_code, exc.body, request_id=exc.request_id, headers=headers,
-                            fallback=exc.message, secrets=secrets)
-    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, RecursionError)):  # RecursionError: JSON nested too deeply
-        return ResponseError(redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+        return status_error(
+            exc.status_code, exc.body, request_id=exc.request_id, headers=headers, fallback=exc.message, secrets=secrets
+        )
+    if isinstance(
+        exc, (openai.APIResponseValidationError, json.JSONDecodeError, RecursionError)
+    ):  # RecursionError: JSON nested too deeply
+        return ResponseError(
+            redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets)
+        )
     if isinstance(exc, (TypeError, ValueError)):  # raised while building or encoding the request: nothing was sent
         return BadRequestError(redact(f"cannot send this request: {type(exc).__name__}: {exc}", secrets))
     if isinstance(exc, openai.OpenAIError):
         return APIError(redact(str(exc), secrets))
-    return TinyLLMError(redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets))
+    return TinyLLMError(
+        redact(f"unexpected failure talking to {where or 'the server'}: {type(exc).__name__}: {exc}", secrets)
+    )
 
 
-def status_error(code: int, body: Any, *, request_id: str | None = None, headers: dict | None = None,
-                 fallback: str | None = None, secrets: tuple[str, ...] = ()) -> APIError:
+def status_error(
+    code: int,
+    body: Any,
+    *,
+    request_id: str | None = None,
+    headers: dict | None = None,
+    fallback: str | None = None,
+    secrets: tuple[str, ...] = (),
+) -> APIError:
     """The tinyllm error for an HTTP error answer: status ``code`` and its decoded JSON ``body`` (an
     OpenAI-style ``{"error": {"message", "code", ...}}`` or anything else), as :func:`map_error` maps
     them; also used for the per-request errors of a Batch API error file. API keys are scrubbed
@@ -103,8 +123,9 @@ def status_error(code: int, body: Any, *, request_id: str | None = None, headers
     kwargs = dict(status_code=code, request_id=request_id, body=body, response_headers=headers)
     if err_code == "context_length_exceeded":
         return ContextWindowExceededError(message, **kwargs)
-    cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else APIStatusError if code == 408 or code < 400
-                                       else BadRequestError)
+    cls = _STATUS_ERRORS.get(code) or (
+        ServerError if code >= 500 else APIStatusError if code == 408 or code < 400 else BadRequestError
+    )
     return cls(message, **kwargs)
 
 
@@ -120,8 +141,6 @@ def _scrub_chain(exc: BaseException | None) -> None:
         if request is not None and hasattr(request, "headers"):
             scrub_credentials(request)
         exc = exc.__cause__ or exc.__context__
-
-
 
 
 async def _close_at_loop_shutdown(sdk: Any) -> Any:
@@ -154,12 +173,23 @@ class OpenAIClient(Client):
     """
 
     api_type = "openai"
-    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True,
-                                images=True, audio=True, files=True)
+    capabilities = Capabilities(
+        json_schema=True,
+        json_grammar=False,
+        grammar=False,
+        tools=True,
+        streaming=True,
+        embeddings=True,
+        images=True,
+        audio=True,
+        files=True,
+    )
     api_key_secret = "OPENAI_API_KEY"
     preset_base_url: str | None = None
 
-    def __init__(self, *, base_url: str | None = None, api_key: str | None = None, cache: Any = None, **settings: Any) -> None:
+    def __init__(
+        self, *, base_url: str | None = None, api_key: str | None = None, cache: Any = None, **settings: Any
+    ) -> None:
         super().__init__(api_key=api_key, cache=cache, base_url=base_url, **settings)
         self._inherited: list[Any] = []
         self._fresh_sdks()
@@ -225,14 +255,21 @@ class OpenAIClient(Client):
         here the sent requests the exception chain keeps lose their credential headers.
         """
         _scrub_chain(exc)
-        return map_error(exc, secrets=self._keys(cfg), timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg)))
+        return map_error(
+            exc, secrets=self._keys(cfg), timeout=timeout or cfg.timeout, where=redact_url(self.where(cfg))
+        )
 
     def _make_sdk(self, cfg: Config, is_async: bool) -> Any:
         import openai
 
         cls = openai.AsyncOpenAI if is_async else openai.OpenAI
-        return cls(api_key=self._api_key(cfg), base_url=self.base_url(cfg), max_retries=0, timeout=cfg.timeout,
-                   http_client=http_client(is_async))
+        return cls(
+            api_key=self._api_key(cfg),
+            base_url=self.base_url(cfg),
+            max_retries=0,
+            timeout=cfg.timeout,
+            http_client=http_client(is_async),
+        )
 
     def _sdk_key(self, cfg: Config) -> tuple:
         return (self.base_url(cfg), self._api_key(cfg))
@@ -279,8 +316,10 @@ class OpenAIClient(Client):
         as-is; its retries (off), headers, auth and Azure deployment routing apply.
         """
         if isinstance(params.get("response_format"), type):  # what create() would refuse too
-            raise BadRequestError("response_format must be a dict such as {\"type\": \"json_object\"}; "
-                                  "for a pydantic model use LLMCall(..., output_type=Model)")
+            raise BadRequestError(
+                'response_format must be a dict such as {"type": "json_object"}; '
+                "for a pydantic model use LLMCall(..., output_type=Model)"
+            )
         body = {k: v for k, v in params.items() if k not in _NOT_SENT}
         body["messages"] = messages
         body.update(params.get("extra_body") or {})
@@ -304,15 +343,18 @@ class OpenAIClient(Client):
         json_object with the schema, then without response_format (never through the retry loop)."""
         if not structured(params):  # the usual request: nothing to fall back from
             return self._chat_once(messages, params, cfg)
-        return self._formats.send(self._format_endpoint(cfg, params), messages, params,
-                                  lambda m, p: self._chat_once(m, p, cfg))
+        return self._formats.send(
+            self._format_endpoint(cfg, params), messages, params, lambda m, p: self._chat_once(m, p, cfg)
+        )
 
     async def _achat(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
         """The asyncio twin of :meth:`_chat`."""
         if not structured(params):
             return await self._achat_once(messages, params, cfg)
-        return await self._formats.asend(self._format_endpoint(cfg, params), messages, params,
-                                         lambda m, p: self._achat_once(m, p, cfg))
+        return await self._formats.asend(
+            self._format_endpoint(cfg, params), messages, params, lambda m, p: self._achat_once(m, p, cfg)
+        )
+
     # -- end of the structured-output fallback --------------------------------------------
 
     def _chat_once(self, messages: list[dict], params: dict, cfg: Config) -> tuple[dict, ...]:
@@ -411,5 +453,14 @@ class OllamaClient(OpenAIClient):
     preset_base_url = "http://localhost:11434/v1"
     # Ollama's OpenAI-compatible API: structured output (json_schema) since 0.5, tools, streaming, /v1/embeddings,
     # images (image_url parts, for vision models); no input_audio or file parts
-    capabilities = Capabilities(json_schema=True, json_grammar=False, grammar=False, tools=True, streaming=True, embeddings=True,
-                                images=True, audio=False, files=False)
+    capabilities = Capabilities(
+        json_schema=True,
+        json_grammar=False,
+        grammar=False,
+        tools=True,
+        streaming=True,
+        embeddings=True,
+        images=True,
+        audio=False,
+        files=False,
+    )

@@ -40,11 +40,25 @@ __all__ = [
     "write_junit",
 ]
 
-_WHERE = {"evaluate": "._run", "list_runs": "._store", "load_run": "._store", "compare": "._store",
-          "EvalReport": "._store", "EvalRow": "._model", "AssertionResult": "._model", "CellSummary": "._model",
-          "Comparison": "._model", "RunInfo": "._model", "Case": "._cases", "Assertion": "._assertions",
-          "parse_assertion": "._assertions", "table": "._report", "json_lines": "._report",
-          "write_junit": "._report", "check": "._pytest"}
+_WHERE = {
+    "evaluate": "._run",
+    "list_runs": "._store",
+    "load_run": "._store",
+    "compare": "._store",
+    "EvalReport": "._store",
+    "EvalRow": "._model",
+    "AssertionResult": "._model",
+    "CellSummary": "._model",
+    "Comparison": "._model",
+    "RunInfo": "._model",
+    "Case": "._cases",
+    "Assertion": "._assertions",
+    "parse_assertion": "._assertions",
+    "table": "._report",
+    "json_lines": "._report",
+    "write_junit": "._report",
+    "check": "._pytest",
+}
 
 
 def __getattr__(name: str) -> Any:

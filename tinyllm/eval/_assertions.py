@@ -50,11 +50,44 @@ from ._model import AssertionResult
 
 __all__ = ["TYPES", "Assertion", "Reply", "parse_assertion"]
 
-TYPES = ("equals", "contains", "icontains", "contains-any", "contains-all", "icontains-any", "icontains-all",
-         "starts-with", "regex", "is-json", "json-schema", "output-type", "python", "cost", "latency",
-         "finish-reason", "tool-called", "similar", "llm-rubric")
-_NEEDS_VALUE = {"equals", "contains", "icontains", "contains-any", "contains-all", "icontains-any", "icontains-all",
-                "starts-with", "regex", "json-schema", "python", "finish-reason", "tool-called", "similar", "llm-rubric"}
+TYPES = (
+    "equals",
+    "contains",
+    "icontains",
+    "contains-any",
+    "contains-all",
+    "icontains-any",
+    "icontains-all",
+    "starts-with",
+    "regex",
+    "is-json",
+    "json-schema",
+    "output-type",
+    "python",
+    "cost",
+    "latency",
+    "finish-reason",
+    "tool-called",
+    "similar",
+    "llm-rubric",
+)
+_NEEDS_VALUE = {
+    "equals",
+    "contains",
+    "icontains",
+    "contains-any",
+    "contains-all",
+    "icontains-any",
+    "icontains-all",
+    "starts-with",
+    "regex",
+    "json-schema",
+    "python",
+    "finish-reason",
+    "tool-called",
+    "similar",
+    "llm-rubric",
+}
 _NEEDS_THRESHOLD = {"cost", "latency"}
 _KEYS = ("type", "value", "threshold", "weight")
 DEFAULT_SIMILAR = 0.8  # cosine similarity `similar` needs when no threshold is given (promptfoo's default)
@@ -170,8 +203,10 @@ def parse_assertion(spec: Any, where: str) -> Assertion:
     for key in spec:
         if key not in _KEYS:
             close = difflib.get_close_matches(str(key), _KEYS, n=1)
-            raise ConfigError(f"{where}: unknown assertion key {key!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                                           f"; known: {', '.join(_KEYS)}"))
+            raise ConfigError(
+                f"{where}: unknown assertion key {key!r}"
+                + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(_KEYS)}")
+            )
     name = spec.get("type")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: the assertion has no 'type' (one of {', '.join(TYPES)})")
@@ -186,11 +221,17 @@ def parse_assertion(spec: Any, where: str) -> Assertion:
     if kind in _NEEDS_VALUE and value is None:
         raise ConfigError(f"{where}: the {name} assertion needs a 'value'")
     threshold = spec.get("threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not math.isfinite(threshold) or threshold < 0):
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not math.isfinite(threshold)
+        or threshold < 0
+    ):
         raise ConfigError(f"{where}: 'threshold' must be a number >= 0, not {threshold!r}")
     if kind in _NEEDS_THRESHOLD and threshold is None:
-        raise ConfigError(f"{where}: the {name} assertion needs a 'threshold' ({'USD' if kind == 'cost' else 'seconds'})")
+        raise ConfigError(
+            f"{where}: the {name} assertion needs a 'threshold' ({'USD' if kind == 'cost' else 'seconds'})"
+        )
     weight = spec.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ConfigError(f"{where}: 'weight' must be a number >= 0, not {weight!r}")
@@ -200,8 +241,15 @@ def parse_assertion(spec: Any, where: str) -> Assertion:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not templated and not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
             raise ConfigError(f"{where}: the {name} assertion's value is a list of strings")
-    elif kind in ("contains", "icontains", "starts-with", "regex", "finish-reason", "similar", "llm-rubric") and \
-            not isinstance(value, str):
+    elif kind in (
+        "contains",
+        "icontains",
+        "starts-with",
+        "regex",
+        "finish-reason",
+        "similar",
+        "llm-rubric",
+    ) and not isinstance(value, str):
         raise ConfigError(f"{where}: the {name} assertion's value must be a string, not {value!r}")
     if kind == "regex" and not templated:
         try:
@@ -217,9 +265,17 @@ def parse_assertion(spec: Any, where: str) -> Assertion:
             validators.validator_for(value).check_schema(value)
         except SchemaError as exc:
             raise ConfigError(f"{where}: the JSON schema of {name} is invalid: {exc.message}") from exc
-    if kind == "tool-called" and not (isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("name"), str)
-                                                                 and isinstance(value.get("arguments", {}), dict))):
-        raise ConfigError(f"{where}: the tool-called assertion's value is a tool name or {{name: ..., arguments: {{...}}}}")
+    if kind == "tool-called" and not (
+        isinstance(value, str)
+        or (
+            isinstance(value, dict)
+            and isinstance(value.get("name"), str)
+            and isinstance(value.get("arguments", {}), dict)
+        )
+    ):
+        raise ConfigError(
+            f"{where}: the tool-called assertion's value is a tool name or {{name: ..., arguments: {{...}}}}"
+        )
     if kind == "python":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: the python assertion's value is 'module:function'")
@@ -251,7 +307,9 @@ def _text(reply: Reply) -> str:
 
 def _equals(a: Assertion, expected: Any, reply: Reply) -> Result:
     if not reply.parsed:
-        return _yes(False, f"the reply did not parse as the output type ({reply.parse_error}); expected {_short(expected)}")
+        return _yes(
+            False, f"the reply did not parse as the output type ({reply.parse_error}); expected {_short(expected)}"
+        )
     actual = reply.value
     if hasattr(actual, "model_dump"):
         actual = actual.model_dump(mode="json")
@@ -279,8 +337,11 @@ def _contains_many(a: Assertion, value: Any, reply: Reply) -> Result:
     if a.kind.endswith("-any"):
         return _yes(bool(found), f"{_short(text)} contains any of {items}" + (f" (found {found})" if found else ""))
     missing = [v for v in items if v not in found]
-    return bool(not missing), len(found) / len(items) if items else 1.0, \
-        f"{_short(text)} contains all of {items}" + (f" (missing {missing})" if missing else "")
+    return (
+        bool(not missing),
+        len(found) / len(items) if items else 1.0,
+        f"{_short(text)} contains all of {items}" + (f" (missing {missing})" if missing else ""),
+    )
 
 
 def _starts_with(a: Assertion, value: Any, reply: Reply) -> Result:
@@ -338,8 +399,12 @@ def _json_schema(a: Assertion, schema: Any, reply: Reply) -> Result:
 
 
 def _output_type(a: Assertion, value: Any, reply: Reply) -> Result:
-    return _yes(reply.parsed, "the reply parsed as the output type" if reply.parsed else
-                f"the reply did not parse as the output type: {reply.parse_error}")
+    return _yes(
+        reply.parsed,
+        "the reply parsed as the output type"
+        if reply.parsed
+        else f"the reply did not parse as the output type: {reply.parse_error}",
+    )
 
 
 def _python(a: Assertion, value: Any, reply: Reply) -> Result:
@@ -360,8 +425,10 @@ def _python(a: Assertion, value: Any, reply: Reply) -> Result:
         return _yes(got, f"{value} returned {got}")
     if isinstance(got, (int, float)) and math.isfinite(got) and 0 <= got <= 1:
         return got >= threshold, float(got), f"{value} scored {got:.3g} (needs {threshold:g})"
-    raise ConfigError(f"{a.where}: {value} must return a bool, a score in [0, 1], (bool, reason) or "
-                      f"{{pass, score, reason}}; it returned {got!r}")
+    raise ConfigError(
+        f"{a.where}: {value} must return a bool, a score in [0, 1], (bool, reason) or "
+        f"{{pass, score, reason}}; it returned {got!r}"
+    )
 
 
 def _cost(a: Assertion, value: Any, reply: Reply) -> Result:
@@ -408,7 +475,9 @@ def _tool_called(a: Assertion, value: Any, reply: Reply) -> Result:
         if got_name == name and all(isinstance(args, dict) and args.get(k) == v for k, v in wanted.items()):
             return _yes(True, f"called {name}({json.dumps(args, ensure_ascii=False, default=str)})")
     seen = ", ".join(f"{n}({json.dumps(x, ensure_ascii=False, default=str)})" for n, x in calls) or "no tool"
-    return _yes(False, f"expected a call of {name}" + (f" with {wanted}" if wanted else "") + f"; the model called {seen}")
+    return _yes(
+        False, f"expected a call of {name}" + (f" with {wanted}" if wanted else "") + f"; the model called {seen}"
+    )
 
 
 def _similar(a: Assertion, value: Any, reply: Reply) -> Result:
@@ -434,9 +503,23 @@ def _rubric(a: Assertion, rubric: Any, reply: Reply) -> Result:
 
 
 _CHECKS: dict[str, Callable[[Assertion, Any, Reply], Result]] = {
-    "equals": _equals, "contains": _contains, "icontains": _contains, "contains-any": _contains_many,
-    "contains-all": _contains_many, "icontains-any": _contains_many, "icontains-all": _contains_many,
-    "starts-with": _starts_with, "regex": _regex, "is-json": _is_json, "json-schema": _json_schema,
-    "output-type": _output_type, "python": _python, "cost": _cost, "latency": _latency,
-    "finish-reason": _finish_reason, "tool-called": _tool_called, "similar": _similar, "llm-rubric": _rubric,
+    "equals": _equals,
+    "contains": _contains,
+    "icontains": _contains,
+    "contains-any": _contains_many,
+    "contains-all": _contains_many,
+    "icontains-any": _contains_many,
+    "icontains-all": _contains_many,
+    "starts-with": _starts_with,
+    "regex": _regex,
+    "is-json": _is_json,
+    "json-schema": _json_schema,
+    "output-type": _output_type,
+    "python": _python,
+    "cost": _cost,
+    "latency": _latency,
+    "finish-reason": _finish_reason,
+    "tool-called": _tool_called,
+    "similar": _similar,
+    "llm-rubric": _rubric,
 }

@@ -79,7 +79,9 @@ class CaseSource:
 
         fmt = "csv" if self.dataset.lower().endswith(".csv") else "jsonl"
         for row_id, row in read_rows(self.dataset, self.dataset_shown or self.dataset, fmt, "id"):
-            yield Case(f"{self.base_id}:{row_id}", {**self.vars, **row}, self.assertions, self.description, self.threshold)
+            yield Case(
+                f"{self.base_id}:{row_id}", {**self.vars, **row}, self.assertions, self.description, self.threshold
+            )
 
 
 def tests_file_for(prompt: Any, prompts_dir: Any = None) -> Path | None:
@@ -123,19 +125,27 @@ def _load_file(path: Path) -> list[tuple[int, Any]]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or exc
-        raise InputFileError(f"{shown}: {'line ' + str(line) + ': ' if line else ''}invalid YAML: {problem}",
-                             path=shown, line=line) from exc
+        raise InputFileError(
+            f"{shown}: {'line ' + str(line) + ': ' if line else ''}invalid YAML: {problem}", path=shown, line=line
+        ) from exc
     if node is None:
         return []
     if isinstance(node, yaml.MappingNode):
         items = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
         if "tests" not in items:
-            raise InputFileError(f"{shown}: line {node.start_mark.line + 1}: a tests file is a list of cases "
-                                 "(or a mapping with a 'tests:' list)", path=shown, line=node.start_mark.line + 1)
+            raise InputFileError(
+                f"{shown}: line {node.start_mark.line + 1}: a tests file is a list of cases "
+                "(or a mapping with a 'tests:' list)",
+                path=shown,
+                line=node.start_mark.line + 1,
+            )
         node = items["tests"]
     if not isinstance(node, yaml.SequenceNode):
-        raise InputFileError(f"{shown}: line {node.start_mark.line + 1}: expected a list of cases ('- vars: ...')",
-                             path=shown, line=node.start_mark.line + 1)
+        raise InputFileError(
+            f"{shown}: line {node.start_mark.line + 1}: expected a list of cases ('- vars: ...')",
+            path=shown,
+            line=node.start_mark.line + 1,
+        )
     out = []
     for item in node.value:
         loader = loader_cls("")
@@ -160,8 +170,10 @@ def _source(entry: Any, base_id: str, where: str, folder: Path | None, path: str
     for key in entry:
         if key not in CASE_KEYS:
             close = difflib.get_close_matches(str(key), CASE_KEYS, n=1)
-            raise bad(f"unknown case key {key!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                     f"; known: {', '.join(CASE_KEYS)}"))
+            raise bad(
+                f"unknown case key {key!r}"
+                + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(CASE_KEYS)}")
+            )
     variables = entry.get("vars") or {}
     if not isinstance(variables, dict) or not all(isinstance(k, str) for k in variables):
         raise bad("'vars' must be a mapping of variable names to values")
@@ -180,8 +192,9 @@ def _source(entry: Any, base_id: str, where: str, folder: Path | None, path: str
     if description is not None and not isinstance(description, str):
         raise bad("'description' must be a string")
     threshold = entry.get("threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not 0 <= threshold <= 1):
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1
+    ):
         raise bad(f"'threshold' must be a number in [0, 1], not {threshold!r}")
     case_id = entry.get("id")
     if case_id is not None and not isinstance(case_id, (str, int)):
@@ -200,11 +213,22 @@ def _source(entry: Any, base_id: str, where: str, folder: Path | None, path: str
         found, shown = str(hit.resolve()), str(hit)
     if not assertions:
         raise bad("the case checks nothing: give 'expected:' or an 'assert:' list")
-    return CaseSource(str(case_id) if case_id is not None else base_id, where, dict(variables), tuple(assertions),
-                      description, None if threshold is None else float(threshold), found, shown, case_id is not None)
+    return CaseSource(
+        str(case_id) if case_id is not None else base_id,
+        where,
+        dict(variables),
+        tuple(assertions),
+        description,
+        None if threshold is None else float(threshold),
+        found,
+        shown,
+        case_id is not None,
+    )
 
 
-def case_sources(short_name: str, prompt: Any, tests_file: Path | None, given: Iterable[Any] | None = None) -> list[CaseSource]:
+def case_sources(
+    short_name: str, prompt: Any, tests_file: Path | None, given: Iterable[Any] | None = None
+) -> list[CaseSource]:
     """The case entries of a prompt: ``given`` (dicts as in a tests file, or :class:`Case`) when not None,
     else the front matter's ``tests:`` then the tests file's.
 
@@ -215,8 +239,17 @@ def case_sources(short_name: str, prompt: Any, tests_file: Path | None, given: I
     if given is not None:
         for i, entry in enumerate(given, 1):
             if isinstance(entry, Case):
-                out.append(CaseSource(entry.id, f"case {entry.id!r}", dict(entry.vars), tuple(entry.assertions),
-                                      entry.description, entry.threshold, explicit_id=True))
+                out.append(
+                    CaseSource(
+                        entry.id,
+                        f"case {entry.id!r}",
+                        dict(entry.vars),
+                        tuple(entry.assertions),
+                        entry.description,
+                        entry.threshold,
+                        explicit_id=True,
+                    )
+                )
             else:
                 out.append(_source(entry, f"{short_name}#{i}", f"cases[{i - 1}]", None, "", None))
     else:
@@ -228,8 +261,16 @@ def case_sources(short_name: str, prompt: Any, tests_file: Path | None, given: I
                 raise InputFileError(f"{origin}: front matter 'tests' must be a list of cases", path=origin)
             for i, entry in enumerate(front):
                 n += 1
-                out.append(_source(entry, f"{short_name}#{n}", f"{origin}, front matter tests[{i}]",
-                                   prompt.system_path.parent, origin, None))
+                out.append(
+                    _source(
+                        entry,
+                        f"{short_name}#{n}",
+                        f"{origin}, front matter tests[{i}]",
+                        prompt.system_path.parent,
+                        origin,
+                        None,
+                    )
+                )
         if tests_file is not None:
             shown = str(tests_file)
             for line, entry in _load_file(tests_file):
@@ -238,7 +279,8 @@ def case_sources(short_name: str, prompt: Any, tests_file: Path | None, given: I
     ids: dict[str, str] = {}
     for src in out:
         if src.base_id in ids:
-            raise InputFileError(f"{src.where}: the case id {src.base_id!r} is already used at {ids[src.base_id]}",
-                                 path=src.where)
+            raise InputFileError(
+                f"{src.where}: the case id {src.base_id!r} is already used at {ids[src.base_id]}", path=src.where
+            )
         ids[src.base_id] = src.where
     return out

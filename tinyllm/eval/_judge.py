@@ -51,9 +51,13 @@ class Judge:
             verdict = self.call.call(rubric=rubric, output=output, vars=variables)
         except OutputParseError as exc:
             raise OutputParseError(f"the judge's reply cannot be read as a verdict: {exc}", raw=exc.raw) from exc
-        if not isinstance(verdict, dict) or not isinstance(verdict.get("pass"), bool) or \
-                isinstance(verdict.get("score"), bool) or not isinstance(verdict.get("score"), (int, float)) or \
-                not 0 <= verdict["score"] <= 1:
+        if (
+            not isinstance(verdict, dict)
+            or not isinstance(verdict.get("pass"), bool)
+            or isinstance(verdict.get("score"), bool)
+            or not isinstance(verdict.get("score"), (int, float))
+            or not 0 <= verdict["score"] <= 1
+        ):
             raise OutputParseError(f"the judge's reply is not a verdict {{pass, score in [0, 1], reason}}: {verdict!r}")
         return {"pass": verdict["pass"], "score": float(verdict["score"]), "reason": str(verdict.get("reason", ""))}
 
@@ -71,8 +75,10 @@ def judge_for(client: Any = None, model: str | None = None) -> Judge:
     client = client if client is not None else cfg.judge_api_type
     model = model if model is not None else cfg.judge_model
     if client is None and model is None:
-        raise ConfigError("an llm-rubric assertion needs a judge: set JUDGE_MODEL (and JUDGE_API_TYPE for another "
-                          "client), e.g. TINYLLM_JUDGE_MODEL=gpt-4o, or pass judge=/judge_model= to evaluate(); nothing was sent")
+        raise ConfigError(
+            "an llm-rubric assertion needs a judge: set JUDGE_MODEL (and JUDGE_API_TYPE for another "
+            "client), e.g. TINYLLM_JUDGE_MODEL=gpt-4o, or pass judge=/judge_model= to evaluate(); nothing was sent"
+        )
     if isinstance(client, str):
         get_client(client)  # ConfigError now for an unknown or unconfigured client
     return Judge(client, model)

@@ -44,8 +44,10 @@ def _clip(text: str | None, limit: int = 160) -> str:
 
 def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
     def line(r):
         return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
@@ -55,10 +57,21 @@ def table(report: EvalReport, summary: list[CellSummary] | None = None, *, failu
     to ``failures`` failing cells, each with its output and the assertions that failed."""
     summary = report.summary() if summary is None else summary
     header = ["prompt", "version", "model", "pass rate [95% CI]", "passed", "errors", "cost", "p50", "p95", "tokens"]
-    rows = [[s.prompt, s.version, s.model,
-             f"{_pct(s.pass_rate)} [{_pct(s.ci_low)}, {_pct(s.ci_high)}]" if s.n else "-",
-             f"{s.passed}/{s.n}", str(s.errors), _usd(s.cost) + (f" +{s.unpriced} unpriced" if s.unpriced and s.cost else ""),
-             _sec(s.p50_latency), _sec(s.p95_latency), str(s.tokens)] for s in summary]
+    rows = [
+        [
+            s.prompt,
+            s.version,
+            s.model,
+            f"{_pct(s.pass_rate)} [{_pct(s.ci_low)}, {_pct(s.ci_high)}]" if s.n else "-",
+            f"{s.passed}/{s.n}",
+            str(s.errors),
+            _usd(s.cost) + (f" +{s.unpriced} unpriced" if s.unpriced and s.cost else ""),
+            _sec(s.p50_latency),
+            _sec(s.p95_latency),
+            str(s.tokens),
+        ]
+        for s in summary
+    ]
     out = [f"run {report.run_id}", *_grid(header, rows)]
     for s in summary:
         if s.flaky:
@@ -77,7 +90,9 @@ def table(report: EvalReport, summary: list[CellSummary] | None = None, *, failu
         if shown_failures == 0:
             out.append("")
         shown_failures += 1
-        head = f"{row.status.upper()} {row.prompt} {row.case_id}" + (f" ({row.case_description})" if row.case_description else "")
+        head = f"{row.status.upper()} {row.prompt} {row.case_id}" + (
+            f" ({row.case_description})" if row.case_description else ""
+        )
         out.append(f"{head} [{row.version}/{row.model}, repeat {row.repeat}]")
         if row.error:
             out.append(f"    error: {row.error}")
@@ -100,9 +115,11 @@ def _by_group(report: EvalReport) -> Iterator[EvalRow]:
     (within a group that is case by case, each case's repeats together)."""
     where, args = report._where("r")
     with report._conn() as conn:
-        query = ("SELECT r.* FROM eval_rows r JOIN (SELECT prompt, version, model, min(seq) AS gseq FROM eval_rows "
-                 "WHERE run_id = ? GROUP BY 1, 2, 3) g ON g.prompt = r.prompt AND g.version = r.version "
-                 f"AND g.model = r.model WHERE {where} ORDER BY g.gseq, r.seq")
+        query = (
+            "SELECT r.* FROM eval_rows r JOIN (SELECT prompt, version, model, min(seq) AS gseq FROM eval_rows "
+            "WHERE run_id = ? GROUP BY 1, 2, 3) g ON g.prompt = r.prompt AND g.version = r.version "
+            f"AND g.model = r.model WHERE {where} ORDER BY g.gseq, r.seq"
+        )
         for r in conn.execute(query, [report.run_id, *args]):
             yield _row_of(r)
 
@@ -137,8 +154,10 @@ def write_junit(report: EvalReport, file: str | os.PathLike[str] | IO[str]) -> N
         failures = sum(c[1] for c in cases_of.values())
         errors = sum(c[2] for c in cases_of.values())
         f.write('<?xml version="1.0" encoding="UTF-8"?>\n')
-        f.write(f"<testsuites name={quoteattr('tinyllm eval ' + report.run_id)} tests=\"{tests}\" "
-                f"failures=\"{failures}\" errors=\"{errors}\">\n")
+        f.write(
+            f'<testsuites name={quoteattr("tinyllm eval " + report.run_id)} tests="{tests}" '
+            f'failures="{failures}" errors="{errors}">\n'
+        )
         open_key: tuple | None = None
         pending: list[EvalRow] = []
 
@@ -148,16 +167,20 @@ def write_junit(report: EvalReport, file: str | os.PathLike[str] | IO[str]) -> N
             first = rows[0]
             name = first.case_id + (f" ({first.case_description})" if first.case_description else "")
             seconds = sum(r.latency or 0.0 for r in rows)
-            f.write(f"    <testcase classname={quoteattr(f'{first.prompt}.{first.version}.{first.model}')} "
-                    f"name={quoteattr(name)} time=\"{seconds:.3f}\">\n")
+            f.write(
+                f"    <testcase classname={quoteattr(f'{first.prompt}.{first.version}.{first.model}')} "
+                f'name={quoteattr(name)} time="{seconds:.3f}">\n'
+            )
             bad_errors = [r for r in rows if r.passed is None]
             bad = [r for r in rows if r.passed is False]
             if bad_errors:
                 msg = "; ".join(f"repeat {r.repeat}: {r.error}" for r in bad_errors)
                 f.write(f"      <error message={quoteattr(msg)}>{escape(_details(bad_errors))}</error>\n")
             elif bad:
-                msg = "; ".join(f"repeat {r.repeat}: " + ", ".join(f"{a.type}: {a.reason}" for a in r.failed_assertions())
-                                for r in bad)
+                msg = "; ".join(
+                    f"repeat {r.repeat}: " + ", ".join(f"{a.type}: {a.reason}" for a in r.failed_assertions())
+                    for r in bad
+                )
                 f.write(f"      <failure message={quoteattr(msg)}>{escape(_details(bad))}</failure>\n")
             f.write("    </testcase>\n")
 
@@ -171,8 +194,10 @@ def write_junit(report: EvalReport, file: str | os.PathLike[str] | IO[str]) -> N
                 open_key = key
                 counts = cases_of.get(key, [0, 0, 0])
                 s = summary.get(key)
-                f.write(f"  <testsuite name={quoteattr('.'.join(key))} tests=\"{counts[0]}\" failures=\"{counts[1]}\" "
-                        f"errors=\"{counts[2]}\" time=\"{(s.p50_latency or 0) * (s.n if s else 0):.3f}\">\n")
+                f.write(
+                    f'  <testsuite name={quoteattr(".".join(key))} tests="{counts[0]}" failures="{counts[1]}" '
+                    f'errors="{counts[2]}" time="{(s.p50_latency or 0) * (s.n if s else 0):.3f}">\n'
+                )
             if pending and pending[0].case_id != row.case_id:
                 flush_case(pending)
                 pending = []

@@ -45,6 +45,7 @@ from ._store import EvalReport, Store, db_path
 
 __all__ = ["WORKING", "Target", "Version", "evaluate"]
 
+
 @dataclass
 class Target:
     """Where cells are sent: ``label`` for the report; ``api_type`` (a registered client name) or
@@ -97,8 +98,9 @@ class _Cells:
     where each cell runs with ``run_id`` as its call-log batch id instead (a context does not travel).
     """
 
-    def __init__(self, plans: list[_PromptPlan], targets: list[Target], judge: Any, context: Any,
-                 run_id: str | None = None) -> None:
+    def __init__(
+        self, plans: list[_PromptPlan], targets: list[Target], judge: Any, context: Any, run_id: str | None = None
+    ) -> None:
         self.plans, self.targets, self.judge, self.context, self.run_id = plans, targets, judge, context, run_id
 
     def __getstate__(self) -> dict:
@@ -130,16 +132,28 @@ class _Cells:
         plan, target = self.plans[pi], self.targets[ti]
         version = plan.versions[vi]
         llm, prompt = plan.llm, version.prompt
-        row = EvalRow(prompt=plan.name, version=version.label, model=target.label, case_id=case.id,
-                      case_description=case.description, repeat=repeat, vars=case.vars)
+        row = EvalRow(
+            prompt=plan.name,
+            version=version.label,
+            model=target.label,
+            case_id=case.id,
+            case_description=case.description,
+            repeat=repeat,
+            vars=case.vars,
+        )
         response = None
         try:
             sender = self._sender(plan, target)
             params = {**llm.model_params, **({"model": target.model} if target.model else {})}
             output_type, params, retries = plan_output(prompt, sender, llm.output_type, llm.output_retries, params)
             messages = prompt.render(case.vars)
-            tools = None if llm.tools is None and not prompt.tools else plan_tools(
-                llm.tools, prompt.tools, llm.system_template_name, sender, params, max_rounds=llm.max_tool_rounds)
+            tools = (
+                None
+                if llm.tools is None and not prompt.tools
+                else plan_tools(
+                    llm.tools, prompt.tools, llm.system_template_name, sender, params, max_rounds=llm.max_tool_rounds
+                )
+            )
             response = Response(messages, template=llm.system_template_name, variables=dict(case.vars), prompt=prompt)
             parsed, parse_error = True, None
             try:
@@ -150,8 +164,16 @@ class _Cells:
                 parsed, parse_error = False, str(exc)
                 response.latency = response.latency or _elapsed(response)
             self._fill(row, response)
-            reply = Reply(row.output, response.value if parsed else None, parsed, parse_error, case.vars, response,
-                          sender, self.judge)
+            reply = Reply(
+                row.output,
+                response.value if parsed else None,
+                parsed,
+                parse_error,
+                case.vars,
+                response,
+                sender,
+                self.judge,
+            )
             self._grade(row, case, reply, output_type is not None)
         except _GRADED_ERRORS as exc:
             self._error(row, exc, response)
@@ -194,12 +216,17 @@ class _Cells:
     def _grade(row: EvalRow, case: Case, reply: Reply, typed: bool) -> None:
         results = [a.check(reply) for a in case.assertions]
         if typed and not reply.parsed and not any(a.kind == "output-type" for a in case.assertions):
-            results.append(AssertionResult("output-type", False, 0.0,
-                                           f"the reply did not parse as the output type: {reply.parse_error}"))
+            results.append(
+                AssertionResult(
+                    "output-type", False, 0.0, f"the reply did not parse as the output type: {reply.parse_error}"
+                )
+            )
         row.value = reply.value
         row.assertions = results
         weight = sum(r.weight for r in results)
-        row.score = sum(r.weight * r.score for r in results) / weight if weight else float(all(r.passed for r in results))
+        row.score = (
+            sum(r.weight * r.score for r in results) / weight if weight else float(all(r.passed for r in results))
+        )
         if case.threshold is not None:
             row.passed = row.score >= case.threshold
         else:
@@ -232,7 +259,9 @@ def _line(row_id: Any, value: Any, error: BaseException | None) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _plans(call_or_name: Any, cases: Any, revs: Sequence[str], prompts_dir: Any, include_working: bool) -> list[_PromptPlan]:
+def _plans(
+    call_or_name: Any, cases: Any, revs: Sequence[str], prompts_dir: Any, include_working: bool
+) -> list[_PromptPlan]:
     from ..call import LLMCall
 
     items = call_or_name if isinstance(call_or_name, (list, tuple)) else [call_or_name]
@@ -258,8 +287,10 @@ def _plans(call_or_name: Any, cases: Any, revs: Sequence[str], prompts_dir: Any,
         sources = case_sources(name, prompt, tests_file, cases)
         if not sources:
             where = f" (looked for {name}.tests.yaml beside {prompt.system_path} and on the search path)"
-            raise ConfigError(f"no test cases for {name!r}: give cases=, a tests: list in its front matter, "
-                              f"or a {name}.tests.yaml file{where}")
+            raise ConfigError(
+                f"no test cases for {name!r}: give cases=, a tests: list in its front matter, "
+                f"or a {name}.tests.yaml file{where}"
+            )
         if name in {p.name for p in plans}:
             raise ConfigError(f"evaluate: the prompt {name!r} is named twice")
         uses_judge = any(a.kind == "llm-rubric" for s in sources for a in s.assertions)
@@ -330,8 +361,14 @@ def _fingerprint(plans: list[_PromptPlan], targets: list[Target], repeat: int) -
     for plan in plans:
         add({"prompt": plan.name, "params": plan.llm.model_params, "output_type": str(plan.llm.output_type)})
         for v in plan.versions:
-            add({"version": v.label, "includes": sorted(v.prompt._included().items()), "texts": sorted(v.prompt._texts.items()) or [
-                str(v.prompt.system_path), _read(v.prompt.system_path), _read(v.prompt.user_path)]})
+            add(
+                {
+                    "version": v.label,
+                    "includes": sorted(v.prompt._included().items()),
+                    "texts": sorted(v.prompt._texts.items())
+                    or [str(v.prompt.system_path), _read(v.prompt.system_path), _read(v.prompt.user_path)],
+                }
+            )
         for source in plan.sources:
             for case in source.cases():
                 add([case.id, case.vars, [a.as_spec() for a in case.assertions], case.threshold])
@@ -347,12 +384,26 @@ def _read(path: Path | None) -> str | None:
         return None
 
 
-def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequence[str] | None = None, repeat: int = 1,
-             revs: Sequence[str] | None = None, prompts_dir: Any = None, *, clients: Sequence[Any] | None = None,
-             include_working: bool = True, judge: Any = None, judge_model: str | None = None,
-             db: str | os.PathLike[str] | None = None, store: bool = True, fresh: bool = False,
-             max_workers: int | None = None, executor: Any = None, max_cost: float | None = None,
-             progress: bool = False) -> EvalReport:
+def evaluate(
+    call_or_name: Any,
+    cases: Iterable[Any] | None = None,
+    models: Sequence[str] | None = None,
+    repeat: int = 1,
+    revs: Sequence[str] | None = None,
+    prompts_dir: Any = None,
+    *,
+    clients: Sequence[Any] | None = None,
+    include_working: bool = True,
+    judge: Any = None,
+    judge_model: str | None = None,
+    db: str | os.PathLike[str] | None = None,
+    store: bool = True,
+    fresh: bool = False,
+    max_workers: int | None = None,
+    executor: Any = None,
+    max_cost: float | None = None,
+    progress: bool = False,
+) -> EvalReport:
     """Evaluate prompts: every case on every version × target, ``repeat`` times; graded, stored, summarized.
 
     Args:
@@ -402,8 +453,10 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
         raise ConfigError(f"evaluate: repeat must be an int >= 1, got {repeat!r}")
     remote = executor is not None and not isinstance(executor, concurrent.futures.ThreadPoolExecutor)
     if remote and max_cost is not None:
-        raise ConfigError("evaluate: max_cost holds in this process only and does not reach the workers of a process "
-                          "or Dask executor; set MAX_COST in the workers' environment instead (a limit per worker process)")
+        raise ConfigError(
+            "evaluate: max_cost holds in this process only and does not reach the workers of a process "
+            "or Dask executor; set MAX_COST in the workers' environment instead (a limit per worker process)"
+        )
     if isinstance(revs, str):
         revs = [revs]
     if isinstance(models, str):
@@ -434,8 +487,14 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
             report.resumed = "complete"
             return report
         run_id = found[0] if found is not None else calllog.new_id()
-        st.begin(run_id, fingerprint, [p.name for p in plans], sorted({v.label for p in plans for v in p.versions},
-                 key=lambda v: (v != WORKING, v)), [t.label for t in targets], repeat)
+        st.begin(
+            run_id,
+            fingerprint,
+            [p.name for p in plans],
+            sorted({v.label for p in plans for v in p.versions}, key=lambda v: (v != WORKING, v)),
+            [t.label for t in targets],
+            repeat,
+        )
     jsonl = Path(path).parent / "evals" / f"{run_id}.jsonl"
     jsonl.parent.mkdir(parents=True, exist_ok=True)
 
@@ -444,11 +503,22 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
         context = contextvars.copy_context()
     if remote:
         context = None  # a context does not travel to another process: each cell sets the run id where it runs
-    runner = Runner(_Cells(plans, targets, the_judge, context, run_id), executor=executor, max_workers=max_workers,
-                    progress=progress, desc="eval", unit="cell")
+    runner = Runner(
+        _Cells(plans, targets, the_judge, context, run_id),
+        executor=executor,
+        max_workers=max_workers,
+        progress=progress,
+        desc="eval",
+        unit="cell",
+    )
     try:
-        summary = runner.to_jsonl(lambda: _cells(plans, targets, repeat), jsonl, line=_line, fatal=(ConfigError,),
-                                  stop_on=(BudgetExceededError,))
+        summary = runner.to_jsonl(
+            lambda: _cells(plans, targets, repeat),
+            jsonl,
+            line=_line,
+            fatal=(ConfigError,),
+            stop_on=(BudgetExceededError,),
+        )
     except BatchError as exc:
         raise ConfigError(str(exc)) from exc
     except BaseException:
@@ -456,8 +526,13 @@ def evaluate(call_or_name: Any, cases: Iterable[Any] | None = None, models: Sequ
             st.import_jsonl(run_id, str(jsonl))
             st.finish(run_id, "interrupted")
         raise
-    status = ("interrupted" if summary.interrupted or summary.stopped_by is not None
-              else "incomplete" if summary.failed else "complete")
+    status = (
+        "interrupted"
+        if summary.interrupted or summary.stopped_by is not None
+        else "incomplete"
+        if summary.failed
+        else "complete"
+    )
     with Store(path) as st:
         st.import_jsonl(run_id, str(jsonl))
         st.finish(run_id, status)

@@ -38,9 +38,27 @@ CREATE TABLE IF NOT EXISTS eval_rows (
 );
 CREATE INDEX IF NOT EXISTS eval_rows_group ON eval_rows(run_id, prompt, version, model);
 """
-_ROW_COLUMNS = ("seq", "prompt", "version", "model", "case_id", "case_description", "repeat", "vars", "output",
-                "value", "passed", "error", "assertions", "cost", "latency", "prompt_tokens", "completion_tokens",
-                "cached", "score")
+_ROW_COLUMNS = (
+    "seq",
+    "prompt",
+    "version",
+    "model",
+    "case_id",
+    "case_description",
+    "repeat",
+    "vars",
+    "output",
+    "value",
+    "passed",
+    "error",
+    "assertions",
+    "cost",
+    "latency",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached",
+    "score",
+)
 
 
 def db_path(db: str | os.PathLike[str] | None = None) -> str:
@@ -67,10 +85,20 @@ def _has_tables(conn: sqlite3.Connection) -> bool:
 
 
 def _run_info(r: sqlite3.Row) -> RunInfo:
-    return RunInfo(run_id=r["run_id"], started=r["started"], finished=r["finished"], status=r["status"],
-                   prompts=json.loads(r["prompts"] or "[]"), models=json.loads(r["models"] or "[]"),
-                   versions=json.loads(r["versions"] or "[]"), repeat=r["repeat"] or 1, cells=r["cells"] or 0,
-                   passed=r["passed"] or 0, failed=r["failed"] or 0, errors=r["errors"] or 0)
+    return RunInfo(
+        run_id=r["run_id"],
+        started=r["started"],
+        finished=r["finished"],
+        status=r["status"],
+        prompts=json.loads(r["prompts"] or "[]"),
+        models=json.loads(r["models"] or "[]"),
+        versions=json.loads(r["versions"] or "[]"),
+        repeat=r["repeat"] or 1,
+        cells=r["cells"] or 0,
+        passed=r["passed"] or 0,
+        failed=r["failed"] or 0,
+        errors=r["errors"] or 0,
+    )
 
 
 def list_runs(db: str | os.PathLike[str] | None = None) -> list[RunInfo]:
@@ -115,8 +143,10 @@ def load_run(run_id: str, db: str | os.PathLike[str] | None = None) -> EvalRepor
         if run_id == "last":
             rows = conn.execute("SELECT * FROM eval_runs ORDER BY started DESC, run_id DESC LIMIT 1").fetchall()
         else:
-            rows = conn.execute("SELECT * FROM eval_runs WHERE run_id LIKE ? ORDER BY started DESC LIMIT 2",
-                                [run_id.replace("%", "").replace("_", "") + "%"]).fetchall()
+            rows = conn.execute(
+                "SELECT * FROM eval_runs WHERE run_id LIKE ? ORDER BY started DESC LIMIT 2",
+                [run_id.replace("%", "").replace("_", "") + "%"],
+            ).fetchall()
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"cannot read the evaluation runs in {path!r}: {exc}") from exc
     finally:
@@ -162,17 +192,25 @@ class Store:
 
     def resumable(self, fingerprint: str) -> tuple[str, str] | None:
         """(run id, status) of the newest run with this fingerprint, or None."""
-        row = self._db().execute("SELECT run_id, status FROM eval_runs WHERE fingerprint = ? "
-                                 "ORDER BY started DESC, run_id DESC LIMIT 1", [fingerprint]).fetchone()
+        row = (
+            self._db()
+            .execute(
+                "SELECT run_id, status FROM eval_runs WHERE fingerprint = ? ORDER BY started DESC, run_id DESC LIMIT 1",
+                [fingerprint],
+            )
+            .fetchone()
+        )
         return None if row is None else (row[0], row[1])
 
-    def begin(self, run_id: str, fingerprint: str, prompts: list[str], versions: list[str], models: list[str],
-              repeat: int) -> None:
+    def begin(
+        self, run_id: str, fingerprint: str, prompts: list[str], versions: list[str], models: list[str], repeat: int
+    ) -> None:
         """Record a new run (status ``running``), or mark a resumed one running again."""
         self._db().execute(
             "INSERT INTO eval_runs (run_id, started, status, fingerprint, prompts, versions, models, repeat) "
             "VALUES (?, ?, 'running', ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished = NULL",
-            [run_id, time.time(), fingerprint, json.dumps(prompts), json.dumps(versions), json.dumps(models), repeat])
+            [run_id, time.time(), fingerprint, json.dumps(prompts), json.dumps(versions), json.dumps(models), repeat],
+        )
 
     def import_jsonl(self, run_id: str, path: str) -> None:
         """Put the cells of the run's JSONL file into ``eval_rows`` (a content line wins over an error line)."""
@@ -206,31 +244,63 @@ class Store:
         conn = self._db()
         cells, passed, failed, errors = conn.execute(
             "SELECT count(*), coalesce(sum(passed = 1), 0), coalesce(sum(passed = 0), 0), coalesce(sum(passed IS NULL), 0) "
-            "FROM eval_rows WHERE run_id = ?", [run_id]).fetchone()
-        conn.execute("UPDATE eval_runs SET status = ?, finished = ?, cells = ?, passed = ?, failed = ?, errors = ? "
-                     "WHERE run_id = ?", [status, time.time() if status != "interrupted" else None, cells, passed,
-                                         failed, errors, run_id])
+            "FROM eval_rows WHERE run_id = ?",
+            [run_id],
+        ).fetchone()
+        conn.execute(
+            "UPDATE eval_runs SET status = ?, finished = ?, cells = ?, passed = ?, failed = ?, errors = ? "
+            "WHERE run_id = ?",
+            [status, time.time() if status != "interrupted" else None, cells, passed, failed, errors, run_id],
+        )
 
 
 def _columns(row: dict) -> list[Any]:
     passed = row.get("passed")
-    return [row.get("seq"), row.get("prompt"), row.get("version"), row.get("model"), row.get("case_id"),
-            row.get("case_description"), row.get("repeat"), json.dumps(row.get("vars") or {}, ensure_ascii=False, default=str),
-            row.get("output"), json.dumps(row.get("value"), ensure_ascii=False, default=str),
-            None if passed is None else int(bool(passed)), row.get("error"),
-            json.dumps(row.get("assertions") or [], ensure_ascii=False, default=str), row.get("cost"), row.get("latency"),
-            row.get("prompt_tokens"), row.get("completion_tokens"), int(bool(row.get("cached"))), row.get("score")]
+    return [
+        row.get("seq"),
+        row.get("prompt"),
+        row.get("version"),
+        row.get("model"),
+        row.get("case_id"),
+        row.get("case_description"),
+        row.get("repeat"),
+        json.dumps(row.get("vars") or {}, ensure_ascii=False, default=str),
+        row.get("output"),
+        json.dumps(row.get("value"), ensure_ascii=False, default=str),
+        None if passed is None else int(bool(passed)),
+        row.get("error"),
+        json.dumps(row.get("assertions") or [], ensure_ascii=False, default=str),
+        row.get("cost"),
+        row.get("latency"),
+        row.get("prompt_tokens"),
+        row.get("completion_tokens"),
+        int(bool(row.get("cached"))),
+        row.get("score"),
+    ]
 
 
 def _row_of(r: sqlite3.Row) -> EvalRow:
     passed = r["passed"]
-    return EvalRow(prompt=r["prompt"], version=r["version"], model=r["model"], case_id=r["case_id"],
-                   case_description=r["case_description"], repeat=r["repeat"], vars=json.loads(r["vars"] or "{}"),
-                   output=r["output"], value=json.loads(r["value"]) if r["value"] is not None else None,
-                   passed=None if passed is None else bool(passed), error=r["error"],
-                   assertions=[AssertionResult(**a) for a in json.loads(r["assertions"] or "[]")], cost=r["cost"],
-                   latency=r["latency"], prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
-                   cached=bool(r["cached"]), score=r["score"])
+    return EvalRow(
+        prompt=r["prompt"],
+        version=r["version"],
+        model=r["model"],
+        case_id=r["case_id"],
+        case_description=r["case_description"],
+        repeat=r["repeat"],
+        vars=json.loads(r["vars"] or "{}"),
+        output=r["output"],
+        value=json.loads(r["value"]) if r["value"] is not None else None,
+        passed=None if passed is None else bool(passed),
+        error=r["error"],
+        assertions=[AssertionResult(**a) for a in json.loads(r["assertions"] or "[]")],
+        cost=r["cost"],
+        latency=r["latency"],
+        prompt_tokens=r["prompt_tokens"],
+        completion_tokens=r["completion_tokens"],
+        cached=bool(r["cached"]),
+        score=r["score"],
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -264,7 +334,9 @@ class _Rows(Sequence[EvalRow]):
             raise IndexError("EvalReport.rows index out of range")
         with self._report._conn() as conn:
             where, args = self._report._where()
-            r = conn.execute(f"SELECT * FROM eval_rows WHERE {where} ORDER BY seq LIMIT 1 OFFSET ?", [*args, i]).fetchone()
+            r = conn.execute(
+                f"SELECT * FROM eval_rows WHERE {where} ORDER BY seq LIMIT 1 OFFSET ?", [*args, i]
+            ).fetchone()
         return _row_of(r)
 
     def __iter__(self) -> Iterator[EvalRow]:
@@ -272,8 +344,9 @@ class _Rows(Sequence[EvalRow]):
         last = -1
         while True:  # in pages, so no cursor stays open between the caller's steps
             with self._report._conn() as conn:
-                page = conn.execute(f"SELECT * FROM eval_rows WHERE {where} AND seq > ? ORDER BY seq LIMIT 500",
-                                    [*args, last]).fetchall()
+                page = conn.execute(
+                    f"SELECT * FROM eval_rows WHERE {where} AND seq > ? ORDER BY seq LIMIT 500", [*args, last]
+                ).fetchall()
             if not page:
                 return
             for r in page:
@@ -300,8 +373,17 @@ class EvalReport:
     between the groups of a prompt, :meth:`failures` for the cells that did not pass.
     """
 
-    def __init__(self, db: str, run_id: str, *, info: RunInfo | None = None, prompt: str | None = None,
-                 version: str | None = None, model: str | None = None, attached: Any = None) -> None:
+    def __init__(
+        self,
+        db: str,
+        run_id: str,
+        *,
+        info: RunInfo | None = None,
+        prompt: str | None = None,
+        version: str | None = None,
+        model: str | None = None,
+        attached: Any = None,
+    ) -> None:
         self.db, self.run_id, self.prompt, self.version, self.model = db, run_id, prompt, version, model
         self._info = info
         self._attached = attached  # a temporary database kept alive with the report (evaluate(store=False))
@@ -312,8 +394,11 @@ class EvalReport:
         self.spent: float = 0.0  # USD spent by the run that made it (priced calls)
 
     def __repr__(self) -> str:
-        flt = "".join(f", {k}={v!r}" for k, v in (("prompt", self.prompt), ("version", self.version),
-                                                  ("model", self.model)) if v is not None)
+        flt = "".join(
+            f", {k}={v!r}"
+            for k, v in (("prompt", self.prompt), ("version", self.version), ("model", self.model))
+            if v is not None
+        )
         return f"EvalReport(run_id={self.run_id!r}{flt})"
 
     @contextlib.contextmanager
@@ -350,15 +435,27 @@ class EvalReport:
 
     def select(self, *, prompt: str | None = None, version: str | None = None, model: str | None = None) -> EvalReport:
         """A view of this report with only the cells of ``prompt``, ``version`` and/or ``model``."""
-        return EvalReport(self.db, self.run_id, info=self._info, prompt=prompt or self.prompt,
-                          version=version or self.version, model=model or self.model, attached=self._attached)
+        return EvalReport(
+            self.db,
+            self.run_id,
+            info=self._info,
+            prompt=prompt or self.prompt,
+            version=version or self.version,
+            model=model or self.model,
+            attached=self._attached,
+        )
 
     def groups(self) -> list[tuple[str, str, str]]:
         """The (prompt, version, model) groups of the report, in matrix order."""
         where, args = self._where()
         with self._conn() as conn:
-            return [tuple(r) for r in conn.execute(  # type: ignore[misc]
-                f"SELECT prompt, version, model FROM eval_rows WHERE {where} GROUP BY 1, 2, 3 ORDER BY min(seq)", args)]
+            return [
+                tuple(r)
+                for r in conn.execute(  # type: ignore[misc]
+                    f"SELECT prompt, version, model FROM eval_rows WHERE {where} GROUP BY 1, 2, 3 ORDER BY min(seq)",
+                    args,
+                )
+            ]
 
     def summary(self) -> list[CellSummary]:
         """One :class:`CellSummary` per (prompt, version, model), in matrix order.
@@ -378,28 +475,58 @@ class EvalReport:
                     "coalesce(sum(passed IS NULL), 0), sum(cost), count(cost), "
                     "coalesce(sum(cost IS NULL AND output IS NOT NULL AND NOT cached), 0), "
                     "coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0) "
-                    f"FROM eval_rows WHERE {group}", args).fetchone()
-                (m,), = conn.execute(f"SELECT count(latency) FROM eval_rows WHERE {group}", args)
+                    f"FROM eval_rows WHERE {group}",
+                    args,
+                ).fetchone()
+                ((m,),) = conn.execute(f"SELECT count(latency) FROM eval_rows WHERE {group}", args)
 
-                def pct(q: float, m: int = m, group: str = group, args: list = args) -> float | None:  # numpy's default: linear between the closest ranks
+                def pct(
+                    q: float, m: int = m, group: str = group, args: list = args
+                ) -> float | None:  # numpy's default: linear between the closest ranks
                     rank = (m - 1) * q / 100.0
                     lo = int(rank)
-                    values = [v for (v,) in conn.execute(f"SELECT latency FROM eval_rows WHERE {group} AND latency IS "
-                                                         "NOT NULL ORDER BY latency LIMIT 2 OFFSET ?", [*args, lo])]
+                    values = [
+                        v
+                        for (v,) in conn.execute(
+                            f"SELECT latency FROM eval_rows WHERE {group} AND latency IS "
+                            "NOT NULL ORDER BY latency LIMIT 2 OFFSET ?",
+                            [*args, lo],
+                        )
+                    ]
                     if not values:
                         return None
                     hi = values[1] if len(values) > 1 else values[0]
                     return values[0] + (hi - values[0]) * (rank - lo)
 
-                flaky = [c for (c,) in conn.execute(
-                    f"SELECT case_id FROM eval_rows WHERE {group} GROUP BY case_id "
-                    "HAVING max(passed IS 1) = 1 AND min(passed IS 1) = 0 AND count(*) > 1 ORDER BY min(seq)", args)]
+                flaky = [
+                    c
+                    for (c,) in conn.execute(
+                        f"SELECT case_id FROM eval_rows WHERE {group} GROUP BY case_id "
+                        "HAVING max(passed IS 1) = 1 AND min(passed IS 1) = 0 AND count(*) > 1 ORDER BY min(seq)",
+                        args,
+                    )
+                ]
                 low, high = wilson(passed, n) if n else (None, None)
-                out.append(CellSummary(prompt=prompt, version=version, model=model, n=n, passed=passed, failed=failed,
-                                       errors=errors, pass_rate=passed / n if n else None, ci_low=low, ci_high=high,
-                                       cost=cost if priced else None, unpriced=unpriced,
-                                       p50_latency=pct(50) if m else None, p95_latency=pct(95) if m else None,
-                                       tokens=tokens, flaky=flaky))
+                out.append(
+                    CellSummary(
+                        prompt=prompt,
+                        version=version,
+                        model=model,
+                        n=n,
+                        passed=passed,
+                        failed=failed,
+                        errors=errors,
+                        pass_rate=passed / n if n else None,
+                        ci_low=low,
+                        ci_high=high,
+                        cost=cost if priced else None,
+                        unpriced=unpriced,
+                        p50_latency=pct(50) if m else None,
+                        p95_latency=pct(95) if m else None,
+                        tokens=tokens,
+                        flaky=flaky,
+                    )
+                )
         return out
 
     def failures(self) -> Iterator[EvalRow]:
@@ -408,8 +535,11 @@ class EvalReport:
         last = -1
         while True:
             with self._conn() as conn:
-                page = conn.execute(f"SELECT * FROM eval_rows WHERE {where} AND (passed IS NULL OR passed = 0) "
-                                    "AND seq > ? ORDER BY seq LIMIT 500", [*args, last]).fetchall()
+                page = conn.execute(
+                    f"SELECT * FROM eval_rows WHERE {where} AND (passed IS NULL OR passed = 0) "
+                    "AND seq > ? ORDER BY seq LIMIT 500",
+                    [*args, last],
+                ).fetchall()
             if not page:
                 return
             yield from (_row_of(r) for r in page)
@@ -432,8 +562,9 @@ class EvalReport:
         """Passed cells over all cells of the report (None when it has none)."""
         where, args = self._where()
         with self._conn() as conn:
-            n, passed = conn.execute(f"SELECT count(*), coalesce(sum(passed = 1), 0) FROM eval_rows WHERE {where}",
-                                     args).fetchone()
+            n, passed = conn.execute(
+                f"SELECT count(*), coalesce(sum(passed = 1), 0) FROM eval_rows WHERE {where}", args
+            ).fetchone()
         return passed / n if n else None
 
     def label(self) -> str:
@@ -465,9 +596,11 @@ def compare(a: EvalReport, b: EvalReport, *, alpha: float = 0.05) -> Comparison:
         seen: dict[str, tuple[str, str]] = {}
         for prompt, version, model in report.groups():
             if prompt in seen:
-                raise ConfigError(f"report {side} ({report.run_id}) holds more than one version/model of {prompt!r} "
-                                  f"({'/'.join(seen[prompt])} and {version}/{model}); compare "
-                                  "report.select(version=..., model=...) views")
+                raise ConfigError(
+                    f"report {side} ({report.run_id}) holds more than one version/model of {prompt!r} "
+                    f"({'/'.join(seen[prompt])} and {version}/{model}); compare "
+                    "report.select(version=..., model=...) views"
+                )
             seen[prompt] = (version, model)
     wa, args_a = a._where("x")
     wb, args_b = b._where("y")
@@ -483,7 +616,8 @@ def compare(a: EvalReport, b: EvalReport, *, alpha: float = 0.05) -> Comparison:
             "coalesce(sum(x.passed IS 1 AND y.passed IS NOT 1), 0), coalesce(sum(x.passed IS NOT 1 AND y.passed IS 1), 0) "
             f"FROM main.eval_rows x JOIN {other}.eval_rows y "
             f"ON x.prompt = y.prompt AND x.case_id = y.case_id AND x.repeat = y.repeat WHERE {wa} AND {wb}",
-            [*args_a, *args_b]).fetchone()
+            [*args_a, *args_b],
+        ).fetchone()
     finally:
         conn.close()
     la, lb = a.label(), b.label()
@@ -499,5 +633,15 @@ def compare(a: EvalReport, b: EvalReport, *, alpha: float = 0.05) -> Comparison:
         text = f"{better} passes {more} more of {pairs} cases than {worse} (p = {p:.3g}; {discordant})"
     else:
         text = f"no significant difference between {la} and {lb} on {pairs} cases (p = {p:.3g}; {discordant})"
-    return Comparison(a=la, b=lb, pairs=pairs, both=both, neither=neither, only_a=only_a, only_b=only_b,
-                      p_value=p, significant=significant, text=text)
+    return Comparison(
+        a=la,
+        b=lb,
+        pairs=pairs,
+        both=both,
+        neither=neither,
+        only_a=only_a,
+        only_b=only_b,
+        p_value=p,
+        significant=significant,
+        text=text,
+    )

@@ -29,14 +29,27 @@ import pytest
 
 def pytest_addoption(parser: Any) -> None:
     group = parser.getgroup("tinyllm", "tinyllm prompt evaluations (the tinyllm_eval fixture)")
-    group.addoption("--tinyllm-model", action="append", default=[], metavar="MODEL",
-                    help="Run every tinyllm_eval on this model of the default client (repeatable) instead of "
-                         "the models and clients the tests name.")
-    group.addoption("--tinyllm-client", action="append", default=[], metavar="NAME[=MODEL]",
-                    help="Run every tinyllm_eval on this client (repeatable) instead of the models and clients "
-                         "the tests name.")
-    group.addoption("--tinyllm-store", action="store_true", default=False,
-                    help="Keep tinyllm_eval runs in the runs database (LOG_DB) for `tinyllm eval --list`.")
+    group.addoption(
+        "--tinyllm-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="Run every tinyllm_eval on this model of the default client (repeatable) instead of "
+        "the models and clients the tests name.",
+    )
+    group.addoption(
+        "--tinyllm-client",
+        action="append",
+        default=[],
+        metavar="NAME[=MODEL]",
+        help="Run every tinyllm_eval on this client (repeatable) instead of the models and clients the tests name.",
+    )
+    group.addoption(
+        "--tinyllm-store",
+        action="store_true",
+        default=False,
+        help="Keep tinyllm_eval runs in the runs database (LOG_DB) for `tinyllm eval --list`.",
+    )
 
 
 @pytest.fixture

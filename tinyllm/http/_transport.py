@@ -131,15 +131,19 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
         """A copy of an error reply, read in full, without the request's credentials in headers or body."""
         secrets = _secrets(request)
         decoded = httpx.Response(response.status_code, headers=response.headers, content=raw)
-        headers = [(k, redact(v, secrets)) for k, v in response.headers.multi_items()
-                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        headers = [
+            (k, redact(v, secrets))
+            for k, v in response.headers.multi_items()
+            if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+        ]
         try:  # a JSON body stays JSON: redact its strings (a "Bearer ..." match must not eat quotes)
             text = json.dumps(redact_body(json.loads(decoded.text), tuple(secrets)))
         except ValueError:
             text = redact(decoded.text, secrets)
         body = text.encode(decoded.encoding or "utf-8", "replace")
-        return httpx.Response(response.status_code, headers=headers, content=body, request=request,
-                              extensions=response.extensions)
+        return httpx.Response(
+            response.status_code, headers=headers, content=body, request=request, extensions=response.extensions
+        )
 
     class SyncStream:
         def __init__(self, stream: Any, core: Any) -> None:
@@ -184,7 +188,9 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
             if buffer:  # h11 ends each request with an empty write
                 await self._stream.write(buffer, _time_left(timeout, self._core.WriteTimeout))
 
-        async def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+        async def start_tls(
+            self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+        ) -> Any:
             timeout = _time_left(timeout, self._core.ConnectTimeout)
             return AsyncStream(await self._stream.start_tls(ssl_context, server_hostname, timeout), self._core)
 
@@ -192,7 +198,9 @@ def _classes(sdk: str = "openai") -> tuple[Any, Any, Any]:
         def __init__(self, backend: Any, core: Any) -> None:
             self._backend, self._core = backend, core
 
-        async def connect_tcp(self, host: str, port: int, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
+        async def connect_tcp(
+            self, host: str, port: int, timeout: float | None = None, *args: Any, **kwargs: Any
+        ) -> Any:
             timeout = _time_left(timeout, self._core.ConnectTimeout)
             return AsyncStream(await self._backend.connect_tcp(host, port, timeout, *args, **kwargs), self._core)
 
@@ -322,8 +330,9 @@ def _environment_proxies(httpx: Any) -> dict[str, str | None]:
     read = getattr(utils, "get_environment_proxies", None)
     if read is None:  # a future httpx without the helper: say so rather than send around the proxy unnoticed
         if any(os.environ.get(name) for name in _PROXY_VARIABLES):
-            log.warning("%s has no get_environment_proxies(): the proxy set in the environment is not used",
-                        httpx.__name__)
+            log.warning(
+                "%s has no get_environment_proxies(): the proxy set in the environment is not used", httpx.__name__
+            )
         return {}
     return read()
 
@@ -351,7 +360,9 @@ def http_client(is_async: bool = False, sdk: str = "openai") -> Any:
         try:
             mounts[pattern] = None if proxy is None else wrap(inner(limits=limits, proxy=proxy))
         except Exception as exc:  # an unknown scheme, SOCKS without socksio, ...
-            raise ConfigError(f"the proxy {redact_url(proxy)} set in the environment for {pattern} ({', '.join(_PROXY_VARIABLES)}) "
-                              f"cannot be used: {exc}") from exc
+            raise ConfigError(
+                f"the proxy {redact_url(proxy)} set in the environment for {pattern} ({', '.join(_PROXY_VARIABLES)}) "
+                f"cannot be used: {exc}"
+            ) from exc
     cls = module.DefaultAsyncHttpxClient if is_async else module.DefaultHttpxClient
     return cls(transport=wrap(inner(limits=limits)), mounts=mounts)

@@ -40,7 +40,17 @@ from ..observe import _pricing as pricing
 from ..observe import _usage as usage
 from ..errors import BudgetExceededError
 
-__all__ = ["Budget", "hold", "ahold", "reserve", "areserve", "charge", "process_budget", "RESERVED_OUTPUT", "DEFAULT_WORST_OUTPUT"]
+__all__ = [
+    "Budget",
+    "hold",
+    "ahold",
+    "reserve",
+    "areserve",
+    "charge",
+    "process_budget",
+    "RESERVED_OUTPUT",
+    "DEFAULT_WORST_OUTPUT",
+]
 
 log = logging.getLogger("tinyllm")
 #: output tokens reserved for a call without max_tokens (unless a longer reply of the model was seen)
@@ -116,7 +126,9 @@ class Budget:
         deadline = None if wait is None else time.monotonic() + wait
         while True:
             with self._lock:
-                if self._try_reserve(estimate, model, limit, final=deadline is not None and time.monotonic() >= deadline):
+                if self._try_reserve(
+                    estimate, model, limit, final=deadline is not None and time.monotonic() >= deadline
+                ):
                     return
             await asyncio.sleep(_POLL)
 
@@ -138,7 +150,12 @@ class Budget:
             f"the budget of {usd(limit)} could be exceeded: spent {usd(self.spent)}, in flight up to "
             f"{usd(self.in_flight)}, and this call to {model} could cost up to {usd(estimate)}; "
             "nothing was sent",
-            limit=limit, spent=self.spent, in_flight=self.in_flight, estimate=estimate, model=model)
+            limit=limit,
+            spent=self.spent,
+            in_flight=self.in_flight,
+            estimate=estimate,
+            model=model,
+        )
 
     def settle(self, estimate: float, cost: float | None) -> None:
         """Release a held ``estimate`` and add the real ``cost`` (None: nothing known to add); wakes waiting calls."""
@@ -341,7 +358,9 @@ def _estimate(client: Any, req: Any) -> float | None:
     estimate = pricing.estimate_cost(client, req.cfg, req.model, prompt, output)
     if estimate is None and req.model not in _warned:
         _warned.add(req.model)
-        log.warning("no price is known for %s: its calls are not held to the budget (set PRICES to price it)", req.model)
+        log.warning(
+            "no price is known for %s: its calls are not held to the budget (set PRICES to price it)", req.model
+        )
     return estimate
 
 

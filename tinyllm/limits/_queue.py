@@ -40,6 +40,7 @@ from ._window import time_to_room
 
 __all__ = ["RequestQueue"]
 
+
 class _Waiter:
     """One request in line: a threading.Event (loop is None) or a Future of ``loop``."""
 
@@ -232,7 +233,8 @@ class RequestQueue:
         return QueueFullError(
             f"request waited more than QUEUE_TIMEOUT={cfg.queue_timeout:g} s in queue {self.name!r} "
             f"({self._in_flight} in flight, MAX_CONCURRENT_REQUESTS={cfg.max_concurrent_requests}; "
-            f"{len(self._waiters)} waiting); the request was not sent")
+            f"{len(self._waiters)} waiting); the request was not sent"
+        )
 
     # -- rate limits --------------------------------------------------------
 

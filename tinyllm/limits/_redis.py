@@ -162,7 +162,9 @@ class RedisLimiter:
         try:
             token = await asyncio.shield(future)
         except asyncio.CancelledError:
-            future.add_done_callback(lambda f: f.cancelled() or f.exception() or releases.submit(self._exit, cfg, scope, f.result()))
+            future.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or releases.submit(self._exit, cfg, scope, f.result())
+            )
             raise
         try:
             yield
@@ -173,8 +175,10 @@ class RedisLimiter:
         with self._lock:
             if self._pools is None or self._pools_pid != os.getpid():  # (a forked child has none of their threads)
                 self._pools_pid = os.getpid()  # separate pools: a release never queues behind blocked waiters
-                self._pools = (concurrent.futures.ThreadPoolExecutor(256, thread_name_prefix="tinyllm-redis-wait"),
-                               concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tinyllm-redis-release"))
+                self._pools = (
+                    concurrent.futures.ThreadPoolExecutor(256, thread_name_prefix="tinyllm-redis-wait"),
+                    concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tinyllm-redis-release"),
+                )
             return self._pools
 
     def _enter(self, cfg: Config, tokens: int, scope: str) -> str:
@@ -182,10 +186,13 @@ class RedisLimiter:
         if cfg.tokens_per_minute and tokens > cfg.tokens_per_minute:
             raise BadRequestError(
                 f"the request needs {tokens} tokens (prompt + max_tokens) but TOKENS_PER_MINUTE is "
-                f"{cfg.tokens_per_minute}; lower max_tokens, shorten the input or raise TOKENS_PER_MINUTE")
+                f"{cfg.tokens_per_minute}; lower max_tokens, shorten the input or raise TOKENS_PER_MINUTE"
+            )
         if cfg.redis_slot_lease <= cfg.timeout:
-            raise ConfigError(f"REDIS_SLOT_LEASE ({cfg.redis_slot_lease:g} s) must be longer than TIMEOUT "
-                              f"({cfg.timeout:g} s): a slot must outlive the attempt that holds it")
+            raise ConfigError(
+                f"REDIS_SLOT_LEASE ({cfg.redis_slot_lease:g} s) must be longer than TIMEOUT "
+                f"({cfg.timeout:g} s): a slot must outlive the attempt that holds it"
+            )
         deadline = time.monotonic() + cfg.queue_timeout if cfg.queue_timeout else None
         token = self._take_slot(cfg, scope, deadline)
         try:
@@ -199,15 +206,26 @@ class RedisLimiter:
         """Give the slot back now and wake one waiter; a failure is logged (the lease expires anyway)."""
         lease_ms = math.ceil(cfg.redis_slot_lease * 1000)
         try:
-            held = self._release(keys=[self._slots(scope), self._slots(scope) + ":free"],
-                                 args=[token, cfg.max_concurrent_requests, lease_ms])
+            held = self._release(
+                keys=[self._slots(scope), self._slots(scope) + ":free"],
+                args=[token, cfg.max_concurrent_requests, lease_ms],
+            )
         except redis_errors() as exc:
-            log.warning("could not give back a request slot to Redis at %s (%s: %s); it frees itself "
-                        "after REDIS_SLOT_LEASE=%g s", redact_url(self.url), type(exc).__name__, exc, cfg.redis_slot_lease)
+            log.warning(
+                "could not give back a request slot to Redis at %s (%s: %s); it frees itself "
+                "after REDIS_SLOT_LEASE=%g s",
+                redact_url(self.url),
+                type(exc).__name__,
+                exc,
+                cfg.redis_slot_lease,
+            )
             return
         if not held:
-            log.warning("a request held its cluster-wide slot longer than REDIS_SLOT_LEASE=%g s, so another request "
-                        "may have been sent meanwhile; raise REDIS_SLOT_LEASE above TIMEOUT", cfg.redis_slot_lease)
+            log.warning(
+                "a request held its cluster-wide slot longer than REDIS_SLOT_LEASE=%g s, so another request "
+                "may have been sent meanwhile; raise REDIS_SLOT_LEASE above TIMEOUT",
+                cfg.redis_slot_lease,
+            )
 
     def _slots(self, scope: str) -> str:
         return f"{self.prefix}:slots:{scope}"
@@ -218,7 +236,8 @@ class RedisLimiter:
             if self._waiting >= cfg.queue_size:
                 raise QueueFullError(
                     f"request queue {self.name!r} is full: {self._waiting} requests of this process already "
-                    f"waiting for a cluster-wide slot (QUEUE_SIZE={cfg.queue_size}); the request was not sent")
+                    f"waiting for a cluster-wide slot (QUEUE_SIZE={cfg.queue_size}); the request was not sent"
+                )
             self._waiting += 1
         token = uuid.uuid4().hex
         keys = [self._slots(scope)]
@@ -234,7 +253,8 @@ class RedisLimiter:
                         raise QueueFullError(
                             f"request waited more than QUEUE_TIMEOUT={cfg.queue_timeout:g} s for one of the "
                             f"MAX_CONCURRENT_REQUESTS={cfg.max_concurrent_requests} cluster-wide slots of queue "
-                            f"{self.name!r} (Redis at {redact_url(self.url)}); the request was not sent")
+                            f"{self.name!r} (Redis at {redact_url(self.url)}); the request was not sent"
+                        )
                     wait = min(SAFETY_WAIT, free_in / 1000 + 0.001, left if left is not None else SAFETY_WAIT)
                     self._redis.blpop([keys[0] + ":free"], timeout=max(wait, 0.01))
                 except redis_errors() as exc:
@@ -250,7 +270,9 @@ class RedisLimiter:
                 from limits.storage import RedisStorage
                 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
-                storage = RedisStorage(self.url, connection_pool=self._redis.connection_pool, key_prefix=f"{self.prefix}:rates")
+                storage = RedisStorage(
+                    self.url, connection_pool=self._redis.connection_pool, key_prefix=f"{self.prefix}:rates"
+                )
                 self._rates = (MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage))
             return self._rates
 
@@ -261,13 +283,14 @@ class RedisLimiter:
             return
         from limits import RateLimitItemPerMinute as PerMinute, RateLimitItemPerSecond as PerSecond
 
-
         namespace = f"tinyllm/{scope}"
         moving, sliding = self._limiters()
         checks = []  # the shortest window first: a lost race there wastes the least
         if rpm:
-            checks += [(moving, PerSecond(math.ceil(rpm / 60), namespace=namespace), 1),
-                       (moving, PerMinute(rpm, namespace=namespace), 1)]
+            checks += [
+                (moving, PerSecond(math.ceil(rpm / 60), namespace=namespace), 1),
+                (moving, PerMinute(rpm, namespace=namespace), 1),
+            ]
         if tpm and tokens > 0:
             checks.append((sliding, PerMinute(tpm, namespace=namespace), tokens))
         try:  # optimistic: while there is room, one atomic hit per limit and nothing else
@@ -289,7 +312,8 @@ class RedisLimiter:
                 raise QueueFullError(
                     f"the rate limits (REQUESTS_PER_MINUTE={rpm}, TOKENS_PER_MINUTE={tpm}, cluster-wide) need a "
                     f"wait of {wait:.1f} s, more than the {left:.1f} s left of QUEUE_TIMEOUT="
-                    f"{cfg.queue_timeout:g} s in queue {self.name!r}; the request was not sent")
+                    f"{cfg.queue_timeout:g} s in queue {self.name!r}; the request was not sent"
+                )
             time.sleep(wait)
 
 

@@ -46,8 +46,27 @@ from typing import Any, Callable, Iterator
 
 from . import _otel as otel
 
-__all__ = ["CallLog", "call_log", "log_path", "default_path", "observed", "aobserved", "watch_stream", "StreamObserver",
-           "StreamClosed", "StreamAbandoned", "batch", "flush_all", "damaged", "new_id", "connect", "query", "get", "stats", "values"]
+__all__ = [
+    "CallLog",
+    "call_log",
+    "log_path",
+    "default_path",
+    "observed",
+    "aobserved",
+    "watch_stream",
+    "StreamObserver",
+    "StreamClosed",
+    "StreamAbandoned",
+    "batch",
+    "flush_all",
+    "damaged",
+    "new_id",
+    "connect",
+    "query",
+    "get",
+    "stats",
+    "values",
+]
 
 log = logging.getLogger("tinyllm")
 QUEUE_SIZE = 10_000  # rows waiting to be written; beyond this they are dropped (one WARNING)
@@ -56,12 +75,53 @@ IDLE_SECONDS = 5.0  # a writer thread with nothing to do for this long ends (a n
 BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's lock before the batch is dropped
 SCHEMA_VERSION = 2  # 1: the first schema; 2: the tool_rounds column (added to a version 1 file by _setup)
 
-_COLUMNS = ("id", "ts", "template", "template_path", "template_hash", "variables", "messages", "response", "reply",
-            "model_requested", "model", "api_type", "endpoint", "params", "prompt_tokens", "completion_tokens",
-            "total_tokens", "usage", "cost", "latency", "ttft", "cached", "retries", "output_retries",
-            "finish_reason", "error_type", "error_message", "batch_id", "pid", "tool_rounds")
-_TEXT_COLUMNS = ("template", "template_path", "variables", "messages", "response", "reply", "model_requested", "model",
-                 "endpoint", "params", "usage", "error_message", "tool_rounds")
+_COLUMNS = (
+    "id",
+    "ts",
+    "template",
+    "template_path",
+    "template_hash",
+    "variables",
+    "messages",
+    "response",
+    "reply",
+    "model_requested",
+    "model",
+    "api_type",
+    "endpoint",
+    "params",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "usage",
+    "cost",
+    "latency",
+    "ttft",
+    "cached",
+    "retries",
+    "output_retries",
+    "finish_reason",
+    "error_type",
+    "error_message",
+    "batch_id",
+    "pid",
+    "tool_rounds",
+)
+_TEXT_COLUMNS = (
+    "template",
+    "template_path",
+    "variables",
+    "messages",
+    "response",
+    "reply",
+    "model_requested",
+    "model",
+    "endpoint",
+    "params",
+    "usage",
+    "error_message",
+    "tool_rounds",
+)
 _FTS_COLUMNS = ("template", "variables", "messages", "response", "error_message")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -188,8 +248,10 @@ class CallLog:
             self._queue.put_nowait(item)
         except queue.Full:
             self.dropped += 1
-            self._warn("full", f"the call log queue is full ({self.queue_size} rows waiting for {self.path}); "
-                               "rows are being dropped")
+            self._warn(
+                "full",
+                f"the call log queue is full ({self.queue_size} rows waiting for {self.path}); rows are being dropped",
+            )
             return
         self._start()
 
@@ -282,10 +344,18 @@ class CallLog:
                     try:
                         aside = _move_aside(self.path)
                     except OSError as move_error:
-                        return self._drop(rows, exc, f"; it could not be moved aside ({move_error}): move it away "
-                                                     f"by hand (mv {self.path} {self.path}.damaged) and a new one starts")
-                    log.warning("the call log %s was damaged (%s); it was moved aside to %s and a new log started "
-                                "in its place", self.path, exc, aside)
+                        return self._drop(
+                            rows,
+                            exc,
+                            f"; it could not be moved aside ({move_error}): move it away "
+                            f"by hand (mv {self.path} {self.path}.damaged) and a new one starts",
+                        )
+                    log.warning(
+                        "the call log %s was damaged (%s); it was moved aside to %s and a new log started in its place",
+                        self.path,
+                        exc,
+                        aside,
+                    )
                 except OSError as exc:
                     return self._drop(rows, exc)
 
@@ -468,11 +538,23 @@ def _plain(value: Any) -> Any:
 
 
 #: header names whose values are logged as sent (lower case); every other header's value is masked
-SAFE_HEADERS = frozenset({
-    "accept", "accept-encoding", "accept-language", "content-type", "user-agent", "openai-organization",
-    "openai-project", "openai-beta", "x-stainless-retry-count", "x-request-id", "x-client-request-id",
-    "idempotency-key", "helicone-cache-enabled",
-})
+SAFE_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "content-type",
+        "user-agent",
+        "openai-organization",
+        "openai-project",
+        "openai-beta",
+        "x-stainless-retry-count",
+        "x-request-id",
+        "x-client-request-id",
+        "idempotency-key",
+        "helicone-cache-enabled",
+    }
+)
 #: query parameter names whose values are logged as sent (lower case); every other one's value is masked
 SAFE_QUERY = frozenset({"api-version", "api_version", "model", "format", "stream"})
 MASKED = "****"
@@ -500,7 +582,9 @@ def _masked_values(params: dict) -> list[str]:
     for name, safe in (("extra_headers", SAFE_HEADERS), ("extra_query", SAFE_QUERY)):
         given = params.get(name)
         if isinstance(given, dict):
-            values += [str(v) for k, v in given.items() if str(k).lower() not in safe and v is not None and len(str(v)) >= 8]
+            values += [
+                str(v) for k, v in given.items() if str(k).lower() not in safe and v is not None and len(str(v)) >= 8
+            ]
     return values
 
 
@@ -531,7 +615,9 @@ def _row(item: tuple) -> tuple:
         endpoint = {k: redact_url(v) if isinstance(v, str) and "://" in v else v for k, v in endpoint.items()}
     template_path, template_hash = _template_info(getattr(response, "prompt", None))
     message = response.message or {}
-    reply = {k: message[k] for k in ("content", "tool_calls", "refusal") if message.get(k) is not None} if message else None
+    reply = (
+        {k: message[k] for k in ("content", "tool_calls", "refusal") if message.get(k) is not None} if message else None
+    )
     usage = response.usage or {}
     parts = getattr(response, "_parts", None)
     if exc is not None and parts:  # a stream that failed, was closed or dropped: the text received so far
@@ -540,18 +626,35 @@ def _row(item: tuple) -> tuple:
         text = response.text if response.message is not None else None
     rounds = [r.as_dict() for r in response.tool_rounds] if getattr(response, "tool_rounds", None) else None
     row: dict[str, Any] = {
-        "id": call_id, "ts": ts, "template": response.template, "template_path": template_path,
-        "template_hash": template_hash, "variables": _json(response.variables), "messages": _json(_without_media(response.messages)),
-        "response": text, "reply": _json(reply),
-        "model_requested": model_requested, "model": response.model or model_requested,
-        "api_type": response.api_type or getattr(sender, "api_type", None), "endpoint": _json(endpoint),
+        "id": call_id,
+        "ts": ts,
+        "template": response.template,
+        "template_path": template_path,
+        "template_hash": template_hash,
+        "variables": _json(response.variables),
+        "messages": _json(_without_media(response.messages)),
+        "response": text,
+        "reply": _json(reply),
+        "model_requested": model_requested,
+        "model": response.model or model_requested,
+        "api_type": response.api_type or getattr(sender, "api_type", None),
+        "endpoint": _json(endpoint),
         "params": _json(_public_params(resolved)),
-        "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-        "total_tokens": usage.get("total_tokens"), "usage": _json(usage), "cost": response.cost,
-        "latency": latency, "ttft": response.time_to_first_token, "cached": int(bool(response.cached)),
-        "retries": response.retries, "output_retries": response.output_retries, "finish_reason": response.finish_reason,
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+        "usage": _json(usage),
+        "cost": response.cost,
+        "latency": latency,
+        "ttft": response.time_to_first_token,
+        "cached": int(bool(response.cached)),
+        "retries": response.retries,
+        "output_retries": response.output_retries,
+        "finish_reason": response.finish_reason,
         "error_type": type(exc).__name__ if exc is not None else None,
-        "error_message": str(exc) if exc is not None else None, "batch_id": batch_id, "pid": pid,
+        "error_message": str(exc) if exc is not None else None,
+        "batch_id": batch_id,
+        "pid": pid,
         "tool_rounds": _json(rounds),
     }
     secrets = _secrets(sender, cfg, resolved)
@@ -631,14 +734,34 @@ def _record(cfg: Any, sender: Any, response: Any, params: dict, exc: BaseExcepti
         writer = call_log(log_path(cfg))
         batch_id, pid = _batch.get(), os.getpid()
         # with fallbacks: a row per failed try of a client (its api_type, model, error), then the call's own
-        attempts = [*getattr(response, "attempts", ()), *(a for a in getattr(exc, "attempts", ()) if a.error is not exc)]
+        attempts = [
+            *getattr(response, "attempts", ()),
+            *(a for a in getattr(exc, "attempts", ()) if a.error is not exc),
+        ]
         for attempt in attempts:
             if attempt.error is None:  # skipped (cooling down): nothing was sent
                 continue
-            stub = type(response)(response.messages, model=attempt.model, api_type=attempt.api_type,
-                                  template=response.template, variables=response.variables, prompt=response.prompt)
-            writer.record((new_id(), attempt.time, stub, attempt.client, attempt.params, attempt.error, batch_id,
-                           attempt.latency, pid))
+            stub = type(response)(
+                response.messages,
+                model=attempt.model,
+                api_type=attempt.api_type,
+                template=response.template,
+                variables=response.variables,
+                prompt=response.prompt,
+            )
+            writer.record(
+                (
+                    new_id(),
+                    attempt.time,
+                    stub,
+                    attempt.client,
+                    attempt.params,
+                    attempt.error,
+                    batch_id,
+                    attempt.latency,
+                    pid,
+                )
+            )
         answered = getattr(response, "client", None)
         params_for = getattr(sender, "params_for", None)
         if answered is not None and params_for is not None:  # the row names the client that answered
@@ -689,8 +812,9 @@ class StreamObserver:
         """The stream was closed before it ended (a no-op once it ended or when nothing was read)."""
         if self.written or response.time_to_first_token is None:
             return
-        self.ended(response, StreamClosed(f"the stream was closed after {_chars(response._parts)} characters, "
-                                          "before it ended"))
+        self.ended(
+            response, StreamClosed(f"the stream was closed after {_chars(response._parts)} characters, before it ended")
+        )
 
     def abandoned(self, fields: dict) -> None:
         """The Response with these fields (its ``__dict__``) was freed unfinished: log a copy of it."""
@@ -700,13 +824,23 @@ class StreamObserver:
         try:
             from ..response import Response
 
-            copy = Response(**{f.name: fields[f.name] for f in dataclasses.fields(Response)
-                               if f.init and f.name not in _DETACHED and f.name in fields})
+            copy = Response(
+                **{
+                    f.name: fields[f.name]
+                    for f in dataclasses.fields(Response)
+                    if f.init and f.name not in _DETACHED and f.name in fields
+                }
+            )
         except Exception as err:  # noqa: BLE001 - logging never fails a call
             log.debug("call log: %s", err)
             return
-        _record(self.cfg, self.sender, copy, self.params,
-                StreamAbandoned(f"the stream was dropped unfinished after {_chars(copy._parts)} characters"))
+        _record(
+            self.cfg,
+            self.sender,
+            copy,
+            self.params,
+            StreamAbandoned(f"the stream was dropped unfinished after {_chars(copy._parts)} characters"),
+        )
 
 
 def _chars(parts: list) -> int:
@@ -746,7 +880,11 @@ def observed(fn: Callable[..., Any]) -> Callable[..., Any]:
         logging_on, tracing = cfg.log_calls, otel.enabled()
         if not logging_on and not tracing:
             return fn(sender, response, params, *args, **kwargs)
-        span = otel.call_span(sender.api_type, _resolved(sender, params, cfg), response) if tracing else contextlib.nullcontext()
+        span = (
+            otel.call_span(sender.api_type, _resolved(sender, params, cfg), response)
+            if tracing
+            else contextlib.nullcontext()
+        )
         try:
             with span:
                 result = fn(sender, response, params, *args, **kwargs)
@@ -770,7 +908,11 @@ def aobserved(fn: Callable[..., Any]) -> Callable[..., Any]:
         logging_on, tracing = cfg.log_calls, otel.enabled()
         if not logging_on and not tracing:
             return await fn(sender, response, params, *args, **kwargs)
-        span = otel.call_span(sender.api_type, _resolved(sender, params, cfg), response) if tracing else contextlib.nullcontext()
+        span = (
+            otel.call_span(sender.api_type, _resolved(sender, params, cfg), response)
+            if tracing
+            else contextlib.nullcontext()
+        )
         try:
             with span:
                 result = await fn(sender, response, params, *args, **kwargs)
@@ -823,14 +965,23 @@ def record_of(row: Any) -> dict[str, Any]:
                 out[column] = json.loads(out[column])
     if "cached" in out:
         out["cached"] = bool(out["cached"])
-    out["error"] = {"type": out.pop("error_type"), "message": out.pop("error_message")} if out.get("error_type") else None
+    out["error"] = (
+        {"type": out.pop("error_type"), "message": out.pop("error_message")} if out.get("error_type") else None
+    )
     out.pop("error_type", None)
     out.pop("error_message", None)
     return out
 
 
-def _filters(template: str | None, model: str | None, since: float | None, errors: bool, batch_id: str | None,
-             text: str | None, has_fts: bool) -> tuple[str, list[Any]]:
+def _filters(
+    template: str | None,
+    model: str | None,
+    since: float | None,
+    errors: bool,
+    batch_id: str | None,
+    text: str | None,
+    has_fts: bool,
+) -> tuple[str, list[Any]]:
     where: list[str] = []
     args: list[Any] = []
     if template:
@@ -862,9 +1013,19 @@ def _fts(conn: Any) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'calls_fts'").fetchone() is not None
 
 
-def query(conn: Any, *, limit: int = 20, template: str | None = None, model: str | None = None,
-          since: float | None = None, errors: bool = False, batch_id: str | None = None,
-          text: str | None = None, until: float | None = None, before: str | None = None) -> list[dict[str, Any]]:
+def query(
+    conn: Any,
+    *,
+    limit: int = 20,
+    template: str | None = None,
+    model: str | None = None,
+    since: float | None = None,
+    errors: bool = False,
+    batch_id: str | None = None,
+    text: str | None = None,
+    until: float | None = None,
+    before: str | None = None,
+) -> list[dict[str, Any]]:
     """The newest ``limit`` calls matching every filter given, newest first, as :func:`record_of` dicts.
 
     Filters: ``template`` (a name as given to LLMCall, or its short form ``NAME`` for
@@ -906,16 +1067,24 @@ def get(conn: Any, call_id: str) -> dict[str, Any] | None:
         rows = conn.execute("SELECT * FROM calls ORDER BY ts DESC, id DESC LIMIT 1").fetchall()
     else:  # ids are lowercase hex: a prefix is an index range (LIKE, case-insensitive, would scan the table)
         prefix = call_id.lower()
-        rows = conn.execute("SELECT * FROM calls WHERE id >= ? AND id < ? ORDER BY ts DESC LIMIT 2",
-                            [prefix, prefix + "\U0010ffff"]).fetchall()
+        rows = conn.execute(
+            "SELECT * FROM calls WHERE id >= ? AND id < ? ORDER BY ts DESC LIMIT 2", [prefix, prefix + "\U0010ffff"]
+        ).fetchall()
         if len(rows) > 1:
             raise LookupError(f"{call_id!r} is the start of more than one call id; give more of it")
     return record_of(rows[0]) if rows else None
 
 
-def stats(conn: Any, *, since: float | None = None, template: str | None = None, model: str | None = None,
-          batch_id: str | None = None, groups: tuple[str, ...] = ("by_model", "by_template", "by_day", "total"),
-          until: float | None = None) -> dict[str, list[dict[str, Any]]]:
+def stats(
+    conn: Any,
+    *,
+    since: float | None = None,
+    template: str | None = None,
+    model: str | None = None,
+    batch_id: str | None = None,
+    groups: tuple[str, ...] = ("by_model", "by_template", "by_day", "total"),
+    until: float | None = None,
+) -> dict[str, list[dict[str, Any]]]:
     """Calls, tokens, cost (USD; None when no call of a group was priced), unpriced calls, errors,
     cache hits and latency summed by ``model``, ``template`` and ``day`` (local date), plus ``total``.
 
@@ -932,20 +1101,27 @@ def stats(conn: Any, *, since: float | None = None, template: str | None = None,
     if until is not None:
         where = (where + " AND " if where else " WHERE ") + "ts < ?"
         args.append(until)
-    sums = ("COUNT(*) AS calls, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "
-            "COALESCE(SUM(completion_tokens), 0) AS completion_tokens, SUM(cost) AS cost, "
-            "SUM(cost IS NULL AND error_type IS NULL AND cached = 0) AS unpriced, "
-            "SUM(error_type IS NOT NULL) AS errors, SUM(cached) AS cached, "
-            "AVG(latency) AS mean_latency, MAX(latency) AS max_latency")
-    keys = {"by_model": "COALESCE(model, model_requested, '?')", "by_template": "COALESCE(template, '(none)')",
-            "by_day": "date(ts, 'unixepoch', 'localtime')"}
+    sums = (
+        "COUNT(*) AS calls, COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens, "
+        "COALESCE(SUM(completion_tokens), 0) AS completion_tokens, SUM(cost) AS cost, "
+        "SUM(cost IS NULL AND error_type IS NULL AND cached = 0) AS unpriced, "
+        "SUM(error_type IS NOT NULL) AS errors, SUM(cached) AS cached, "
+        "AVG(latency) AS mean_latency, MAX(latency) AS max_latency"
+    )
+    keys = {
+        "by_model": "COALESCE(model, model_requested, '?')",
+        "by_template": "COALESCE(template, '(none)')",
+        "by_day": "date(ts, 'unixepoch', 'localtime')",
+    }
     out: dict[str, list[dict[str, Any]]] = {}
     for name, key in keys.items():
         if name not in groups:
             continue
         label = name[3:]
         order = f"{label} DESC" if label == "day" else "calls DESC"
-        rows = conn.execute(f"SELECT {key} AS {label}, {sums} FROM calls{where} GROUP BY 1 ORDER BY {order}", args).fetchall()
+        rows = conn.execute(
+            f"SELECT {key} AS {label}, {sums} FROM calls{where} GROUP BY 1 ORDER BY {order}", args
+        ).fetchall()
         out[name] = [dict(r) for r in rows]
     if "total" in groups:
         out["total"] = [dict(r) for r in conn.execute(f"SELECT {sums} FROM calls{where}", args).fetchall()]

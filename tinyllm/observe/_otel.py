@@ -31,18 +31,26 @@ __all__ = ["enabled", "attempt", "attempt_span", "call_span", "tool_span", "capt
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 #: api_type -> gen_ai.provider.name
 PROVIDER_NAMES = {"openai": "openai", "azure": "azure.ai.openai", "ollama": "ollama", "llamacpp": "llama_cpp"}
-_REQUEST_ATTRS = {"temperature": "gen_ai.request.temperature", "max_tokens": "gen_ai.request.max_tokens",
-                  "max_completion_tokens": "gen_ai.request.max_tokens", "top_p": "gen_ai.request.top_p",
-                  "frequency_penalty": "gen_ai.request.frequency_penalty",
-                  "presence_penalty": "gen_ai.request.presence_penalty", "seed": "gen_ai.request.seed"}
+_REQUEST_ATTRS = {
+    "temperature": "gen_ai.request.temperature",
+    "max_tokens": "gen_ai.request.max_tokens",
+    "max_completion_tokens": "gen_ai.request.max_tokens",
+    "top_p": "gen_ai.request.top_p",
+    "frequency_penalty": "gen_ai.request.frequency_penalty",
+    "presence_penalty": "gen_ai.request.presence_penalty",
+    "seed": "gen_ai.request.seed",
+}
 _tracer_memo: list[Any] = [None, None]  # [provider, its tracer]
 
 
 def _trace() -> Any:
     """The ``opentelemetry.trace`` module when a real tracer provider is set globally, else None."""
     trace = sys.modules.get("opentelemetry.trace")  # never imported here: whoever sets a provider did
-    if trace is None or getattr(getattr(trace, "__spec__", None), "_initializing", False) \
-            or not hasattr(trace, "get_tracer_provider"):
+    if (
+        trace is None
+        or getattr(getattr(trace, "__spec__", None), "_initializing", False)
+        or not hasattr(trace, "get_tracer_provider")
+    ):
         return None  # not imported, or being imported by another thread right now (no provider set through it yet)
     provider = trace.get_tracer_provider()
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
@@ -87,8 +95,9 @@ def attempt_span(model: str, n: int) -> Iterator[None]:
     attrs: dict[str, Any] = {"gen_ai.request.model": model, "tinyllm.attempt": n + 1}
     if n:
         attrs["http.request.resend_count"] = n
-    with _tracer(trace).start_as_current_span("tinyllm.attempt", attributes=attrs, record_exception=False,
-                                              set_status_on_exception=False) as span:
+    with _tracer(trace).start_as_current_span(
+        "tinyllm.attempt", attributes=attrs, record_exception=False, set_status_on_exception=False
+    ) as span:
         try:
             yield
         except BaseException as exc:
@@ -114,8 +123,9 @@ def tool_span(name: str, call_id: str | None = None) -> Iterator[Any]:
     attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name}
     if call_id:
         attrs["gen_ai.tool.call.id"] = call_id
-    with _tracer(trace).start_as_current_span(f"execute_tool {name}", attributes=attrs, record_exception=False,
-                                              set_status_on_exception=False) as span:
+    with _tracer(trace).start_as_current_span(
+        f"execute_tool {name}", attributes=attrs, record_exception=False, set_status_on_exception=False
+    ) as span:
         try:
             yield span
         except BaseException as exc:
@@ -129,11 +139,17 @@ def _parts(message: dict) -> list[dict]:
     if isinstance(content, str):
         parts.append({"type": "text", "content": content})
     elif isinstance(content, list):
-        parts.extend({"type": "text", "content": p.get("text")} if isinstance(p, dict) and "text" in p else
-                     {"type": "unknown", "content": str(p)} for p in content)
+        parts.extend(
+            {"type": "text", "content": p.get("text")}
+            if isinstance(p, dict) and "text" in p
+            else {"type": "unknown", "content": str(p)}
+            for p in content
+        )
     for call in message.get("tool_calls") or []:
         fn = call.get("function") or {}
-        parts.append({"type": "tool_call", "id": call.get("id"), "name": fn.get("name"), "arguments": fn.get("arguments")})
+        parts.append(
+            {"type": "tool_call", "id": call.get("id"), "name": fn.get("name"), "arguments": fn.get("arguments")}
+        )
     if message.get("refusal"):
         parts.append({"type": "refusal", "content": message["refusal"]})
     return parts
@@ -154,8 +170,12 @@ def call_span(api_type: str, params: dict, response: Any) -> Iterator[None]:
         return
     model = str(params.get("model") or "")
     provider = PROVIDER_NAMES.get(api_type, api_type or "unknown")
-    attrs: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider, "gen_ai.system": provider,
-                             "gen_ai.request.model": model}
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": provider,
+        "gen_ai.system": provider,
+        "gen_ai.request.model": model,
+    }
     for key, name in _REQUEST_ATTRS.items():
         value = params.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -164,10 +184,13 @@ def call_span(api_type: str, params: dict, response: Any) -> Iterator[None]:
         attrs["tinyllm.template"] = response.template
     capture = capture_content()
     if capture:
-        attrs["gen_ai.input.messages"] = _dumps([{"role": m.get("role"), "parts": _parts(m)} for m in response.messages])
+        attrs["gen_ai.input.messages"] = _dumps(
+            [{"role": m.get("role"), "parts": _parts(m)} for m in response.messages]
+        )
     kind = trace.SpanKind.CLIENT
-    with _tracer(trace).start_as_current_span(f"chat {model}".strip(), kind=kind, attributes=attrs,
-                                              record_exception=False, set_status_on_exception=False) as span:
+    with _tracer(trace).start_as_current_span(
+        f"chat {model}".strip(), kind=kind, attributes=attrs, record_exception=False, set_status_on_exception=False
+    ) as span:
         try:
             yield
         except BaseException as exc:

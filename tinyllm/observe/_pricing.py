@@ -63,8 +63,13 @@ def _tokens(usage: dict) -> tuple[int, int, int, int, int] | None:
     cached = details_in.get("cached_tokens") if isinstance(details_in, dict) else None
     written = details_in.get("cache_creation_tokens") if isinstance(details_in, dict) else None
     reasoning = details_out.get("reasoning_tokens") if isinstance(details_out, dict) else None
-    return (int(usage.get("prompt_tokens") or 0), int(cached or 0), int(usage.get("completion_tokens") or 0), int(reasoning or 0),
-            int(written or 0))
+    return (
+        int(usage.get("prompt_tokens") or 0),
+        int(cached or 0),
+        int(usage.get("completion_tokens") or 0),
+        int(reasoning or 0),
+        int(written or 0),
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,8 +101,10 @@ def _has_batch_price(key: tuple[str, str | None, str]) -> bool:
 
     _, model = _table_entry(*key)
     now = datetime.datetime.now(tz=datetime.timezone.utc)
-    return any(v.when == _BATCH_CONTEXT and (v.constraint is None or v.constraint.active(now))
-               for v in (getattr(model, "price_variants", None) or ()))
+    return any(
+        v.when == _BATCH_CONTEXT and (v.constraint is None or v.constraint.active(now))
+        for v in (getattr(model, "price_variants", None) or ())
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -108,8 +115,13 @@ def _table_cost(key: tuple[str, str | None, str], tokens: tuple[int, int, int, i
 
     n_in, n_cached, n_out, n_reasoning, n_written = tokens
     cached = min(n_cached, n_in)
-    usage = Usage(input_tokens=n_in, cache_read_tokens=cached, cache_write_tokens=min(n_written, n_in - cached),
-                  output_tokens=n_out, output_reasoning_tokens=min(n_reasoning, n_out))
+    usage = Usage(
+        input_tokens=n_in,
+        cache_read_tokens=cached,
+        cache_write_tokens=min(n_written, n_in - cached),
+        output_tokens=n_out,
+        output_reasoning_tokens=min(n_reasoning, n_out),
+    )
     provider, model = _table_entry(*key)
     if batch and _has_batch_price(key):
         return float(model.calc_price(usage, provider, price_context=_BATCH_CONTEXT).total_price)
@@ -123,8 +135,12 @@ def _override_cost(price: dict, tokens: tuple[int, int, int, int, int]) -> float
     written = min(n_written, n_in - cached)
     per_cached = price.get("cached_input_per_mtok", price["input_per_mtok"])
     per_written = price.get("cache_write_per_mtok", price["input_per_mtok"])
-    return ((n_in - cached - written) * price["input_per_mtok"] + cached * per_cached + written * per_written
-            + n_out * price["output_per_mtok"]) / 1e6
+    return (
+        (n_in - cached - written) * price["input_per_mtok"]
+        + cached * per_cached
+        + written * per_written
+        + n_out * price["output_per_mtok"]
+    ) / 1e6
 
 
 def _base_url(client: Any, cfg: Any) -> str | None:
@@ -172,8 +188,16 @@ def _find_source(client: Any, cfg: Any, models: tuple[str | None, ...]) -> Any:
     return None
 
 
-def reply_cost(client: Any, cfg: Any, usage: dict, model: str | None, asked: str | None = None, *,
-               cached: bool = False, batch: bool = False) -> float | None:
+def reply_cost(
+    client: Any,
+    cfg: Any,
+    usage: dict,
+    model: str | None,
+    asked: str | None = None,
+    *,
+    cached: bool = False,
+    batch: bool = False,
+) -> float | None:
     """USD of one reply.
 
     Args:
@@ -207,12 +231,14 @@ def reply_cost(client: Any, cfg: Any, usage: dict, model: str | None, asked: str
         return None
 
 
-def estimate_cost(client: Any, cfg: Any, model: str, prompt_tokens: int, completion_tokens: int, *,
-                  batch: bool = False) -> float | None:
+def estimate_cost(
+    client: Any, cfg: Any, model: str, prompt_tokens: int, completion_tokens: int, *, batch: bool = False
+) -> float | None:
     """USD of ``prompt_tokens`` input (none of it cached) and ``completion_tokens`` output for ``model``
     (``batch``: at the batch price); None when unpriced."""
-    return reply_cost(client, cfg, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}, model,
-                      batch=batch)
+    return reply_cost(
+        client, cfg, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}, model, batch=batch
+    )
 
 
 def batch_price_kind(client: Any, cfg: Any, model: str) -> str | None:

@@ -29,7 +29,11 @@ def record_reply(reply_usage: dict, cost: float | None, model: str | None = None
     and ``total_tokens`` (missing: 0) and its cost in USD (None: its price is unknown), under one lock;
     ``model`` (the model asked for): its longest reply so far is kept (:func:`longest_completion`)."""
     get = reply_usage.get
-    prompt, completion, total = int(get("prompt_tokens") or 0), int(get("completion_tokens") or 0), int(get("total_tokens") or 0)
+    prompt, completion, total = (
+        int(get("prompt_tokens") or 0),
+        int(get("completion_tokens") or 0),
+        int(get("total_tokens") or 0),
+    )
     with _lock:
         if model is not None and completion > _longest.get(model, 0):
             _longest[model] = completion

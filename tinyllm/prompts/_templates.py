@@ -51,31 +51,45 @@ __all__ = ["Prompt", "load_prompt", "search_path", "list_prompts", "render_strin
 Dirs = Union[str, "os.PathLike[str]", Iterable[Union[str, "os.PathLike[str]"]], None]
 ROLES = ("system", "user", "assistant", "developer")
 OUTPUT_TYPES = ("str", "bool", "int", "float", "json", "dict", "list")
-_SETTINGS = ("description", "output_type", "output_retries", "messages", "output_schema", "tools", "mcp_servers",
-             "tests")  # tests: tinyllm eval's cases
+_SETTINGS = (
+    "description",
+    "output_type",
+    "output_retries",
+    "messages",
+    "output_schema",
+    "tools",
+    "mcp_servers",
+    "tests",
+)  # tests: tinyllm eval's cases
 # Request parameters a front-matter key is checked against (a key close to one of these but
 # not equal is taken for a typo): the chat-completion parameters of the OpenAI API
 # (https://platform.openai.com/docs/api-reference/chat/create; openai-python's
 # CompletionCreateParams), the SDK's request options, and widely used parameters of
 # OpenAI-compatible servers (vLLM, llama.cpp server, OpenRouter), some of which sit close to an
 # OpenAI name (top_k ~ top_p, models ~ model, min_tokens ~ max_tokens) and must not be taken for typos.
-_OPENAI_PARAMS = frozenset("""
+_OPENAI_PARAMS = frozenset(
+    """
     audio frequency_penalty function_call functions logit_bias logprobs max_completion_tokens max_tokens
     messages metadata modalities model moderation n parallel_tool_calls prediction presence_penalty
     prompt_cache_key prompt_cache_options prompt_cache_retention reasoning_effort response_format
     safety_identifier seed service_tier stop store stream stream_options temperature tool_choice tools
     top_logprobs top_p user verbosity web_search_options
     timeout extra_body extra_headers extra_query
-""".split())
-_SERVER_PARAMS = frozenset("""
+""".split()
+)
+_SERVER_PARAMS = frozenset(
+    """
     top_k top_a min_p min_tokens models typical_p repetition_penalty repeat_penalty repeat_last_n
     length_penalty best_of ignore_eos stop_token_ids n_predict n_probs mirostat mirostat_tau mirostat_eta
-""".split())
+""".split()
+)
 # Anthropic's Messages API parameters (https://platform.claude.com/docs/en/api/messages) and tinyllm's
 # ``cache`` (prompt-caching breakpoints, see tinyllm/clients/_anthropic_wire.py): sent by the anthropic client.
-_ANTHROPIC_PARAMS = frozenset("""
+_ANTHROPIC_PARAMS = frozenset(
+    """
     cache cache_control thinking output_config stop_sequences container inference_geo speed service_tier
-""".split())
+""".split()
+)
 _KNOWN_KEYS = frozenset({*_SETTINGS, *_OPENAI_PARAMS, *_SERVER_PARAMS, *_ANTHROPIC_PARAMS})
 _YAML_BOOL = "tag:yaml.org,2002:bool"
 _UNDEFINED = re.compile(r"^'([^']+)' is undefined$")
@@ -127,15 +141,22 @@ def _yaml_loader() -> type:
         def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
-                raise ComposerError(None, None, f"the alias *{event.anchor} is not allowed in front matter "
-                                    "(aliases can expand exponentially); write the value out", event.start_mark)
+                raise ComposerError(
+                    None,
+                    None,
+                    f"the alias *{event.anchor} is not allowed in front matter "
+                    "(aliases can expand exponentially); write the value out",
+                    event.start_mark,
+                )
             return super().compose_node(parent, index)
 
     FrontMatterLoader.yaml_implicit_resolvers = {  # a copy, without the YAML 1.1 boolean resolver
         first: [(tag, rx) for tag, rx in resolvers if tag != _YAML_BOOL]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    FrontMatterLoader.add_implicit_resolver(_YAML_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                            list("tTfF"))
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    FrontMatterLoader.add_implicit_resolver(
+        _YAML_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
     return FrontMatterLoader
 
 
@@ -161,7 +182,7 @@ def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise TemplateError(f"{path}: front matter must be a mapping of 'key: value' lines, not {type(data).__name__}")
-    return data, "\n" * (end + 1) + "\n".join(lines[end + 1:])
+    return data, "\n" * (end + 1) + "\n".join(lines[end + 1 :])
 
 
 def _read_text(path: Path) -> str:
@@ -197,8 +218,11 @@ def included_body(source: str, filename: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _environment(dirs: tuple[str, ...], carried: tuple[tuple[str, tuple[str, str]], ...] | None = None,
-                 files: jinja2.BaseLoader | None = None) -> ImmutableSandboxedEnvironment:
+def _environment(
+    dirs: tuple[str, ...],
+    carried: tuple[tuple[str, tuple[str, str]], ...] | None = None,
+    files: jinja2.BaseLoader | None = None,
+) -> ImmutableSandboxedEnvironment:
     """The sandbox for templates found in ``dirs`` (or by ``files``, a loader used instead, e.g. one reading
     a git revision); ``carried``: ``(name, (file, source))`` of included files that came with a pickled
     Prompt, looked up first."""
@@ -211,8 +235,9 @@ def _environment(dirs: tuple[str, ...], carried: tuple[tuple[str, tuple[str, str
             return None if found is None else (found[1], found[0], lambda: True)
 
         loader = jinja2.ChoiceLoader([jinja2.FunctionLoader(carried_source), loader])
-    return ImmutableSandboxedEnvironment(loader=loader, undefined=jinja2.StrictUndefined,
-                                         autoescape=False, keep_trailing_newline=False)
+    return ImmutableSandboxedEnvironment(
+        loader=loader, undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False
+    )
 
 
 def _compile(env: jinja2.Environment, source: str, name: str, where: str) -> tuple[jinja2.Template, frozenset]:
@@ -231,10 +256,14 @@ def _compile(env: jinja2.Environment, source: str, name: str, where: str) -> tup
 def _too_deep(exc: RecursionError | SyntaxError) -> str:
     """The message for a template that nests deeper than Python allows."""
     if isinstance(exc, RecursionError):
-        return ("the template nests too deeply (Python's recursion limit: thousands of nested blocks or "
-                "parentheses, or an include or macro that calls itself); flatten it")
-    return (f"the template nests too deeply for Python ({exc.msg}: Jinja compiles each block to a nested "
-            "Python block; Python allows 20 nested loops and 100 levels of indentation); flatten it")
+        return (
+            "the template nests too deeply (Python's recursion limit: thousands of nested blocks or "
+            "parentheses, or an include or macro that calls itself); flatten it"
+        )
+    return (
+        f"the template nests too deeply for Python ({exc.msg}: Jinja compiles each block to a nested "
+        "Python block; Python allows 20 nested loops and 100 levels of indentation); flatten it"
+    )
 
 
 def _location(exc: BaseException, where: str) -> tuple[str, str]:
@@ -252,8 +281,9 @@ def _location(exc: BaseException, where: str) -> tuple[str, str]:
     return file, text if file == where else f"{text} (included from {where})"
 
 
-def _render(template: jinja2.Template, variables: dict, where: str, dirs: tuple[str, ...],
-            base: dict | None = None) -> str:
+def _render(
+    template: jinja2.Template, variables: dict, where: str, dirs: tuple[str, ...], base: dict | None = None
+) -> str:
     """Render ``template``, mapping every Jinja failure into the tinyllm error tree.
 
     ``base``: ``dict(template.globals)``, taken once when the template was compiled. What
@@ -309,8 +339,10 @@ def _messages(value: Any, path: Path) -> list[tuple[str, str]]:
     for i, item in enumerate(value):
         role, text = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (None, None)
         if role not in ROLES or not isinstance(text, str):
-            raise TemplateError(f"{path}: messages[{i}] must be one '- role: text' mapping with a role among "
-                                f"{', '.join(ROLES)} and a string text; got {item!r}")
+            raise TemplateError(
+                f"{path}: messages[{i}] must be one '- role: text' mapping with a role among "
+                f"{', '.join(ROLES)} and a string text; got {item!r}"
+            )
         out.append((role, text))
     return out
 
@@ -348,12 +380,16 @@ def _check_params(params: dict[str, Any], origin: dict[str, Path]) -> None:
             raise TemplateError(f"{origin[key]}: front matter key {key!r} must be a string")
         close = [misspelled(key)] if misspelled(key) else []
         if close:
-            raise TemplateError(f"{origin[key]}: front matter key {key!r} is not a parameter tinyllm knows; "
-                                f"did you mean {close[0]!r}? (A server-specific parameter goes under 'extra_body:'.)")
+            raise TemplateError(
+                f"{origin[key]}: front matter key {key!r} is not a parameter tinyllm knows; "
+                f"did you mean {close[0]!r}? (A server-specific parameter goes under 'extra_body:'.)"
+            )
     extra = params.get("extra_body")
     if extra is not None and not (isinstance(extra, dict) and all(isinstance(k, str) for k in extra)):
-        raise TemplateError(f"{origin['extra_body']}: front matter 'extra_body' must be a mapping of "
-                            f"parameter names to values, not {extra!r}")
+        raise TemplateError(
+            f"{origin['extra_body']}: front matter 'extra_body' must be a mapping of "
+            f"parameter names to values, not {extra!r}"
+        )
 
 
 class Prompt:
@@ -367,9 +403,17 @@ class Prompt:
     (set[str]; includes not followed).
     """
 
-    def __init__(self, name: str, system_path: Path, user_path: Path | None, dirs: tuple[str, ...], *,
-                 texts: dict[str, str] | None = None, includes: dict[str, tuple[str, str]] | None = None,
-                 loader: jinja2.BaseLoader | None = None):
+    def __init__(
+        self,
+        name: str,
+        system_path: Path,
+        user_path: Path | None,
+        dirs: tuple[str, ...],
+        *,
+        texts: dict[str, str] | None = None,
+        includes: dict[str, tuple[str, str]] | None = None,
+        loader: jinja2.BaseLoader | None = None,
+    ):
         # texts/includes: given when the Prompt comes from a pickle (see __reduce__): the files' texts
         # (path -> text) and the included files (include name -> (file, source)), instead of the disk;
         # loader: where included files are found instead of ``dirs`` on disk (eval's template at a git revision)
@@ -404,29 +448,48 @@ class Prompt:
         if self.description is not None and not isinstance(self.description, str):
             raise TemplateError(f"{origin['description']}: front matter 'description' must be a string")
         ot = self.output_type
-        if ot is not None and ot not in OUTPUT_TYPES and not (isinstance(ot, list) and ot and all(
-                isinstance(x, (str, int, float, bool)) for x in ot)):
-            raise TemplateError(f"{origin['output_type']}: front matter 'output_type' must be one of "
-                                f"{', '.join(OUTPUT_TYPES)} or a list of labels, not {ot!r}")
+        if (
+            ot is not None
+            and ot not in OUTPUT_TYPES
+            and not (isinstance(ot, list) and ot and all(isinstance(x, (str, int, float, bool)) for x in ot))
+        ):
+            raise TemplateError(
+                f"{origin['output_type']}: front matter 'output_type' must be one of "
+                f"{', '.join(OUTPUT_TYPES)} or a list of labels, not {ot!r}"
+            )
         self.output_schema = fm.get("output_schema")
         if self.output_schema is not None and not isinstance(self.output_schema, dict):
-            raise TemplateError(f"{origin['output_schema']}: front matter 'output_schema' must be a JSON schema "
-                                f"(a mapping such as {{type: object, properties: ...}}), not {self.output_schema!r}")
+            raise TemplateError(
+                f"{origin['output_schema']}: front matter 'output_schema' must be a JSON schema "
+                f"(a mapping such as {{type: object, properties: ...}}), not {self.output_schema!r}"
+            )
         self.tools = fm.get("tools")
-        if self.tools is not None and not (isinstance(self.tools, list) and all(isinstance(t, str) and t for t in self.tools)):
-            raise TemplateError(f"{origin['tools']}: front matter 'tools' must be a list of tool names registered with "
-                                f"@tinyllm.tool (e.g. [get_weather]), not {self.tools!r}")
+        if self.tools is not None and not (
+            isinstance(self.tools, list) and all(isinstance(t, str) and t for t in self.tools)
+        ):
+            raise TemplateError(
+                f"{origin['tools']}: front matter 'tools' must be a list of tool names registered with "
+                f"@tinyllm.tool (e.g. [get_weather]), not {self.tools!r}"
+            )
         self.mcp_servers = fm.get("mcp_servers")
         servers = self.mcp_servers
-        if servers is not None and not (isinstance(servers, list) and all(
-                (isinstance(x, str) and x) or (isinstance(x, dict) and ("command" in x) != ("url" in x)) for x in servers)):
-            raise TemplateError(f"{origin['mcp_servers']}: front matter 'mcp_servers' must be a list of MCP servers, each a "
-                                "URL, a command line, or a mapping with either command: or url: (and env, cwd, name, "
-                                f"prefix, timeout), not {servers!r}")
+        if servers is not None and not (
+            isinstance(servers, list)
+            and all(
+                (isinstance(x, str) and x) or (isinstance(x, dict) and ("command" in x) != ("url" in x))
+                for x in servers
+            )
+        ):
+            raise TemplateError(
+                f"{origin['mcp_servers']}: front matter 'mcp_servers' must be a list of MCP servers, each a "
+                "URL, a command line, or a mapping with either command: or url: (and env, cwd, name, "
+                f"prefix, timeout), not {servers!r}"
+            )
         r = self.output_retries
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 0):
-            raise TemplateError(f"{origin['output_retries']}: front matter 'output_retries' must be an integer >= 0, "
-                                f"not {r!r}")
+            raise TemplateError(
+                f"{origin['output_retries']}: front matter 'output_retries' must be an integer >= 0, not {r!r}"
+            )
 
     def render(self, variables: dict[str, Any] | None = None, *, include_user: bool = True) -> list[dict[str, str]]:
         """Render to ``[{"role": ..., "content": ...}, ...]`` (see the module docstring for the order).
@@ -450,8 +513,13 @@ class Prompt:
         media = _media_markers(variables)  # images, audio, files: placeholders now, content parts below
         if media is not None:
             variables = media[0]
-        messages = [{"role": role, "content": static if static is not None else _render(t, variables, where, self._dirs, base).strip()}
-                    for role, t, where, static, base in parts]
+        messages = [
+            {
+                "role": role,
+                "content": static if static is not None else _render(t, variables, where, self._dirs, base).strip(),
+            }
+            for role, t, where, static, base in parts
+        ]
         if media is not None:
             from ..media import split
 
@@ -472,8 +540,9 @@ class Prompt:
         user_path = None
         if user_text is not None:
             head, sep, ext = self.system_path.name.rpartition(".system.")
-            user_path = self.user_path or self.system_path.with_name(f"{head}.user.{ext}" if sep else
-                                                                     f"{self.system_path.name}.user.md")
+            user_path = self.user_path or self.system_path.with_name(
+                f"{head}.user.{ext}" if sep else f"{self.system_path.name}.user.md"
+            )
         texts = {str(self.system_path): system_text, **({str(user_path): user_text} if user_path else {})}
         return Prompt(self.name, self.system_path, user_path, self._dirs, texts=texts)
 
@@ -491,8 +560,17 @@ class Prompt:
         known in advance: it is looked up on the unpickling side's search path (the same
         directory names), where it may be missing (TemplateNotFoundError on render).
         """
-        return (_carried_prompt, (self.name, str(self.system_path), None if self.user_path is None else str(self.user_path),
-                                  self._dirs, dict(self._texts), self._included()))
+        return (
+            _carried_prompt,
+            (
+                self.name,
+                str(self.system_path),
+                None if self.user_path is None else str(self.user_path),
+                self._dirs,
+                dict(self._texts),
+                self._included(),
+            ),
+        )
 
     def _included(self) -> dict[str, tuple[str, str]]:
         """``{include name: (file, source)}`` of every file the templates name literally, recursively."""
@@ -522,16 +600,28 @@ _carried: dict[tuple, Prompt] = {}  # a pickled prompt's content -> the Prompt b
 fresh_locks_in_child(globals(), "_lock", "_carried_lock")
 
 
-def _carried_prompt(name: str, system_path: str, user_path: str | None, dirs: tuple[str, ...],
-                    texts: dict[str, str], includes: dict[str, tuple[str, str]]) -> Prompt:
+def _carried_prompt(
+    name: str,
+    system_path: str,
+    user_path: str | None,
+    dirs: tuple[str, ...],
+    texts: dict[str, str],
+    includes: dict[str, tuple[str, str]],
+) -> Prompt:
     """A Prompt rebuilt from pickled sources (see :meth:`Prompt.__reduce__`); the same object for the
     same content, so the tasks of a batch compile it once per process."""
     key = (name, system_path, user_path, dirs, tuple(sorted(texts.items())), tuple(sorted(includes.items())))
     with _carried_lock:
         found = _carried.get(key)
     if found is None:
-        found = Prompt(name, Path(system_path), None if user_path is None else Path(user_path), tuple(dirs),
-                       texts=texts, includes=includes)
+        found = Prompt(
+            name,
+            Path(system_path),
+            None if user_path is None else Path(user_path),
+            tuple(dirs),
+            texts=texts,
+            includes=includes,
+        )
         with _carried_lock:
             if len(_carried) >= 256:
                 _carried.clear()
@@ -592,8 +682,9 @@ def _signature(path: str | None) -> tuple[int, int] | None:
     return (st.st_mtime_ns, st.st_size) if st else None
 
 
-def load_prompt(system_template_name: str, user_template_name: str | None = None, *,
-                prompts_dir: Dirs = None) -> Prompt:
+def load_prompt(
+    system_template_name: str, user_template_name: str | None = None, *, prompts_dir: Dirs = None
+) -> Prompt:
     """Find, parse and compile a prompt; the same object is returned until one of its files changes.
 
     ``system_template_name`` is a file name (``summarize.system.md``), a path, or a short name
@@ -640,7 +731,11 @@ def _load(name: str, user_name: str | None, dirs: list[str]) -> Prompt:
         user_path = _find(user_name, user_dirs)
         if user_path is None:
             raise TemplateNotFoundError(user_name, user_dirs)
-    loader_dirs = [os.path.dirname(system_path), *([os.path.dirname(user_path)] if user_path else []), *filter(os.path.isdir, dirs)]
+    loader_dirs = [
+        os.path.dirname(system_path),
+        *([os.path.dirname(user_path)] if user_path else []),
+        *filter(os.path.isdir, dirs),
+    ]
     env_dirs = tuple(dict.fromkeys(loader_dirs))
     key = (name, system_path, user_path, env_dirs)
     sig = (_signature(system_path), _signature(user_path))

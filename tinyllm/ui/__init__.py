@@ -40,9 +40,16 @@ def create_app(**kwargs: Any) -> Any:
     return make(**kwargs)
 
 
-def serve(*, host: str = LOOPBACK, port: int = 8765, prompts_dirs: list[str] | tuple[str, ...] = (),
-          token: str | None = None, log_db: str | None = None, eval_db: str | None = None,
-          on_ready: Any = None) -> None:
+def serve(
+    *,
+    host: str = LOOPBACK,
+    port: int = 8765,
+    prompts_dirs: list[str] | tuple[str, ...] = (),
+    token: str | None = None,
+    log_db: str | None = None,
+    eval_db: str | None = None,
+    on_ready: Any = None,
+) -> None:
     """Serve the workbench with uvicorn until interrupted (Ctrl-C).
 
     Args:

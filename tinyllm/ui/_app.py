@@ -69,8 +69,13 @@ def _pct(value: Any) -> str:
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(usd=_usd, when=_when, seconds=_seconds, pct=_pct)
     return env
 
@@ -97,8 +102,9 @@ class Workbench:
 
     def page(self, request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
         context.setdefault("nav", name.split(".")[0])
-        return self.templates.TemplateResponse(request, name, {"csrf": request.state.csrf, **context},
-                                               status_code=status_code)
+        return self.templates.TemplateResponse(
+            request, name, {"csrf": request.state.csrf, **context}, status_code=status_code
+        )
 
     # -- Prompts ---------------------------------------------------------------------------------------
     def prompts(self, request: Request) -> Response:
@@ -106,13 +112,26 @@ class Workbench:
         rows = []
         for f in _edit.prompt_rows(self.dirs):
             p = f.prompt
-            text = " ".join([f.name, (p.description or "") if p else "", " ".join(sorted(p.variables)) if p else ""]).lower()
+            text = " ".join(
+                [f.name, (p.description or "") if p else "", " ".join(sorted(p.variables)) if p else ""]
+            ).lower()
             if q and q not in text:
                 continue
-            rows.append({"files": f, "prompt": p, "cases": count_cases(f),
-                         "output_type": (p.output_schema and "json schema") or p.output_type or "str" if p else None})
-        return self.page(request, "prompts.html", rows=rows, q=request.query_params.get("q", ""),
-                         searched=[str(d) for d in _edit.search_path(self.dirs)])
+            rows.append(
+                {
+                    "files": f,
+                    "prompt": p,
+                    "cases": count_cases(f),
+                    "output_type": (p.output_schema and "json schema") or p.output_type or "str" if p else None,
+                }
+            )
+        return self.page(
+            request,
+            "prompts.html",
+            rows=rows,
+            q=request.query_params.get("q", ""),
+            searched=[str(d) for d in _edit.search_path(self.dirs)],
+        )
 
     def _files(self, request: Request) -> _edit.PromptFiles:
         try:
@@ -135,9 +154,21 @@ class Workbench:
         front_matter, body = _edit.split_front_matter(system_text)
         api_type, model = self._defaults(files)
         shown = preview(files, front_matter, body, user_text, {}, api_type, model, self.dirs)
-        return self.page(request, "prompt.html", files=files, front_matter=front_matter, system=body, user=user_text,
-                         versions=files.versions(), preview=shown, values={}, api_types=default_registry.api_types(),
-                         api_type=api_type, model=model, max_compare=MAX_COMPARE)
+        return self.page(
+            request,
+            "prompt.html",
+            files=files,
+            front_matter=front_matter,
+            system=body,
+            user=user_text,
+            versions=files.versions(),
+            preview=shown,
+            values={},
+            api_types=default_registry.api_types(),
+            api_type=api_type,
+            model=model,
+            max_compare=MAX_COMPARE,
+        )
 
     async def _edit_form(self, request: Request) -> tuple[_edit.PromptFiles, Any, dict[str, str]]:
         files = await run_in_threadpool(self._files, request)
@@ -147,12 +178,25 @@ class Workbench:
 
     async def render(self, request: Request) -> Response:
         files, form, values = await self._edit_form(request)
-        shown = await run_in_threadpool(preview, files, str(form.get("front_matter", "")), str(form.get("system", "")),
-                                        str(form.get("user", "")), values, str(form.get("api_type", "")),
-                                        str(form.get("model", "")), self.dirs)
+        shown = await run_in_threadpool(
+            preview,
+            files,
+            str(form.get("front_matter", "")),
+            str(form.get("system", "")),
+            str(form.get("user", "")),
+            values,
+            str(form.get("api_type", "")),
+            str(form.get("model", "")),
+            self.dirs,
+        )
         fields = sorted(k[4:] for k in form if k.startswith("var-"))
-        return self.page(request, "_preview.html", preview=shown, values=values,
-                         refresh_fields=shown.prompt is not None and fields != shown.variables)
+        return self.page(
+            request,
+            "_preview.html",
+            preview=shown,
+            values=values,
+            refresh_fields=shown.prompt is not None and fields != shown.variables,
+        )
 
     async def run(self, request: Request) -> Response:
         files, form, values = await self._edit_form(request)
@@ -161,21 +205,50 @@ class Workbench:
 
     async def compare(self, request: Request) -> Response:
         files, form, values = await self._edit_form(request)
-        targets = [(str(form.get(f"cmp_api_type_{i}", "")), str(form.get(f"cmp_model_{i}", "")).strip())
-                   for i in range(MAX_COMPARE)]
+        targets = [
+            (str(form.get(f"cmp_api_type_{i}", "")), str(form.get(f"cmp_model_{i}", "")).strip())
+            for i in range(MAX_COMPARE)
+        ]
         targets = [t for t in targets if t[1]]
         return await self._start(request, files, form, values, targets, compare=True)
 
-    async def _start(self, request: Request, files: _edit.PromptFiles, form: Any, values: dict[str, str],
-                     targets: list[tuple[str, str]], compare: bool) -> Response:
-        shown = await run_in_threadpool(preview, files, str(form.get("front_matter", "")), str(form.get("system", "")),
-                                        str(form.get("user", "")), values, None, None, self.dirs, False)
+    async def _start(
+        self,
+        request: Request,
+        files: _edit.PromptFiles,
+        form: Any,
+        values: dict[str, str],
+        targets: list[tuple[str, str]],
+        compare: bool,
+    ) -> Response:
+        shown = await run_in_threadpool(
+            preview,
+            files,
+            str(form.get("front_matter", "")),
+            str(form.get("system", "")),
+            str(form.get("user", "")),
+            values,
+            None,
+            None,
+            self.dirs,
+            False,
+        )
         if shown.error or shown.prompt is None:
             return self.page(request, "_runs.html", runs=[], error=shown.error or "nothing to run", compare=compare)
         if not targets:
-            return self.page(request, "_runs.html", runs=[], error="give at least one model to compare", compare=compare)
-        runs = [{"id": self.runs.add(Run(shown.prompt, shown.values, api_type or None, model or None, request.state.session)),
-                 "api_type": api_type, "model": model} for api_type, model in targets[:MAX_COMPARE]]
+            return self.page(
+                request, "_runs.html", runs=[], error="give at least one model to compare", compare=compare
+            )
+        runs = [
+            {
+                "id": self.runs.add(
+                    Run(shown.prompt, shown.values, api_type or None, model or None, request.state.session)
+                ),
+                "api_type": api_type,
+                "model": model,
+            }
+            for api_type, model in targets[:MAX_COMPARE]
+        ]
         return self.page(request, "_runs.html", runs=runs, error=None, compare=compare)
 
     async def events(self, request: Request) -> Response:
@@ -189,19 +262,29 @@ class Workbench:
         system_text = _edit.join_front_matter(str(form.get("front_matter", "")), str(form.get("system", "")))
         versions = (str(form.get("system_version", "")), str(form.get("user_version", "")))
         try:
-            new = await run_in_threadpool(_edit.save_prompt, files, system_text, str(form.get("user", "")), versions,
-                                          self.dirs)
+            new = await run_in_threadpool(
+                _edit.save_prompt, files, system_text, str(form.get("user", "")), versions, self.dirs
+            )
         except PromptConflictError as exc:
-            return self.page(request, "_save.html", status_code=409, ok=False, message=str(exc), diff=exc.diff,
-                             versions=None)
+            return self.page(
+                request, "_save.html", status_code=409, ok=False, message=str(exc), diff=exc.diff, versions=None
+            )
         except PromptSaveError as exc:
             return self.page(request, "_save.html", status_code=403, ok=False, message=str(exc), diff="", versions=None)
         except TemplateError as exc:
-            return self.page(request, "_save.html", status_code=422, ok=False, message=f"not saved: {exc}", diff="",
-                             versions=None)
-        return self.page(request, "_save.html", ok=True, message=f"saved {files.system_path.name}"
-                         + (f" and {files.user_path.name}" if files.user_exists else "") + f" at {time.strftime('%H:%M:%S')}",
-                         diff="", versions=new)
+            return self.page(
+                request, "_save.html", status_code=422, ok=False, message=f"not saved: {exc}", diff="", versions=None
+            )
+        return self.page(
+            request,
+            "_save.html",
+            ok=True,
+            message=f"saved {files.system_path.name}"
+            + (f" and {files.user_path.name}" if files.user_exists else "")
+            + f" at {time.strftime('%H:%M:%S')}",
+            diff="",
+            versions=new,
+        )
 
     # -- Call log -------------------------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -212,17 +295,34 @@ class Workbench:
 
     def _log_filters(self, request: Request) -> dict[str, Any]:
         qp = request.query_params
-        return {"text": qp.get("q", "").strip() or None, "template": qp.get("template") or None,
-                "model": qp.get("model") or None, "errors": qp.get("errors") == "1",
-                "since": _date(qp.get("since")), "until": _date(qp.get("until"), end=True)}
+        return {
+            "text": qp.get("q", "").strip() or None,
+            "template": qp.get("template") or None,
+            "model": qp.get("model") or None,
+            "errors": qp.get("errors") == "1",
+            "since": _date(qp.get("since")),
+            "until": _date(qp.get("until"), end=True),
+        }
 
     def logs(self, request: Request) -> Response:
         qp = request.query_params
         filters = self._log_filters(request)
         conn = self._connect()
         if conn is None:
-            return self.page(request, "logs.html", path=self.log_file(), missing=True, calls=[], error=None, qp=qp,
-                             options={}, started=0.0, newest_url=None, older_url=None, charts_url="")
+            return self.page(
+                request,
+                "logs.html",
+                path=self.log_file(),
+                missing=True,
+                calls=[],
+                error=None,
+                qp=qp,
+                options={},
+                started=0.0,
+                newest_url=None,
+                older_url=None,
+                charts_url="",
+            )
         error, calls, more = None, [], None
         started = time.perf_counter()
         try:
@@ -237,11 +337,20 @@ class Workbench:
             conn.close()
         rest = [(k, v) for k, v in qp.multi_items() if k != "before"]
         chart_args = urlencode([(k, v) for k, v in rest if k in ("template", "model", "since", "until")])
-        return self.page(request, "logs.html", path=self.log_file(), missing=False, calls=calls, error=error, qp=qp,
-                         options=options, started=time.perf_counter() - started,
-                         newest_url=f"/logs?{urlencode(rest)}" if qp.get("before") else None,
-                         older_url=f"/logs?{urlencode([*rest, ('before', more)])}" if more else None,
-                         charts_url=f"/logs/charts?{chart_args}")
+        return self.page(
+            request,
+            "logs.html",
+            path=self.log_file(),
+            missing=False,
+            calls=calls,
+            error=error,
+            qp=qp,
+            options=options,
+            started=time.perf_counter() - started,
+            newest_url=f"/logs?{urlencode(rest)}" if qp.get("before") else None,
+            older_url=f"/logs?{urlencode([*rest, ('before', more)])}" if more else None,
+            charts_url=f"/logs/charts?{chart_args}",
+        )
 
     def charts(self, request: Request) -> Response:
         """Cost and mean latency per day (the last 30 days with calls, or the date range asked for), as SVG."""
@@ -250,13 +359,21 @@ class Workbench:
         if conn is None:
             return self.page(request, "_charts.html", charts=[])
         try:
-            sums = calllog.stats(conn, since=filters["since"] or time.time() - 30 * 86400, until=filters["until"],
-                                 template=filters["template"], model=filters["model"], groups=("by_day",))
+            sums = calllog.stats(
+                conn,
+                since=filters["since"] or time.time() - 30 * 86400,
+                until=filters["until"],
+                template=filters["template"],
+                model=filters["model"],
+                groups=("by_day",),
+            )
         finally:
             conn.close()
         days = sorted(sums["by_day"], key=lambda r: r["day"])[-31:]
-        charts = [bar_chart([(r["day"], r["cost"]) for r in days], "cost per day (USD)", "${:.4f}"),
-                  bar_chart([(r["day"], r["mean_latency"]) for r in days], "mean latency per day (seconds)", "{:.3f} s")]
+        charts = [
+            bar_chart([(r["day"], r["cost"]) for r in days], "cost per day (USD)", "${:.4f}"),
+            bar_chart([(r["day"], r["mean_latency"]) for r in days], "mean latency per day (seconds)", "{:.3f} s"),
+        ]
         return self.page(request, "_charts.html", charts=charts)
 
     def call(self, request: Request) -> Response:
@@ -278,12 +395,18 @@ class Workbench:
         return self.page(request, "evals.html", **_evals.runs_page(self.eval_db))
 
     def eval_run(self, request: Request) -> Response:
-        return self.page(request, "eval_run.html", nav="evals", **_evals.run_page(request.path_params["run_id"], self.eval_db))
+        return self.page(
+            request, "eval_run.html", nav="evals", **_evals.run_page(request.path_params["run_id"], self.eval_db)
+        )
 
     def eval_compare(self, request: Request) -> Response:
         qp = request.query_params
-        return self.page(request, "eval_compare.html", nav="evals",
-                         **_evals.compare_page(qp.get("a", ""), qp.get("b", ""), self.eval_db))
+        return self.page(
+            request,
+            "eval_compare.html",
+            nav="evals",
+            **_evals.compare_page(qp.get("a", ""), qp.get("b", ""), self.eval_db),
+        )
 
     async def error(self, request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
@@ -304,8 +427,15 @@ def _date(value: str | None, end: bool = False) -> float | None:
     return ts + 86400 if end else ts
 
 
-def create_app(*, prompts_dirs: list[str] | tuple[str, ...] = (), host: str = "127.0.0.1", port: int = 8765,
-               token: str | None = None, log_db: str | None = None, eval_db: str | None = None) -> Any:
+def create_app(
+    *,
+    prompts_dirs: list[str] | tuple[str, ...] = (),
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    log_db: str | None = None,
+    eval_db: str | None = None,
+) -> Any:
     """The workbench as an ASGI app (Starlette, behind :class:`~tinyllm.ui._security.Guard`).
 
     Args:

@@ -50,8 +50,16 @@ def bar_chart(points: list[tuple[str, float | None]], caption: str, fmt: str = "
     bars = []
     for i, (label, value) in enumerate(points):
         h = 0.0 if value is None else max(plot_h * value / top, 0.5 if value > 0 else 0.0)
-        bars.append(Bar(x=round(PAD_LEFT + i * step + step * 0.1, 2), y=round(PAD_TOP + plot_h - h, 2),
-                        w=round(max(step * 0.8, 1.0), 2), h=round(h, 2), label=label if i % every == 0 else "",
-                        title=f"{label}: {'-' if value is None else fmt.format(value)}"))
-    return Chart(bars=bars, top=fmt.format(top) if values else "", width=WIDTH, height=HEIGHT, caption=caption,
-                 empty=not values)
+        bars.append(
+            Bar(
+                x=round(PAD_LEFT + i * step + step * 0.1, 2),
+                y=round(PAD_TOP + plot_h - h, 2),
+                w=round(max(step * 0.8, 1.0), 2),
+                h=round(h, 2),
+                label=label if i % every == 0 else "",
+                title=f"{label}: {'-' if value is None else fmt.format(value)}",
+            )
+        )
+    return Chart(
+        bars=bars, top=fmt.format(top) if values else "", width=WIDTH, height=HEIGHT, caption=caption, empty=not values
+    )

@@ -87,8 +87,10 @@ def prompt_rows(dirs: list[str]) -> list[PromptFiles]:
     :func:`list_prompts` order (broken ones last)."""
     errors: list[tuple[Path, TemplateError]] = []
     loaded = list_prompts(dirs, errors=errors)
-    rows = [PromptFiles(_short(p.system_path.name), p.system_path, p.user_path or _user_beside(p.system_path), p, None)
-            for p in loaded]
+    rows = [
+        PromptFiles(_short(p.system_path.name), p.system_path, p.user_path or _user_beside(p.system_path), p, None)
+        for p in loaded
+    ]
     rows += [PromptFiles(_short(path.name), path, _user_beside(path), None, exc) for path, exc in errors]
     return rows
 
@@ -111,7 +113,7 @@ def split_front_matter(text: str) -> tuple[str, str]:
     if lines and lines[0].rstrip() == "---":
         for i in range(1, len(lines)):
             if lines[i].rstrip() == "---":
-                return "\n".join(lines[1:i]), "\n".join(lines[i + 1:])
+                return "\n".join(lines[1:i]), "\n".join(lines[i + 1 :])
     return "", text
 
 
@@ -147,8 +149,9 @@ def _check_target(path: Path, dirs: list[Path], kind: str) -> None:
     if f".{kind}." not in path.name or path.name.startswith("."):
         raise PromptSaveError(f"{path}: not a {kind} template file (NAME.{kind}.EXT); not saved", path=str(path))
     if not _inside(path, dirs) or os.path.dirname(os.path.realpath(path)) != os.path.realpath(path.parent):
-        raise PromptSaveError(f"{path}: outside the prompts directories ({', '.join(map(str, dirs))}); not saved",
-                              path=str(path))
+        raise PromptSaveError(
+            f"{path}: outside the prompts directories ({', '.join(map(str, dirs))}); not saved", path=str(path)
+        )
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -176,8 +179,9 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def save_prompt(files: PromptFiles, system_text: str, user_text: str, versions: tuple[str, str],
-                dirs: list[str]) -> tuple[str, str]:
+def save_prompt(
+    files: PromptFiles, system_text: str, user_text: str, versions: tuple[str, str], dirs: list[str]
+) -> tuple[str, str]:
     """Save the editor's texts over ``files`` when neither file changed on disk since it was opened.
 
     Args:
@@ -210,16 +214,26 @@ def save_prompt(files: PromptFiles, system_text: str, user_text: str, versions: 
         for path, text, expected, _ in targets:
             if version_of(path) != expected:
                 on_disk = _read(path) if path.exists() else ""
-                diffs.append("".join(difflib.unified_diff(on_disk.splitlines(True), text.splitlines(True),
-                                                          f"{path} (on disk now)", f"{path} (your edit)")))
+                diffs.append(
+                    "".join(
+                        difflib.unified_diff(
+                            on_disk.splitlines(True),
+                            text.splitlines(True),
+                            f"{path} (on disk now)",
+                            f"{path} (your edit)",
+                        )
+                    )
+                )
         if diffs:
-            raise PromptConflictError(f"{files.name}: the file changed on disk since it was opened; nothing was saved. "
-                                      "Reload the page to see the new version, or copy your edit first.",
-                                      path=str(targets[0][0]), diff="\n".join(diffs))
+            raise PromptConflictError(
+                f"{files.name}: the file changed on disk since it was opened; nothing was saved. "
+                "Reload the page to see the new version, or copy your edit first.",
+                path=str(targets[0][0]),
+                diff="\n".join(diffs),
+            )
         for path, text, _, _ in targets:
             try:
                 _write_atomically(path, text)
             except OSError as exc:
                 raise PromptSaveError(f"{path}: cannot write: {exc.strerror or exc}", path=str(path)) from exc
     return version_of(files.system_path), version_of(files.user_path)
-

@@ -63,9 +63,14 @@ def run_page(run_id: str, db: str | None) -> dict[str, Any]:
     cells = report.failures() if hasattr(report, "failures") else (r for r in report.rows if r.passed is not True)
     failing = list(itertools.islice(cells, MAX_FAILING + 1))
     info = getattr(report, "info", None)
-    return {"run_id": run_id, "matrices": matrix(report.summary()), "failing": failing[:MAX_FAILING],
-            "more_failing": len(failing) > MAX_FAILING, "rows": len(report.rows),
-            "status": getattr(info, "status", None)}
+    return {
+        "run_id": run_id,
+        "matrices": matrix(report.summary()),
+        "failing": failing[:MAX_FAILING],
+        "more_failing": len(failing) > MAX_FAILING,
+        "rows": len(report.rows),
+        "status": getattr(info, "status", None),
+    }
 
 
 def _pairs(ev: Any, ra: Any, rb: Any) -> list[tuple[str, Any]]:
@@ -99,5 +104,10 @@ def compare_page(a: str, b: str, db: str | None) -> dict[str, Any]:
         comparisons = _pairs(ev, ra, rb)
     except TinyLLMError as exc:
         raise HTTPException(400, str(exc)) from None
-    return {"a": a, "b": b, "comparisons": comparisons, "matrix_a": matrix(ra.summary()),
-            "matrix_b": matrix(rb.summary())}
+    return {
+        "a": a,
+        "b": b,
+        "comparisons": comparisons,
+        "matrix_a": matrix(ra.summary()),
+        "matrix_b": matrix(rb.summary()),
+    }

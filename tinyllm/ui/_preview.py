@@ -59,12 +59,26 @@ def edited_prompt(files: PromptFiles, front_matter: str, system: str, user: str,
         return files.prompt.with_texts(system_text, user_text)
     # a prompt whose files do not load (yet): its search path as load_prompt builds it
     env_dirs = tuple(dict.fromkeys([str(files.system_path.parent), *(str(d) for d in search_path(dirs) if d.is_dir())]))
-    texts = {str(files.system_path): system_text, **({str(files.user_path): user_text} if user_text is not None else {})}
-    return Prompt(files.name, files.system_path, files.user_path if user_text is not None else None, env_dirs, texts=texts)
+    texts = {
+        str(files.system_path): system_text,
+        **({str(files.user_path): user_text} if user_text is not None else {}),
+    }
+    return Prompt(
+        files.name, files.system_path, files.user_path if user_text is not None else None, env_dirs, texts=texts
+    )
 
 
-def preview(files: PromptFiles, front_matter: str, system: str, user: str, variables: dict[str, str],
-            api_type: str | None, model: str | None, dirs: list[str], count: bool = True) -> Preview:
+def preview(
+    files: PromptFiles,
+    front_matter: str,
+    system: str,
+    user: str,
+    variables: dict[str, str],
+    api_type: str | None,
+    model: str | None,
+    dirs: list[str],
+    count: bool = True,
+) -> Preview:
     """Render the edit with ``variables`` (see ``Preview.values``) and count its tokens for
     ``model`` on ``api_type`` (default: the front matter's model, else the MODEL setting);
     ``count=False``: render only (what Run needs)."""

@@ -65,8 +65,11 @@ class Runs:
         """The run ``run_id`` registered by ``session``, removed; None if unknown, expired, taken or another session's."""
         with self._lock:
             run = self._runs.get(run_id)
-            if run is None or not secrets.compare_digest(run.session, session) \
-                    or time.monotonic() - run.created > PENDING_SECONDS:
+            if (
+                run is None
+                or not secrets.compare_digest(run.session, session)
+                or time.monotonic() - run.created > PENDING_SECONDS
+            ):
                 return None
             del self._runs[run_id]
             return run
@@ -95,9 +98,17 @@ async def run_events(run: Run) -> AsyncIterator[dict[str, str]]:
         async for delta in response:
             yield _event("delta", delta)
         usage = response.usage or {}
-        yield _event("done", {"model": response.model, "latency": response.latency, "ttft": response.time_to_first_token,
-                              "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-                              "cost": response.cost})
+        yield _event(
+            "done",
+            {
+                "model": response.model,
+                "latency": response.latency,
+                "ttft": response.time_to_first_token,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "cost": response.cost,
+            },
+        )
     except Exception as exc:
         log.debug("tinyllm ui: run failed", exc_info=True)
         yield _event("error", {"type": type(exc).__name__, "message": _scrubbed(str(exc))})

@@ -35,8 +35,10 @@ SESSION_COOKIE = "tinyllm_session"
 TOKEN_COOKIE = "tinyllm_token"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 _WILDCARDS = ("0.0.0.0", "::", "")
 
 
@@ -125,8 +127,9 @@ class Guard:
         csrf = csrf_token(self.secret, session)
         if scope["method"] not in SAFE_METHODS:
             if headers.get("origin") != f"http://{host}":
-                return await _refuse(send, 403, "Refused: a changing request must come from this server's own pages "
-                                                "(Origin header).")
+                return await _refuse(
+                    send, 403, "Refused: a changing request must come from this server's own pages (Origin header)."
+                )
             if not secrets.compare_digest(headers.get(CSRF_HEADER, "").encode(), csrf.encode()):
                 return await _refuse(send, 403, "Refused: missing or wrong session token; reload the page.")
         scope.setdefault("state", {})
@@ -140,20 +143,41 @@ class Guard:
         await self.app(scope, receive, send_with_headers)
 
 
-_SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                     (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+_SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
 
 
 async def _refuse(send: Callable, status: int, text: str) -> None:
     body = text.encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-                            *_SECURITY_HEADERS]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                *_SECURITY_HEADERS,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 async def _redirect(send: Callable, location: str, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": 303,
-                "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0"), *headers,
-                            *_SECURITY_HEADERS]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [
+                (b"location", location.encode("latin-1")),
+                (b"content-length", b"0"),
+                *headers,
+                *_SECURITY_HEADERS,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": b""})
