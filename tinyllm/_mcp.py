@@ -176,14 +176,15 @@ class _Connection:
             try:
                 from mcp.client.streamable_http import streamable_http_client as opener
             except ImportError:  # mcp 1.x
-                from mcp.client.streamable_http import streamablehttp_client as opener  # type: ignore[no-redef]
-            streams = await stack.enter_async_context(
-                opener(server.url, **({"headers": server.headers} if server.headers and _takes_headers(opener) else {}))
-            )
+                from mcp.client.streamable_http import (  # type: ignore[no-redef,attr-defined]  # mcp 1.x's name
+                    streamablehttp_client as opener,
+                )
+            options: dict[str, Any] = {"headers": server.headers} if server.headers and _takes_headers(opener) else {}
+            streams = await stack.enter_async_context(opener(server.url, **options))
         else:
             from mcp.client.stdio import StdioServerParameters, stdio_client
 
-            command, *args = server.command
+            command, *args = server.command  # type: ignore[misc]  # not None: __init__ sets exactly one of url and command
             params = StdioServerParameters(command=command, args=args, env=server.env, cwd=server.cwd)
             streams = await stack.enter_async_context(stdio_client(params, errlog=_errlog()))
         return streams[0], streams[1]
@@ -368,7 +369,7 @@ class MCPServer(ToolSource):
                     if os.path.basename(command[0]).startswith("python") and len(command) > 1
                     else command[0]
                 )
-            else:
+            elif url is not None:  # always, __init__ took exactly one of command and url
                 from urllib.parse import urlsplit
 
                 name = urlsplit(url).netloc.rpartition("@")[2] or str(url)
@@ -436,8 +437,8 @@ class MCPServer(ToolSource):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def tools(self) -> list[MCPTool]:
-        """The server's tools as listed when it was opened.
+    def tools(self) -> list[Tool]:
+        """The server's tools (:class:`MCPTool` objects) as listed when it was opened.
 
         Raises:
             ToolError: the server is not open.

@@ -372,16 +372,18 @@ def _stream_rounds(
         while True:
             state.current = stream = sender.stream_request(conversation, accept=accept, **params)
             yield from stream
-            if not tools.asks(stream.reply.message):
-                tools.check_forced(params, stream.reply.message, sender.api_type)
-                state.reply = stream.reply
+            done = stream.reply
+            assert done is not None  # a stream that ended has its reply
+            if not tools.asks(done.message):
+                tools.check_forced(params, done.message, sender.api_type)
+                state.reply = done
                 return
             response = ref()
             if response is None:  # dropped meanwhile: nobody reads on
                 return
-            response.add_reply(stream.reply)
-            on_reply(stream.reply.message)
-            conversation, params = _tool_round(tools, response, conversation, stream.reply.message, params)
+            response.add_reply(done)
+            on_reply(done.message)
+            conversation, params = _tool_round(tools, response, conversation, done.message, params)
             del response
     finally:
         tools.close()  # its MCP servers: the call ends with its stream
@@ -406,16 +408,18 @@ async def _astream_rounds(
                     yield delta
             finally:
                 await stream.aclose()
-            if not tools.asks(stream.reply.message):
-                tools.check_forced(params, stream.reply.message, sender.api_type)
-                state.reply = stream.reply
+            done = stream.reply
+            assert done is not None  # a stream that ended has its reply
+            if not tools.asks(done.message):
+                tools.check_forced(params, done.message, sender.api_type)
+                state.reply = done
                 return
             response = ref()
             if response is None:
                 return
-            response.add_reply(stream.reply)
-            on_reply(stream.reply.message)
-            conversation, params = await _atool_round(tools, response, conversation, stream.reply.message, params)
+            response.add_reply(done)
+            on_reply(done.message)
+            conversation, params = await _atool_round(tools, response, conversation, done.message, params)
             del response
     finally:
         tools.close()

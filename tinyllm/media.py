@@ -128,15 +128,16 @@ class Media:
 
     def __init__(self, source: Any) -> None:
         self.url: str | None = None
-        self.data, self.filename = _read(source, self.kind)
-        found = sniff(self.data)
+        data, self.filename = _read(source, self.kind)
+        self.data: bytes | None = data
+        found = sniff(data)
         if found not in self.accepted:
             what = f"{found} content" if found else "content of an unknown type"
             name = f" {self.filename!r}" if self.filename else ""
             raise MediaError(f"{type(self).__name__}{name}: {what}; the API takes {', '.join(self.accepted)}")
         self.media_type: str | None = found
-        self.size = len(self.data)
-        self.sha256 = hashlib.sha256(self.data).hexdigest()
+        self.size = len(data)
+        self.sha256 = hashlib.sha256(data).hexdigest()
 
     def data_url(self) -> str:
         """``data:<media type>;base64,<the bytes>``."""
@@ -394,7 +395,7 @@ def _check_unchanged(text: str, token: str) -> None:
 
 # -- what needs a capability, what the call log keeps --------------------------------------------------
 
-_KINDS = {"image_url": "images", "input_audio": "audio", "file": "files"}
+_KINDS: dict[Any, str] = {"image_url": "images", "input_audio": "audio", "file": "files"}
 
 
 def kinds_in(messages: Iterable[Any]) -> set[str]:

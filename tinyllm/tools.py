@@ -44,10 +44,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ._fork import reset_in_child
 from .errors import ConfigError, ToolError, ToolRoundsExceededError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 log = logging.getLogger("tinyllm")
 
@@ -165,7 +168,7 @@ class Tool:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.target(*args, **kwargs)
 
-    def _model_schema(self, model: type) -> dict:
+    def _model_schema(self, model: type[BaseModel]) -> dict:
         import openai
 
         if not self.strict:

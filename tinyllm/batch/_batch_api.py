@@ -564,7 +564,8 @@ class _Run:
                     except Exception as exc:  # noqa: BLE001 - what a live call raises before sending: the row's error line
                         self.write(position, row_id, None, exc)
                         continue
-                    if planned.cached:  # answered from the cache, as a live call would be
+                    body = planned.body  # None exactly when cached
+                    if planned.cached or body is None:  # answered from the cache, as a live call would be
                         self._live(position, row_id, variables)
                         continue
                     if max_cost is not None:
@@ -573,7 +574,7 @@ class _Run:
                             self.summary.not_sent += 1
                             continue
                         self.summary.submitted_estimate += estimate or 0.0
-                    data = self.api.line(cid, planned.body)
+                    data = self.api.line(cid, body)
                     if not files.fits(data):
                         self.write(
                             position,
@@ -584,7 +585,7 @@ class _Run:
                             ),
                         )
                         continue
-                    files.add(cid, body_hash(planned.body), data, planned.model)
+                    files.add(cid, body_hash(body), data, planned.model)
                     self.summary.submitted += 1
                 files.close()
             except BaseException:

@@ -96,7 +96,9 @@ def message_result_of(rec: Any, secrets: tuple[str, ...] = ()) -> tuple[str | No
     if not isinstance(rec, dict):
         return None, ResponseError("malformed Message Batch result line", raw=rec)
     cid = rec.get("custom_id") if isinstance(rec.get("custom_id"), str) else None
-    result = rec.get("result") if isinstance(rec.get("result"), dict) else {}
+    result = rec.get("result")
+    if not isinstance(result, dict):
+        result = {}
     kind = result.get("type")
     if kind == "succeeded" and isinstance(result.get("message"), dict):
         return cid, result["message"]

@@ -329,7 +329,7 @@ def _parse_mcp(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
                 out.append(from_front_matter(item, "--mcp"))
             else:
                 name, spec = named.groups()
-                kind = {"url": spec} if spec.startswith(("http://", "https://")) else {"command": spec}
+                kind: dict[str, Any] = {"url": spec} if spec.startswith(("http://", "https://")) else {"command": spec}
                 out.append(MCPServer(**kind, name=name, prefix=f"{name}_"))
         except ConfigError as exc:
             raise click.BadParameter(str(exc), ctx, param) from exc

@@ -33,12 +33,13 @@ def tokens(file: str, model: str | None, exact: bool) -> None:
         from ..clients import get_client
 
         sender = get_client()
-        if not callable(getattr(sender, "token_count", None)):
+        token_count = getattr(sender, "token_count", None)  # the Anthropic client's count_tokens endpoint
+        if not callable(token_count):
             raise ConfigError(
                 f"--exact needs a client with a token-counting endpoint (api_type anthropic); "
                 f"the {sender.api_type!r} client counts locally: leave out --exact"
             )
-        click.echo(sender.token_count([{"role": "user", "content": text}], model=model).tokens)
+        click.echo(token_count([{"role": "user", "content": text}], model=model).tokens)
         return
     click.echo(count_tokens(text, model or get_config().model))
 

@@ -234,7 +234,7 @@ def eval_(
         from ..call import LLMCall
 
         dirs = _search_dirs(ctx)
-        params = {"temperature": temperature} if temperature is not None else {}
+        params: dict[str, Any] = {"temperature": temperature} if temperature is not None else {}
         calls = [LLMCall(name, prompts_dir=dirs, **params) for name in names]
         try:
             with contextlib.ExitStack() as stack:

@@ -99,8 +99,9 @@ class Registry:
     def _new_lock(self) -> None:
         self._lock = threading.Lock()
 
-    def register(self, api_type: str, target: Any) -> Client:
-        """See :func:`register_client`; returns the :class:`Client` now registered."""
+    def register(self, api_type: str, target: Any) -> Client | None:
+        """See :func:`register_client`; returns the :class:`Client` now registered (None for a Client
+        subclass, which is built on first use)."""
         if not api_type or not isinstance(api_type, str):
             raise ConfigError("api_type must be a non-empty string")
         name = api_type.lower()
@@ -113,7 +114,7 @@ class Registry:
             with self._lock:
                 self._clients.pop(name, None)
                 self._classes[name] = target
-            return None  # type: ignore[return-value]  (built on first use)
+            return None  # built on first use
         found = as_client(target, name)
         with self._lock:
             self._classes.pop(name, None)

@@ -301,6 +301,7 @@ def _mark_last(blocks: list[dict], control: dict) -> None:
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict | None:
+    out: dict[str, Any] | None
     if choice is None:
         out = None
     elif choice == "auto":
@@ -455,7 +456,7 @@ def read_message(reply: Any, out_tool: dict | None = None) -> tuple[dict, dict, 
                         },
                     }
                 )
-    stop = reply.get("stop_reason")
+    stop: Any = reply.get("stop_reason")
     finish = FINISH_REASONS.get(stop, stop)
     message: dict[str, Any] = {"role": "assistant"}
     if calls:

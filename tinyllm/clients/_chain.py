@@ -196,7 +196,7 @@ class FallbackChain(Client):
         return self.entries[0].client.get_embeddings(texts, model)
 
     @property
-    def _secrets(self) -> dict:  # type: ignore[override]  (the call log masks every client's keys)
+    def _secrets(self) -> dict:  # type: ignore[override]  # the call log masks every client's keys
         out: dict = {}
         for e in self.entries:
             out.update({f"{i}:{k}": v for i, (k, v) in enumerate(getattr(e.client, "_secrets", {}).items())})
@@ -321,14 +321,14 @@ class FallbackChain(Client):
             return _answered(reply, entry, attempts)
         raise AssertionError("unreachable")
 
-    def stream_request(
+    def stream_request(  # type: ignore[override]  # a stream of the same shape (iteration, close, reply), not a ReplyStream
         self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
     ) -> _ChainStream:
         """A streamed request that moves to the next client when one fails before its first text delta
         (after that, the error is raised with ``.partial`` as for any stream)."""
         return _ChainStream(self, messages, accept, params)
 
-    def astream_request(
+    def astream_request(  # type: ignore[override]  # a stream of the same shape (async iteration, aclose, reply), not an AsyncReplyStream
         self, messages: list[dict], *, accept: Callable[[dict], bool] | None = None, **params: Any
     ) -> _ChainStream:
         """The asyncio twin of :meth:`stream_request`."""
@@ -393,7 +393,9 @@ class _ChainStream:
                 if stream is not None:
                     stream.close()
             chain._succeeded(entry)
-            self.reply = _answered(stream.reply, entry, attempts)
+            done = stream.reply
+            assert done is not None  # a stream that ended has its reply
+            self.reply = _answered(done, entry, attempts)
             return
 
     async def _arun(self) -> Any:
@@ -422,7 +424,9 @@ class _ChainStream:
                 if stream is not None:
                     await stream.aclose()
             chain._succeeded(entry)
-            self.reply = _answered(stream.reply, entry, attempts)
+            done = stream.reply
+            assert done is not None  # a stream that ended has its reply
+            self.reply = _answered(done, entry, attempts)
             return
 
 

@@ -333,7 +333,7 @@ def _refuse_logprobs(params: dict) -> None:
         )
 
 
-def _n_choices(replies: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+def _n_choices(replies: list[tuple[dict, ...]]) -> tuple[dict, dict, dict]:
     """One reply of ``n`` choices from ``n`` one-choice replies: usage summed (the prompt counted once)."""
     usage = dict(replies[0][1])
     for _, other, _ in replies[1:]:

@@ -217,7 +217,7 @@ def parse_assertion(spec: Any, where: str) -> Assertion:
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(TYPES)} (each also as not-TYPE)"
         raise ConfigError(f"{where}: unknown assertion type {name!r}{hint}")
-    value = spec.get("value")
+    value: Any = spec.get("value")
     if kind in _NEEDS_VALUE and value is None:
         raise ConfigError(f"{where}: the {name} assertion needs a 'value'")
     threshold = spec.get("threshold")
@@ -450,9 +450,9 @@ def _finish_reason(a: Assertion, value: Any, reply: Reply) -> Result:
     return _yes(got == value, f"finish_reason {got!r}, expected {value!r}")
 
 
-def _tool_calls(reply: Reply) -> list[tuple[str, Any]]:
-    """(name, arguments) of every tool call the model asked for during the call."""
-    out: list[tuple[str, Any]] = []
+def _tool_calls(reply: Reply) -> list[tuple[str | None, Any]]:
+    """(name, arguments) of every tool call the model asked for during the call (name None when the reply lacks it)."""
+    out: list[tuple[str | None, Any]] = []
     response = reply.response
     for call in getattr(response, "tool_calls", None) or []:
         out.append((call.name, getattr(call, "arguments", None)))

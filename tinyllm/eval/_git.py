@@ -139,4 +139,6 @@ def version_at(prompt: Any, rev: str) -> Version:
             raise TemplateError(f"{rel} at {rev}: not valid UTF-8 (byte {exc.start})") from exc
         paths.append(path)
     loader = GitLoader(root, sha, tuple(prompt._dirs))
-    return Version(rev, Prompt(prompt.name, paths[0], paths[1], prompt._dirs, texts=texts, loader=loader), sha)
+    return Version(
+        rev, Prompt(prompt.name, prompt.system_path, paths[1], prompt._dirs, texts=texts, loader=loader), sha
+    )

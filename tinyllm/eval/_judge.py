@@ -32,8 +32,10 @@ class Judge:
     def __init__(self, client: Any = None, model: str | None = None) -> None:
         from ..call import LLMCall
 
-        kind = {"client": client} if client is not None and not isinstance(client, str) else {"api_type": client}
-        params = {"model": model} if model else {}
+        kind: dict[str, Any] = (
+            {"client": client} if client is not None and not isinstance(client, str) else {"api_type": client}
+        )
+        params: dict[str, Any] = {"model": model} if model else {}
         self.label = f"{client if isinstance(client, str) else getattr(client, 'api_type', 'client')}/{model or '(default model)'}"
         self.call = LLMCall(JUDGE_TEMPLATE, prompts_dir=[str(TEMPLATES)], **kind, **params)
 

@@ -196,7 +196,7 @@ def write_junit(report: EvalReport, file: str | os.PathLike[str] | IO[str]) -> N
                 s = summary.get(key)
                 f.write(
                     f'  <testsuite name={quoteattr(".".join(key))} tests="{counts[0]}" failures="{counts[1]}" '
-                    f'errors="{counts[2]}" time="{(s.p50_latency or 0) * (s.n if s else 0):.3f}">\n'
+                    f'errors="{counts[2]}" time="{(s.p50_latency or 0) * s.n if s else 0:.3f}">\n'
                 )
             if pending and pending[0].case_id != row.case_id:
                 flush_case(pending)

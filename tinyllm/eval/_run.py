@@ -267,7 +267,7 @@ def _plans(
     items = call_or_name if isinstance(call_or_name, (list, tuple)) else [call_or_name]
     if not items:
         raise ConfigError("evaluate: name at least one prompt")
-    plans = []
+    plans: list[_PromptPlan] = []
     for item in items:
         if isinstance(item, LLMCall):
             llm = item
@@ -323,11 +323,11 @@ def _targets(plans: list[_PromptPlan], models: Sequence[str] | None, clients: Se
     if not out:  # the default client (labelled with the model it asks for), or the LLMCall's own client object
         llm = plans[0].llm
         sender = llm.client or get_client(llm.api_type)
-        given = {**plans[0].versions[0].prompt.params, **llm.model_params}.get("model")
+        asked = {**plans[0].versions[0].prompt.params, **llm.model_params}.get("model")
         if llm.client is not None:
-            out.append(Target(f"{sender.api_type}={given}" if given else str(sender.api_type)))
+            out.append(Target(f"{sender.api_type}={asked}" if asked else str(sender.api_type)))
         else:
-            out.append(Target(str(given or sender.settings().model)))
+            out.append(Target(str(asked or sender.settings().model)))
     labels = [t.label for t in out]
     twice = sorted({x for x in labels if labels.count(x) > 1})
     if twice:
@@ -500,7 +500,7 @@ def evaluate(
 
     budget = Budget(max_cost)
     with calllog.batch(run_id), budget.activate():
-        context = contextvars.copy_context()
+        context: contextvars.Context | None = contextvars.copy_context()
     if remote:
         context = None  # a context does not travel to another process: each cell sets the run id where it runs
     runner = Runner(

@@ -160,7 +160,7 @@ def _yaml_loader() -> type:
     return FrontMatterLoader
 
 
-def _split_front_matter(text: str, path: str) -> tuple[dict, str]:
+def _split_front_matter(text: str, path: str | None) -> tuple[dict, str]:
     """(front matter, body); front-matter lines become blank lines so Jinja line numbers match the file."""
     lines = text.split("\n")
     if lines[0].rstrip() != "---":
@@ -228,10 +228,10 @@ def _environment(
     Prompt, looked up first."""
     loader: jinja2.BaseLoader = files if files is not None else _Loader(list(dirs))
     if carried is not None:
-        files = dict(carried)
+        carried_files = dict(carried)
 
         def carried_source(name: str) -> tuple[str, str, Any] | None:
-            found = files.get(name)
+            found = carried_files.get(name)
             return None if found is None else (found[1], found[0], lambda: True)
 
         loader = jinja2.ChoiceLoader([jinja2.FunctionLoader(carried_source), loader])
@@ -513,7 +513,7 @@ class Prompt:
         media = _media_markers(variables)  # images, audio, files: placeholders now, content parts below
         if media is not None:
             variables = media[0]
-        messages = [
+        messages: list[dict[str, Any]] = [
             {
                 "role": role,
                 "content": static if static is not None else _render(t, variables, where, self._dirs, base).strip(),
@@ -538,12 +538,13 @@ class Prompt:
             TemplateError: the texts do not parse (front matter, Jinja syntax), as :func:`load_prompt`.
         """
         user_path = None
+        texts = {str(self.system_path): system_text}
         if user_text is not None:
             head, sep, ext = self.system_path.name.rpartition(".system.")
             user_path = self.user_path or self.system_path.with_name(
                 f"{head}.user.{ext}" if sep else f"{self.system_path.name}.user.md"
             )
-        texts = {str(self.system_path): system_text, **({str(user_path): user_text} if user_path else {})}
+            texts[str(user_path)] = user_text
         return Prompt(self.name, self.system_path, user_path, self._dirs, texts=texts)
 
     def __repr__(self) -> str:

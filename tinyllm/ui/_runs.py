@@ -91,7 +91,7 @@ async def run_events(run: Run) -> AsyncIterator[dict[str, str]]:
     """
     response = None
     try:
-        params = {"model": run.model} if run.model else {}
+        params: dict[str, Any] = {"model": run.model} if run.model else {}
         call = LLMCall(run.prompt, api_type=run.api_type or None, **params)
         yield _event("start", {"model": run.model, "api_type": run.api_type})
         response = await call.astream(**run.variables)

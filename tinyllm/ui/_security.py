@@ -59,7 +59,7 @@ def allowed_hosts(host: str, port: int) -> set[str]:
         names |= {hostname, socket.getfqdn()}
         try:
             for *_, addr in socket.getaddrinfo(hostname, None):
-                ip = addr[0]
+                ip = str(addr[0])  # a str already: getaddrinfo gives AF_INET/AF_INET6 addresses here
                 names.add(f"[{ip}]" if ":" in ip else ip)
         except OSError:
             pass
