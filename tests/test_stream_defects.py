@@ -198,3 +198,49 @@ def test_closing_explicitly_still_works_and_a_complete_stream_is_cached(server, 
     assert client.queue.in_flight == 0
     second = call.stream(question="q")
     assert list(second) == ["stored once"] and second.cached is True
+
+
+# -- the same through a FallbackChain (fallbacks=[...]): its stream wraps the client's ---------------------------
+
+
+def _weather(city: str) -> str:
+    """The weather in a city."""
+    return "sunny"
+
+
+@pytest.mark.parametrize("with_tools", [False, True])
+def test_a_dropped_fallback_stream_frees_its_slot_at_once(server, mine, prompts, no_gc, with_tools):
+    backup = OpenAIClient(base_url=server.base_url, api_key="sk-backup-0000", model="backup")
+    if with_tools:
+        server.enqueue(Stream(Message({"content": None, "tool_calls": [CALL]})))
+    server.enqueue(Stream(Reply("one two three four five six"), delay=0.02))
+    tools = [_weather] if with_tools else None
+    response = LLMCall("ask", prompts_dir=prompts, client=mine, fallbacks=[backup], tools=tools).stream(question="q")
+    next(iter(response))
+    assert mine.queue.in_flight == 1
+    del response
+    assert mine.queue.in_flight == 0  # at once: the chain's stream keeps no cycle alive
+    assert backup.queue.in_flight == 0
+
+
+def test_a_dropped_async_fallback_stream_frees_its_slot_at_once(server, mine, prompts, no_gc):
+    backup = OpenAIClient(base_url=server.base_url, api_key="sk-backup-0000", model="backup")
+    call = LLMCall("ask", prompts_dir=prompts, client=mine, fallbacks=[backup], tools=[_weather])
+    errors: list = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        server.enqueue(
+            Stream(Message({"content": None, "tool_calls": [CALL]})),
+            Stream(Reply("it is sunny in Paris today"), delay=0.02),
+        )
+        response = await call.astream(question="q")
+        async for _ in response:
+            break
+        held = mine.queue.in_flight
+        del response
+        freed = mine.queue.in_flight
+        await asyncio.sleep(0.05)
+        return held, freed
+
+    assert asyncio.run(main()) == (1, 0) and errors == []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -341,22 +342,49 @@ def _answered(reply: Reply, entry: _Entry, attempts: list[Attempt]) -> Reply:
     return reply
 
 
+class _ChainState:
+    """What a :class:`_ChainStream` shares with its generator: the reply, and the client stream now read
+    (given back at once when the whole stream is dropped unfinished)."""
+
+    __slots__ = ("reply", "current", "__weakref__")
+
+    def __init__(self) -> None:
+        self.reply: Reply | None = None
+        self.current: Any = None
+
+    def abandon(self) -> None:
+        current = self.current
+        abandon = getattr(current, "_abandon", None)
+        if abandon is not None:
+            abandon()
+
+
 class _ChainStream:
-    """The stream of a :class:`FallbackChain`: each client's stream in turn until one yields."""
+    """The stream of a :class:`FallbackChain`: each client's stream in turn until one yields.
+
+    Its generator refers to no stream object (no reference cycle): dropped unfinished, the client
+    stream it was reading gives its request slot back at once, as a client's own stream does.
+    """
 
     def __init__(self, chain: FallbackChain, messages: list[dict], accept: Any, params: dict) -> None:
-        self.chain, self.messages, self.accept, self.params = chain, messages, accept, params
-        self.reply: Reply | None = None
+        self._args = (chain, messages, accept, params)
+        self._state = _ChainState()
         self._iter: Any = None
+
+    @property
+    def reply(self) -> Reply | None:
+        return self._state.reply
 
     def __iter__(self) -> Any:
         if self._iter is None:
-            self._iter = self._run()
+            self._iter = _chain_stream(*self._args, self._state)
+            weakref.finalize(self._iter, self._state.abandon)
         return self._iter
 
     def __aiter__(self) -> Any:
         if self._iter is None:
-            self._iter = self._arun()
+            self._iter = _achain_stream(*self._args, self._state)
+            weakref.finalize(self._iter, self._state.abandon)
         return self._iter
 
     def close(self) -> None:
@@ -367,67 +395,76 @@ class _ChainStream:
         if self._iter is not None:
             await self._iter.aclose()
 
-    def _run(self) -> Any:
-        chain = self.chain
-        order, attempts = chain._plan()
-        for i, entry in enumerate(order):
-            sent = entry.params(self.params)
-            started = time.perf_counter()
-            stream = None
-            yielded = False
-            try:
-                stream = entry.client.stream_request(self.messages, accept=self.accept, **sent)
-                for delta in stream:
-                    yielded = True
-                    yield delta
-            except chain.fallback_on as exc:
-                chain._failed(entry, exc)
-                attempts.append(chain._attempt(entry, exc, started, sent))
-                if yielded or i == len(order) - 1:
-                    raise chain._give_up(exc, attempts) from None
-                continue
-            except TinyLLMError as exc:
-                attempts.append(chain._attempt(entry, exc, started, sent))
-                raise chain._give_up(exc, attempts) from None
-            finally:
-                if stream is not None:
-                    stream.close()
-            chain._succeeded(entry)
-            done = stream.reply
-            assert done is not None  # a stream that ended has its reply
-            self.reply = _answered(done, entry, attempts)
-            return
+    def _abandon(self) -> None:
+        self._state.abandon()
 
-    async def _arun(self) -> Any:
-        chain = self.chain
-        order, attempts = chain._plan()
-        for i, entry in enumerate(order):
-            sent = entry.params(self.params)
-            started = time.perf_counter()
-            stream = None
-            yielded = False
-            try:
-                stream = entry.client.astream_request(self.messages, accept=self.accept, **sent)
-                async for delta in stream:
-                    yielded = True
-                    yield delta
-            except chain.fallback_on as exc:
-                chain._failed(entry, exc)
-                attempts.append(chain._attempt(entry, exc, started, sent))
-                if yielded or i == len(order) - 1:
-                    raise chain._give_up(exc, attempts) from None
-                continue
-            except TinyLLMError as exc:
-                attempts.append(chain._attempt(entry, exc, started, sent))
+
+def _chain_stream(chain: FallbackChain, messages: list[dict], accept: Any, params: dict, state: _ChainState) -> Any:
+    """The generator behind :class:`_ChainStream` (it holds no reference to the stream object)."""
+    order, attempts = chain._plan()
+    for i, entry in enumerate(order):
+        sent = entry.params(params)
+        started = time.perf_counter()
+        stream = None
+        yielded = False
+        try:
+            stream = entry.client.stream_request(messages, accept=accept, **sent)
+            state.current = stream
+            for delta in stream:
+                yielded = True
+                yield delta
+        except chain.fallback_on as exc:
+            chain._failed(entry, exc)
+            attempts.append(chain._attempt(entry, exc, started, sent))
+            if yielded or i == len(order) - 1:
                 raise chain._give_up(exc, attempts) from None
-            finally:
-                if stream is not None:
-                    await stream.aclose()
-            chain._succeeded(entry)
-            done = stream.reply
-            assert done is not None  # a stream that ended has its reply
-            self.reply = _answered(done, entry, attempts)
-            return
+            continue
+        except TinyLLMError as exc:
+            attempts.append(chain._attempt(entry, exc, started, sent))
+            raise chain._give_up(exc, attempts) from None
+        finally:
+            if stream is not None:
+                stream.close()
+        chain._succeeded(entry)
+        done = stream.reply
+        assert done is not None  # a stream that ended has its reply
+        state.reply = _answered(done, entry, attempts)
+        return
+
+
+async def _achain_stream(
+    chain: FallbackChain, messages: list[dict], accept: Any, params: dict, state: _ChainState
+) -> Any:
+    """The asyncio twin of :func:`_chain_stream`."""
+    order, attempts = chain._plan()
+    for i, entry in enumerate(order):
+        sent = entry.params(params)
+        started = time.perf_counter()
+        stream = None
+        yielded = False
+        try:
+            stream = entry.client.astream_request(messages, accept=accept, **sent)
+            state.current = stream
+            async for delta in stream:
+                yielded = True
+                yield delta
+        except chain.fallback_on as exc:
+            chain._failed(entry, exc)
+            attempts.append(chain._attempt(entry, exc, started, sent))
+            if yielded or i == len(order) - 1:
+                raise chain._give_up(exc, attempts) from None
+            continue
+        except TinyLLMError as exc:
+            attempts.append(chain._attempt(entry, exc, started, sent))
+            raise chain._give_up(exc, attempts) from None
+        finally:
+            if stream is not None:
+                await stream.aclose()
+        chain._succeeded(entry)
+        done = stream.reply
+        assert done is not None  # a stream that ended has its reply
+        state.reply = _answered(done, entry, attempts)
+        return
 
 
 def _entry(spec: Any, first: Client | None, *, primary: bool) -> _Entry:
