@@ -401,7 +401,7 @@ def test_killed_while_waiting_then_resumed(fake, prompts, tmp_path):
         assert proc.poll() is None
     finally:
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # waits, and closes its pipes
     fake.advance()
     done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr

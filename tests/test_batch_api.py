@@ -421,7 +421,7 @@ def test_killed_while_waiting_then_resumed(fake, prompts, tmp_path):
         assert proc.poll() is None
     finally:
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # waits, and closes its pipes
     (batch,) = fake.new()
     fake.advance(batch["id"])
     done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)

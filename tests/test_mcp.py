@@ -388,3 +388,13 @@ def test_cli_chat_mcp_keeps_the_server_for_the_conversation(server, prompts, pid
     assert 'tool shout({"text": "hi"}) -> {"result":"HI"}' in result.stderr
     [pid] = _started(pids)  # one process for both turns
     wait_until(lambda: not _alive(pid), timeout=10)  # stopped when the conversation ended
+
+
+def test_an_mcp_tool_is_offered_with_the_servers_schema_as_given():
+    """An MCP tool's spec is the server's input schema, not strict (it is not made strict-compatible)."""
+    from tinyllm._mcp import MCPTool
+
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}}
+    tool = MCPTool(MCPServer(command=["server"]), "search", "Search the docs.", schema)
+    assert tool.spec() == {"type": "function",
+                           "function": {"name": "search", "description": "Search the docs.", "parameters": schema}}

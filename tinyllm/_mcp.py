@@ -70,6 +70,7 @@ class MCPTool(Tool):
         self.target = None
         self.is_model = False
         self.is_async = False
+        self.strict = False  # the server's schema, sent as given (not made strict-compatible)
 
     def __repr__(self) -> str:
         return f"<MCPTool {self.name!r} of {self.server!r}>"
