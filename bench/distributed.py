@@ -157,7 +157,7 @@ def main() -> None:
             )
             try:
                 cluster = distributed.LocalCluster(
-                    n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                    n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
                 )
             finally:
                 os.environ.clear()

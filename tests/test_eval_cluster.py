@@ -65,7 +65,7 @@ def env(tmp_path_factory):
     os.chdir(folder)  # the workers' working directory: no prompts/
     try:
         cluster = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         )
         client = distributed.Client(cluster)
     finally:

@@ -396,5 +396,7 @@ def test_an_mcp_tool_is_offered_with_the_servers_schema_as_given():
 
     schema = {"type": "object", "properties": {"q": {"type": "string"}}}
     tool = MCPTool(MCPServer(command=["server"]), "search", "Search the docs.", schema)
-    assert tool.spec() == {"type": "function",
-                           "function": {"name": "search", "description": "Search the docs.", "parameters": schema}}
+    assert tool.spec() == {
+        "type": "function",
+        "function": {"name": "search", "description": "Search the docs.", "parameters": schema},
+    }

@@ -5,7 +5,7 @@ Dask is imported only here, and only when a cluster is asked for. Any
 :class:`tinyllm.Runner`; this module only opens one from an address:
 
 - ``local:N``: a ``distributed.LocalCluster`` of N worker processes bound to
-  127.0.0.1 (no dashboard), closed at the end;
+  127.0.0.1 (its dashboard on a free loopback port), closed at the end;
 - anything else: the address of a running scheduler (``tcp://host:8786``), as
   ``distributed.Client`` takes it; the cluster is left running.
 """
@@ -52,7 +52,7 @@ def dask_executor(address: str, *, connect_timeout: float = 30.0) -> Iterator[tu
             if n < 1:
                 raise ConfigError(f"--dask local:N needs N >= 1 worker processes, got {address!r}")
             cluster = distributed.LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
             )
             target: Any = cluster
         elif address.strip().startswith("local:"):
