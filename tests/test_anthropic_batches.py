@@ -74,6 +74,7 @@ def live_bodies(fake) -> list[dict]:
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_map_batch_api_writes_what_a_live_map_writes(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 5)
     live = run_map("ask", "-i", str(rows), "-o", str(tmp_path / "live.jsonl"), "--no-progress")
@@ -186,6 +187,7 @@ def test_no_wait_then_rerun_collects_without_submitting_again(fake, prompts, tmp
     assert [x["content"] for x in lines(out)] == [f"echo: question {i}" for i in range(4)] and len(fake.new()) == 1
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_errored_and_expired_results_get_error_lines_and_only_they_are_sent_again(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 5)
     out = tmp_path / "out.jsonl"
@@ -234,6 +236,7 @@ def test_a_batch_canceled_from_outside(fake, prompts, tmp_path):
     assert "ended" in status.output and "in the output" in status.output
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_batches_split_at_the_limits_and_ids_the_api_refuses_are_hashed(fake, prompts, tmp_path):
     import tinyllm
 
@@ -271,6 +274,7 @@ def test_cost_is_the_batch_price_and_the_call_log_has_the_batch(fake, prompts, t
     )
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_max_cost_limits_what_is_submitted(fake, prompts, tmp_path):
     rows = rows_csv(tmp_path / "rows.csv", 6)
     out = tmp_path / "out.jsonl"
@@ -302,6 +306,7 @@ def test_cached_rows_are_not_submitted_and_a_batch_fills_the_cache(fake, prompts
 
 
 @pytest.mark.parametrize("created", [False, True])
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_stopped_while_creating_the_batch(fake, prompts, tmp_path, created):
     """Rows recorded without a batch id (the process stopped between the create request and recording its
     answer): the next run adopts the batch created then, or submits the rows again; never two batches."""

@@ -554,6 +554,7 @@ def test_prompt_files_through_a_fake_in_its_own_process():
 # -- the examples of docs/anthropic.md run as written -------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_docs_examples_run(capsys):
     import re
 

@@ -340,6 +340,7 @@ print(start, time.time(), flush=True)
 """
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_processes_writing_at_once_lose_nothing(tmp_path):
     path, go = tmp_path / "c.pickle", tmp_path / "go"
     procs = [spawn(WRITER, path, f"p{j}", 500, go) for j in range(4)]
@@ -362,6 +363,7 @@ def test_processes_writing_at_once_lose_nothing(tmp_path):
             assert c.get(f"p{j}-{i}") == {"role": "assistant", "content": f"p{j} {i} " + "x" * 300, "i": i}
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_threads_writing_at_once_lose_nothing(tmp_path):
     path = tmp_path / "c.pickle"
     shared = PickleCache(path)
@@ -740,6 +742,7 @@ print(PickleCache(os.path.join(folder, "c5.pickle")).stats()["hits"])  # saved w
 """
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_switching_through_many_cache_files_keeps_few_files_open(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", SWITCHER, str(tmp_path)], env=child_env(), capture_output=True, text=True, timeout=120

@@ -235,6 +235,7 @@ def test_token_count_reset_and_resume(wired):
     assert wired.chat_requests()[-1].messages == saved + [{"role": "user", "content": "next"}]
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_context_window_exceeded_before_sending(wired):
     # gpt-4: 8,192 tokens. Each turn adds ~3,000 tokens and the echo reply as many again.
     chat = LLMChat(system="S", model="gpt-4", max_tokens=100)

@@ -115,6 +115,7 @@ def test_a_cache_path_per_client(server, tmp_path):
     assert len(server.chat_requests()) == 1 and (tmp_path / "mine.pickle").stat().st_size > 0
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_each_client_has_its_own_concurrency_limit(two):
     a, b = two
     a.latency = b.latency = 0.05

@@ -165,6 +165,7 @@ def test_config_files_are_looked_at_most_every_file_check_interval(tmp_path, mon
     assert get_config().max_attempts == 2
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_config_file_change_is_seen_once_the_interval_has_passed(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYLLM_FILE_CHECK_INTERVAL", "0.5")
     write_ini(tmp_path / "config.ini", MAX_ATTEMPTS=3)

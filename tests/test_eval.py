@@ -320,6 +320,7 @@ def test_malformed_yaml_and_csv_name_the_file_and_line(srv, tmp_path):
     assert srv.requests == []
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_missing_variable_is_an_error_cell_and_the_run_goes_on(srv, tmp_path):
     folder = prompts(tmp_path)
     report = evaluate(
@@ -409,6 +410,7 @@ def test_api_errors_are_retried_by_a_rerun(srv, tmp_path):
     assert len(srv.chat_requests()) == 3  # the failed cell only was sent again
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_resume_after_ctrl_c_sends_only_the_cells_not_done(server, monkeypatch, tmp_path):
     wire(server, monkeypatch, "sk-test-eval-key")
     sent = []

@@ -330,6 +330,7 @@ def test_enqueue_rejects_unknown_items(server):
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_max_in_flight_with_latency(server):
     # latency well above the thread start-up skew on a loaded machine, so all overlap
     server.latency = 0.5

@@ -410,6 +410,7 @@ def test_keyboard_interrupt_while_waiting_in_a_thread(monkeypatch):
 # -- rate limits -------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_requests_per_minute_spreads_requests_out():
     cfg = settings(requests_per_minute=120)  # 2 per second
     queue, starts = RequestQueue(), []

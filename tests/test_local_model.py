@@ -30,12 +30,14 @@ class Facts(BaseModel):
     facts: list[str]
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_classify_returns_one_of_its_labels():
     classify = LLMCall("classify.system.md", prompts_dir=PROMPTS, api_type="llamacpp")
     label = classify.call(text="I waited two hours and the package arrived broken.")
     assert label in ("positive", "negative", "neutral")
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_extract_facts_returns_json_matching_a_pydantic_model():
     extract = LLMCall(
         "extract_facts.system.md", prompts_dir=PROMPTS, api_type="llamacpp", output_type=Facts, max_tokens=200
@@ -54,6 +56,7 @@ def test_extract_facts_front_matter_json_is_a_dict():
     assert isinstance(value, dict)
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_chat_counts_the_history_with_the_model_tokenizer():
     chat = LLMChat(
         system="You are a helpful assistant. Answer in a few words.", api_type="llamacpp", temperature=0, max_tokens=8

@@ -221,6 +221,7 @@ def test_extract_json_too_deep_is_an_output_parse_error(text):
         "[" + "[1]," * 500_000,  # 2 MB: an unclosed list of lists
     ],
 )
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_extract_json_on_megabytes_of_broken_json_is_bounded(text):
     try:
         value = extract_json(text, expect=dict)

@@ -28,6 +28,7 @@ def _setuptools_builds_wheels() -> bool:
         return False
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_wheel_holds_config_ini_py_typed_and_encodings_and_builds_without_warnings(tmp_path):
     # Build from a copy, so the build's egg-info and build/ directories stay out of the worktree.
     src = tmp_path / "src"

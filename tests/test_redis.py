@@ -288,6 +288,7 @@ def test_a_killed_process_slot_comes_back_after_its_lease(zygote, server, redis_
     assert [r.messages[0]["content"] for r in server.chat_requests()] == ["hang", "after the lease"]
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_slot_is_not_held_during_a_retry_wait(server, redis_url):
     settings = {"redis_url": redis_url, "max_concurrent_requests": 1, "max_attempts": 2}
     first, second = _client(server, **settings), _client(server, **settings)

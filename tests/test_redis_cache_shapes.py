@@ -77,6 +77,7 @@ MESSAGES = [{"role": "user", "content": "capital of France?"}]
         "deep-nesting",
     ],
 )
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_an_entry_of_the_wrong_shape_is_a_logged_miss(wired, raw, caplog, bad):
     client = tinyllm.get_client()
     wired.enqueue(Reply("Paris."))

@@ -293,6 +293,7 @@ def test_chat_command_ctrl_c_stops_the_answer_not_the_conversation(server):
 
 
 @pytest.mark.local
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_the_embedded_model_streams(monkeypatch):
     from tinyllm.clients.llamacpp import LlamaCppClient
 

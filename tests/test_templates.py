@@ -404,6 +404,7 @@ def test_files_are_looked_at_most_every_file_check_interval(tmp_path):
         load_prompt("d.system.md")
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_template_change_is_seen_once_the_interval_has_passed(tmp_path):
     configure(file_check_interval=0.5)
     f = write(tmp_path / "prompts" / "e.system.md", "one")

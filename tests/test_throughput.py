@@ -117,6 +117,7 @@ def user_of(record) -> str:
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_map_with_200_threads_never_exceeds_the_limit(setup):
     setup.latency = 0.02
     results = item_call().map([{"n": i} for i in range(N)], max_workers=N, progress=False)
@@ -143,6 +144,7 @@ def test_200_threads_over_send_message_never_exceed_the_limit(setup):
     assert sender.queue.in_flight == 0 and sender.queue.waiting == 0
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_200_acall_tasks_never_exceed_the_limit(setup):
     setup.latency = 0.02
     call = item_call()
@@ -238,6 +240,7 @@ def test_a_small_queue_refuses_the_request_that_does_not_fit(setup):
     assert [user_of(r) for r in setup.chat_requests()] == ["first", "second", "third"]  # FIFO; never "fourth"
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_queue_timeout_raises_and_the_request_is_never_sent(setup):
     configure(max_concurrent_requests=1, queue_timeout=0.3)
     gate = Gate()
@@ -260,6 +263,7 @@ def test_queue_timeout_raises_and_the_request_is_never_sent(setup):
     assert sender.queue.in_flight == 0 and sender.queue.waiting == 0
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_queue_full_and_timeout_in_asyncio(setup):
     configure(max_concurrent_requests=1, queue_size=1, queue_timeout=1.0)
     gate = Gate()
@@ -483,6 +487,7 @@ def test_map_progress_bar_on_a_terminal(setup, monkeypatch):
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_usage_stats_sum_exactly_under_concurrency(setup):
     setup.latency = 0.005
     retried = 7

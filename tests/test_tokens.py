@@ -142,6 +142,7 @@ _COUNT_BOTH = """
 """
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_counts_with_an_unwritable_tiktoken_cache_dir(tmp_path):
     # Tests run as root, where a chmod 0o555 directory is still writable: a cache directory
     # under a regular file makes every attempt to create or write it fail with OSError.
@@ -160,6 +161,7 @@ def test_counts_with_an_unwritable_tiktoken_cache_dir(tmp_path):
     assert result.stdout.split() == ["ok"]
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_counting_writes_no_file(tmp_path):
     # Without TIKTOKEN_CACHE_DIR tiktoken's loader caches in $TMPDIR/data-gym-cache.
     tmp = tmp_path / "tmp"
@@ -178,6 +180,7 @@ def test_counting_writes_no_file(tmp_path):
     assert list(tmp.rglob("*")) == []
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_no_network_used(tmp_path):
     result = _run(
         """

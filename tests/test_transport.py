@@ -216,6 +216,7 @@ def test_every_connection_dropped_raises_api_connection_error(api, sleeps):
     assert api.base_url in str(info.value)
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_hang_longer_than_timeout_raises_api_timeout_error(api):
     tinyllm.configure(timeout=0.3, max_attempts=2, waiting_time=0)
     api.enqueue(Hang(5), Hang(5), Reply("too late"))
@@ -831,6 +832,7 @@ def test_timeout_bounds_the_whole_attempt_against_a_drip(api, mode, headers):
     assert chat_count(api) == 1
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_each_attempt_gets_its_own_timeout(api, sleeps):
     tinyllm.configure(timeout=0.5, max_attempts=3)
     api.enqueue(Drip(0.05), Drip(0.05, headers=True), Reply("third time"))
@@ -839,6 +841,7 @@ def test_each_attempt_gets_its_own_timeout(api, sleeps):
     assert tinyllm.usage_stats()["retries"] == 2
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_a_slow_reply_within_timeout_is_read_whole(api):
     tinyllm.configure(timeout=10, max_attempts=1)
     api.enqueue(Drip(0.001, then=Reply("slow but in time")))

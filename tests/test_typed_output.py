@@ -423,6 +423,7 @@ def test_a_bare_sentiment_prompt_is_answered_with_a_label(embedded, tmp_path):
 
 
 @pytest.mark.local
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_bool_and_int_on_the_embedded_model(embedded):
     # max_tokens leaves room for the longest value the grammar allows (18 digits): a typed reply cut at
     # max_tokens raises LengthFinishReasonError
@@ -446,6 +447,7 @@ def test_list_of_str_on_the_embedded_model(embedded):
 
 
 @pytest.mark.local
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_the_command_prints_schema_valid_json_from_the_embedded_model(embedded, tmp_path):
     write(
         tmp_path / "prompts" / "p.system.md",

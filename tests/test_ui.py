@@ -577,6 +577,7 @@ def _eval_api():
     return ev
 
 
+@pytest.mark.slow  # over 0.4 s in the quick run: the quick run stays under 45 s
 def test_evaluations_pages(page, root, fake, monkeypatch):
     ev = _eval_api()
     fake.reset()
