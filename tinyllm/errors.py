@@ -299,6 +299,31 @@ class ServerError(APIStatusError):
 InternalServerError = ServerError
 
 
+_STATUS_CLASSES: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def status_class(code: int) -> type[APIError]:
+    """The :class:`APIError` subclass for an HTTP error status ``code`` (int), as openai-python's
+    ``_make_status_error`` maps it: 400, 401, 403, 404, 409, 422, 429 to their own classes; 408 and a
+    code below 400 (an error inside a 200 stream) to :class:`APIStatusError`; any other 4xx to
+    :class:`BadRequestError`; 5xx (and Anthropic's 529) to :class:`ServerError`. Shared by every
+    client's error mapping (a context-window message is recognised by each client before this)."""
+    found = _STATUS_CLASSES.get(code)
+    if found is not None:
+        return found
+    if code >= 500:
+        return ServerError
+    return APIStatusError if code == 408 or code < 400 else BadRequestError
+
+
 class APIConnectionError(APIError):
     """The request did not get a response: connection refused, dropped or reset (``status_code`` None)."""
 

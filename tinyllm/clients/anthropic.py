@@ -27,20 +27,13 @@ from ..config import API_KEY_NAMES, Config, redact_url
 from ..errors import (
     APIConnectionError,
     APIError,
-    APIStatusError,
     APITimeoutError,
-    AuthenticationError,
     BadRequestError,
     ConfigError,
-    ConflictError,
     ContextWindowExceededError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitError,
     ResponseError,
-    ServerError,
     TinyLLMError,
-    UnprocessableEntityError,
+    status_class,
 )
 from ..http._scrub import redact, redact_body
 from ..http._transport import http_client
@@ -50,16 +43,6 @@ from ._base import Capabilities, Client
 __all__ = ["DEFAULT_BASE_URL", "AnthropicClient", "TokenCount", "error_of", "map_error"]
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
-_STATUS_ERRORS: dict[int, type[APIError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    409: ConflictError,
-    413: BadRequestError,
-    422: UnprocessableEntityError,
-    429: RateLimitError,
-}
 # Anthropic error types (https://platform.claude.com/docs/en/api/errors) -> the status they stand for,
 # for an error that arrives inside a 200 stream (an SSE ``error`` event)
 _TYPE_STATUS = {
@@ -105,6 +88,14 @@ def _error_parts(body: Any) -> tuple[str | None, str | None]:
     return (kind if isinstance(kind, str) else None), (message if isinstance(message, str) else None)
 
 
+def _classified(code: int, message: str, kwargs: dict[str, Any]) -> APIError:
+    """The error for status ``code``: a "prompt is too long" 400/413 is a ContextWindowExceededError,
+    anything else as :func:`tinyllm.errors.status_class` maps it."""
+    if code in (400, 413) and any(s in message.lower() for s in _TOO_LONG):
+        return ContextWindowExceededError(message, **kwargs)
+    return status_class(code)(message, **kwargs)
+
+
 def map_error(
     exc: BaseException, *, secrets: tuple[str, ...] = (), timeout: float | None = None, where: str = ""
 ) -> TinyLLMError:
@@ -147,12 +138,7 @@ def map_error(
         )
         request_id = headers.get("request-id") or headers.get("x-request-id") or getattr(exc, "request_id", None)
         kwargs = {"status_code": code, "request_id": request_id, "body": body, "response_headers": headers}
-        if code in (400, 413) and any(s in message.lower() for s in _TOO_LONG):
-            return ContextWindowExceededError(message, **kwargs)
-        cls = _STATUS_ERRORS.get(code) or (
-            ServerError if code >= 500 else APIStatusError if code == 408 or code < 400 else BadRequestError
-        )
-        return cls(message, **kwargs)
+        return _classified(code, message, kwargs)
     if isinstance(exc, (anthropic.APIResponseValidationError, json.JSONDecodeError, RecursionError)):
         return ResponseError(
             redact(f"malformed reply from {where or 'the server'}: {type(exc).__name__}: {exc}", secrets)
@@ -180,10 +166,7 @@ def error_of(body: Any, *, request_id: str | None = None, secrets: tuple[str, ..
     if kind:
         message = f"{message} [{kind}]"
     kwargs = {"status_code": code, "request_id": request_id, "body": body, "response_headers": {}}
-    if code in (400, 413) and any(s in message.lower() for s in _TOO_LONG):
-        return ContextWindowExceededError(message, **kwargs)
-    cls = _STATUS_ERRORS.get(code) or (ServerError if code >= 500 else BadRequestError)
-    return cls(message, **kwargs)
+    return _classified(code, message, kwargs)
 
 
 class AnthropicClient(Client):

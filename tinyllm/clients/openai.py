@@ -17,20 +17,13 @@ from ..config import API_KEY_NAMES, Config, redact_url
 from ..errors import (
     APIConnectionError,
     APIError,
-    APIStatusError,
     APITimeoutError,
-    AuthenticationError,
     BadRequestError,
     ConfigError,
-    ConflictError,
     ContextWindowExceededError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitError,
     ResponseError,
-    ServerError,
     TinyLLMError,
-    UnprocessableEntityError,
+    status_class,
 )
 from .._fork import reset_in_child
 from ._base import Capabilities, Client
@@ -45,15 +38,6 @@ _OPTION_PARAMS = frozenset({"timeout", "extra_headers", "extra_query", "extra_bo
 # tinyllm's own parameters, for other clients: ``cache`` (Anthropic prompt-caching breakpoints; OpenAI caches
 # prompt prefixes by itself), never sent in an OpenAI body
 _NOT_SENT = _OPTION_PARAMS | {"cache"}
-_STATUS_ERRORS: dict[int, type[APIError]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    409: ConflictError,
-    422: UnprocessableEntityError,
-    429: RateLimitError,
-}
 
 
 def map_error(
@@ -123,10 +107,7 @@ def status_error(
     kwargs = dict(status_code=code, request_id=request_id, body=body, response_headers=headers)
     if err_code == "context_length_exceeded":
         return ContextWindowExceededError(message, **kwargs)
-    cls = _STATUS_ERRORS.get(code) or (
-        ServerError if code >= 500 else APIStatusError if code == 408 or code < 400 else BadRequestError
-    )
-    return cls(message, **kwargs)
+    return status_class(code)(message, **kwargs)
 
 
 def _scrub_chain(exc: BaseException | None) -> None:
